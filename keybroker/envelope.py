@@ -1,0 +1,187 @@
+"""The Linux evidence envelope: configfs-tsm report attributes, verbatim, as versioned JSON.
+
+The envelope is the contract between the guest and any verifier. It carries what the
+kernel's report interface exposed and nothing vendor-specific, so that a verifier can
+dispatch on ``provider`` and parse the blobs itself. The README documents the format. Decoding is strict: unknown versions, unknown or missing fields, oversized
+values and non-canonical base64 are errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import EnvelopeError
+
+VERSION = 1
+
+#: configfs-tsm limits (include/linux/tsm.h): inblob is at most 64 bytes; outblob and the
+#: other blobs at most TSM_REPORT_OUTBLOB_MAX, 16 MiB since Linux 7.0 (32 KiB before).
+INBLOB_MAX = 64
+BLOB_MAX = 16 * 1024 * 1024
+
+#: The largest envelope text accepted: every blob at its maximum, base64-encoded, is far
+#: beyond any real report; real evidence is a few KiB. Keep the JSON itself bounded.
+ENVELOPE_MAX = 4 * 1024 * 1024
+
+_PROVIDER = re.compile(r"[a-z0-9_]{1,32}")
+_SERVICE_PROVIDER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_U32_MAX = 2**32 - 1
+_U64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class TsmReport:
+    """One configfs-tsm report: the attributes written and the blobs read back.
+
+    Optional attributes are ``None`` when they were not written (or not visible for the
+    provider); blobs the provider did not fill are empty.
+    """
+
+    provider: str
+    generation: int
+    inblob: bytes
+    outblob: bytes
+    auxblob: bytes = b""
+    manifestblob: bytes = b""
+    privlevel: int | None = None
+    privlevel_floor: int | None = None
+    service_provider: str | None = None
+    service_guid: str | None = None
+    service_manifest_version: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_provider(self.provider)
+        _check_uint("generation", self.generation, _U64_MAX)
+        _check_blob("inblob", self.inblob, INBLOB_MAX)
+        if not self.inblob:
+            raise EnvelopeError("envelope field 'inblob' must not be empty")
+        _check_blob("outblob", self.outblob, BLOB_MAX)
+        if not self.outblob:
+            raise EnvelopeError("envelope field 'outblob' must not be empty")
+        _check_blob("auxblob", self.auxblob, BLOB_MAX)
+        _check_blob("manifestblob", self.manifestblob, BLOB_MAX)
+        for name in ("privlevel", "privlevel_floor"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_uint(name, value, 3)
+        if self.service_provider is not None and not _SERVICE_PROVIDER.fullmatch(self.service_provider):
+            raise EnvelopeError("envelope field 'service_provider' must be 1-64 characters of [A-Za-z0-9_.-]")
+        if self.service_guid is not None and not _GUID.fullmatch(self.service_guid):
+            raise EnvelopeError("envelope field 'service_guid' must be a lower-case GUID "
+                                "(xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")
+        if self.service_manifest_version is not None:
+            _check_uint("service_manifest_version", self.service_manifest_version, _U32_MAX)
+
+
+_BLOBS = ("inblob", "outblob", "auxblob", "manifestblob")
+_OPTIONAL = ("privlevel", "privlevel_floor", "service_provider", "service_guid",
+             "service_manifest_version")
+_REQUIRED = ("version", "provider", "generation", "inblob", "outblob")
+_FIELDS = frozenset(_REQUIRED) | frozenset(_BLOBS) | frozenset(_OPTIONAL)
+
+
+def to_json(report: TsmReport) -> dict[str, Any]:
+    """The envelope of ``report`` as a JSON-compatible dict (empty and unset fields omitted)."""
+    out: dict[str, Any] = {"version": VERSION, "provider": report.provider,
+                           "generation": report.generation}
+    for name in _OPTIONAL:
+        value = getattr(report, name)
+        if value is not None:
+            out[name] = value
+    for name in _BLOBS:
+        blob = getattr(report, name)
+        if blob or name in _REQUIRED:
+            out[name] = base64.b64encode(blob).decode("ascii")
+    return out
+
+
+def dumps(report: TsmReport) -> str:
+    return json.dumps(to_json(report), separators=(",", ":"), sort_keys=True)
+
+
+def from_json(obj: Any) -> TsmReport:
+    """Decode an envelope from parsed JSON, strictly."""
+    if not isinstance(obj, dict):
+        raise EnvelopeError("envelope must be a JSON object")
+    unknown = sorted(set(obj) - _FIELDS)
+    if unknown:
+        raise EnvelopeError(f"envelope has unknown field(s): {', '.join(unknown)}")
+    missing = [name for name in _REQUIRED if name not in obj]
+    if missing:
+        raise EnvelopeError(f"envelope is missing field(s): {', '.join(missing)}")
+    version = obj["version"]
+    if type(version) is not int or version != VERSION:
+        raise EnvelopeError(f"unsupported envelope version {version!r} (this keybroker reads version {VERSION})")
+    provider = obj["provider"]
+    if not isinstance(provider, str):
+        raise EnvelopeError("envelope field 'provider' must be a string")
+    fields: dict[str, Any] = {"provider": provider, "generation": _int_field(obj, "generation")}
+    for name in _BLOBS:
+        if name in obj:
+            fields[name] = _b64_field(obj, name)
+    for name in ("privlevel", "privlevel_floor", "service_manifest_version"):
+        if name in obj:
+            fields[name] = _int_field(obj, name)
+    for name in ("service_provider", "service_guid"):
+        if name in obj:
+            if not isinstance(obj[name], str):
+                raise EnvelopeError(f"envelope field {name!r} must be a string")
+            fields[name] = obj[name]
+    return TsmReport(**fields)
+
+
+def loads(text: str | bytes) -> TsmReport:
+    """Decode an envelope from JSON text, strictly (size first, then grammar)."""
+    if len(text) > ENVELOPE_MAX:
+        raise EnvelopeError(f"envelope is {len(text)} bytes, more than the limit of {ENVELOPE_MAX}")
+    try:
+        obj = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EnvelopeError(f"envelope is not valid JSON: {exc}") from None
+    return from_json(obj)
+
+
+def _int_field(obj: dict[str, Any], name: str) -> int:
+    value = obj[name]
+    if type(value) is not int:  # bool is an int subclass: refuse it too
+        raise EnvelopeError(f"envelope field {name!r} must be an integer")
+    return value
+
+
+def _b64_field(obj: dict[str, Any], name: str) -> bytes:
+    text = obj[name]
+    if not isinstance(text, str):
+        raise EnvelopeError(f"envelope field {name!r} must be a base64 string")
+    limit = INBLOB_MAX if name == "inblob" else BLOB_MAX
+    if len(text) > 4 * ((limit + 2) // 3):
+        raise EnvelopeError(f"envelope field {name!r} is longer than {limit} bytes")
+    try:
+        blob = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise EnvelopeError(f"envelope field {name!r} is not valid base64") from None
+    if base64.b64encode(blob).decode("ascii") != text:
+        raise EnvelopeError(f"envelope field {name!r} is not canonical base64")
+    return blob
+
+
+def _check_provider(provider: str) -> None:
+    if not isinstance(provider, str) or not _PROVIDER.fullmatch(provider):
+        raise EnvelopeError("envelope field 'provider' must be 1-32 characters of [a-z0-9_]")
+
+
+def _check_uint(name: str, value: int, maximum: int) -> None:
+    if type(value) is not int or not 0 <= value <= maximum:
+        raise EnvelopeError(f"envelope field {name!r} must be an integer between 0 and {maximum}")
+
+
+def _check_blob(name: str, blob: bytes, limit: int) -> None:
+    if not isinstance(blob, bytes):
+        raise EnvelopeError(f"envelope field {name!r} must be bytes")
+    if len(blob) > limit:
+        raise EnvelopeError(f"envelope field {name!r} is {len(blob)} bytes, more than the limit of {limit}")

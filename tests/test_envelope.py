@@ -1,0 +1,61 @@
+"""The Linux evidence envelope: round trip and strict decoding."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from keybroker import envelope
+from keybroker.envelope import TsmReport
+from keybroker.errors import EnvelopeError
+
+REPORT = TsmReport(provider="sev_guest", generation=2, inblob=bytes(64), outblob=b"\x01" * 1184,
+                   auxblob=b"\x02" * 100, privlevel=1, privlevel_floor=0)
+
+
+def doc(**changes):
+    obj = envelope.to_json(REPORT)
+    obj.update(changes)
+    return json.dumps({k: v for k, v in obj.items() if v is not ...})
+
+
+def test_round_trip_keeps_every_attribute():
+    svsm = TsmReport(provider="sev_guest", generation=3, inblob=b"n" * 64, outblob=b"r" * 1184,
+                     auxblob=b"c", manifestblob=b"m", privlevel=2, privlevel_floor=2,
+                     service_provider="svsm", service_guid="c476f1eb-0123-45a5-9641-b4e7dde5bfe3",
+                     service_manifest_version=0)
+    for report in (REPORT, svsm):
+        assert envelope.loads(envelope.dumps(report)) == report
+    obj = json.loads(envelope.dumps(REPORT))
+    assert obj["version"] == 1 and "manifestblob" not in obj and "service_provider" not in obj
+
+
+@pytest.mark.parametrize("text, message", [
+    (doc(version=2), "unsupported envelope version 2"),
+    (doc(version=True), "unsupported envelope version True"),
+    (doc(outblob=...), "missing field(s): outblob"),
+    (doc(extra="x"), "unknown field(s): extra"),
+    (doc(inblob=base64.b64encode(bytes(65)).decode()), "'inblob' is 65 bytes, more than the limit of 64"),
+    (doc(outblob="not base64!"), "'outblob' is not valid base64"),
+    (doc(outblob="AQ"), "'outblob' is not valid base64"),
+    (doc(auxblob="AR=="), "'auxblob' is not canonical base64"),
+    (doc(outblob=""), "'outblob' must not be empty"),
+    (doc(provider="SEV guest"), "'provider' must be 1-32 characters"),
+    (doc(generation=-1), "'generation' must be an integer between 0"),
+    (doc(generation="1"), "'generation' must be an integer"),
+    (doc(privlevel=4), "'privlevel' must be an integer between 0 and 3"),
+    (doc(service_guid="C476F1EB-0123-45A5-9641-B4E7DDE5BFE3"), "'service_guid' must be a lower-case GUID"),
+    ("[]", "must be a JSON object"),
+    ("{", "not valid JSON"),
+])
+def test_strict_decoding_names_the_problem(text, message):
+    with pytest.raises(EnvelopeError) as info:
+        envelope.loads(text)
+    assert message in str(info.value)
+
+
+def test_size_is_checked_before_parsing():
+    with pytest.raises(EnvelopeError, match="more than the limit"):
+        envelope.loads(" " * (envelope.ENVELOPE_MAX + 1))
