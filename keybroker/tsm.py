@@ -1,0 +1,313 @@
+"""configfs-tsm report client: one fresh entry per request, the kernel's generation protocol.
+
+The kernel ABI (Documentation/ABI/testing/configfs-tsm-report): mkdir an entry under
+``/sys/kernel/config/tsm/report``, write ``inblob`` (and options), read ``outblob``,
+``auxblob`` and ``manifestblob``, and check ``generation``: it counts the writes to the
+entry, so a count other than ours means another writer interfered (or one of our inblob
+commits, whose errors the kernel swallows at close, was lost). The entry is removed on
+every path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as E
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .envelope import BLOB_MAX, INBLOB_MAX, TsmReport
+from .errors import TsmError
+
+DEFAULT_ROOT = Path("/sys/kernel/config/tsm/report")
+CONFIGFS = Path("/sys/kernel/config")
+
+#: inblob sizes the providers accept when the report is generated (the kernel itself only
+#: enforces the 64-byte maximum at write time).
+INBLOB_SIZES = {"sev_guest": (64, 64), "tdx_guest": (64, 64), "arm_cca_guest": (32, 64)}
+
+_TEXT_MAX = 4096
+_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_SERVICE_PROVIDER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """What to ask the provider for. Options left ``None`` are not written."""
+
+    inblob: bytes
+    privlevel: int | None = None
+    service_provider: str | None = None
+    service_guid: str | None = None
+    service_manifest_version: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.inblob) <= INBLOB_MAX:
+            raise TsmError(f"inblob must be 1 to {INBLOB_MAX} bytes, got {len(self.inblob)}",
+                           errno=E.EFBIG if self.inblob else E.EINVAL)
+        if self.privlevel is not None and not 0 <= self.privlevel <= 3:
+            raise TsmError(f"privlevel must be between 0 and 3, got {self.privlevel}", errno=E.EINVAL)
+        if self.service_provider is not None and not _SERVICE_PROVIDER.fullmatch(self.service_provider):
+            raise TsmError("service_provider must be 1-64 characters of [A-Za-z0-9_.-]", errno=E.EINVAL)
+        if self.service_guid is not None and not _GUID.fullmatch(self.service_guid):
+            raise TsmError("service_guid must be a lower-case GUID xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx",
+                           errno=E.EINVAL)
+        if self.service_manifest_version is not None and not 0 <= self.service_manifest_version < 2**32:
+            raise TsmError("service_manifest_version must be a 32-bit unsigned integer", errno=E.EINVAL)
+
+
+class TsmClient:
+    """Gets reports from the configfs-tsm report interface below ``root``.
+
+    ``attempts`` bounds the tries on a generation mismatch (another writer), EBUSY (a
+    quote still in flight) or EINTR; ``backoff`` is the first pause between tries, doubled
+    each time. A ``deadline`` (``time.monotonic()`` value) given to :meth:`get_report`
+    stops retrying when the next pause would pass it.
+    """
+
+    def __init__(self, root: Path | str = DEFAULT_ROOT, *, attempts: int = 3, backoff: float = 0.5) -> None:
+        self.root = Path(root)
+        self.attempts = attempts
+        self.backoff = backoff
+
+    def get_report(self, request: ReportRequest, *, deadline: float | None = None) -> TsmReport:
+        self._ensure_configfs()
+        pause = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self._attempt(request)
+            except TsmError as exc:
+                last_try = attempt == self.attempts
+                late = deadline is not None and time.monotonic() + pause >= deadline
+                if not exc.retryable or last_try or late:
+                    raise
+            time.sleep(pause)
+            pause *= 2
+        raise AssertionError("unreachable")
+
+    # -- one attempt on one fresh entry --------------------------------------------------
+
+    def _attempt(self, request: ReportRequest) -> TsmReport:
+        entry = self._make_entry()
+        try:
+            return _Session(entry).run(request)
+        finally:
+            try:
+                os.rmdir(entry)
+            except FileNotFoundError:
+                pass  # removed by someone else; the report was checked against generation
+            except OSError as exc:
+                raise _error(exc, f"remove report entry {entry}") from None
+
+    def _make_entry(self) -> Path:
+        for _ in range(8):
+            entry = self.root / f"keybroker-{os.getpid()}-{secrets.token_hex(6)}"
+            try:
+                os.mkdir(entry, 0o700)
+                return entry
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno == E.ENOENT:
+                    raise TsmError(f"no configfs-tsm report interface at {self.root}: configfs is not "
+                                   "mounted or the kernel lacks CONFIG_TSM_REPORTS", errno=E.ENOENT) from None
+                if exc.errno == E.ENXIO:
+                    raise TsmError("no TSM provider is registered: load the guest driver for this "
+                                   "platform (sev-guest, tdx-guest or arm-cca-guest)", errno=E.ENXIO) from None
+                raise _error(exc, f"create a report entry in {self.root}") from None
+        raise TsmError(f"could not create a uniquely named entry in {self.root}", errno=E.EEXIST)
+
+    def _ensure_configfs(self) -> None:
+        """Mount configfs when the default root lives on it and it is not mounted yet."""
+        if self.root.exists() or CONFIGFS not in self.root.parents or os.path.ismount(CONFIGFS):
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"configfs", bytes(CONFIGFS), b"configfs", 0, None) != 0:
+            err = ctypes.get_errno()
+            raise TsmError(f"cannot mount configfs on {CONFIGFS}: {os.strerror(err)}"
+                           + (" (the kernel has no configfs)" if err == E.ENODEV else ""), errno=err)
+
+
+class _Session:
+    """The write/read sequence on one entry, counting writes against ``generation``."""
+
+    def __init__(self, entry: Path) -> None:
+        self.entry = entry
+        self.provider = "?"
+        self.writes = 0
+
+    def run(self, request: ReportRequest) -> TsmReport:
+        self.provider = _parse_provider(self._read_text("provider"))
+        start = self._generation()
+
+        lo, hi = INBLOB_SIZES.get(self.provider, (1, INBLOB_MAX))
+        if not lo <= len(request.inblob) <= hi:
+            size = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+            raise TsmError(f"{self.provider} needs an inblob of {size} bytes, got {len(request.inblob)}",
+                           errno=E.EINVAL)
+        self._write_inblob(request.inblob)
+        if self._generation() != start + self.writes:
+            raise TsmError(f"inblob write to {self.entry} was not committed or another writer "
+                           "interfered (generation mismatch)", retryable=True)
+
+        privlevel = floor = None
+        if self._has("privlevel"):
+            floor = _parse_uint(self._read_text("privlevel_floor"), "privlevel_floor") \
+                if self._has("privlevel_floor") else 0
+            privlevel = request.privlevel if request.privlevel is not None else (floor or None)
+            if privlevel is not None:
+                if privlevel < floor:
+                    raise TsmError(f"privlevel {privlevel} is below this guest's privlevel_floor {floor}: "
+                                   f"ask for a level between {floor} and 3", errno=E.EINVAL)
+                self._write_text("privlevel", str(privlevel))
+        # tdx_guest has no privilege levels: the attribute is absent and the option ignored.
+
+        for name in ("service_provider", "service_guid", "service_manifest_version"):
+            value = getattr(request, name)
+            if value is None:
+                continue
+            if not self._has(name):
+                raise TsmError(f"{name} is not available: provider {self.provider} offers no service "
+                               "attestation here (SEV-SNP under an SVSM, Linux 6.11 or later)", errno=E.ENOENT)
+            self._write_text(name, str(value))
+
+        outblob = self._read_blob("outblob")
+        auxblob = self._read_blob("auxblob") if self._has("auxblob") else b""
+        manifestblob = self._read_blob("manifestblob") if self._has("manifestblob") else b""
+        generation = self._generation()
+        if generation != start + self.writes:
+            raise TsmError(f"another writer changed {self.entry} while the report was generated "
+                           f"(generation {generation}, expected {start + self.writes})", retryable=True)
+        if not outblob:
+            raise TsmError(f"{self.provider} returned an empty outblob: the report or quote was not "
+                           "generated (older TDX kernels report a failed GetQuote this way)",
+                           errno=E.EIO, transient=True)
+        return TsmReport(provider=self.provider, generation=generation, inblob=request.inblob,
+                         outblob=outblob, auxblob=auxblob, manifestblob=manifestblob,
+                         privlevel=privlevel, privlevel_floor=floor,
+                         service_provider=request.service_provider, service_guid=request.service_guid,
+                         service_manifest_version=request.service_manifest_version)
+
+    # -- attribute I/O -------------------------------------------------------------------
+
+    def _has(self, name: str) -> bool:
+        return (self.entry / name).exists()
+
+    def _generation(self) -> int:
+        return _parse_uint(self._read_text("generation"), "generation")
+
+    def _read_text(self, name: str) -> str:
+        try:
+            fd = os.open(self.entry / name, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.read(fd, _TEXT_MAX)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._error(exc, "read", name) from None
+        try:
+            return data.decode("ascii")
+        except UnicodeDecodeError:
+            raise TsmError(f"{self.entry / name} holds non-ASCII text") from None
+
+    def _write_text(self, name: str, value: str) -> None:
+        data = value.encode("ascii")
+        try:
+            fd = os.open(self.entry / name, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                if os.write(fd, data) != len(data):
+                    raise TsmError(f"short write to {self.entry / name}")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._error(exc, "write", name, value) from None
+        self.writes += 1
+
+    def _write_inblob(self, blob: bytes) -> None:
+        # configfs accumulates binary writes and commits them at close: one write, one close.
+        try:
+            fd = os.open(self.entry / "inblob", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                if os.write(fd, blob) != len(blob):
+                    raise TsmError(f"short write to {self.entry / 'inblob'}")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._error(exc, "write", "inblob", f"{len(blob)} bytes") from None
+        self.writes += 1
+
+    def _read_blob(self, name: str) -> bytes:
+        # One fd read to EOF: configfs serves every read on an fd from one snapshot.
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            fd = os.open(self.entry / name, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                while chunk := os.read(fd, 1 << 16):
+                    size += len(chunk)
+                    if size > BLOB_MAX:
+                        raise TsmError(f"{name} is larger than {BLOB_MAX} bytes", errno=E.EFBIG)
+                    chunks.append(chunk)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise self._error(exc, "read", name) from None
+        return b"".join(chunks)
+
+    def _error(self, exc: OSError, action: str, name: str, value: str | None = None) -> TsmError:
+        """Turn an errno from the report interface into an error a user can act on."""
+        code, p = exc.errno, self.provider
+        what = f"{action} {name}" + (f" ({value})" if value is not None and name != "inblob" else "")
+        if code == E.ENOENT:
+            if not self.entry.exists():
+                return TsmError(f"report entry {self.entry} was removed by someone else during {what}",
+                                errno=code, retryable=True)
+            return TsmError(f"attribute {name} is not provided by {p} on this kernel", errno=code)
+        if code == E.EINVAL and action == "read":
+            return TsmError(f"{p} rejected the report request (EINVAL): wrong inblob size, a privilege "
+                            "level below what the guest runs at, or a service the SVSM does not offer",
+                            errno=code)
+        if code == E.EINVAL and name == "privlevel":
+            return TsmError(f"{p} refused privlevel {value}: it must be between privlevel_floor and 3",
+                            errno=code)
+        if code == E.EFBIG and name == "inblob":
+            return TsmError(f"inblob too long: the kernel accepts at most {INBLOB_MAX} bytes", errno=code)
+        messages = {
+            E.ENXIO: f"{p} could not produce a report (ENXIO): the provider was unregistered or the "
+                     "platform firmware refused the request",
+            E.EBUSY: f"{p} is busy (EBUSY): a previous quote request is still in flight",
+            E.EINTR: f"interrupted while waiting for {p} (EINTR)",
+            E.ETIMEDOUT: f"{p} timed out (ETIMEDOUT): the host throttled the request or its quote "
+                         "service did not answer",
+            E.EIO: f"{p} failed with an I/O error (EIO): the host rejected the request (TDX: GetQuote "
+                   "failed; SEV-SNP: certificate buffer too small)",
+            E.ENOTTY: f"{p} is disabled (ENOTTY): after a failed exchange the SEV guest driver wipes its "
+                      "VMPCK, so no report can be had until the guest reboots",
+            E.EFBIG: f"{name} is larger than the kernel's limit (EFBIG)",
+            E.EACCES: f"permission denied to {action} {self.entry / name}: configfs-tsm needs root",
+            E.EPERM: f"operation not permitted: {action} {self.entry / name}",
+            E.ENOMEM: "the kernel ran out of memory generating the report (ENOMEM)",
+        }
+        message = messages.get(code, f"{what} in {self.entry}: {os.strerror(code or 0)}")
+        return TsmError(message, errno=code, retryable=code in (E.EBUSY, E.EINTR),
+                        transient=code in (E.ETIMEDOUT, E.ENOMEM))
+
+
+def _error(exc: OSError, what: str) -> TsmError:
+    return TsmError(f"cannot {what}: {os.strerror(exc.errno or 0)}", errno=exc.errno)
+
+
+def _parse_provider(text: str) -> str:
+    name = text[:-1] if text.endswith("\n") else text
+    if not re.fullmatch(r"[a-z0-9_]{1,32}", name):
+        raise TsmError(f"unexpected provider name {text!r} in configfs-tsm")
+    return name
+
+
+def _parse_uint(text: str, name: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,20}\n?", text):
+        raise TsmError(f"unexpected value {text!r} in configfs-tsm attribute {name}")
+    return int(text)
