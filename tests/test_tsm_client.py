@@ -1,0 +1,168 @@
+"""The configfs-tsm client (library and ``keybroker evidence``) against the emulator."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from evidence_checks import check_snp, check_tdx
+
+from keybroker import envelope
+from keybroker.errors import TsmError
+from keybroker.tsm import ReportRequest, TsmClient
+
+NONCE = hashlib.sha512(b"keybroker").digest()
+
+
+def evidence(root, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "keybroker", "evidence", "--tsm-root", str(root), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_evidence_command_prints_an_envelope(tsm_sim):
+    root = tsm_sim("sev_guest")
+    result = evidence(root, "--nonce", NONCE.hex())
+    assert result.returncode == 0, result.stderr
+    report = envelope.loads(result.stdout)
+    assert report.provider == "sev_guest" and report.generation == 1 and report.inblob == NONCE
+    check_snp(report.outblob, report.auxblob, NONCE)
+    assert envelope.loads(envelope.dumps(report)) == report
+    assert os.listdir(root) == []
+
+
+def test_tdx_ignores_privlevel(tsm_sim):
+    report = TsmClient(tsm_sim("tdx_guest")).get_report(ReportRequest(NONCE, privlevel=1))
+    check_tdx(report.outblob, NONCE)
+    assert report.privlevel is None and report.auxblob == b""
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("eio", "I/O error (EIO)"),
+    ("ebusy", "busy (EBUSY)"),
+    ("etimedout", "timed out (ETIMEDOUT)"),
+    ("enxio", "could not produce a report (ENXIO)"),
+    ("empty-outblob", "empty outblob"),
+])
+def test_each_fault_gives_a_specific_error_and_leaves_no_entry(tsm_sim, fault, message):
+    root = tsm_sim("sev_guest", fault)
+    result = evidence(root, "--nonce", NONCE.hex())
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr
+    assert result.stdout == ""
+    assert os.listdir(root) == []
+
+
+@pytest.mark.parametrize("fault", ["corrupt-signature", "debug"])
+def test_evidence_faults_reach_the_verifier(tsm_sim, fault):
+    # The guest does not judge its own evidence: the key server refuses it.
+    root = tsm_sim("sev_guest", fault)
+    result = evidence(root, "--nonce", NONCE.hex())
+    assert result.returncode == 0, result.stderr
+    assert os.listdir(root) == []
+
+
+def test_busy_provider_is_retried_a_bounded_number_of_times(tsm_sim):
+    root = tsm_sim("tdx_guest", "ebusy")
+    start = time.monotonic()
+    with pytest.raises(TsmError) as info:
+        TsmClient(root, attempts=3, backoff=0.2).get_report(ReportRequest(NONCE))
+    assert info.value.errno == 16 and info.value.transient
+    assert 0.55 < time.monotonic() - start < 5  # two pauses: 0.2 s and 0.4 s
+    assert os.listdir(root) == []
+
+
+def test_deadline_stops_retries(tsm_sim):
+    root = tsm_sim("tdx_guest", "ebusy")
+    start = time.monotonic()
+    with pytest.raises(TsmError):
+        TsmClient(root, attempts=10, backoff=0.5).get_report(ReportRequest(NONCE), deadline=start + 0.7)
+    assert time.monotonic() - start < 1.5
+
+
+def test_generation_mismatch_from_another_writer_is_retried(tsm_sim):
+    root = tsm_sim("sev_guest", "slow=0.5")
+    interfered: list[str] = []
+
+    def interfere() -> None:
+        # Write to the client's entry while its report is being generated.
+        while not interfered:
+            for name in os.listdir(root):
+                try:
+                    fd = os.open(root / name / "privlevel", os.O_WRONLY)
+                    os.write(fd, b"0")
+                    os.close(fd)
+                    interfered.append(name)
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=interfere)
+    thread.start()
+    report = TsmClient(root, backoff=0.05).get_report(ReportRequest(NONCE))
+    thread.join()
+    assert interfered  # the first entry was disturbed ...
+    assert report.generation == 1  # ... and the report came from an undisturbed one
+    check_snp(report.outblob, report.auxblob, NONCE)
+    assert os.listdir(root) == []
+
+
+def test_concurrent_clients_get_their_own_nonce(tsm_sim):
+    root = tsm_sim("sev_guest", "slow=0.2")
+    client = TsmClient(root)
+    nonces = [hashlib.sha512(bytes([i])).digest() for i in range(6)]
+    with ThreadPoolExecutor(len(nonces)) as pool:
+        reports = list(pool.map(lambda n: client.get_report(ReportRequest(n)), nonces))
+    for nonce, report in zip(nonces, reports):
+        assert report.inblob == nonce
+        check_snp(report.outblob, report.auxblob, nonce)
+    assert os.listdir(root) == []
+
+
+def test_privlevel_and_its_floor(tsm_sim):
+    root = tsm_sim("sev_guest", svsm=True)
+    client = TsmClient(root)
+    with pytest.raises(TsmError, match="below this guest's privlevel_floor 2"):
+        client.get_report(ReportRequest(NONCE, privlevel=1))
+    report = client.get_report(ReportRequest(NONCE))  # the floor is written when not asked
+    assert report.privlevel == 2 and report.outblob[0x30] == 2
+    assert os.listdir(root) == []
+
+
+def test_svsm_service_attestation(tsm_sim):
+    root = tsm_sim("sev_guest", svsm=True)
+    report = TsmClient(root).get_report(ReportRequest(NONCE, service_provider="svsm"))
+    assert report.manifestblob
+    check_snp(report.outblob, report.auxblob, hashlib.sha512(NONCE + report.manifestblob).digest())
+    single = TsmClient(root).get_report(ReportRequest(NONCE, service_provider="svsm",
+                                                      service_guid="c476f1eb-0123-45a5-9641-b4e7dde5bfe3",
+                                                      service_manifest_version=0))
+    assert single.manifestblob[:2] == b"\x00\x23"  # the vTPM EK's TPMT_PUBLIC (TPM_ALG_ECC)
+    with pytest.raises(TsmError, match="rejected the report request"):
+        TsmClient(root).get_report(ReportRequest(NONCE, service_provider="svsm",
+                                                 service_guid="00000000-0000-0000-0000-000000000001"))
+
+
+def test_service_options_need_an_svsm(tsm_sim):
+    with pytest.raises(TsmError, match="service_provider is not available"):
+        TsmClient(tsm_sim("sev_guest")).get_report(ReportRequest(NONCE, service_provider="svsm"))
+
+
+def test_inblob_size_per_provider(tsm_sim):
+    with pytest.raises(TsmError, match="needs an inblob of exactly 64 bytes"):
+        TsmClient(tsm_sim("sev_guest")).get_report(ReportRequest(NONCE[:32]))
+    report = TsmClient(tsm_sim("arm_cca_guest")).get_report(ReportRequest(NONCE[:32]))
+    assert report.provider == "arm_cca_guest" and report.inblob == NONCE[:32]
+
+
+def test_missing_interface_is_explained(tmp_path):
+    with pytest.raises(TsmError, match="no configfs-tsm report interface"):
+        TsmClient(tmp_path / "absent").get_report(ReportRequest(NONCE))
+    with pytest.raises(TsmError, match="inblob must be 1 to 64 bytes"):
+        ReportRequest(bytes(65))
