@@ -1,0 +1,174 @@
+"""The kernel keyring, through the system's libkeyutils.so.1 (ctypes).
+
+Thin wrappers: each function is one keyutils call and raises :class:`KeyringError`
+(carrying the errno) when the kernel refuses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from dataclasses import dataclass
+from functools import cache
+
+from .errors import KeybrokerError, KeyringError
+
+# Special keyring IDs (keyutils.h).
+THREAD_KEYRING = -1
+PROCESS_KEYRING = -2
+SESSION_KEYRING = -3
+USER_KEYRING = -4
+USER_SESSION_KEYRING = -5
+GROUP_KEYRING = -6
+REQKEY_AUTH_KEY = -7
+
+# Permission bits (keyutils.h): possessor, user, group, other.
+POS_VIEW, POS_READ, POS_WRITE, POS_SEARCH, POS_LINK, POS_SETATTR = (0x01 << 24, 0x02 << 24, 0x04 << 24,
+                                                                    0x08 << 24, 0x10 << 24, 0x20 << 24)
+USR_VIEW, USR_READ = 0x01 << 16, 0x02 << 16
+#: What a released key keeps: its possessors may view, read, search, link and set
+#: attributes; nobody else gets anything (not even its owner without possession).
+POSSESSOR_ONLY = POS_VIEW | POS_READ | POS_SEARCH | POS_LINK | POS_SETATTR
+
+_serial = ctypes.c_int32
+
+
+@cache
+def _lib() -> ctypes.CDLL:
+    name = ctypes.util.find_library("keyutils") or "libkeyutils.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise KeybrokerError(f"cannot load libkeyutils.so.1 (install keyutils): {exc}") from None
+    s, p, n = _serial, ctypes.c_char_p, ctypes.c_size_t
+    u, lng = ctypes.c_uint, ctypes.c_long
+    signatures = {
+        "add_key": (s, [p, p, ctypes.c_void_p, n, s]),
+        "request_key": (s, [p, p, p, s]),
+        "keyctl_describe": (lng, [s, ctypes.c_void_p, n]),
+        "keyctl_read": (lng, [s, ctypes.c_void_p, n]),
+        "keyctl_search": (lng, [s, p, p, s]),
+        "keyctl_link": (lng, [s, s]),
+        "keyctl_unlink": (lng, [s, s]),
+        "keyctl_setperm": (lng, [s, ctypes.c_uint32]),
+        "keyctl_set_timeout": (lng, [s, u]),
+        "keyctl_assume_authority": (lng, [s]),
+        "keyctl_instantiate": (lng, [s, ctypes.c_void_p, n, s]),
+        "keyctl_reject": (lng, [s, u, u, s]),
+        "keyctl_revoke": (lng, [s]),
+        "keyctl_invalidate": (lng, [s]),
+        "keyctl_get_keyring_ID": (s, [s, ctypes.c_int]),
+        "keyctl_join_session_keyring": (s, [p]),
+    }
+    for fn, (restype, argtypes) in signatures.items():
+        getattr(lib, fn).restype = restype
+        getattr(lib, fn).argtypes = argtypes
+    return lib
+
+
+def _check(call: str, result: int) -> int:
+    if result < 0:
+        raise KeyringError(call, ctypes.get_errno())
+    return result
+
+
+def _buffer(data: bytes | bytearray) -> ctypes.Array:
+    """A C view of ``data`` without copying a bytearray (so the caller can wipe it)."""
+    if isinstance(data, bytearray):
+        return (ctypes.c_char * len(data)).from_buffer(data)
+    return ctypes.create_string_buffer(bytes(data), len(data))
+
+
+def add_key(key_type: str, description: str, payload: bytes | bytearray, keyring: int) -> int:
+    buf = _buffer(payload)
+    return _check("add_key", _lib().add_key(key_type.encode(), description.encode(), buf, len(payload), keyring))
+
+
+def request_key(key_type: str, description: str, callout: str | None, keyring: int = 0) -> int:
+    """request_key(2); a ``None`` callout only searches and never upcalls."""
+    info = None if callout is None else callout.encode()
+    return _check("request_key", _lib().request_key(key_type.encode(), description.encode(), info, keyring))
+
+
+def _read_all(call: str, fn: object, key: int) -> bytes:
+    size = _check(call, fn(key, None, 0))  # type: ignore[operator]
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        got = _check(call, fn(key, buf, size))  # type: ignore[operator]
+        if got <= size:
+            return buf.raw[:got]
+        size = got
+
+
+@dataclass(frozen=True)
+class KeyDescription:
+    """KEYCTL_DESCRIBE: ``type;uid;gid;perm;description``."""
+
+    type: str
+    uid: int
+    gid: int
+    perm: int
+    description: str
+
+
+def describe(key: int) -> KeyDescription:
+    raw = _read_all("keyctl_describe", _lib().keyctl_describe, key).rstrip(b"\0")
+    # The description may itself contain ';': split on the first four only.
+    key_type, uid, gid, perm, description = raw.decode("utf-8", "surrogateescape").split(";", 4)
+    return KeyDescription(key_type, int(uid), int(gid), int(perm, 16), description)
+
+
+def read(key: int) -> bytes:
+    return _read_all("keyctl_read", _lib().keyctl_read, key)
+
+
+def search(keyring: int, key_type: str, description: str, dest_keyring: int = 0) -> int:
+    return _check("keyctl_search", _lib().keyctl_search(keyring, key_type.encode(), description.encode(),
+                                                        dest_keyring))
+
+
+def link(key: int, keyring: int) -> None:
+    _check("keyctl_link", _lib().keyctl_link(key, keyring))
+
+
+def unlink(key: int, keyring: int) -> None:
+    _check("keyctl_unlink", _lib().keyctl_unlink(key, keyring))
+
+
+def setperm(key: int, perm: int) -> None:
+    _check("keyctl_setperm", _lib().keyctl_setperm(key, perm))
+
+
+def set_timeout(key: int, seconds: int) -> None:
+    _check("keyctl_set_timeout", _lib().keyctl_set_timeout(key, seconds))
+
+
+def assume_authority(key: int) -> int:
+    return _check("keyctl_assume_authority", _lib().keyctl_assume_authority(key))
+
+
+def instantiate(key: int, payload: bytes | bytearray, keyring: int = 0) -> None:
+    buf = _buffer(payload)
+    _check("keyctl_instantiate", _lib().keyctl_instantiate(key, buf, len(payload), keyring))
+
+
+def reject(key: int, timeout: int, error: int, keyring: int = 0) -> None:
+    _check("keyctl_reject", _lib().keyctl_reject(key, timeout, error, keyring))
+
+
+def revoke(key: int) -> None:
+    _check("keyctl_revoke", _lib().keyctl_revoke(key))
+
+
+def invalidate(key: int) -> None:
+    _check("keyctl_invalidate", _lib().keyctl_invalidate(key))
+
+
+def keyring_id(special: int, create: bool = False) -> int:
+    return _check("keyctl_get_keyring_ID", _lib().keyctl_get_keyring_ID(special, int(create)))
+
+
+def join_session_keyring(name: str | None = None) -> int:
+    """Join (or with ``None``, create) a session keyring for this process."""
+    return _check("keyctl_join_session_keyring",
+                  _lib().keyctl_join_session_keyring(None if name is None else name.encode()))

@@ -1,0 +1,101 @@
+"""The libkeyutils binding, against the real kernel keyring, in a fresh session keyring."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from keybroker import keyring
+from keybroker.errors import KeyringError
+
+
+@pytest.fixture(autouse=True)
+def fresh_session():
+    # Run each test's keyring work in its own anonymous session keyring; keys die with it.
+    keyring.join_session_keyring(None)
+
+
+def test_add_describe_read_search_and_errors():
+    key = keyring.add_key("user", "keybroker-test:a;b", b"payload", keyring.SESSION_KEYRING)
+    info = keyring.describe(key)
+    assert (info.type, info.uid, info.gid, info.description) == ("user", os.getuid(), os.getgid(),
+                                                                  "keybroker-test:a;b")
+    assert keyring.read(key) == b"payload"
+    assert keyring.search(keyring.SESSION_KEYRING, "user", "keybroker-test:a;b") == key
+    with pytest.raises(KeyringError) as info:
+        keyring.search(keyring.SESSION_KEYRING, "user", "keybroker-test:absent")
+    assert info.value.errno == errno.ENOKEY
+    # A NULL callout only searches: no upcall, ENOKEY.
+    with pytest.raises(KeyringError) as info:
+        keyring.request_key("user", "keybroker-test:absent", None)
+    assert info.value.errno == errno.ENOKEY
+
+
+def test_link_unlink_setperm_timeout_revoke_invalidate():
+    session = keyring.keyring_id(keyring.SESSION_KEYRING)
+    ring = keyring.add_key("keyring", "keybroker-test-ring", b"", keyring.SESSION_KEYRING)
+    key = keyring.add_key("user", "keybroker-test:k", bytearray(b"secret"), keyring.SESSION_KEYRING)
+    keyring.link(key, ring)
+    assert keyring.search(ring, "user", "keybroker-test:k") == key
+    keyring.unlink(key, ring)
+    with pytest.raises(KeyringError):
+        keyring.search(ring, "user", "keybroker-test:k")
+    keyring.setperm(key, keyring.POSSESSOR_ONLY)
+    assert keyring.describe(key).perm == keyring.POSSESSOR_ONLY
+    keyring.set_timeout(key, 100)
+    keyring.revoke(key)
+    with pytest.raises(KeyringError) as info:
+        keyring.read(key)
+    assert info.value.errno == errno.EKEYREVOKED
+    other = keyring.add_key("user", "keybroker-test:i", b"x", keyring.SESSION_KEYRING)
+    keyring.invalidate(other)
+    with pytest.raises(KeyringError):
+        keyring.search(session, "user", "keybroker-test:i")
+
+
+def test_authority_instantiate_and_reject_need_an_authorisation_key():
+    key = keyring.add_key("user", "keybroker-test:x", b"x", keyring.SESSION_KEYRING)
+    for call in (lambda: keyring.instantiate(key, b"y"), lambda: keyring.reject(key, 5, errno.EKEYREJECTED)):
+        with pytest.raises(KeyringError) as info:
+            call()
+        assert info.value.errno == errno.EPERM
+    with pytest.raises(KeyringError) as info:
+        keyring.assume_authority(key)  # not a key under construction for us
+    assert info.value.errno in (errno.ENOKEY, errno.EPERM)
+
+
+def test_instantiate_and_reject_from_a_real_upcall(tmp_path):
+    """A throwaway request-key handler built on the binding instantiates or rejects."""
+    handler = tmp_path / "handler.py"
+    # A script with a shebang, as the real handler: request-key sets argv[0] to the program's
+    # basename, which a bare interpreter cannot find its prefix from.
+    handler.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""\
+        import errno, sys
+        sys.path.insert(0, {str(os.getcwd())!r})
+        from keybroker import keyring
+        serial = int(sys.argv[1])
+        info = keyring.describe(serial)
+        callout = keyring.read(keyring.REQKEY_AUTH_KEY)
+        if callout == b"reject":
+            keyring.reject(serial, 5, errno.EKEYREJECTED)
+        else:
+            keyring.instantiate(serial, b"made:" + info.description.encode() + b":" + callout)
+        """))
+    handler.chmod(0o755)
+    conf = "/etc/request-key.d/keybroker-bindingtest.conf"
+    with open(conf, "w") as f:
+        f.write(f"create user kbtest:* * {handler} %k\n")
+    try:
+        out = subprocess.run(["keyctl", "session", "-", "sh", "-c",
+                              "id=$(keyctl request2 user kbtest:one hello @s) && keyctl print $id; "
+                              "keyctl request2 user kbtest:two reject @s"],
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        os.unlink(conf)
+    assert "made:kbtest:one:hello" in out.stdout
+    assert "Key was rejected by service" in out.stderr
