@@ -6,6 +6,8 @@ a user can act on: what failed, where, and (when known) what to do about it.
 
 from __future__ import annotations
 
+import os
+
 
 class KeybrokerError(Exception):
     """Base class of every error keybroker raises on purpose."""
@@ -13,6 +15,18 @@ class KeybrokerError(Exception):
 
 class ConfigError(KeybrokerError):
     """A configuration file or option is missing, malformed or inconsistent."""
+
+
+class DescriptionError(KeybrokerError):
+    """A key description or callout string is outside keybroker's grammar."""
+
+
+class KeyringError(KeybrokerError):
+    """A keyutils call failed; ``errno`` says why."""
+
+    def __init__(self, call: str, errno: int) -> None:
+        super().__init__(f"{call}: {os.strerror(errno)}")
+        self.errno = errno
 
 
 class EnvelopeError(KeybrokerError):
@@ -34,3 +48,36 @@ class TsmError(KeybrokerError):
         self.errno = errno
         self.retryable = retryable
         self.transient = transient or retryable
+
+
+class ProtocolError(KeybrokerError):
+    """A message breaks the KBS RCAR protocol (malformed, missing or unexpected members)."""
+
+
+class EvidenceError(KeybrokerError):
+    """Attestation evidence cannot be parsed: wrong size, unknown version, malformed layout."""
+
+
+class ServerError(KeybrokerError):
+    """The key server refused a request; ``problem`` names the RFC 7807 problem type."""
+
+    def __init__(self, message: str, *, status: int, problem: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.problem = problem
+
+
+class ServerUnreachable(KeybrokerError):
+    """The key server could not be reached or did not answer in time; ``errno`` says how."""
+
+    def __init__(self, message: str, *, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class PolicyError(KeybrokerError):
+    """A release policy document is malformed."""
+
+
+class AccessDenied(KeybrokerError):
+    """The requester of a key may not obtain that resource (client access rules)."""

@@ -1,0 +1,102 @@
+"""Key descriptions and callout strings: the grammar keybroker accepts from any local user.
+
+A key description names a resource on the key server, with the same three segments as
+Trustee's ``kbs:///repo/type/tag``::
+
+    keybroker:<repo>/<type>/<tag>
+
+The callout string carries optional, space-separated ``name=value`` options::
+
+    privlevel=N        the guest privilege level to attest (SEV-SNP VMPL 0-3; ignored on TDX)
+
+Anything else is refused: both strings come from whoever called request_key(2).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import DescriptionError
+
+PREFIX = "keybroker:"
+KEY_TYPES = ("user", "logon")
+SEGMENT_MAX = 64
+CALLOUT_MAX = 256
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,%d}" % (SEGMENT_MAX - 1))
+_OPTION = re.compile(r"([a-z_]{1,32})=([A-Za-z0-9_.-]{1,64})")
+
+
+@dataclass(frozen=True)
+class ResourcePath:
+    repo: str
+    type: str
+    tag: str
+
+    def __str__(self) -> str:
+        return f"{self.repo}/{self.type}/{self.tag}"
+
+    @classmethod
+    def parse(cls, text: str) -> "ResourcePath":
+        parts = text.split("/")
+        if len(parts) != 3:
+            raise DescriptionError(f"resource {text[:80]!r} must be <repo>/<type>/<tag>")
+        for part in parts:
+            if not _SEGMENT.fullmatch(part):
+                raise DescriptionError(
+                    f"resource segment {part[:80]!r} must be 1-{SEGMENT_MAX} characters of "
+                    "[A-Za-z0-9_.-], not starting with '.' or '-'")
+        return cls(*parts)
+
+
+@dataclass(frozen=True)
+class KeyRequest:
+    """A validated request: key type, the resource, and callout options."""
+
+    key_type: str
+    resource: ResourcePath
+    privlevel: int | None = None
+
+    @property
+    def description(self) -> str:
+        return f"{PREFIX}{self.resource}"
+
+
+def parse_request(key_type: str, description: str, callout: str | bytes) -> KeyRequest:
+    if key_type not in KEY_TYPES:
+        raise DescriptionError(f"key type {key_type[:32]!r} is not served (only {', '.join(KEY_TYPES)})")
+    if not description.startswith(PREFIX):
+        raise DescriptionError(f"description {description[:80]!r} does not start with {PREFIX!r}")
+    resource = ResourcePath.parse(description[len(PREFIX):])
+    options = parse_callout(callout)
+    return KeyRequest(key_type, resource, **options)
+
+
+def parse_callout(callout: str | bytes) -> dict[str, int]:
+    if isinstance(callout, bytes):
+        if len(callout) > CALLOUT_MAX:
+            raise DescriptionError(f"callout is {len(callout)} bytes, more than {CALLOUT_MAX}")
+        try:
+            callout = callout.decode("ascii")
+        except UnicodeDecodeError:
+            raise DescriptionError("callout is not ASCII") from None
+    if len(callout) > CALLOUT_MAX:
+        raise DescriptionError(f"callout is {len(callout)} characters, more than {CALLOUT_MAX}")
+    options: dict[str, int] = {}
+    for word in callout.split(" "):
+        if not word:
+            continue
+        match = _OPTION.fullmatch(word)
+        if not match:
+            raise DescriptionError(f"callout option {word[:80]!r} is not name=value")
+        name, value = match.groups()
+        if name in options:
+            raise DescriptionError(f"callout option {name!r} is given twice")
+        if name == "privlevel":
+            if value not in ("0", "1", "2", "3"):
+                raise DescriptionError(f"callout privlevel={value[:8]} must be 0, 1, 2 or 3")
+            options[name] = int(value)
+        else:
+            raise DescriptionError(f"unknown callout option {name!r} (known: privlevel)")
+    return options

@@ -1,0 +1,95 @@
+"""Key descriptions, callout options, and the client configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from keybroker import config
+from keybroker.description import KeyRequest, ResourcePath, parse_request
+from keybroker.errors import ConfigError, DescriptionError
+
+
+def test_valid_requests():
+    assert parse_request("user", "keybroker:default/disk/root", b"") == \
+        KeyRequest("user", ResourcePath("default", "disk", "root"))
+    request = parse_request("logon", "keybroker:r/t/tag-1.2_x", "privlevel=2")
+    assert request.privlevel == 2 and request.description == "keybroker:r/t/tag-1.2_x"
+
+
+@pytest.mark.parametrize("key_type, description, callout, message", [
+    ("keyring", "keybroker:a/b/c", "", "key type 'keyring' is not served"),
+    ("user", "other:a/b/c", "", "does not start with 'keybroker:'"),
+    ("user", "keybroker:a/b", "", "must be <repo>/<type>/<tag>"),
+    ("user", "keybroker:a/b/c/d", "", "must be <repo>/<type>/<tag>"),
+    ("user", "keybroker:a/../c", "", "not starting with '.' or '-'"),
+    ("user", "keybroker:a/b c/d", "", "resource segment 'b c'"),
+    ("user", "keybroker:a/b/" + "x" * 65, "", "1-64 characters"),
+    ("user", "keybroker:a/b/c", "privlevel=4", "privlevel=4 must be 0, 1, 2 or 3"),
+    ("user", "keybroker:a/b/c", "privlevel=1 privlevel=2", "given twice"),
+    ("user", "keybroker:a/b/c", "vmpl=0", "unknown callout option 'vmpl'"),
+    ("user", "keybroker:a/b/c", "privlevel", "is not name=value"),
+    ("user", "keybroker:a/b/c", b"\xff", "not ASCII"),
+    ("user", "keybroker:a/b/c", "a=b " * 100, "more than 256"),
+])
+def test_refused_requests(key_type, description, callout, message):
+    with pytest.raises(DescriptionError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        parse_request(key_type, description, callout)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "client.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_defaults_and_access(tmp_path):
+    cfg = config.load(write(tmp_path, """
+        [server]
+        url = "https://kbs.example:8080/"
+        ca = "/etc/keybroker/ca.pem"
+        [[access]]
+        resource = "default/*"
+        uids = [1000]
+        [[access]]
+        resource = "shared/disk/*"
+        gids = [100]
+    """))
+    assert cfg.server_url == "https://kbs.example:8080" and cfg.deadline == 30
+    assert cfg.tsm_root == Path("/sys/kernel/config/tsm/report") and cfg.server_ca == Path("/etc/keybroker/ca.pem")
+    assert cfg.may_obtain(0, frozenset({0}), "anything/at/all")  # root
+    assert cfg.may_obtain(1000, frozenset({1000}), "default/disk/root")
+    assert not cfg.may_obtain(1001, frozenset({1001}), "default/disk/root")
+    assert cfg.may_obtain(1001, frozenset({100}), "shared/disk/x")
+    assert not cfg.may_obtain(1000, frozenset({1000}), "other/disk/root")
+
+
+def test_no_rules_means_root_only(tmp_path):
+    cfg = config.load(write(tmp_path, '[server]\nurl = "http://127.0.0.1:8080"\n'))
+    assert cfg.may_obtain(0, frozenset({0}), "default/disk/root")
+    assert not cfg.may_obtain(65534, frozenset({65534}), "default/disk/root")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "missing required key 'server'"),
+    ("[server]\nurl = 'https://x'\nurll = 1\n", "unknown key 'server.urll'"),
+    ("[server]\nurl = 'https://x'\n[handler]\ndeadline = 'soon'\n", "'handler.deadline' must be an integer or a number"),
+    ("[server]\nurl = 'https://x'\n[handler]\ndeadline = 0\n", "between 1 and 600"),
+    ("[server]\nurl = 'http://kbs.example'\n", "plain http only for a loopback"),
+    ("[server]\nurl = 'ftp://x'\n", "must be an https:// URL"),
+    ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/*'\nuids = ['root']\n", "'access[0].uids' must be a list"),
+    ("[server]\nurl = 'https://x'\n[[access]]\nuids = [0]\n", "missing required key 'access[0].resource'"),
+    ("[server]\nurl = 'https://x'\n[tsm]\nroot = true\n", "'tsm.root' must be a string, not a boolean"),
+    ("[server\n", "not valid TOML"),
+])
+def test_config_errors_name_the_key_and_the_file(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        config.load(tmp_path / "absent.toml")
