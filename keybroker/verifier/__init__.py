@@ -1,0 +1,138 @@
+"""Evidence verification: per provider, parse -> verify -> appraise.
+
+``verify()`` dispatches on the envelope's ``provider``. Each provider module parses the
+vendor blob into an immutable record (its ``abi``), checks signatures, chains and
+bindings (``verify``) and turns the record into flat claims for the release policy
+(``claims``). Every check is recorded with its name, so a failure names what failed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..envelope import TsmReport
+from ..errors import EvidenceError
+from .trust import TrustStore
+
+__all__ = ["Evidence", "Check", "Verdict", "Context", "verify", "TrustStore"]
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a verifier gets: the provider's blobs and, from an envelope, the inblob."""
+
+    provider: str
+    outblob: bytes
+    auxblob: bytes = b""
+    manifestblob: bytes = b""
+    inblob: bytes | None = None
+    service_guid: str | None = None
+
+    @classmethod
+    def from_report(cls, report: TsmReport) -> "Evidence":
+        return cls(report.provider, report.outblob, report.auxblob, report.manifestblob, report.inblob,
+                   report.service_guid)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One named check: ``ok`` is True (passed), False (failed) or None (not evaluated)."""
+
+    name: str
+    ok: bool | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    provider: str
+    checks: tuple[Check, ...]
+    claims: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok is not False for check in self.checks) and any(c.ok for c in self.checks)
+
+    @property
+    def failures(self) -> tuple[Check, ...]:
+        return tuple(check for check in self.checks if check.ok is False)
+
+    def reason(self) -> str:
+        return "; ".join(f"{c.name}: {c.detail}" for c in self.failures) or "all checks passed"
+
+
+@dataclass(frozen=True)
+class Context:
+    """How to verify: trust anchors, the time, the expected binding, where to find certificates.
+
+    ``nonce`` is the inblob the guest must have written (the provider derives REPORT_DATA
+    from it); ``report_data`` is an exact REPORT_DATA to expect. ``certs`` are extra
+    certificate folders (operator collateral); ``cache_dir``/``kds_url`` let the SNP
+    verifier fetch missing certificates.
+    """
+
+    trust: TrustStore
+    at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    nonce: bytes | None = None
+    report_data: bytes | None = None
+    certs: tuple[Path, ...] = ()
+    collateral: Path | None = None
+    kds_url: str | None = None
+    pcs_url: str | None = None
+    cache_dir: Path | None = None
+
+
+class Stop(Exception):
+    """Raised by :class:`Checks` after a failed check: later checks depend on it."""
+
+
+class Checks:
+    """Records checks in order; a failure stops verification (fail closed)."""
+
+    def __init__(self) -> None:
+        self.items: list[Check] = []
+
+    def passed(self, name: str, detail: str = "") -> None:
+        self.items.append(Check(name, True, detail))
+
+    def failed(self, name: str, detail: str) -> None:
+        self.items.append(Check(name, False, detail))
+        raise Stop(name)
+
+    def skipped(self, name: str, detail: str) -> None:
+        self.items.append(Check(name, None, detail))
+
+    def require(self, condition: bool, name: str, ok: str, fail: str) -> None:
+        if condition:
+            self.passed(name, ok)
+        else:
+            self.failed(name, fail)
+
+
+#: A provider's verifier fills ``claims`` as soon as the evidence is parsed, then records
+#: its checks; a failed check raises :class:`Stop`.
+Verifier = Callable[[Evidence, Context, Checks, dict[str, Any]], None]
+
+
+def _verifiers() -> dict[str, Verifier]:
+    from . import snp
+    return {"sev_guest": snp.verify}
+
+
+def verify(evidence: Evidence, context: Context) -> Verdict:
+    """Verify ``evidence``; never raises for bad evidence, the verdict says what failed."""
+    checks = Checks()
+    claims: dict[str, Any] = {}
+    verifier = _verifiers().get(evidence.provider)
+    try:
+        if verifier is None:
+            checks.failed("format", f"no verifier for provider {evidence.provider!r}")
+        verifier(evidence, context, checks, claims)  # type: ignore[misc]
+    except EvidenceError as exc:
+        checks.items.append(Check("format", False, str(exc)))
+    except Stop:
+        pass
+    return Verdict(evidence.provider, tuple(checks.items), claims)

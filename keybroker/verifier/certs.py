@@ -1,0 +1,159 @@
+"""X.509 and DER helpers shared by the vendor verifiers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import warnings
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.x509.oid import NameOID
+
+from ..errors import EvidenceError
+
+CERT_FILE_SUFFIXES = (".pem", ".crt", ".cer", ".der")
+CERT_FILE_MAX = 1024 * 1024
+
+
+def load_certs(data: bytes) -> list[x509.Certificate]:
+    """Certificates from a PEM bundle (any number) or one DER certificate.
+
+    AMD issues VCEKs and VLEKs with serial number 0, which RFC 5280 forbids and
+    ``cryptography`` warns about; the warning is expected here and silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        try:
+            if b"-----BEGIN CERTIFICATE-----" in data:
+                return x509.load_pem_x509_certificates(data)
+            return [x509.load_der_x509_certificate(data)]
+        except ValueError as exc:
+            raise EvidenceError(f"cannot parse certificate: {exc}") from None
+
+
+def load_cert_dir(folder: Path) -> list[x509.Certificate]:
+    """Every certificate in the PEM/DER files of ``folder`` (not recursive)."""
+    if not folder.is_dir():
+        raise EvidenceError(f"certificate folder {folder} does not exist")
+    certs = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in CERT_FILE_SUFFIXES and path.is_file():
+            if path.stat().st_size > CERT_FILE_MAX:
+                raise EvidenceError(f"{path} is larger than {CERT_FILE_MAX} bytes")
+            try:
+                certs.extend(load_certs(path.read_bytes()))
+            except EvidenceError as exc:
+                raise EvidenceError(f"{path}: {exc}") from None
+    return certs
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def common_name(name: x509.Name) -> str:
+    attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else ""
+
+
+def signed_by_rsa_pss_sha384(child: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """AMD's certificate signatures: RSASSA-PSS, SHA-384, MGF1-SHA-384, salt 48, issuer name matches."""
+    key = issuer.public_key()
+    if not isinstance(key, rsa.RSAPublicKey) or child.issuer != issuer.subject:
+        return False
+    try:
+        key.verify(child.signature, child.tbs_certificate_bytes,
+                   padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48), hashes.SHA384())
+        return True
+    except InvalidSignature:
+        return False
+
+
+def signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Issuer name matches and the signature verifies under the issuer's key (ECDSA/RSA)."""
+    try:
+        child.verify_directly_issued_by(issuer)
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+
+
+def valid_at(cert: x509.Certificate, at: dt.datetime) -> bool:
+    return cert.not_valid_before_utc <= at <= cert.not_valid_after_utc
+
+
+def validity(cert: x509.Certificate) -> str:
+    return f"{cert.not_valid_before_utc:%Y-%m-%d}..{cert.not_valid_after_utc:%Y-%m-%d}"
+
+
+def extension(cert: x509.Certificate, oid: str) -> bytes | None:
+    """The raw value of an extension keybroker parses itself, or None."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid))
+    except x509.ExtensionNotFound:
+        return None
+    value = ext.value
+    return value.value if isinstance(value, x509.UnrecognizedExtension) else None
+
+
+def is_ec_key(cert: x509.Certificate, curve: type[ec.EllipticCurve]) -> bool:
+    key = cert.public_key()
+    return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, curve)
+
+
+# -- DER ----------------------------------------------------------------------------------
+
+def der_read(data: bytes, pos: int = 0) -> tuple[int, bytes, int]:
+    """One DER TLV at ``pos``: (tag, content, next position). Definite lengths only."""
+    if pos + 2 > len(data):
+        raise EvidenceError("truncated DER")
+    tag, first = data[pos], data[pos + 1]
+    pos += 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 4 or pos + count > len(data):
+            raise EvidenceError("bad DER length")
+        length = int.from_bytes(data[pos:pos + count], "big")
+        pos += count
+    if pos + length > len(data):
+        raise EvidenceError("truncated DER value")
+    return tag, data[pos:pos + length], pos + length
+
+
+def der_items(content: bytes) -> list[tuple[int, bytes]]:
+    """The TLVs inside a constructed value."""
+    items, pos = [], 0
+    while pos < len(content):
+        tag, value, pos = der_read(content, pos)
+        items.append((tag, value))
+    return items
+
+
+def der_integer(data: bytes) -> int:
+    """A DER INTEGER (tag 0x02) holding a non-negative value."""
+    tag, content, end = der_read(data)
+    if tag != 0x02 or end != len(data) or not content or content[0] & 0x80:
+        raise EvidenceError("expected a non-negative DER INTEGER")
+    return int.from_bytes(content, "big")
+
+
+def der_oid(content: bytes) -> str:
+    """Decode the content of an OBJECT IDENTIFIER."""
+    if not content:
+        raise EvidenceError("empty OID")
+    arcs = [min(content[0] // 40, 2)]
+    arcs.append(content[0] - 40 * arcs[0])
+    value = 0
+    for byte in content[1:]:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    return ".".join(map(str, arcs))

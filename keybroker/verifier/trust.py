@@ -1,0 +1,112 @@
+"""Trust anchors: the vendor roots pinned by fingerprint, plus operator-given anchors.
+
+Built in (facts, not fetched data): the SHA-256 fingerprints of AMD's ARKs for Milan,
+Genoa and Turin, and of the Intel SGX Root CA. No CCA platform key (CPAK) is trusted by
+default. ``--trust-roots DIR`` adds anchors: root certificates (PEM/DER; their
+fingerprints become pins) and CPAK public keys (PEM SubjectPublicKeyInfo, a JWK, or a
+Veraison trust-anchor list of ``{"pkey": JWK, "implementation-id", "instance-id"}``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ..errors import ConfigError, EvidenceError
+from .certs import CERT_FILE_MAX, fingerprint, load_certs
+
+#: SHA-256 of the DER of AMD's ARK certificates (snp.md section 4.3).
+AMD_ARKS = {
+    "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd": "Milan",
+    "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1": "Genoa",
+    "1f084161a44bb6d93778a904877d4819cafa5d05ef4193b2ded9dd9c73dd3f6a": "Turin",
+}
+#: SHA-256 of the DER of the Intel SGX Root CA (tdx.md section 6).
+INTEL_SGX_ROOT = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+
+
+@dataclass(frozen=True)
+class Cpak:
+    """A trusted CCA platform attestation key, optionally bound to one platform."""
+
+    key: ec.EllipticCurvePublicKey
+    implementation_id: bytes | None = None
+    instance_id: bytes | None = None
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class TrustStore:
+    #: fingerprint -> the anchor certificate (None for a built-in pin without the certificate)
+    roots: dict[str, x509.Certificate | None] = field(default_factory=dict)
+    cpaks: tuple[Cpak, ...] = ()
+
+    @classmethod
+    def default(cls) -> "TrustStore":
+        return cls({fp: None for fp in (*AMD_ARKS, INTEL_SGX_ROOT)})
+
+    def is_trusted(self, cert: x509.Certificate) -> bool:
+        return fingerprint(cert) in self.roots
+
+    def anchors(self) -> list[x509.Certificate]:
+        return [cert for cert in self.roots.values() if cert is not None]
+
+    def with_dirs(self, folders: list[Path]) -> "TrustStore":
+        roots, cpaks = dict(self.roots), list(self.cpaks)
+        for folder in folders:
+            if not folder.is_dir():
+                raise ConfigError(f"trust-roots folder {folder} does not exist")
+            for path in sorted(folder.iterdir()):
+                if path.is_file() and path.suffix.lower() in (".pem", ".crt", ".cer", ".der", ".json"):
+                    _load_anchor(path, roots, cpaks)
+        return TrustStore(roots, tuple(cpaks))
+
+    def with_cpak_file(self, path: Path) -> "TrustStore":
+        roots, cpaks = dict(self.roots), list(self.cpaks)
+        _load_anchor(path, roots, cpaks)
+        return TrustStore(roots, tuple(cpaks))
+
+
+def _load_anchor(path: Path, roots: dict[str, x509.Certificate | None], cpaks: list[Cpak]) -> None:
+    if path.stat().st_size > CERT_FILE_MAX:
+        raise ConfigError(f"trust anchor {path} is larger than {CERT_FILE_MAX} bytes")
+    data = path.read_bytes()
+    try:
+        if path.suffix.lower() == ".json":
+            cpaks.extend(_cpaks_from_json(json.loads(data), str(path)))
+        elif b"PUBLIC KEY-----" in data:
+            cpaks.append(Cpak(_ec_key(serialization.load_pem_public_key(data), path), source=str(path)))
+        else:
+            for cert in load_certs(data):
+                roots[fingerprint(cert)] = cert
+    except (ValueError, KeyError, TypeError, EvidenceError) as exc:
+        raise ConfigError(f"trust anchor {path}: {exc}") from None
+
+
+def _cpaks_from_json(obj: Any, source: str) -> list[Cpak]:
+    from jwcrypto import jwk
+
+    entries = obj if isinstance(obj, list) else [obj]
+    cpaks = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError("expected a JWK or a list of trust-anchor objects")
+        key_json = entry.get("pkey", entry)
+        key = jwk.JWK(**key_json).get_op_key("verify")
+        impl = entry.get("implementation-id")
+        inst = entry.get("instance-id")
+        cpaks.append(Cpak(_ec_key(key, source), bytes.fromhex(impl) if impl else None,
+                          bytes.fromhex(inst) if inst else None, source))
+    return cpaks
+
+
+def _ec_key(key: Any, where: object) -> ec.EllipticCurvePublicKey:
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"{where}: a CPAK must be an EC public key")
+    return key
