@@ -7,6 +7,7 @@ Each subcommand imports what it needs when it runs, so that one command's depend
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -90,10 +91,139 @@ def _add_tsm_sim(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_tsm_sim)
 
 
+# -- serve --------------------------------------------------------------------------------
+
+DEFAULT_DB = "sqlite:////var/lib/keybroker/kbs.db"
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"--listen wants HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .policy import DEFAULT, Policy
+    from .server.app import serve
+    from .server.kbs import KeyServer
+    from .server.store import Store
+    from .server.tokens import TokenSigner
+    from .verifier import TrustStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    policy = Policy.loads(args.policy.read_text()) if args.policy else DEFAULT
+    kbs = KeyServer(store=Store(args.db), trust=TrustStore.default().with_dirs(args.trust_roots),
+                    policy=policy, tokens=TokenSigner(), certs=tuple(args.certs))
+    host, port = args.listen
+    serve(kbs, host, port, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the key server (KBS RCAR 0.4.0)",
+                       description="Run the reference key server: /kbs/v0/auth, /attest and /resource.")
+    p.add_argument("--listen", type=_listen, default=("127.0.0.1", 8080), metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:8080); plain HTTP only on loopback")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"database URL (default {DEFAULT_DB})")
+    p.add_argument("--trust-roots", type=Path, action="append", default=[], metavar="DIR",
+                   help="extra trust anchors: root certificates and CCA platform keys (repeatable)")
+    p.add_argument("--certs", type=Path, action="append", default=[], metavar="DIR",
+                   help="folder of vendor certificates (VCEK/VLEK, ASK, ARK) to use when evidence lacks them")
+    p.add_argument("--policy", type=Path, help="release policy (JSON); default: refuse debug guests")
+    p.add_argument("--tls-cert", help="TLS certificate chain (PEM)")
+    p.add_argument("--tls-key", help="TLS private key (PEM)")
+    p.set_defaults(run=_serve)
+
+
+# -- resource -----------------------------------------------------------------------------
+
+def _resource(args: argparse.Namespace) -> int:
+    from .description import ResourcePath
+    from .server.store import Store
+
+    store = Store(args.db)
+    if args.action == "list":
+        for path, size, lease in store.list_resources():
+            print(f"{path}\t{size} bytes" + (f"\tlease {lease} s" if lease else ""))
+        return 0
+    if args.path is None:
+        raise SystemExit(f"keybroker resource {args.action}: REPO/TYPE/TAG is required")
+    path = str(ResourcePath.parse(args.path))
+    if args.action == "put":
+        value = args.file.read_bytes() if args.file else sys.stdin.buffer.read()
+        if not 1 <= len(value) <= 32767:
+            raise SystemExit(f"keybroker resource put: a resource is 1 to 32767 bytes, got {len(value)}")
+        store.put_resource(path, value, args.lease)
+    elif args.action == "get":
+        resource = store.get_resource(path)
+        if resource is None:
+            raise SystemExit(f"keybroker resource get: no resource {path}")
+        if args.file:
+            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(resource.value)
+        else:
+            sys.stdout.buffer.write(resource.value)
+    elif not store.delete_resource(path):
+        raise SystemExit(f"keybroker resource rm: no resource {path}")
+    return 0
+
+
+def _add_resource(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("resource", help="manage the key server's resources",
+                       description="Put, get, remove or list resources in the key server's database.")
+    p.add_argument("action", choices=["put", "get", "rm", "list"])
+    p.add_argument("path", nargs="?", metavar="REPO/TYPE/TAG")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"database URL (default {DEFAULT_DB})")
+    p.add_argument("--file", type=Path, help="put: read the value from FILE (default stdin); get: write it to FILE")
+    p.add_argument("--lease", type=int, help="put: seconds the released key stays valid in the keyring")
+    p.set_defaults(run=_resource)
+
+
+# -- install-handler ---------------------------------------------------------------------
+
+def _install_handler(args: argparse.Namespace) -> int:
+    from . import config, install
+
+    config.load(args.config)  # refuse to install a handler whose configuration does not load
+    target = install.install(args.config, args.conf_dir)
+    print(f"installed {target}")
+    return 0
+
+
+def _add_install_handler(sub: argparse._SubParsersAction) -> None:
+    from .install import CONF_DIR
+
+    p = sub.add_parser("install-handler", help="install the request-key drop-in for keybroker: keys",
+                       description="Write request-key.d/keybroker.conf so that the kernel's upcalls for "
+                                   "keybroker: keys run this installation's handler with --config FILE.")
+    p.add_argument("--config", type=Path, required=True, help="the client configuration the handler reads")
+    p.add_argument("--conf-dir", type=Path, default=CONF_DIR, help=f"drop-in folder (default {CONF_DIR})")
+    p.set_defaults(run=_install_handler)
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+    return demo.run()
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole path on this machine (emulator, server, kernel upcall)",
+                       description="Start the configfs-tsm emulator and a key server, install the handler, "
+                                   "request a key through the kernel, show it, and clean up. Needs root.")
+    p.set_defaults(run=_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keybroker", description="Attested key release for confidential VMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_evidence, _add_tsm_sim):
+    for add in (_add_evidence, _add_tsm_sim, _add_serve, _add_resource, _add_install_handler,
+                _add_demo):
         add(sub)
     return parser
 

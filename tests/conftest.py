@@ -89,3 +89,141 @@ def tsm_sim(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., Path]]:
     finally:
         while stack:
             stack.pop().__exit__(None, None, None)
+
+
+# -- the key server --------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class KeyServerProcess:
+    """``keybroker serve`` on a loopback port with a SQLite database, trusting the simulated roots."""
+
+    def __init__(self, workdir: Path, trust: Path | None, *extra: str) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = f"sqlite:///{workdir / 'kbs.db'}"
+        self.args = [sys.executable, "-m", "keybroker", "serve", "--listen", f"127.0.0.1:{self.port}",
+                     "--db", self.db, *(["--trust-roots", str(trust)] if trust else []), *extra]
+        self.log_path = workdir / f"server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "KeyServerProcess":
+        import urllib.request
+
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"key server did not start: {self.log()}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def put(self, path: str, value: bytes, *extra: str) -> None:
+        subprocess.run([sys.executable, "-m", "keybroker", "resource", "put", path, "--db", self.db, *extra],
+                       input=value, check=True, timeout=30)
+
+
+@pytest.fixture
+def kbs(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., KeyServerProcess]]:
+    """Factory: ``kbs()`` starts a key server trusting the simulated roots; stopped after the test."""
+    servers: list[KeyServerProcess] = []
+
+    def start(*extra: str, trust: bool = True) -> KeyServerProcess:
+        workdir = tmp_path / f"kbs{len(servers)}"
+        workdir.mkdir()
+        server = KeyServerProcess(workdir, sim_state / "trust" if trust else None, *extra)
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# -- the request-key handler -----------------------------------------------------------
+
+CONF = Path("/etc/request-key.d/keybroker.conf")
+
+
+@pytest.fixture
+def handler(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Factory: write a client config and install the handler's drop-in; both removed after."""
+    if os.geteuid() != 0:
+        pytest.skip("installing a request-key handler needs root")
+    saved = CONF.read_bytes() if CONF.exists() else None
+
+    def install(server_url: str, tsm_root: Path, *, deadline: float = 10, extra: str = "") -> Path:
+        from keybroker import install as installer
+
+        config = tmp_path / "client.toml"
+        config.write_text(f'[server]\nurl = "{server_url}"\n[tsm]\nroot = "{tsm_root}"\n'
+                          f"[handler]\ndeadline = {deadline}\n{extra}")
+        installer.install(config, CONF.parent, Path(sys.executable).parent / "keybroker-request-key")
+        return config
+
+    try:
+        yield install
+    finally:
+        if saved is None:
+            CONF.unlink(missing_ok=True)
+        else:
+            CONF.write_bytes(saved)
+
+
+@pytest.fixture
+def syslog() -> Iterator[list[str]]:
+    """Capture what the handler sends to /dev/log (when no syslog daemon owns it)."""
+    import socket
+    import threading
+
+    if os.path.exists("/dev/log"):
+        pytest.skip("/dev/log belongs to a syslog daemon here")
+    lines: list[str] = []
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("/dev/log")
+    os.chmod("/dev/log", 0o666)
+
+    def collect() -> None:
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            lines.append(data.decode("utf-8", "replace"))
+
+    thread = threading.Thread(target=collect, daemon=True)
+    thread.start()
+    try:
+        yield lines
+    finally:
+        os.unlink("/dev/log")
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()

@@ -1,0 +1,1 @@
+"""Trustee's KBS RCAR protocol: the shared wire contract and the guest's client."""

@@ -1,0 +1,153 @@
+"""KBS RCAR 0.4.0 client: auth -> attest -> resource, with requests and jwcrypto.
+
+One round: get a challenge, make an ephemeral EC P-256 key, let the caller produce
+evidence whose inblob binds the nonce and that key, attest, fetch the resource, and
+decrypt the JWE with the ephemeral key. Every HTTP call has an explicit timeout bounded
+by the caller's deadline; unreachable servers and 5xx answers are retried a bounded
+number of times while the deadline allows.
+"""
+
+from __future__ import annotations
+
+import errno as E
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+from jwcrypto import jwe, jwk
+from jwcrypto.common import JWException
+
+from ..envelope import TsmReport, to_json
+from ..errors import ProtocolError, ServerError, ServerUnreachable
+from . import protocol as p
+
+REQUEST_TIMEOUT = 10.0  # seconds per HTTP request, at most
+RESPONSE_MAX = 1024 * 1024
+
+#: Produces evidence for a 64-byte inblob (the binding of nonce and tee-pubkey).
+EvidenceSource = Callable[[bytes], TsmReport]
+
+
+@dataclass(frozen=True)
+class Released:
+    """A released resource: the bytes (wipe them after use) and the lease the server gave."""
+
+    value: bytearray
+    lease: int | None
+
+
+class RcarClient:
+    def __init__(self, url: str, *, ca: Path | None = None, deadline: float | None = None,
+                 attempts: int = 3, backoff: float = 0.5) -> None:
+        self.url = url.rstrip("/")
+        self.verify: bool | str = str(ca) if ca else True
+        self.deadline = deadline
+        self.attempts = attempts
+        self.backoff = backoff
+
+    def fetch(self, resource: str, tee: str, evidence: EvidenceSource) -> Released:
+        """Run one attestation round, retrying it on transient failures."""
+        pause = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self._round(resource, tee, evidence)
+            except (ServerUnreachable, ServerError) as exc:
+                transient = isinstance(exc, ServerUnreachable) or exc.status >= 500
+                late = self.deadline is not None and time.monotonic() + pause >= self.deadline
+                if not transient or attempt == self.attempts or late:
+                    raise
+            time.sleep(pause)
+            pause *= 2
+        raise AssertionError("unreachable")
+
+    def _round(self, resource: str, tee: str, evidence: EvidenceSource) -> Released:
+        with requests.Session() as http:
+            http.verify = self.verify
+            http.trust_env = False  # no proxies or CA bundles from an environment we do not control
+            challenge = p.Challenge.from_json(self._call(http, "POST", "/auth", p.AuthRequest(tee).to_json()))
+
+            key = jwk.JWK.generate(kty="EC", crv="P-256")
+            public = json.loads(key.export_public())
+            tee_pubkey = {"alg": p.KEY_ALGORITHM, "crv": public["crv"], "kty": "EC",
+                          "x": public["x"], "y": public["y"]}
+            report = evidence(p.report_data(challenge.nonce, tee_pubkey))
+            attestation = p.Attestation(challenge.nonce, tee_pubkey, to_json(report))
+            self._call(http, "POST", "/attest", attestation.to_json())
+
+            response = self._call(http, "GET", f"/resource/{resource}", None, raw=True)
+            lease = response.headers.get("Keybroker-Lease")
+            return Released(_decrypt(response, key), int(lease) if lease and lease.isdigit() else None)
+
+    def _call(self, http: requests.Session, method: str, path: str, body: Any, *, raw: bool = False) -> Any:
+        url = f"{self.url}{p.PREFIX}{path}"
+        timeout = REQUEST_TIMEOUT
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise ServerUnreachable(f"no time left to reach the key server at {self.url}", errno=E.ETIMEDOUT)
+        try:
+            response = http.request(method, url, json=body, timeout=timeout, allow_redirects=False)
+        except requests.Timeout:
+            raise ServerUnreachable(f"key server {self.url} did not answer within {timeout:.1f} s",
+                                    errno=E.ETIMEDOUT) from None
+        except requests.exceptions.SSLError as exc:
+            raise ServerError(f"TLS with {self.url} failed: {exc}", status=0, problem=None) from None
+        except requests.ConnectionError as exc:
+            code = _errno_of(exc)
+            raise ServerUnreachable(f"cannot reach the key server {self.url}: {E.errorcode.get(code, code)}",
+                                    errno=code) from None
+        if len(response.content) > RESPONSE_MAX:
+            raise ProtocolError(f"{method} {path}: response larger than {RESPONSE_MAX} bytes")
+        if response.status_code != 200:
+            try:
+                problem = response.json()
+            except ValueError:
+                problem = None
+            name = p.problem_name(problem)
+            detail = problem.get("detail") if isinstance(problem, dict) else None
+            raise ServerError(f"{method} {path}: HTTP {response.status_code} {name or ''}: "
+                              f"{str(detail or response.reason)[:500]}", status=response.status_code, problem=name)
+        if raw:
+            return response
+        try:
+            return response.json()
+        except ValueError:
+            raise ProtocolError(f"{method} {path}: response is not JSON") from None
+
+
+def _decrypt(response: requests.Response, key: jwk.JWK) -> bytearray:
+    try:
+        body = response.json()
+    except ValueError:
+        raise ProtocolError("resource response is not JSON") from None
+    if not isinstance(body, dict) or not {"protected", "ciphertext", "iv", "tag"} <= set(body):
+        raise ProtocolError("resource response is not a flattened JWE")
+    try:
+        header = json.loads(jwe.base64url_decode(body["protected"]))
+        if header.get("alg") != p.KEY_ALGORITHM or header.get("enc") != p.CONTENT_ENCRYPTION:
+            raise ProtocolError(f"resource JWE uses {header.get('alg')}/{header.get('enc')}, expected "
+                                f"{p.KEY_ALGORITHM}/{p.CONTENT_ENCRYPTION}")
+        token = jwe.JWE()
+        token.deserialize(json.dumps(body), key=key)
+        return bytearray(token.payload)
+    except (JWException, ValueError, TypeError) as exc:
+        raise ProtocolError(f"cannot decrypt the resource JWE: {exc}") from None
+
+
+def _errno_of(exc: BaseException) -> int:
+    """The socket errno behind a requests/urllib3 connection error (ECONNREFUSED if unknown)."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or not isinstance(item, BaseException):
+            continue
+        seen.add(id(item))
+        if isinstance(item, OSError) and item.errno in (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH,
+                                                        E.ETIMEDOUT, E.ECONNRESET):
+            return item.errno
+        stack.extend([item.__cause__, item.__context__, *item.args, getattr(item, "reason", None)])
+    return E.ECONNREFUSED

@@ -1,0 +1,61 @@
+"""The RCAR wire contract: binding, records, JWE wrapping."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+import pytest
+import rfc8785
+from jwcrypto import jwe, jwk
+
+from keybroker.errors import ProtocolError
+from keybroker.rcar import protocol as p
+from keybroker.server.kbs import wrap
+
+
+def test_canonical_json_matches_trustees_vector():
+    # Trustee's parse_runtime_data unit test: {"b":1,"a":"test","c":{"d":"e"}} -> SHA-384
+    digest = hashlib.sha384(rfc8785.dumps({"b": 1, "a": "test", "c": {"d": "e"}})).hexdigest()
+    assert digest == ("e71ce8e70d814ba6639c3612ebee0ff1f76f650f8dbb5e47157e0f3f525cd22c"
+                      "4597480a186427c813ca941da78870c3")
+
+
+def test_report_data_binds_nonce_and_key():
+    key = {"alg": "ECDH-ES+A256KW", "crv": "P-256", "kty": "EC", "x": "A" * 43, "y": "B" * 43}
+    data = p.report_data("bm9uY2U=", key)
+    expected = hashlib.sha384(json.dumps({"additional-evidence": "", "nonce": "bm9uY2U=", "tee-pubkey": key},
+                                         sort_keys=True, separators=(",", ":")).encode()).digest()
+    assert data == expected + bytes(16)
+    assert p.report_data("other", key) != data
+
+
+def test_attestation_round_trip_and_strictness():
+    key = {"alg": "ECDH-ES+A256KW", "crv": "P-256", "kty": "EC", "x": "A" * 43, "y": "B" * 43}
+    att = p.Attestation("n", key, {"version": 1})
+    assert p.Attestation.from_json(att.to_json()) == att
+    bad = att.to_json() | {"extra": 1}
+    with pytest.raises(ProtocolError, match="unknown member"):
+        p.Attestation.from_json(bad)
+    with pytest.raises(ProtocolError, match="P-256, P-384 or P-521"):
+        p.check_tee_pubkey(key | {"crv": "P-192"})
+    with pytest.raises(ProtocolError, match="must be ECDH-ES"):
+        p.check_tee_pubkey(key | {"alg": "RSA1_5"})
+    with pytest.raises(ProtocolError, match="coordinate"):
+        p.check_tee_pubkey(key | {"x": "AAAA"})
+    with pytest.raises(ProtocolError, match="additional_evidence"):
+        p.Attestation.from_json({"runtime-data": {"nonce": "n", "tee-pubkey": key},
+                                 "tee-evidence": {"primary_evidence": {}, "additional_evidence": "x"}})
+
+
+def test_jwe_is_flattened_with_epk_protected_and_decrypts():
+    private = jwk.JWK.generate(kty="EC", crv="P-256")
+    public = json.loads(private.export_public()) | {"alg": "ECDH-ES+A256KW"}
+    body = wrap(b"the key", public)
+    assert set(body) == {"protected", "encrypted_key", "iv", "ciphertext", "tag"}
+    header = json.loads(base64.urlsafe_b64decode(body["protected"] + "=="))
+    assert header["alg"] == "ECDH-ES+A256KW" and header["enc"] == "A256GCM" and "epk" in header
+    token = jwe.JWE()
+    token.deserialize(json.dumps(body), key=private)
+    assert token.payload == b"the key"

@@ -1,0 +1,141 @@
+"""The key server's RCAR endpoints, spoken to with the project's client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from keybroker import envelope
+from keybroker.errors import ServerError
+from keybroker.rcar import protocol as p
+from keybroker.rcar.client import RcarClient
+from keybroker.tsm import ReportRequest, TsmClient
+
+SECRET = b"\x00resource bytes\xff"
+
+
+def evidence_from(root):
+    client = TsmClient(root)
+    return lambda inblob: client.get_report(ReportRequest(inblob))
+
+
+def test_release_and_errors_through_the_client(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    released = RcarClient(server.url).fetch("default/key/a", "snp", evidence_from(root))
+    assert bytes(released.value) == SECRET and released.lease is None
+    with pytest.raises(ServerError) as info:
+        RcarClient(server.url).fetch("default/key/none", "snp", evidence_from(root))
+    assert info.value.status == 404 and info.value.problem == "ResourceNotFound"
+
+
+def test_untrusted_roots_are_denied_with_the_failed_check(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs(trust=False)  # the simulated ARK is not pinned
+    server.put("default/key/a", SECRET)
+    with pytest.raises(ServerError) as info:
+        RcarClient(server.url).fetch("default/key/a", "snp", evidence_from(root))
+    assert info.value.status == 403 and info.value.problem == "AttestationDenied"
+    assert "ark_pinned" in str(info.value)
+
+
+def rcar(server, root, *, nonce_override=None):
+    """Auth and attest by hand; return the HTTP session, the attestation and the /attest response."""
+    from jwcrypto import jwk
+
+    http = requests.Session()
+    challenge = http.post(f"{server.url}/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp",
+                                                             "extra-params": {}}).json()
+    key = jwk.JWK.generate(kty="EC", crv="P-256")
+    public = json.loads(key.export_public()) | {"alg": "ECDH-ES+A256KW"}
+    inblob = p.report_data(nonce_override or challenge["nonce"], public)
+    report = TsmClient(root).get_report(ReportRequest(inblob))
+    body = p.Attestation(challenge["nonce"], public, envelope.to_json(report)).to_json()
+    return http, body, http.post(f"{server.url}/kbs/v0/attest", json=body)
+
+
+def test_nonces_are_single_use_and_bound(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    http, body, first = rcar(server, root)
+    assert first.status_code == 200 and "token" in first.json()
+    replay = http.post(f"{server.url}/kbs/v0/attest", json=body)
+    assert replay.status_code == 401 and replay.json()["type"].endswith("UnknownSession")
+    # Evidence made for another nonce does not bind this session's challenge.
+    _, _, unbound = rcar(server, root, nonce_override="c29tZSBvdGhlciBub25jZQ==")
+    assert unbound.status_code == 403 and "binding" in unbound.json()["detail"]
+    assert "inblob is not SHA-384" in server.log()
+
+
+def test_bearer_token_and_cookie(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    http, _, attested = rcar(server, root)
+    by_cookie = http.get(f"{server.url}/kbs/v0/resource/default/key/a")
+    assert by_cookie.status_code == 200 and set(by_cookie.json()) == {"protected", "encrypted_key", "iv",
+                                                                     "ciphertext", "tag"}
+    token = attested.json()["token"]
+    by_token = requests.get(f"{server.url}/kbs/v0/resource/default/key/a",
+                            headers={"Authorization": f"Bearer {token}"})
+    assert by_token.status_code == 200
+    forged = requests.get(f"{server.url}/kbs/v0/resource/default/key/a",
+                          headers={"Authorization": f"Bearer {token[:-4]}AAAA"})
+    assert forged.status_code == 401 and forged.json()["type"].endswith("NotAttested")
+    anonymous = requests.get(f"{server.url}/kbs/v0/resource/default/key/a")
+    assert anonymous.status_code == 401
+
+
+@pytest.mark.parametrize("body, status, problem", [
+    ({"version": "0.1.1", "tee": "snp", "extra-params": {}}, 400, "ProtocolVersion"),
+    ({"version": "0.4.0", "tee": "sgx"}, 400, "BadRequest"),
+    ({"version": "0.4.0"}, 400, "BadRequest"),
+    ("not an object", 400, "BadRequest"),
+])
+def test_bad_auth_requests(kbs, body, status, problem):
+    server = kbs()
+    response = requests.post(f"{server.url}/kbs/v0/auth", json=body)
+    assert response.status_code == status and response.json()["type"] == f"urn:keybroker:error:{problem}"
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_oversized_and_malformed_bodies(kbs):
+    server = kbs()
+    big = requests.post(f"{server.url}/kbs/v0/auth", data=b"x" * (p.BODY_MAX + 1))
+    assert big.status_code == 413
+    garbage = requests.post(f"{server.url}/kbs/v0/attest", data=b"{not json")
+    assert garbage.status_code == 400
+    bad_path = requests.get(f"{server.url}/kbs/v0/resource/a/../b")
+    assert bad_path.status_code in (400, 401, 404)
+
+
+def test_plain_http_only_on_loopback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "keybroker", "serve", "--listen", "0.0.0.0:18999",
+                          "--db", f"sqlite:///{tmp_path}/x.db"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "refusing plain HTTP on 0.0.0.0" in out.stderr
+
+
+def test_resource_command(tmp_path):
+    db = f"sqlite:///{tmp_path}/r.db"
+
+    def run(*args, data=None):
+        return subprocess.run([sys.executable, "-m", "keybroker", "resource", *args, "--db", db],
+                              input=data, capture_output=True, timeout=30)
+
+    assert run("put", "default/key/one", data=b"value-1").returncode == 0
+    (tmp_path / "v2").write_bytes(b"value-2")
+    assert run("put", "default/key/two", "--file", str(tmp_path / "v2"), "--lease", "60").returncode == 0
+    listing = run("list").stdout.decode()
+    assert "default/key/one\t7 bytes" in listing and "default/key/two\t7 bytes\tlease 60 s" in listing
+    assert "value" not in listing
+    assert run("get", "default/key/one").stdout == b"value-1"
+    assert run("rm", "default/key/one").returncode == 0
+    assert run("get", "default/key/one").returncode != 0
+    assert b"must be <repo>/<type>/<tag>" in run("put", "bad", data=b"x").stderr
+    assert oct((tmp_path / "r.db").stat().st_mode & 0o777) == "0o600"
