@@ -88,6 +88,18 @@ class TsmClient:
             pause *= 2
         raise AssertionError("unreachable")
 
+    def provider(self) -> str:
+        """The registered provider's name, read from a short-lived probe entry."""
+        self._ensure_configfs()
+        entry = self._make_entry()
+        try:
+            return _parse_provider(_Session(entry)._read_text("provider"))
+        finally:
+            try:
+                os.rmdir(entry)
+            except FileNotFoundError:
+                pass
+
     # -- one attempt on one fresh entry --------------------------------------------------
 
     def _attempt(self, request: ReportRequest) -> TsmReport:

@@ -1,0 +1,30 @@
+"""One attestation round for one key request: evidence -> RCAR -> released bytes.
+
+No kernel and no argv here: the handler (and ``--debug``) call :func:`obtain`.
+"""
+
+from __future__ import annotations
+
+import errno as E
+
+from .config import ClientConfig
+from .description import KeyRequest
+from .errors import TsmError
+from .rcar import protocol as p
+from .rcar.client import RcarClient, Released
+from .tsm import ReportRequest, TsmClient
+
+
+def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Released:
+    tsm = TsmClient(config.tsm_root)
+    provider = tsm.provider()
+    tee = p.TEE_BY_PROVIDER.get(provider)
+    if tee is None:
+        raise TsmError(f"provider {provider!r} has no KBS tee type (known: {', '.join(p.TEE_BY_PROVIDER)})",
+                       errno=E.ENODEV)
+
+    def evidence(inblob: bytes):  # type: ignore[no-untyped-def]
+        return tsm.get_report(ReportRequest(inblob, privlevel=request.privlevel), deadline=deadline)
+
+    client = RcarClient(config.server_url, ca=config.server_ca, deadline=deadline)
+    return client.fetch(str(request.resource), tee, evidence)

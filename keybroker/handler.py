@@ -1,0 +1,328 @@
+"""keybroker-request-key: the handler /sbin/request-key runs for ``keybroker:`` keys.
+
+Installed by ``request-key.d/keybroker.conf`` in exec mode with only the key serial
+(``%k``) from argv. It reads the key's type and description with KEYCTL_DESCRIBE and the
+callout from the authorisation key, checks that the requester (the key's uid/gid) may
+have the resource, attests the VM to the key server, tightens the key's permissions to
+its possessors, sets the lease the server gave as expiry, and instantiates it.
+
+Every run ends the construction exactly once, within a hard deadline: instantiate, or
+reject with a deliberate errno and a negative-cache timeout. The attestation round runs in
+a forked worker (which drops the authority): a provider can block a read uninterruptibly,
+and this process, the one the kernel waits for, must be able to give up on time.
+
+==============================  =================  ========
+cause                           errno              timeout
+==============================  =================  ========
+attestation or policy denied    EKEYREJECTED       60 s
+unknown resource, bad grammar   ENOKEY             60 s
+requester not allowed           EACCES             60 s
+server unreachable, deadline    ECONNREFUSED, ETIMEDOUT, ENETUNREACH, EHOSTUNREACH   5 s
+evidence unavailable            the provider's errno (EBUSY, ETIMEDOUT: 5 s; else 30 s)
+protocol or server failure      EPROTO, EIO        10 s
+==============================  =================  ========
+
+It logs one line per request to syslog (the journal, else stderr, when /dev/log is
+missing), never key material. ``--debug TYPE DESC CALLOUT`` runs the same flow without
+the kernel and prints the outcome, not the secret. This module imports little at start:
+it runs once per key request, at boot too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno as E
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+DEFAULT_CONFIG = "/etc/keybroker/client.toml"
+TRANSIENT = 5
+DENIED = 60
+FAILED = 10
+UNAVAILABLE = 30
+USER_PAYLOAD_MAX = 32767  # user and logon keys: 1 to 32767 bytes
+_FORBIDDEN_ERRNOS = {E.EAGAIN, 512, 513, 514, 516}  # EAGAIN reads as "not found"; ERESTART* are invalid
+
+
+@dataclass(frozen=True)
+class Outcome:
+    errno: int
+    timeout: int
+    reason: str
+
+
+def classify(exc: BaseException) -> Outcome:
+    """The errno and negative-cache timeout a failure deserves."""
+    from .errors import (AccessDenied, ConfigError, DescriptionError, KeyringError, ProtocolError,
+                         ServerError, ServerUnreachable, TsmError)
+
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, DescriptionError):
+        return Outcome(E.ENOKEY, DENIED, reason)
+    if isinstance(exc, AccessDenied):
+        return Outcome(E.EACCES, DENIED, reason)
+    if isinstance(exc, ConfigError):
+        return Outcome(E.ENOKEY, FAILED, reason)
+    if isinstance(exc, ServerUnreachable):
+        return Outcome(exc.errno, TRANSIENT, reason)
+    if isinstance(exc, ServerError):
+        if exc.problem == "ResourceNotFound":
+            return Outcome(E.ENOKEY, DENIED, reason)
+        if exc.problem in ("AttestationDenied", "PolicyDenied"):
+            return Outcome(E.EKEYREJECTED, DENIED, reason)
+        return Outcome(E.EIO if exc.status >= 500 else E.EPROTO, TRANSIENT if exc.status >= 500 else FAILED, reason)
+    if isinstance(exc, ProtocolError):
+        return Outcome(E.EPROTO, FAILED, reason)
+    if isinstance(exc, TsmError):
+        code = exc.errno if exc.errno and exc.errno not in _FORBIDDEN_ERRNOS else E.EIO
+        if code == E.EINTR:
+            code = E.EBUSY
+        return Outcome(code, TRANSIENT if exc.transient else UNAVAILABLE, reason)
+    if isinstance(exc, KeyringError):
+        return Outcome(exc.errno if exc.errno not in _FORBIDDEN_ERRNOS else E.EIO, FAILED, reason)
+    return Outcome(E.EIO, FAILED, f"internal error: {type(exc).__name__}: {exc}")
+
+
+class RequestLog:
+    """One line per request to syslog; the journal or stderr when /dev/log is missing."""
+
+    def __init__(self, ident: str = "keybroker-request-key") -> None:
+        self.ident = ident
+
+    def line(self, message: str, *, error: bool = False) -> None:
+        if os.path.exists("/dev/log"):
+            import syslog
+            syslog.openlog(self.ident, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+            syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, message)
+            return
+        if os.path.exists("/run/systemd/journal/socket"):
+            entry = (f"MESSAGE={message}\nPRIORITY={3 if error else 6}\nSYSLOG_IDENTIFIER={self.ident}\n"
+                     f"SYSLOG_FACILITY=10\n").encode("utf-8", "replace")
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                    sock.sendto(entry, "/run/systemd/journal/socket")
+                return
+            except OSError:
+                pass
+        print(f"{self.ident}[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+
+
+class Construction:
+    """Ends one key construction exactly once: instantiate or reject."""
+
+    def __init__(self, serial: int) -> None:
+        self.serial = serial
+        self.done = False
+
+    def instantiate(self, payload: bytearray, lease: int | None) -> None:
+        from . import keyring
+
+        # While the authority gives us possession: possessor-only permissions, then the lease.
+        keyring.setperm(self.serial, keyring.POSSESSOR_ONLY)
+        if lease:
+            keyring.set_timeout(self.serial, lease)
+        keyring.instantiate(self.serial, payload, 0)
+        self.done = True
+
+    def reject(self, outcome: Outcome) -> None:
+        from . import keyring
+
+        if not self.done:
+            self.done = True
+            keyring.reject(self.serial, max(outcome.timeout, 1), outcome.errno, 0)
+
+
+class Failed(Exception):
+    """The worker (or the deadline) decided the outcome."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
+def _describe_outcome(outcome: Outcome | None, size: int | None = None) -> str:
+    if outcome is None:
+        return f"outcome=instantiated size={size}"
+    return (f"outcome=rejected errno={E.errorcode.get(outcome.errno, outcome.errno)} "
+            f"timeout={outcome.timeout}s reason={outcome.reason!r}")
+
+
+def _authorise(cfg, key_type: str, description: str, callout: bytes, uid: int, gid: int):  # type: ignore[no-untyped-def]
+    """Check the request's grammar and the requester's right to the resource."""
+    from .description import parse_request
+    from .errors import AccessDenied
+
+    request = parse_request(key_type, description, callout)
+    if not cfg.may_obtain(uid, frozenset({gid}), str(request.resource)):
+        raise AccessDenied(f"requester uid {uid} gid {gid} may not obtain {request.resource} "
+                           f"(see [[access]] in {cfg.path})")
+    return request
+
+
+def _worker(cfg, request, deadline: float, out: int) -> None:  # type: ignore[no-untyped-def]
+    """In the forked worker: attest and fetch, then send the outcome (and key) to the parent."""
+    import json
+
+    from . import broker, keyring
+    from .errors import KeybrokerError
+
+    value = bytearray()
+    try:
+        try:
+            keyring.assume_authority(0)  # the worker never touches the key under construction
+        except KeybrokerError:
+            pass
+        released = broker.obtain(cfg, request, deadline=deadline)
+        value = released.value
+        if not 1 <= len(value) <= USER_PAYLOAD_MAX:
+            raise KeybrokerError(f"resource {request.resource} is {len(value)} bytes; {request.key_type} "
+                                 f"keys hold 1 to {USER_PAYLOAD_MAX}")
+        header = {"size": len(value), "lease": released.lease}
+    except BaseException as exc:  # noqa: BLE001 - the parent must learn about every failure
+        outcome = classify(exc)
+        header = {"errno": outcome.errno, "timeout": outcome.timeout, "reason": outcome.reason[:2000]}
+        value[:] = bytes(len(value))
+        value = bytearray()
+    for part in (memoryview(json.dumps(header).encode() + b"\n"), memoryview(value)):
+        while part:
+            part = part[os.write(out, part):]
+    value[:] = bytes(len(value))
+
+
+def obtain_within(cfg, request, deadline: float):  # type: ignore[no-untyped-def]
+    """Run the attestation round in a forked worker and wait for it until ``deadline``.
+
+    A provider or a FUSE file can block a read uninterruptibly, even for fatal signals; the
+    kernel waits for this process, so the blocking work happens in a child this process
+    can abandon: on the deadline it kills the worker and returns at once.
+    """
+    import json
+    import select
+
+    from .rcar.client import Released
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            _worker(cfg, request, deadline - 0.5, write_end)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    data = bytearray()
+    try:
+        poller = select.poll()
+        poller.register(read_end, select.POLLIN | select.POLLHUP)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                os.kill(pid, signal.SIGKILL)
+                raise Failed(Outcome(E.ETIMEDOUT, TRANSIENT, f"deadline of {cfg.deadline:g} s passed"))
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(read_end)
+        try:
+            os.waitpid(pid, os.WNOHANG)  # never block on a worker stuck in the kernel
+        except ChildProcessError:
+            pass
+    line, sep, _ = bytes(data[:4096]).partition(b"\n")
+    if not sep:
+        data[:] = bytes(len(data))
+        raise Failed(Outcome(E.EIO, FAILED, "the worker ended without an answer"))
+    header = json.loads(line)
+    value = data[len(line) + 1:]
+    data[:] = bytes(len(data))
+    if "errno" in header:
+        raise Failed(Outcome(header["errno"], header["timeout"], header["reason"]))
+    if len(value) != header["size"]:
+        value[:] = bytes(len(value))
+        raise Failed(Outcome(E.EIO, FAILED, "the worker's answer was cut short"))
+    return Released(value, header["lease"])
+
+
+def run_kernel(serial: int, config_path: str, log: RequestLog) -> int:
+    from . import config, keyring
+    from .errors import KeyringError
+
+    start = time.monotonic()
+    try:
+        key = keyring.describe(serial)
+        callout = keyring.read(keyring.REQKEY_AUTH_KEY)
+    except KeyringError as exc:
+        # Without the authority nothing can end the construction: the kernel negates it (ENOKEY, 60 s).
+        log.line(f"serial={serial} outcome=failed reason={f'cannot read the request: {exc}'!r}", error=True)
+        return 1
+    head = (f"serial={serial} type={key.type} description={key.description[:160]!r} "
+            f"requester={key.uid}:{key.gid}")
+    construction = Construction(serial)
+    outcome: Outcome | None = None
+    size = None
+    try:
+        cfg = config.load(config_path)
+        # Last resort: should anything below block past the deadline, SIGALRM ends the process.
+        signal.alarm(int(cfg.deadline) + 5)
+        request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
+        released = obtain_within(cfg, request, start + cfg.deadline)
+        try:
+            size = len(released.value)
+            construction.instantiate(released.value, released.lease)
+        finally:
+            released.value[:] = bytes(len(released.value))
+    except BaseException as exc:  # noqa: BLE001 - every failure must end the construction
+        outcome = exc.outcome if isinstance(exc, Failed) else classify(exc)
+        try:
+            construction.reject(outcome)
+        except KeyringError as reject_error:
+            outcome = Outcome(outcome.errno, outcome.timeout, f"{outcome.reason}; reject failed: {reject_error}")
+    log.line(f"{head} {_describe_outcome(outcome, size)} duration={time.monotonic() - start:.2f}s",
+             error=outcome is not None)
+    return 0 if outcome is None else 1
+
+
+def run_debug(key_type: str, description: str, callout: str, config_path: str) -> int:
+    """The whole flow without the kernel; prints the outcome, never the secret."""
+    from . import config
+
+    start = time.monotonic()
+    try:
+        cfg = config.load(config_path)
+        request = _authorise(cfg, key_type, description, callout.encode(), os.getuid(), os.getgid())
+        released = obtain_within(cfg, request, start + cfg.deadline)
+    except Exception as exc:  # noqa: BLE001
+        outcome = exc.outcome if isinstance(exc, Failed) else classify(exc)
+        print(f"{key_type} {description}: would reject: {_describe_outcome(outcome)}")
+        return 1
+    size = len(released.value)
+    released.value[:] = bytes(size)
+    lease = f", expiring after {released.lease} s" if released.lease else ""
+    print(f"{key_type} {description}: would instantiate a {size}-byte key{lease} "
+          f"({time.monotonic() - start:.2f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="keybroker-request-key",
+                                     description="request-key handler for keybroker: keys (exec mode, %%k)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"client configuration (default {DEFAULT_CONFIG})")
+    parser.add_argument("--debug", nargs=3, metavar=("TYPE", "DESC", "CALLOUT"),
+                        help="run the flow without the kernel and print the outcome")
+    parser.add_argument("serial", nargs="?", help="the key under construction (%%k)")
+    args = parser.parse_args(argv)
+    os.umask(0o077)
+    if args.debug:
+        return run_debug(*args.debug, args.config)
+    if args.serial is None or not args.serial.isdigit():
+        parser.error("the key serial (%k) is required")
+    return run_kernel(int(args.serial), args.config, RequestLog())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Install the request-key drop-in that routes ``keybroker:`` keys to the handler.
+
+request-key(8) reads every ``*.conf`` in /etc/request-key.d (regular files only, symlinks
+are ignored), each line ``op type description callout program args...`` without quoting;
+the best match wins. keybroker claims the ``keybroker:`` prefix for ``user`` and ``logon``
+keys, in exec mode, passing only the key serial.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .errors import ConfigError
+
+CONF_DIR = Path("/etc/request-key.d")
+CONF_NAME = "keybroker.conf"
+
+
+def handler_path() -> Path:
+    """The keybroker-request-key script installed next to this Python."""
+    return Path(sys.executable).parent / "keybroker-request-key"
+
+
+def conf_text(handler: Path, config: Path) -> str:
+    for what, path in (("handler", handler), ("config", config)):
+        if not path.is_absolute() or any(c.isspace() for c in str(path)) or "%" in str(path):
+            raise ConfigError(f"the {what} path {str(path)!r} must be absolute, without spaces or '%' "
+                              "(request-key.conf has no quoting)")
+    lines = ["# keybroker: attested key release (keybroker install-handler). Exec mode, serial only."]
+    lines += [f"create\t{key_type}\tkeybroker:*\t*\t{handler} --config {config} %k" for key_type in ("user", "logon")]
+    return "\n".join(lines) + "\n"  # request-key 1.6.3 chops the last character of a file
+
+
+def install(config: Path, conf_dir: Path = CONF_DIR, handler: Path | None = None) -> Path:
+    handler = handler or handler_path()
+    if not os.access(handler, os.X_OK):
+        raise ConfigError(f"handler {handler} is missing or not executable")
+    text = conf_text(handler, config.resolve())
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    target = conf_dir / CONF_NAME
+    tmp = conf_dir / f".{CONF_NAME}.tmp"  # dot-files are skipped by request-key
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, target)
+    return target

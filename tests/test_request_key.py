@@ -1,0 +1,161 @@
+"""Key release through the kernel: keyctl -> /sbin/request-key -> handler -> key server -> keyring.
+
+Every request runs in a fresh session keyring (``keyctl session -`` or a new anonymous
+session), against the configfs-tsm emulator and a key server on loopback.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from keybroker import keyring
+from keybroker.errors import KeyringError
+
+SECRET = hashlib.sha256(b"disk key").digest()
+
+
+def keyctl_session(script: str, *, user: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+    cmd = ["keyctl", "session", "-", "sh", "-c", script]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def broker(tsm_sim, kbs, handler):
+    """A working setup: sev_guest emulator, key server with one resource, handler installed."""
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/disk/root", SECRET)
+    handler(server.url, root)
+    return server
+
+
+def test_user_key_is_released_into_the_keyring(broker, syslog):
+    out = keyctl_session('id=$(keyctl request2 user keybroker:default/disk/root "" @s) && echo "id=$id" && '
+                         'keyctl describe $id && keyctl pipe $id | sha256sum && grep "^$(printf %08x $id) " /proc/keys')
+    assert out.returncode == 0, out.stderr
+    assert hashlib.sha256(SECRET).hexdigest() in out.stdout
+    describe = re.search(r"^\d+: (\S+)\s+(\d+)\s+(\d+) user: keybroker:default/disk/root$", out.stdout, re.M)
+    assert describe, out.stdout
+    perms = describe.group(1)
+    assert perms[:6] == "als-rv" and set(perms[6:]) == {"-"}  # possessor only: no user/group/other rights
+    assert "released" in broker.log()
+    line = next(entry for entry in syslog if "keybroker:default/disk/root" in entry)
+    assert "outcome=instantiated size=32" in line and "requester=0:0" in line
+    assert SECRET.hex() not in "".join(syslog)
+
+
+def test_logon_key_cannot_be_read_from_user_space(broker):
+    out = keyctl_session('id=$(keyctl request2 logon keybroker:default/disk/root "" @s) && echo "id=$id" && '
+                         'keyctl describe $id && keyctl read $id')
+    assert "id=" in out.stdout and "logon: keybroker:default/disk/root" in out.stdout
+    assert out.returncode != 0 and "Operation not supported" in out.stderr
+
+
+@pytest.mark.parametrize("fault, reason", [("corrupt-signature", "report_signature"),
+                                           ("debug", "debug guest")])
+def test_bad_evidence_is_rejected_by_the_service(tsm_sim, kbs, handler, fault, reason):
+    root = tsm_sim("sev_guest", fault)
+    server = kbs()
+    server.put("default/disk/root", SECRET)
+    handler(server.url, root)
+    start = time.monotonic()
+    out = keyctl_session('keyctl request2 user keybroker:default/disk/root "" @s')
+    assert time.monotonic() - start < 5
+    assert out.returncode != 0 and "Key was rejected by service" in out.stderr
+    assert reason in server.log()  # the server says why
+
+
+def test_unknown_resource_is_enokey(broker):
+    out = keyctl_session('keyctl request2 user keybroker:default/disk/absent "" @s')
+    assert "Required key not available" in out.stderr
+
+
+def test_descriptions_outside_the_grammar_are_enokey(broker, syslog):
+    out = keyctl_session('keyctl request2 user "keybroker:default/../root" "" @s; '
+                         'keyctl request2 user keybroker:default/disk/root "privlevel=7" @s')
+    assert out.stderr.count("Required key not available") == 2
+    assert sum("errno=ENOKEY" in line for line in syslog) == 2
+
+
+def test_non_root_requester_gets_nothing(broker):
+    out = keyctl_session('keyctl request2 user keybroker:default/disk/root "" @s', user="nobody")
+    assert out.returncode != 0 and "Permission denied" in out.stderr
+    assert "attest" not in broker.log()  # refused before any evidence left the VM
+
+
+def test_access_rules_grant_other_users(tsm_sim, kbs, handler):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("shared/disk/data", SECRET)
+    nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True).stdout)
+    handler(server.url, root, extra=f'[[access]]\nresource = "shared/*"\nuids = [{nobody}]\n')
+    out = keyctl_session('id=$(keyctl request2 user keybroker:shared/disk/data "" @s) && keyctl pipe $id | sha256sum',
+                         user="nobody")
+    assert hashlib.sha256(SECRET).hexdigest() in out.stdout, out.stderr
+
+
+def test_server_down_is_transient_and_a_retry_succeeds(tsm_sim, kbs, handler):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/disk/root", SECRET)
+    handler(server.url, root, deadline=10)
+    server.stop()
+    keyring.join_session_keyring(None)  # the negative key is cached in this fresh session keyring
+    start = time.monotonic()
+    with pytest.raises(KeyringError) as info:
+        keyring.request_key("user", "keybroker:default/disk/root", "", keyring.SESSION_KEYRING)
+    assert info.value.errno == errno.ECONNREFUSED and time.monotonic() - start < 10
+    server.start()
+    with pytest.raises(KeyringError) as info:  # the negative key is still live: no new upcall
+        keyring.request_key("user", "keybroker:default/disk/root", "", keyring.SESSION_KEYRING)
+    assert info.value.errno == errno.ECONNREFUSED
+    time.sleep(5.5)  # transient failures are cached for 5 s
+    key = keyring.request_key("user", "keybroker:default/disk/root", "", keyring.SESSION_KEYRING)
+    assert keyring.read(key) == SECRET
+
+
+def test_slow_provider_never_hangs_the_requester(tsm_sim, kbs, handler, syslog):
+    root = tsm_sim("sev_guest", "slow=60")
+    server = kbs()
+    server.put("default/disk/root", SECRET)
+    handler(server.url, root, deadline=5)
+    start = time.monotonic()
+    out = keyctl_session('keyctl request2 user keybroker:default/disk/root "" @s')
+    elapsed = time.monotonic() - start
+    assert out.returncode != 0 and "Connection timed out" in out.stderr
+    assert 4.5 < elapsed < 8
+    assert any("errno=ETIMEDOUT" in line and "deadline of 5 s passed" in line for line in syslog)
+
+
+def test_lease_becomes_the_key_expiry(tsm_sim, kbs, handler):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/disk/lease", SECRET, "--lease", "600")
+    handler(server.url, root)
+    out = keyctl_session('id=$(keyctl request2 user keybroker:default/disk/lease "" @s) && '
+                         'grep "^$(printf %08x $id) " /proc/keys')
+    assert out.returncode == 0, out.stderr
+    assert re.search(r" (9m|10m|59\ds|600s) ", out.stdout) or re.search(r" \d+m ", out.stdout), out.stdout
+
+
+def test_debug_mode_prints_the_outcome_not_the_secret(broker, handler, tsm_sim):
+    config = handler(broker.url, tsm_sim("sev_guest"))
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "keybroker-request-key"),
+                          "--config", str(config), "--debug", "user", "keybroker:default/disk/root", ""],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "would instantiate a 32-byte key" in out.stdout
+    assert SECRET.hex() not in out.stdout + out.stderr
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "keybroker-request-key"),
+                          "--config", str(config), "--debug", "user", "keybroker:default/disk/none", ""],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "would reject" in out.stdout and "errno=ENOKEY" in out.stdout
