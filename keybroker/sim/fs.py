@@ -130,7 +130,7 @@ class ReportFs(mfusepy.Operations):
         self.entries: dict[str, Entry] = {}
         self.files: dict[int, OpenFile] = {}
         self.fh = itertools.count(1)
-        self.lock = _RWLock()
+        self.tsm_rwsem = _RWLock()  # not "lock": that name is a FUSE operation
         self.mutex = threading.Lock()  # protects the dicts above
         self.mounted = time.time()
 
@@ -200,7 +200,7 @@ class ReportFs(mfusepy.Operations):
         kind, _, _ = self._resolve(parent)
         if kind != "report":
             raise _err(E.EPERM)  # only the report group makes items
-        with self.lock.read(), self.mutex:
+        with self.tsm_rwsem.read(), self.mutex:
             if name in self.entries:
                 raise _err(E.EEXIST)
             self.entries[name] = Entry(name, self.provider.visible)
@@ -264,7 +264,7 @@ class ReportFs(mfusepy.Operations):
 
     def _fill(self, of: OpenFile) -> bytes:
         if not of.binary:
-            with self.lock.read():
+            with self.tsm_rwsem.read():
                 if of.entry.dead:
                     raise _err(E.ENOENT)
                 return self._show(of.entry, of.name).encode()
@@ -284,14 +284,14 @@ class ReportFs(mfusepy.Operations):
 
     def _blob(self, entry: Entry, name: str) -> bytes:
         """tsm_report_read(): serve the cached report or generate a new one for every blob."""
-        with self.lock.read():
+        with self.tsm_rwsem.read():
             if entry.dead:
                 raise _err(E.ENOENT)
             if not entry.inblob:
                 raise _err(E.EINVAL)
             if entry.blobs is not None and entry.read_gen == entry.write_gen:
                 return getattr(entry.blobs, name)
-        with self.lock.write():
+        with self.tsm_rwsem.write():
             if entry.dead:
                 raise _err(E.ENOENT)
             if not entry.inblob:
@@ -338,7 +338,7 @@ class ReportFs(mfusepy.Operations):
         if of.buffer is None or of.committed:
             return
         of.committed = True
-        with self.lock.write():
+        with self.tsm_rwsem.write():
             if of.entry.dead:
                 return  # a pending write to a removed entry is dropped
             if not self._advance(of.entry):
@@ -351,7 +351,7 @@ class ReportFs(mfusepy.Operations):
         text = data.split(b"\0", 1)[0].decode("latin-1")
         if name in ("privlevel", "service_manifest_version"):
             value = _kstrtouint(text)
-        with self.lock.write():
+        with self.tsm_rwsem.write():
             if entry.dead:
                 raise _err(E.ENOENT)
             if name == "privlevel":
@@ -417,15 +417,33 @@ def _parse_guid(text: str) -> str:
     return guid.lower()
 
 
-def serve(mountpoint: str, provider: Provider, *, foreground: bool = True) -> None:
-    """Mount the emulator and serve until unmounted or sent SIGTERM/SIGINT."""
+def serve(mountpoint: str, provider: Provider) -> None:
+    """Mount the emulator and serve in the foreground until unmounted or sent SIGTERM/SIGINT/SIGHUP.
+
+    The stop signals are taken by a thread of ours (libfuse leaves signals alone that are
+    not at their default): it interrupts a slow provider and detaches the mount, so the
+    emulator stops at once even while a report is being generated.
+    """
+    import ctypes
+    import signal
+
     os.makedirs(mountpoint, exist_ok=True)
+    stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # inherited by libfuse's threads
+
+    def on_stop() -> None:
+        signal.sigwait(stop_signals)
+        provider.interrupt()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.umount2(mountpoint.encode(), 2)  # MNT_DETACH: the FUSE loop then ends
+
+    threading.Thread(target=on_stop, name="stop", daemon=True).start()
     try:
-        mfusepy.FUSE(ReportFs(provider), mountpoint, raw_fi=True, foreground=foreground,
+        mfusepy.FUSE(ReportFs(provider), mountpoint, raw_fi=True, foreground=True,
                      allow_other=True, default_permissions=True, fsname="configfs-tsm-sim",
                      subtype="keybroker")
     except RuntimeError as exc:
-        # libfuse 3 ends its loop with status 8 when SIGTERM, SIGINT or SIGHUP stopped it:
-        # that is the normal way to stop the emulator. Other statuses are real failures.
+        # libfuse 3 reports a loop ended by unmounting or a signal as status 8: the normal
+        # way to stop the emulator. Other statuses are real failures.
         if exc.args != (8,):
             raise RuntimeError(f"FUSE failed at {mountpoint} (libfuse status {exc.args[0]})") from None

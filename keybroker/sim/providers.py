@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno as E
 import hashlib
 import struct
-import time
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Protocol
@@ -101,6 +101,8 @@ class Provider(Protocol):
 
     def report(self, request: Request) -> Blobs: ...
 
+    def interrupt(self) -> None: ...
+
 
 class _Base:
     name = ""
@@ -110,14 +112,19 @@ class _Base:
 
     def __init__(self, faults: Faults) -> None:
         self.faults = faults
+        self._stopping = threading.Event()
+
+    def interrupt(self) -> None:
+        """Cut short any slow report generation (the emulator is stopping)."""
+        self._stopping.set()
 
     def report(self, request: Request) -> Blobs:
         lo, hi = self.inblob_sizes
         if not lo <= len(request.inblob) <= hi:
             raise OSError(E.EINVAL, "inblob size")
         self.check(request)
-        if self.faults.slow:
-            time.sleep(self.faults.slow)
+        if self.faults.slow and self._stopping.wait(self.faults.slow):
+            raise OSError(E.EINTR, "emulator stopping")
         if self.faults.errno is not None:
             raise OSError(self.faults.errno, "injected fault")
         blobs = self.generate(request)

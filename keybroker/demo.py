@@ -1,0 +1,125 @@
+"""``keybroker demo``: the whole path on one machine, then clean up.
+
+Starts the configfs-tsm emulator (simulated SEV-SNP) and a key server on loopback, puts a
+random resource, installs the request-key drop-in, asks the kernel for the key with
+``keyctl request2`` in a fresh session keyring, and shows the key's serial, description
+and a digest that matches the stored resource. Everything it started or installed is
+removed at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+from . import install
+from .server.store import Store
+
+SIM_STATE = Path("/var/lib/keybroker/demo-sim")
+RESOURCE = "default/disk/root"
+
+
+def _step(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+def _wait(what: str, ready, proc: subprocess.Popen, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"keybroker demo: {what} did not start")
+        time.sleep(0.05)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/healthz", timeout=1).read()
+        return True
+    except OSError:
+        return False
+
+
+def run() -> int:
+    if os.geteuid() != 0:
+        raise SystemExit("keybroker demo: run as root (it installs a request-key handler)")
+    if not shutil.which("keyctl") or not os.path.exists("/sbin/request-key"):
+        raise SystemExit("keybroker demo: install keyutils first (apt-get install keyutils)")
+    with ExitStack() as cleanup:
+        work = Path(tempfile.mkdtemp(prefix="keybroker-demo-"))
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+
+        def start(args: list[str], log: str) -> subprocess.Popen:
+            out = open(work / log, "w")
+            proc = subprocess.Popen([sys.executable, "-m", "keybroker", *args], stdout=out, stderr=subprocess.STDOUT)
+            out.close()
+
+            def stop() -> None:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+            cleanup.callback(stop)
+            return proc
+
+        mount = work / "configfs"
+        _step(f"starting the configfs-tsm emulator (sev_guest) at {mount}/tsm/report")
+        sim = start(["tsm-sim", str(mount), "--provider", "sev_guest", "--state", str(SIM_STATE)], "tsm-sim.log")
+        _wait("the emulator", (mount / "tsm" / "report").is_dir, sim)
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        db = f"sqlite:///{work / 'kbs.db'}"
+        _step(f"starting the key server at {url} (trusting the emulator's simulated roots only)")
+        server = start(["serve", "--listen", f"127.0.0.1:{port}", "--db", db,
+                        "--trust-roots", str(SIM_STATE / "trust")], "server.log")
+        _wait("the key server", lambda: _healthy(url), server)
+
+        secret = secrets.token_bytes(32)
+        Store(db).put_resource(RESOURCE, secret)
+        digest = hashlib.sha256(secret).hexdigest()
+        del secret
+        _step(f"stored a random 32-byte resource {RESOURCE} (sha256 {digest})")
+
+        config = work / "client.toml"
+        config.write_text(f'[server]\nurl = "{url}"\n[tsm]\nroot = "{mount}/tsm/report"\n[handler]\ndeadline = 10\n')
+        conf = install.CONF_DIR / install.CONF_NAME
+        saved = conf.read_bytes() if conf.exists() else None
+        cleanup.callback(lambda: conf.write_bytes(saved) if saved is not None else conf.unlink(missing_ok=True))
+        install.install(config)
+        _step(f"installed {conf}:")
+        print(conf.read_text(), end="", flush=True)
+
+        _step(f'keyctl request2 user keybroker:{RESOURCE} "" @s   (in a fresh session keyring)')
+        script = (f'id=$(keyctl request2 user keybroker:{RESOURCE} "" @s) || exit 1; '
+                  'echo "serial:      $id"; echo "description: $(keyctl rdescribe $id)"; '
+                  'echo "sha256:      $(keyctl pipe $id | sha256sum | cut -d" " -f1)"; '
+                  f'id2=$(keyctl request2 logon keybroker:{RESOURCE} "" @s) || exit 1; '
+                  'echo "logon key:   $id2 ($(keyctl rdescribe $id2)); keyctl read refuses it:"; '
+                  'keyctl read $id2 2>&1 | sed "s/^/             /"; '
+                  f'echo "unknown:     $(keyctl request2 user keybroker:default/disk/absent "" @s 2>&1)"')
+        result = subprocess.run(["keyctl", "session", "-", "sh", "-c", script], capture_output=True, text=True,
+                                timeout=60)
+        print(result.stdout, end="")
+        matches = f"sha256:      {digest}" in result.stdout
+        if result.returncode != 0 or not matches:
+            print(result.stderr, end="")
+            print(f"--- key server log ---\n{(work / 'server.log').read_text()}")
+            _step("FAILED: the key from the keyring does not match the stored resource")
+            return 1
+        _step("the key in the keyring matches the stored resource; cleaning up")
+    return 0
