@@ -91,6 +91,94 @@ def _add_tsm_sim(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_tsm_sim)
 
 
+# -- verify -------------------------------------------------------------------------------
+
+def _rfc3339(text: str):  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a time zone (e.g. 2025-06-01T00:00:00Z)")
+    return when
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import json
+
+    from . import envelope
+    from .verifier import Context, Evidence, TrustStore, verify
+
+    data = args.file.read_bytes()
+    if data[:1] == b"{":
+        evidence = Evidence.from_report(envelope.loads(data))
+        if args.provider and args.provider != evidence.provider:
+            raise SystemExit(f"keybroker verify: the envelope is from {evidence.provider}, not {args.provider}")
+    else:
+        provider = args.provider or _guess_provider(data)
+        if provider is None:
+            raise SystemExit("keybroker verify: cannot tell the provider of a raw blob; give --provider")
+        evidence = Evidence(provider, data)
+    trust = TrustStore.default().with_dirs(args.trust_roots)
+    if args.trust_cpak:
+        trust = trust.with_cpak_file(args.trust_cpak)
+    context = Context(trust=trust, at=args.at or dt.datetime.now(dt.timezone.utc), report_data=args.report_data,
+                      certs=tuple(args.certs), collateral=args.collateral, kds_url=args.kds_url,
+                      pcs_url=args.pcs_url, cache_dir=args.cache_dir)
+    verdict = verify(evidence, context)
+    if args.json:
+        print(json.dumps({"provider": verdict.provider, "ok": verdict.ok,
+                          "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in verdict.checks],
+                          "claims": verdict.claims}, indent=2))
+    else:
+        for check in verdict.checks:
+            status = {True: "PASS", False: "FAIL", None: "N/A "}[check.ok]
+            print(f"{status}  {check.name:<24} {check.detail}")
+        print(f"=> {'OK: every check passed' if verdict.ok else 'FAILED: ' + verdict.reason()}")
+        if verdict.claims:
+            print("claims:")
+            for name, value in sorted(verdict.claims.items()):
+                print(f"  {name} = {json.dumps(value)}")
+    return 0 if verdict.ok else 1
+
+
+def _guess_provider(data: bytes) -> str | None:
+    if len(data) == 0x4A0:
+        return "sev_guest"
+    if data[:2] in (b"\x04\x00", b"\x05\x00") and data[4:8] == b"\x81\x00\x00\x00":
+        return "tdx_guest"
+    if data[:3] == b"\xd9\x01\x8f" or data[:3] == b"\xd9\x03\x8b":  # CBOR tags 399 and 907
+        return "arm_cca_guest"
+    return None
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="verify evidence offline and print each check and the claims",
+                       description="Verify an evidence envelope or a raw SEV-SNP report, TDX quote or CCA token. "
+                                   "Exit status 0 only when every check that ran passed.")
+    p.add_argument("file", type=Path, help="an envelope (JSON) or a raw report, quote or token")
+    p.add_argument("--provider", choices=["sev_guest", "tdx_guest", "arm_cca_guest"],
+                   help="the provider of a raw blob (guessed when unambiguous)")
+    p.add_argument("--certs", type=Path, action="append", default=[], metavar="DIR",
+                   help="folder of PEM/DER certificates to use (VCEK/VLEK, ASK/ASVK, ARK; PCK chains)")
+    p.add_argument("--collateral", type=Path, metavar="DIR",
+                   help="TDX collateral folder: TCB info, QE identity, CRLs, TCB signing chain")
+    p.add_argument("--trust-roots", type=Path, action="append", default=[], metavar="DIR",
+                   help="extra trust anchors (root certificates, CCA platform keys)")
+    p.add_argument("--trust-cpak", type=Path, metavar="FILE", help="a CCA platform key to trust (PEM or JWK)")
+    p.add_argument("--at", type=_rfc3339, metavar="RFC3339", help="check certificate validity at this time")
+    p.add_argument("--report-data", type=_hex, metavar="HEX", help="the REPORT_DATA to expect, byte for byte")
+    p.add_argument("--kds-url", help="AMD KDS base URL to fetch missing VCEKs and chains from "
+                                     "(e.g. https://kdsintf.amd.com); default: no fetching")
+    p.add_argument("--pcs-url", help="Intel PCS/PCCS base URL to fetch TDX collateral from; default: no fetching")
+    p.add_argument("--cache-dir", type=Path, help="cache for fetched certificates and collateral")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.set_defaults(run=_verify)
+
+
 # -- serve --------------------------------------------------------------------------------
 
 DEFAULT_DB = "sqlite:////var/lib/keybroker/kbs.db"
@@ -222,13 +310,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keybroker", description="Attested key release for confidential VMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_evidence, _add_tsm_sim, _add_serve, _add_resource, _add_install_handler,
+    for add in (_add_evidence, _add_tsm_sim, _add_verify, _add_serve, _add_resource, _add_install_handler,
                 _add_demo):
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `keybroker verify ... | head` ends quietly
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -169,10 +169,22 @@ def kbs(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., KeyServerProc
 # -- the request-key handler -----------------------------------------------------------
 
 CONF = Path("/etc/request-key.d/keybroker.conf")
+SYSTEM_LOCK = Path("/run/lock/keybroker-tests.lock")
 
 
 @pytest.fixture
-def handler(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+def system_lock() -> Iterator[None]:
+    """Exclusive use of machine-wide state (the request-key drop-in, /dev/log) across test runs."""
+    import fcntl
+
+    SYSTEM_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(SYSTEM_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture
+def handler(tmp_path: Path, system_lock: None) -> Iterator[Callable[..., Path]]:
     """Factory: write a client config and install the handler's drop-in; both removed after."""
     if os.geteuid() != 0:
         pytest.skip("installing a request-key handler needs root")
@@ -197,7 +209,7 @@ def handler(tmp_path: Path) -> Iterator[Callable[..., Path]]:
 
 
 @pytest.fixture
-def syslog() -> Iterator[list[str]]:
+def syslog(system_lock: None) -> Iterator[list[str]]:
     """Capture what the handler sends to /dev/log (when no syslog daemon owns it)."""
     import socket
     import threading

@@ -11,7 +11,7 @@ import pytest
 from keybroker.install import CONF_DIR, CONF_NAME
 
 
-def test_demo(tmp_path):
+def test_demo(tmp_path, system_lock):
     if os.geteuid() != 0:
         pytest.skip("the demo needs root")
     conf = CONF_DIR / CONF_NAME
