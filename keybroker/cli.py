@@ -204,7 +204,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     policy = Policy.loads(args.policy.read_text()) if args.policy else DEFAULT
     kbs = KeyServer(store=Store(args.db), trust=TrustStore.default().with_dirs(args.trust_roots),
-                    policy=policy, tokens=TokenSigner(), certs=tuple(args.certs))
+                    policy=policy, tokens=TokenSigner(), certs=tuple(args.certs),
+                    kds_url=args.kds_url or None, cache_dir=args.cache_dir)
     host, port = args.listen
     serve(kbs, host, port, tls_cert=args.tls_cert, tls_key=args.tls_key)
     return 0
@@ -220,6 +221,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="extra trust anchors: root certificates and CCA platform keys (repeatable)")
     p.add_argument("--certs", type=Path, action="append", default=[], metavar="DIR",
                    help="folder of vendor certificates (VCEK/VLEK, ASK, ARK) to use when evidence lacks them")
+    p.add_argument("--kds-url", default="https://kdsintf.amd.com",
+                   help="AMD KDS for VCEKs and chains the evidence lacks (default AMD's; '' to never fetch)")
+    p.add_argument("--cache-dir", type=Path, default=Path("/var/cache/keybroker"),
+                   help="cache for certificates fetched from the KDS (default /var/cache/keybroker)")
     p.add_argument("--policy", type=Path, help="release policy (JSON); default: refuse debug guests")
     p.add_argument("--tls-cert", help="TLS certificate chain (PEM)")
     p.add_argument("--tls-key", help="TLS private key (PEM)")

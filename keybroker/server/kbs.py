@@ -60,6 +60,8 @@ class KeyServer:
     policy: Policy
     tokens: TokenSigner
     certs: tuple[Path, ...] = ()
+    kds_url: str | None = None
+    cache_dir: Path | None = None
 
     # -- POST /kbs/v0/auth ---------------------------------------------------------------
 
@@ -115,7 +117,8 @@ class KeyServer:
             jwk.JWK(**attestation.tee_pubkey)
         except (ValueError, TypeError, jwk.InvalidJWKValue) as exc:
             raise Problem(p.BAD_REQUEST, f"tee-pubkey is not a valid key: {exc}") from None
-        context = Context(self.trust, at=dt.datetime.now(dt.timezone.utc), nonce=expected, certs=self.certs)
+        context = Context(self.trust, at=dt.datetime.now(dt.timezone.utc), nonce=expected, certs=self.certs,
+                          kds_url=self.kds_url, cache_dir=self.cache_dir)
         verdict = verify(Evidence.from_report(report), context)
         if not verdict.ok:
             raise Problem(p.ATTESTATION_DENIED, f"evidence did not verify: {verdict.reason()}")

@@ -361,7 +361,11 @@ def find_chain(report: Report, certs: list[x509.Certificate], kind: str, trust: 
         return (f"no {kind.upper()} certificate: the host supplied none in auxblob and none was found "
                 "in the certificate folders or AMD's KDS")
     vek = veks[0]
-    intermediates = [c for c in certs if c.subject == vek.issuer]
+    # The VEK's own issuer; failing that, any AMD intermediate offered, so that the signature
+    # check can say which certificate does not sign the VEK.
+    intermediates = [c for c in certs if c.subject == vek.issuer] or \
+        [c for c in certs if _product_of(common_name(c.subject), "SEV-") or
+         _product_of(common_name(c.subject), "SEV-VLEK-")]
     if not intermediates:
         return f"no certificate for the VEK's issuer {common_name(vek.issuer)!r}"
     intermediate = intermediates[0]
@@ -387,7 +391,10 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     chain = find_chain(report, certs, kind, context.trust)  # type: ignore[arg-type]
     if isinstance(chain, str) and context.kds_url is not None:
         from .kds import fetch_chain
-        certs += fetch_chain(report, kind, context)  # type: ignore[arg-type]
+        try:
+            certs += fetch_chain(report, kind, context)  # type: ignore[arg-type]
+        except EvidenceError as exc:
+            checks.failed("certificates", f"{chain}; {exc}")
         chain = find_chain(report, certs, kind, context.trust)  # type: ignore[arg-type]
     if isinstance(chain, str):
         checks.failed("certificates", chain)
@@ -431,14 +438,6 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     checks.require(not expired, "certificates_valid", f"at {context.at:%Y-%m-%dT%H:%M:%SZ}",
                    f"not valid at {context.at:%Y-%m-%dT%H:%M:%SZ}: {', '.join(expired)}")
 
-    try:
-        vek.public_key().verify(encode_dss_signature(report.signature_r, report.signature_s),  # type: ignore[union-attr]
-                                report.raw[:SIGNED_SIZE], ec.ECDSA(hashes.SHA384()))
-        checks.passed("report_signature", "ECDSA P-384 SHA-384 over 0x000-0x29F")
-    except InvalidSignature:
-        checks.failed("report_signature", f"the report signature does not verify under the "
-                                          f"{kind.upper()}")
-
     cert_tcb = {part: vek_spl(vek, part) for part in report.reported_tcb.as_dict()}
     checks.require(cert_tcb == report.reported_tcb.as_dict(), "tcb_matches_vek",
                    f"{kind.upper()} SPLs equal REPORTED_TCB {report.reported_tcb.as_dict()}",
@@ -452,6 +451,14 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     else:
         checks.require(vek_hwid(vek) is None, "chip_id_matches", "VLEK: not bound to a chip",
                        "a VLEK must not carry a hwID")
+
+    try:
+        vek.public_key().verify(encode_dss_signature(report.signature_r, report.signature_s),  # type: ignore[union-attr]
+                                report.raw[:SIGNED_SIZE], ec.ECDSA(hashes.SHA384()))
+        checks.passed("report_signature", "ECDSA P-384 SHA-384 over 0x000-0x29F")
+    except InvalidSignature:
+        checks.failed("report_signature", f"the report signature does not verify under the "
+                                          f"{kind.upper()}")
 
     _check_report_data(report, evidence, context, checks)
 
