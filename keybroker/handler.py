@@ -59,6 +59,7 @@ def classify(exc: BaseException) -> Outcome:
     """The errno and negative-cache timeout a failure deserves."""
     from .errors import (AccessDenied, ConfigError, DescriptionError, KeyringError, ProtocolError,
                          ServerError, ServerUnreachable, TsmError)
+    from .rcar import protocol as p
 
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, DescriptionError):
@@ -70,9 +71,9 @@ def classify(exc: BaseException) -> Outcome:
     if isinstance(exc, ServerUnreachable):
         return Outcome(exc.errno, TRANSIENT, reason)
     if isinstance(exc, ServerError):
-        if exc.problem == "ResourceNotFound":
+        if exc.problem == p.RESOURCE_NOT_FOUND:
             return Outcome(E.ENOKEY, DENIED, reason)
-        if exc.problem in ("AttestationDenied", "PolicyDenied"):
+        if exc.problem in (p.ATTESTATION_DENIED, p.POLICY_DENIED):
             return Outcome(E.EKEYREJECTED, DENIED, reason)
         return Outcome(E.EIO if exc.status >= 500 else E.EPROTO, TRANSIENT if exc.status >= 500 else FAILED, reason)
     if isinstance(exc, ProtocolError):

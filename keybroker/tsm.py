@@ -226,7 +226,14 @@ class _Session:
             raise TsmError(f"{self.entry / name} holds non-ASCII text") from None
 
     def _write_text(self, name: str, value: str) -> None:
-        data = value.encode("ascii")
+        self._write(name, value.encode("ascii"), value)
+
+    def _write_inblob(self, blob: bytes) -> None:
+        # configfs accumulates binary writes and commits them at close: one write, one close.
+        self._write("inblob", blob, f"{len(blob)} bytes")
+
+    def _write(self, name: str, data: bytes, shown: str) -> None:
+        """One open, one write(2), one close: a text attribute stores each write at once."""
         try:
             fd = os.open(self.entry / name, os.O_WRONLY | os.O_CLOEXEC)
             try:
@@ -235,20 +242,7 @@ class _Session:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise self._error(exc, "write", name, value) from None
-        self.writes += 1
-
-    def _write_inblob(self, blob: bytes) -> None:
-        # configfs accumulates binary writes and commits them at close: one write, one close.
-        try:
-            fd = os.open(self.entry / "inblob", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                if os.write(fd, blob) != len(blob):
-                    raise TsmError(f"short write to {self.entry / 'inblob'}")
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise self._error(exc, "write", "inblob", f"{len(blob)} bytes") from None
+            raise self._error(exc, "write", name, shown) from None
         self.writes += 1
 
     def _read_blob(self, name: str) -> bytes:
