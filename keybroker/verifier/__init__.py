@@ -118,8 +118,8 @@ Verifier = Callable[[Evidence, Context, Checks, dict[str, Any]], None]
 
 
 def _verifiers() -> dict[str, Verifier]:
-    from . import snp
-    return {"sev_guest": snp.verify}
+    from . import snp, tdx
+    return {"sev_guest": snp.verify, "tdx_guest": tdx.verify}
 
 
 def verify(evidence: Evidence, context: Context) -> Verdict:

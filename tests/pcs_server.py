@@ -1,0 +1,48 @@
+"""A loopback stand-in for Intel's PCS / a PCCS: the v4 collateral paths, issuer chains in
+headers (URL-encoded PEM), a request log. Never the internet."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import urllib.parse
+
+
+class PcsServer:
+    def __init__(self, *, fmspc: bytes, tcb_info: bytes, qe_identity: bytes, signing_chain: bytes, pck_crl: bytes,
+                 pck_crl_chain: bytes, root_crl: bytes | None) -> None:
+        quote = urllib.parse.quote
+        self.routes: dict[str, tuple[bytes, dict[str, str]]] = {
+            f"/tdx/certification/v4/tcb?fmspc={fmspc.hex()}":
+                (tcb_info, {"TCB-Info-Issuer-Chain": quote(signing_chain.decode())}),
+            "/tdx/certification/v4/qe/identity":
+                (qe_identity, {"SGX-Enclave-Identity-Issuer-Chain": quote(signing_chain.decode())}),
+            "/sgx/certification/v4/pckcrl?ca=platform&encoding=der":
+                (pck_crl, {"SGX-PCK-CRL-Issuer-Chain": quote(pck_crl_chain.decode())}),
+        }
+        if root_crl is not None:  # as a PCCS serves it: hex-encoded DER
+            self.routes["/sgx/certification/v4/rootcacrl"] = (root_crl.hex().encode(), {})
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                server.requests.append(self.path)
+                body, headers = server.routes.get(self.path, (b"", {}))
+                self.send_response(200 if self.path in server.routes else 404)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,481 @@
+"""Intel TDX verification: real quotes with their expected verdicts, negatives built from their
+bytes, collateral (folders, dcap-qvl bundles, a loopback PCS), TCB level matching, and quotes
+built to the spec for the versions and bodies the samples do not cover."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tdx_builder as tb
+from pcs_server import PcsServer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from keybroker.policy import DEFAULT, Policy
+from keybroker.verifier import Context, Evidence, TrustStore, verify
+from keybroker.verifier.certs import fingerprint
+
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "tdx"
+NOW = dt.datetime.now(dt.timezone.utc)
+
+# The verdicts of ../shared/vectors/README.md: (quote file, verifies, released by the default policy
+# without collateral, TCB status with the set's own collateral or None when it has none)
+EXPECTED = {
+    "go-tdx-guest/spr-e4-v4": ("quote.dat", True, True, "NotSupported"),
+    "go-tdx-guest/td15-v5": ("quote.dat", True, True, "UpToDate"),
+    "go-tdx-guest/gcp-cos113-v4": ("quote.dat", True, True, None),
+    "trustee/quote4-debug-v4": ("quote.dat", True, False, None),  # a debug TD: refused by policy
+    "trustee/quote5-v5": ("quote.dat", True, True, None),
+    "trustee/quote6-v4": ("quote.dat", True, True, "OutOfDate"),
+    "trustee/azure-td-quote-v4": ("quote.bin", True, True, None),
+}
+ALLOWS_OUT_OF_DATE = Policy({"version": 1, "rules": [{"resources": ["*"], "require": {
+    "claim": "tdx.tcb_status", "in": ["UpToDate", "OutOfDate"]}}]})
+
+
+def vector(name: str) -> tuple[Path, bytes]:
+    folder = VECTORS / name
+    if not folder.is_dir():
+        pytest.skip(f"no vector set {name} in {VECTORS}")
+    return folder, (folder / EXPECTED[name][0]).read_bytes()
+
+
+def run(raw: bytes, *, trust: TrustStore | None = None, **kw):
+    return verify(Evidence("tdx_guest", raw, inblob=kw.pop("inblob", None)),
+                  Context(trust or TrustStore.default(), **kw))
+
+
+def check(verdict, name):
+    return next(c for c in verdict.checks if c.name == name)
+
+
+def first_failure(verdict) -> str:
+    assert not verdict.ok
+    return verdict.failures[0].name
+
+
+def trusting(p: tb.Platform) -> TrustStore:
+    return TrustStore({fingerprint(p.root): p.root})
+
+
+# -- the real vectors ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_vector_sets_get_their_verdicts(name):
+    _, raw = vector(name)
+    _, verifies, released, _ = EXPECTED[name]
+    verdict = run(raw)
+    assert verdict.ok is verifies, verdict.reason()
+    assert [c.name for c in verdict.checks if c.ok is None] == ["nonce_binding", "tcb_status"]
+    assert "tdx.tcb_status" not in verdict.claims
+    decision = DEFAULT.decide("default/disk/root", verdict.claims)
+    assert decision.allowed is released, decision.reason
+    c = verdict.claims
+    body = 48 if c["tdx.quote_version"] == 4 else 54
+    assert c["tee"] == "tdx" and c["measurement"] == c["tdx.mrtd"] == raw[body + 136:body + 184].hex()
+    assert c["tdx.report_data"] == raw[body + 520:body + 584].hex() and c["tdx.advisory_ids"] == []
+    if name == "trustee/quote4-debug-v4":
+        assert c["debug"] is True and c["tdx.tdattributes.debug"] is True and "debug guest" in decision.reason
+
+
+def test_v5_td15_claims_come_from_their_offsets():
+    _, raw = vector("trustee/quote5-v5")
+    c = run(raw).claims
+    assert (c["tdx.quote_version"], c["tdx.body_type"]) == (5, 3)
+    body = raw[54:54 + 648]
+    assert c["tdx.mrtd"] == body[136:184].hex() and c["tdx.rtmr3"] == body[472:520].hex()
+    assert c["tdx.report_data"] == body[520:584].hex() and c["tdx.tee_tcb_svn_2"] == body[584:600].hex()
+    assert c["tdx.fmspc"] == "90c06f000000" and c["tdx.pck_ca"] == "platform"
+
+
+@pytest.mark.parametrize("name", [n for n, e in EXPECTED.items() if e[3]])
+def test_vector_collateral_gives_the_tcb_status(name):
+    folder, raw = vector(name)
+    verdict = run(raw, collateral=folder)
+    assert verdict.ok, verdict.reason()
+    status = EXPECTED[name][3]
+    assert verdict.claims["tdx.tcb_status"] == status and check(verdict, "tcb_status").ok
+    assert verdict.claims["tdx.collateral_expired"] is True  # Intel's documents live 30 days
+    assert DEFAULT.decide("x", verdict.claims).allowed is (status == "UpToDate")
+    if status == "OutOfDate":  # trustee quote6: only the OutOfDate level matches
+        assert ALLOWS_OUT_OF_DATE.decide("x", verdict.claims).allowed
+        fresh = run(raw, collateral=folder, at=dt.datetime(2025, 11, 1, tzinfo=dt.timezone.utc))
+        assert fresh.claims["tdx.collateral_expired"] is False
+    if name == "go-tdx-guest/spr-e4-v4":  # all four documents, and CRLs that revoke nothing of this quote
+        assert check(verdict, "crl").ok and check(verdict, "qe_identity").ok
+
+
+def test_vector_collateral_does_not_appraise_another_platform():
+    folder, _ = vector("trustee/quote6-v4")
+    _, other = vector("trustee/quote5-v5")
+    verdict = run(other, collateral=folder)
+    assert first_failure(verdict) == "collateral" and "no TDX TCB info for FMSPC 90c06f000000" in \
+        verdict.failures[0].detail
+
+
+# -- negatives built from the vectors' bytes ------------------------------------------------
+
+def flip(raw: bytes, offset: int, mask: int = 0x01) -> bytes:
+    b = bytearray(raw)
+    b[offset] ^= mask
+    return bytes(b)
+
+
+V4_SIG = 636  # quote signature; attestation key at 700; QE report at 770; QE auth data at 1220
+
+
+@pytest.mark.parametrize("what, offset, mask, failed", [
+    ("MRTD", 48 + 136, 0x01, "quote_signature"),
+    ("REPORTDATA", 48 + 520, 0x01, "quote_signature"),
+    ("debug bit", 48 + 120, 0x01, "quote_signature"),
+    ("quote signature", V4_SIG + 5, 0x01, "quote_signature"),
+    ("QE report ISVSVN", 770 + 258, 0x01, "qe_report_signature"),
+    ("QE report signature", 1154, 0x01, "qe_report_signature"),
+    ("QE auth data", 1220 + 3, 0x01, "qe_binding"),
+])
+def test_flipped_v4_bytes_fail_the_named_check(what, offset, mask, failed):
+    _, raw = vector("trustee/quote6-v4")
+    verdict = run(flip(raw, offset, mask))
+    assert first_failure(verdict) == failed, (what, verdict.reason())
+    assert failed in verdict.reason()
+
+
+def test_flipped_v5_mrtd_fails_the_quote_signature():
+    _, raw = vector("go-tdx-guest/td15-v5")
+    assert first_failure(run(flip(raw, 54 + 136))) == "quote_signature"
+
+
+def test_swapped_attestation_key_passes_the_quote_signature_only():
+    _, raw = vector("trustee/quote6-v4")
+    attacker = ec.generate_private_key(ec.SECP256R1())
+    numbers = attacker.public_key().public_numbers()
+    body = bytearray(raw)
+    body[48 + 520:48 + 584] = b"attacker-chosen report data".ljust(64, b"\0")
+    body[V4_SIG:V4_SIG + 64] = tb.raw_sig(attacker, bytes(body[:632]))
+    body[700:764] = numbers.x.to_bytes(32, "big") + numbers.y.to_bytes(32, "big")
+    verdict = run(bytes(body))
+    assert check(verdict, "quote_signature").ok is True
+    assert [c.name for c in verdict.failures] == ["qe_binding"]
+
+
+def test_chain_under_a_lookalike_root():
+    p = tb.platform()
+    raw = tb.quote(p)
+    verdict = run(raw)
+    assert first_failure(verdict) == "root_pinned" and "is not the pinned Intel SGX Root CA" in verdict.reason()
+    assert run(raw, trust=trusting(p)).ok  # the forgery is otherwise self-consistent
+
+
+def test_real_quote_with_a_lookalike_chain_fails():
+    """The PCK chain of a real quote swapped for a look-alike one: even trusting it, the QE
+    report was not signed by that PCK."""
+    _, raw = vector("trustee/quote4-debug-v4")
+    p = tb.platform()
+    chain = tb.pem(p.pck, p.ca, p.root) + b"\0"
+    start = 1226 + 32
+    old_size = struct.unpack_from("<I", raw, start - 4)[0]
+    forged = bytearray(raw[:start - 4] + struct.pack("<I", len(chain)) + chain + raw[start + old_size:])
+    struct.pack_into("<I", forged, 766, struct.unpack_from("<I", raw, 766)[0] + len(chain) - old_size)
+    struct.pack_into("<I", forged, 632, struct.unpack_from("<I", raw, 632)[0] + len(chain) - old_size)
+    assert first_failure(run(bytes(forged))) == "root_pinned"
+    assert first_failure(run(bytes(forged), trust=trusting(p))) == "qe_report_signature"
+
+
+def test_truncated_and_mangled_quotes_are_format_failures():
+    _, raw = vector("trustee/quote6-v4")
+    verdict = run(raw[:1000])
+    assert [c.name for c in verdict.checks] == ["format"] and "truncated" in verdict.reason()
+    for offset, value, text in ((0, 3, "version 3"), (4, 0, "not TDX"), (2, 3, "not 2 (ECDSA P-256)"),
+                                (12, 0, "not Intel's"), (764, 1, "not 6"), (1252, 3, "types 1-4")):
+        mangled = bytearray(raw)
+        mangled[offset] = value
+        verdict = run(bytes(mangled))
+        assert first_failure(verdict) == "format" and text in verdict.reason(), text
+    # Hostile lengths anywhere never escape as exceptions: every cut is a clean verdict.
+    for cut in range(0, len(raw) - 70, 97):
+        assert not run(raw[:cut]).ok
+
+
+def test_nonce_and_report_data_binding():
+    p = tb.platform()
+    nonce = hashlib.sha512(b"nonce").digest()
+    raw = tb.quote(p, tb.Td(report_data=nonce))
+    assert check(run(raw, trust=trusting(p), inblob=nonce), "nonce_binding").ok
+    wrong = run(raw, trust=trusting(p), nonce=bytes(64))
+    assert [c.name for c in wrong.failures] == ["nonce_binding"]
+    exact = run(raw, trust=trusting(p), report_data=nonce, inblob=bytes(64))
+    assert check(exact, "report_data").ok and exact.ok
+
+
+# -- quotes built to the spec: versions, bodies, layouts beyond the samples ---------------------
+
+@pytest.mark.parametrize("version, body_type, trailing, ca", [
+    (4, 2, b"", "Intel SGX PCK Platform CA"),
+    (5, 2, bytes(3000), "Intel SGX PCK Processor CA"),
+    (5, 3, b"\n\nextra bytes(only for testing purpose)\n", "Intel SGX PCK Platform CA"),
+])
+def test_spec_built_quotes(version, body_type, trailing, ca):
+    p = tb.platform(ca_name=ca)
+    td = tb.Td(tee_tcb_svn_2=bytes([9, 1, 4]) + bytes(13))
+    raw = tb.quote(p, td, version=version, body_type=body_type, trailing=trailing)
+    verdict = run(raw, trust=trusting(p), inblob=td.report_data)
+    assert verdict.ok, verdict.reason()
+    c = verdict.claims
+    assert (c["tdx.quote_version"], c["tdx.body_type"]) == (version, body_type)
+    assert c["tdx.mrtd"] == td.mrtd.hex() and c["tdx.rtmr2"] == td.rtmrs[2].hex()
+    assert c["tdx.pck_ca"] == ("processor" if "Processor" in ca else "platform")
+    assert ("tdx.tee_tcb_svn_2" in c) is (body_type == 3)
+    signed = 48 + (6 if version == 5 else 0) + (648 if body_type == 3 else 584)
+    assert f"signed region {signed} B" in check(verdict, "format").detail
+    assert (f"{len(trailing)} unsigned trailing bytes" in check(verdict, "format").detail) is bool(trailing)
+    assert first_failure(run(flip(raw, signed - 1), trust=trusting(p))) == "quote_signature"
+
+
+def test_v5_body_descriptor_is_checked():
+    p = tb.platform()
+    raw = bytearray(tb.quote(p, version=5, body_type=3))
+    raw[48] = 1  # an SGX enclave body in a TDX quote
+    assert "not a TD report" in run(bytes(raw), trust=trusting(p)).reason()
+    raw[48] = 3
+    struct.pack_into("<I", raw, 50, 584)
+    assert "has size 584, expected 648" in run(bytes(raw), trust=trusting(p)).reason()
+
+
+# -- TCB level matching with built collateral ------------------------------------------------
+
+def appraise(tmp_path, p, td=None, *, body_type=2, **collateral):
+    folder = tb.collateral(tmp_path / "collateral", p, **collateral)
+    raw = tb.quote(p, td, version=5 if body_type == 3 else 4, body_type=body_type)
+    return run(raw, trust=trusting(p), collateral=folder, at=tb.AT)
+
+
+def test_full_collateral_up_to_date(tmp_path):
+    p = tb.platform()
+    verdict = appraise(tmp_path, p)
+    assert verdict.ok, verdict.reason()
+    assert [c.name for c in verdict.checks][-4:] == ["collateral_signatures", "crl", "qe_identity", "tcb_status"]
+    assert all(c.ok for c in verdict.checks[-4:])
+    c = verdict.claims
+    assert (c["tdx.tcb_status"], c["tdx.advisory_ids"], c["tdx.collateral_expired"]) == ("UpToDate", [], False)
+    assert DEFAULT.decide("x", c).allowed
+    late = run(tb.quote(p), trust=trusting(p), collateral=tmp_path / "collateral", at=NOW)
+    assert late.ok and late.claims["tdx.collateral_expired"] is True and "EXPIRED" in check(late, "tcb_status").detail
+
+
+def _levels(p, *specs):
+    return [tb.level(p.components if sgx is None else sgx, p.pcesvn if pce is None else pce, tdx, status,
+                     advisories=adv) for sgx, pce, tdx, status, adv in specs]
+
+
+TOP = [6, 0, 4] + [0] * 13
+
+
+@pytest.mark.parametrize("case, expected, advisories", [
+    ("sw hardening", "SWHardeningNeeded", ["INTEL-SA-00837"]),
+    ("module svn judged by its identity", "UpToDate", []),
+    ("platform behind", "OutOfDate", ["INTEL-SA-01111"]),
+    ("late microcode behind", "OutOfDate", []),
+    ("module behind", "OutOfDate", ["INTEL-SA-01099"]),
+    ("module revoked", "Revoked", []),
+    ("qe behind", "OutOfDate", ["INTEL-SA-00615"]),
+    ("configuration and qe behind", "OutOfDateConfigurationNeeded", []),
+    ("no level", "NotSupported", []),
+    ("relaunch", "TDRelaunchAdvised", ["INTEL-SA-01099"]),
+])
+def test_tcb_status_matching(tmp_path, case, expected, advisories):
+    p = tb.platform()
+    td, body_type, tcb, qe = tb.Td(), 2, None, None
+    higher = tuple(s + 1 for s in p.components)
+    if case == "sw hardening":
+        tcb = tb.tcb_info(p, levels=_levels(p, (None, None, TOP, "SWHardeningNeeded", ["INTEL-SA-00837"])))
+    elif case == "module svn judged by its identity":  # TEE_TCB_SVN[0] = 6 < 9: compared from index 2
+        tcb = tb.tcb_info(p, levels=_levels(p, (None, None, [9, 0, 4] + [0] * 13, "UpToDate", [])))
+    elif case == "platform behind":  # the PCK matches only the second level
+        tcb = tb.tcb_info(p, levels=_levels(p, (higher, None, TOP, "UpToDate", []),
+                                            (None, None, TOP, "OutOfDate", ["INTEL-SA-01111"])))
+    elif case == "late microcode behind":  # TEE_TCB_SVN[2] below the first level's
+        tcb = tb.tcb_info(p, levels=_levels(p, (None, None, [6, 0, 5] + [0] * 13, "UpToDate", []),
+                                            (None, None, TOP, "OutOfDate", [])))
+    elif case == "module behind":
+        tcb = tb.tcb_info(p, module_levels=[tb.isv_level(7), tb.isv_level(5, "OutOfDate", ["INTEL-SA-01099"])])
+    elif case == "module revoked":
+        tcb = tb.tcb_info(p, module_levels=[tb.isv_level(6, "Revoked")])
+    elif case == "qe behind":
+        qe = tb.qe_identity(levels=[tb.isv_level(8), tb.isv_level(6, "OutOfDate", ["INTEL-SA-00615"])])
+    elif case == "configuration and qe behind":
+        tcb = tb.tcb_info(p, levels=_levels(p, (None, None, TOP, "ConfigurationNeeded", [])))
+        qe = tb.qe_identity(levels=[tb.isv_level(8), tb.isv_level(6, "OutOfDate")])
+    elif case == "no level":
+        tcb = tb.tcb_info(p, levels=_levels(p, (higher, None, TOP, "UpToDate", [])))
+    elif case == "relaunch":  # launched on module SVN 6 (out of date), now running SVN 9 (current)
+        body_type = 3
+        td = tb.Td(tee_tcb_svn_2=bytes([9, 1, 4]) + bytes(13))
+        tcb = tb.tcb_info(p, levels=_levels(p, (None, None, TOP, "UpToDate", [])),
+                          module_levels=[tb.isv_level(9), tb.isv_level(6, "OutOfDate", ["INTEL-SA-01099"])])
+    verdict = appraise(tmp_path, p, td, body_type=body_type, tcb=tcb, qe=qe)
+    assert verdict.ok, verdict.reason()
+    assert verdict.claims["tdx.tcb_status"] == expected
+    assert verdict.claims["tdx.advisory_ids"] == advisories
+    assert DEFAULT.decide("x", verdict.claims).allowed is (expected in ("UpToDate", "SWHardeningNeeded"))
+
+
+def test_relaunch_not_advised_when_the_running_module_is_behind_too(tmp_path):
+    p = tb.platform()
+    tcb = tb.tcb_info(p, module_levels=[tb.isv_level(9), tb.isv_level(6, "OutOfDate")])
+    verdict = appraise(tmp_path, p, tb.Td(tee_tcb_svn_2=bytes([8, 1, 4]) + bytes(13)), body_type=3, tcb=tcb)
+    assert verdict.claims["tdx.tcb_status"] == "OutOfDate"
+
+
+@pytest.mark.parametrize("change, failed, text", [
+    ("module identity missing", "tcb_status", "no identity TDX_01"),
+    ("module signer", "tcb_status", "MRSIGNERSEAM"),
+    ("qe signer", "qe_identity", "QE MRSIGNER"),
+    ("pck revoked", "crl", "revoked by the CRL of Intel SGX PCK Platform CA: Intel SGX PCK Certificate"),
+    ("tcb info tampered", "collateral_signatures", "TCB info"),
+    ("signing cert under another root", "collateral_signatures", "not issued by the quote's root"),
+    ("crl signed by another key", "crl", "is not signed by it"),
+    ("unknown status", "collateral", "tcbStatus 'Great'"),
+])
+def test_collateral_negatives(tmp_path, change, failed, text):
+    p = tb.platform()
+    kw: dict = {}
+    if change == "module identity missing":
+        kw["tcb"] = tb.tcb_info(p, module_id="TDX_03")
+    elif change == "module signer":
+        kw["tcb"] = tb.tcb_info(p)
+        kw["tcb"]["tdxModuleIdentities"][0]["mrsigner"] = "11" * 48
+    elif change == "qe signer":
+        kw["qe"] = tb.qe_identity(mrsigner=bytes(32))
+    elif change == "pck revoked":
+        kw["revoked"] = [p.pck.serial_number]
+    elif change == "unknown status":
+        kw["tcb"] = tb.tcb_info(p, levels=_levels(p, (None, None, TOP, "Great", [])))
+    folder = tb.collateral(tmp_path / "c", p, **kw)
+    if change == "tcb info tampered":
+        text_ = (folder / "tcbinfo.json").read_bytes().replace(b'"tcbEvaluationDataNumber":19',
+                                                               b'"tcbEvaluationDataNumber":20')
+        (folder / "tcbinfo.json").write_bytes(text_)
+    elif change == "signing cert under another root":
+        other = tb.platform()
+        (folder / "tcbinfo.json").write_bytes(tb.signed_json("tcbInfo", tb.tcb_info(p), other.signing_key))
+        (folder / "tcb_signing_chain.pem").write_bytes(tb.pem(other.signing, other.root))
+    elif change == "crl signed by another key":
+        forged = tb.crl(p.ca, ec.generate_private_key(ec.SECP256R1()))
+        (folder / "pck_crl.der").write_bytes(forged.public_bytes(serialization.Encoding.DER))
+    verdict = run(tb.quote(p), trust=trusting(p), collateral=folder, at=tb.AT)
+    assert first_failure(verdict) == failed and text in verdict.failures[0].detail, verdict.reason()
+
+
+def test_signed_bytes_are_the_member_as_served(tmp_path):
+    """Whitespace around the signed member is outside it: a verifier that re-serialises the
+    JSON, or cuts the text wrongly, fails here."""
+    p = tb.platform()
+    folder = tb.collateral(tmp_path / "c", p)
+    (folder / "tcbinfo.json").write_bytes(tb.signed_json("tcbInfo", tb.tcb_info(p), p.signing_key, pretty=True))
+    assert run(tb.quote(p), trust=trusting(p), collateral=folder, at=tb.AT).ok
+    (folder / "tcbinfo.json").write_bytes(b'{"tcbInfo":{},"tcbInfo":{},"signature":""}')
+    assert "appears twice" in run(tb.quote(p), trust=trusting(p), collateral=folder, at=tb.AT).reason()
+
+
+def test_dcap_qvl_bundle_and_partial_collateral(tmp_path):
+    p = tb.platform()
+    der = serialization.Encoding.DER
+    tcb_body = json.dumps(tb.tcb_info(p), separators=(",", ":"))
+    qe_body = json.dumps(tb.qe_identity(), separators=(",", ":"))
+    bundle = {"tcb_info": tcb_body, "tcb_info_signature": tb.raw_sig(p.signing_key, tcb_body.encode()).hex(),
+              "tcb_info_issuer_chain": tb.pem(p.signing, p.root).decode(),
+              "qe_identity": qe_body, "qe_identity_signature": tb.raw_sig(p.signing_key, qe_body.encode()).hex(),
+              "qe_identity_issuer_chain": tb.pem(p.signing, p.root).decode(),
+              "pck_crl_issuer_chain": tb.pem(p.ca, p.root).decode(),
+              "pck_crl": tb.crl(p.ca, p.ca_key).public_bytes(der).hex(),
+              "root_ca_crl": tb.crl(p.root, p.root_key).public_bytes(der).hex()}
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "collateral.json").write_text(json.dumps(bundle))
+    verdict = run(tb.quote(p), trust=trusting(p), collateral=tmp_path / "b", at=tb.AT)
+    assert verdict.ok and verdict.claims["tdx.tcb_status"] == "UpToDate" and check(verdict, "crl").ok
+    # TCB info alone: QE and revocation are reported as not evaluated, the status still is.
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "tcbinfo.json").write_bytes(tb.signed_json("tcbInfo", tb.tcb_info(p), p.signing_key))
+    (only / "chain.pem").write_bytes(tb.pem(p.signing, p.root))
+    partial = run(tb.quote(p), trust=trusting(p), collateral=only, at=tb.AT)
+    assert partial.ok and check(partial, "crl").ok is None and check(partial, "qe_identity").ok is None
+    assert partial.claims["tdx.tcb_status"] == "UpToDate"
+
+
+# -- a loopback PCS / PCCS ----------------------------------------------------------------------
+
+@pytest.fixture
+def pcs():
+    servers: list[PcsServer] = []
+
+    def start(p: tb.Platform, *, root_crl: bool = True) -> PcsServer:
+        der = serialization.Encoding.DER
+        servers.append(PcsServer(
+            fmspc=p.fmspc, tcb_info=tb.signed_json("tcbInfo", tb.tcb_info(p), p.signing_key),
+            qe_identity=tb.signed_json("enclaveIdentity", tb.qe_identity(), p.signing_key),
+            signing_chain=tb.pem(p.signing, p.root), pck_crl=tb.crl(p.ca, p.ca_key).public_bytes(der),
+            pck_crl_chain=tb.pem(p.ca, p.root),
+            root_crl=tb.crl(p.root, p.root_key).public_bytes(der) if root_crl else None))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_collateral_from_a_pcs_is_cached(tmp_path, pcs):
+    p = tb.platform()
+    server = pcs(p)
+    raw = tb.quote(p)
+    first = run(raw, trust=trusting(p), pcs_url=server.url, cache_dir=tmp_path, at=tb.AT)
+    assert first.ok and first.claims["tdx.tcb_status"] == "UpToDate", first.reason()
+    assert check(first, "crl").ok and "Root CA" in check(first, "crl").detail
+    assert len(server.requests) == 4
+    again = run(raw, trust=trusting(p), pcs_url=server.url, cache_dir=tmp_path, at=tb.AT)
+    assert again.ok and len(server.requests) == 4  # from the cache
+    stale = run(raw, trust=trusting(p), pcs_url=server.url, cache_dir=tmp_path, at=tb.NEXT_UPDATE + dt.timedelta(1))
+    assert stale.ok and len(server.requests) == 8  # past nextUpdate: fetched again
+    assert sorted(f.name for f in (tmp_path / "pcs" / f"{p.fmspc.hex()}-platform").iterdir()) == [
+        "pck_crl.der", "pck_crl_issuer_chain.pem", "qe_identity.json", "qe_identity_issuer_chain.pem",
+        "root_crl.der", "tcb_info_issuer_chain.pem", "tcbinfo.json"]
+
+
+def test_pcs_without_cache_or_root_crl_and_unknown_platforms(pcs):
+    p = tb.platform()
+    server = pcs(p, root_crl=False)
+    verdict = run(tb.quote(p), trust=trusting(p), pcs_url=server.url, at=tb.AT)
+    assert verdict.ok and "no Root CA CRL" in check(verdict, "crl").detail
+    other = tb.platform(fmspc=bytes.fromhex("00906ed50000"))
+    unknown = run(tb.quote(other), trust=trusting(other), pcs_url=server.url, at=tb.AT)
+    assert first_failure(unknown) == "collateral" and "HTTP 404" in unknown.reason()
+    down = run(tb.quote(p), trust=trusting(p), pcs_url="http://127.0.0.1:9", at=tb.AT)
+    assert first_failure(down) == "collateral" and "cannot fetch" in down.reason()
+
+
+# -- the command line ------------------------------------------------------------------------
+
+def keybroker(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "keybroker", "verify", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_verify_command(tmp_path):
+    folder, raw = vector("trustee/quote6-v4")
+    plain = keybroker(str(folder / "quote.dat"))
+    assert plain.returncode == 0 and "N/A   tcb_status" in plain.stdout and "PASS  qe_binding" in plain.stdout
+    out = keybroker(str(folder / "quote.dat"), "--collateral", str(folder), "--json")
+    result = json.loads(out.stdout)
+    assert out.returncode == 0 and result["ok"] and result["claims"]["tdx.tcb_status"] == "OutOfDate"
+    (tmp_path / "q").write_bytes(flip(raw, 48 + 136))
+    bad = keybroker(str(tmp_path / "q"), "--provider", "tdx_guest")
+    assert bad.returncode == 1 and "FAIL  quote_signature" in bad.stdout
+    rd = keybroker(str(folder / "quote.dat"), "--report-data", "00" * 64)
+    assert rd.returncode == 1 and "FAIL  report_data" in rd.stdout
