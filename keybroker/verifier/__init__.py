@@ -118,8 +118,8 @@ Verifier = Callable[[Evidence, Context, Checks, dict[str, Any]], None]
 
 
 def _verifiers() -> dict[str, Verifier]:
-    from . import snp, tdx
-    return {"sev_guest": snp.verify, "tdx_guest": tdx.verify}
+    from . import cca, snp, tdx
+    return {"sev_guest": snp.verify, "tdx_guest": tdx.verify, "arm_cca_guest": cca.verify}
 
 
 def verify(evidence: Evidence, context: Context) -> Verdict:

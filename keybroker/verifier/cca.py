@@ -1,0 +1,362 @@
+"""Arm CCA: parse the attestation token, verify the platform and realm tokens, appraise claims.
+
+Structure (RMM spec DEN0137 A7, draft-ffm-rats-cca-token, tdx.md section 10): a collection,
+either the legacy EAT collection ``#6.399({44234: platform, 44241: realm})`` or the CMW
+collection ``#6.907({44234: [content-format, platform], 44241: [..., realm]})``, of two
+COSE_Sign1 messages. The platform token is signed by the CCA Platform Attestation Key
+(CPAK), which the verifier must already trust (none is trusted by default); the realm
+token by the Realm Attestation Key (RAK), whose public part is the realm claim 44237 (a raw
+SEC1 point in legacy tokens, a COSE_Key in RMM 1.0 tokens). The platform vouches for the
+RAK: its challenge is the hash (realm claim 44240) of the RAK claim's bytes. The realm
+challenge carries the relying party's nonce (the 32-64 inblob bytes, zero-padded to 64).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from ..errors import EvidenceError
+from . import Checks, Context, Evidence
+from .trust import Cpak
+
+TOKEN_MAX = 256 * 1024
+TAG_EAT_COLLECTION, TAG_CMW_COLLECTION, TAG_COSE_SIGN1 = 399, 907, 18
+PLATFORM_TOKEN, REALM_TOKEN = 44234, 44241
+PLATFORM_PROFILES = ("http://arm.com/CCA-SSD/1.0.0", "tag:arm.com,2023:cca_platform#1.0.0",
+                     "tag:arm.com,2024:cca_platform#2.0.0")
+REALM_PROFILE = "tag:arm.com,2023:realm#1.0.0"
+HASHES = {"sha-256": hashlib.sha256, "sha-384": hashlib.sha384, "sha-512": hashlib.sha512}
+#: COSE algorithm -> (curve, hash, coordinate size)
+COSE_ALGS: dict[int, tuple[type[ec.EllipticCurve], type[hashes.HashAlgorithm], int, str]] = {
+    -7: (ec.SECP256R1, hashes.SHA256, 32, "ES256"), -35: (ec.SECP384R1, hashes.SHA384, 48, "ES384"),
+    -36: (ec.SECP521R1, hashes.SHA512, 66, "ES512")}
+COSE_CURVES = {1: ec.SECP256R1, 2: ec.SECP384R1, 3: ec.SECP521R1}
+SEC1_SIZES = {65: ec.SECP256R1, 97: ec.SECP384R1, 133: ec.SECP521R1}
+LIFECYCLE_STATES = {0x0: "unknown", 0x1: "assembly_and_test", 0x2: "psa_rot_provisioning", 0x3: "secured",
+                    0x4: "non_psa_rot_debug", 0x5: "recoverable_psa_rot_debug", 0x6: "decommissioned"}
+SECURED = range(0x3000, 0x3100)
+
+# -- the token (abi) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sign1:
+    protected: bytes
+    alg: int
+    payload: bytes
+    signature: bytes
+
+    @property
+    def alg_name(self) -> str:
+        return COSE_ALGS[self.alg][3]
+
+    def verifies(self, key: ec.EllipticCurvePublicKey) -> bool:
+        curve, digest, size, _ = COSE_ALGS[self.alg]
+        if not isinstance(key.curve, curve):
+            return False
+        to_be_signed = cbor2.dumps(["Signature1", self.protected, b"", self.payload])
+        der = encode_dss_signature(int.from_bytes(self.signature[:size], "big"),
+                                   int.from_bytes(self.signature[size:], "big"))
+        try:
+            key.verify(der, to_be_signed, ec.ECDSA(digest()))
+            return True
+        except InvalidSignature:
+            return False
+
+
+@dataclass(frozen=True)
+class SwComponent:
+    measurement: bytes
+    type: str | None
+    version: str | None
+    signer_id: bytes | None
+    hash_algorithm: str | None
+
+    def as_dict(self) -> dict[str, str]:
+        out = {"type": self.type, "measurement": self.measurement.hex(), "version": self.version,
+               "signer_id": self.signer_id.hex() if self.signer_id is not None else None,
+               "hash_algorithm": self.hash_algorithm}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class PlatformClaims:
+    profile: str
+    challenge: bytes
+    implementation_id: bytes
+    instance_id: bytes
+    config: bytes
+    lifecycle: int
+    sw_components: tuple[SwComponent, ...]
+    verification_service: str | None
+    hash_algorithm: str
+
+
+@dataclass(frozen=True)
+class RealmClaims:
+    profile: str | None
+    challenge: bytes
+    personalization: bytes
+    hash_algorithm: str
+    rim: bytes
+    rems: tuple[bytes, ...]
+    rak_claim: bytes  # the RAK as encoded in the token: what the platform challenge hashes
+    rak_hash_algorithm: str
+
+
+@dataclass(frozen=True)
+class Token:
+    collection: int  # the CBOR tag: 399 or 907
+    platform: Sign1
+    realm: Sign1
+    platform_claims: PlatformClaims
+    realm_claims: RealmClaims
+    rak: ec.EllipticCurvePublicKey
+
+
+def _decode(data: bytes, what: str) -> Any:
+    """One CBOR item filling ``data`` exactly."""
+    fp = io.BytesIO(data)
+    try:
+        item = cbor2.CBORDecoder(fp).decode()
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise EvidenceError(f"{what} is not valid CBOR: {exc}") from None
+    if fp.tell() != len(data):
+        raise EvidenceError(f"{what} has {len(data) - fp.tell()} bytes after its CBOR item")
+    return item
+
+
+def _get(claims: Mapping, key: int, kind: type | tuple[type, ...], what: str, *, sizes: tuple[int, ...] = (),
+         optional: bool = False) -> Any:
+    if key not in claims:
+        if optional:
+            return None
+        raise EvidenceError(f"{what} claim {key} is missing")
+    value = claims[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise EvidenceError(f"{what} claim {key} has the wrong type ({type(value).__name__})")
+    if sizes and len(value) not in sizes:
+        raise EvidenceError(f"{what} claim {key} is {len(value)} bytes, expected {' or '.join(map(str, sizes))}")
+    return value
+
+
+def _hash_alg(claims: Mapping, key: int, what: str) -> str:
+    name = _get(claims, key, str, what)
+    if name not in HASHES:
+        raise EvidenceError(f"{what} claim {key}: unknown hash algorithm {name!r} (known: {', '.join(HASHES)})")
+    return name
+
+
+def _sign1(item: Any, what: str) -> Sign1:
+    if isinstance(item, cbor2.CBORTag):
+        if item.tag != TAG_COSE_SIGN1:
+            raise EvidenceError(f"the {what} is tagged {item.tag}, not COSE_Sign1 (18)")
+        item = item.value
+    if not isinstance(item, (list, tuple)) or len(item) != 4:
+        raise EvidenceError(f"the {what} is not a COSE_Sign1 array of 4")
+    protected, unprotected, payload, signature = item
+    if not all(isinstance(x, bytes) for x in (protected, payload, signature)) or not isinstance(unprotected, Mapping):
+        raise EvidenceError(f"the {what}'s COSE_Sign1 members have the wrong types (a detached payload is refused)")
+    header = _decode(protected, f"the {what}'s protected header") if protected else {}
+    alg = header.get(1) if isinstance(header, Mapping) else None
+    if alg not in COSE_ALGS:
+        raise EvidenceError(f"the {what}'s protected header has algorithm {alg!r}; known: ES256, ES384, ES512")
+    if len(signature) != 2 * COSE_ALGS[alg][2]:
+        raise EvidenceError(f"the {what}'s {COSE_ALGS[alg][3]} signature is {len(signature)} bytes, "
+                            f"expected {2 * COSE_ALGS[alg][2]}")
+    return Sign1(protected, alg, payload, signature)
+
+
+def _payload(sign1: Sign1, what: str) -> Mapping:
+    claims = _decode(sign1.payload, f"the {what} claims")
+    if not isinstance(claims, Mapping):
+        raise EvidenceError(f"the {what} claims are not a CBOR map")
+    return claims
+
+
+def _platform_claims(c: Mapping) -> PlatformClaims:
+    w = "platform token"
+    profile = _get(c, 265, str, w)
+    if profile not in PLATFORM_PROFILES:
+        raise EvidenceError(f"unknown CCA platform profile {profile!r} (known: {', '.join(PLATFORM_PROFILES)})")
+    lifecycle = _get(c, 2395, int, w)
+    if not 0 <= lifecycle <= 0xFFFF:
+        raise EvidenceError(f"platform security lifecycle {lifecycle} is not a 16-bit value")
+    components = _get(c, 2399, (list, tuple), w)
+    if not components:
+        raise EvidenceError("the platform token has no software components")
+    sw = []
+    for i, item in enumerate(components):
+        cw = f"platform software component {i}"
+        if not isinstance(item, Mapping):
+            raise EvidenceError(f"{cw} is not a map")
+        sw.append(SwComponent(measurement=_get(item, 2, bytes, cw, sizes=(32, 48, 64)),
+                              type=_get(item, 1, str, cw, optional=True), version=_get(item, 4, str, cw, optional=True),
+                              signer_id=_get(item, 5, bytes, cw, optional=True),
+                              hash_algorithm=_get(item, 6, str, cw, optional=True)))
+    return PlatformClaims(profile=profile, challenge=_get(c, 10, bytes, w, sizes=(32, 48, 64)),
+                          implementation_id=_get(c, 2396, bytes, w, sizes=(32,)),
+                          instance_id=_get(c, 256, bytes, w, sizes=(33,)), config=_get(c, 2401, bytes, w),
+                          lifecycle=lifecycle, sw_components=tuple(sw),
+                          verification_service=_get(c, 2400, str, w, optional=True),
+                          hash_algorithm=_get(c, 2402, str, w))
+
+
+def _realm_claims(c: Mapping) -> RealmClaims:
+    w = "realm token"
+    profile = _get(c, 265, str, w, optional=True)
+    if profile is not None and profile != REALM_PROFILE:
+        raise EvidenceError(f"unknown CCA realm profile {profile!r} (known: {REALM_PROFILE})")
+    rems = _get(c, 44239, (list, tuple), w)
+    if len(rems) != 4 or not all(isinstance(r, bytes) and len(r) in (32, 48, 64) for r in rems):
+        raise EvidenceError("realm token claim 44239 must be 4 extensible measurements of 32, 48 or 64 bytes")
+    return RealmClaims(profile=profile, challenge=_get(c, 10, bytes, w, sizes=(64,)),
+                       personalization=_get(c, 44235, bytes, w, sizes=(64,)), hash_algorithm=_hash_alg(c, 44236, w),
+                       rim=_get(c, 44238, bytes, w, sizes=(32, 48, 64)), rems=tuple(rems),
+                       rak_claim=_get(c, 44237, bytes, w), rak_hash_algorithm=_hash_alg(c, 44240, w))
+
+
+def rak_key(claim: bytes) -> ec.EllipticCurvePublicKey:
+    """The RAK from realm claim 44237: a raw SEC1 uncompressed point or a COSE_Key (EC2)."""
+    if claim[:1] == b"\x04":
+        curve = SEC1_SIZES.get(len(claim))
+        if curve is None:
+            raise EvidenceError(f"the RAK is a {len(claim)}-byte point, not P-256/P-384/P-521 uncompressed")
+        point = claim
+    else:
+        key = _decode(claim, "the RAK COSE_Key")
+        if not isinstance(key, Mapping) or key.get(1) != 2 or key.get(-1) not in COSE_CURVES:
+            raise EvidenceError("the RAK is neither a SEC1 point nor an EC2 COSE_Key on P-256/P-384/P-521")
+        curve = COSE_CURVES[key[-1]]
+        x, y = key.get(-2), key.get(-3)
+        size = (curve.key_size + 7) // 8
+        if not (isinstance(x, bytes) and isinstance(y, bytes) and len(x) == len(y) == size):
+            raise EvidenceError(f"the RAK COSE_Key coordinates must be {size}-byte strings")
+        point = b"\x04" + x + y
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(curve(), point)
+    except ValueError:
+        raise EvidenceError("the RAK is not a point on its curve") from None
+
+
+def parse_token(raw: bytes) -> Token:
+    if len(raw) > TOKEN_MAX:
+        raise EvidenceError(f"CCA token is {len(raw)} bytes, more than the {TOKEN_MAX} accepted")
+    top = _decode(raw, "the CCA token")
+    if not isinstance(top, cbor2.CBORTag) or top.tag not in (TAG_EAT_COLLECTION, TAG_CMW_COLLECTION):
+        raise EvidenceError("the CCA token is not a tag-399 (EAT) or tag-907 (CMW) collection")
+    if not isinstance(top.value, Mapping):
+        raise EvidenceError(f"the tag-{top.tag} collection is not a map")
+    tokens = []
+    for key, what in ((PLATFORM_TOKEN, "platform token"), (REALM_TOKEN, "realm token")):
+        entry = top.value.get(key)
+        if top.tag == TAG_CMW_COLLECTION:
+            if not (isinstance(entry, (list, tuple)) and len(entry) in (2, 3) and isinstance(entry[0], (int, str))):
+                raise EvidenceError(f"the CMW collection's {what} ({key}) is not a [type, value] record")
+            entry = entry[1]
+        if not isinstance(entry, bytes):
+            raise EvidenceError(f"the collection's {what} ({key}) is missing or not a byte string")
+        tokens.append(_sign1(_decode(entry, f"the {what}"), what))
+    platform, realm = tokens
+    realm_claims = _realm_claims(_payload(realm, "realm token"))
+    return Token(collection=top.tag, platform=platform, realm=realm,
+                 platform_claims=_platform_claims(_payload(platform, "platform token")),
+                 realm_claims=realm_claims, rak=rak_key(realm_claims.rak_claim))
+
+
+# -- appraisal: claims ------------------------------------------------------------------
+
+def claims(token: Token) -> dict[str, Any]:
+    p, r = token.platform_claims, token.realm_claims
+    c: dict[str, Any] = {
+        "tee": "cca", "provider": "arm_cca_guest",
+        "debug": p.lifecycle not in SECURED,
+        "measurement": r.rim.hex(),
+        "cca.profile": p.profile,
+        "cca.realm_challenge": r.challenge.hex(),
+        "cca.rim": r.rim.hex(),
+        "cca.personalization": r.personalization.hex(),
+        "cca.hash_algorithm": r.hash_algorithm,
+        "cca.rak_hash_algorithm": r.rak_hash_algorithm,
+        "cca.platform.challenge": p.challenge.hex(),
+        "cca.platform.lifecycle": p.lifecycle,
+        "cca.platform.lifecycle_state": LIFECYCLE_STATES.get(p.lifecycle >> 12, "invalid"),
+        "cca.platform.implementation_id": p.implementation_id.hex(),
+        "cca.platform.instance_id": p.instance_id.hex(),
+        "cca.platform.config": p.config.hex(),
+        "cca.platform.sw_components": [sw.as_dict() for sw in p.sw_components],
+        "cca.platform.hash_algorithm": p.hash_algorithm,
+    }
+    for i, rem in enumerate(r.rems):
+        c[f"cca.rem{i}"] = rem.hex()
+    if r.profile is not None:
+        c["cca.realm_profile"] = r.profile
+    if p.verification_service is not None:
+        c["cca.platform.verification_service"] = p.verification_service
+    return c
+
+
+# -- verification -----------------------------------------------------------------------
+
+def _applicable(cpak: Cpak, platform: PlatformClaims) -> bool:
+    return (cpak.implementation_id in (None, platform.implementation_id)
+            and cpak.instance_id in (None, platform.instance_id))
+
+
+def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dict[str, Any]) -> None:
+    token = parse_token(evidence.outblob)
+    claims_out.update(claims(token))
+    p, r = token.platform_claims, token.realm_claims
+    rak_form = "a raw point" if r.rak_claim[:1] == b"\x04" else "a COSE_Key"
+    checks.passed("format", f"tag-{token.collection} collection, platform profile {p.profile}, realm profile "
+                            f"{r.profile or '(none: legacy)'}, RAK as {rak_form}")
+
+    trusted = context.trust.cpaks
+    candidates = [cpak for cpak in trusted if _applicable(cpak, p)]
+    if not trusted:
+        checks.failed("cpak_trusted", "no CCA platform key (CPAK) is trusted: none is by default; give the "
+                                      "platform's CPAK with --trust-cpak FILE or in a --trust-roots folder")
+    checks.require(bool(candidates), "cpak_trusted",
+                   f"{len(candidates)} trusted CPAK(s) for implementation-id {p.implementation_id.hex()[:16]}...",
+                   f"none of the {len(trusted)} trusted CPAK(s) is for implementation-id "
+                   f"{p.implementation_id.hex()} and instance-id {p.instance_id.hex()}")
+    signer = next((cpak for cpak in candidates if token.platform.verifies(cpak.key)), None)
+    checks.require(signer is not None, "platform_signature",
+                   f"COSE_Sign1 {token.platform.alg_name} verified with the CPAK from {signer.source if signer else ''}",
+                   f"the platform token is not signed by any trusted CPAK ({len(candidates)} tried): "
+                   "an unknown platform, or the platform claims were changed")
+    binder = HASHES[r.rak_hash_algorithm](r.rak_claim).digest()
+    checks.require(p.challenge == binder, "rak_binding",
+                   f"platform challenge = {r.rak_hash_algorithm}(RAK claim)",
+                   f"the platform challenge is not {r.rak_hash_algorithm} of the realm token's RAK: the realm "
+                   "token is not the one this platform vouched for")
+    checks.require(token.realm.verifies(token.rak), "realm_signature",
+                   f"COSE_Sign1 {token.realm.alg_name} verified with the RAK",
+                   "the realm token's signature does not verify under its RAK: the realm claims were changed")
+    _check_challenge(r.challenge, evidence, context, checks)
+
+
+def _check_challenge(challenge: bytes, evidence: Evidence, context: Context, checks: Checks) -> None:
+    if context.report_data is not None:
+        checks.require(challenge == context.report_data, "report_data",
+                       "the realm challenge equals the expected value",
+                       f"the realm challenge {challenge.hex()[:32]}... differs from the expected "
+                       f"{context.report_data.hex()[:32]}...")
+        return
+    nonce = context.nonce if context.nonce is not None else evidence.inblob
+    if nonce is None:
+        checks.skipped("nonce_binding", "no nonce or expected realm challenge given")
+        return
+    checks.require(len(nonce) <= 64 and challenge == nonce.ljust(64, b"\0"), "nonce_binding",
+                   "the realm challenge is the nonce (inblob), zero-padded to 64 bytes",
+                   f"the realm challenge {challenge.hex()[:32]}... is not the nonce {nonce.hex()[:32]}...")

@@ -1,0 +1,184 @@
+"""Arm CCA verification: the real tokens (trusted only with their published test CPAK),
+negatives built from their bytes, and tokens built to the spec for the collection forms,
+profiles, key encodings and algorithms the samples do not cover."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cbor2
+import cca_builder as cb
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwcrypto import jwk
+
+from keybroker.policy import DEFAULT
+from keybroker.verifier import Context, Evidence, TrustStore, verify
+from keybroker.verifier.trust import Cpak
+
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "cca"
+SETS = {"trustee-example": "cpak.json", "veraison-tf-rmm": "cpak.pem"}
+
+
+def vector(name: str) -> tuple[bytes, Path]:
+    folder = VECTORS / name
+    if not folder.is_dir():
+        pytest.skip(f"no vector set {name} in {VECTORS}")
+    return (folder / "token.cbor").read_bytes(), folder / SETS[name]
+
+
+def run(raw: bytes, trust: TrustStore, **kw):
+    return verify(Evidence("arm_cca_guest", raw, inblob=kw.pop("inblob", None)), Context(trust, **kw))
+
+
+def trusting(*keys: ec.EllipticCurvePrivateKey, implementation_id: bytes | None = None) -> TrustStore:
+    return TrustStore(cpaks=tuple(Cpak(k.public_key(), implementation_id, None, "test") for k in keys))
+
+
+def first_failure(verdict) -> str:
+    assert not verdict.ok
+    return verdict.failures[0].name
+
+
+def flip_value(raw: bytes, value: bytes) -> bytes:
+    """Flip a bit inside ``value`` where it occurs (once) in the token: CBOR stays well formed."""
+    assert raw.count(value) == 1
+    at = raw.index(value) + len(value) // 2
+    return raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1:]
+
+
+def claims_of(raw: bytes) -> tuple[dict, dict]:
+    top = cbor2.loads(raw)
+    platform, realm = (cbor2.loads(cbor2.loads(top.value[k]).value[2]) for k in (44234, 44241))
+    return platform, realm
+
+
+# -- the real tokens ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(SETS))
+def test_vector_tokens_verify_only_with_their_test_cpak(name):
+    raw, cpak = vector(name)
+    untrusted = run(raw, TrustStore.default())
+    assert first_failure(untrusted) == "cpak_trusted" and "none is by default" in untrusted.reason()
+    verdict = run(raw, TrustStore.default().with_cpak_file(cpak))
+    assert verdict.ok, verdict.reason()
+    assert [c.name for c in verdict.checks] == ["format", "cpak_trusted", "platform_signature", "rak_binding",
+                                                "realm_signature", "nonce_binding"]
+    assert verdict.checks[-1].ok is None  # no nonce given
+    assert DEFAULT.decide("default/disk/root", verdict.claims).allowed
+    platform, realm = claims_of(raw)
+    c = verdict.claims
+    assert c["tee"] == "cca" and c["debug"] is False and c["cca.profile"] == "http://arm.com/CCA-SSD/1.0.0"
+    assert c["measurement"] == c["cca.rim"] == realm[44238].hex()
+    assert [c[f"cca.rem{i}"] for i in range(4)] == [r.hex() for r in realm[44239]]
+    assert c["cca.realm_challenge"] == realm[10].hex() and c["cca.personalization"] == realm[44235].hex()
+    assert c["cca.platform.lifecycle"] == platform[2395] == 0x3003 and c["cca.platform.lifecycle_state"] == "secured"
+    assert [sw["measurement"] for sw in c["cca.platform.sw_components"]] == [sw[2].hex() for sw in platform[2399]]
+    assert c["cca.platform.implementation_id"] == platform[2396].hex()
+    # The realm challenge is what a nonce must match (as the driver pads a 32-64 byte inblob).
+    assert run(raw, TrustStore.default().with_cpak_file(cpak), nonce=realm[10]).ok
+    assert first_failure(run(raw, TrustStore.default().with_cpak_file(cpak), nonce=b"\0" * 64)) == "nonce_binding"
+
+
+def test_trust_anchor_ids_must_match_the_platform(tmp_path):
+    raw, cpak = vector("trustee-example")
+    entries = json.loads(cpak.read_text())
+    entries[0]["implementation-id"] = "00" * 32
+    (tmp_path / "ta.json").write_text(json.dumps(entries))
+    verdict = run(raw, TrustStore.default().with_cpak_file(tmp_path / "ta.json"))
+    assert first_failure(verdict) == "cpak_trusted" and "implementation-id 7f454c46" in verdict.reason()
+
+
+@pytest.mark.parametrize("what, claim, failed", [
+    ("realm challenge", "realm:10", "realm_signature"),
+    ("RIM", "realm:44238", "realm_signature"),
+    ("platform measurement", "platform:2399", "platform_signature"),
+])
+def test_flipped_claims_fail_the_named_check(what, claim, failed):
+    raw, cpak = vector("trustee-example")
+    platform, realm = claims_of(raw)
+    token, key = claim.split(":")
+    value = platform[2399][0][2] if claim == "platform:2399" else (realm if token == "realm" else platform)[int(key)]
+    verdict = run(flip_value(raw, value), TrustStore.default().with_cpak_file(cpak))
+    assert first_failure(verdict) == failed, (what, verdict.reason())
+
+
+def test_unknown_cpak():
+    raw, _ = vector("veraison-tf-rmm")
+    verdict = run(raw, trusting(ec.generate_private_key(ec.SECP384R1())))
+    assert first_failure(verdict) == "platform_signature" and "not signed by any trusted CPAK" in verdict.reason()
+
+
+# -- tokens built to the spec ----------------------------------------------------------------
+
+@pytest.mark.parametrize("collection, platform_profile, realm_profile, rak_form, rak_hash, cpak_curve", [
+    (399, cb.PLATFORM, cb.REALM, "cose", "sha-256", ec.SECP384R1),
+    (907, cb.PLATFORM, cb.REALM, "cose", "sha-512", ec.SECP384R1),
+    (399, cb.LEGACY_PLATFORM, None, "raw", "sha-256", ec.SECP384R1),
+    (907, "tag:arm.com,2024:cca_platform#2.0.0", cb.REALM, "cose", "sha-384", ec.SECP256R1),
+    (399, cb.PLATFORM, cb.REALM, "raw", "sha-512", ec.SECP521R1),
+])
+def test_spec_built_tokens(collection, platform_profile, realm_profile, rak_form, rak_hash, cpak_curve):
+    nonce = hashlib.sha384(b"nonce").digest()  # 48 bytes: the driver pads it to 64
+    cca = cb.Cca(cpak=ec.generate_private_key(cpak_curve()), challenge=nonce.ljust(64, b"\0"), collection=collection,
+                 platform_profile=platform_profile, realm_profile=realm_profile, rak_form=rak_form, rak_hash=rak_hash)
+    verdict = run(cca.token(), trusting(cca.cpak, implementation_id=cb.IMPLEMENTATION_ID), inblob=nonce)
+    assert verdict.ok, verdict.reason()
+    c = verdict.claims
+    assert c["cca.profile"] == platform_profile and c.get("cca.realm_profile") == realm_profile
+    assert c["cca.rak_hash_algorithm"] == rak_hash and c["measurement"] == cca.rim.hex()
+    assert f"tag-{collection} collection" in verdict.checks[0].detail
+    assert ("COSE_Key" if rak_form == "cose" else "raw point") in verdict.checks[0].detail
+
+
+def test_binding_and_challenge_negatives():
+    cca = cb.Cca(binder=hashlib.sha256(b"another RAK").digest())
+    assert first_failure(run(cca.token(), trusting(cca.cpak))) == "rak_binding"
+    good = cb.Cca()
+    assert first_failure(run(good.token(), trusting(good.cpak), inblob=b"\x01" * 32)) == "nonce_binding"
+    exact = run(good.token(), trusting(good.cpak), report_data=good.challenge)
+    assert exact.ok and exact.checks[-1].name == "report_data"
+
+
+def test_debug_lifecycle_is_refused_by_policy():
+    cca = cb.Cca(lifecycle=0x5000)  # recoverable PSA RoT debug
+    verdict = run(cca.token(), trusting(cca.cpak))
+    assert verdict.ok and verdict.claims["debug"] is True
+    assert verdict.claims["cca.platform.lifecycle_state"] == "recoverable_psa_rot_debug"
+    assert "debug guest" in DEFAULT.decide("x", verdict.claims).reason
+
+
+@pytest.mark.parametrize("mangle, text", [
+    (lambda t: t[:-7], "not valid CBOR"),
+    (lambda t: t + b"\0", "bytes after its CBOR item"),
+    (lambda t: cbor2.dumps(cbor2.CBORTag(400, cbor2.loads(t).value)), "tag-399 (EAT) or tag-907"),
+    (lambda t: cbor2.dumps(cbor2.CBORTag(399, {44234: cbor2.loads(t).value[44234]})), "realm token (44241) is missing"),
+    (lambda t: t.replace(cb.PLATFORM.encode(), b"tag:arm.com,2023:cca_platform#9.9.9"), "unknown CCA platform profile"),
+    (lambda t: b"\x81" * 500, "CBOR"),
+])
+def test_malformed_tokens_are_format_failures(mangle, text):
+    cca = cb.Cca()
+    verdict = run(mangle(cca.token()), trusting(cca.cpak))
+    assert [c.name for c in verdict.checks] == ["format"] and text in verdict.reason(), verdict.reason()
+
+
+def test_verify_command_with_a_jwk_cpak(tmp_path):
+    cca = cb.Cca(collection=907)
+    (tmp_path / "token.cbor").write_bytes(cca.token())
+    key = jwk.JWK.from_pem(cca.cpak.public_key().public_bytes(serialization.Encoding.PEM,
+                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    (tmp_path / "cpak.jwk.json").write_text(key.export_public())
+
+    def keybroker(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "keybroker", "verify", str(tmp_path / "token.cbor"), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    out = keybroker("--trust-cpak", str(tmp_path / "cpak.jwk.json"), "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["claims"]["tee"] == "cca", out.stdout + out.stderr
+    untrusted = keybroker()
+    assert untrusted.returncode == 1 and "FAIL  cpak_trusted" in untrusted.stdout
