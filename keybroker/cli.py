@@ -205,7 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
     policy = Policy.loads(args.policy.read_text()) if args.policy else DEFAULT
     kbs = KeyServer(store=Store(args.db), trust=TrustStore.default().with_dirs(args.trust_roots),
                     policy=policy, tokens=TokenSigner(), certs=tuple(args.certs),
-                    kds_url=args.kds_url or None, cache_dir=args.cache_dir)
+                    kds_url=args.kds_url or None, cache_dir=args.cache_dir, pcs_url=args.pcs_url)
     host, port = args.listen
     serve(kbs, host, port, tls_cert=args.tls_cert, tls_key=args.tls_key)
     return 0
@@ -224,7 +224,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kds-url", default="https://kdsintf.amd.com",
                    help="AMD KDS for VCEKs and chains the evidence lacks (default AMD's; '' to never fetch)")
     p.add_argument("--cache-dir", type=Path, default=Path("/var/cache/keybroker"),
-                   help="cache for certificates fetched from the KDS (default /var/cache/keybroker)")
+                   help="cache for KDS certificates and PCS collateral (default /var/cache/keybroker)")
+    p.add_argument("--pcs-url", help="Intel PCS or PCCS base URL for TDX collateral (TCB status); default: TDX "
+                                     "TCB status is not evaluated")
     p.add_argument("--policy", type=Path, help="release policy (JSON); default: refuse debug guests")
     p.add_argument("--tls-cert", help="TLS certificate chain (PEM)")
     p.add_argument("--tls-key", help="TLS private key (PEM)")

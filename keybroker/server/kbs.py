@@ -62,6 +62,7 @@ class KeyServer:
     certs: tuple[Path, ...] = ()
     kds_url: str | None = None
     cache_dir: Path | None = None
+    pcs_url: str | None = None
 
     # -- POST /kbs/v0/auth ---------------------------------------------------------------
 
@@ -118,7 +119,7 @@ class KeyServer:
         except (ValueError, TypeError, jwk.InvalidJWKValue) as exc:
             raise Problem(p.BAD_REQUEST, f"tee-pubkey is not a valid key: {exc}") from None
         context = Context(self.trust, at=dt.datetime.now(dt.timezone.utc), nonce=expected, certs=self.certs,
-                          kds_url=self.kds_url, cache_dir=self.cache_dir)
+                          kds_url=self.kds_url, cache_dir=self.cache_dir, pcs_url=self.pcs_url)
         verdict = verify(Evidence.from_report(report), context)
         if not verdict.ok:
             raise Problem(p.ATTESTATION_DENIED, f"evidence did not verify: {verdict.reason()}")

@@ -8,7 +8,9 @@ roots that nothing trusts by default:
   SPLs = REPORTED_TCB, product name).
 * Intel TDX: "Intel SGX Root CA" -> "Intel SGX PCK Platform CA" -> PCK leaf (all EC P-256,
   ECDSA SHA-256) with the SGX extension (FMSPC, PCE-ID, TCB); a quoting-enclave
-  attestation key.
+  attestation key; and the collateral Intel's PCS would serve for that platform, in
+  ``tdx/collateral/``: TCB info and QE identity signed by a simulated "Intel SGX TCB
+  Signing" certificate, a PCK CRL and a Root CA CRL.
 * Arm CCA: a platform attestation key (CPAK) and a realm attestation key (RAK), P-384.
 
 Everything lives below ``--state DIR``, created on first use and reused after:
@@ -100,6 +102,11 @@ class SimState:
     def trust_dir(self) -> Path:
         return self.path / "trust"
 
+    @property
+    def tdx_collateral(self) -> Path:
+        """The simulated Intel collateral (TCB info, QE identity, CRLs, TCB signing chain)."""
+        return self.path / "tdx" / "collateral"
+
     def snp(self) -> SnpIdentity:
         with self._locked():
             if not (self.path / "snp" / "values.json").exists():
@@ -108,8 +115,8 @@ class SimState:
 
     def tdx(self) -> TdxIdentity:
         with self._locked():
-            if not (self.path / "tdx" / "values.json").exists():
-                self._create_tdx()
+            if not (self.path / "tdx" / "values.json").exists() or not self.tdx_collateral.is_dir():
+                self._create_tdx()  # (states made before simulated collateral existed are renewed)
             d = self.path / "tdx"
             return TdxIdentity(root=_load_cert(d / "root.pem"), pck_ca=_load_cert(d / "pck-ca.pem"),
                                pck=_load_cert(d / "pck.pem"), pck_key=_load_key(d / "pck.key"),
@@ -248,6 +255,7 @@ class SimState:
         for name, cert in (("root", root), ("pck-ca", pck_ca), ("pck", pck)):
             _save_cert(d / f"{name}.pem", cert)
         _save_cert(self._dir("trust") / "tdx-sgx-root.pem", root)
+        _write_tdx_collateral(self._dir("tdx/collateral"), values, root, root_key, pck_ca, ca_key)
         _write_json(d / "values.json", values)
 
     def _create_cca(self) -> None:
@@ -265,6 +273,63 @@ class SimState:
         (self._dir("trust") / "cca-cpak.pem").write_bytes(cpak.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         _write_json(d / "values.json", values)
+
+
+# -- simulated Intel collateral ---------------------------------------------------------
+
+_COLLATERAL_DAYS = 365  # Intel's documents live 30 days; a simulated state lives longer
+
+
+def _write_tdx_collateral(d: Path, values: dict[str, Any], root: x509.Certificate, root_key: Any,
+                          pck_ca: x509.Certificate, ca_key: Any) -> None:
+    """What Intel's PCS serves for the simulated platform, signed under the simulated root:
+    TDX TCB info and TD_QE identity (all UpToDate) signed by a simulated "Intel SGX TCB
+    Signing" certificate, an empty PCK CRL and an empty Root CA CRL."""
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    issued, next_update = now.strftime("%Y-%m-%dT%H:%M:%SZ"), (now + dt.timedelta(days=_COLLATERAL_DAYS))
+    dates = {"issueDate": issued, "nextUpdate": next_update.strftime("%Y-%m-%dT%H:%M:%SZ"),
+             "tcbEvaluationDataNumber": 17}
+    level = {"tcbDate": "2024-01-01T00:00:00Z", "tcbStatus": "UpToDate"}
+    tee_tcb_svn = bytes.fromhex(values["tee_tcb_svn"])
+    module = {"mrsigner": values["mrsignerseam"].upper(), "attributes": "0000000000000000",
+              "attributesMask": "FFFFFFFFFFFFFFFF"}
+    tdx_components = [tee_tcb_svn[0], 0] + list(tee_tcb_svn[2:])
+    tcb_info = {"id": "TDX", "version": 3, **dates, "fmspc": values["fmspc"].upper(),
+                "pceId": values["pce_id"].upper(), "tcbType": 0, "tdxModule": module,
+                "tdxModuleIdentities": [{"id": f"TDX_{tee_tcb_svn[1]:02X}", **module,
+                                         "tcbLevels": [{"tcb": {"isvsvn": tee_tcb_svn[0]}, **level}]}],
+                "tcbLevels": [{"tcb": {"sgxtcbcomponents": [{"svn": s} for s in bytes.fromhex(values["cpusvn"])],
+                                       "pcesvn": values["pcesvn"],
+                                       "tdxtcbcomponents": [{"svn": s} for s in tdx_components]}, **level}]}
+    qe_identity = {"id": "TD_QE", "version": 2, **dates, "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
+                   "attributes": "11000000000000000000000000000000",
+                   "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000", "mrsigner": values["qe_mrsigner"].upper(),
+                   "isvprodid": values["qe_isvprodid"], "tcbLevels": [{"tcb": {"isvsvn": values["qe_isvsvn"]}, **level}]}
+    signing_key = ec.generate_private_key(ec.SECP256R1())
+    intel = [(NameOID.ORGANIZATION_NAME, "Intel Corporation"), (NameOID.LOCALITY_NAME, "Santa Clara"),
+             (NameOID.STATE_OR_PROVINCE_NAME, "CA"), (NameOID.COUNTRY_NAME, "US")]
+    signing = (_builder(_name([(NameOID.COMMON_NAME, "Intel SGX TCB Signing")] + intel), root.subject,
+                        signing_key.public_key(), secrets.randbits(120) + 1, years=7)
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .sign(root_key, hashes.SHA256()))
+    (d / "tcbinfo.json").write_bytes(_signed_json("tcbInfo", tcb_info, signing_key))
+    (d / "qe_identity.json").write_bytes(_signed_json("enclaveIdentity", qe_identity, signing_key))
+    (d / "tcb_signing_chain.pem").write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM)
+                                                      for c in (signing, root)))
+    for name, issuer, key in (("pck_crl.der", pck_ca, ca_key), ("root_crl.der", root, root_key)):
+        crl = (x509.CertificateRevocationListBuilder().issuer_name(issuer.subject).last_update(now)
+               .next_update(next_update).sign(key, hashes.SHA256()))
+        (d / name).write_bytes(crl.public_bytes(serialization.Encoding.DER))
+
+
+def _signed_json(member: str, body: dict[str, Any], key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Intel's form: the member's exact bytes signed with ECDSA P-256, r||s in hex."""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    r, s = decode_dss_signature(key.sign(raw, ec.ECDSA(hashes.SHA256())))
+    signature = (r.to_bytes(32, "big") + s.to_bytes(32, "big")).hex()
+    return b'{"' + member.encode() + b'":' + raw + b',"signature":"' + signature.encode() + b'"}'
 
 
 # -- helpers ----------------------------------------------------------------------------
