@@ -120,7 +120,7 @@ def test_unknown_cpak():
     (399, cb.PLATFORM, cb.REALM, "cose", "sha-256", ec.SECP384R1),
     (907, cb.PLATFORM, cb.REALM, "cose", "sha-512", ec.SECP384R1),
     (399, cb.LEGACY_PLATFORM, None, "raw", "sha-256", ec.SECP384R1),
-    (907, "tag:arm.com,2024:cca_platform#2.0.0", cb.REALM, "cose", "sha-384", ec.SECP256R1),
+    (907, "tag:arm.com,2024:cca_platform#2.0.0", "tag:arm.com,2024:realm#2.0.0", "cose", "sha-384", ec.SECP256R1),
     (399, cb.PLATFORM, cb.REALM, "raw", "sha-512", ec.SECP521R1),
 ])
 def test_spec_built_tokens(collection, platform_profile, realm_profile, rak_form, rak_hash, cpak_curve):

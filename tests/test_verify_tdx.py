@@ -373,15 +373,24 @@ def test_collateral_negatives(tmp_path, change, failed, text):
     assert first_failure(verdict) == failed and text in verdict.failures[0].detail, verdict.reason()
 
 
-def test_signed_bytes_are_the_member_as_served(tmp_path):
-    """Whitespace around the signed member is outside it: a verifier that re-serialises the
-    JSON, or cuts the text wrongly, fails here."""
+def test_collateral_files_are_read_by_content(tmp_path):
+    """Whitespace around the signed member is outside it (a verifier that re-serialises the JSON,
+    or cuts the text wrongly, fails here); unrelated files are skipped, damaged collateral is not."""
     p = tb.platform()
     folder = tb.collateral(tmp_path / "c", p)
     (folder / "tcbinfo.json").write_bytes(tb.signed_json("tcbInfo", tb.tcb_info(p), p.signing_key, pretty=True))
     assert run(tb.quote(p), trust=trusting(p), collateral=folder, at=tb.AT).ok
+    (folder / "vector.json").write_text('{"quote": "quote.bin"}')  # unrelated files are not collateral
+    (folder / "key.pem").write_bytes(p.ak.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
+    (folder / "quote.bin").write_bytes(tb.quote(p))
+    assert run(tb.quote(p), trust=trusting(p), collateral=folder, at=tb.AT).ok
     (folder / "tcbinfo.json").write_bytes(b'{"tcbInfo":{},"tcbInfo":{},"signature":""}')
     assert "appears twice" in run(tb.quote(p), trust=trusting(p), collateral=folder, at=tb.AT).reason()
+    (folder / "tcbinfo.json").write_bytes(tb.signed_json("tcbInfo", tb.tcb_info(p), p.signing_key))
+    (folder / "pck_crl.der").write_bytes(b"\x30\x03damaged")
+    damaged = run(tb.quote(p), trust=trusting(p), collateral=folder, at=tb.AT)
+    assert first_failure(damaged) == "collateral" and "pck_crl.der" in damaged.reason()
 
 
 def test_dcap_qvl_bundle_and_partial_collateral(tmp_path):

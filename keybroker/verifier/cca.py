@@ -34,7 +34,7 @@ TAG_EAT_COLLECTION, TAG_CMW_COLLECTION, TAG_COSE_SIGN1 = 399, 907, 18
 PLATFORM_TOKEN, REALM_TOKEN = 44234, 44241
 PLATFORM_PROFILES = ("http://arm.com/CCA-SSD/1.0.0", "tag:arm.com,2023:cca_platform#1.0.0",
                      "tag:arm.com,2024:cca_platform#2.0.0")
-REALM_PROFILE = "tag:arm.com,2023:realm#1.0.0"
+REALM_PROFILES = ("tag:arm.com,2023:realm#1.0.0", "tag:arm.com,2024:realm#2.0.0")
 HASHES = {"sha-256": hashlib.sha256, "sha-384": hashlib.sha384, "sha-512": hashlib.sha512}
 #: COSE algorithm -> (curve, hash, coordinate size)
 COSE_ALGS: dict[int, tuple[type[ec.EllipticCurve], type[hashes.HashAlgorithm], int, str]] = {
@@ -215,8 +215,8 @@ def _platform_claims(c: Mapping) -> PlatformClaims:
 def _realm_claims(c: Mapping) -> RealmClaims:
     w = "realm token"
     profile = _get(c, 265, str, w, optional=True)
-    if profile is not None and profile != REALM_PROFILE:
-        raise EvidenceError(f"unknown CCA realm profile {profile!r} (known: {REALM_PROFILE})")
+    if profile is not None and profile not in REALM_PROFILES:
+        raise EvidenceError(f"unknown CCA realm profile {profile!r} (known: {', '.join(REALM_PROFILES)})")
     rems = _get(c, 44239, (list, tuple), w)
     if len(rems) != 4 or not all(isinstance(r, bytes) and len(r) in (32, 48, 64) for r in rems):
         raise EvidenceError("realm token claim 44239 must be 4 extensible measurements of 32, 48 or 64 bytes")

@@ -8,9 +8,10 @@ Platform/Processor CA, the Root CA CRL by the root.
 
 A collateral folder holds any of: TCB info and QE identity JSON files (recognised by their
 member, whatever their name), certificates (PEM/DER: the TCB signing chain), CRLs (DER or
-PEM), or dcap-qvl's ``QuoteCollateralV3`` bundle JSON (``tcb_info``, ``qe_identity``,
-``*_signature``, ``*_issuer_chain``, ``pck_crl``, ``root_ca_crl``). Other files (a quote
-kept alongside) are ignored. Everything is hostile input: sizes, types and every field the
+PEM, or hex), or dcap-qvl's ``QuoteCollateralV3`` bundle JSON (``tcb_info``,
+``qe_identity``, ``*_signature``, ``*_issuer_chain``, ``pck_crl``, ``root_ca_crl``). Other
+files (a quote, metadata JSON, a public key kept alongside) are ignored; a file that is
+not JSON, PEM or DER where its name says so is an error. Everything is hostile input: sizes, types and every field the
 appraisal uses are checked here.
 """
 
@@ -161,7 +162,7 @@ def load_folder(folder: Path) -> Collateral:
                 crls.append(load_crl(data))
             elif b"-----BEGIN CERTIFICATE-----" in data:
                 certs.extend(load_certs(data))
-            else:
+            elif b"-----BEGIN " not in data:  # other PEM (a public key kept alongside) is not collateral
                 _load_der(data, certs, crls)
         except EvidenceError as exc:
             raise EvidenceError(f"collateral file {path}: {exc}") from None
@@ -169,9 +170,11 @@ def load_folder(folder: Path) -> Collateral:
 
 
 def _load_der(data: bytes, certs: list[x509.Certificate], crls: list[x509.CertificateRevocationList]) -> None:
+    """A CRL (DER or hex) or a DER certificate; anything else is an error, never skipped: a
+    damaged CRL must not quietly turn off the revocation check."""
     try:
-        crls.append(x509.load_der_x509_crl(data))
-    except ValueError:
+        crls.append(load_crl(data))
+    except EvidenceError:
         certs.extend(load_certs(data))
 
 
@@ -193,16 +196,16 @@ def _load_json(data: bytes, source: str, tcb_infos: list[Signed], qe_identities:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise EvidenceError("not UTF-8 JSON") from None
-    spans = _members(text)
     doc = _loads(text)
-    if "tcbInfo" in spans:
-        tcb_infos.append(_signed(text, spans, doc, "tcbInfo", parse_tcb_info, source))
-    elif "enclaveIdentity" in spans:
-        qe_identities.append(_signed(text, spans, doc, "enclaveIdentity", parse_qe_identity, source))
-    elif "tcb_info" in doc:
+    if not isinstance(doc, dict):
+        return
+    if "tcbInfo" in doc:
+        tcb_infos.append(_signed(text, _members(text), doc, "tcbInfo", parse_tcb_info, source))
+    elif "enclaveIdentity" in doc:
+        qe_identities.append(_signed(text, _members(text), doc, "enclaveIdentity", parse_qe_identity, source))
+    elif "tcb_info" in doc or "qe_identity" in doc:
         _load_bundle(doc, source, tcb_infos, qe_identities, certs, crls)
-    else:
-        raise EvidenceError("JSON is neither a TCB info, a QE identity nor a collateral bundle")
+    # Any other JSON (metadata kept beside a quote) is not collateral.
 
 
 def _load_bundle(doc: Any, source: str, tcb_infos: list[Signed], qe_identities: list[Signed],
