@@ -66,7 +66,8 @@ class Cca:
         return claims
 
     def platform_claims(self, rak: bytes) -> dict:
-        return {265: self.platform_profile, 10: self.binder or hashlib.new(self.rak_hash.replace("-", ""), rak).digest(),
+        binder = self.binder or hashlib.new(self.rak_hash.replace("-", ""), rak).digest()
+        return {265: self.platform_profile, 10: binder,
                 2396: IMPLEMENTATION_ID, 256: INSTANCE_ID, 2401: b"\xcf" * 4, 2395: self.lifecycle,
                 2399: [{1: "RMM", 2: self.measurement, 4: "1.0.0", 5: bytes(32), 6: "sha-256"}], 2402: "sha-256",
                 2400: "https://veraison.example/verification"}

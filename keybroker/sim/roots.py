@@ -304,7 +304,8 @@ def _write_tdx_collateral(d: Path, values: dict[str, Any], root: x509.Certificat
     qe_identity = {"id": "TD_QE", "version": 2, **dates, "miscselect": "00000000", "miscselectMask": "FFFFFFFF",
                    "attributes": "11000000000000000000000000000000",
                    "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000", "mrsigner": values["qe_mrsigner"].upper(),
-                   "isvprodid": values["qe_isvprodid"], "tcbLevels": [{"tcb": {"isvsvn": values["qe_isvsvn"]}, **level}]}
+                   "isvprodid": values["qe_isvprodid"],
+                   "tcbLevels": [{"tcb": {"isvsvn": values["qe_isvsvn"]}, **level}]}
     signing_key = ec.generate_private_key(ec.SECP256R1())
     intel = [(NameOID.ORGANIZATION_NAME, "Intel Corporation"), (NameOID.LOCALITY_NAME, "Santa Clara"),
              (NameOID.STATE_OR_PROVINCE_NAME, "CA"), (NameOID.COUNTRY_NAME, "US")]

@@ -331,8 +331,9 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
                    f"none of the {len(trusted)} trusted CPAK(s) is for implementation-id "
                    f"{p.implementation_id.hex()} and instance-id {p.instance_id.hex()}")
     signer = next((cpak for cpak in candidates if token.platform.verifies(cpak.key)), None)
+    source = signer.source if signer else ""
     checks.require(signer is not None, "platform_signature",
-                   f"COSE_Sign1 {token.platform.alg_name} verified with the CPAK from {signer.source if signer else ''}",
+                   f"COSE_Sign1 {token.platform.alg_name} verified with the CPAK from {source}",
                    f"the platform token is not signed by any trusted CPAK ({len(candidates)} tried): "
                    "an unknown platform, or the platform claims were changed")
     binder = HASHES[r.rak_hash_algorithm](r.rak_claim).digest()

@@ -42,7 +42,7 @@ _WS = re.compile(r"[ \t\n\r]*")
 class TcbLevel:
     sgx_components: tuple[int, ...]  # 16 SVNs
     pcesvn: int
-    tdx_components: tuple[int, ...] | None  # 16 SVNs (TDX TCB info only)
+    tdx_components: tuple[int, ...]  # 16 SVNs
     date: str
     status: str
     advisory_ids: tuple[str, ...]
@@ -116,7 +116,7 @@ class Collateral:
 
     def tcb_info(self, fmspc: bytes) -> Signed | None:
         """The newest TDX TCB info for ``fmspc``."""
-        found = [s for s in self.tcb_infos if s.content.id == "TDX" and s.content.fmspc == fmspc]
+        found = [s for s in self.tcb_infos if s.content.fmspc == fmspc]
         return max(found, key=lambda s: s.content.evaluation_data_number, default=None)
 
     def qe_identity(self) -> Signed | None:
@@ -200,6 +200,8 @@ def _load_json(data: bytes, source: str, tcb_infos: list[Signed], qe_identities:
     if not isinstance(doc, dict):
         return
     if "tcbInfo" in doc:
+        if isinstance(doc["tcbInfo"], dict) and doc["tcbInfo"].get("id") != "TDX":
+            return  # an SGX TCB info is not TDX collateral
         tcb_infos.append(_signed(text, _members(text), doc, "tcbInfo", parse_tcb_info, source))
     elif "enclaveIdentity" in doc:
         qe_identities.append(_signed(text, _members(text), doc, "enclaveIdentity", parse_qe_identity, source))
@@ -372,7 +374,8 @@ def _module(obj: Any, where: str, with_levels: bool) -> ModuleIdentity:
 
 def parse_tcb_info(obj: Any) -> TcbInfo:
     w = "tcbInfo"
-    tdx_info = _field(obj, "id", str, w) == "TDX"
+    if _field(obj, "id", str, w) != "TDX":
+        raise EvidenceError(f"{w}.id is {obj['id']!r}, not 'TDX'")
     identities = obj.get("tdxModuleIdentities", [])
     if not isinstance(identities, list):
         raise EvidenceError(f"{w}.tdxModuleIdentities must be a list")
@@ -380,9 +383,9 @@ def parse_tcb_info(obj: Any) -> TcbInfo:
     for i, level in enumerate(_field(obj, "tcbLevels", list, w)):
         lw = f"{w}.tcbLevels[{i}]"
         tcb = _field(level, "tcb", dict, lw)
-        tdx = _components(tcb, "tdxtcbcomponents", f"{lw}.tcb") if tdx_info else None
         levels.append(TcbLevel(_components(tcb, "sgxtcbcomponents", f"{lw}.tcb"), _int(tcb, "pcesvn", f"{lw}.tcb"),
-                               tdx, _field(level, "tcbDate", str, lw), _status(level, TCB_STATUSES, lw),
+                               _components(tcb, "tdxtcbcomponents", f"{lw}.tcb"), _field(level, "tcbDate", str, lw),
+                               _status(level, TCB_STATUSES, lw),
                                _advisories(level, lw)))
     return TcbInfo(id=obj["id"], version=_int(obj, "version", w),
                    issue_date=_time(obj, "issueDate", w), next_update=_time(obj, "nextUpdate", w),

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import requests
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from ..errors import EvidenceError
 from .collateral import Collateral, load_crl, load_folder
@@ -81,8 +82,6 @@ def _fetch_into(base: str, fmspc: bytes, ca: str, folder: Path) -> None:
 
 
 def _der_crl(data: bytes) -> bytes:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     return load_crl(data).public_bytes(Encoding.DER)
 
 

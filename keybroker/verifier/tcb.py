@@ -86,7 +86,7 @@ def tdx_tcb_status(info: TcbInfo, pck: "PckInfo", body: "TdReport", qe: IsvLevel
     for level in info.levels:
         if _covers(pck.tcb_components, level.sgx_components) and pck.pcesvn >= level.pcesvn:
             sgx_level = sgx_level or level
-            if _covers(tee, level.tdx_components or (0,) * 16, start):
+            if _covers(tee, level.tdx_components, start):
                 tdx_level = level
                 break
     if sgx_level is None or tdx_level is None:
@@ -153,7 +153,7 @@ def _relaunch(info: TcbInfo, svn2: bytes, sgx_status: str, status: str, module_s
         return status
     if status not in ("OutOfDate", "OutOfDateConfigurationNeeded") or module_status != "OutOfDate":
         return status
-    latest = info.levels[0].tdx_components or (0,) * 16
+    latest = info.levels[0].tdx_components
     if svn2[1] == 0:
         current = svn2[0] >= latest[0]
     else:

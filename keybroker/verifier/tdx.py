@@ -191,9 +191,9 @@ def parse_quote(raw: bytes) -> Quote:
         raise EvidenceError(f"PCK certification data type {inner_type} is not 5 (PEM PCK chain); types 1-4 "
                             "need the PCK certificate from Intel's PCS, which keybroker does not fetch")
     pem = qe.take(inner_size, "PCK certificate chain")
-    certs = load_certs(pem.rstrip(b"\0"))
-    if len(certs) > CHAIN_CERTS_MAX or b"-----BEGIN CERTIFICATE-----" not in pem:
+    if b"-----BEGIN CERTIFICATE-----" not in pem or pem.count(b"-----BEGIN") > CHAIN_CERTS_MAX:
         raise EvidenceError(f"the PCK chain must be 1 to {CHAIN_CERTS_MAX} PEM certificates")
+    certs = load_certs(pem.rstrip(b"\0"))
     return Quote(version=version, body_type=body_type, user_data=user_data, body=body, signed=signed,
                  signature=signature, attestation_key=attestation_key, qe_report=qe_report,
                  qe_report_signature=qe_report_signature, qe_auth_data=qe_auth_data, certs=tuple(certs),
@@ -351,7 +351,8 @@ def _collateral(context: Context, info: PckInfo, chain: PckChain) -> Collateral 
         return load_folder(context.collateral)
     if context.pcs_url is not None:
         from .pcs import fetch_collateral
-        return fetch_collateral(context, info.fmspc, chain.ca_kind or "platform")
+        assert chain.ca_kind is not None  # pck_chain passed: the CA is a platform or processor CA
+        return fetch_collateral(context, info.fmspc, chain.ca_kind)
     return None
 
 
