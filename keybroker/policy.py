@@ -24,10 +24,14 @@ dotted versions such as ``"1.55.43"``), ``{"claim", "exists"}``, and ``allOf``,
 
 Debug guests are refused whatever the rule says, unless the rule sets
 ``"allow_debug": true``: a debug guest's memory is readable by its host.
+
+A denial's reason names the rule and the condition that failed; ``Policy.explain`` lists
+every rule consulted and every condition with PASS or FAIL (``keybroker policy check``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -64,6 +68,33 @@ class Decision:
     allowed: bool
     reason: str
     rule: int | None = None
+    #: why, in one word (for counting): allowed, no_rule, debug or condition
+    cause: str = "allowed"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One condition evaluated: whether it holds, and for a claim what was compared."""
+
+    holds: bool
+    kind: str  # claim, allOf, anyOf, not
+    text: str = ""
+    parts: tuple["Outcome", ...] = ()
+
+    def reason(self) -> str:
+        """The sentence that names what failed (for an outcome that does not hold)."""
+        if self.kind == "allOf":
+            return next(part.reason() for part in self.parts if not part.holds)
+        if self.kind == "anyOf":
+            return "none of these holds: " + " | ".join(part.reason() for part in self.parts)
+        if self.kind == "not":
+            return f"condition must not hold: {self.text}"
+        return self.text
+
+    def lines(self, depth: int = 1) -> list[str]:
+        label = self.text if self.kind == "claim" else self.kind
+        return [f"{'  ' * depth}{'PASS' if self.holds else 'FAIL'} {label}",
+                *(line for part in self.parts for line in part.lines(depth + 1))]
 
 
 class Policy:
@@ -83,61 +114,79 @@ class Policy:
     def dumps(self) -> str:
         return json.dumps(self.document, indent=2, sort_keys=True)
 
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the document as sorted, compact JSON: the same policy, the same digest."""
+        canonical = json.dumps(self.document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
     def decide(self, resource: str, claims: dict[str, Any]) -> Decision:
+        return self._judge(resource, claims)[0]
+
+    def explain(self, resource: str, claims: dict[str, Any]) -> list[str]:
+        """The rules consulted for ``resource``, each condition PASS or FAIL, and the decision."""
+        decision, lines = self._judge(resource, claims)
+        return [*lines, f"=> {'ALLOW' if decision.allowed else 'DENY'}: {decision.reason}"]
+
+    def _judge(self, resource: str, claims: dict[str, Any]) -> tuple[Decision, list[str]]:
+        lines: list[str] = []
         for index, rule in enumerate(self.document["rules"]):
-            if not any(fnmatchcase(resource, pattern) for pattern in rule["resources"]):
-                continue
             where = f"rule {index} ({', '.join(rule['resources'])})"
-            if claims.get("debug") is not False and not rule.get("allow_debug", False):
-                return Decision(False, f"{where}: the guest is a debug guest (claim debug is "
-                                       f"{_show(claims.get('debug'))}) and the rule does not set allow_debug",
-                                index)
-            failure = _evaluate(rule.get("require"), claims)
-            if failure:
-                return Decision(False, f"{where}: {failure}", index)
-            return Decision(True, f"{where}: all conditions hold", index)
-        return Decision(False, f"no policy rule covers resource {resource!r}")
+            if not any(fnmatchcase(resource, pattern) for pattern in rule["resources"]):
+                lines.append(f"{where}: does not match {resource}")
+                continue
+            lines.append(f"{where}: matches {resource}")
+            debug = claims.get("debug")
+            if debug is not False and not rule.get("allow_debug", False):
+                lines.append(f"  FAIL claim debug is {_show(debug)}: a debug guest, and the rule does not set "
+                             "allow_debug")
+                return Decision(False, f"{where}: the guest is a debug guest (claim debug is {_show(debug)}) and "
+                                       "the rule does not set allow_debug", index, "debug"), lines
+            lines.append(f"  PASS claim debug is {_show(debug)}"
+                         + (" (the rule sets allow_debug)" if rule.get("allow_debug", False) else ""))
+            if "require" in rule:
+                outcome = _evaluate(rule["require"], claims)
+                lines += outcome.lines()
+                if not outcome.holds:
+                    return Decision(False, f"{where}: {outcome.reason()}", index, "condition"), lines
+            return Decision(True, f"{where}: all conditions hold", index, "allowed"), lines
+        return Decision(False, f"no policy rule covers resource {resource!r}", None, "no_rule"), lines
 
 
-def _evaluate(cond: Any, claims: dict[str, Any]) -> str | None:
-    """None when ``cond`` holds, else a sentence naming the condition that failed."""
-    if cond is None:
-        return None
-    if "allOf" in cond:
-        for sub in cond["allOf"]:
-            failure = _evaluate(sub, claims)
-            if failure:
-                return failure
-        return None
-    if "anyOf" in cond:
-        failures = [_evaluate(sub, claims) for sub in cond["anyOf"]]
-        if all(failures):
-            return "none of these holds: " + " | ".join(f or "" for f in failures)
-        return None
+def _evaluate(cond: Any, claims: dict[str, Any]) -> Outcome:
+    for combinator, combine in (("allOf", all), ("anyOf", any)):
+        if combinator in cond:
+            parts = tuple(_evaluate(sub, claims) for sub in cond[combinator])
+            return Outcome(combine(part.holds for part in parts), combinator, parts=parts)
     if "not" in cond:
-        return None if _evaluate(cond["not"], claims) else f"condition must not hold: {json.dumps(cond['not'])}"
+        inner = _evaluate(cond["not"], claims)
+        return Outcome(not inner.holds, "not", json.dumps(cond["not"]), (inner,))
     name = cond["claim"]
     present = name in claims and claims[name] is not None
     if "exists" in cond:
-        if present == cond["exists"]:
-            return None
-        return f"claim {name} is {'present' if present else 'absent'}"
+        return Outcome(present == cond["exists"], "claim", f"claim {name} is {'present' if present else 'absent'}")
     if not present:
-        return f"claim {name} is absent"
+        return Outcome(False, "claim", f"claim {name} is absent")
     value = claims[name]
     if "equals" in cond:
-        return None if _same(value, cond["equals"]) else \
-            f"claim {name} is {_show(value)}, not {_show(cond['equals'])}"
+        want = cond["equals"]
+        if _same(value, want):
+            return Outcome(True, "claim", f"claim {name} is {_show(value)}, equals {_show(want)}")
+        return Outcome(False, "claim", f"claim {name} is {_show(value)}, not {_show(want)}")
     if "in" in cond:
-        return None if any(_same(value, v) for v in cond["in"]) else \
-            f"claim {name} is {_show(value)}, not one of {_show(cond['in'])}"
+        if any(_same(value, v) for v in cond["in"]):
+            return Outcome(True, "claim", f"claim {name} is {_show(value)}, one of {_show(cond['in'])}")
+        return Outcome(False, "claim", f"claim {name} is {_show(value)}, not one of {_show(cond['in'])}")
     bound_name = "atLeast" if "atLeast" in cond else "atMost"
     bound = cond[bound_name]
     got, want = _comparable(value), _comparable(bound)
     if got is None or type(got) is not type(want):
-        return f"claim {name} is {_show(value)}, which cannot be compared with {_show(bound)}"
-    ok = got >= want if bound_name == "atLeast" else got <= want  # type: ignore[operator]
-    return None if ok else f"claim {name} is {_show(value)}, {'below' if bound_name == 'atLeast' else 'above'} {_show(bound)}"
+        return Outcome(False, "claim", f"claim {name} is {_show(value)}, which cannot be compared with {_show(bound)}")
+    if got >= want if bound_name == "atLeast" else got <= want:  # type: ignore[operator]
+        return Outcome(True, "claim", f"claim {name} is {_show(value)}, "
+                                      f"{'at least' if bound_name == 'atLeast' else 'at most'} {_show(bound)}")
+    return Outcome(False, "claim", f"claim {name} is {_show(value)}, "
+                                   f"{'below' if bound_name == 'atLeast' else 'above'} {_show(bound)}")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -170,6 +219,7 @@ def _show(value: Any) -> str:
 # -- validation -------------------------------------------------------------------------
 
 _OPERATORS = ("equals", "in", "atLeast", "atMost", "exists")
+_DEPTH_MAX = 16
 
 
 def _check_document(doc: Any) -> None:
@@ -199,21 +249,23 @@ def _check_document(doc: Any) -> None:
             _check_condition(rule["require"], f"{where}.require")
 
 
-def _check_condition(cond: Any, where: str) -> None:
+def _check_condition(cond: Any, where: str, depth: int = 0) -> None:
     if not isinstance(cond, dict) or len(cond) == 0:
         raise PolicyError(f"{where} must be a condition object")
+    if depth > _DEPTH_MAX:
+        raise PolicyError(f"{where}: conditions nest deeper than {_DEPTH_MAX} levels")
     for combinator in ("allOf", "anyOf"):
         if combinator in cond:
             subs = cond[combinator]
             if len(cond) != 1 or not isinstance(subs, list) or not subs:
                 raise PolicyError(f"{where}.{combinator} must be the only member, a non-empty list")
             for j, sub in enumerate(subs):
-                _check_condition(sub, f"{where}.{combinator}[{j}]")
+                _check_condition(sub, f"{where}.{combinator}[{j}]", depth + 1)
             return
     if "not" in cond:
         if len(cond) != 1:
             raise PolicyError(f"{where}.not must be the only member")
-        _check_condition(cond["not"], f"{where}.not")
+        _check_condition(cond["not"], f"{where}.not", depth + 1)
         return
     claim = cond.get("claim")
     if not isinstance(claim, str) or not claim:

@@ -77,3 +77,52 @@ def test_invalid_policies(doc, message):
     with pytest.raises(PolicyError) as info:
         Policy(doc)
     assert message in str(info.value)
+
+
+def test_decisions_say_why_in_one_word():
+    p = policy({"resources": ["disk/*"], "require": {"claim": "snp.vmpl", "equals": 0}})
+    assert p.decide("disk/a/b", SNP).cause == "allowed"
+    assert p.decide("disk/a/b", SNP | {"snp.vmpl": 1}).cause == "condition"
+    assert p.decide("disk/a/b", SNP | {"debug": True}).cause == "debug"
+    assert p.decide("net/a/b", SNP).cause == "no_rule"
+
+
+def test_explain_lists_rules_and_every_condition():
+    p = policy({"resources": ["net/*"]},
+               {"resources": ["disk/*"], "require": {"allOf": [
+                   {"claim": "tee", "in": ["snp", "tdx"]},
+                   {"anyOf": [{"claim": "snp.vmpl", "equals": 0}, {"claim": "snp.host_data", "exists": True}]},
+                   {"not": {"claim": "snp.reported_tcb.microcode", "atMost": 60}},
+                   {"claim": "snp.firmware.current", "atLeast": "1.56"}]}},
+               {"resources": ["*"]})
+    lines = p.explain("disk/a/b", SNP | {"snp.vmpl": 2})
+    assert lines == [
+        "rule 0 (net/*): does not match disk/a/b",
+        "rule 1 (disk/*): matches disk/a/b",
+        "  PASS claim debug is false",
+        "  FAIL allOf",
+        '    PASS claim tee is "snp", one of ["snp", "tdx"]',
+        "    FAIL anyOf",
+        "      FAIL claim snp.vmpl is 2, not 0",
+        "      FAIL claim snp.host_data is absent",
+        "    PASS not",
+        "      FAIL claim snp.reported_tcb.microcode is 72, above 60",
+        '    FAIL claim snp.firmware.current is "1.55.43", below "1.56"',
+        "=> DENY: rule 1 (disk/*): none of these holds: claim snp.vmpl is 2, not 0 | claim snp.host_data is absent",
+    ]
+    assert p.explain("disk/a/b", SNP | {"snp.firmware.current": "1.56.1"})[-1] == \
+        "=> ALLOW: rule 1 (disk/*): all conditions hold"
+    assert p.explain("x", SNP | {"debug": True})[-2:] == [
+        "  FAIL claim debug is true: a debug guest, and the rule does not set allow_debug",
+        "=> DENY: rule 2 (*): the guest is a debug guest (claim debug is true) and the rule does not set allow_debug"]
+
+
+def test_digest_ignores_layout_and_nesting_is_bounded():
+    a = Policy.loads('{"version": 1, "rules": [{"resources": ["*"]}]}')
+    b = Policy.loads('{"rules":[{"resources":["*"]}],\n "version":1}')
+    assert a.digest == b.digest and a.digest != DEFAULT.digest
+    deep: dict = {"claim": "tee", "exists": True}
+    for _ in range(20):
+        deep = {"not": deep}
+    with pytest.raises(PolicyError, match="nest deeper than 16"):
+        policy({"resources": ["*"], "require": deep})
