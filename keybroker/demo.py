@@ -24,6 +24,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from . import install
+from .server.admin import Admin
+from .server.sealing import load_sealer
 from .server.store import Store
 
 SIM_STATE = Path("/var/lib/keybroker/demo-sim")
@@ -84,13 +86,17 @@ def run() -> int:
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         db = f"sqlite:///{work / 'kbs.db'}"
-        _step(f"starting the key server at {url} (trusting the emulator's simulated roots only)")
-        server = start(["serve", "--listen", f"127.0.0.1:{port}", "--db", db,
+        kek = work / "kek"
+        os.close(os.open(kek, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        kek.write_bytes(os.urandom(32))
+        _step(f"starting the key server at {url} (trusting the emulator's simulated roots only; "
+              f"resources sealed under the KEK in {kek})")
+        server = start(["serve", "--listen", f"127.0.0.1:{port}", "--db", db, "--kek-file", str(kek),
                         "--trust-roots", str(SIM_STATE / "trust")], "server.log")
         _wait("the key server", lambda: _healthy(url), server)
 
         secret = secrets.token_bytes(32)
-        Store(db).put_resource(RESOURCE, secret)
+        Admin(Store(db), load_sealer(kek), "local:demo", "demo").put_resource(RESOURCE, secret)
         digest = hashlib.sha256(secret).hexdigest()
         del secret
         _step(f"stored a random 32-byte resource {RESOURCE} (sha256 {digest})")

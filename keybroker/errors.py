@@ -81,3 +81,11 @@ class PolicyError(KeybrokerError):
 
 class AccessDenied(KeybrokerError):
     """The requester of a key may not obtain that resource (client access rules)."""
+
+
+class SealError(KeybrokerError):
+    """A resource sealed at rest cannot be opened: no key-encryption key with its id, or tampered."""
+
+
+class AdminError(KeybrokerError):
+    """An administrative request is malformed (resource path, value size, lease, policy) or refused."""

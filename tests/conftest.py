@@ -101,16 +101,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class KeyServerProcess:
-    """``keybroker serve`` on a loopback port with a SQLite database, trusting the simulated roots."""
+def write_secret(path: Path, data: bytes) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
 
-    def __init__(self, workdir: Path, trust: Path | None, *extra: str) -> None:
+
+class ServerSecrets:
+    """A key server's secret files, as an operator makes them: KEK, admin token, token-signing key."""
+
+    def __init__(self, folder: Path) -> None:
+        import secrets
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.kek = write_secret(folder / "kek", os.urandom(32))
+        self.admin_token = secrets.token_hex(32)
+        self.admin_token_file = write_secret(folder / "admin-token", self.admin_token.encode() + b"\n")
+        key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        self.token_key = write_secret(folder / "token-key.pem", key)
+
+
+class KeyServerProcess:
+    """``keybroker serve`` on a loopback port (SQLite unless ``db`` is given), trusting the simulated roots.
+
+    It gets a KEK and an admin token from ``secrets`` (made in ``workdir`` unless shared).
+    """
+
+    def __init__(self, workdir: Path, trust: Path | None, *extra: str, db: str | None = None,
+                 secrets: ServerSecrets | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.db = f"sqlite:///{workdir / 'kbs.db'}"
+        self.db = db or f"sqlite:///{workdir / 'kbs.db'}"
+        self.secrets = secrets or ServerSecrets(workdir / "secrets")
         self.args = [sys.executable, "-m", "keybroker", "serve", "--listen", f"127.0.0.1:{self.port}",
-                     "--db", self.db, *(["--trust-roots", str(trust)] if trust else []), *extra]
+                     "--db", self.db, "--kek-file", str(self.secrets.kek),
+                     "--admin-token-file", str(self.secrets.admin_token_file),
+                     *(["--trust-roots", str(trust)] if trust else []), *extra]
         self.log_path = workdir / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -143,19 +175,23 @@ class KeyServerProcess:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def put(self, path: str, value: bytes, *extra: str) -> None:
-        subprocess.run([sys.executable, "-m", "keybroker", "resource", "put", path, "--db", self.db, *extra],
-                       input=value, check=True, timeout=30)
+        subprocess.run([sys.executable, "-m", "keybroker", "resource", "put", path, "--db", self.db,
+                        "--kek-file", str(self.secrets.kek), *extra], input=value, check=True, timeout=30)
 
 
 @pytest.fixture
 def kbs(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., KeyServerProcess]]:
-    """Factory: ``kbs()`` starts a key server trusting the simulated roots; stopped after the test."""
+    """Factory: ``kbs()`` starts a key server trusting the simulated roots; stopped after the test.
+
+    ``kbs(*extra_args, trust=True, db=None, secrets=None)``: replicas share ``db`` and ``secrets``.
+    """
     servers: list[KeyServerProcess] = []
 
-    def start(*extra: str, trust: bool = True) -> KeyServerProcess:
+    def start(*extra: str, trust: bool = True, db: str | None = None,
+              secrets: ServerSecrets | None = None) -> KeyServerProcess:
         workdir = tmp_path / f"kbs{len(servers)}"
         workdir.mkdir()
-        server = KeyServerProcess(workdir, sim_state / "trust" if trust else None, *extra)
+        server = KeyServerProcess(workdir, sim_state / "trust" if trust else None, *extra, db=db, secrets=secrets)
         servers.append(server)
         return server.start()
 

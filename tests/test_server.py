@@ -122,11 +122,14 @@ def test_plain_http_only_on_loopback(tmp_path):
 
 
 def test_resource_command(tmp_path):
+    from conftest import write_secret
+
     db = f"sqlite:///{tmp_path}/r.db"
+    kek = write_secret(tmp_path / "kek", b"k" * 32)
 
     def run(*args, data=None):
-        return subprocess.run([sys.executable, "-m", "keybroker", "resource", *args, "--db", db],
-                              input=data, capture_output=True, timeout=30)
+        return subprocess.run([sys.executable, "-m", "keybroker", "resource", *args, "--db", db,
+                               "--kek-file", str(kek)], input=data, capture_output=True, timeout=30)
 
     assert run("put", "default/key/one", data=b"value-1").returncode == 0
     (tmp_path / "v2").write_bytes(b"value-2")

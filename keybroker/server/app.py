@@ -1,23 +1,39 @@
-"""The key server's HTTP front (Starlette, served by uvicorn): KBS RCAR 0.4.0 routes.
+"""The key server's HTTP front (Starlette, served by uvicorn).
 
-Bodies are bounded before they are parsed; every error is an RFC 7807 problem whose
-``type`` names it (unknown resource, attestation denied and why, bad request...).
+Routes: KBS RCAR 0.4.0 (``/kbs/v0/auth``, ``/attest``, ``/resource/…``), the admin API
+(``/admin/v1/…``, Bearer admin token), and operations (``/metrics``, ``/healthz``,
+``/readyz``). Bodies are bounded before they are parsed; every error is an RFC 7807
+problem whose ``type`` names it and whose ``detail`` says why (a denial names the failed
+check or policy condition). Admin calls without a valid token are refused and audited.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
+import time
 from typing import Any, Awaitable, Callable
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..config import is_loopback
+from ..errors import AdminError, ConfigError, PolicyError
 from ..rcar import protocol as p
+from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
+from .audit import ADMIN, DENY, Event
+from .config import ServerConfig
 from .kbs import SESSION_LIFETIME, KeyServer, Problem
+from .metrics import CONTENT_TYPE, Metrics
+from .notify import notify
+from .sealing import load_sealer
+from .store import PolicyInfo, PolicyVersion, Store
+from .tokens import TokenSigner
 
 log = logging.getLogger("keybroker.server")
 
@@ -25,41 +41,64 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def problem_response(problem: Problem) -> JSONResponse:
+    headers = {"WWW-Authenticate": 'Bearer realm="keybroker-admin"'} if problem.name == p.UNAUTHORIZED else None
     return JSONResponse(p.problem(problem.name, problem.detail), status_code=problem.status,
-                        media_type="application/problem+json")
+                        media_type="application/problem+json", headers=headers)
 
 
-async def read_json(request: Request) -> Any:
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > p.BODY_MAX):
-        raise Problem(p.PAYLOAD_TOO_LARGE, f"request body larger than {p.BODY_MAX} bytes")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise Problem(p.PAYLOAD_TOO_LARGE, f"request body larger than {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > p.BODY_MAX:
-            raise Problem(p.PAYLOAD_TOO_LARGE, f"request body larger than {p.BODY_MAX} bytes")
+        if len(body) > limit:
+            raise Problem(p.PAYLOAD_TOO_LARGE, f"request body larger than {limit} bytes")
+    return bytes(body)
+
+
+async def read_json(request: Request) -> Any:
     try:
-        return json.loads(body)
+        return json.loads(await read_body(request, p.BODY_MAX))
     except (ValueError, UnicodeDecodeError):
         raise Problem(p.BAD_REQUEST, "request body is not JSON") from None
 
 
-def create_app(kbs: KeyServer, *, secure_cookies: bool) -> Starlette:
+def _peer(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+def _policy_json(info: PolicyInfo) -> dict[str, Any]:
+    out: dict[str, Any] = {"version": info.version, "digest": info.digest, "created": info.created,
+                           "actor": info.actor}
+    if isinstance(info, PolicyVersion):
+        out["policy"] = info.policy.document
+    return out
+
+
+def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, *, secure_cookies: bool) -> Starlette:
     def guarded(route: str) -> Callable[[Handler], Handler]:
         def wrap(handler: Handler) -> Handler:
             async def endpoint(request: Request) -> Response:
-                peer = request.client.host if request.client else "?"
+                start = time.perf_counter()
                 try:
-                    return await handler(request)
+                    response = await handler(request)
                 except Problem as problem:
-                    log.warning("%s peer=%s status=%d problem=%s detail=%s", route, peer, problem.status,
+                    log.warning("%s peer=%s status=%d problem=%s detail=%s", route, _peer(request), problem.status,
                                 problem.name, problem.detail)
-                    return problem_response(problem)
+                    response = problem_response(problem)
+                except (AdminError, PolicyError) as exc:
+                    response = problem_response(Problem(p.BAD_REQUEST, str(exc)))
                 except Exception:
-                    log.exception("%s peer=%s: internal error", route, peer)
-                    return problem_response(Problem(p.INTERNAL, "internal error; see the server log"))
+                    log.exception("%s peer=%s: internal error", route, _peer(request))
+                    response = problem_response(Problem(p.INTERNAL, "internal error; see the server log"))
+                kbs.metrics.request(route, response.status_code, time.perf_counter() - start)
+                return response
             return endpoint
         return wrap
+
+    # -- KBS RCAR 0.4.0 ------------------------------------------------------------------
 
     @guarded("auth")
     async def auth(request: Request) -> Response:
@@ -73,50 +112,176 @@ def create_app(kbs: KeyServer, *, secure_cookies: bool) -> Starlette:
     @guarded("attest")
     async def attest(request: Request) -> Response:
         body = await read_json(request)
-        token = await run_in_threadpool(kbs.attest, request.cookies.get(p.SESSION_COOKIE), body)
+        token = await run_in_threadpool(kbs.attest, request.cookies.get(p.SESSION_COOKIE), body, _peer(request))
         return JSONResponse(token)
 
     @guarded("resource")
     async def resource(request: Request) -> Response:
-        path = request.path_params["path"]
         authorization = request.headers.get("authorization", "")
         bearer = authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
-
-        def release() -> Any:
-            tee_pubkey, claims = kbs.authenticate(request.cookies.get(p.SESSION_COOKIE), bearer)
-            return kbs.resource(path, tee_pubkey, claims)
-
-        released = await run_in_threadpool(release)
-        peer = request.client.host if request.client else "?"
-        log.info("resource peer=%s path=%s result=released", peer, path)
-        headers = {"Cache-Control": "no-store"}
+        released = await run_in_threadpool(kbs.release, request.path_params["path"],
+                                           request.cookies.get(p.SESSION_COOKIE), bearer, _peer(request))
+        headers = {"Cache-Control": "no-store", "Keybroker-Audit": released.audit}
         if released.lease is not None:
             headers["Keybroker-Lease"] = str(released.lease)
         return JSONResponse(released.jwe, headers=headers)
 
+    # -- the admin API -------------------------------------------------------------------
+
+    async def administrator(request: Request) -> Admin:
+        """The caller as an :class:`Admin`, or a refusal that is audited first."""
+        authorization = request.headers.get("authorization", "")
+        if admin_auth is None:
+            reason = "the admin API is disabled on this server (start it with --admin-token-file)"
+        elif not authorization.lower().startswith("bearer "):
+            reason = "no Bearer admin token"
+        else:
+            actor = admin_auth.actor(authorization[7:].strip())
+            if actor is not None:
+                return Admin(kbs.store, kbs.sealer, actor, kbs.name, _peer(request))
+            reason = "the Bearer token is not an admin token"
+        what = f"{request.method} {request.url.path}"
+        await run_in_threadpool(kbs.store.audit, Event(ADMIN, DENY, reason, kbs.name, peer=_peer(request),
+                                                        resource=what))
+        kbs.metrics.denial("admin_unauthorized")
+        raise Problem(p.UNAUTHORIZED, reason, "admin_unauthorized")
+
+    @guarded("admin")
+    async def list_resources(request: Request) -> Response:
+        admin = await administrator(request)
+        listing = await run_in_threadpool(admin.list_resources)
+        return JSONResponse({"resources": [{"path": r.path, "size": r.size, "lease": r.lease, "kek": r.kek_id,
+                                            "updated": r.updated} for r in listing]})
+
+    @guarded("admin")
+    async def put_resource(request: Request) -> Response:
+        admin = await administrator(request)
+        lease = request.query_params.get("lease")
+        if lease is not None and not (lease.isdigit() and len(lease) <= 10):
+            raise Problem(p.BAD_REQUEST, "lease must be a number of seconds")
+        value = await read_body(request, RESOURCE_MAX)
+        record = await run_in_threadpool(admin.put_resource, request.path_params["path"], value,
+                                         int(lease) if lease else None)
+        return JSONResponse({"path": record.event.resource, "size": len(value), "audit": record.hash})
+
+    @guarded("admin")
+    async def delete_resource(request: Request) -> Response:
+        admin = await administrator(request)
+        path = request.path_params["path"]
+        if not await run_in_threadpool(admin.delete_resource, path):
+            raise Problem(p.RESOURCE_NOT_FOUND, f"resource {path[:200]} does not exist")
+        return JSONResponse({"deleted": path})
+
+    @guarded("admin")
+    async def get_policy(request: Request) -> Response:
+        admin = await administrator(request)
+        wanted = request.query_params.get("version")
+        if wanted is not None and not (wanted.isdigit() and len(wanted) <= 9):
+            raise Problem(p.BAD_REQUEST, "version must be a number")
+        version = await run_in_threadpool(admin.get_policy, int(wanted) if wanted else None)
+        if version is None:
+            raise Problem(p.RESOURCE_NOT_FOUND, f"there is no policy version {wanted}")
+        return JSONResponse(_policy_json(version))
+
+    @guarded("admin")
+    async def list_policies(request: Request) -> Response:
+        admin = await administrator(request)
+        versions = await run_in_threadpool(admin.list_policies)
+        return JSONResponse({"policies": [_policy_json(v) for v in versions]})
+
+    @guarded("admin")
+    async def put_policy(request: Request) -> Response:
+        admin = await administrator(request)
+        body = await read_body(request, p.BODY_MAX)
+        version, changed = await run_in_threadpool(admin.put_policy, body)
+        return JSONResponse({"version": version, "changed": changed})
+
+    @guarded("admin")
+    async def reset_policy(request: Request) -> Response:
+        admin = await administrator(request)
+        version, changed = await run_in_threadpool(admin.reset_policy)
+        return JSONResponse({"version": version, "changed": changed})
+
+    # -- operations ----------------------------------------------------------------------
+
+    @guarded("metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(kbs.metrics.render(), media_type=CONTENT_TYPE)
+
+    @guarded("healthz")
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    @guarded("readyz")
+    async def readyz(request: Request) -> Response:
+        try:
+            await run_in_threadpool(kbs.store.ping)
+        except Exception as exc:  # any database failure means: do not send traffic here
+            log.warning("readyz: the database does not answer: %s", exc)
+            return JSONResponse({"status": "unavailable", "detail": "the database does not answer"},
+                                status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    resource_path = "/resources/{path:path}"
     return Starlette(routes=[
         Route(f"{p.PREFIX}/auth", auth, methods=["POST"]),
         Route(f"{p.PREFIX}/attest", attest, methods=["POST"]),
         Route(f"{p.PREFIX}/resource/{{path:path}}", resource, methods=["GET"]),
+        Route(f"{ADMIN_PREFIX}/resources", list_resources, methods=["GET"]),
+        Route(f"{ADMIN_PREFIX}{resource_path}", put_resource, methods=["PUT"]),
+        Route(f"{ADMIN_PREFIX}{resource_path}", delete_resource, methods=["DELETE"]),
+        Route(f"{ADMIN_PREFIX}/policy", get_policy, methods=["GET"]),
+        Route(f"{ADMIN_PREFIX}/policy", put_policy, methods=["PUT"]),
+        Route(f"{ADMIN_PREFIX}/policy", reset_policy, methods=["DELETE"]),
+        Route(f"{ADMIN_PREFIX}/policies", list_policies, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
     ])
 
 
-def serve(kbs: KeyServer, host: str, port: int, *, tls_cert: str | None = None, tls_key: str | None = None) -> None:
-    """Serve until SIGTERM/SIGINT. Plain HTTP is refused on anything but loopback."""
-    import uvicorn
+class NotifyingServer(uvicorn.Server):
+    """uvicorn, telling systemd READY=1 once the socket listens and STOPPING=1 at shutdown."""
 
-    from ..config import is_loopback
-    from ..errors import ConfigError
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            notify(f"READY=1\nSTATUS=serving on {self.config.host}:{self.config.port}")
 
-    if bool(tls_cert) != bool(tls_key):
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        notify("STOPPING=1")
+        await super().shutdown(sockets)
+
+
+def run(config: ServerConfig) -> None:
+    """Check the configuration, load the secrets, open the database, and serve until SIGTERM/SIGINT."""
+    host, port = config.listen
+    if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
-    if not tls_cert and not is_loopback(host):
+    if not config.tls_cert and not is_loopback(host):
         raise ConfigError(f"refusing plain HTTP on {host}: give --tls-cert and --tls-key, or listen on loopback")
-    app = create_app(kbs, secure_cookies=bool(tls_cert))
-    config = uvicorn.Config(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
-                            log_level="info", access_log=False, server_header=False, date_header=False)
-    uvicorn.Server(config).run()
+    from ..verifier import TrustStore
+
+    sealer = load_sealer(config.kek_file, config.old_kek_file)
+    admin_auth = AdminAuth.load(config.admin_token_file)
+    tokens = TokenSigner.load(config.token_key_file)
+    name = config.name or f"{socket.gethostname()}:{port}"
+    store = Store(config.db)
+    if config.policy:
+        policy_text = config.policy.read_text()
+        Admin(store, sealer, f"config:{config.policy}", name).put_policy(policy_text)
+    active = store.active_policy()
+    log.info("replica %s: release policy version %d (sha256 %s); KEK %s; admin API %s; token key %s", name,
+             active.version, active.digest[:16], sealer.current.id, "on" if admin_auth else "off",
+             "shared" if tokens.shared else "ephemeral")
+    if not tokens.shared:
+        log.warning("no --token-key-file: the tokens issued here are valid on this replica only")
+    kbs = KeyServer(store=store, sealer=sealer, trust=TrustStore.default().with_dirs(config.trust_roots),
+                    tokens=tokens, metrics=Metrics(), name=name, certs=config.certs,
+                    kds_url=config.kds_url or None, cache_dir=config.cache_dir, pcs_url=config.pcs_url or None)
+    app = create_app(kbs, admin_auth, secure_cookies=bool(config.tls_cert))
+    server_config = uvicorn.Config(app, host=host, port=port,
+                                   ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
+                                   ssl_keyfile=str(config.tls_key) if config.tls_key else None,
+                                   log_level="info", access_log=False, server_header=False, date_header=False)
+    NotifyingServer(server_config).run()

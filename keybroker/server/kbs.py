@@ -2,30 +2,36 @@
 
 A key is released only after the evidence's signature and chain verified under the
 trusted roots, REPORT_DATA bound the session's single-use nonce and the tee-pubkey, and
-the release policy allowed the appraised claims that resource.
+the active release policy allowed the appraised claims that resource.
+
+Every attestation and every release or refusal is appended to the audit log before the
+answer is returned: when a guest holds a key, the log already says so.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import logging
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from jwcrypto import jwe, jwk
 
 from .. import envelope
 from ..description import ResourcePath
-from ..errors import DescriptionError, EnvelopeError, ProtocolError
-from ..policy import Policy
+from ..errors import DescriptionError, EnvelopeError, ProtocolError, SealError
 from ..rcar import protocol as p
 from ..verifier import Context, Evidence, TrustStore, verify
+from .audit import ALLOW, ATTEST, DENY, RELEASE, Event
+from .metrics import Metrics
+from .sealing import Sealer
 from .store import Store
 from .tokens import TokenSigner
 
@@ -35,12 +41,13 @@ SESSION_LIFETIME = 300  # seconds, as Trustee's default
 
 
 class Problem(Exception):
-    """An RFC 7807 problem to answer with."""
+    """An RFC 7807 problem to answer with; ``cause`` is its short name for metrics."""
 
-    def __init__(self, name: str, detail: str) -> None:
+    def __init__(self, name: str, detail: str, cause: str | None = None) -> None:
         super().__init__(detail)
         self.name = name
         self.detail = detail
+        self.cause = cause or "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
 
     @property
     def status(self) -> int:
@@ -51,14 +58,22 @@ class Problem(Exception):
 class Release:
     jwe: dict[str, str]
     lease: int | None
+    audit: str  # the hash of the release's audit record
+
+
+def session_ref(session_id: str | None) -> str:
+    """How the audit log names a session: a digest, never the cookie itself."""
+    return hashlib.sha256(session_id.encode(errors="replace")).hexdigest()[:16] if session_id else ""
 
 
 @dataclass
 class KeyServer:
     store: Store
+    sealer: Sealer
     trust: TrustStore
-    policy: Policy
     tokens: TokenSigner
+    metrics: Metrics
+    name: str  # this replica, in the audit log
     certs: tuple[Path, ...] = ()
     kds_url: str | None = None
     cache_dir: Path | None = None
@@ -84,24 +99,29 @@ class KeyServer:
 
     # -- POST /kbs/v0/attest -------------------------------------------------------------
 
-    def attest(self, session_id: str | None, body: Any) -> dict[str, str]:
+    def attest(self, session_id: str | None, body: Any, peer: str) -> dict[str, str]:
+        event = Event(ATTEST, DENY, "", self.name, peer=peer, session=session_ref(session_id))
         try:
             attestation = p.Attestation.from_json(body)
         except ProtocolError as exc:
-            raise Problem(p.BAD_REQUEST, str(exc)) from None
+            self._refuse(Problem(p.BAD_REQUEST, str(exc)), event)
         session = self.store.consume_nonce(session_id, attestation.nonce) if session_id else None
         if session is None:
-            raise Problem(p.UNKNOWN_SESSION, "no session with this cookie and nonce: it expired, its nonce "
-                                             "was already used, or /auth was not called")
+            self._refuse(Problem(p.UNKNOWN_SESSION, "no session with this cookie and nonce: it expired, its nonce "
+                                                    "was already used, or /auth was not called"), event)
+        event = replace(event, provider=session.tee)
         try:
             claims = self._appraise(session.tee, attestation)
-        except Problem:
+        except Problem as problem:
             self.store.finish_attestation(session.id, claims=None, tee_pubkey=None)
-            raise
+            self._refuse(problem, event)
         self.store.finish_attestation(session.id, claims=claims, tee_pubkey=attestation.tee_pubkey)
-        log.info("attest session=%s tee=%s result=verified measurement=%s", session.id, session.tee,
-                 claims.get("measurement", "?"))
-        return {"token": self.tokens.issue(session.tee, attestation.tee_pubkey, claims)}
+        self.store.audit(replace(event, decision=ALLOW, reason="evidence verified and bound to the session",
+                                 measurement=str(claims.get("measurement", ""))))
+        self.metrics.attestation(session.tee, True)
+        log.info("attest peer=%s session=%s tee=%s result=verified measurement=%s", peer, event.session,
+                 session.tee, claims.get("measurement", "?"))
+        return {"token": self.tokens.issue(session.tee, attestation.tee_pubkey, claims, event.session)}
 
     def _appraise(self, tee: str, attestation: p.Attestation) -> dict[str, Any]:
         try:
@@ -113,7 +133,7 @@ class KeyServer:
         expected = p.report_data(attestation.nonce, attestation.tee_pubkey)
         if report.inblob != expected:
             raise Problem(p.ATTESTATION_DENIED, "binding: the evidence's inblob is not SHA-384 of this "
-                                                "session's nonce and tee-pubkey")
+                                                "session's nonce and tee-pubkey", "binding")
         try:
             jwk.JWK(**attestation.tee_pubkey)
         except (ValueError, TypeError, jwk.InvalidJWKValue) as exc:
@@ -122,36 +142,65 @@ class KeyServer:
                           kds_url=self.kds_url, cache_dir=self.cache_dir, pcs_url=self.pcs_url)
         verdict = verify(Evidence.from_report(report), context)
         if not verdict.ok:
-            raise Problem(p.ATTESTATION_DENIED, f"evidence did not verify: {verdict.reason()}")
+            failed = verdict.failures[0].name if verdict.failures else "no_check"
+            raise Problem(p.ATTESTATION_DENIED, f"evidence did not verify: {verdict.reason()}", f"evidence_{failed}")
         return verdict.claims
 
     # -- GET /kbs/v0/resource/<repo>/<type>/<tag> ----------------------------------------
 
-    def authenticate(self, session_id: str | None, bearer: str | None) -> tuple[dict[str, str], dict[str, Any]]:
-        """The (tee-pubkey, claims) of an attested session cookie or attestation token."""
-        if bearer is not None:
-            token = self.tokens.verify(bearer)
-            if token is None:
-                raise Problem(p.NOT_ATTESTED, "the Bearer token is invalid or expired: attest again")
-            return token["tee-pubkey"], token["claims"]
-        session = self.store.get_session(session_id) if session_id else None
-        if session is None or session.state != "attested" or session.expires < time.time():
-            raise Problem(p.NOT_ATTESTED, "this session is not attested (or expired): call /auth and /attest")
-        assert session.tee_pubkey is not None and session.claims is not None
-        return session.tee_pubkey, session.claims
-
-    def resource(self, path: str, tee_pubkey: dict[str, str], claims: dict[str, Any]) -> Release:
+    def release(self, path: str, session_id: str | None, bearer: str | None, peer: str) -> Release:
+        """Release ``path`` to an attested session (cookie) or attestation token (Bearer)."""
+        event = Event(RELEASE, DENY, "", self.name, peer=peer, resource=path)
         try:
             name = str(ResourcePath.parse(path))
         except DescriptionError as exc:
-            raise Problem(p.BAD_REQUEST, str(exc)) from None
+            self._refuse(Problem(p.BAD_REQUEST, str(exc)), event)
+        event = replace(event, resource=name)
+        tee_pubkey, claims, session = self._authenticate(session_id, bearer, event)
+        active = self.store.active_policy()
+        event = replace(event, session=session, provider=str(claims.get("tee", "")),
+                        measurement=str(claims.get("measurement", "")), policy_version=active.version)
+        decision = active.policy.decide(name, claims)
+        if not decision.allowed:
+            self._refuse(Problem(p.POLICY_DENIED, f"release of {name} denied by policy version {active.version}: "
+                                                  f"{decision.reason}", f"policy_{decision.cause}"), event)
         stored = self.store.get_resource(name)
         if stored is None:
-            raise Problem(p.RESOURCE_NOT_FOUND, f"resource {name} does not exist")
-        decision = self.policy.decide(name, claims)
-        if not decision.allowed:
-            raise Problem(p.POLICY_DENIED, f"release of {name} denied by policy: {decision.reason}")
-        return Release(wrap(stored.value, tee_pubkey), stored.lease)
+            self._refuse(Problem(p.RESOURCE_NOT_FOUND, f"resource {name} does not exist"), event)
+        try:
+            value = self.sealer.open(name, stored.sealed)
+        except SealError as exc:
+            log.error("resource %s: %s", name, exc)
+            self._refuse(Problem(p.INTERNAL, f"resource {name} cannot be unsealed on this server; see its log",
+                                 "unseal"), event)
+        wrapped = wrap(value, tee_pubkey)
+        record = self.store.audit(replace(event, decision=ALLOW, reason=decision.reason))
+        self.metrics.release(event.provider)
+        log.info("resource peer=%s session=%s path=%s result=released audit=%d", peer, session, name, record.seq)
+        return Release(wrapped, stored.lease, record.hash)
+
+    def _authenticate(self, session_id: str | None, bearer: str | None,
+                      event: Event) -> tuple[dict[str, str], dict[str, Any], str]:
+        """The (tee-pubkey, claims, session reference) of an attestation token or attested session."""
+        if bearer is not None:
+            token = self.tokens.verify(bearer)
+            if token is None:
+                self._refuse(Problem(p.NOT_ATTESTED, "the Bearer token is invalid or expired: attest again"), event)
+            return token["tee-pubkey"], token["claims"], str(token.get("sid", ""))
+        session = self.store.get_session(session_id) if session_id else None
+        if session is None or session.state != "attested" or session.expires < time.time():
+            self._refuse(Problem(p.NOT_ATTESTED, "this session is not attested (or expired): call /auth and "
+                                                 "/attest"), replace(event, session=session_ref(session_id)))
+        assert session.tee_pubkey is not None and session.claims is not None
+        return session.tee_pubkey, session.claims, session_ref(session.id)
+
+    def _refuse(self, problem: Problem, event: Event) -> NoReturn:
+        """Record the refusal (durably), count it, and answer with ``problem``."""
+        self.store.audit(replace(event, decision=DENY, reason=problem.detail))
+        self.metrics.denial(problem.cause)
+        if event.event == ATTEST:
+            self.metrics.attestation(event.provider, False)
+        raise problem
 
 
 def wrap(plaintext: bytes, tee_pubkey: dict[str, str]) -> dict[str, str]:

@@ -1,52 +1,59 @@
-"""The key server's storage (SQLAlchemy Core): resources and RCAR sessions.
+"""The key server's state in its database: sealed resources, release policies, RCAR sessions,
+and the audit log that every change goes through.
 
-Embedded SQLite by default (``sqlite:///path``, WAL journal, file mode 0600); any URL
-SQLAlchemy knows works the same way. Sessions live in the database, so a nonce is
-consumed by one atomic UPDATE however many server processes share it.
+Every write that changes what may be released (a resource, the policy, a KEK rotation)
+appends its audit record in the same transaction, after taking the audit chain's lock:
+there is no change without its record, and concurrent writers from any replica are
+serialised. Sessions live in the database too, so a nonce is consumed by one atomic
+UPDATE however many replicas share it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
-from sqlalchemy import (Column, Float, Integer, LargeBinary, MetaData, String, Table, Text, create_engine,
-                        delete, event, insert, select, update)
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Connection
 
-from ..errors import ConfigError
-
-metadata = MetaData()
-
-resources = Table(
-    "resources", metadata,
-    Column("path", String(200), primary_key=True),
-    Column("value", LargeBinary, nullable=False),
-    Column("lease", Integer, nullable=True),
-    Column("updated", Float, nullable=False),
-)
-
-sessions = Table(
-    "sessions", metadata,
-    Column("id", String(64), primary_key=True),
-    Column("tee", String(16), nullable=False),
-    Column("nonce", String(128), nullable=False),
-    Column("state", String(16), nullable=False),  # authed -> attesting -> attested | failed
-    Column("expires", Float, nullable=False),
-    Column("tee_pubkey", Text, nullable=True),
-    Column("claims", Text, nullable=True),
-)
+from ..policy import DEFAULT, Policy
+from . import audit, schema
+from .audit import Event, Record
+from .schema import open_engine, policies, resources, sessions
+from .sealing import Sealed, Sealer
 
 
 @dataclass(frozen=True)
-class Resource:
+class StoredResource:
     path: str
-    value: bytes
+    sealed: Sealed
     lease: int | None
+
+
+@dataclass(frozen=True)
+class ResourceInfo:
+    path: str
+    size: int
+    lease: int | None
+    kek_id: str
+    updated: float
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    """A stored policy version; version 0 is the built-in default (nothing stored yet)."""
+
+    version: int
+    digest: str
+    created: float
+    actor: str
+
+
+@dataclass(frozen=True)
+class PolicyVersion(PolicyInfo):
+    policy: Policy
 
 
 @dataclass(frozen=True)
@@ -60,61 +67,136 @@ class Session:
     claims: dict[str, Any] | None
 
 
-def open_engine(url: str) -> Engine:
-    try:
-        parsed = make_url(url)
-    except Exception:
-        raise ConfigError(f"--db {url!r} is not a database URL (e.g. sqlite:////var/lib/keybroker/kbs.db)") from None
-    if parsed.get_backend_name() == "sqlite":
-        if not parsed.database or parsed.database == ":memory:":
-            raise ConfigError("--db needs a SQLite file (sqlite:///path), not an in-memory database")
-        path = Path(parsed.database)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # secrets live here
-        engine = create_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
-            cursor.close()
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
-    metadata.create_all(engine)
-    return engine
+BUILT_IN = PolicyVersion(0, DEFAULT.digest, 0.0, "built-in", DEFAULT)
 
 
 class Store:
     def __init__(self, url: str) -> None:
         self.engine = open_engine(url)
+        self._policy = BUILT_IN  # the last active policy read, parsed once per version
 
-    # -- resources -----------------------------------------------------------------------
+    def ping(self) -> None:
+        """Raise unless the database answers."""
+        with self.engine.connect() as db:
+            db.execute(select(schema.audit_head.c.seq)).one()
 
-    def put_resource(self, path: str, value: bytes, lease: int | None = None) -> None:
-        with self.engine.begin() as db:
+    # -- the audit log ---------------------------------------------------------------------
+
+    def audited(self, work: Callable[[Connection], Event | None]) -> Record | None:
+        """Run ``work`` in one transaction holding the audit lock; append the event it returns.
+
+        When ``work`` returns None nothing happened: the transaction is rolled back.
+        """
+        with self.engine.connect() as db:
+            with db.begin() as transaction:
+                seq, prev = audit.reserve(db)
+                event = work(db)
+                if event is None:
+                    transaction.rollback()
+                    return None
+                return audit.write(db, seq, prev, event)
+
+    def audit(self, event: Event) -> Record:
+        """Append ``event`` durably: when this returns, the record is committed."""
+        record = self.audited(lambda db: event)
+        assert record is not None
+        return record
+
+    # -- resources -------------------------------------------------------------------------
+
+    def put_resource(self, path: str, sealed: Sealed, lease: int | None, event: Event) -> Record:
+        def work(db: Connection) -> Event:
             db.execute(delete(resources).where(resources.c.path == path))
-            db.execute(insert(resources).values(path=path, value=value, lease=lease, updated=time.time()))
+            db.execute(insert(resources).values(path=path, kek_id=sealed.kek_id, sealed=sealed.blob, lease=lease,
+                                                updated=time.time()))
+            return event
+        record = self.audited(work)
+        assert record is not None
+        return record
 
-    def get_resource(self, path: str) -> Resource | None:
+    def delete_resource(self, path: str, event: Event) -> Record | None:
+        """Delete ``path``; None (and no record) when there was no such resource."""
+        def work(db: Connection) -> Event | None:
+            deleted = db.execute(delete(resources).where(resources.c.path == path)).rowcount
+            return event if deleted == 1 else None
+        return self.audited(work)
+
+    def get_resource(self, path: str) -> StoredResource | None:
         with self.engine.connect() as db:
             row = db.execute(select(resources).where(resources.c.path == path)).first()
-        return None if row is None else Resource(row.path, row.value, row.lease)
+        return None if row is None else StoredResource(row.path, Sealed(row.kek_id, row.sealed), row.lease)
 
-    def delete_resource(self, path: str) -> bool:
-        with self.engine.begin() as db:
-            return db.execute(delete(resources).where(resources.c.path == path)).rowcount > 0
-
-    def list_resources(self) -> list[tuple[str, int, int | None]]:
-        """(path, size, lease) of every resource; the values stay in the database."""
+    def list_resources(self) -> list[ResourceInfo]:
+        """Every resource's path, size and lease; the values stay in the database."""
         with self.engine.connect() as db:
-            rows = db.execute(select(resources.c.path, resources.c.value, resources.c.lease)
-                              .order_by(resources.c.path)).all()
-        return [(row.path, len(row.value), row.lease) for row in rows]
+            rows = db.execute(select(resources).order_by(resources.c.path)).all()
+        return [ResourceInfo(row.path, Sealed(row.kek_id, row.sealed).size, row.lease, row.kek_id, row.updated)
+                for row in rows]
 
-    # -- sessions ------------------------------------------------------------------------
+    def rewrap_resources(self, sealer: Sealer, event: Callable[[int], Event]) -> Record:
+        """Re-seal every resource not under ``sealer``'s current KEK, in one transaction."""
+        def work(db: Connection) -> Event:
+            count = 0
+            for row in db.execute(select(resources).where(resources.c.kek_id != sealer.current.id)).all():
+                fresh = sealer.rewrap(row.path, Sealed(row.kek_id, row.sealed))
+                assert fresh is not None
+                db.execute(update(resources).where(resources.c.path == row.path)
+                           .values(kek_id=fresh.kek_id, sealed=fresh.blob))
+                count += 1
+            return event(count)
+        record = self.audited(work)
+        assert record is not None
+        return record
+
+    # -- release policies --------------------------------------------------------------------
+
+    def active_policy(self) -> PolicyVersion:
+        """The newest stored policy (read on every call, so every replica applies the same)."""
+        with self.engine.connect() as db:
+            row = db.execute(select(policies).order_by(policies.c.version.desc()).limit(1)).first()
+        if row is None:
+            return BUILT_IN
+        cached = self._policy
+        if cached.version != row.version:
+            cached = self._policy = _policy_version(row)
+        return cached
+
+    def put_policy(self, policy: Policy, event: Event) -> tuple[int, bool]:
+        """Make ``policy`` the active one: (its version, whether that is a new version).
+
+        A policy identical to the active one changes nothing and records nothing.
+        """
+        outcome: list[tuple[int, bool]] = []
+
+        def work(db: Connection) -> Event | None:
+            latest = db.execute(select(policies.c.version, policies.c.digest)
+                                .order_by(policies.c.version.desc()).limit(1)).first()
+            active = (latest.version, latest.digest) if latest else (BUILT_IN.version, BUILT_IN.digest)
+            if active[1] == policy.digest:
+                outcome.append((active[0], False))
+                return None
+            version = (latest.version if latest else 0) + 1
+            db.execute(insert(policies).values(version=version, digest=policy.digest, document=policy.dumps(),
+                                               created=time.time(), actor=event.actor))
+            outcome.append((version, True))
+            return replace(event, policy_version=version)
+        self.audited(work)
+        return outcome[0]
+
+    def get_policy(self, version: int) -> PolicyVersion | None:
+        if version == 0:
+            return BUILT_IN
+        with self.engine.connect() as db:
+            row = db.execute(select(policies).where(policies.c.version == version)).first()
+        return None if row is None else _policy_version(row)
+
+    def list_policies(self) -> list[PolicyInfo]:
+        columns = (policies.c.version, policies.c.digest, policies.c.created, policies.c.actor)
+        with self.engine.connect() as db:
+            rows = db.execute(select(*columns).order_by(policies.c.version)).all()
+        return [BUILT_IN, *(PolicyInfo(row.version, row.digest, row.created, row.actor) for row in rows)]
+
+    # -- sessions ------------------------------------------------------------------------------
 
     def create_session(self, session_id: str, tee: str, nonce: str, lifetime: float) -> None:
         now = time.time()
@@ -148,3 +230,7 @@ class Store:
         return Session(row.id, row.tee, row.nonce, row.state, row.expires,
                        json.loads(row.tee_pubkey) if row.tee_pubkey else None,
                        json.loads(row.claims) if row.claims else None)
+
+
+def _policy_version(row: Any) -> PolicyVersion:
+    return PolicyVersion(row.version, row.digest, row.created, row.actor, Policy.loads(row.document))

@@ -1,0 +1,93 @@
+"""The admin API spoken to remotely: what ``keybroker resource|policy … --server URL`` uses.
+
+It offers the same operations as :class:`keybroker.server.admin.Admin` and returns the
+same records, so that the commands print the same whether they reach the database
+directly or a server. The admin token is read from a file (never from argv or the
+environment) and sent only over HTTPS, or plain HTTP to loopback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+
+from ..config import is_loopback
+from ..errors import ConfigError, ServerError
+from ..policy import Policy
+from ..rcar import protocol as p
+from . import secretfile
+from .admin import ADMIN_PREFIX
+from .store import PolicyInfo, PolicyVersion, ResourceInfo
+
+TIMEOUT = 30.0
+
+
+class AdminClient:
+    def __init__(self, url: str, token_file: Path, *, ca: Path | None = None) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--server {url!r} must be an http(s) URL")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ConfigError(f"--server {url}: the admin token goes only over https (or http to loopback)")
+        lines = [line.strip() for line in secretfile.read(token_file, "admin token file").decode().splitlines()]
+        token = next((line for line in lines if line), None)
+        if token is None:
+            raise ConfigError(f"admin token file {token_file} holds no token")
+        self.url = url.rstrip("/") + ADMIN_PREFIX
+        self.http = requests.Session()
+        self.http.trust_env = False
+        self.http.verify = str(ca) if ca else True
+        self.http.headers["Authorization"] = f"Bearer {token}"
+
+    def put_resource(self, path: str, value: bytes, lease: int | None = None) -> None:
+        self._call("PUT", f"/resources/{quote(path)}", data=value, params={"lease": lease} if lease else None)
+
+    def delete_resource(self, path: str) -> bool:
+        response = self._call("DELETE", f"/resources/{quote(path)}", missing_ok=True)
+        return response is not None
+
+    def list_resources(self) -> list[ResourceInfo]:
+        body = self._call("GET", "/resources")
+        return [ResourceInfo(r["path"], r["size"], r["lease"], r["kek"], r["updated"]) for r in body["resources"]]
+
+    def put_policy(self, text: str | bytes) -> tuple[int, bool]:
+        body = self._call("PUT", "/policy", data=text.encode() if isinstance(text, str) else text)
+        return body["version"], body["changed"]
+
+    def reset_policy(self) -> tuple[int, bool]:
+        body = self._call("DELETE", "/policy")
+        return body["version"], body["changed"]
+
+    def get_policy(self, version: int | None = None) -> PolicyVersion | None:
+        body = self._call("GET", "/policy", params={"version": version} if version is not None else None,
+                          missing_ok=True)
+        if body is None:
+            return None
+        return PolicyVersion(body["version"], body["digest"], body["created"], body["actor"], Policy(body["policy"]))
+
+    def list_policies(self) -> list[PolicyInfo]:
+        body = self._call("GET", "/policies")
+        return [PolicyInfo(v["version"], v["digest"], v["created"], v["actor"]) for v in body["policies"]]
+
+    def _call(self, method: str, path: str, *, data: bytes | None = None, params: dict[str, Any] | None = None,
+              missing_ok: bool = False) -> Any:
+        try:
+            response = self.http.request(method, self.url + path, data=data, params=params, timeout=TIMEOUT,
+                                         allow_redirects=False)
+        except requests.RequestException as exc:
+            raise ServerError(f"cannot reach the key server: {exc}", status=0, problem=None) from None
+        if response.status_code == 404 and missing_ok:
+            return None
+        if response.status_code != 200:
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            name = p.problem_name(body)
+            detail = body.get("detail") if isinstance(body, dict) else response.reason
+            raise ServerError(f"{method} {path}: HTTP {response.status_code} {name or ''}: {str(detail)[:500]}",
+                              status=response.status_code, problem=name)
+        return response.json()

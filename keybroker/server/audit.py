@@ -1,0 +1,151 @@
+"""The audit log: append-only, hash-chained records of attestations, releases, refusals
+and administrative actions.
+
+Record ``n`` carries the hash of record ``n-1`` (``prev``; 64 zeros for the first) and its
+own ``hash``: SHA-256 of the RFC 8785 canonical JSON of all its other fields. A one-row
+head holds the last ``seq`` and ``hash``. Appending first bumps the head (taking the
+database's write lock on it, so appends from any number of replicas form one chain), then
+inserts the record in the same transaction as the action it records. ``verify`` recomputes
+the chain: an edited record no longer matches its hash, a removed one leaves a gap in
+``seq`` or a broken ``prev`` link, and records cut off the end disagree with the head.
+
+The chain proves the log was not changed by someone who could not also rewrite every
+later record and the head; to catch that too, keep the head that ``keybroker audit
+verify`` prints somewhere else now and then.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Iterator
+
+import rfc8785
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from . import schema
+
+ATTEST, RELEASE, ADMIN = "attest", "release", "admin"
+ALLOW, DENY = "allow", "deny"
+REASON_MAX = 2000
+_VERIFY_PROBLEMS_MAX = 20
+
+
+@dataclass(frozen=True)
+class Event:
+    """What happened: the caller's half of a record."""
+
+    event: str            # attest | release | admin
+    decision: str         # allow | deny
+    reason: str
+    server: str           # the replica that decided
+    peer: str = ""        # the client's address
+    actor: str = ""       # who administered: "token:<fingerprint>" or "local:<user>"
+    session: str = ""     # reference of the RCAR session (not the cookie itself)
+    provider: str = ""    # the TEE: snp, tdx, cca
+    measurement: str = ""
+    resource: str = ""
+    policy_version: int | None = None
+
+    def clipped(self) -> "Event":
+        """Every text within its column (hostile inputs such as a peer's path may be long)."""
+        limits = {column.name: column.type.length for column in schema.audit.columns
+                  if getattr(column.type, "length", None)}
+        changes: dict[str, Any] = {name: getattr(self, name)[:limits[name]]
+                                   for name in limits if name in self.__dataclass_fields__}
+        changes["reason"] = self.reason[:REASON_MAX]
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Record:
+    seq: int
+    time: str
+    event: Event
+    prev: str
+    hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "time": self.time, **asdict(self.event), "prev": self.prev, "hash": self.hash}
+
+
+@dataclass(frozen=True)
+class Verification:
+    records: int
+    head_seq: int
+    head_hash: str
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def digest(seq: int, time: str, event: Event, prev: str) -> str:
+    content = {"seq": seq, "time": time, **asdict(event), "prev": prev}
+    return hashlib.sha256(rfc8785.dumps(content)).hexdigest()
+
+
+def reserve(db: Connection) -> tuple[int, str]:
+    """Take the next sequence number (and the chain's write lock until commit); the previous hash."""
+    seq, prev = db.execute(update(schema.audit_head).where(schema.audit_head.c.id == 1)
+                           .values(seq=schema.audit_head.c.seq + 1)
+                           .returning(schema.audit_head.c.seq, schema.audit_head.c.hash)).one()
+    return seq, prev
+
+
+def write(db: Connection, seq: int, prev: str, event: Event) -> Record:
+    """Insert record ``seq`` (reserved in this transaction) and move the head to it."""
+    event = event.clipped()
+    time = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    record = Record(seq, time, event, prev, digest(seq, time, event, prev))
+    db.execute(insert(schema.audit).values(seq=seq, time=time, prev=prev, hash=record.hash, **asdict(event)))
+    db.execute(update(schema.audit_head).where(schema.audit_head.c.id == 1).values(hash=record.hash))
+    return record
+
+
+def records(engine: Engine, *, after: int = 0, limit: int | None = None) -> Iterator[Record]:
+    """Records with ``seq > after`` in order (at most ``limit``), read in batches."""
+    query = select(schema.audit).where(schema.audit.c.seq > after).order_by(schema.audit.c.seq)
+    if limit is not None:
+        query = query.limit(limit)
+    with engine.connect() as db:
+        for row in db.execution_options(yield_per=1000).execute(query):
+            yield _record(row)
+
+
+def verify(engine: Engine) -> Verification:
+    problems: list[str] = []
+    expected, prev, count = 1, schema.GENESIS, 0
+    for record in records(engine):
+        count += 1
+        if record.seq != expected:
+            gap = f"{expected}" if record.seq == expected + 1 else f"{expected} to {record.seq - 1}"
+            problems.append(f"record {gap} missing (removed from the log)")
+        if record.prev != prev:
+            problems.append(f"record {record.seq}: its prev link does not match the hash of the record "
+                            f"before it")
+        if digest(record.seq, record.time, record.event, record.prev) != record.hash:
+            problems.append(f"record {record.seq}: its content does not match its hash (edited)")
+        expected, prev = record.seq + 1, record.hash
+    with engine.connect() as db:
+        head_seq, head_hash = db.execute(select(schema.audit_head.c.seq, schema.audit_head.c.hash)).one()
+    if head_seq != expected - 1:
+        problems.append(f"the log ends at record {expected - 1} but the head says {head_seq} were written "
+                        "(records removed from the end, or the head edited)")
+    elif head_hash != prev:
+        problems.append(f"the head hash differs from record {head_seq}'s hash (the last record or the head "
+                        "was edited)")
+    if len(problems) > _VERIFY_PROBLEMS_MAX:
+        problems[_VERIFY_PROBLEMS_MAX:] = [f"... and {len(problems) - _VERIFY_PROBLEMS_MAX} more problems"]
+    return Verification(count, head_seq, head_hash, tuple(problems))
+
+
+_EVENT_FIELDS = tuple(f.name for f in fields(Event))
+
+
+def _record(row: Any) -> Record:
+    event = Event(**{name: getattr(row, name) for name in _EVENT_FIELDS})
+    return Record(row.seq, row.time, event, row.prev, row.hash)

@@ -1,0 +1,110 @@
+"""The key server's configuration: a TOML file equivalent to ``keybroker serve``'s flags.
+
+Each key is a long flag without its dashes; a flag given on the command line wins over
+the file. Relative paths in the file are relative to the file's folder::
+
+    # /etc/keybroker/server.toml
+    listen = "0.0.0.0:8443"
+    db = "sqlite:////var/lib/keybroker/kbs.db"   # or postgresql://keybroker@db/keybroker
+    name = "kbs-1"                               # this replica, in the audit log
+    trust-roots = []
+    certs = []
+    kds-url = "https://kdsintf.amd.com"          # "" never fetches
+    cache-dir = "/var/cache/keybroker"
+    pcs-url = "https://api.trustedservices.intel.com"   # TDX TCB status; default: not evaluated
+    policy = "/etc/keybroker/policy.json"        # installed at start when it differs
+    tls-cert = "/etc/keybroker/tls/cert.pem"
+    tls-key = "/etc/keybroker/tls/key.pem"
+    kek-file = "/etc/keybroker/kek"              # default: the systemd credential "kek"
+    old-kek-file = []                            # KEKs still readable during a rotation
+    admin-token-file = "/etc/keybroker/admin-token"   # default: credential "admin-token"
+    token-key-file = "/etc/keybroker/token-key.pem"   # default: credential "token-key"
+
+Unknown keys and values of the wrong type are errors that name the key and the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConfigError
+
+DEFAULT_DB = "sqlite:////var/lib/keybroker/kbs.db"
+DEFAULT_KDS = "https://kdsintf.amd.com"
+DEFAULT_CACHE = Path("/var/cache/keybroker")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen wants HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, int] = ("127.0.0.1", 8080)
+    db: str = DEFAULT_DB
+    name: str | None = None
+    trust_roots: tuple[Path, ...] = ()
+    certs: tuple[Path, ...] = ()
+    kds_url: str = DEFAULT_KDS
+    cache_dir: Path = DEFAULT_CACHE
+    pcs_url: str | None = None
+    policy: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    kek_file: Path | None = None
+    old_kek_file: tuple[Path, ...] = ()
+    admin_token_file: Path | None = None
+    token_key_file: Path | None = None
+
+
+_LISTS = {"trust_roots", "certs", "old_kek_file"}
+_PATHS = {"cache_dir", "policy", "tls_cert", "tls_key", "kek_file", "admin_token_file", "token_key_file"}
+
+
+def load(path: Path | None, flags: dict[str, Any]) -> ServerConfig:
+    """The configuration of file ``path`` (if any) with ``flags`` (field name -> value, None: not given) over it."""
+    values: dict[str, Any] = _read(path) if path else {}
+    values.update({name: value for name, value in flags.items() if value is not None})
+    return ServerConfig(**values)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"server configuration {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"server configuration {path} is not valid TOML: {exc}") from None
+    known = {f.name.replace("_", "-"): f.name for f in fields(ServerConfig)}
+    values: dict[str, Any] = {}
+    for key, value in document.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        name = known[key]
+        values[name] = _convert(name, value, path.parent, lambda why: ConfigError(f"{path}: {key} {why}"))
+    return values
+
+
+def _convert(name: str, value: Any, base: Path, error: Callable[[str], ConfigError]) -> Any:
+    if name in _LISTS:
+        if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+            raise error("must be a list of paths")
+        return tuple(base / item for item in value)
+    if not isinstance(value, str):
+        raise error("must be a string")
+    if name == "listen":
+        try:
+            return parse_listen(value)
+        except ConfigError as exc:
+            raise error(str(exc)) from None
+    if name in _PATHS:
+        if not value:
+            raise error("must be a path")
+        return base / value
+    return value

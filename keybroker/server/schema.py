@@ -1,0 +1,165 @@
+"""The key server's database: its tables, and how to open it (SQLAlchemy Core).
+
+Embedded SQLite by default (``sqlite:///path``): WAL journal, ``synchronous=FULL`` so that
+a committed audit record survives a crash of the process or the machine, file mode 0600.
+PostgreSQL (``postgresql://…``, through psycopg 3) lets replicas share one database;
+there the schema is created under an advisory lock, so replicas may start together.
+
+The audit table refuses UPDATE and DELETE (a trigger): the application only appends, and
+whoever edits it by hand must drop the trigger first — ``keybroker audit verify`` still
+sees the edit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (DDL, BigInteger, Column, Float, Integer, LargeBinary, MetaData, String, Table, Text,
+                        create_engine, event, insert, select, text)
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError
+
+from ..errors import ConfigError
+
+SCHEMA_VERSION = "1"
+GENESIS = "0" * 64  # the "previous hash" of the first audit record
+
+metadata = MetaData()
+
+meta = Table(
+    "keybroker_meta", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(200), nullable=False),
+)
+
+resources = Table(
+    "resources", metadata,
+    Column("path", String(200), primary_key=True),
+    Column("kek_id", String(16), nullable=False),
+    Column("sealed", LargeBinary, nullable=False),  # nonce || AES-256-GCM ciphertext || tag
+    Column("lease", Integer, nullable=True),
+    Column("updated", Float, nullable=False),
+)
+
+sessions = Table(
+    "sessions", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("tee", String(16), nullable=False),
+    Column("nonce", String(128), nullable=False),
+    Column("state", String(16), nullable=False),  # authed -> attesting -> attested | failed
+    Column("expires", Float, nullable=False),
+    Column("tee_pubkey", Text, nullable=True),
+    Column("claims", Text, nullable=True),
+)
+
+policies = Table(
+    "policies", metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("digest", String(64), nullable=False),
+    Column("document", Text, nullable=False),
+    Column("created", Float, nullable=False),
+    Column("actor", String(200), nullable=False),
+)
+
+audit = Table(
+    "audit", metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time", String(32), nullable=False),
+    Column("server", String(200), nullable=False),
+    Column("event", String(16), nullable=False),
+    Column("decision", String(8), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("peer", String(64), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("session", String(32), nullable=False),
+    Column("provider", String(32), nullable=False),
+    Column("measurement", String(200), nullable=False),
+    Column("resource", String(200), nullable=False),
+    Column("policy_version", Integer, nullable=True),
+    Column("prev", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+# One row: the last record's seq and hash. Appending updates it first, which serialises
+# appends across processes, and it shows when records were cut off the end of the log.
+audit_head = Table(
+    "audit_head", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+_APPEND_ONLY = "the audit log is append-only"
+event.listen(audit, "after_create", DDL(
+    f"CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}'); END"
+).execute_if(dialect="sqlite"))
+event.listen(audit, "after_create", DDL(
+    f"CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}'); END"
+).execute_if(dialect="sqlite"))
+event.listen(audit, "after_create", DDL(
+    "CREATE FUNCTION keybroker_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+    f"$$ BEGIN RAISE EXCEPTION '{_APPEND_ONLY}'; END $$"
+).execute_if(dialect="postgresql"))
+event.listen(audit, "after_create", DDL(
+    "CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit "
+    "FOR EACH STATEMENT EXECUTE FUNCTION keybroker_audit_append_only()"
+).execute_if(dialect="postgresql"))
+
+
+def open_engine(url: str) -> Engine:
+    """An engine for ``url`` with the schema in place (created on first use)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--db {url!r} is not a database URL (e.g. sqlite:////var/lib/keybroker/kbs.db "
+                          "or postgresql://keybroker@db.example/keybroker)") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        engine = _sqlite(parsed)
+    elif backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        try:
+            engine = create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+        except ModuleNotFoundError:
+            raise ConfigError("--db postgresql://… needs psycopg 3: pip install 'keybroker[postgresql]'") from None
+    else:
+        raise ConfigError(f"--db {parsed.drivername}: keybroker stores in SQLite (sqlite:///PATH) or "
+                          "PostgreSQL (postgresql://…)")
+    with engine.begin() as db:
+        if backend == "postgresql":  # replicas starting together create the schema once
+            db.execute(text("SELECT pg_advisory_xact_lock(7190542273413361729)"))
+        metadata.create_all(db)
+        _initialise(db)
+    return engine
+
+
+def _sqlite(parsed: Any) -> Engine:
+    if not parsed.database or parsed.database == ":memory:":
+        raise ConfigError("--db needs a SQLite file (sqlite:///path), not an in-memory database")
+    path = Path(parsed.database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # secrets live here, sealed or not
+    engine = create_engine(parsed, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+    return engine
+
+
+def _initialise(db: Connection) -> None:
+    version = db.execute(select(meta.c.value).where(meta.c.name == "schema")).scalar()
+    if version is None:
+        db.execute(insert(meta).values(name="schema", value=SCHEMA_VERSION))
+    elif version != SCHEMA_VERSION:
+        raise ConfigError(f"the database has keybroker schema {version}; this keybroker uses {SCHEMA_VERSION}")
+    if db.execute(select(audit_head.c.seq)).first() is None:
+        db.execute(insert(audit_head).values(id=1, seq=0, hash=GENESIS))

@@ -1,0 +1,106 @@
+"""Resources at rest: AES-256-GCM under a key-encryption key (KEK).
+
+A resource value is stored sealed: a random 96-bit nonce, the ciphertext and the 128-bit
+tag, with the resource path as associated data (a sealed value moved to another path does
+not open). Each row names the id of the KEK that sealed it, so that ``rotate-kek`` can
+re-wrap what is still under an old KEK while servers that know both keep serving.
+
+A KEK file holds exactly 32 random bytes (``head -c 32 /dev/urandom``) or them as 64
+hexadecimal digits (``openssl rand -hex 32``). It comes from ``--kek-file`` or the systemd
+credential ``kek``; it is never stored in the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..errors import ConfigError, SealError
+from . import secretfile
+
+KEK_CREDENTIAL = "kek"
+KEK_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+OVERHEAD = NONCE_SIZE + TAG_SIZE
+_HEX_KEK = re.compile(rb"[0-9a-fA-F]{64}\n?")
+
+
+@dataclass(frozen=True)
+class Kek:
+    id: str
+    key: bytes = field(repr=False)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> "Kek":
+        if _HEX_KEK.fullmatch(data):
+            data = bytes.fromhex(data.strip().decode())
+        elif len(data) != KEK_SIZE:
+            raise ConfigError(f"key-encryption key {where} must be {KEK_SIZE} bytes or {2 * KEK_SIZE} hex digits, "
+                              f"not {len(data)} bytes (make one with: head -c 32 /dev/urandom > FILE)")
+        return cls(hashlib.sha256(b"keybroker kek id\0" + data).hexdigest()[:16], data)
+
+    @classmethod
+    def load(cls, path: Path) -> "Kek":
+        return cls.from_bytes(secretfile.read(path, "key-encryption key"), str(path))
+
+
+@dataclass(frozen=True)
+class Sealed:
+    kek_id: str
+    blob: bytes = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        """The size of the sealed value."""
+        return len(self.blob) - OVERHEAD
+
+
+class Sealer:
+    """Seals with the current KEK; opens with it or any previous one (during a rotation)."""
+
+    def __init__(self, current: Kek, previous: Iterable[Kek] = ()) -> None:
+        self.current = current
+        self._keks = {kek.id: kek for kek in (*previous, current)}
+
+    def seal(self, path: str, value: bytes) -> Sealed:
+        nonce = os.urandom(NONCE_SIZE)
+        return Sealed(self.current.id, nonce + AESGCM(self.current.key).encrypt(nonce, value, _aad(path)))
+
+    def open(self, path: str, sealed: Sealed) -> bytes:
+        kek = self._keks.get(sealed.kek_id)
+        if kek is None:
+            raise SealError(f"resource {path} is sealed under KEK {sealed.kek_id}, which this server does not "
+                            f"have (it knows {', '.join(sorted(self._keks))}): give it with --kek-file or "
+                            f"--old-kek-file")
+        try:
+            return AESGCM(kek.key).decrypt(sealed.blob[:NONCE_SIZE], sealed.blob[NONCE_SIZE:], _aad(path))
+        except (InvalidTag, ValueError):
+            raise SealError(f"resource {path} does not open under KEK {kek.id}: the row was altered") from None
+
+    def rewrap(self, path: str, sealed: Sealed) -> Sealed | None:
+        """``sealed`` re-sealed under the current KEK, or None when it already is."""
+        if sealed.kek_id == self.current.id:
+            return None
+        return self.seal(path, self.open(path, sealed))
+
+
+def load_sealer(kek_file: Path | None, old_kek_files: Iterable[Path] = ()) -> Sealer:
+    """The sealer of ``--kek-file`` (or the ``kek`` credential) and ``--old-kek-file``s."""
+    path = secretfile.locate(kek_file, KEK_CREDENTIAL)
+    if path is None:
+        raise ConfigError("no key-encryption key: give --kek-file FILE (32 random bytes, e.g. "
+                          "head -c 32 /dev/urandom > FILE; chmod 600 FILE) or the systemd credential "
+                          f"'{KEK_CREDENTIAL}' (LoadCredential={KEK_CREDENTIAL}:FILE)")
+    return Sealer(Kek.load(path), [Kek.load(old) for old in old_kek_files])
+
+
+def _aad(path: str) -> bytes:
+    return b"keybroker resource\0" + path.encode()

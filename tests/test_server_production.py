@@ -1,0 +1,406 @@
+"""The production key server on SQLite: policy denials that say why, the hash-chained audit
+log, the authenticated admin API, resources sealed at rest and KEK rotation, metrics,
+readiness, the configuration file, and systemd's readiness notification."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import free_port, write_secret
+from kbs_helpers import attest, attestation, audit_records, challenge, keybroker
+
+SECRET = b"\x01disk key bytes\xfe"
+
+
+def measurement_policy(tmp_path: Path, measurement: str) -> Path:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"version": 1, "rules": [
+        {"resources": ["default/disk/*"], "require": {"claim": "measurement", "in": [measurement]}},
+        {"resources": ["default/key/*"]}]}))
+    return path
+
+
+def test_denial_names_its_reason_in_the_response_and_the_audit_log(tsm_sim, kbs, tmp_path):
+    root = tsm_sim("sev_guest")
+    server = kbs("--policy", str(measurement_policy(tmp_path, "ab" * 48)))
+    server.put("default/disk/root", SECRET)
+    server.put("default/key/a", SECRET)
+    guest = attest(root, server.url)
+
+    denied = guest.fetch(server.url, "default/disk/root")
+    assert denied.status_code == 403 and denied.json()["type"] == "urn:keybroker:error:PolicyDenied"
+    detail = denied.json()["detail"]
+    assert "policy version 1" in detail and "rule 0 (default/disk/*): claim measurement is" in detail
+    assert f'not one of ["{"ab" * 48}"]' in detail
+    allowed = guest.fetch(server.url, "default/key/a")
+    assert allowed.status_code == 200 and guest.decrypt(allowed) == SECRET
+
+    records = audit_records(server.db)
+    admin, puts, attested, refused, released = records[0], records[1:3], records[3], records[4], records[5]
+    assert admin["event"] == "admin" and admin["actor"].startswith("config:") and admin["policy_version"] == 1
+    assert [r["reason"] for r in puts] == [f"put resource ({len(SECRET)} bytes)"] * 2
+    assert all(r["actor"] == "local:root" for r in puts)
+    assert attested["event"] == "attest" and attested["decision"] == "allow"
+    assert attested["provider"] == "snp" and len(attested["measurement"]) == 96
+    assert attested["peer"] == "127.0.0.1" and attested["session"] == guest.session_ref
+    assert refused["event"] == "release" and refused["decision"] == "deny"
+    assert refused["reason"] == detail and refused["resource"] == "default/disk/root"
+    assert refused["policy_version"] == 1 and refused["measurement"] == attested["measurement"]
+    assert released["decision"] == "allow" and released["resource"] == "default/key/a"
+    assert released["hash"] == allowed.headers["Keybroker-Audit"]
+    assert SECRET.hex() not in json.dumps(records) and guest.token not in json.dumps(records)
+    assert keybroker("audit", "verify", "--db", server.db).returncode == 0
+
+
+def test_refusals_are_audited(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs(trust=False)  # the simulated ARK is not pinned: evidence does not verify
+    server.put("default/key/a", SECRET)
+    http, nonce = challenge(server.url)
+    _, body = attestation(root, nonce)
+    assert http.post(f"{server.url}/kbs/v0/attest", json=body).status_code == 403
+    replay = http.post(f"{server.url}/kbs/v0/attest", json=body)
+    assert replay.status_code == 401
+    anonymous = requests.get(f"{server.url}/kbs/v0/resource/default/key/a")
+    assert anonymous.status_code == 401
+    records = audit_records(server.db)[1:]
+    assert [(r["event"], r["decision"]) for r in records] == [("attest", "deny")] * 2 + [("release", "deny")]
+    assert "evidence did not verify" in records[0]["reason"] and "ark_pinned" in records[0]["reason"]
+    assert "nonce was already used" in records[1]["reason"]
+    assert records[0]["session"] == records[1]["session"] != ""
+    assert "not attested" in records[2]["reason"] and records[2]["resource"] == "default/key/a"
+
+
+def test_audit_verify_detects_edited_and_removed_records(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    for _ in range(2):
+        guest = attest(root, server.url)
+        assert guest.fetch(server.url, "default/key/a").status_code == 200
+    server.stop()
+    good = keybroker("audit", "verify", "--db", server.db)
+    assert good.returncode == 0 and "audit log intact: 5 records" in good.stdout.decode()
+    listing = keybroker("audit", "list", "--db", server.db).stdout.decode().splitlines()
+    assert len(listing) == 5 and re.match(r"3 \S+Z \S+:\d+ release allow peer=127.0.0.1 session=\w{16} "
+                                          r"provider=snp measurement=\w{16} resource=default/key/a policy=0 "
+                                          r'reason="rule 0 \(\*\): all conditions hold"', listing[2]), listing[2]
+
+    path = server.db.removeprefix("sqlite:///")
+    pristine = sqlite3.connect(":memory:")
+    with sqlite3.connect(path) as db:
+        db.backup(pristine)
+    with sqlite3.connect(path) as db:  # the log refuses changes through the application's schema
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            db.execute("UPDATE audit SET reason = 'nothing happened' WHERE seq = 3")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            db.execute("DELETE FROM audit WHERE seq = 3")
+
+    def tamper(*statements: str) -> str:
+        with sqlite3.connect(path) as db:
+            pristine.backup(db)
+            db.execute("DROP TRIGGER audit_no_update")
+            db.execute("DROP TRIGGER audit_no_delete")
+            for statement in statements:
+                db.execute(statement)
+        out = keybroker("audit", "verify", "--db", server.db)
+        assert out.returncode == 1
+        return out.stdout.decode()
+
+    assert "record 3: its content does not match its hash (edited)" in \
+        tamper("UPDATE audit SET decision = 'deny' WHERE seq = 3")
+    assert "record 2 missing (removed from the log)" in tamper("DELETE FROM audit WHERE seq = 2")
+    assert "the log ends at record 4 but the head says 5" in tamper("DELETE FROM audit WHERE seq = 5")
+    rehashed = tamper("UPDATE audit SET reason = 'x', hash = '" + "0" * 64 + "' WHERE seq = 3")
+    assert "record 3: its content" in rehashed and "record 4: its prev link" in rehashed
+
+
+def test_admin_api_remote_commands_and_refusals(tsm_sim, kbs, tmp_path):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    token = str(server.secrets.admin_token_file)
+    remote = ("--server", server.url, "--admin-token-file", token)
+    value = tmp_path / "value"
+    value.write_bytes(SECRET)
+    assert keybroker("resource", "put", "default/key/r", "--file", str(value), "--lease", "90", *remote).returncode == 0
+    assert keybroker("resource", "list", *remote).stdout == b"default/key/r\t16 bytes\tlease 90 s\n"
+    guest = attest(root, server.url)
+    released = guest.fetch(server.url, "default/key/r")
+    assert guest.decrypt(released) == SECRET and released.headers["Keybroker-Lease"] == "90"
+    refused = keybroker("resource", "get", "default/key/r", *remote)
+    assert refused.returncode != 0 and b"the admin API never returns them" in refused.stderr
+
+    policy = measurement_policy(tmp_path, "cd" * 48)
+    assert keybroker("policy", "put", str(policy), *remote).stdout == b"policy version 1 is active\n"
+    assert keybroker("policy", "put", str(policy), *remote).stdout == b"policy version 1 is active (unchanged)\n"
+    assert json.loads(keybroker("policy", "get", *remote).stdout) == json.loads(policy.read_text())
+    assert guest.fetch(server.url, "default/disk/x").json()["type"].endswith("PolicyDenied")
+    assert keybroker("policy", "rm", *remote).returncode == 0
+    versions = keybroker("policy", "list", *remote).stdout.decode().splitlines()
+    assert [line.split("\t")[0] for line in versions] == ["0", "1", "2"]
+    assert versions[0].endswith("\tbuilt-in") and versions[1].split("\t")[3].startswith("token:")
+    assert json.loads(keybroker("policy", "get", "--version", "0", *remote).stdout)["rules"][0]["resources"] == ["*"]
+    assert keybroker("resource", "rm", "default/key/r", *remote).returncode == 0
+    assert keybroker("resource", "rm", "default/key/r", *remote).returncode != 0
+    bad = keybroker("resource", "put", "default/../r", *remote, data=b"x")
+    assert bad.returncode != 0 and b"HTTP 400 BadRequest" in bad.stderr
+
+    wrong = write_secret(tmp_path / "wrong-token", b"w" * 64)
+    for headers in ({}, {"Authorization": "Bearer " + "w" * 64}, {"Authorization": f"Basic {'x' * 40}"}):
+        response = requests.put(f"{server.url}/admin/v1/resources/default/key/evil", data=b"x", headers=headers)
+        assert response.status_code == 401 and response.json()["type"].endswith("Unauthorized")
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    out = keybroker("resource", "list", "--server", server.url, "--admin-token-file", str(wrong))
+    assert out.returncode != 0 and b"HTTP 401 Unauthorized" in out.stderr
+    refusals = [r for r in audit_records(server.db) if r["event"] == "admin" and r["decision"] == "deny"]
+    assert [r["reason"] for r in refusals] == ["no Bearer admin token", "the Bearer token is not an admin token",
+                                               "no Bearer admin token", "the Bearer token is not an admin token"]
+    assert refusals[0]["resource"] == "PUT /admin/v1/resources/default/key/evil" and refusals[0]["peer"] == "127.0.0.1"
+    changes = [r for r in audit_records(server.db) if r["event"] == "admin" and r["decision"] == "allow"]
+    fingerprint = changes[0]["actor"]
+    assert re.fullmatch(r"token:[0-9a-f]{12}", fingerprint) and server.secrets.admin_token not in server.log()
+    assert [r["reason"].split(" (")[0] for r in changes] == [
+        "put resource", "set release policy", "removed the release policy: the built-in default applies",
+        "deleted resource"]
+    assert keybroker("resource", "list", "--db", server.db).stdout == b""
+
+
+def test_admin_api_is_off_without_a_token_file(tmp_path):
+    port = free_port()
+    kek = write_secret(tmp_path / "kek", os.urandom(32))
+    db = f"sqlite:///{tmp_path}/kbs.db"
+    proc = subprocess.Popen([sys.executable, "-m", "keybroker", "serve", "--listen", f"127.0.0.1:{port}",
+                             "--db", db, "--kek-file", str(kek)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+        response = requests.get(f"http://127.0.0.1:{port}/admin/v1/resources",
+                                headers={"Authorization": "Bearer " + "t" * 64})
+        assert response.status_code == 401 and "admin API is disabled" in response.json()["detail"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert audit_records(db)[-1]["reason"].startswith("the admin API is disabled")
+
+
+def wait_ready(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "the key server did not become ready"
+        time.sleep(0.05)
+
+
+def test_resources_are_sealed_at_rest_and_kek_rotation_keeps_serving(tsm_sim, kbs, tmp_path):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    old = str(server.secrets.kek)
+    server.put("default/key/a", SECRET)
+    server.put("default/key/b", SECRET * 2)
+    path = Path(server.db.removeprefix("sqlite:///"))
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    server.stop()
+    assert SECRET not in path.read_bytes() + Path(f"{path}-wal").read_bytes()
+    new = str(write_secret(tmp_path / "new-kek", os.urandom(32).hex().encode() + b"\n"))
+    wrong = keybroker("resource", "get", "default/key/a", "--db", server.db, "--kek-file", new)
+    assert wrong.returncode == 1 and b"which this server does not have" in wrong.stderr
+
+    # Rolling rotation: servers learn the new KEK (the old one still readable), then re-wrap.
+    during = kbs("--kek-file", new, "--old-kek-file", old, db=server.db, secrets=server.secrets)
+    guest = attest(root, during.url)
+    assert guest.decrypt(guest.fetch(during.url, "default/key/a")) == SECRET
+    rotated = keybroker("rotate-kek", "--db", server.db, "--kek-file", new, "--old-kek-file", old)
+    assert rotated.returncode == 0 and rotated.stdout.startswith(b"re-wrapped 2 resources under KEK")
+    assert guest.decrypt(guest.fetch(during.url, "default/key/b")) == SECRET * 2
+    during.stop()
+    after = kbs("--kek-file", new, db=server.db, secrets=server.secrets)
+    guest = attest(root, after.url)
+    assert guest.decrypt(guest.fetch(after.url, "default/key/a")) == SECRET
+    assert keybroker("resource", "get", "default/key/b", "--db", server.db, "--kek-file", new).stdout == SECRET * 2
+    stale = keybroker("resource", "get", "default/key/a", "--db", server.db, "--kek-file", old)
+    assert stale.returncode == 1 and b"sealed under KEK" in stale.stderr
+    with sqlite3.connect(path) as db:  # a sealed value moved to another path does not open
+        db.execute("UPDATE resources SET sealed = (SELECT sealed FROM resources WHERE path = 'default/key/b') "
+                   "WHERE path = 'default/key/a'")
+    moved = guest.fetch(after.url, "default/key/a")
+    assert moved.status_code == 500 and "cannot be unsealed" in moved.json()["detail"]
+    assert "the row was altered" in after.log()
+    assert audit_records(server.db)[-1]["reason"].startswith("resource default/key/a cannot be unsealed")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"short", "must be 32 bytes or 64 hex digits, not 5 bytes"),
+    (os.urandom(32), "accessible to group or others"),
+])
+def test_bad_kek_files_are_refused(tmp_path, content, message):
+    kek = write_secret(tmp_path / "kek", content)
+    if message.startswith("accessible"):
+        kek.chmod(0o644)
+    out = keybroker("resource", "put", "a/b/c", "--db", f"sqlite:///{tmp_path}/x.db", "--kek-file", str(kek),
+                    data=b"v")
+    assert out.returncode == 1 and message in out.stderr.decode()
+    missing = keybroker("resource", "put", "a/b/c", "--db", f"sqlite:///{tmp_path}/x.db", data=b"v",
+                        env={k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"})
+    assert missing.returncode == 1 and "no key-encryption key" in missing.stderr.decode()
+
+
+def test_kek_from_a_systemd_credential(tmp_path):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    write_secret(credentials / "kek", os.urandom(32))
+    env = os.environ | {"CREDENTIALS_DIRECTORY": str(credentials)}
+    db = f"sqlite:///{tmp_path}/x.db"
+    assert keybroker("resource", "put", "a/b/c", "--db", db, data=b"value", env=env).returncode == 0
+    assert keybroker("resource", "get", "a/b/c", "--db", db, env=env).stdout == b"value"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{{{want}}} in the metrics")
+
+
+def test_metrics_health_and_readiness(tsm_sim, kbs, tmp_path):
+    root = tsm_sim("sev_guest")
+    server = kbs("--policy", str(measurement_policy(tmp_path, "ab" * 48)))
+    server.put("default/key/a", SECRET)
+    guest = attest(root, server.url)
+    assert guest.fetch(server.url, "default/key/a").status_code == 200
+    assert guest.fetch(server.url, "default/key/a", bearer=True).status_code == 200
+    assert guest.fetch(server.url, "default/disk/root").status_code == 403
+    assert requests.get(f"{server.url}/kbs/v0/resource/default/key/a").status_code == 401
+    http, nonce = challenge(server.url)
+    _, body = attestation(root, "c29tZSBvdGhlciBub25jZQ==")
+    body["runtime-data"]["nonce"] = nonce
+    assert http.post(f"{server.url}/kbs/v0/attest", json=body).status_code == 403
+
+    assert requests.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    assert requests.get(f"{server.url}/readyz").json() == {"status": "ready"}
+    response = requests.get(f"{server.url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert metric(text, "keybroker_releases_total", provider="snp") == 2
+    assert metric(text, "keybroker_attestations_total", provider="snp", result="verified") == 1
+    assert metric(text, "keybroker_attestations_total", provider="snp", result="denied") == 1
+    assert metric(text, "keybroker_denials_total", reason="policy_condition") == 1
+    assert metric(text, "keybroker_denials_total", reason="not_attested") == 1
+    assert metric(text, "keybroker_denials_total", reason="binding") == 1
+    assert metric(text, "keybroker_http_requests_total", route="resource", status="200") == 2
+    assert metric(text, "keybroker_http_requests_total", route="attest", status="403") == 1
+    assert metric(text, "keybroker_http_request_duration_seconds_count", route="resource") == 4
+    assert metric(text, "keybroker_http_request_duration_seconds_bucket", le="+Inf", route="auth") == 2
+
+
+def test_config_file_is_equivalent_to_the_flags(tsm_sim, sim_state, tmp_path):
+    from conftest import ServerSecrets
+
+    root = tsm_sim("sev_guest")
+    secrets = ServerSecrets(tmp_path / "secrets")
+    port = free_port()
+    config = tmp_path / "server.toml"
+    policy = measurement_policy(tmp_path, "ab" * 48)
+    config.write_text(f'listen = "127.0.0.1:{port}"\ndb = "sqlite:///{tmp_path}/kbs.db"\nname = "replica-a"\n'
+                      f'trust-roots = ["{sim_state}/trust"]\nkek-file = "secrets/kek"\n'
+                      f'admin-token-file = "secrets/admin-token"\ntoken-key-file = "secrets/token-key.pem"\n'
+                      f'policy = "{policy.name}"\nkds-url = ""\n')
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "keybroker", "serve", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        value = tmp_path / "value"
+        value.write_bytes(SECRET)
+        assert keybroker("resource", "put", "default/key/a", "--file", str(value), "--server", url,
+                         "--admin-token-file", str(secrets.admin_token_file)).returncode == 0
+        guest = attest(root, url)
+        assert guest.decrypt(guest.fetch(url, "default/key/a", bearer=True)) == SECRET
+        assert guest.fetch(url, "default/disk/x").status_code == 403
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+    records = audit_records(f"sqlite:///{tmp_path}/kbs.db")
+    assert {r["server"] for r in records if r["event"] != "admin" or r["actor"].startswith("token:")} == {"replica-a"}
+    assert "token key shared" in (tmp_path / "server.log").read_text()
+    config.write_text(config.read_text() + "colour = \"blue\"\n")
+    out = keybroker("serve", "--config", str(config))
+    assert out.returncode == 1 and "unknown key 'colour'" in out.stderr.decode()
+
+
+def test_readiness_notification_after_the_socket_listens(tmp_path):
+    kek = write_secret(tmp_path / "kek", os.urandom(32))
+    notify_path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(notify_path)
+    sock.settimeout(30)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "keybroker", "serve", "--listen", f"127.0.0.1:{port}",
+                             "--db", f"sqlite:///{tmp_path}/kbs.db", "--kek-file", str(kek)],
+                            env=os.environ | {"NOTIFY_SOCKET": notify_path},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready = sock.recv(4096).decode()
+        assert ready.startswith("READY=1\n") and f"STATUS=serving on 127.0.0.1:{port}" in ready
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # already listening
+        proc.send_signal(signal.SIGTERM)
+        assert sock.recv(4096) == b"STOPPING=1"
+        assert proc.wait(10) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal; systemd calls it clean
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+
+
+def test_policy_check_explains_offline(tsm_sim, sim_state, tmp_path):
+    root = tsm_sim("sev_guest")
+    evidence = tmp_path / "evidence.json"
+    evidence.write_bytes(keybroker("evidence", "--tsm-root", str(root), "--nonce", "00" * 64).stdout)
+    trust = ("--trust-roots", str(sim_state / "trust"))
+    policy = measurement_policy(tmp_path, "ab" * 48)
+    denied = keybroker("policy", "check", str(policy), str(evidence), "--resource", "default/disk/root", *trust)
+    text = denied.stdout.decode()
+    assert denied.returncode == 1, denied.stderr
+    assert "PASS report_signature" in text and "rule 0 (default/disk/*): matches default/disk/root" in text
+    assert re.search(r'  FAIL claim measurement is "[0-9a-f]{96}", not one of \["(ab){48}"\]', text)
+    assert text.splitlines()[-1].startswith("=> DENY: rule 0 (default/disk/*): claim measurement is")
+    allowed = keybroker("policy", "check", str(policy), str(evidence), "--resource", "default/key/x", *trust)
+    assert allowed.returncode == 0 and allowed.stdout.decode().splitlines()[-1] == \
+        "=> ALLOW: rule 1 (default/key/*): all conditions hold"
+    untrusted = keybroker("policy", "check", str(policy), str(evidence), "--resource", "default/key/x")
+    assert untrusted.returncode == 1 and "=> DENY: the evidence does not verify" in untrusted.stdout.decode()
+
+
+def test_systemd_unit_verifies(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (Path(__file__).parent.parent / "systemd" / "keybroker-server.service").read_text()
+    for setting in ("Type=notify", "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=keybroker",
+                    "LoadCredential=kek:", "DynamicUser=yes", "CapabilityBoundingSet=\n"):
+        assert setting in unit
+    # Verify a copy whose ExecStart names this checkout's keybroker (the unit names /usr/local/bin).
+    copy = tmp_path / "keybroker-server.service"
+    copy.write_text(unit.replace("/usr/local/bin/keybroker", str(Path(sys.executable).parent / "keybroker")))
+    out = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    problems = [line for line in (out.stdout + out.stderr).splitlines() if str(copy) in line]
+    assert out.returncode == 0 and not problems, out.stdout + out.stderr
