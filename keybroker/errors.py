@@ -89,3 +89,7 @@ class SealError(KeybrokerError):
 
 class AdminError(KeybrokerError):
     """An administrative request is malformed (resource path, value size, lease, policy) or refused."""
+
+
+class StoreError(KeybrokerError):
+    """The key server's database cannot be opened or does not answer."""

@@ -19,9 +19,9 @@ from typing import Any
 from sqlalchemy import (DDL, BigInteger, Column, Float, Integer, LargeBinary, MetaData, String, Table, Text,
                         create_engine, event, insert, select, text)
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 
 SCHEMA_VERSION = "1"
 GENESIS = "0" * 64  # the "previous hash" of the first audit record
@@ -123,16 +123,21 @@ def open_engine(url: str) -> Engine:
             parsed = parsed.set(drivername="postgresql+psycopg")
         try:
             engine = create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
-        except ModuleNotFoundError:
+        except ImportError:
             raise ConfigError("--db postgresql://… needs psycopg 3: pip install 'keybroker[postgresql]'") from None
     else:
         raise ConfigError(f"--db {parsed.drivername}: keybroker stores in SQLite (sqlite:///PATH) or "
                           "PostgreSQL (postgresql://…)")
-    with engine.begin() as db:
-        if backend == "postgresql":  # replicas starting together create the schema once
-            db.execute(text("SELECT pg_advisory_xact_lock(7190542273413361729)"))
-        metadata.create_all(db)
-        _initialise(db)
+    try:
+        with engine.begin() as db:
+            if backend == "postgresql":  # replicas starting together create the schema once
+                db.execute(text("SELECT pg_advisory_xact_lock(7190542273413361729)"))
+            metadata.create_all(db)
+            _initialise(db)
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        raise StoreError(f"database {parsed.render_as_string(hide_password=True)}: "
+                         f"{str(cause).strip().splitlines()[0]}") from None
     return engine
 
 

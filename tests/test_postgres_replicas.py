@@ -1,0 +1,207 @@
+"""Stateless replicas on one PostgreSQL database: any replica serves any step of RCAR,
+nonces stay single-use across replicas, and a replica killed with SIGKILL in a burst of
+releases loses no audit record of a release that completed.
+
+The tests start their own PostgreSQL server (initdb in a temporary folder, as the
+``postgres`` user, listening only on a unix socket there) and remove it afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import requests
+
+from conftest import KeyServerProcess, ServerSecrets, free_port
+from kbs_helpers import attest, attestation, audit_records, challenge, keybroker
+
+SECRET = b"\x02replicated disk key\xfd"
+
+
+def _as_postgres(*cmd: str | Path) -> None:
+    subprocess.run(["runuser", "-u", "postgres", "--", *map(str, cmd)], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server of our own; yields the URL of its maintenance database."""
+    initdbs = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if not initdbs:
+        pytest.skip("PostgreSQL is not installed (.ci/setup installs it)")
+    if os.geteuid() != 0:
+        pytest.skip("starting PostgreSQL as the postgres user needs root")
+    bindir = initdbs[-1].parent
+    base = Path(tempfile.mkdtemp(prefix="keybroker-pg-"))
+    shutil.chown(base, "postgres", "postgres")
+    data, sockets, port = base / "data", base / "sockets", free_port()
+    started = False
+    try:
+        _as_postgres(bindir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+        _as_postgres("mkdir", "-m", "0700", sockets)
+        _as_postgres(bindir / "pg_ctl", "-D", data, "-l", base / "postgres.log", "-w", "-t", "60", "-o",
+                     f"-c listen_addresses='' -c unix_socket_directories={sockets} -p {port} -c max_connections=200",
+                     "start")
+        started = True
+        yield f"postgresql://postgres@/postgres?host={sockets}&port={port}"
+    finally:
+        if started:
+            subprocess.run(["runuser", "-u", "postgres", "--", str(bindir / "pg_ctl"), "-D", str(data), "-m",
+                            "immediate", "-w", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def database(postgres: str) -> Iterator[str]:
+    """A fresh database on the test server; dropped after the test (its replicas are stopped by then)."""
+    import psycopg
+
+    name = f"kbs_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres, autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    try:
+        yield postgres.replace("/postgres?", f"/{name}?", 1)
+    finally:
+        with psycopg.connect(postgres, autocommit=True) as db:
+            db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def replicas(database: str, sim_state: Path, tmp_path: Path) -> Iterator[Callable[[], list[KeyServerProcess]]]:
+    """Factory: two key servers sharing the database, the KEK, the admin token and the
+    token-signing key, started at the same time on a database that has no schema yet."""
+    secrets = ServerSecrets(tmp_path / "secrets")
+    servers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        servers.append(KeyServerProcess(tmp_path / name, sim_state / "trust", "--name", f"replica-{name}",
+                                        "--token-key-file", str(secrets.token_key), db=database, secrets=secrets))
+
+    def start() -> list[KeyServerProcess]:
+        with ThreadPoolExecutor(2) as pool:
+            return list(pool.map(KeyServerProcess.start, servers))
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def put_remotely(server: KeyServerProcess, path: str, value: bytes) -> None:
+    out = keybroker("resource", "put", path, "--server", server.url, "--admin-token-file",
+                    str(server.secrets.admin_token_file), data=value)
+    assert out.returncode == 0, out.stderr
+
+
+def test_any_replica_serves_any_step(tsm_sim, replicas):
+    root = tsm_sim("sev_guest")
+    a, b = servers = replicas()
+    put_remotely(a, "default/disk/root", SECRET)
+    for auth, attest_on, fetch_on in itertools.product(servers, repeat=3):
+        guest = attest(root, auth.url, attest_on.url)
+        by_cookie = guest.fetch(fetch_on.url, "default/disk/root")
+        assert by_cookie.status_code == 200, (auth.url, attest_on.url, fetch_on.url, by_cookie.text)
+        assert guest.decrypt(by_cookie) == SECRET
+        other = b if fetch_on is a else a  # the token is accepted by the replica that did not issue it
+        assert guest.decrypt(guest.fetch(other.url, "default/disk/root", bearer=True)) == SECRET
+
+    records = audit_records(a.db)
+    releases = [r for r in records if r["event"] == "release" and r["decision"] == "allow"]
+    assert len(releases) == 16 and {r["server"] for r in releases} == {"replica-a", "replica-b"}
+    attests = [r for r in records if r["event"] == "attest"]
+    assert len(attests) == 8 and {r["measurement"] for r in attests} == {releases[0]["measurement"]}
+    assert keybroker("audit", "verify", "--db", a.db).returncode == 0
+
+
+def test_a_nonce_is_used_once_across_replicas(tsm_sim, replicas):
+    root = tsm_sim("sev_guest")
+    a, b = servers = replicas()
+    http, nonce = challenge(a.url)
+    _, body = attestation(root, nonce)
+    barrier = threading.Barrier(2)
+
+    def post(server: KeyServerProcess) -> requests.Response:
+        barrier.wait()
+        return http.post(f"{server.url}/kbs/v0/attest", json=body, timeout=30)
+
+    with ThreadPoolExecutor(2) as pool:  # the same attestation to both replicas at once
+        answers = sorted(r.status_code for r in pool.map(post, servers))
+    assert answers == [200, 401]
+    replay = http.post(f"{b.url}/kbs/v0/attest", json=body, timeout=30)
+    assert replay.status_code == 401 and replay.json()["type"].endswith("UnknownSession")
+    denials = [r for r in audit_records(a.db) if r["event"] == "attest" and r["decision"] == "deny"]
+    assert len(denials) == 2 and all("nonce was already used" in r["reason"] for r in denials)
+
+
+def test_sigkill_during_a_burst_loses_no_audit_record(tsm_sim, replicas):
+    root = tsm_sim("sev_guest")
+    a, b = servers = replicas()
+    put_remotely(b, "default/disk/root", SECRET)
+    guests = [attest(root, b.url) for _ in range(4)]
+    completed: list[str] = []  # audit hashes of releases whose response arrived
+    lock = threading.Lock()
+    kill_after = 60
+
+    def release(i: int) -> None:
+        server = servers[i % 2]
+        guest = guests[i % len(guests)]
+        try:
+            response = guest.fetch(server.url, "default/disk/root", bearer=i % 3 == 0, timeout=10)
+        except requests.ConnectionError:
+            return  # the killed replica: no response, no promise
+        assert response.status_code == 200, response.text
+        with lock:
+            completed.append(response.headers["Keybroker-Audit"])
+            if len(completed) == kill_after:
+                a.proc.kill()  # SIGKILL, with requests in flight
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(release, range(400)))
+    assert a.proc.wait(10) == -9
+    assert len(completed) > kill_after  # replica b went on serving
+
+    recorded = {r["hash"]: r for r in audit_records(b.db)}
+    missing = [h for h in completed if h not in recorded]
+    assert not missing, f"{len(missing)} completed releases have no audit record"
+    assert all(recorded[h]["event"] == "release" and recorded[h]["decision"] == "allow" for h in completed)
+    assert {recorded[h]["server"] for h in completed} == {"replica-a", "replica-b"}
+    verified = keybroker("audit", "verify", "--db", b.db)
+    assert verified.returncode == 0, verified.stdout
+    a.start()  # a restarted replica joins the same chain
+    guest = attest(root, a.url)
+    assert guest.decrypt(guest.fetch(a.url, "default/disk/root")) == SECRET
+    assert keybroker("audit", "verify", "--db", b.db).returncode == 0
+
+
+def test_readiness_follows_the_database(tsm_sim, replicas, postgres, database):
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    tsm_sim("sev_guest")  # the simulated roots the replicas trust
+    a, _ = replicas()
+    assert requests.get(f"{a.url}/readyz").status_code == 200
+    with psycopg.connect(postgres, autocommit=True) as db:
+        db.execute(f"DROP DATABASE {make_url(database).database} WITH (FORCE)")
+    deadline = time.monotonic() + 30
+    while (response := requests.get(f"{a.url}/readyz")).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert response.status_code == 503 and response.json() == {"status": "unavailable",
+                                                                "detail": "the database does not answer"}
+    assert requests.get(f"{a.url}/healthz").status_code == 200  # alive, only not ready
+
+
+def test_database_errors_name_the_database_not_its_password():
+    out = keybroker("audit", "verify", "--db", "postgresql://kb:hunter2@/kbs?host=/nonexistent&port=5432")
+    assert out.returncode == 1 and b"hunter2" not in out.stderr
+    assert b"database postgresql+psycopg://kb:***@/kbs" in out.stderr and b"/nonexistent/.s.PGSQL.5432" in out.stderr
