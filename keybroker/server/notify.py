@@ -11,14 +11,13 @@ import os
 import socket
 
 
-def notify(state: str) -> bool:
-    """Send ``state`` (e.g. ``READY=1``) to systemd; False when not run under a notify socket."""
+def notify(state: str) -> None:
+    """Send ``state`` (e.g. ``READY=1``) to systemd, when run under a notify socket."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address or address[0] not in "/@":
-        return False
+        return
     if address[0] == "@":
         address = "\0" + address[1:]  # the abstract namespace
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         sock.connect(address)
         sock.sendall(state.encode())
-    return True
