@@ -190,7 +190,8 @@ def _listen(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-_SERVE_OPTIONS = ("listen", "db", "name", "trust_roots", "certs", "kds_url", "cache_dir", "pcs_url", "policy",
+_SERVE_OPTIONS = ("listen", "db", "name", "trust_roots", "certs", "kds_url", "cache_dir", "pcs_url", "collateral",
+                  "policy",
                   "tls_cert", "tls_key", "kek_file", "old_kek_file", "admin_token_file", "token_key_file")
 
 
@@ -231,6 +232,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                                   f"{DEFAULT_CACHE})")
     p.add_argument("--pcs-url", help="Intel PCS or PCCS base URL for TDX collateral (TCB status); default: TDX "
                                      "TCB status is not evaluated")
+    p.add_argument("--collateral", type=Path, metavar="DIR",
+                   help="offline TDX collateral (TCB info, QE identity, CRLs, TCB signing chain); wins over --pcs-url")
     p.add_argument("--policy", type=Path, metavar="FILE",
                    help="release policy (JSON) to make active at start when it differs from the active one; "
                         "default: keep the database's (the built-in one refuses debug guests)")

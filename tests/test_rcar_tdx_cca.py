@@ -81,3 +81,18 @@ def test_tdx_tcb_status_from_a_pccs(tsm_sim, kbs, sim_state, tmp_path):
         assert (tmp_path / "cache" / "pcs" / f"{fmspc.hex()}-platform" / "tcbinfo.json").read_bytes() == tcb_info
     finally:
         pccs.close()
+
+
+def test_tdx_tcb_status_from_an_offline_collateral_folder(tsm_sim, kbs, sim_state, tmp_path):
+    root = tsm_sim("tdx_guest")
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"version": 1, "rules": [{"resources": ["default/*"], "require": '
+                      '{"claim": "tdx.tcb_status", "equals": "UpToDate"}}]}')
+    without = kbs("--policy", str(policy))
+    without.put("default/key/a", SECRET)
+    error = denied(without, root, "tdx")
+    assert error.problem == "PolicyDenied" and "claim tdx.tcb_status is absent" in str(error)
+    server = kbs("--policy", str(policy), "--collateral", str(sim_state / "tdx" / "collateral"))
+    server.put("default/key/a", SECRET)
+    released = RcarClient(server.url).fetch("default/key/a", "tdx", evidence_from(root))
+    assert bytes(released.value) == SECRET

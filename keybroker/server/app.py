@@ -278,7 +278,8 @@ def run(config: ServerConfig) -> None:
         log.warning("no --token-key-file: the tokens issued here are valid on this replica only")
     kbs = KeyServer(store=store, sealer=sealer, trust=TrustStore.default().with_dirs(config.trust_roots),
                     tokens=tokens, metrics=Metrics(), name=name, certs=config.certs,
-                    kds_url=config.kds_url or None, cache_dir=config.cache_dir, pcs_url=config.pcs_url or None)
+                    kds_url=config.kds_url or None, cache_dir=config.cache_dir, pcs_url=config.pcs_url or None,
+                    collateral=config.collateral)
     app = create_app(kbs, admin_auth, secure_cookies=bool(config.tls_cert))
     server_config = uvicorn.Config(app, host=host, port=port,
                                    ssl_certfile=str(config.tls_cert) if config.tls_cert else None,

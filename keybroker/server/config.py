@@ -12,6 +12,7 @@ the file. Relative paths in the file are relative to the file's folder::
     kds-url = "https://kdsintf.amd.com"          # "" never fetches
     cache-dir = "/var/cache/keybroker"
     pcs-url = "https://api.trustedservices.intel.com"   # TDX TCB status; default: not evaluated
+    collateral = "/etc/keybroker/tdx-collateral"  # offline TDX collateral, preferred to pcs-url
     policy = "/etc/keybroker/policy.json"        # installed at start when it differs
     tls-cert = "/etc/keybroker/tls/cert.pem"
     tls-key = "/etc/keybroker/tls/key.pem"
@@ -54,6 +55,7 @@ class ServerConfig:
     kds_url: str = DEFAULT_KDS
     cache_dir: Path = DEFAULT_CACHE
     pcs_url: str | None = None
+    collateral: Path | None = None
     policy: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -64,7 +66,7 @@ class ServerConfig:
 
 
 _LISTS = {"trust_roots", "certs", "old_kek_file"}
-_PATHS = {"cache_dir", "policy", "tls_cert", "tls_key", "kek_file", "admin_token_file", "token_key_file"}
+_PATHS = {"cache_dir", "collateral", "policy", "tls_cert", "tls_key", "kek_file", "admin_token_file", "token_key_file"}
 
 
 def load(path: Path | None, flags: dict[str, Any]) -> ServerConfig:

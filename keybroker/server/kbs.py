@@ -78,6 +78,7 @@ class KeyServer:
     kds_url: str | None = None
     cache_dir: Path | None = None
     pcs_url: str | None = None
+    collateral: Path | None = None
 
     # -- POST /kbs/v0/auth ---------------------------------------------------------------
 
@@ -139,7 +140,8 @@ class KeyServer:
         except (ValueError, TypeError, jwk.InvalidJWKValue) as exc:
             raise Problem(p.BAD_REQUEST, f"tee-pubkey is not a valid key: {exc}") from None
         context = Context(self.trust, at=dt.datetime.now(dt.timezone.utc), nonce=expected, certs=self.certs,
-                          kds_url=self.kds_url, cache_dir=self.cache_dir, pcs_url=self.pcs_url)
+                          kds_url=self.kds_url, cache_dir=self.cache_dir, pcs_url=self.pcs_url,
+                          collateral=self.collateral)
         verdict = verify(Evidence.from_report(report), context)
         if not verdict.ok:
             failed = verdict.failures[0].name if verdict.failures else "no_check"
