@@ -283,22 +283,20 @@ class ReportFs(mfusepy.Operations):
         raise _err(E.EACCES)
 
     def _blob(self, entry: Entry, name: str) -> bytes:
-        """tsm_report_read(): serve the cached report or generate a new one for every blob."""
+        """tsm_report_read(): serve the cached report or generate a new one for every blob.
+
+        The fast path shares the lock; the slow path takes it exclusively and looks again,
+        since another reader may have generated the report in between.
+        """
         with self.tsm_rwsem.read():
-            if entry.dead:
-                raise _err(E.ENOENT)
-            if not entry.inblob:
-                raise _err(E.EINVAL)
-            if entry.blobs is not None and entry.read_gen == entry.write_gen:
-                return getattr(entry.blobs, name)
+            cached = self._cached(entry, name)
+        if cached is not None:
+            return cached
         with self.tsm_rwsem.write():
-            if entry.dead:
-                raise _err(E.ENOENT)
-            if not entry.inblob:
-                raise _err(E.EINVAL)
-            if entry.blobs is not None and entry.read_gen == entry.write_gen:
-                return getattr(entry.blobs, name)
-            entry.blobs = None
+            cached = self._cached(entry, name)
+            if cached is not None:
+                return cached
+            entry.blobs = None  # the previous report is gone, also if this generation fails
             request = Request(entry.inblob, entry.privlevel, entry.service_provider,
                               entry.service_guid, entry.service_manifest_version)
             try:
@@ -307,6 +305,17 @@ class ReportFs(mfusepy.Operations):
                 raise _err(exc.errno or E.EIO) from None
             entry.read_gen = entry.write_gen
             return getattr(entry.blobs, name)
+
+    @staticmethod
+    def _cached(entry: Entry, name: str) -> bytes | None:
+        """The cached blob when the report is current; None when it must be generated."""
+        if entry.dead:
+            raise _err(E.ENOENT)
+        if not entry.inblob:
+            raise _err(E.EINVAL)  # reading a blob before any inblob
+        if entry.blobs is not None and entry.read_gen == entry.write_gen:
+            return getattr(entry.blobs, name)
+        return None
 
     def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
         of = self._file(fh)

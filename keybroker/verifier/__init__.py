@@ -112,6 +112,24 @@ class Checks:
             self.failed(name, fail)
 
 
+def check_freshness(observed: bytes, evidence: Evidence, context: Context, checks: Checks, *, what: str,
+                    derive: Callable[[bytes], bytes] = lambda nonce: nonce, rule: str = "the nonce (inblob)",
+                    name: str = "nonce_binding") -> None:
+    """The freshness binding every provider has: ``observed`` (REPORT_DATA, REPORTDATA, the realm
+    challenge) equals an exact ``--report-data`` when one is given, else what the provider
+    derives from the nonce: the key server's expected inblob, or the envelope's own."""
+    if context.report_data is not None:
+        checks.require(observed == context.report_data, "report_data", f"{what} equals the expected value",
+                       f"{what} {observed.hex()[:32]}... differs from the expected {context.report_data.hex()[:32]}...")
+        return
+    nonce = context.nonce if context.nonce is not None else evidence.inblob
+    if nonce is None:
+        checks.skipped(name, f"no nonce or expected {what} given")
+        return
+    checks.require(observed == derive(nonce), name, f"{what} is {rule}",
+                   f"{what} {observed.hex()[:32]}... is not {rule} (nonce {nonce.hex()[:32]}...)")
+
+
 #: A provider's verifier fills ``claims`` as soon as the evidence is parsed, then records
 #: its checks; a failed check raises :class:`Stop`.
 Verifier = Callable[[Evidence, Context, Checks, dict[str, Any]], None]

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ..errors import EvidenceError
-from . import Checks, Context, Evidence
+from . import Checks, Context, Evidence, check_freshness
 from .trust import Cpak
 
 TOKEN_MAX = 256 * 1024
@@ -344,20 +344,6 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     checks.require(token.realm.verifies(token.rak), "realm_signature",
                    f"COSE_Sign1 {token.realm.alg_name} verified with the RAK",
                    "the realm token's signature does not verify under its RAK: the realm claims were changed")
-    _check_challenge(r.challenge, evidence, context, checks)
-
-
-def _check_challenge(challenge: bytes, evidence: Evidence, context: Context, checks: Checks) -> None:
-    if context.report_data is not None:
-        checks.require(challenge == context.report_data, "report_data",
-                       "the realm challenge equals the expected value",
-                       f"the realm challenge {challenge.hex()[:32]}... differs from the expected "
-                       f"{context.report_data.hex()[:32]}...")
-        return
-    nonce = context.nonce if context.nonce is not None else evidence.inblob
-    if nonce is None:
-        checks.skipped("nonce_binding", "no nonce or expected realm challenge given")
-        return
-    checks.require(len(nonce) <= 64 and challenge == nonce.ljust(64, b"\0"), "nonce_binding",
-                   "the realm challenge is the nonce (inblob), zero-padded to 64 bytes",
-                   f"the realm challenge {challenge.hex()[:32]}... is not the nonce {nonce.hex()[:32]}...")
+    # The driver zero-pads a 32-63 byte inblob to the 64-byte challenge.
+    check_freshness(r.challenge, evidence, context, checks, what="the realm challenge",
+                    derive=lambda nonce: nonce.ljust(64, b"\0"), rule="the nonce (inblob) zero-padded to 64 bytes")

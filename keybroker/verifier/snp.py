@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ..errors import EvidenceError
-from . import Checks, Context, Evidence
+from . import Checks, Context, Evidence, check_freshness
 from .trust import TrustStore
 from .certs import (common_name, der_integer, der_read, extension, fingerprint, is_ec_key,
                     load_cert_dir, load_certs, signed_by_rsa_pss_sha384, valid_at, validity)
@@ -460,27 +460,10 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
         checks.failed("report_signature", f"the report signature does not verify under the "
                                           f"{kind.upper()}")
 
-    _check_report_data(report, evidence, context, checks)
-
-
-def _check_report_data(report: Report, evidence: Evidence, context: Context, checks: Checks) -> None:
-    if context.report_data is not None:
-        checks.require(report.report_data == context.report_data, "report_data",
-                       "REPORT_DATA equals the expected value",
-                       f"REPORT_DATA {report.report_data.hex()[:32]}... differs from the expected "
-                       f"{context.report_data.hex()[:32]}...")
-    nonce = context.nonce if context.nonce is not None else evidence.inblob
-    if nonce is None:
-        if context.report_data is None:
-            checks.skipped("report_data", "no expected REPORT_DATA given")
-        return
     if evidence.manifestblob:
-        expected = hashlib.sha512(nonce + evidence.manifestblob).digest()
-        checks.require(report.report_data == expected, "svsm_manifest_binding",
-                       "REPORT_DATA = SHA-512(nonce || manifest)",
-                       "REPORT_DATA is not SHA-512(nonce || manifest): the manifest or nonce was changed")
+        manifest = evidence.manifestblob
+        check_freshness(report.report_data, evidence, context, checks, what="REPORT_DATA",
+                        derive=lambda nonce: hashlib.sha512(nonce + manifest).digest(),
+                        rule="SHA-512(nonce || manifest)", name="svsm_manifest_binding")
     else:
-        checks.require(report.report_data == nonce, "nonce_binding",
-                       "REPORT_DATA equals the nonce (inblob)",
-                       f"REPORT_DATA {report.report_data.hex()[:32]}... is not the expected nonce "
-                       f"{nonce.hex()[:32]}...")
+        check_freshness(report.report_data, evidence, context, checks, what="REPORT_DATA")

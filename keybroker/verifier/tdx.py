@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ..errors import EvidenceError
-from . import Checks, Context, Evidence
+from . import Checks, Context, Evidence, check_freshness
 from . import tcb
 from .certs import common_name, fingerprint, is_ec_key, load_cert_dir, load_certs, signed_by, valid_at, validity
 from .collateral import Collateral, load_folder
@@ -289,7 +289,7 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
                    f"QE REPORTDATA = SHA-256(attestation key || QE auth data [{len(quote.qe_auth_data)} B]) || 0^32",
                    "QE REPORTDATA is not SHA-256(attestation key || QE auth data) || 0^32: the attestation key "
                    "or the QE authentication data is not the one the quoting enclave reported")
-    _check_report_data(quote, evidence, context, checks)
+    check_freshness(quote.body.report_data, evidence, context, checks, what="REPORTDATA")
     _appraise_tcb(quote, chain, info, context, checks, claims_out)
 
 
@@ -327,21 +327,6 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except x509.ExtensionNotFound:
         return False
-
-
-def _check_report_data(quote: Quote, evidence: Evidence, context: Context, checks: Checks) -> None:
-    report_data = quote.body.report_data
-    if context.report_data is not None:
-        checks.require(report_data == context.report_data, "report_data", "REPORTDATA equals the expected value",
-                       f"REPORTDATA {report_data.hex()[:32]}... differs from the expected "
-                       f"{context.report_data.hex()[:32]}...")
-        return
-    nonce = context.nonce if context.nonce is not None else evidence.inblob
-    if nonce is None:
-        checks.skipped("nonce_binding", "no nonce or expected REPORTDATA given")
-        return
-    checks.require(report_data == nonce, "nonce_binding", "REPORTDATA equals the nonce (inblob)",
-                   f"REPORTDATA {report_data.hex()[:32]}... is not the expected nonce {nonce.hex()[:32]}...")
 
 
 # -- appraisal with collateral ----------------------------------------------------------
