@@ -13,16 +13,28 @@
     resource = "default/*"
     uids = [0]
     gids = []
+    [volumes.data]                         # disk unlock: crypttab volume name -> resource
+    resource = "default/luks/data"         # required
+    device = "/dev/disk/by-uuid/..."       # the source device systemd-cryptsetup asks about
+    key_type = "logon"                     # what `keybroker place-key` puts in root's keyring
+    deadline = 120                         # seconds of retrying before the passphrase prompt takes over
 
 Access: root (uid 0) may obtain every resource; any other requester only what an
 ``[[access]]`` rule whose ``resource`` pattern (``*`` matches anything, ``/`` included)
 matches grants to its uid or one of its gids. Unknown keys and bad values are errors that
 name the key and the file.
+
+Volumes map the names of /etc/crypttab volumes to resources for keybroker's disk-unlock
+services (:mod:`keybroker.unlock`). A volume name is 1-64 characters of [A-Za-z0-9_.-],
+not starting with '.' or '-'; ``device`` is an absolute path; ``key_type`` is ``logon``
+(dm-crypt keyring keys, never readable from user space) or ``user`` (LUKS2 keyring
+tokens, which read the key); ``deadline`` is 1 to 3600 seconds.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -30,11 +42,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from .description import ResourcePath
+from .errors import ConfigError, DescriptionError
 
 DEFAULT_PATH = Path("/etc/keybroker/client.toml")
 DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
 DEFAULT_DEADLINE = 30.0
+DEFAULT_UNLOCK_DEADLINE = 120.0
+VOLUME_KEY_TYPES = ("logon", "user")
+DEVICE_MAX = 4096
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,21 @@ class AccessRule:
 
 
 @dataclass(frozen=True)
+class Volume:
+    """One crypttab volume keybroker unlocks: its key is the resource ``keybroker:<resource>``."""
+
+    name: str
+    resource: ResourcePath
+    device: str | None = None
+    key_type: str = "logon"
+    deadline: float = DEFAULT_UNLOCK_DEADLINE
+
+    @property
+    def description(self) -> str:
+        return f"keybroker:{self.resource}"
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     path: Path
     server_url: str
@@ -52,6 +84,10 @@ class ClientConfig:
     tsm_root: Path = DEFAULT_TSM_ROOT
     deadline: float = DEFAULT_DEADLINE
     access: tuple[AccessRule, ...] = ()
+    volumes: tuple[Volume, ...] = ()
+
+    def volume(self, name: str) -> Volume | None:
+        return next((volume for volume in self.volumes if volume.name == name), None)
 
     def may_obtain(self, uid: int, gids: set[int] | frozenset[int], resource: str) -> bool:
         if uid == 0:
@@ -114,7 +150,7 @@ def load(path: Path | str = DEFAULT_PATH) -> ClientConfig:
 
 def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
     top = _Table(path, "", data)
-    top.only("server", "tsm", "handler", "access")
+    top.only("server", "tsm", "handler", "access", "volumes")
 
     server = _Table(path, "server", top.get("server", dict, required=True))
     server.only("url", "ca")
@@ -145,7 +181,37 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
         rules.append(AccessRule(pattern, ids["uids"], ids["gids"]))
 
     return ClientConfig(path=path, server_url=url, server_ca=Path(ca) if ca else None,
-                        tsm_root=Path(root), deadline=deadline, access=tuple(rules))
+                        tsm_root=Path(root), deadline=deadline, access=tuple(rules),
+                        volumes=_volumes(path, top.get("volumes", dict, {})))
+
+
+def _volumes(path: Path, tables: dict[str, Any]) -> tuple[Volume, ...]:
+    volumes = []
+    for name, raw in tables.items():
+        table = _Table(path, f"volumes.{name}", raw)
+        if not _VOLUME_NAME.fullmatch(name):
+            raise table.error(f"volume name {name[:80]!r} must be 1-64 characters of [A-Za-z0-9_.-], "
+                              "not starting with '.' or '-'")
+        table.only("resource", "device", "key_type", "deadline")
+        try:
+            resource = ResourcePath.parse(table.get("resource", str, required=True))
+        except DescriptionError as exc:
+            raise table.error(f"{table.key('resource')!r}: {exc}") from None
+        device = table.get("device", str)
+        if device is not None and (not device.startswith("/") or len(device) > DEVICE_MAX or "\0" in device):
+            raise table.error(f"{table.key('device')!r} must be an absolute path of at most {DEVICE_MAX} characters")
+        key_type = table.get("key_type", str, "logon")
+        if key_type not in VOLUME_KEY_TYPES:
+            raise table.error(f"{table.key('key_type')!r} must be one of {', '.join(VOLUME_KEY_TYPES)}")
+        deadline = float(table.get("deadline", (int, float), DEFAULT_UNLOCK_DEADLINE))
+        if not 1 <= deadline <= 3600:
+            raise table.error(f"{table.key('deadline')!r} must be between 1 and 3600 seconds")
+        volumes.append(Volume(name, resource, device, key_type, deadline))
+    devices = [volume.device for volume in volumes if volume.device]
+    for device in devices:
+        if devices.count(device) > 1:
+            raise ConfigError(f"{path}: device {device!r} is mapped by more than one volume")
+    return tuple(volumes)
 
 
 def _server_url(table: _Table, url: str) -> str:

@@ -93,3 +93,11 @@ class AdminError(KeybrokerError):
 
 class StoreError(KeybrokerError):
     """The key server's database cannot be opened or does not answer."""
+
+
+class UnlockRefused(KeybrokerError):
+    """A request for a volume key is refused: unknown volume, foreign peer, malformed ask file."""
+
+
+class UnlockGaveUp(KeybrokerError):
+    """A volume key could not be obtained: permanent refusal, deadline passed, or the request went away."""

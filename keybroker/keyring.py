@@ -122,6 +122,19 @@ def read(key: int) -> bytes:
     return _read_all("keyctl_read", _lib().keyctl_read, key)
 
 
+def read_secret(key: int) -> bytearray:
+    """KEYCTL_READ into a bytearray the caller can wipe (no immutable copy of the payload is left)."""
+    size = _check("keyctl_read", _lib().keyctl_read(key, None, 0))
+    while True:
+        buf = bytearray(size)
+        got = _check("keyctl_read", _lib().keyctl_read(key, _buffer(buf), size))
+        if got <= size:
+            del buf[got:]
+            return buf
+        buf[:] = bytes(size)
+        size = got
+
+
 def search(keyring: int, key_type: str, description: str, dest_keyring: int = 0) -> int:
     return _check("keyctl_search", _lib().keyctl_search(keyring, key_type.encode(), description.encode(),
                                                         dest_keyring))
