@@ -487,6 +487,66 @@ def _add_install_handler(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_install_handler)
 
 
+# -- disk unlock ---------------------------------------------------------------------------
+
+def _keyfile_server(args: argparse.Namespace) -> int:
+    from . import config
+    from .unlock import keyfile
+    from .unlock.progress import Reporter
+
+    return keyfile.run(config.load(args.config), args.socket, Reporter())
+
+
+def _askpass_agent(args: argparse.Namespace) -> int:
+    from . import config
+    from .unlock import askpass
+    from .unlock.progress import Reporter
+
+    return askpass.run(config.load(args.config), args.ask_dir, args.linger, Reporter())
+
+
+def _place_key(args: argparse.Namespace) -> int:
+    from . import config
+    from .unlock import place
+    from .unlock.progress import Reporter
+
+    place.place(config.load(args.config), args.volume, Reporter())
+    return 0
+
+
+def _add_unlock(sub: argparse._SubParsersAction) -> None:
+    from .config import DEFAULT_PATH
+    from .unlock.askpass import DEFAULT_ASK_DIR
+    from .unlock.keyfile import DEFAULT_SOCKET
+
+    p = sub.add_parser("keyfile-server", help="serve crypttab key files on an AF_UNIX socket (disk unlock)",
+                       description="Serve the keys of [volumes.<name>] to systemd-cryptsetup, which connects to a "
+                                   "crypttab key file that is a socket. Socket-activated by "
+                                   "keybroker-keyfile.socket, or listening on --socket.")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"client configuration (default {DEFAULT_PATH})")
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
+                   help=f"socket path when not socket-activated (default {DEFAULT_SOCKET})")
+    p.set_defaults(run=_keyfile_server)
+
+    p = sub.add_parser("askpass-agent", help="answer systemd disk passphrase prompts (disk unlock)",
+                       description="A systemd password agent: answer Id=cryptsetup:<device> prompts for the devices "
+                                   "of [volumes.<name>] with the released key; exit when the directory stays empty.")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"client configuration (default {DEFAULT_PATH})")
+    p.add_argument("--ask-dir", type=Path, default=DEFAULT_ASK_DIR,
+                   help=f"the ask-password directory (default {DEFAULT_ASK_DIR})")
+    p.add_argument("--linger", type=float, default=10.0, metavar="SECONDS",
+                   help="exit once the directory has been empty this long (default 10)")
+    p.set_defaults(run=_askpass_agent)
+
+    p = sub.add_parser("place-key", help="put a volume's key in root's user keyring (disk unlock)",
+                       description="Request the key of [volumes.VOLUME] into the user keyring (like keyctl request2 "
+                                   "KEY_TYPE keybroker:RESOURCE '' @u), retrying until the volume's deadline; for "
+                                   "dm-crypt keyring keys and LUKS2 keyring tokens.")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"client configuration (default {DEFAULT_PATH})")
+    p.add_argument("volume", help="the crypttab volume name")
+    p.set_defaults(run=_place_key)
+
+
 # -- demo ------------------------------------------------------------------------------------
 
 def _demo(args: argparse.Namespace) -> int:
@@ -505,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keybroker", description="Attested key release for confidential VMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_evidence, _add_tsm_sim, _add_verify, _add_serve, _add_resource, _add_policy, _add_audit,
-                _add_rotate_kek, _add_install_handler, _add_demo):
+                _add_rotate_kek, _add_install_handler, _add_unlock, _add_demo):
         add(sub)
     return parser
 
