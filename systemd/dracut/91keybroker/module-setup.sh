@@ -1,0 +1,112 @@
+#!/bin/bash
+# dracut module "keybroker": attested disk unlock in a systemd initramfs.
+#
+# Install this directory as /usr/lib/dracut/modules.d/91keybroker and add the module:
+#     echo 'add_dracutmodules+=" keybroker "' > /etc/dracut.conf.d/keybroker.conf
+#     dracut -f
+# It installs keybroker (its Python and the packages the boot path imports), the client
+# configuration and its CA bundle, /sbin/request-key with keybroker's drop-in and handler,
+# and keybroker's units, enabled in the image as they are on the host. When the
+# configuration maps a volume it asks for the network (rd.neednet=1).
+#
+# Settings (in a dracut.conf.d file), with their defaults:
+#     keybroker_bin=/usr/local/bin/keybroker          the command the units run
+#     keybroker_config=/etc/keybroker/client.toml     the configuration the units read
+#     keybroker_unitdir=/etc/systemd/system           where the keybroker units are installed
+
+_keybroker_units="keybroker-keyfile.socket keybroker-keyfile.service keybroker-askpass.path
+    keybroker-askpass.service keybroker-unlock@.service"
+_keybroker_dropin=/etc/request-key.d/keybroker.conf
+
+# called by dracut
+check() {
+    require_binaries keyctl request-key || return 1
+    [[ -x ${keybroker_bin:-/usr/local/bin/keybroker} ]] || return 1
+    [[ -f $_keybroker_dropin ]] || return 1
+    # Only when asked for (add_dracutmodules): it brings Python and the network into the image.
+    return 255
+}
+
+# called by dracut
+depends() {
+    echo systemd crypt network
+    return 0
+}
+
+# called by dracut
+cmdline() {
+    echo "rd.neednet=1"
+}
+
+# called by dracut
+installkernel() {
+    # configfs-tsm and the guest drivers that provide its reports
+    hostonly='' instmods tsm tsm_report sev-guest tdx-guest arm-cca-guest
+}
+
+# called by dracut
+install() {
+    local bin=${keybroker_bin:-/usr/local/bin/keybroker}
+    local conf=${keybroker_config:-/etc/keybroker/client.toml}
+    local unitdir=${keybroker_unitdir:-/etc/systemd/system}
+    local python handler handler_conf kind value unit link wants target
+    local -a files=() libraries=()
+    local volumes=""
+
+    # The request-key drop-in names the handler and the configuration it reads.
+    read -r handler handler_conf < <(awk '$1 == "create" {
+        for (i = 6; i < NF; i++) if ($i == "--config") { print $5, $(i + 1); exit } }' "$_keybroker_dropin")
+    if [[ -z $handler || -z $handler_conf ]]; then
+        derror "keybroker: cannot read the handler and its --config from $_keybroker_dropin"
+        return 1
+    fi
+    inst_multiple keyctl request-key "$_keybroker_dropin" "$bin" "$handler"
+    inst_multiple -o /etc/request-key.conf
+
+    # Everything Python needs, as the interpreter of the keybroker command reports it.
+    python=$(sed -n '1s/^#![[:space:]]*//p' "$(readlink -f "$bin")")
+    if ! "$python" -m keybroker.unlock.initramfs "$conf" "$handler_conf" > "$DRACUT_TMPDIR/keybroker.list"; then
+        derror "keybroker: $python -m keybroker.unlock.initramfs failed"
+        return 1
+    fi
+    while read -r kind value; do
+        case $kind in
+            file) if [[ $value == *.so || $value == *.so.* || ( -x $value && $value != *.py ) ]]; then
+                      libraries+=("$value")
+                  else
+                      files+=("$value")
+                  fi ;;
+            volume) volumes+=" $value" ;;
+        esac
+    done < "$DRACUT_TMPDIR/keybroker.list"
+    # Python sources are data: no dependency resolution (some stdlib modules name interpreters
+    # such as /usr/local/bin/python in their #! lines). Programs and libraries: with theirs.
+    DRACUT_RESOLVE_DEPS='' inst_multiple "${files[@]}" || return 1
+    inst_multiple "${libraries[@]}" || return 1
+    # They are imported, never run: dracut's final pass must not chase their #! lines either.
+    for value in "${files[@]}"; do
+        [[ $value == *.py && -x $initdir$value ]] && chmod a-x "$initdir$value"
+    done
+
+    for unit in $_keybroker_units; do
+        if [[ -f $unitdir/$unit ]]; then
+            inst_simple "$unitdir/$unit" "$systemdsystemunitdir/$unit"
+        else
+            inst_simple "$systemdsystemunitdir/$unit" || dwarn "keybroker: $unit is not installed"
+        fi
+    done
+    # Enable in the image what is enabled on the host (systemctl enable ... creates these links).
+    for link in "$unitdir"/*.wants/keybroker-*; do
+        [[ -L $link ]] || continue
+        wants=${link%/*}
+        target=$(readlink "$link")
+        mkdir -p "$initdir$systemdsystemconfdir/${wants##*/}"
+        ln_r "$systemdsystemunitdir/${target##*/}" "$systemdsystemconfdir/${wants##*/}/${link##*/}"
+    done
+
+    if [[ -n $volumes ]]; then
+        dinfo "keybroker: volumes$volumes are mapped: asking for the network"
+        mkdir -p "$initdir/etc/cmdline.d"
+        cmdline > "$initdir/etc/cmdline.d/91keybroker.conf"
+    fi
+}
