@@ -24,7 +24,9 @@ def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Rel
                        errno=E.ENODEV)
 
     def evidence(inblob: bytes):  # type: ignore[no-untyped-def]
-        return tsm.get_report(ReportRequest(inblob, privlevel=request.privlevel), deadline=deadline)
+        return tsm.get_report(ReportRequest(inblob, privlevel=request.privlevel,
+                                            service_provider=config.service_provider,
+                                            service_guid=config.service_guid), deadline=deadline)
 
     client = RcarClient(config.server_url, ca=config.server_ca, deadline=deadline)
     return client.fetch(str(request.resource), tee, evidence)

@@ -7,6 +7,9 @@
     ca = "/etc/keybroker/ca.pem"           # optional CA bundle for TLS
     [tsm]
     root = "/sys/kernel/config/tsm/report"
+    service_provider = "svsm"              # optional: SVSM service attestation (SEV-SNP guests
+                                           # under an SVSM; the report comes from VMPL0)
+    service_guid = "c476f1eb-..."          # optional: attest this one service (default: all)
     [handler]
     deadline = 30                          # seconds, hard limit for one construction
     [[access]]                             # who may obtain which resources
@@ -47,6 +50,7 @@ from .errors import ConfigError, DescriptionError
 
 DEFAULT_PATH = Path("/etc/keybroker/client.toml")
 DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
+_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 DEFAULT_DEADLINE = 30.0
 DEFAULT_UNLOCK_DEADLINE = 120.0
 VOLUME_KEY_TYPES = ("logon", "user")
@@ -82,6 +86,8 @@ class ClientConfig:
     server_url: str
     server_ca: Path | None = None
     tsm_root: Path = DEFAULT_TSM_ROOT
+    service_provider: str | None = None
+    service_guid: str | None = None
     deadline: float = DEFAULT_DEADLINE
     access: tuple[AccessRule, ...] = ()
     volumes: tuple[Volume, ...] = ()
@@ -158,8 +164,14 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
     ca = server.get("ca", str)
 
     tsm = _Table(path, "tsm", top.get("tsm", dict, {}))
-    tsm.only("root")
+    tsm.only("root", "service_provider", "service_guid")
     root = tsm.get("root", str, str(DEFAULT_TSM_ROOT))
+    service_provider = tsm.get("service_provider", str)
+    if service_provider not in (None, "svsm"):
+        raise tsm.error("'tsm.service_provider' must be \"svsm\" (the only service provider Linux knows)")
+    service_guid = tsm.get("service_guid", str)
+    if service_guid is not None and (service_provider is None or not _GUID.fullmatch(service_guid)):
+        raise tsm.error("'tsm.service_guid' must be a lower-case GUID and needs 'tsm.service_provider'")
 
     handler = _Table(path, "handler", top.get("handler", dict, {}))
     handler.only("deadline")
@@ -181,7 +193,8 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
         rules.append(AccessRule(pattern, ids["uids"], ids["gids"]))
 
     return ClientConfig(path=path, server_url=url, server_ca=Path(ca) if ca else None,
-                        tsm_root=Path(root), deadline=deadline, access=tuple(rules),
+                        tsm_root=Path(root), service_provider=service_provider, service_guid=service_guid,
+                        deadline=deadline, access=tuple(rules),
                         volumes=_volumes(path, top.get("volumes", dict, {})))
 
 

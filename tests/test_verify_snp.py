@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -388,3 +389,31 @@ def test_key_server_fetches_what_the_host_did_not_supply(tsm_sim, sim_state, kbs
     finally:
         kds_server.shutdown()
         kds_server.server_close()
+
+
+def test_svsm_guests_attest_through_the_svsm(tsm_sim, kbs, tmp_path):
+    """Linux under an SVSM runs at VMPL2: its own reports are refused by the default policy
+    (VMPL0 wanted); with [tsm] service_provider = "svsm" the SVSM reports at VMPL0 and binds
+    its manifest, and the key is released."""
+    from keybroker import config
+    from keybroker.broker import obtain
+    from keybroker.description import parse_request
+    from keybroker.errors import ServerError
+
+    root = tsm_sim("sev_guest", svsm=True)
+    server = kbs()
+    server.put("default/disk/root", b"svsm key")
+    request = parse_request("user", "keybroker:default/disk/root", "")
+
+    def client(extra: str):
+        path = tmp_path / "client.toml"
+        path.write_text(f'[server]\nurl = "{server.url}"\n[tsm]\nroot = "{root}"\n{extra}')
+        return config.load(path)
+
+    with pytest.raises(ServerError) as info:
+        obtain(client(""), request, deadline=time.monotonic() + 20)
+    assert info.value.problem == "PolicyDenied" and "claim snp.vmpl is 2, not 0" in str(info.value)
+    released = obtain(client('service_provider = "svsm"\n'), request, deadline=time.monotonic() + 20)
+    assert bytes(released.value) == b"svsm key"
+    single = client('service_provider = "svsm"\nservice_guid = "c476f1eb-0123-45a5-9641-b4e7dde5bfe3"\n')
+    assert bytes(obtain(single, request, deadline=time.monotonic() + 20).value) == b"svsm key"
