@@ -45,12 +45,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .description import ResourcePath
+from .description import PREFIX, ResourcePath
 from .errors import ConfigError, DescriptionError
 
 DEFAULT_PATH = Path("/etc/keybroker/client.toml")
 DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
-_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 DEFAULT_DEADLINE = 30.0
 DEFAULT_UNLOCK_DEADLINE = 120.0
 VOLUME_KEY_TYPES = ("logon", "user")
@@ -77,7 +76,7 @@ class Volume:
 
     @property
     def description(self) -> str:
-        return f"keybroker:{self.resource}"
+        return f"{PREFIX}{self.resource}"
 
 
 @dataclass(frozen=True)
@@ -170,7 +169,9 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
     if service_provider not in (None, "svsm"):
         raise tsm.error("'tsm.service_provider' must be \"svsm\" (the only service provider Linux knows)")
     service_guid = tsm.get("service_guid", str)
-    if service_guid is not None and (service_provider is None or not _GUID.fullmatch(service_guid)):
+    if service_guid is not None:
+        from .envelope import GUID  # only then: the handler loads this file on every key request
+    if service_guid is not None and (service_provider is None or not GUID.fullmatch(service_guid)):
         raise tsm.error("'tsm.service_guid' must be a lower-case GUID and needs 'tsm.service_provider'")
 
     handler = _Table(path, "handler", top.get("handler", dict, {}))

@@ -28,9 +28,11 @@ BLOB_MAX = 16 * 1024 * 1024
 #: beyond any real report; real evidence is a few KiB. Keep the JSON itself bounded.
 ENVELOPE_MAX = 4 * 1024 * 1024
 
-_PROVIDER = re.compile(r"[a-z0-9_]{1,32}")
-_SERVICE_PROVIDER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: The grammars of the configfs-tsm attributes the envelope carries (the TSM client and the
+#: client configuration check the same values against them).
+PROVIDER = re.compile(r"[a-z0-9_]{1,32}")
+SERVICE_PROVIDER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _U32_MAX = 2**32 - 1
 _U64_MAX = 2**64 - 1
 
@@ -70,9 +72,9 @@ class TsmReport:
             value = getattr(self, name)
             if value is not None:
                 _check_uint(name, value, 3)
-        if self.service_provider is not None and not _SERVICE_PROVIDER.fullmatch(self.service_provider):
+        if self.service_provider is not None and not SERVICE_PROVIDER.fullmatch(self.service_provider):
             raise EnvelopeError("envelope field 'service_provider' must be 1-64 characters of [A-Za-z0-9_.-]")
-        if self.service_guid is not None and not _GUID.fullmatch(self.service_guid):
+        if self.service_guid is not None and not GUID.fullmatch(self.service_guid):
             raise EnvelopeError("envelope field 'service_guid' must be a lower-case GUID "
                                 "(xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")
         if self.service_manifest_version is not None:
@@ -171,7 +173,7 @@ def _b64_field(obj: dict[str, Any], name: str) -> bytes:
 
 
 def _check_provider(provider: str) -> None:
-    if not isinstance(provider, str) or not _PROVIDER.fullmatch(provider):
+    if not isinstance(provider, str) or not PROVIDER.fullmatch(provider):
         raise EnvelopeError("envelope field 'provider' must be 1-32 characters of [a-z0-9_]")
 
 

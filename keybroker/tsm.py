@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .envelope import BLOB_MAX, INBLOB_MAX, TsmReport
+from .envelope import BLOB_MAX, GUID, INBLOB_MAX, PROVIDER, SERVICE_PROVIDER, TsmReport
 from .errors import TsmError
 
 DEFAULT_ROOT = Path("/sys/kernel/config/tsm/report")
@@ -30,8 +30,6 @@ CONFIGFS = Path("/sys/kernel/config")
 INBLOB_SIZES = {"sev_guest": (64, 64), "tdx_guest": (64, 64), "arm_cca_guest": (32, 64)}
 
 _TEXT_MAX = 4096
-_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_SERVICE_PROVIDER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,9 @@ class ReportRequest:
                            errno=E.EFBIG if self.inblob else E.EINVAL)
         if self.privlevel is not None and not 0 <= self.privlevel <= 3:
             raise TsmError(f"privlevel must be between 0 and 3, got {self.privlevel}", errno=E.EINVAL)
-        if self.service_provider is not None and not _SERVICE_PROVIDER.fullmatch(self.service_provider):
+        if self.service_provider is not None and not SERVICE_PROVIDER.fullmatch(self.service_provider):
             raise TsmError("service_provider must be 1-64 characters of [A-Za-z0-9_.-]", errno=E.EINVAL)
-        if self.service_guid is not None and not _GUID.fullmatch(self.service_guid):
+        if self.service_guid is not None and not GUID.fullmatch(self.service_guid):
             raise TsmError("service_guid must be a lower-case GUID xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx",
                            errno=E.EINVAL)
         if self.service_manifest_version is not None and not 0 <= self.service_manifest_version < 2**32:
@@ -308,7 +306,7 @@ def _error(exc: OSError, what: str) -> TsmError:
 
 def _parse_provider(text: str) -> str:
     name = text[:-1] if text.endswith("\n") else text
-    if not re.fullmatch(r"[a-z0-9_]{1,32}", name):
+    if not PROVIDER.fullmatch(name):
         raise TsmError(f"unexpected provider name {text!r} in configfs-tsm")
     return name
 
