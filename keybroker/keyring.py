@@ -90,13 +90,16 @@ def request_key(key_type: str, description: str, callout: str | None, keyring: i
     return _check("request_key", _lib().request_key(key_type.encode(), description.encode(), info, keyring))
 
 
-def _read_all(call: str, fn: object, key: int) -> bytes:
+def _read_all(call: str, fn: object, key: int) -> bytearray:
+    """Ask for the size, then read; the result (and any buffer that turned out too small) can be wiped."""
     size = _check(call, fn(key, None, 0))  # type: ignore[operator]
     while True:
-        buf = ctypes.create_string_buffer(size)
-        got = _check(call, fn(key, buf, size))  # type: ignore[operator]
+        buf = bytearray(size)
+        got = _check(call, fn(key, _buffer(buf), size))  # type: ignore[operator]
         if got <= size:
-            return buf.raw[:got]
+            del buf[got:]
+            return buf
+        buf[:] = bytes(size)
         size = got
 
 
@@ -112,27 +115,20 @@ class KeyDescription:
 
 
 def describe(key: int) -> KeyDescription:
-    raw = _read_all("keyctl_describe", _lib().keyctl_describe, key).rstrip(b"\0")
+    raw = bytes(_read_all("keyctl_describe", _lib().keyctl_describe, key)).rstrip(b"\0")
     # The description may itself contain ';': split on the first four only.
     key_type, uid, gid, perm, description = raw.decode("utf-8", "surrogateescape").split(";", 4)
     return KeyDescription(key_type, int(uid), int(gid), int(perm, 16), description)
 
 
 def read(key: int) -> bytes:
-    return _read_all("keyctl_read", _lib().keyctl_read, key)
+    """KEYCTL_READ of a payload that is not secret (a callout, a keyring's list of serials)."""
+    return bytes(_read_all("keyctl_read", _lib().keyctl_read, key))
 
 
 def read_secret(key: int) -> bytearray:
     """KEYCTL_READ into a bytearray the caller can wipe (no immutable copy of the payload is left)."""
-    size = _check("keyctl_read", _lib().keyctl_read(key, None, 0))
-    while True:
-        buf = bytearray(size)
-        got = _check("keyctl_read", _lib().keyctl_read(key, _buffer(buf), size))
-        if got <= size:
-            del buf[got:]
-            return buf
-        buf[:] = bytes(size)
-        size = got
+    return _read_all("keyctl_read", _lib().keyctl_read, key)
 
 
 def search(keyring: int, key_type: str, description: str, dest_keyring: int = 0) -> int:
