@@ -288,14 +288,22 @@ def run_kernel(serial: int, config_path: str, log: RequestLog) -> int:
     return 0 if outcome is None else 1
 
 
-def run_debug(key_type: str, description: str, callout: str, config_path: str) -> int:
-    """The whole flow without the kernel; prints the outcome, never the secret."""
+def run_debug(key_type: str, description: str, callout: str, config_path: str,
+              requester: tuple[int, int] | None = None) -> int:
+    """The whole flow without the kernel; prints the outcome, never the secret.
+
+    ``requester`` (uid, gid) stands in for the key's owner, as the kernel would report it
+    (default: the caller's own ids): a testing aid for the access rules on kernels that do
+    not upcall for non-root requesters. It grants nothing: this process keeps the caller's
+    own privileges.
+    """
     from . import config
 
+    uid, gid = requester or (os.getuid(), os.getgid())
     start = time.monotonic()
     try:
         cfg = config.load(config_path)
-        request = _authorise(cfg, key_type, description, callout.encode(), os.getuid(), os.getgid())
+        request = _authorise(cfg, key_type, description, callout.encode(), uid, gid)
         released = obtain_within(cfg, request, start + cfg.deadline)
     except Exception as exc:  # noqa: BLE001
         outcome = exc.outcome if isinstance(exc, Failed) else classify(exc)
@@ -309,17 +317,30 @@ def run_debug(key_type: str, description: str, callout: str, config_path: str) -
     return 0
 
 
+def _requester(text: str) -> tuple[int, int]:
+    import re
+
+    ids = re.fullmatch(r"([0-9]{1,10}):([0-9]{1,10})", text)
+    if not ids or max(int(ids[1]), int(ids[2])) >= 2**32:
+        raise argparse.ArgumentTypeError(f"expected UID:GID in decimal, got {text!r}")
+    return int(ids[1]), int(ids[2])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keybroker-request-key",
                                      description="request-key handler for keybroker: keys (exec mode, %%k)")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"client configuration (default {DEFAULT_CONFIG})")
     parser.add_argument("--debug", nargs=3, metavar=("TYPE", "DESC", "CALLOUT"),
                         help="run the flow without the kernel and print the outcome")
+    parser.add_argument("--requester", type=_requester, metavar="UID:GID",
+                        help="with --debug: decide access as for a key requested by UID:GID (testing aid)")
     parser.add_argument("serial", nargs="?", help="the key under construction (%%k)")
     args = parser.parse_args(argv)
     os.umask(0o077)
+    if args.requester and not args.debug:
+        parser.error("--requester is only for --debug")
     if args.debug:
-        return run_debug(*args.debug, args.config)
+        return run_debug(*args.debug, args.config, args.requester)
     if args.serial is None or not args.serial.isdigit():
         parser.error("the key serial (%k) is required")
     return run_kernel(int(args.serial), args.config, RequestLog())

@@ -174,6 +174,15 @@ class KeyServerProcess:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def requests_to(self, route: str) -> int:
+        """How many requests the server answered on ``route`` (its metrics name: ``auth``, ``attest``, ``resource``…), from /metrics."""
+        import re
+        import urllib.request
+
+        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
+        pattern = rf'^keybroker_http_requests_total\{{route="{re.escape(route)}",status="\d+"\}} (\S+)$'
+        return int(sum(float(count) for count in re.findall(pattern, text, re.M)))
+
     def put(self, path: str, value: bytes, *extra: str) -> None:
         subprocess.run([sys.executable, "-m", "keybroker", "resource", "put", path, "--db", self.db,
                         "--kek-file", str(self.secrets.kek), *extra], input=value, check=True, timeout=30)
@@ -208,15 +217,70 @@ CONF = Path("/etc/request-key.d/keybroker.conf")
 SYSTEM_LOCK = Path("/run/lock/keybroker-tests.lock")
 
 
-@pytest.fixture
-def system_lock() -> Iterator[None]:
-    """Exclusive use of machine-wide state (the request-key drop-in, /dev/log) across test runs."""
+@contextmanager
+def _machine_lock() -> Iterator[None]:
     import fcntl
 
     SYSTEM_LOCK.parent.mkdir(parents=True, exist_ok=True)
     with open(SYSTEM_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+@pytest.fixture
+def system_lock() -> Iterator[None]:
+    """Exclusive use of machine-wide state (the request-key drop-in, /dev/log) across test runs."""
+    with _machine_lock():
+        yield
+
+
+def _probe_upcall(folder: Path, user: str | None) -> tuple[bool, str]:
+    """Does the kernel run /sbin/request-key for a request by ``user`` (None: root)?
+
+    A throwaway drop-in routes ``keybroker-probe:`` keys to a script that only records
+    that it ran; the kernel then negates the key. Returns (ran, what the requester saw).
+    """
+    import secrets
+
+    marker = folder / "ran"
+    marker.unlink(missing_ok=True)
+    description = f"keybroker-probe:{secrets.token_hex(8)}"
+    cmd = ["keyctl", "session", "-", "keyctl", "request2", "user", description, "", "@s"]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    said = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit status {out.returncode}"
+    return marker.exists(), said
+
+
+@pytest.fixture(scope="session")
+def nonroot_upcall(tmp_path_factory: pytest.TempPathFactory) -> str | None:
+    """None when this kernel upcalls for non-root requesters; else a reason to skip, saying what it did.
+
+    Some kernels answer a non-root ``request_key`` that finds no key with ENOENT at once,
+    never running /sbin/request-key. Probed once, with a drop-in of its own that is removed.
+    """
+    if os.geteuid() != 0:
+        return "probing the kernel's request-key upcall needs root"
+    folder = tmp_path_factory.mktemp("upcall-probe")
+    script = folder / "probe"
+    script.write_text(f"#!/bin/sh\necho \"$1\" >> {folder / 'ran'}\n")
+    script.chmod(0o755)
+    conf = CONF.parent / "keybroker-probe.conf"
+    with _machine_lock():
+        CONF.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(f"create\tuser\tkeybroker-probe:*\t*\t{script} %k\n\n")
+        try:
+            root_ran, root_said = _probe_upcall(folder, None)
+            nobody_ran, nobody_said = _probe_upcall(folder, "nobody")
+        finally:
+            conf.unlink(missing_ok=True)
+    if not root_ran:
+        return f"the kernel did not run /sbin/request-key even for root (the requester saw: {root_said})"
+    if not nobody_ran:
+        return (f"this kernel ({os.uname().release}) does not upcall for non-root requesters: request_key as "
+                f"'nobody' answered '{nobody_said}' without running /sbin/request-key")
+    return None
 
 
 @pytest.fixture

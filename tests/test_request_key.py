@@ -44,7 +44,7 @@ def test_user_key_is_released_into_the_keyring(broker, syslog):
                          'keyctl describe $id && keyctl pipe $id | sha256sum && grep "^$(printf %08x $id) " /proc/keys')
     assert out.returncode == 0, out.stderr
     assert hashlib.sha256(SECRET).hexdigest() in out.stdout
-    describe = re.search(r"^\d+: (\S+)\s+(\d+)\s+(\d+) user: keybroker:default/disk/root$", out.stdout, re.M)
+    describe = re.search(r"^ *\d+: (\S+)\s+(\d+)\s+(\d+) user: keybroker:default/disk/root$", out.stdout, re.M)
     assert describe, out.stdout
     perms = describe.group(1)
     assert perms[:6] == "als-rv" and set(perms[6:]) == {"-"}  # possessor only: no user/group/other rights
@@ -87,21 +87,73 @@ def test_descriptions_outside_the_grammar_are_enokey(broker, syslog):
     assert sum("errno=ENOKEY" in line for line in syslog) == 2
 
 
-def test_non_root_requester_gets_nothing(broker):
+def test_non_root_requester_gets_nothing(broker, nonroot_upcall):
+    if nonroot_upcall:
+        pytest.skip(nonroot_upcall)
     out = keyctl_session('keyctl request2 user keybroker:default/disk/root "" @s', user="nobody")
     assert out.returncode != 0 and "Permission denied" in out.stderr
     assert "attest" not in broker.log()  # refused before any evidence left the VM
 
 
-def test_access_rules_grant_other_users(tsm_sim, kbs, handler):
+def test_access_rules_grant_other_users(tsm_sim, kbs, handler, nonroot_upcall):
+    if nonroot_upcall:
+        pytest.skip(nonroot_upcall)
     root = tsm_sim("sev_guest")
     server = kbs()
     server.put("shared/disk/data", SECRET)
-    nobody = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True).stdout)
-    handler(server.url, root, extra=f'[[access]]\nresource = "shared/*"\nuids = [{nobody}]\n')
+    handler(server.url, root, extra=f'[[access]]\nresource = "shared/*"\nuids = [{NOBODY}]\n')
     out = keyctl_session('id=$(keyctl request2 user keybroker:shared/disk/data "" @s) && keyctl pipe $id | sha256sum',
                          user="nobody")
     assert hashlib.sha256(SECRET).hexdigest() in out.stdout, out.stderr
+
+
+# The same access decisions where the kernel never upcalls for non-root requesters: the real
+# handler, through --debug, deciding for a requester that is not root.
+
+NOBODY = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True).stdout)
+NOGROUP = int(subprocess.run(["id", "-g", "nobody"], capture_output=True, text=True).stdout)
+
+
+def debug_request(config, description: str, requester: str) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "keybroker-request-key"),
+                           "--config", str(config), "--debug", "user", description, "", "--requester", requester],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_handler_refuses_a_non_root_requester_before_attesting(tsm_sim, kbs, handler):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/disk/root", SECRET)
+    config = handler(server.url, root, extra=f'[[access]]\nresource = "shared/*"\nuids = [{NOBODY}]\n')
+    out = debug_request(config, "keybroker:default/disk/root", f"{NOBODY}:{NOGROUP}")
+    assert out.returncode == 1 and "errno=EACCES" in out.stdout and "timeout=60s" in out.stdout, out.stdout
+    assert f"requester uid {NOBODY} gid {NOGROUP} may not obtain default/disk/root" in out.stdout
+    assert server.requests_to("auth") == 0 and server.requests_to("attest") == 0  # nothing sent
+    out = debug_request(config, "keybroker:default/disk/root", "0:0")  # root may: the refusal was the rule's
+    assert out.returncode == 0 and "would instantiate a 32-byte key" in out.stdout, out.stdout
+    assert server.requests_to("auth") == 1 and server.requests_to("attest") == 1
+
+
+@pytest.mark.parametrize("rule", [f"uids = [{NOBODY}]", f"gids = [{NOGROUP}]"])
+def test_handler_access_rules_grant_a_non_root_requester(tsm_sim, kbs, handler, rule):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("shared/disk/data", SECRET)
+    config = handler(server.url, root, extra=f'[[access]]\nresource = "shared/*"\n{rule}\n')
+    out = debug_request(config, "keybroker:shared/disk/data", f"{NOBODY}:{NOGROUP}")
+    assert out.returncode == 0 and "would instantiate a 32-byte key" in out.stdout, out.stdout + out.stderr
+    assert SECRET.hex() not in out.stdout + out.stderr
+    out = debug_request(config, "keybroker:default/disk/root", f"{NOBODY}:{NOGROUP}")  # outside the rule
+    assert out.returncode == 1 and "errno=EACCES" in out.stdout
+
+
+def test_requester_is_only_a_debug_aid():
+    handler = os.path.join(os.path.dirname(sys.executable), "keybroker-request-key")
+    out = subprocess.run([handler, "--requester", "0:0", "12345"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "--requester is only for --debug" in out.stderr
+    out = subprocess.run([handler, "--debug", "user", "keybroker:a/b/c", "", "--requester", "²:0"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "expected UID:GID" in out.stderr
 
 
 def test_server_down_is_transient_and_a_retry_succeeds(tsm_sim, kbs, handler):
