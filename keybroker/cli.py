@@ -571,14 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `keybroker verify ... | head` ends quietly
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # inside the try: a reader that went away is a BrokenPipeError here
+        return status
     except KeybrokerError as exc:
         print(f"keybroker {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # Only standard output can get here (`keybroker audit list | head`): end quietly. SIGPIPE
+        # keeps Python's disposition (ignored) so that a server whose client hangs up gets EPIPE on
+        # that connection instead of dying.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

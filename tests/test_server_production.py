@@ -404,3 +404,47 @@ def test_systemd_unit_verifies(tmp_path):
     out = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
     problems = [line for line in (out.stdout + out.stderr).splitlines() if str(copy) in line]
     assert out.returncode == 0 and not problems, out.stdout + out.stderr
+
+
+# -- clients that hang up ---------------------------------------------------------------------
+
+def hang_up(port: int, data: bytes, *, reset: bool) -> None:
+    """Connect, send ``data`` and go away without reading the answer (with a RST when ``reset``)."""
+    import struct
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if data:
+            sock.sendall(data)
+
+
+def test_server_survives_clients_that_hang_up(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    auth = json.dumps({"version": "0.4.0", "tee": "snp", "extra-params": {}}).encode()
+    full = [b"garbage\r\n\r\n",
+            b"POST /kbs/v0/auth HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(auth), auth),
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /admin/v1/resources HTTP/1.1\r\nHost: x\r\n\r\n"]
+    partial = [b"", b"POST /kbs/v0/auth HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n{\"ver",
+               b"GET /kbs/v0/resource/default/key/a HTTP/1.1\r\nHo"]
+    for i in range(300):
+        hang_up(server.port, partial[i % len(partial)], reset=i % 2 == 0)  # before a full request
+        hang_up(server.port, full[i % len(full)], reset=i % 2 == 1)  # after one, before the answer
+    time.sleep(0.5)
+    assert server.proc.poll() is None, f"the server died ({server.proc.returncode}): {server.log()[-2000:]}"
+    guest = attest(root, server.url)  # and it still releases
+    released = guest.fetch(server.url, "default/key/a")
+    assert released.status_code == 200 and guest.decrypt(released) == SECRET
+
+
+def test_quiet_when_the_reader_of_standard_output_goes_away(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "keybroker", "policy", "get", "--db", f"sqlite:///{tmp_path / 'db'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes: its output meets a closed pipe
+    status = proc.wait(30)
+    assert status == 1 and proc.stderr.read() == b""
+

@@ -330,6 +330,36 @@ def test_keyfile_socket_gives_unknown_volumes_and_peers_nothing(disk, services, 
     assert disk.releases() == 1  # only the image's: nothing was released for them
 
 
+def test_keyfile_server_survives_clients_that_hang_up(tsm_sim, kbs, handler, services, tmp_path):
+    root = tsm_sim("sev_guest", "slow=1")  # each attestation takes a second
+    server = kbs()
+    key = secrets.token_bytes(64)
+    server.put("default/luks/hangup", key)
+    cfg = handler(server.url, root, extra='[volumes.data]\nresource = "default/luks/hangup"\n')
+    path = tmp_path / "cs.sock"
+    service = services("keyfile-server", "--config", str(cfg), "--socket", str(path))
+    wait_for("the key-file socket", path.exists)
+
+    def client(*, address: bool = True, leave_after: float = 0.0) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            if address:
+                sock.bind(f"\0{secrets.token_hex(8)}/cryptsetup/data".encode())
+            sock.connect(str(path))
+            sock.shutdown(socket.SHUT_WR)
+            time.sleep(leave_after)
+
+    client(leave_after=0.3)  # gone while the key is being obtained: the server writes into a closed socket
+    wait_for("the write that failed", lambda: "cannot write the key file: [Errno 32] Broken pipe" in service.log())
+    for i in range(300):
+        client(address=False)  # before a full request
+        client(leave_after=i % 10 / 500)  # after one, leaving at different moments of the answer
+    wait_for("every client handled", lambda: service.log().count("closing without data") >= 300 and sum(
+        service.log().count(end) for end in ("key file served", "cannot write the key file", "request went away"))
+        >= 301)
+    assert service.proc.poll() is None, service.log()[-2000:]
+    assert read_key_file(path, "data") == key
+
+
 def test_a_key_server_that_comes_up_late_is_retried(disk, services, notify, tmp_path):
     disk.server.stop()
     service, path = keyfile_server(services, disk, tmp_path, env={"NOTIFY_SOCKET": str(notify.path),
@@ -495,6 +525,34 @@ def test_askpass_agent_answers_only_live_prompts_for_mapped_devices(disk, servic
             prompt.close()
     assert agent.proc.wait(30) == 0  # the directory stayed empty: the agent leaves
     assert "no prompts left" in agent.log() and data[1:].decode() not in agent.log()
+
+
+def test_askpass_agent_survives_prompts_that_go_away(disk, services, tmp_path):
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    first = Prompt(ask_dir, str(disk.image))
+    agent = services("askpass-agent", "--config", str(disk.config), "--ask-dir", str(ask_dir), "--linger", "30")
+    try:
+        wait_for("the first answer", first.reply, timeout=60)  # the key is in the agent's keyring now
+        for i in range(300):
+            # Before a full request: an ask file cut short, then withdrawn.
+            cut = ask_dir / f"ask.cut{i}"
+            cut.write_text(ask_text(str(ask_dir / "sck.none"), str(disk.image))[:40])
+            cut.unlink()
+            # A full request whose asker goes away before the answer: its socket is closed.
+            gone = Prompt(ask_dir, str(disk.image))
+            gone.sock.close()
+            gone.path.unlink()
+            if i % 2:
+                gone.socket_path.unlink()
+        live = Prompt(ask_dir, str(disk.image))
+        data, _ = wait_for("an answer after the hang-ups", live.reply, timeout=60)
+        assert opens(disk.image, data[1:])
+        assert agent.proc.poll() is None, agent.log()[-2000:]
+    finally:
+        for path in ask_dir.iterdir():
+            path.unlink()
+        first.sock.close()
 
 
 def test_askpass_agent_answers_the_real_systemd_ask_password(disk, tmp_path):
