@@ -292,10 +292,7 @@ def _resource(args: argparse.Namespace) -> int:
     if args.action == "list":
         for info in _administrator(args).list_resources():
             print(f"{info.path}\t{info.size} bytes" + (f"\tlease {info.lease} s" if info.lease else ""))
-        return 0
-    if args.path is None:
-        raise SystemExit(f"keybroker resource {args.action}: REPO/TYPE/TAG is required")
-    if args.action == "put":
+    elif args.action == "put":
         value = args.file.read_bytes() if args.file else sys.stdin.buffer.read()
         _administrator(args, values=True).put_resource(args.path, value, args.lease)
     elif args.action == "get":
@@ -320,11 +317,18 @@ def _add_resource(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("resource", help="manage the key server's resources",
                        description="Put, get, remove or list resources: in the database (--db; values sealed "
                                    "under --kek-file) or through a running server's admin API (--server).")
-    p.add_argument("action", choices=["put", "get", "rm", "list"])
-    p.add_argument("path", nargs="?", metavar="REPO/TYPE/TAG")
-    p.add_argument("--file", type=Path, help="put: read the value from FILE (default stdin); get: write it to FILE")
-    p.add_argument("--lease", type=int, help="put: seconds the released key stays valid in the keyring")
-    _add_store_options(p, remote=True)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    put = actions.add_parser("put", help="store the value of a resource (from --file, or stdin)")
+    put.add_argument("--file", type=Path, help="read the value from FILE (default stdin)")
+    put.add_argument("--lease", type=int, help="seconds the released key stays valid in the keyring")
+    get = actions.add_parser("get", help="print a resource's value (locally only, with the KEK)")
+    get.add_argument("--file", type=Path, help="write the value to FILE (mode 0600) instead of stdout")
+    actions.add_parser("rm", help="remove a resource")
+    actions.add_parser("list", help="list the resources: path, size, lease")
+    for action in ("put", "get", "rm"):
+        actions.choices[action].add_argument("path", metavar="REPO/TYPE/TAG")
+    for action in ("put", "get", "rm", "list"):
+        _add_store_options(actions.choices[action], remote=True)
     p.set_defaults(run=_resource)
 
 

@@ -138,6 +138,11 @@ def test_resource_command(tmp_path):
     assert "default/key/one\t7 bytes" in listing and "default/key/two\t7 bytes\tlease 60 s" in listing
     assert "value" not in listing
     assert run("get", "default/key/one").stdout == b"value-1"
+    options_first = subprocess.run([sys.executable, "-m", "keybroker", "resource", "put", "--db", db, "--kek-file",
+                                    str(kek), "default/key/three", "--file", str(tmp_path / "v2")],
+                                   capture_output=True, timeout=30)
+    assert options_first.returncode == 0, options_first.stderr
+    assert run("get", "default/key/three").stdout == b"value-2"
     assert run("rm", "default/key/one").returncode == 0
     assert run("get", "default/key/one").returncode != 0
     assert b"must be <repo>/<type>/<tag>" in run("put", "bad", data=b"x").stderr

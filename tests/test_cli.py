@@ -1,0 +1,66 @@
+"""The ``keybroker`` command line: every command takes its options and positionals in any order."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from keybroker import cli
+
+SAMPLES = {Path: "/tmp/x", int: "1", float: "1.5", cli._hex: "00ff", cli._rfc3339: "2025-01-01T00:00:00Z",
+           cli._listen: "127.0.0.1:1"}
+
+
+def leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        yield path, parser
+    for action in subparsers:
+        for name, child in action.choices.items():
+            yield from leaf_commands(child, (*path, name))
+
+
+def sample(action: argparse.Action) -> str:
+    if action.choices:
+        return str(next(iter(action.choices)))
+    if action.type is None or action.type is str:
+        return "default/disk/root" if action.dest == "path" else "text"
+    return SAMPLES[action.type]
+
+
+def arguments(parser: argparse.ArgumentParser) -> tuple[list[str], list[list[str]]]:
+    """Sample positionals, and every option with a sample value (each a group of strings)."""
+    positionals, options = [], []
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        if not action.option_strings:
+            positionals.append(sample(action))
+        elif action.nargs == 0:
+            options.append([action.option_strings[0]])
+        else:
+            count = action.nargs if isinstance(action.nargs, int) else 1
+            options.append([action.option_strings[0], *[sample(action)] * count])
+    return positionals, options
+
+
+COMMANDS = [(path, parser) for path, parser in leaf_commands(cli.build_parser()) if arguments(parser)[0]]
+
+
+@pytest.mark.parametrize("path, parser", COMMANDS, ids=[" ".join(path) for path, _ in COMMANDS])
+def test_options_and_positionals_in_any_order(path, parser):
+    positionals, options = arguments(parser)
+    flat = [s for group in options for s in group]
+    half = len(options) // 2
+    orders = [[*positionals, *flat], [*flat, *positionals],
+              [*[s for g in options[:half] for s in g], *positionals, *[s for g in options[half:] for s in g]]]
+    parsed = [vars(cli.build_parser().parse_args([*path, *argv])) for argv in orders]
+    assert parsed[0] == parsed[1] == parsed[2]
+
+
+def test_commands_with_positionals_are_covered():
+    names = {" ".join(path) for path, _ in COMMANDS}
+    assert {"resource put", "resource get", "resource rm", "policy check", "policy put", "verify", "tsm-sim",
+            "place-key"} <= names
