@@ -448,3 +448,22 @@ def test_quiet_when_the_reader_of_standard_output_goes_away(tmp_path):
     status = proc.wait(30)
     assert status == 1 and proc.stderr.read() == b""
 
+
+@pytest.mark.parametrize("name, content", [
+    ("values.json", b'{"measurement": "ab", "chip_id": "cd"}'),  # the emulator's, not an anchor
+    ("rsa.json", b'{"kty": "RSA", "n": "AQAB", "e": "AQAB"}'),
+    ("list.json", b'[1, 2]'),
+    ("garbage.pem", b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"),
+    ("empty.der", b""),
+])
+def test_a_file_in_trust_roots_that_is_no_anchor_is_one_clear_line(tmp_path, name, content):
+    folder = tmp_path / "trust"
+    folder.mkdir()
+    (folder / name).write_bytes(content)
+    (folder / "notes.txt").write_text("other suffixes are not read")
+    kek = write_secret(tmp_path / "kek", os.urandom(32))
+    out = keybroker("serve", "--listen", f"127.0.0.1:{free_port()}", "--db", f"sqlite:///{tmp_path / 'db'}",
+                    "--kek-file", str(kek), "--trust-roots", str(folder))
+    errors = [line for line in out.stderr.decode().splitlines() if not re.match(r"^\d{4}-\d\d-\d\d ", line)]
+    assert out.returncode == 1 and len(errors) == 1 and "Traceback" not in out.stderr.decode(), out.stderr
+    assert errors[0].startswith(f"keybroker serve: trust anchor {folder / name} is not a root certificate")

@@ -17,6 +17,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from jwcrypto import jwk
+from jwcrypto.common import JWException
 
 from ..errors import ConfigError, EvidenceError
 from .certs import CERT_FILE_MAX, fingerprint, load_certs
@@ -29,6 +31,10 @@ AMD_ARKS = {
 }
 #: SHA-256 of the DER of the Intel SGX Root CA (tdx.md section 6).
 INTEL_SGX_ROOT = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+#: What a trust-roots folder holds, by file name suffix; files with other suffixes are ignored.
+ANCHOR_SUFFIXES = (".pem", ".crt", ".cer", ".der", ".json")
+ANCHOR_KINDS = ("a root certificate (PEM or DER), a CCA platform key (PEM public key or JWK) or a Veraison "
+                "trust-anchor list")
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class TrustStore:
             if not folder.is_dir():
                 raise ConfigError(f"trust-roots folder {folder} does not exist")
             for path in sorted(folder.iterdir()):
-                if path.is_file() and path.suffix.lower() in (".pem", ".crt", ".cer", ".der", ".json"):
+                if path.is_file() and path.suffix.lower() in ANCHOR_SUFFIXES:
                     _load_anchor(path, roots, cpaks)
         return TrustStore(roots, tuple(cpaks))
 
@@ -85,19 +91,17 @@ def _load_anchor(path: Path, roots: dict[str, x509.Certificate | None], cpaks: l
         else:
             for cert in load_certs(data):
                 roots[fingerprint(cert)] = cert
-    except (ValueError, KeyError, TypeError, EvidenceError) as exc:
-        raise ConfigError(f"trust anchor {path}: {exc}") from None
+    except (ValueError, KeyError, TypeError, EvidenceError, JWException) as exc:
+        raise ConfigError(f"trust anchor {path} is not {ANCHOR_KINDS}: {exc or type(exc).__name__}") from None
 
 
 def _cpaks_from_json(obj: Any, source: str) -> list[Cpak]:
-    from jwcrypto import jwk
-
     entries = obj if isinstance(obj, list) else [obj]
     cpaks = []
     for entry in entries:
-        if not isinstance(entry, dict):
-            raise ValueError("expected a JWK or a list of trust-anchor objects")
-        key_json = entry.get("pkey", entry)
+        key_json = entry.get("pkey", entry) if isinstance(entry, dict) else None
+        if not isinstance(key_json, dict) or not isinstance(key_json.get("kty"), str):
+            raise ValueError('JSON must be a JWK (with "kty") or a list of {"pkey": JWK, ...} entries')
         key = jwk.JWK(**key_json).get_op_key("verify")
         impl = entry.get("implementation-id")
         inst = entry.get("instance-id")
