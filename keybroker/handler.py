@@ -11,16 +11,8 @@ reject with a deliberate errno and a negative-cache timeout. The attestation rou
 a forked worker (which drops the authority): a provider can block a read uninterruptibly,
 and this process, the one the kernel waits for, must be able to give up on time.
 
-==============================  =================  ========
-cause                           errno              timeout
-==============================  =================  ========
-attestation or policy denied    EKEYREJECTED       60 s
-unknown resource, bad grammar   ENOKEY             60 s
-requester not allowed           EACCES             60 s
-server unreachable, deadline    ECONNREFUSED, ETIMEDOUT, ENETUNREACH, EHOSTUNREACH   5 s
-evidence unavailable            the provider's errno (EBUSY, ETIMEDOUT: 5 s; else 30 s)
-protocol or server failure      EPROTO, EIO        10 s
-==============================  =================  ========
+Which errno and negative-cache timeout each failure gets is :func:`classify`; the README's
+table "What the handler does" states it for users (a test keeps the two in step).
 
 It logs one line per request to syslog (the journal, else stderr, when /dev/log is
 missing), never key material. ``--debug TYPE DESC CALLOUT`` runs the same flow without

@@ -1,0 +1,52 @@
+"""The README's table of what a requester sees on failure is what the handler does."""
+
+from __future__ import annotations
+
+import errno as E
+import re
+from pathlib import Path
+
+from keybroker.errors import (AccessDenied, ConfigError, DescriptionError, ProtocolError, ServerError,
+                              ServerUnreachable, TsmError)
+from keybroker.handler import classify
+from keybroker.rcar import protocol as p
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+#: One or more failures of each kind the table names, by the row's first cell.
+CASES = {
+    "attestation or policy denied": [ServerError("denied", status=403, problem=p.ATTESTATION_DENIED),
+                                     ServerError("denied", status=403, problem=p.POLICY_DENIED)],
+    "unknown resource, description or callout outside the grammar": [
+        ServerError("absent", status=404, problem=p.RESOURCE_NOT_FOUND), DescriptionError("bad")],
+    "requester not allowed by `[[access]]`": [AccessDenied("no")],
+    "server unreachable, deadline passed": [ServerUnreachable("down", errno=code) for code in
+                                            (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ETIMEDOUT)],
+    "server error (HTTP 5xx)": [ServerError("oops", status=code, problem=None) for code in (500, 502, 503)],
+    "protocol error (a malformed answer, another HTTP error)": [
+        ProtocolError("garbled"), ServerError("bad", status=400, problem=p.BAD_REQUEST),
+        ServerError("session", status=401, problem=p.UNKNOWN_SESSION)],
+    "evidence unavailable, provider busy": [TsmError("busy", errno=E.EBUSY, transient=True),
+                                            TsmError("slow", errno=E.ETIMEDOUT, transient=True)],
+    "evidence unavailable, provider failed": [TsmError("gone", errno=E.ENXIO), TsmError("none", errno=E.ENODEV),
+                                              TsmError("failed", errno=E.EIO)],
+    "client configuration missing or invalid": [ConfigError("no file")],
+}
+
+
+def readme_table() -> dict[str, tuple[str, str]]:
+    text = README.read_text()
+    table = text[text.index("| cause | the requester sees | cached for |"):].split("\n\n")[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    return {cause: (sees, cached) for cause, sees, cached in rows}
+
+
+def test_every_row_of_the_readme_table_is_what_the_handler_does():
+    table = readme_table()
+    assert set(table) == set(CASES), "a row was added or renamed: give it failures in CASES"
+    for cause, (sees, cached) in table.items():
+        named = set(re.findall(r"\bE[A-Z]{2,}\b", sees))
+        for failure in CASES[cause]:
+            outcome = classify(failure)
+            assert E.errorcode[outcome.errno] in named, (cause, failure, outcome)
+            assert cached == f"{outcome.timeout} s", (cause, failure, outcome)
