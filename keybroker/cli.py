@@ -27,8 +27,8 @@ def _hex(text: str) -> bytes:
 # -- evidence ---------------------------------------------------------------------------
 
 def _evidence(args: argparse.Namespace) -> int:
-    from . import envelope
-    from .tsm import ReportRequest, TsmClient
+    from .wire import envelope
+    from .guest.tsm import ReportRequest, TsmClient
 
     request = ReportRequest(inblob=args.nonce, privlevel=args.privlevel,
                             service_provider=args.service_provider, service_guid=args.service_guid,
@@ -39,7 +39,7 @@ def _evidence(args: argparse.Namespace) -> int:
 
 
 def _add_evidence(sub: argparse._SubParsersAction) -> None:
-    from .tsm import DEFAULT_ROOT
+    from .guest.tsm import DEFAULT_ROOT
 
     p = sub.add_parser("evidence", help="collect a configfs-tsm report and print its envelope",
                        description="Collect attestation evidence through configfs-tsm and print the "
@@ -109,7 +109,7 @@ def _verify(args: argparse.Namespace) -> int:
     import datetime as dt
     import json
 
-    from . import envelope
+    from .wire import envelope
     from .verifier import Context, Evidence, TrustStore, verify
 
     data = args.file.read_bytes()
@@ -360,8 +360,8 @@ def _policy_check(args: argparse.Namespace) -> int:
     import datetime as dt
     import json
 
-    from . import envelope
-    from .policy import Policy
+    from .wire import envelope
+    from .server.policy import Policy
     from .verifier import Context, Evidence, TrustStore, verify
 
     policy = Policy.loads(args.policy.read_bytes())
@@ -472,7 +472,7 @@ def _add_rotate_kek(sub: argparse._SubParsersAction) -> None:
 # -- install-handler ---------------------------------------------------------------------
 
 def _install_handler(args: argparse.Namespace) -> int:
-    from . import config, install
+    from .guest import config, install
 
     config.load(args.config)  # refuse to install a handler whose configuration does not load
     target = install.install(args.config, args.conf_dir)
@@ -481,7 +481,7 @@ def _install_handler(args: argparse.Namespace) -> int:
 
 
 def _add_install_handler(sub: argparse._SubParsersAction) -> None:
-    from .install import CONF_DIR
+    from .guest.install import CONF_DIR
 
     p = sub.add_parser("install-handler", help="install the request-key drop-in for keybroker: keys",
                        description="Write request-key.d/keybroker.conf so that the kernel's upcalls for "
@@ -494,34 +494,34 @@ def _add_install_handler(sub: argparse._SubParsersAction) -> None:
 # -- disk unlock ---------------------------------------------------------------------------
 
 def _keyfile_server(args: argparse.Namespace) -> int:
-    from . import config
-    from .unlock import keyfile
-    from .unlock.progress import Reporter
+    from .guest import config
+    from .guest.unlock import keyfile
+    from .guest.unlock.progress import Reporter
 
     return keyfile.run(config.load(args.config), args.socket, Reporter())
 
 
 def _askpass_agent(args: argparse.Namespace) -> int:
-    from . import config
-    from .unlock import askpass
-    from .unlock.progress import Reporter
+    from .guest import config
+    from .guest.unlock import askpass
+    from .guest.unlock.progress import Reporter
 
     return askpass.run(config.load(args.config), args.ask_dir, args.linger, Reporter())
 
 
 def _place_key(args: argparse.Namespace) -> int:
-    from . import config
-    from .unlock import place
-    from .unlock.progress import Reporter
+    from .guest import config
+    from .guest.unlock import place
+    from .guest.unlock.progress import Reporter
 
     place.place(config.load(args.config), args.volume, Reporter())
     return 0
 
 
 def _add_unlock(sub: argparse._SubParsersAction) -> None:
-    from .config import DEFAULT_PATH
-    from .unlock.askpass import DEFAULT_ASK_DIR
-    from .unlock.keyfile import DEFAULT_SOCKET
+    from .guest.config import DEFAULT_PATH
+    from .guest.unlock.askpass import DEFAULT_ASK_DIR
+    from .guest.unlock.keyfile import DEFAULT_SOCKET
 
     p = sub.add_parser("keyfile-server", help="serve crypttab key files on an AF_UNIX socket (disk unlock)",
                        description="Serve the keys of [volumes.<name>] to systemd-cryptsetup, which connects to a "

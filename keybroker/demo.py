@@ -23,7 +23,7 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-from . import install
+from .guest import install
 from .server.admin import Admin
 from .server.sealing import load_sealer
 from .server.store import Store

@@ -291,7 +291,7 @@ def handler(tmp_path: Path, system_lock: None) -> Iterator[Callable[..., Path]]:
     saved = CONF.read_bytes() if CONF.exists() else None
 
     def install(server_url: str, tsm_root: Path, *, deadline: float = 10, extra: str = "") -> Path:
-        from keybroker import install as installer
+        from keybroker.guest import install as installer
 
         config = tmp_path / "client.toml"
         config.write_text(f'[server]\nurl = "{server_url}"\n[tsm]\nroot = "{tsm_root}"\n'

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from keybroker.install import CONF_DIR, CONF_NAME
+from keybroker.guest.install import CONF_DIR, CONF_NAME
 
 
 def test_demo(tmp_path, system_lock):

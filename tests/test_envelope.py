@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from keybroker import envelope
-from keybroker.envelope import TsmReport
+from keybroker.wire import envelope
+from keybroker.wire.envelope import TsmReport
 from keybroker.errors import EnvelopeError
 
 REPORT = TsmReport(provider="sev_guest", generation=2, inblob=bytes(64), outblob=b"\x01" * 1184,

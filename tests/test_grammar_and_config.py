@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from keybroker import config
-from keybroker.description import KeyRequest, ResourcePath, parse_request
+from keybroker.guest import config
+from keybroker.guest.request import KeyRequest, parse_request
+from keybroker.wire.resource import ResourcePath
 from keybroker.errors import ConfigError, DescriptionError
 
 

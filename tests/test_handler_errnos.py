@@ -8,8 +8,8 @@ from pathlib import Path
 
 from keybroker.errors import (AccessDenied, ConfigError, DescriptionError, ProtocolError, ServerError,
                               ServerUnreachable, TsmError)
-from keybroker.handler import classify
-from keybroker.rcar import protocol as p
+from keybroker.guest.handler import classify
+from keybroker.wire import rcar as p
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

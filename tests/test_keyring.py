@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from keybroker import keyring
+from keybroker.guest import keyring
 from keybroker.errors import KeyringError
 
 
@@ -77,7 +77,7 @@ def test_instantiate_and_reject_from_a_real_upcall(tmp_path):
     handler.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""\
         import errno, sys
         sys.path.insert(0, {str(os.getcwd())!r})
-        from keybroker import keyring
+        from keybroker.guest import keyring
         serial = int(sys.argv[1])
         info = keyring.describe(serial)
         callout = keyring.read(keyring.REQKEY_AUTH_KEY)

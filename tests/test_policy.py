@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from keybroker.errors import PolicyError
-from keybroker.policy import DEFAULT, Policy
+from keybroker.server.policy import DEFAULT, Policy
 
 SNP = {"tee": "snp", "debug": False, "measurement": "aa" * 48, "snp.vmpl": 0, "snp.policy.migrate_ma": False,
        "snp.reported_tcb.microcode": 72, "snp.firmware.current": "1.55.43"}

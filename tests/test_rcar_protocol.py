@@ -11,7 +11,7 @@ import rfc8785
 from jwcrypto import jwe, jwk
 
 from keybroker.errors import ProtocolError
-from keybroker.rcar import protocol as p
+from keybroker.wire import rcar as p
 from keybroker.server.kbs import wrap
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from keybroker.errors import ServerError
-from keybroker.rcar.client import RcarClient
-from keybroker.tsm import ReportRequest, TsmClient
+from keybroker.guest.client import RcarClient
+from keybroker.guest.tsm import ReportRequest, TsmClient
 from pcs_server import PcsServer
 
 SECRET = b"\x00released to a TD or a realm\xff"

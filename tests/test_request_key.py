@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from keybroker import keyring
+from keybroker.guest import keyring
 from keybroker.errors import KeyringError
 
 SECRET = hashlib.sha256(b"disk key").digest()

@@ -9,11 +9,11 @@ import sys
 import pytest
 import requests
 
-from keybroker import envelope
+from keybroker.wire import envelope
 from keybroker.errors import ServerError
-from keybroker.rcar import protocol as p
-from keybroker.rcar.client import RcarClient
-from keybroker.tsm import ReportRequest, TsmClient
+from keybroker.wire import rcar as p
+from keybroker.guest.client import RcarClient
+from keybroker.guest.tsm import ReportRequest, TsmClient
 
 SECRET = b"\x00resource bytes\xff"
 

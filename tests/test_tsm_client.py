@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from evidence_checks import check_snp, check_tdx
 
-from keybroker import envelope
+from keybroker.wire import envelope
 from keybroker.errors import TsmError
-from keybroker.tsm import ReportRequest, TsmClient
+from keybroker.guest.tsm import ReportRequest, TsmClient
 
 NONCE = hashlib.sha512(b"keybroker").digest()
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from keybroker import config, keyring
+from keybroker.guest import config, keyring
 from keybroker.errors import ConfigError, KeyringError, UnlockRefused
-from keybroker.unlock.askpass import Ask, cunescape
-from keybroker.unlock.keyfile import volume_of_peer
-from keybroker.unlock.keys import KeySource
+from keybroker.guest.unlock.askpass import Ask, cunescape
+from keybroker.guest.unlock.keyfile import volume_of_peer
+from keybroker.guest.unlock.keys import KeySource
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = ("keybroker-keyfile.socket", "keybroker-keyfile.service", "keybroker-askpass.path",
@@ -662,7 +662,7 @@ def test_dracut_module_builds_an_initramfs_with_the_pieces(handler, tmp_path):
                 str(Path(os.path.realpath(sys.executable)).relative_to("/")),
                 str(site / "requests/__init__.py"), str(site / "jwcrypto/jwe.py"), str(site / "inotify_simple.py"),
                 str(site / "certifi/cacert.pem"),
-                str((REPO / "keybroker/unlock/keyfile.py").relative_to("/")),
+                str((REPO / "keybroker/guest/unlock/keyfile.py").relative_to("/")),
                 *(f"usr/lib/systemd/system/{unit}" for unit in UNITS),
                 "etc/systemd/system/sockets.target.wants/keybroker-keyfile.socket",
                 "etc/systemd/system/cryptsetup.target.wants/keybroker-askpass.path",
@@ -677,9 +677,10 @@ def test_dracut_module_builds_an_initramfs_with_the_pieces(handler, tmp_path):
     with open(image, "rb") as f:
         subprocess.run(["cpio", "-id", "--quiet"], stdin=f, cwd=unpacked, check=True, timeout=120)
     assert (unpacked / "etc/cmdline.d/91keybroker.conf").read_text() == "rd.neednet=1\n"
-    check = ("import keybroker.handler, keybroker.broker, keybroker.unlock.keyfile, keybroker.unlock.askpass, "
-             "keybroker.unlock.place, requests, jwcrypto.jwe, inotify_simple; "
-             "from keybroker import config; print(config.load(%r).volume('root').description)" % str(cfg))
-    out = subprocess.run(["chroot", str(unpacked), sys.executable, "-c", check], capture_output=True, text=True,
+    check = ("import keybroker.guest.handler, keybroker.guest.broker, keybroker.guest.unlock.keyfile, keybroker.guest.unlock.askpass, "
+             "keybroker.guest.unlock.place, requests, jwcrypto.jwe, inotify_simple; "
+             "from keybroker.guest import config; print(config.load(%r).volume('root').description)" % str(cfg))
+    python = (bin_dir / "keybroker").read_text().splitlines()[0].removeprefix("#!").strip()  # as the units run it
+    out = subprocess.run(["chroot", str(unpacked), python, "-c", check], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout == "keybroker:default/luks/root\n", out.stderr

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk
 
-from keybroker.policy import DEFAULT
+from keybroker.server.policy import DEFAULT
 from keybroker.verifier import Context, Evidence, TrustStore, verify
 from keybroker.verifier.trust import Cpak
 

@@ -19,7 +19,7 @@ import pytest
 import snp_builder as sb
 from cryptography.hazmat.primitives import serialization
 
-from keybroker.policy import DEFAULT
+from keybroker.server.policy import DEFAULT
 from keybroker.verifier import Context, Evidence, TrustStore, verify
 from keybroker.verifier.certs import fingerprint
 
@@ -287,7 +287,7 @@ def test_kds_unreachable_is_named(tmp_path):
 # -- SVSM service attestation through the emulator -------------------------------------------
 
 def test_svsm_manifest_is_bound_and_exposed(tsm_sim, sim_state):
-    from keybroker.tsm import ReportRequest, TsmClient
+    from keybroker.guest.tsm import ReportRequest, TsmClient
 
     root = tsm_sim("sev_guest", svsm=True)
     nonce = hashlib.sha512(b"svsm").digest()
@@ -306,7 +306,7 @@ def test_svsm_manifest_is_bound_and_exposed(tsm_sim, sim_state):
 
 
 def test_emulator_reports_verify_under_the_simulated_roots_only(tsm_sim, sim_state):
-    from keybroker.tsm import ReportRequest, TsmClient
+    from keybroker.guest.tsm import ReportRequest, TsmClient
 
     report = TsmClient(tsm_sim("sev_guest")).get_report(ReportRequest(bytes(64)))
     assert verify(Evidence.from_report(report), Context(TrustStore.default())).failures[0].name == "ark_pinned"
@@ -334,8 +334,8 @@ def test_verify_command():
 
 
 def test_verify_command_on_an_envelope(tsm_sim, sim_state, tmp_path):
-    from keybroker import envelope
-    from keybroker.tsm import ReportRequest, TsmClient
+    from keybroker.wire import envelope
+    from keybroker.guest.tsm import ReportRequest, TsmClient
 
     report = TsmClient(tsm_sim("sev_guest")).get_report(ReportRequest(os.urandom(64)))
     path = tmp_path / "evidence.json"
@@ -349,8 +349,8 @@ def test_key_server_fetches_what_the_host_did_not_supply(tsm_sim, sim_state, kbs
     """No certificate table from the host: the key server gets the VCEK and chain from the KDS."""
     import dataclasses
 
-    from keybroker.rcar.client import RcarClient
-    from keybroker.tsm import ReportRequest, TsmClient
+    from keybroker.guest.client import RcarClient
+    from keybroker.guest.tsm import ReportRequest, TsmClient
 
     root = tsm_sim("sev_guest")
     snp = sim_state / "snp"
@@ -395,9 +395,9 @@ def test_svsm_guests_attest_through_the_svsm(tsm_sim, kbs, tmp_path):
     """Linux under an SVSM runs at VMPL2: its own reports are refused by the default policy
     (VMPL0 wanted); with [tsm] service_provider = "svsm" the SVSM reports at VMPL0 and binds
     its manifest, and the key is released."""
-    from keybroker import config
-    from keybroker.broker import obtain
-    from keybroker.description import parse_request
+    from keybroker.guest import config
+    from keybroker.guest.broker import obtain
+    from keybroker.guest.request import parse_request
     from keybroker.errors import ServerError
 
     root = tsm_sim("sev_guest", svsm=True)

@@ -18,7 +18,7 @@ from pcs_server import PcsServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keybroker.policy import DEFAULT, Policy
+from keybroker.server.policy import DEFAULT, Policy
 from keybroker.verifier import Context, Evidence, TrustStore, verify
 from keybroker.verifier.certs import fingerprint
 

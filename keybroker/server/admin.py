@@ -20,9 +20,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..description import ResourcePath
+from ..wire.resource import ResourcePath
 from ..errors import AdminError, ConfigError, DescriptionError
-from ..policy import DEFAULT, Policy
+from .policy import DEFAULT, Policy
 from . import secretfile
 from .audit import ADMIN, ALLOW, Event, Record
 from .sealing import Sealer

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import requests
 
-from ..config import is_loopback
+from ..wire.transport import server_url_problem
 from ..errors import ConfigError, ServerError
-from ..policy import Policy
-from ..rcar import protocol as p
+from .policy import Policy
+from ..wire import rcar as p
 from . import secretfile
 from .admin import ADMIN_PREFIX
 from .store import PolicyInfo, PolicyVersion, ResourceInfo
@@ -27,11 +27,9 @@ TIMEOUT = 30.0
 
 class AdminClient:
     def __init__(self, url: str, token_file: Path, *, ca: Path | None = None) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"--server {url!r} must be an http(s) URL")
-        if parts.scheme == "http" and not is_loopback(parts.hostname):
-            raise ConfigError(f"--server {url}: the admin token goes only over https (or http to loopback)")
+        problem = server_url_problem(url)
+        if problem:
+            raise ConfigError(f"--server {problem} (the admin token goes only over https, or http to loopback)")
         lines = [line.strip() for line in secretfile.read(token_file, "admin token file").decode().splitlines()]
         token = next((line for line in lines if line), None)
         if token is None:

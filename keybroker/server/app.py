@@ -22,15 +22,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..config import is_loopback
+from ..wire.transport import is_loopback
 from ..errors import AdminError, ConfigError, PolicyError
-from ..rcar import protocol as p
+from ..wire import rcar as p
 from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
 from .audit import ADMIN, DENY, Event
 from .config import ServerConfig
 from .kbs import SESSION_LIFETIME, KeyServer, Problem
 from .metrics import CONTENT_TYPE, Metrics
-from .notify import notify
+from ..systemd import notify
 from .sealing import load_sealer
 from .store import PolicyInfo, PolicyVersion, Store
 from .tokens import TokenSigner
@@ -246,7 +246,7 @@ class NotifyingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
-            notify(f"READY=1\nSTATUS=serving on {self.config.host}:{self.config.port}")
+            notify("READY=1", f"STATUS=serving on {self.config.host}:{self.config.port}")
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         notify("STOPPING=1")

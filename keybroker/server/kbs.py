@@ -24,10 +24,10 @@ from typing import Any, NoReturn
 
 from jwcrypto import jwe, jwk
 
-from .. import envelope
-from ..description import ResourcePath
+from ..wire import envelope
+from ..wire.resource import ResourcePath
 from ..errors import DescriptionError, EnvelopeError, ProtocolError, SealError
-from ..rcar import protocol as p
+from ..wire import rcar as p
 from ..verifier import Context, Evidence, TrustStore, verify
 from .audit import ALLOW, ATTEST, DENY, RELEASE, Event
 from .metrics import Metrics

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection
 
-from ..policy import DEFAULT, Policy
+from .policy import DEFAULT, Policy
 from . import audit, schema
 from .audit import Event, Record
 from .schema import open_engine, policies, resources, sessions

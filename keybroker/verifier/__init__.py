@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..envelope import TsmReport
+from ..wire.envelope import TsmReport
 from ..errors import EvidenceError
 from .trust import TrustStore
 

@@ -65,8 +65,8 @@ install() {
 
     # Everything Python needs, as the interpreter of the keybroker command reports it.
     python=$(sed -n '1s/^#![[:space:]]*//p' "$(readlink -f "$bin")")
-    if ! "$python" -m keybroker.unlock.initramfs "$conf" "$handler_conf" > "$DRACUT_TMPDIR/keybroker.list"; then
-        derror "keybroker: $python -m keybroker.unlock.initramfs failed"
+    if ! "$python" -m keybroker.guest.unlock.initramfs "$conf" "$handler_conf" > "$DRACUT_TMPDIR/keybroker.list"; then
+        derror "keybroker: $python -m keybroker.guest.unlock.initramfs failed"
         return 1
     fi
     while read -r kind value; do

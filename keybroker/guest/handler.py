@@ -49,9 +49,9 @@ class Outcome:
 
 def classify(exc: BaseException) -> Outcome:
     """The errno and negative-cache timeout a failure deserves."""
-    from .errors import (AccessDenied, ConfigError, DescriptionError, KeyringError, ProtocolError,
+    from ..errors import (AccessDenied, ConfigError, DescriptionError, KeyringError, ProtocolError,
                          ServerError, ServerUnreachable, TsmError)
-    from .rcar import protocol as p
+    from ..wire import rcar as p
 
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, DescriptionError):
@@ -146,8 +146,8 @@ def _describe_outcome(outcome: Outcome | None, size: int | None = None) -> str:
 
 def _authorise(cfg, key_type: str, description: str, callout: bytes, uid: int, gid: int):  # type: ignore[no-untyped-def]
     """Check the request's grammar and the requester's right to the resource."""
-    from .description import parse_request
-    from .errors import AccessDenied
+    from .request import parse_request
+    from ..errors import AccessDenied
 
     request = parse_request(key_type, description, callout)
     if not cfg.may_obtain(uid, frozenset({gid}), str(request.resource)):
@@ -161,7 +161,7 @@ def _worker(cfg, request, deadline: float, out: int) -> None:  # type: ignore[no
     import json
 
     from . import broker, keyring
-    from .errors import KeybrokerError
+    from ..errors import KeybrokerError
 
     value = bytearray()
     try:
@@ -196,7 +196,7 @@ def obtain_within(cfg, request, deadline: float):  # type: ignore[no-untyped-def
     import json
     import select
 
-    from .rcar.client import Released
+    from .client import Released
 
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -243,7 +243,7 @@ def obtain_within(cfg, request, deadline: float):  # type: ignore[no-untyped-def
 
 def run_kernel(serial: int, config_path: str, log: RequestLog) -> int:
     from . import config, keyring
-    from .errors import KeyringError
+    from ..errors import KeyringError
 
     start = time.monotonic()
     try:

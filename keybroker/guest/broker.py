@@ -8,10 +8,10 @@ from __future__ import annotations
 import errno as E
 
 from .config import ClientConfig
-from .description import KeyRequest
-from .errors import TsmError
-from .rcar import protocol as p
-from .rcar.client import RcarClient, Released
+from .request import KeyRequest
+from ..errors import TsmError
+from ..wire import rcar as p
+from .client import RcarClient, Released
 from .tsm import ReportRequest, TsmClient
 
 

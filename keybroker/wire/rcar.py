@@ -13,7 +13,7 @@ The contract shared by the guest client and the key server::
 REPORT_DATA binds the challenge nonce and the tee-pubkey: the first 48 bytes of the
 64-byte inblob are SHA-384 of the RFC 8785 canonical JSON of
 ``{"additional-evidence": "", "nonce": N, "tee-pubkey": JWK}``, the rest are zero.
-keybroker's primary evidence is the Linux evidence envelope (``keybroker.envelope``).
+keybroker's primary evidence is the Linux evidence envelope (``keybroker.wire.envelope``).
 Errors are RFC 7807 bodies ``{"type": …, "detail": …}`` whose type names the problem.
 """
 

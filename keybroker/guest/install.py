@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 CONF_DIR = Path("/etc/request-key.d")
 CONF_NAME = "keybroker.conf"

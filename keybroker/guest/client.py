@@ -20,9 +20,9 @@ import requests
 from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException
 
-from ..envelope import TsmReport, to_json
+from ..wire.envelope import TsmReport, to_json
 from ..errors import ProtocolError, ServerError, ServerUnreachable
-from . import protocol as p
+from ..wire import rcar as p
 
 REQUEST_TIMEOUT = 10.0  # seconds per HTTP request, at most
 RESPONSE_MAX = 1024 * 1024

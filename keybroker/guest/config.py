@@ -28,7 +28,7 @@ matches grants to its uid or one of its gids. Unknown keys and bad values are er
 name the key and the file.
 
 Volumes map the names of /etc/crypttab volumes to resources for keybroker's disk-unlock
-services (:mod:`keybroker.unlock`). A volume name is 1-64 characters of [A-Za-z0-9_.-],
+services (:mod:`keybroker.guest.unlock`). A volume name is 1-64 characters of [A-Za-z0-9_.-],
 not starting with '.' or '-'; ``device`` is an absolute path; ``key_type`` is ``logon``
 (dm-crypt keyring keys, never readable from user space) or ``user`` (LUKS2 keyring
 tokens, which read the key); ``deadline`` is 1 to 3600 seconds.
@@ -36,17 +36,17 @@ tokens, which read the key); ``deadline`` is 1 to 3600 seconds.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from .description import PREFIX, ResourcePath
-from .errors import ConfigError, DescriptionError
+from .request import PREFIX
+from ..wire.resource import ResourcePath
+from ..wire.transport import server_url_problem
+from ..errors import ConfigError, DescriptionError
 
 DEFAULT_PATH = Path("/etc/keybroker/client.toml")
 DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
@@ -170,7 +170,7 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
         raise tsm.error("'tsm.service_provider' must be \"svsm\" (the only service provider Linux knows)")
     service_guid = tsm.get("service_guid", str)
     if service_guid is not None:
-        from .envelope import GUID  # only then: the handler loads this file on every key request
+        from ..wire.envelope import GUID  # only then: the handler loads this file on every key request
     if service_guid is not None and (service_provider is None or not GUID.fullmatch(service_guid)):
         raise tsm.error("'tsm.service_guid' must be a lower-case GUID and needs 'tsm.service_provider'")
 
@@ -229,20 +229,7 @@ def _volumes(path: Path, tables: dict[str, Any]) -> tuple[Volume, ...]:
 
 
 def _server_url(table: _Table, url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise table.error(f"'server.url' must be an https:// URL, got {url!r}")
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
-        raise table.error("'server.url' may use plain http only for a loopback address; use https")
-    if parts.query or parts.fragment:
-        raise table.error("'server.url' must not carry a query or fragment")
+    problem = server_url_problem(url)
+    if problem:
+        raise table.error(f"'server.url' {problem}")
     return url.rstrip("/")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
-from ..errors import KeyringError, UnlockGaveUp
+from ...errors import KeyringError, UnlockGaveUp
 from .progress import INFO, NOTICE, Reporter
 
 T = TypeVar("T")

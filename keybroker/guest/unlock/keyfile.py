@@ -35,11 +35,11 @@ from pathlib import Path
 
 from .. import keyring
 from ..config import ClientConfig, Volume
-from ..errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
+from ...errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
 from .keys import KeySource
 from .progress import WARNING, Reporter
 from .retry import Retry, failure
-from .systemd import listen_fds
+from ...systemd import listen_fds
 
 DEFAULT_SOCKET = Path("/run/keybroker/cryptsetup.sock")
 SUN_PATH_MAX = 107  # bytes of a socket path, without the terminating NUL

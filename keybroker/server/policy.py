@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from .errors import PolicyError
+from ..errors import PolicyError
 
 VERSION = 1
 _VERSION_TEXT = re.compile(r"\d+(\.\d+)*")

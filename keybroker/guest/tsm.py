@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .envelope import BLOB_MAX, GUID, INBLOB_MAX, PROVIDER, SERVICE_PROVIDER, TsmReport
-from .errors import TsmError
+from ..wire.envelope import BLOB_MAX, GUID, INBLOB_MAX, PROVIDER, SERVICE_PROVIDER, TsmReport
+from ..errors import TsmError
 
 DEFAULT_ROOT = Path("/sys/kernel/config/tsm/report")
 CONFIGFS = Path("/sys/kernel/config")

@@ -34,7 +34,7 @@ from inotify_simple import INotify, flags
 
 from .. import keyring
 from ..config import ClientConfig, Volume
-from ..errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
+from ...errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
 from .keys import KeySource
 from .progress import INFO, WARNING, Reporter
 from .retry import Retry, failure

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .. import keyring
 from ..config import Volume
-from ..errors import KeyringError
+from ...errors import KeyringError
 from .retry import TRANSIENT_ERRNOS
 
 

@@ -17,37 +17,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import DescriptionError
+from ..errors import DescriptionError
+from ..wire.resource import ResourcePath
 
 PREFIX = "keybroker:"
 KEY_TYPES = ("user", "logon")
-SEGMENT_MAX = 64
 CALLOUT_MAX = 256
 
-_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,%d}" % (SEGMENT_MAX - 1))
 _OPTION = re.compile(r"([a-z_]{1,32})=([A-Za-z0-9_.-]{1,64})")
-
-
-@dataclass(frozen=True)
-class ResourcePath:
-    repo: str
-    type: str
-    tag: str
-
-    def __str__(self) -> str:
-        return f"{self.repo}/{self.type}/{self.tag}"
-
-    @classmethod
-    def parse(cls, text: str) -> "ResourcePath":
-        parts = text.split("/")
-        if len(parts) != 3:
-            raise DescriptionError(f"resource {text[:80]!r} must be <repo>/<type>/<tag>")
-        for part in parts:
-            if not _SEGMENT.fullmatch(part):
-                raise DescriptionError(
-                    f"resource segment {part[:80]!r} must be 1-{SEGMENT_MAX} characters of "
-                    "[A-Za-z0-9_.-], not starting with '.' or '-'")
-        return cls(*parts)
 
 
 @dataclass(frozen=True)

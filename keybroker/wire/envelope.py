@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import EnvelopeError
+from ..errors import EnvelopeError
 
 VERSION = 1
 

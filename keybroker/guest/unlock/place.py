@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .. import keyring
 from ..config import ClientConfig
-from ..errors import UnlockRefused
+from ...errors import UnlockRefused
 from .keys import KeySource
 from .progress import Reporter
 from .retry import Retry

@@ -12,7 +12,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from . import systemd
+from ... import systemd
 
 ERROR, WARNING, NOTICE, INFO = 3, 4, 5, 6
 

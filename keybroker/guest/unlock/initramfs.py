@@ -1,4 +1,4 @@
-"""What an initramfs needs to run keybroker: ``python -m keybroker.unlock.initramfs CONFIG...``.
+"""What an initramfs needs to run keybroker: ``python -m keybroker.guest.unlock.initramfs CONFIG...``.
 
 dracut's keybroker module (``systemd/dracut/91keybroker/module-setup.sh``) runs this with the
 interpreter of the installed ``keybroker`` command. It loads each client configuration, so
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from .. import config
 
-BOOT_MODULES = ("keybroker.cli", "keybroker.handler", "keybroker.broker", "keybroker.unlock.keyfile",
-                "keybroker.unlock.askpass", "keybroker.unlock.place", "keybroker.unlock.initramfs")
+BOOT_MODULES = ("keybroker.cli", "keybroker.guest.handler", "keybroker.guest.broker", "keybroker.guest.unlock.keyfile",
+                "keybroker.guest.unlock.askpass", "keybroker.guest.unlock.place", "keybroker.guest.unlock.initramfs")
 STDLIB_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
                          "distutils", "site-packages", "dist-packages"})
 #: Files no boot loads: optimised bytecode (only for python -O), Tk, the interpreter's own tests.
@@ -95,7 +95,7 @@ def listing(config_paths: list[Path]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        print("usage: python -m keybroker.unlock.initramfs CONFIG...", file=sys.stderr)
+        print("usage: python -m keybroker.guest.unlock.initramfs CONFIG...", file=sys.stderr)
         return 2
     try:
         print("\n".join(listing([Path(arg) for arg in args])))

@@ -11,7 +11,7 @@ import ctypes.util
 from dataclasses import dataclass
 from functools import cache
 
-from .errors import KeybrokerError, KeyringError
+from ..errors import KeybrokerError, KeyringError
 
 # Special keyring IDs (keyutils.h).
 THREAD_KEYRING = -1

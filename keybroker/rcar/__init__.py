@@ -1,1 +1,0 @@
-"""Trustee's KBS RCAR protocol: the shared wire contract and the guest's client."""

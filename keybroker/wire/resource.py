@@ -1,0 +1,38 @@
+"""The resource path grammar both sides share: ``<repo>/<type>/<tag>``, as Trustee's ``kbs:///repo/type/tag``.
+
+A guest names a resource in its key description (``keybroker:<repo>/<type>/<tag>``); the
+key server stores and releases resources under the same path. Each segment is 1-64
+characters of ``[A-Za-z0-9_.-]``, not starting with ``.`` or ``-``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import DescriptionError
+
+SEGMENT_MAX = 64
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,%d}" % (SEGMENT_MAX - 1))
+
+
+@dataclass(frozen=True)
+class ResourcePath:
+    repo: str
+    type: str
+    tag: str
+
+    def __str__(self) -> str:
+        return f"{self.repo}/{self.type}/{self.tag}"
+
+    @classmethod
+    def parse(cls, text: str) -> "ResourcePath":
+        parts = text.split("/")
+        if len(parts) != 3:
+            raise DescriptionError(f"resource {text[:80]!r} must be <repo>/<type>/<tag>")
+        for part in parts:
+            if not _SEGMENT.fullmatch(part):
+                raise DescriptionError(
+                    f"resource segment {part[:80]!r} must be 1-{SEGMENT_MAX} characters of "
+                    "[A-Za-z0-9_.-], not starting with '.' or '-'")
+        return cls(*parts)
