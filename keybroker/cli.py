@@ -110,7 +110,7 @@ def _verify(args: argparse.Namespace) -> int:
     import json
 
     from .wire import envelope
-    from .verifier import Context, Evidence, TrustStore, verify
+    from .verifier import Context, Evidence, Fetcher, TrustStore, guess_provider, verify
 
     data = args.file.read_bytes()
     if data[:1] == b"{":
@@ -118,7 +118,7 @@ def _verify(args: argparse.Namespace) -> int:
         if args.provider and args.provider != evidence.provider:
             raise SystemExit(f"keybroker verify: the envelope is from {evidence.provider}, not {args.provider}")
     else:
-        provider = args.provider or _guess_provider(data)
+        provider = args.provider or guess_provider(data)
         if provider is None:
             raise SystemExit("keybroker verify: cannot tell the provider of a raw blob; give --provider")
         evidence = Evidence(provider, data)
@@ -127,7 +127,7 @@ def _verify(args: argparse.Namespace) -> int:
         trust = trust.with_cpak_file(args.trust_cpak)
     context = Context(trust=trust, at=args.at or dt.datetime.now(dt.timezone.utc), report_data=args.report_data,
                       certs=tuple(args.certs), collateral=args.collateral, kds_url=args.kds_url,
-                      pcs_url=args.pcs_url, cache_dir=args.cache_dir)
+                      pcs_url=args.pcs_url, fetcher=Fetcher(args.cache_dir))
     verdict = verify(evidence, context)
     if args.json:
         print(json.dumps({"provider": verdict.provider, "ok": verdict.ok,
@@ -143,16 +143,6 @@ def _verify(args: argparse.Namespace) -> int:
             for name, value in sorted(verdict.claims.items()):
                 print(f"  {name} = {json.dumps(value)}")
     return 0 if verdict.ok else 1
-
-
-def _guess_provider(data: bytes) -> str | None:
-    if len(data) == 0x4A0:
-        return "sev_guest"
-    if data[:2] in (b"\x04\x00", b"\x05\x00") and data[4:8] == b"\x81\x00\x00\x00":
-        return "tdx_guest"
-    if data[:3] == b"\xd9\x01\x8f" or data[:3] == b"\xd9\x03\x8b":  # CBOR tags 399 and 907
-        return "arm_cca_guest"
-    return None
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:

@@ -20,7 +20,7 @@ import snp_builder as sb
 from cryptography.hazmat.primitives import serialization
 
 from keybroker.server.policy import DEFAULT
-from keybroker.verifier import Context, Evidence, TrustStore, verify
+from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
 from keybroker.verifier.certs import fingerprint
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "snp"
@@ -268,19 +268,19 @@ def kds():
 def test_certificates_from_kds_with_cache_and_back_off(kds, tmp_path):
     url, hits, server = kds
     raw = (vector("oak-milan") / "report.bin").read_bytes()
-    verdict = run(raw, kds_url=url, cache_dir=tmp_path)
+    verdict = run(raw, kds_url=url, fetcher=Fetcher(tmp_path))
     assert verdict.ok, verdict.reason()
     assert hits[0] == hits[1] and "blSPL=" in hits[0] and "ucodeSPL=" in hits[0]  # 429, then the retry
     assert "/vcek/v1/Milan/cert_chain" in hits
     server.shutdown()  # the cache answers from now on
-    again = run(raw, kds_url=url, cache_dir=tmp_path)
+    again = run(raw, kds_url=url, fetcher=Fetcher(tmp_path))
     assert again.ok
     assert sorted(p.name for p in (tmp_path / "kds" / "vcek" / "v1" / "Milan").iterdir())
 
 
 def test_kds_unreachable_is_named(tmp_path):
     raw = (vector("oak-milan") / "report.bin").read_bytes()
-    verdict = run(raw, kds_url="http://127.0.0.1:9", cache_dir=tmp_path)
+    verdict = run(raw, kds_url="http://127.0.0.1:9", fetcher=Fetcher(tmp_path))
     assert verdict.failures[0].name == "certificates" and "cannot fetch" in verdict.failures[0].detail
 
 

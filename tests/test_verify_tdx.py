@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keybroker.server.policy import DEFAULT, Policy
-from keybroker.verifier import Context, Evidence, TrustStore, verify
+from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
 from keybroker.verifier.certs import fingerprint
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "tdx"
@@ -444,13 +444,13 @@ def test_collateral_from_a_pcs_is_cached(tmp_path, pcs):
     p = tb.platform()
     server = pcs(p)
     raw = tb.quote(p)
-    first = run(raw, trust=trusting(p), pcs_url=server.url, cache_dir=tmp_path, at=tb.AT)
+    first = run(raw, trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path), at=tb.AT)
     assert first.ok and first.claims["tdx.tcb_status"] == "UpToDate", first.reason()
     assert check(first, "crl").ok and "Root CA" in check(first, "crl").detail
     assert len(server.requests) == 4
-    again = run(raw, trust=trusting(p), pcs_url=server.url, cache_dir=tmp_path, at=tb.AT)
+    again = run(raw, trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path), at=tb.AT)
     assert again.ok and len(server.requests) == 4  # from the cache
-    stale = run(raw, trust=trusting(p), pcs_url=server.url, cache_dir=tmp_path, at=tb.NEXT_UPDATE + dt.timedelta(1))
+    stale = run(raw, trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path), at=tb.NEXT_UPDATE + dt.timedelta(1))
     assert stale.ok and len(server.requests) == 8  # past nextUpdate: fetched again
     assert sorted(f.name for f in (tmp_path / "pcs" / f"{p.fmspc.hex()}-platform").iterdir()) == [
         "pck_crl.der", "pck_crl_issuer_chain.pem", "qe_identity.json", "qe_identity_issuer_chain.pem",

@@ -260,7 +260,7 @@ def run(config: ServerConfig) -> None:
         raise ConfigError("--tls-cert and --tls-key go together")
     if not config.tls_cert and not is_loopback(host):
         raise ConfigError(f"refusing plain HTTP on {host}: give --tls-cert and --tls-key, or listen on loopback")
-    from ..verifier import TrustStore
+    from ..verifier import Fetcher, TrustStore
 
     sealer = load_sealer(config.kek_file, config.old_kek_file)
     admin_auth = AdminAuth.load(config.admin_token_file)
@@ -278,7 +278,7 @@ def run(config: ServerConfig) -> None:
         log.warning("no --token-key-file: the tokens issued here are valid on this replica only")
     kbs = KeyServer(store=store, sealer=sealer, trust=TrustStore.default().with_dirs(config.trust_roots),
                     tokens=tokens, metrics=Metrics(), name=name, certs=config.certs,
-                    kds_url=config.kds_url or None, cache_dir=config.cache_dir, pcs_url=config.pcs_url or None,
+                    kds_url=config.kds_url or None, fetcher=Fetcher(config.cache_dir), pcs_url=config.pcs_url or None,
                     collateral=config.collateral)
     app = create_app(kbs, admin_auth, secure_cookies=bool(config.tls_cert))
     server_config = uvicorn.Config(app, host=host, port=port,

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
+from ..verifier.snp.kds import AMD_KDS
 
 DEFAULT_DB = "sqlite:////var/lib/keybroker/kbs.db"
-DEFAULT_KDS = "https://kdsintf.amd.com"
+DEFAULT_KDS = AMD_KDS
 DEFAULT_CACHE = Path("/var/cache/keybroker")
 
 

@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,7 +28,7 @@ from ..wire import envelope
 from ..wire.resource import ResourcePath
 from ..errors import DescriptionError, EnvelopeError, ProtocolError, SealError
 from ..wire import rcar as p
-from ..verifier import Context, Evidence, TrustStore, verify
+from ..verifier import Context, Evidence, Fetcher, TrustStore, verify
 from .audit import ALLOW, ATTEST, DENY, RELEASE, Event
 from .metrics import Metrics
 from .sealing import Sealer
@@ -76,7 +76,7 @@ class KeyServer:
     name: str  # this replica, in the audit log
     certs: tuple[Path, ...] = ()
     kds_url: str | None = None
-    cache_dir: Path | None = None
+    fetcher: Fetcher = field(default_factory=Fetcher)
     pcs_url: str | None = None
     collateral: Path | None = None
 
@@ -140,7 +140,7 @@ class KeyServer:
         except (ValueError, TypeError, jwk.InvalidJWKValue) as exc:
             raise Problem(p.BAD_REQUEST, f"tee-pubkey is not a valid key: {exc}") from None
         context = Context(self.trust, at=dt.datetime.now(dt.timezone.utc), nonce=expected, certs=self.certs,
-                          kds_url=self.kds_url, cache_dir=self.cache_dir, pcs_url=self.pcs_url,
+                          kds_url=self.kds_url, fetcher=self.fetcher, pcs_url=self.pcs_url,
                           collateral=self.collateral)
         verdict = verify(Evidence.from_report(report), context)
         if not verdict.ok:

@@ -1,150 +1,43 @@
-"""Evidence verification: per provider, parse -> verify -> appraise.
+"""Evidence verification: one verifier per provider, each parse -> verify -> appraise.
 
-``verify()`` dispatches on the envelope's ``provider``. Each provider module parses the
-vendor blob into an immutable record (its ``abi``), checks signatures, chains and
-bindings (``verify``) and turns the record into flat claims for the release policy
-(``claims``). Every check is recorded with its name, so a failure names what failed.
+``verify()`` dispatches on the provider. Each provider package parses the vendor blob into
+frozen records (``abi``), checks signatures, chains and bindings (``verify``) and turns the
+records into flat claims for the release policy (``claims``). Every check is recorded with
+its name, so a failure names what failed.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
-
-from ..wire.envelope import TsmReport
-from ..errors import EvidenceError
+from .core import Check, Checks, Context, Evidence, Stop, Verdict, Verifier
+from .fetch import Fetcher
 from .trust import TrustStore
+from ..errors import EvidenceError
 
-__all__ = ["Evidence", "Check", "Verdict", "Context", "verify", "TrustStore"]
+__all__ = ["Evidence", "Check", "Verdict", "Context", "Fetcher", "TrustStore", "verify", "guess_provider",
+           "PROVIDERS"]
 
-
-@dataclass(frozen=True)
-class Evidence:
-    """What a verifier gets: the provider's blobs and, from an envelope, the inblob."""
-
-    provider: str
-    outblob: bytes
-    auxblob: bytes = b""
-    manifestblob: bytes = b""
-    inblob: bytes | None = None
-    service_guid: str | None = None
-
-    @classmethod
-    def from_report(cls, report: TsmReport) -> "Evidence":
-        return cls(report.provider, report.outblob, report.auxblob, report.manifestblob, report.inblob,
-                   report.service_guid)
+PROVIDERS = ("sev_guest", "tdx_guest", "arm_cca_guest")
 
 
-@dataclass(frozen=True)
-class Check:
-    """One named check: ``ok`` is True (passed), False (failed) or None (not evaluated)."""
-
-    name: str
-    ok: bool | None
-    detail: str
-
-
-@dataclass(frozen=True)
-class Verdict:
-    provider: str
-    checks: tuple[Check, ...]
-    claims: dict[str, Any]
-
-    @property
-    def ok(self) -> bool:
-        return all(check.ok is not False for check in self.checks) and any(c.ok for c in self.checks)
-
-    @property
-    def failures(self) -> tuple[Check, ...]:
-        return tuple(check for check in self.checks if check.ok is False)
-
-    def reason(self) -> str:
-        return "; ".join(f"{c.name}: {c.detail}" for c in self.failures) or "all checks passed"
-
-
-@dataclass(frozen=True)
-class Context:
-    """How to verify: trust anchors, the time, the expected binding, where to find certificates.
-
-    ``nonce`` is the inblob the guest must have written (the provider derives REPORT_DATA
-    from it); ``report_data`` is an exact REPORT_DATA to expect. ``certs`` are extra
-    certificate folders (operator collateral); ``cache_dir``/``kds_url`` let the SNP
-    verifier fetch missing certificates.
-    """
-
-    trust: TrustStore
-    at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
-    nonce: bytes | None = None
-    report_data: bytes | None = None
-    certs: tuple[Path, ...] = ()
-    collateral: Path | None = None
-    kds_url: str | None = None
-    pcs_url: str | None = None
-    cache_dir: Path | None = None
-
-
-class Stop(Exception):
-    """Raised by :class:`Checks` after a failed check: later checks depend on it."""
-
-
-class Checks:
-    """Records checks in order; a failure stops verification (fail closed)."""
-
-    def __init__(self) -> None:
-        self.items: list[Check] = []
-
-    def passed(self, name: str, detail: str = "") -> None:
-        self.items.append(Check(name, True, detail))
-
-    def failed(self, name: str, detail: str) -> None:
-        self.items.append(Check(name, False, detail))
-        raise Stop(name)
-
-    def skipped(self, name: str, detail: str) -> None:
-        self.items.append(Check(name, None, detail))
-
-    def require(self, condition: bool, name: str, ok: str, fail: str) -> None:
-        if condition:
-            self.passed(name, ok)
-        else:
-            self.failed(name, fail)
-
-
-def check_freshness(observed: bytes, evidence: Evidence, context: Context, checks: Checks, *, what: str,
-                    derive: Callable[[bytes], bytes] = lambda nonce: nonce, rule: str = "the nonce (inblob)",
-                    name: str = "nonce_binding") -> None:
-    """The freshness binding every provider has: ``observed`` (REPORT_DATA, REPORTDATA, the realm
-    challenge) equals an exact ``--report-data`` when one is given, else what the provider
-    derives from the nonce: the key server's expected inblob, or the envelope's own."""
-    if context.report_data is not None:
-        checks.require(observed == context.report_data, "report_data", f"{what} equals the expected value",
-                       f"{what} {observed.hex()[:32]}... differs from the expected {context.report_data.hex()[:32]}...")
-        return
-    nonce = context.nonce if context.nonce is not None else evidence.inblob
-    if nonce is None:
-        checks.skipped(name, f"no nonce or expected {what} given")
-        return
-    checks.require(observed == derive(nonce), name, f"{what} is {rule}",
-                   f"{what} {observed.hex()[:32]}... is not {rule} (nonce {nonce.hex()[:32]}...)")
-
-
-#: A provider's verifier fills ``claims`` as soon as the evidence is parsed, then records
-#: its checks; a failed check raises :class:`Stop`.
-Verifier = Callable[[Evidence, Context, Checks, dict[str, Any]], None]
-
-
-def _verifiers() -> dict[str, Verifier]:
-    from . import cca, snp, tdx
-    return {"sev_guest": snp.verify, "tdx_guest": tdx.verify, "arm_cca_guest": cca.verify}
+def _verifier(provider: str) -> Verifier | None:
+    # Imported on use: a command that verifies only TDX quotes never loads the CCA parser.
+    if provider == "sev_guest":
+        from .snp.verify import verify as snp
+        return snp
+    if provider == "tdx_guest":
+        from .tdx.verify import verify as tdx
+        return tdx
+    if provider == "arm_cca_guest":
+        from .cca.verify import verify as cca
+        return cca
+    return None
 
 
 def verify(evidence: Evidence, context: Context) -> Verdict:
     """Verify ``evidence``; never raises for bad evidence, the verdict says what failed."""
     checks = Checks()
-    claims: dict[str, Any] = {}
-    verifier = _verifiers().get(evidence.provider)
+    claims: dict = {}
+    verifier = _verifier(evidence.provider)
     try:
         if verifier is None:
             checks.failed("format", f"no verifier for provider {evidence.provider!r}")
@@ -154,3 +47,14 @@ def verify(evidence: Evidence, context: Context) -> Verdict:
     except Stop:
         pass
     return Verdict(evidence.provider, tuple(checks.items), claims)
+
+
+def guess_provider(blob: bytes) -> str | None:
+    """The provider of a raw report, quote or token, when its shape says so unambiguously."""
+    if len(blob) == 0x4A0:
+        return "sev_guest"
+    if blob[:2] in (b"\x04\x00", b"\x05\x00") and blob[4:8] == b"\x81\x00\x00\x00":
+        return "tdx_guest"
+    if blob[:3] in (b"\xd9\x01\x8f", b"\xd9\x03\x8b"):  # CBOR tags 399 and 907
+        return "arm_cca_guest"
+    return None

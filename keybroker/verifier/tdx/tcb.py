@@ -20,12 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import EvidenceError
+from ...errors import EvidenceError
 from .collateral import IsvLevel, ModuleIdentity, QeIdentity, TcbInfo, TcbLevel
 
 if TYPE_CHECKING:
     from .pck import PckInfo
-    from .tdx import QeReport, TdReport
+    from .abi import QeReport, TdReport
 
 NOT_SUPPORTED = "NotSupported"
 CONFIGURATION = {"ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded", "OutOfDateConfigurationNeeded",

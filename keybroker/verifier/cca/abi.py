@@ -1,14 +1,12 @@
-"""Arm CCA: parse the attestation token, verify the platform and realm tokens, appraise claims.
+"""Arm CCA, parsed: the attestation token's collection, its two COSE_Sign1 messages and their claims.
 
 Structure (RMM spec DEN0137 A7, draft-ffm-rats-cca-token, tdx.md section 10): a collection,
 either the legacy EAT collection ``#6.399({44234: platform, 44241: realm})`` or the CMW
 collection ``#6.907({44234: [content-format, platform], 44241: [..., realm]})``, of two
-COSE_Sign1 messages. The platform token is signed by the CCA Platform Attestation Key
-(CPAK), which the verifier must already trust (none is trusted by default); the realm
-token by the Realm Attestation Key (RAK), whose public part is the realm claim 44237 (a raw
-SEC1 point in legacy tokens, a COSE_Key in RMM 1.0 tokens). The platform vouches for the
-RAK: its challenge is the hash (realm claim 44240) of the RAK claim's bytes. The realm
-challenge carries the relying party's nonce (the 32-64 inblob bytes, zero-padded to 64).
+COSE_Sign1 messages: the platform token (signed by the CCA Platform Attestation Key) and the
+realm token (signed by the Realm Attestation Key, whose public part is realm claim 44237: a
+raw SEC1 point in legacy tokens, a COSE_Key in RMM 1.0 tokens). Every claim the appraisal
+uses is checked for its type and size here.
 """
 
 from __future__ import annotations
@@ -20,33 +18,40 @@ from dataclasses import dataclass
 from typing import Any
 
 import cbor2
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from ..errors import EvidenceError
-from . import Checks, Context, Evidence, check_freshness
-from .trust import Cpak
+from ...errors import EvidenceError
 
 TOKEN_MAX = 256 * 1024
+
+
 TAG_EAT_COLLECTION, TAG_CMW_COLLECTION, TAG_COSE_SIGN1 = 399, 907, 18
+
+
 PLATFORM_TOKEN, REALM_TOKEN = 44234, 44241
+
+
 PLATFORM_PROFILES = ("http://arm.com/CCA-SSD/1.0.0", "tag:arm.com,2023:cca_platform#1.0.0",
                      "tag:arm.com,2024:cca_platform#2.0.0")
+
+
 REALM_PROFILES = ("tag:arm.com,2023:realm#1.0.0", "tag:arm.com,2024:realm#2.0.0")
+
+
 HASHES = {"sha-256": hashlib.sha256, "sha-384": hashlib.sha384, "sha-512": hashlib.sha512}
+
+
 #: COSE algorithm -> (curve, hash, coordinate size)
 COSE_ALGS: dict[int, tuple[type[ec.EllipticCurve], type[hashes.HashAlgorithm], int, str]] = {
     -7: (ec.SECP256R1, hashes.SHA256, 32, "ES256"), -35: (ec.SECP384R1, hashes.SHA384, 48, "ES384"),
     -36: (ec.SECP521R1, hashes.SHA512, 66, "ES512")}
-COSE_CURVES = {1: ec.SECP256R1, 2: ec.SECP384R1, 3: ec.SECP521R1}
-SEC1_SIZES = {65: ec.SECP256R1, 97: ec.SECP384R1, 133: ec.SECP521R1}
-LIFECYCLE_STATES = {0x0: "unknown", 0x1: "assembly_and_test", 0x2: "psa_rot_provisioning", 0x3: "secured",
-                    0x4: "non_psa_rot_debug", 0x5: "recoverable_psa_rot_debug", 0x6: "decommissioned"}
-SECURED = range(0x3000, 0x3100)
 
-# -- the token (abi) --------------------------------------------------------------------
+
+COSE_CURVES = {1: ec.SECP256R1, 2: ec.SECP384R1, 3: ec.SECP521R1}
+
+
+SEC1_SIZES = {65: ec.SECP256R1, 97: ec.SECP384R1, 133: ec.SECP521R1}
 
 
 @dataclass(frozen=True)
@@ -59,19 +64,6 @@ class Sign1:
     @property
     def alg_name(self) -> str:
         return COSE_ALGS[self.alg][3]
-
-    def verifies(self, key: ec.EllipticCurvePublicKey) -> bool:
-        curve, digest, size, _ = COSE_ALGS[self.alg]
-        if not isinstance(key.curve, curve):
-            return False
-        to_be_signed = cbor2.dumps(["Signature1", self.protected, b"", self.payload])
-        der = encode_dss_signature(int.from_bytes(self.signature[:size], "big"),
-                                   int.from_bytes(self.signature[size:], "big"))
-        try:
-            key.verify(der, to_be_signed, ec.ECDSA(digest()))
-            return True
-        except InvalidSignature:
-            return False
 
 
 @dataclass(frozen=True)
@@ -272,78 +264,3 @@ def parse_token(raw: bytes) -> Token:
     return Token(collection=top.tag, platform=platform, realm=realm,
                  platform_claims=_platform_claims(_payload(platform, "platform token")),
                  realm_claims=realm_claims, rak=rak_key(realm_claims.rak_claim))
-
-
-# -- appraisal: claims ------------------------------------------------------------------
-
-def claims(token: Token) -> dict[str, Any]:
-    p, r = token.platform_claims, token.realm_claims
-    c: dict[str, Any] = {
-        "tee": "cca", "provider": "arm_cca_guest",
-        "debug": p.lifecycle not in SECURED,
-        "measurement": r.rim.hex(),
-        "cca.profile": p.profile,
-        "cca.realm_challenge": r.challenge.hex(),
-        "cca.rim": r.rim.hex(),
-        "cca.personalization": r.personalization.hex(),
-        "cca.hash_algorithm": r.hash_algorithm,
-        "cca.rak_hash_algorithm": r.rak_hash_algorithm,
-        "cca.platform.challenge": p.challenge.hex(),
-        "cca.platform.lifecycle": p.lifecycle,
-        "cca.platform.lifecycle_state": LIFECYCLE_STATES.get(p.lifecycle >> 12, "invalid"),
-        "cca.platform.implementation_id": p.implementation_id.hex(),
-        "cca.platform.instance_id": p.instance_id.hex(),
-        "cca.platform.config": p.config.hex(),
-        "cca.platform.sw_components": [sw.as_dict() for sw in p.sw_components],
-        "cca.platform.hash_algorithm": p.hash_algorithm,
-    }
-    for i, rem in enumerate(r.rems):
-        c[f"cca.rem{i}"] = rem.hex()
-    if r.profile is not None:
-        c["cca.realm_profile"] = r.profile
-    if p.verification_service is not None:
-        c["cca.platform.verification_service"] = p.verification_service
-    return c
-
-
-# -- verification -----------------------------------------------------------------------
-
-def _applicable(cpak: Cpak, platform: PlatformClaims) -> bool:
-    return (cpak.implementation_id in (None, platform.implementation_id)
-            and cpak.instance_id in (None, platform.instance_id))
-
-
-def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dict[str, Any]) -> None:
-    token = parse_token(evidence.outblob)
-    claims_out.update(claims(token))
-    p, r = token.platform_claims, token.realm_claims
-    rak_form = "a raw point" if r.rak_claim[:1] == b"\x04" else "a COSE_Key"
-    checks.passed("format", f"tag-{token.collection} collection, platform profile {p.profile}, realm profile "
-                            f"{r.profile or '(none: legacy)'}, RAK as {rak_form}")
-
-    trusted = context.trust.cpaks
-    candidates = [cpak for cpak in trusted if _applicable(cpak, p)]
-    if not trusted:
-        checks.failed("cpak_trusted", "no CCA platform key (CPAK) is trusted: none is by default; give the "
-                                      "platform's CPAK with --trust-cpak FILE or in a --trust-roots folder")
-    checks.require(bool(candidates), "cpak_trusted",
-                   f"{len(candidates)} trusted CPAK(s) for implementation-id {p.implementation_id.hex()[:16]}...",
-                   f"none of the {len(trusted)} trusted CPAK(s) is for implementation-id "
-                   f"{p.implementation_id.hex()} and instance-id {p.instance_id.hex()}")
-    signer = next((cpak for cpak in candidates if token.platform.verifies(cpak.key)), None)
-    source = signer.source if signer else ""
-    checks.require(signer is not None, "platform_signature",
-                   f"COSE_Sign1 {token.platform.alg_name} verified with the CPAK from {source}",
-                   f"the platform token is not signed by any trusted CPAK ({len(candidates)} tried): "
-                   "an unknown platform, or the platform claims were changed")
-    binder = HASHES[r.rak_hash_algorithm](r.rak_claim).digest()
-    checks.require(p.challenge == binder, "rak_binding",
-                   f"platform challenge = {r.rak_hash_algorithm}(RAK claim)",
-                   f"the platform challenge is not {r.rak_hash_algorithm} of the realm token's RAK: the realm "
-                   "token is not the one this platform vouched for")
-    checks.require(token.realm.verifies(token.rak), "realm_signature",
-                   f"COSE_Sign1 {token.realm.alg_name} verified with the RAK",
-                   "the realm token's signature does not verify under its RAK: the realm claims were changed")
-    # The driver zero-pads a 32-63 byte inblob to the 64-byte challenge.
-    check_freshness(r.challenge, evidence, context, checks, what="the realm challenge",
-                    derive=lambda nonce: nonce.ljust(64, b"\0"), rule="the nonce (inblob) zero-padded to 64 bytes")

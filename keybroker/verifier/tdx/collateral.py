@@ -26,8 +26,8 @@ from typing import Any
 
 from cryptography import x509
 
-from ..errors import EvidenceError
-from .certs import CERT_FILE_MAX, load_certs
+from ...errors import EvidenceError
+from ..certs import CERT_FILE_MAX, load_certs
 
 FOLDER_FILES_MAX = 256
 TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",

@@ -1,23 +1,16 @@
-"""Intel TDX: parse a DCAP quote (v4, v5), verify it under Intel's chain, appraise its claims.
+"""Intel TDX, verified: the PCK chain to the pinned root, the QE report, the quote, the bindings, the TCB.
 
-Layout and checks follow tdx.md (Intel TDX DCAP Quoting Library API, Intel QVL): a 48-byte
-header, in v5 a 6-byte body descriptor, a TD report body (TDX 1.0: 584 bytes, TDX 1.5: 648),
-then the signature data. Three ECDSA P-256 signatures (raw r||s, big-endian): the
-attestation key (AK) signs every byte before the signature data; the PCK leaf signs the
-quoting enclave's 384-byte report; the chain PCK -> PCK Platform/Processor CA -> Intel SGX
-Root CA, pinned by fingerprint. The QE report binds the AK:
-``REPORTDATA == SHA-256(AK || QE auth data) || 32 zero bytes``. Bytes after the declared
-signature data (zero padding, test strings) are unsigned and ignored.
-
-With collateral (TCB info, QE identity, CRLs; see ``collateral``) the TCB status is
-derived as Intel's QVL does (see ``tcb``).
+Three ECDSA P-256 signatures (raw r||s, big-endian): the attestation key (AK) signs every
+byte before the signature data; the PCK leaf signs the quoting enclave's 384-byte report;
+the chain PCK -> PCK Platform/Processor CA -> Intel SGX Root CA, pinned by fingerprint. The
+QE report binds the AK: ``REPORTDATA == SHA-256(AK || QE auth data) || 32 zero bytes``.
+With collateral (TCB info, QE identity, CRLs; see ``collateral``, from a folder or ``pcs``)
+the TCB status is derived as Intel's QVL does (``tcb``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
-from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -26,226 +19,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from ..errors import EvidenceError
-from . import Checks, Context, Evidence, check_freshness
+from ...errors import EvidenceError
+from ..certs import common_name, fingerprint, is_ec_key, load_cert_dir, signed_by, valid_at, validity
+from ..core import Checks, Context, Evidence, check_freshness
 from . import tcb
-from .certs import common_name, fingerprint, is_ec_key, load_cert_dir, load_certs, signed_by, valid_at, validity
+from .abi import BODY_SIZES, BODY_TD15, Quote, parse_quote
+from .claims import claims, pck_claims
 from .collateral import Collateral, load_folder
+from .pcs import fetch_collateral
 from .pck import PCK_CA_NAMES, TCB_SIGNING_CN, PckChain, PckInfo, pck_chain, pck_info
 from .tcb import qe_identity_mismatch
-
-QUOTE_MAX = 1024 * 1024  # real quotes are ~5 KB; kernels hand out at most a few pages of padding
-HEADER_SIZE = 48
-ATT_KEY_ECDSA_P256 = 2
-TEE_TYPE_TDX = 0x81
-INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
-BODY_TD10, BODY_TD15 = 2, 3
-BODY_SIZES = {BODY_TD10: 584, BODY_TD15: 648}
-CERT_DATA_QE_REPORT = 6
-CERT_DATA_PCK_CHAIN = 5
-QE_REPORT_SIZE = 384
-CHAIN_CERTS_MAX = 8
-
-# -- the quote (abi) --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TdReport:
-    """The TD report body: TDX 1.0 fields, plus TEE_TCB_SVN_2 and MRSERVICETD for TDX 1.5."""
-
-    tee_tcb_svn: bytes
-    mrseam: bytes
-    mrsignerseam: bytes
-    seam_attributes: bytes
-    td_attributes: bytes
-    xfam: bytes
-    mrtd: bytes
-    mrconfigid: bytes
-    mrowner: bytes
-    mrownerconfig: bytes
-    rtmrs: tuple[bytes, bytes, bytes, bytes]
-    report_data: bytes
-    tee_tcb_svn_2: bytes | None = None
-    mrservicetd: bytes | None = None
-
-    @classmethod
-    def parse(cls, raw: bytes) -> "TdReport":
-        def at(offset: int, size: int) -> bytes:
-            return raw[offset:offset + size]
-
-        extra = {}
-        if len(raw) == BODY_SIZES[BODY_TD15]:
-            extra = {"tee_tcb_svn_2": at(584, 16), "mrservicetd": at(600, 48)}
-        return cls(tee_tcb_svn=at(0, 16), mrseam=at(16, 48), mrsignerseam=at(64, 48),
-                   seam_attributes=at(112, 8), td_attributes=at(120, 8), xfam=at(128, 8),
-                   mrtd=at(136, 48), mrconfigid=at(184, 48), mrowner=at(232, 48), mrownerconfig=at(280, 48),
-                   rtmrs=(at(328, 48), at(376, 48), at(424, 48), at(472, 48)), report_data=at(520, 64), **extra)
-
-    @property
-    def td_attributes_value(self) -> int:
-        return int.from_bytes(self.td_attributes, "little")
-
-
-@dataclass(frozen=True)
-class QeReport:
-    """The TD quoting enclave's SGX REPORTBODY (384 bytes)."""
-
-    raw: bytes
-    cpusvn: bytes
-    miscselect: bytes
-    attributes: bytes
-    mrenclave: bytes
-    mrsigner: bytes
-    isvprodid: int
-    isvsvn: int
-    report_data: bytes
-
-    @classmethod
-    def parse(cls, raw: bytes) -> "QeReport":
-        isvprodid, isvsvn = struct.unpack_from("<HH", raw, 256)
-        return cls(raw=raw, cpusvn=raw[0:16], miscselect=raw[16:20], attributes=raw[48:64],
-                   mrenclave=raw[64:96], mrsigner=raw[128:160], isvprodid=isvprodid, isvsvn=isvsvn,
-                   report_data=raw[320:384])
-
-
-@dataclass(frozen=True)
-class Quote:
-    version: int
-    body_type: int
-    user_data: bytes
-    body: TdReport
-    signed: bytes               # header || [descriptor] || body: what the AK signed
-    signature: bytes            # r || s
-    attestation_key: bytes      # X || Y
-    qe_report: QeReport
-    qe_report_signature: bytes  # r || s, by the PCK leaf
-    qe_auth_data: bytes
-    certs: tuple[x509.Certificate, ...]  # the PCK chain from certification data type 5
-    trailing: int               # unsigned bytes after the signature data
-
-
-class _Reader:
-    """Bounded reads from a hostile buffer: every length is checked before use."""
-
-    def __init__(self, data: bytes, start: int, end: int, what: str) -> None:
-        self.data, self.pos, self.end, self.what = data, start, end, what
-
-    def take(self, size: int, field: str) -> bytes:
-        if size < 0 or self.pos + size > self.end:
-            raise EvidenceError(f"TDX quote truncated while reading {field} in {self.what} "
-                                f"(need {size} bytes at offset {self.pos}, have {max(self.end - self.pos, 0)})")
-        out = self.data[self.pos:self.pos + size]
-        self.pos += size
-        return out
-
-    def u16(self, field: str) -> int:
-        return struct.unpack("<H", self.take(2, field))[0]
-
-    def u32(self, field: str) -> int:
-        return struct.unpack("<I", self.take(4, field))[0]
-
-
-def parse_quote(raw: bytes) -> Quote:
-    """Parse a TDX quote v4 or v5 (body type 2 or 3) with QE report certification data."""
-    if len(raw) > QUOTE_MAX:
-        raise EvidenceError(f"TDX quote is {len(raw)} bytes, more than the {QUOTE_MAX} accepted")
-    r = _Reader(raw, 0, len(raw), "the quote")
-    version, key_type, tee_type = struct.unpack("<HHI", r.take(8, "header"))
-    r.take(4, "header")  # reserved for TDX (QE/PCE SVN in SGX v3 quotes)
-    vendor, user_data = r.take(16, "QE vendor ID"), r.take(20, "user data")
-    if version not in (4, 5):
-        raise EvidenceError(f"unsupported TDX quote version {version} (known: 4 and 5)")
-    if tee_type != TEE_TYPE_TDX:
-        raise EvidenceError(f"TEE type 0x{tee_type:08x} is not TDX (0x00000081)")
-    if key_type != ATT_KEY_ECDSA_P256:
-        raise EvidenceError(f"attestation key type {key_type} is not 2 (ECDSA P-256)")
-    if vendor != INTEL_QE_VENDOR_ID:
-        raise EvidenceError(f"QE vendor ID {vendor.hex()} is not Intel's {INTEL_QE_VENDOR_ID.hex()}")
-    body_type = BODY_TD10
-    if version == 5:
-        body_type, body_size = r.u16("body type"), r.u32("body size")
-        if body_type not in BODY_SIZES:
-            raise EvidenceError(f"quote v5 body type {body_type} is not a TD report (2: TDX 1.0, 3: TDX 1.5)")
-        if body_size != BODY_SIZES[body_type]:
-            raise EvidenceError(f"quote v5 body type {body_type} has size {body_size}, "
-                                f"expected {BODY_SIZES[body_type]}")
-    body = TdReport.parse(r.take(BODY_SIZES[body_type], "TD report body"))
-    signed = raw[:r.pos]
-
-    sig_len = r.u32("signature data length")
-    sig = _Reader(raw, r.pos, r.pos + sig_len, "the signature data")
-    if sig.end > len(raw):
-        raise EvidenceError(f"TDX quote truncated: the signature data needs {sig_len} bytes at offset "
-                            f"{r.pos}, have {len(raw) - r.pos}")
-    signature, attestation_key = sig.take(64, "quote signature"), sig.take(64, "attestation key")
-    cert_type, cert_size = sig.u16("certification data type"), sig.u32("certification data size")
-    if cert_type != CERT_DATA_QE_REPORT:
-        raise EvidenceError(f"certification data type {cert_type} is not 6 (QE report certification data)")
-    qe = _Reader(raw, sig.pos, sig.pos + cert_size, "the QE report certification data")
-    sig.take(cert_size, "QE report certification data")
-    qe_report = QeReport.parse(qe.take(QE_REPORT_SIZE, "QE report"))
-    qe_report_signature = qe.take(64, "QE report signature")
-    qe_auth_data = qe.take(qe.u16("QE authentication data size"), "QE authentication data")
-    inner_type, inner_size = qe.u16("PCK certification data type"), qe.u32("PCK certification data size")
-    if inner_type != CERT_DATA_PCK_CHAIN:
-        raise EvidenceError(f"PCK certification data type {inner_type} is not 5 (PEM PCK chain); types 1-4 "
-                            "need the PCK certificate from Intel's PCS, which keybroker does not fetch")
-    pem = qe.take(inner_size, "PCK certificate chain")
-    if b"-----BEGIN CERTIFICATE-----" not in pem or pem.count(b"-----BEGIN") > CHAIN_CERTS_MAX:
-        raise EvidenceError(f"the PCK chain must be 1 to {CHAIN_CERTS_MAX} PEM certificates")
-    certs = load_certs(pem.rstrip(b"\0"))
-    return Quote(version=version, body_type=body_type, user_data=user_data, body=body, signed=signed,
-                 signature=signature, attestation_key=attestation_key, qe_report=qe_report,
-                 qe_report_signature=qe_report_signature, qe_auth_data=qe_auth_data, certs=tuple(certs),
-                 trailing=len(raw) - sig.end)
-
-
-# -- appraisal: claims ------------------------------------------------------------------
-
-TD_ATTRIBUTE_BITS = {"debug": 0, "sept_ve_disable": 28, "migratable": 29, "pks": 30, "kl": 31, "perfmon": 63}
-TUD_MASK = 0xFF  # bits 0-7, the "TD under debug" group
-
-
-def claims(quote: Quote) -> dict[str, Any]:
-    """The quote as flat claims for the release policy."""
-    b = quote.body
-    attributes = b.td_attributes_value
-    c: dict[str, Any] = {
-        "tee": "tdx", "provider": "tdx_guest",
-        "debug": bool(attributes & TUD_MASK),
-        "measurement": b.mrtd.hex(),
-        "tdx.quote_version": quote.version,
-        "tdx.body_type": quote.body_type,
-        "tdx.mrtd": b.mrtd.hex(),
-        "tdx.mrconfigid": b.mrconfigid.hex(),
-        "tdx.mrowner": b.mrowner.hex(),
-        "tdx.mrownerconfig": b.mrownerconfig.hex(),
-        "tdx.tdattributes": b.td_attributes.hex(),
-        "tdx.xfam": b.xfam.hex(),
-        "tdx.tee_tcb_svn": b.tee_tcb_svn.hex(),
-        "tdx.mrseam": b.mrseam.hex(),
-        "tdx.mrsignerseam": b.mrsignerseam.hex(),
-        "tdx.seamattributes": b.seam_attributes.hex(),
-        "tdx.report_data": b.report_data.hex(),
-        "tdx.qe.isvsvn": quote.qe_report.isvsvn,
-        "tdx.advisory_ids": [],
-    }
-    for i, rtmr in enumerate(b.rtmrs):
-        c[f"tdx.rtmr{i}"] = rtmr.hex()
-    for name, bit in TD_ATTRIBUTE_BITS.items():
-        c[f"tdx.tdattributes.{name}"] = bool(attributes >> bit & 1)
-    if b.tee_tcb_svn_2 is not None:
-        c["tdx.tee_tcb_svn_2"] = b.tee_tcb_svn_2.hex()
-        c["tdx.mrservicetd"] = b.mrservicetd.hex()  # type: ignore[union-attr]
-    return c
-
-
-def _pck_claims(info: PckInfo, chain: PckChain) -> dict[str, Any]:
-    return {"tdx.fmspc": info.fmspc.hex(), "tdx.pce_id": info.pce_id.hex(), "tdx.pcesvn": info.pcesvn,
-            "tdx.pck_ca": chain.ca_kind or common_name(chain.ca.subject)}
-
-
-# -- verification -----------------------------------------------------------------------
 
 def _raw_ecdsa_p256(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
     der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
@@ -269,7 +52,7 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     anchors = context.trust.anchors() + [c for folder in context.certs for c in load_cert_dir(folder)]
     chain = pck_chain(list(quote.certs), anchors, context.trust.is_trusted)
     info = pck_info(chain.leaf)
-    claims_out.update(_pck_claims(info, chain))
+    claims_out.update(pck_claims(info, chain))
     trailing = f", {quote.trailing} unsigned trailing bytes ignored" if quote.trailing else ""
     checks.passed("format", f"quote v{quote.version}, TDX {'1.5' if quote.body_type == BODY_TD15 else '1.0'} "
                             f"body ({BODY_SIZES[quote.body_type]} B), signed region {len(quote.signed)} B{trailing}")
@@ -329,13 +112,10 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-# -- appraisal with collateral ----------------------------------------------------------
-
 def _collateral(context: Context, info: PckInfo, chain: PckChain) -> Collateral | None:
     if context.collateral is not None:
         return load_folder(context.collateral)
     if context.pcs_url is not None:
-        from .pcs import fetch_collateral
         assert chain.ca_kind is not None  # pck_chain passed: the CA is a platform or processor CA
         return fetch_collateral(context, info.fmspc, chain.ca_kind)
     return None

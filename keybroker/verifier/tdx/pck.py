@@ -14,8 +14,8 @@ from typing import Callable
 
 from cryptography import x509
 
-from ..errors import EvidenceError
-from .certs import common_name, der_integer, der_items, der_oid, der_read, extension
+from ...errors import EvidenceError
+from ..certs import common_name, der_integer, der_items, der_oid, der_read, extension
 
 SGX_OID = "1.2.840.113741.1.13.1"
 PCK_LEAF_CN = "SGX PCK Certificate"

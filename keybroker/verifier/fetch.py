@@ -1,0 +1,130 @@
+"""One way to fetch vendor collateral over HTTP (AMD's KDS, Intel's PCS or a PCCS): bounded and polite.
+
+Nothing fetched is trusted for being fetched: the verifiers' checks under the pinned roots
+decide. What this module guarantees is that a hostile report cannot make the key server
+hammer a vendor service or tie up its threads:
+
+- an answer larger than the caller's limit is refused;
+- HTTP 429 and 503 are waited out (``Retry-After``, at most ``RETRY_AFTER_MAX`` each) within
+  the fetch's time budget, and every fetch ends within ``BUDGET`` seconds;
+- a URL that failed is not asked again for a while: a 404 for ``FAILURE_TTL`` seconds,
+  other failures for ``ERROR_TTL`` (a report with a random CHIP_ID costs one request, not
+  one per attestation);
+- at most ``CONCURRENCY`` fetches run at once in a process; others wait within the budget.
+
+One :class:`Fetcher` per process (the key server's is shared by every request). Its
+``cache_dir`` is where the KDS and PCS modules keep what they fetched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import urllib3
+
+from ..errors import EvidenceError
+
+TIMEOUT = 10.0          # seconds per HTTP request
+BUDGET = 20.0           # seconds for one get(), retries and waits included
+RETRY_AFTER_MAX = 5.0   # seconds: a verifier must not stall a key request for long
+ATTEMPTS = 3
+CONCURRENCY = 4
+FAILURE_TTL = 600.0     # seconds a 404 is remembered
+ERROR_TTL = 60.0        # seconds another failure is remembered
+FAILURES_MAX = 4096     # remembered failures, oldest forgotten first
+
+
+@dataclass(frozen=True)
+class Answer:
+    body: bytes
+    headers: dict[str, str]
+
+
+class Fetcher:
+    def __init__(self, cache_dir: Path | None = None, *, budget: float = BUDGET,
+                 concurrency: int = CONCURRENCY) -> None:
+        self.cache_dir = cache_dir
+        self.budget = budget
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._failures: OrderedDict[str, tuple[float, str, bool]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, url: str, *, service: str, limit: int, missing_ok: bool = False) -> Answer | None:
+        """The 200 answer for ``url``; None for a 404 when ``missing_ok``; else EvidenceError."""
+        remembered = self._remembered(url)
+        if remembered is not None:
+            reason, missing = remembered
+            if missing and missing_ok:
+                return None
+            raise EvidenceError(f"{service}: {reason} (a recent failure; not asked again yet)")
+        deadline = time.monotonic() + self.budget
+        if not self._slots.acquire(timeout=self.budget):
+            raise EvidenceError(f"{service}: {CONCURRENCY} fetches already in flight for {self.budget:g} s")
+        try:
+            return self._get(url, service, limit, missing_ok, deadline)
+        finally:
+            self._slots.release()
+
+    def _get(self, url: str, service: str, limit: int, missing_ok: bool, deadline: float) -> Answer | None:
+        for attempt in range(1, ATTEMPTS + 1):
+            timeout = min(TIMEOUT, deadline - time.monotonic())
+            if timeout <= 0:
+                break
+            try:
+                with requests.get(url, timeout=timeout, stream=True, allow_redirects=False) as response:
+                    body = response.raw.read(limit + 1, decode_content=True)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise self._fail(url, f"{service}: cannot fetch {url}: {exc}") from None
+            if len(body) > limit:
+                raise self._fail(url, f"{service}: the answer for {url} is larger than {limit} bytes")
+            if response.status_code in (429, 503) and attempt < ATTEMPTS:
+                pause = _retry_after(response.headers.get("Retry-After"), attempt)
+                if time.monotonic() + pause >= deadline:
+                    break
+                time.sleep(pause)
+                continue
+            if response.status_code == 404:
+                reason = f"{service} has nothing at {url} (HTTP 404)"
+                self._remember(url, reason, missing=True)
+                if missing_ok:
+                    return None
+                raise EvidenceError(reason)
+            if response.status_code != 200:
+                raise self._fail(url, f"{service} answered HTTP {response.status_code} for {url}")
+            return Answer(body, dict(response.headers))
+        raise self._fail(url, f"{service} kept answering 'busy' (HTTP 429/503) for {url} within "
+                              f"{self.budget:g} s")
+
+    def _fail(self, url: str, reason: str) -> EvidenceError:
+        self._remember(url, reason, missing=False)
+        return EvidenceError(reason)
+
+    def _remember(self, url: str, reason: str, *, missing: bool) -> None:
+        until = time.monotonic() + (FAILURE_TTL if missing else ERROR_TTL)
+        with self._lock:
+            self._failures[url] = (until, reason, missing)
+            self._failures.move_to_end(url)
+            while len(self._failures) > FAILURES_MAX:
+                self._failures.popitem(last=False)
+
+    def _remembered(self, url: str) -> tuple[str, bool] | None:
+        with self._lock:
+            entry = self._failures.get(url)
+            if entry is None:
+                return None
+            until, reason, missing = entry
+            if until < time.monotonic():
+                del self._failures[url]
+                return None
+            return reason, missing
+
+
+def _retry_after(header: str | None, attempt: int) -> float:
+    if header is not None and header.strip().isascii() and header.strip().isdigit():
+        return min(float(header.strip()), RETRY_AFTER_MAX)
+    return min(0.5 * 2 ** attempt, RETRY_AFTER_MAX)

@@ -1,0 +1,169 @@
+"""AMD SEV-SNP, verified: the chain ARK -> ASK/ASVK -> VCEK/VLEK, the report signature, the bindings.
+
+The chain is RSASSA-PSS SHA-384 (salt 48) with the ARK pinned by fingerprint; the VEK's SPL
+and hwID extensions must match REPORTED_TCB and CHIP_ID; the report's ECDSA P-384 signature
+covers bytes 0x000-0x29F. Certificates come from the host's table in ``auxblob``, the
+operator's folders, or AMD's KDS (``kds``) when neither has them; the binding to the nonce
+is checked before anything is fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from ...errors import EvidenceError
+from ..certs import (common_name, fingerprint, is_ec_key, load_cert_dir, load_certs, signed_by_rsa_pss_sha384,
+                     valid_at, validity)
+from ..core import Checks, Context, Evidence, check_freshness
+from ..trust import TrustStore
+from .abi import PRODUCTS, REPORT_SIZE, SIGNED_SIZE, Report, parse_cert_table, parse_report, vek_hwid, vek_product_name, vek_spl
+from .claims import claims, manifest_claims
+from .kds import fetch_chain
+
+@dataclass(frozen=True)
+class Chain:
+    ark: x509.Certificate
+    intermediate: x509.Certificate  # ASK or ASVK
+    vek: x509.Certificate
+
+
+def _product_of(cn: str, prefix: str) -> str | None:
+    if cn.startswith(prefix) and cn[len(prefix):] in PRODUCTS:
+        return cn[len(prefix):]
+    return None
+
+
+def _candidates(evidence: Evidence, context: Context) -> list[x509.Certificate]:
+    """Certificates from the host's auxblob table, then the operator's folders and anchors."""
+    certs = [cert for _, der in parse_cert_table(evidence.auxblob) for cert in load_certs(der)]
+    for folder in context.certs:
+        certs.extend(load_cert_dir(folder))
+    certs.extend(context.trust.anchors())
+    return certs
+
+
+def find_chain(report: Report, certs: list[x509.Certificate], kind: str, trust: TrustStore) -> Chain | str:
+    """Pick VEK, intermediate and ARK among ``certs``; a string says what is missing."""
+    vek_cn = "SEV-VCEK" if kind == "vcek" else "SEV-VLEK"
+    veks = [c for c in certs if common_name(c.subject) == vek_cn]
+    if kind == "vcek":
+        # Prefer the VCEK of this chip and this TCB (a folder may hold many).
+        veks.sort(key=lambda c: (vek_hwid(c) != report.significant_chip_id,
+                                 vek_spl(c, "microcode") != report.reported_tcb.microcode))
+    if not veks:
+        return (f"no {kind.upper()} certificate: the host supplied none in auxblob and none was found "
+                "in the certificate folders or AMD's KDS")
+    vek = veks[0]
+    # The VEK's own issuer; failing that, any AMD intermediate offered, so that the signature
+    # check can say which certificate does not sign the VEK.
+    intermediates = [c for c in certs if c.subject == vek.issuer] or \
+        [c for c in certs if _product_of(common_name(c.subject), "SEV-") or
+         _product_of(common_name(c.subject), "SEV-VLEK-")]
+    if not intermediates:
+        return f"no certificate for the VEK's issuer {common_name(vek.issuer)!r}"
+    intermediate = intermediates[0]
+    # Among look-alike ARKs (the host fills auxblob), prefer a trusted one.
+    arks = sorted((c for c in certs if c.subject == intermediate.issuer), key=lambda c: not trust.is_trusted(c))
+    if not arks:
+        return f"no ARK certificate {common_name(intermediate.issuer)!r}"
+    return Chain(arks[0], intermediate, vek)
+
+
+def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dict[str, Any]) -> None:
+    report = parse_report(evidence.outblob)
+    claims_out.update(claims(report, report.cpuid_product))
+    if evidence.manifestblob:
+        claims_out.update(manifest_claims(evidence.manifestblob, evidence.service_guid))
+    checks.passed("format", f"SEV-SNP report version {report.version}, {REPORT_SIZE} bytes, reserved fields zero")
+    # Before any certificate is looked for, let alone fetched: an unbound report stops here.
+    if evidence.manifestblob:
+        manifest = evidence.manifestblob
+        check_freshness(report.report_data, evidence, context, checks, what="REPORT_DATA",
+                        derive=lambda nonce: hashlib.sha512(nonce + manifest).digest(),
+                        rule="SHA-512(nonce || manifest)", name="svsm_manifest_binding")
+    else:
+        check_freshness(report.report_data, evidence, context, checks, what="REPORT_DATA")
+
+    kind = {0: "vcek", 1: "vlek"}.get(report.signing_key)
+    if kind is None:
+        checks.failed("signer_consistent", f"SIGNING_KEY is {report.signing_key}: the report is not signed "
+                                           "by a VCEK or VLEK")
+    certs = _candidates(evidence, context)
+    chain = find_chain(report, certs, kind, context.trust)  # type: ignore[arg-type]
+    if isinstance(chain, str) and context.kds_url is not None:
+        try:
+            certs += fetch_chain(report, kind, context)  # type: ignore[arg-type]
+        except EvidenceError as exc:
+            checks.failed("certificates", f"{chain}; {exc}")
+        chain = find_chain(report, certs, kind, context.trust)  # type: ignore[arg-type]
+    if isinstance(chain, str):
+        checks.failed("certificates", chain)
+    assert isinstance(chain, Chain)
+    ark, inter, vek = chain.ark, chain.intermediate, chain.vek
+    ark_fp = fingerprint(ark)
+    checks.require(ark_fp in context.trust.roots, "ark_pinned",
+                   f"sha256 {ark_fp[:16]}... of {common_name(ark.subject)} is a trusted root",
+                   f"ARK {common_name(ark.subject)!r} (sha256 {ark_fp}) is not a trusted AMD root")
+    checks.require(signed_by_rsa_pss_sha384(ark, ark), "ark_self_signed",
+                   "RSA-PSS SHA-384 salt 48", "the ARK's self-signature does not verify")
+    checks.require(signed_by_rsa_pss_sha384(inter, ark), "ask_signed_by_ark",
+                   f"{common_name(inter.subject)} by {common_name(ark.subject)} (RSA-PSS SHA-384 salt 48)",
+                   f"{common_name(inter.subject)} is not signed by {common_name(ark.subject)}")
+    checks.require(signed_by_rsa_pss_sha384(vek, inter), "vek_signed_by_ask",
+                   f"{common_name(vek.subject)} by {common_name(inter.subject)}",
+                   f"{common_name(vek.subject)} is not signed by {common_name(inter.subject)}")
+
+    inter_cn = common_name(inter.subject)
+    want_prefix = "SEV-" if kind == "vcek" else "SEV-VLEK-"
+    product = _product_of(inter_cn, want_prefix)
+    checks.require(product is not None, "signer_consistent",
+                   f"SIGNING_KEY={report.signing_key} ({kind.upper()}), intermediate {inter_cn}",
+                   f"SIGNING_KEY={report.signing_key} ({kind.upper()}) needs an intermediate {want_prefix}<product>, "
+                   f"got {inter_cn!r}")
+    ark_product = _product_of(common_name(ark.subject), "ARK-")
+    name = vek_product_name(vek)
+    vek_product = name.split("-")[0] if name else None
+    cpuid_product = report.cpuid_product
+    consistent = (ark_product == product and vek_product in (None, product)
+                  and (report.cpuid is None or cpuid_product == product))
+    checks.require(consistent, "product_consistent",
+                   f"{product}: ARK, intermediate, VEK productName {name!r}"
+                   + (f", CPUID {claims_out['snp.cpuid']}" if report.cpuid else " (v2 report: no CPUID)"),
+                   f"products disagree: ARK {ark_product}, intermediate {product}, VEK productName {name!r}, "
+                   f"report CPUID {cpuid_product or claims_out.get('snp.cpuid', 'n/a')}")
+    claims_out["snp.product"] = product
+
+    checks.require(is_ec_key(vek, ec.SECP384R1), "vek_key", "EC P-384", "the VEK key is not EC P-384")
+    expired = [f"{common_name(c.subject)} ({validity(c)})" for c in (ark, inter, vek) if not valid_at(c, context.at)]
+    checks.require(not expired, "certificates_valid", f"at {context.at:%Y-%m-%dT%H:%M:%SZ}",
+                   f"not valid at {context.at:%Y-%m-%dT%H:%M:%SZ}: {', '.join(expired)}")
+
+    cert_tcb = {part: vek_spl(vek, part) for part in report.reported_tcb.as_dict()}
+    checks.require(cert_tcb == report.reported_tcb.as_dict(), "tcb_matches_vek",
+                   f"{kind.upper()} SPLs equal REPORTED_TCB {report.reported_tcb.as_dict()}",
+                   f"{kind.upper()} SPLs {cert_tcb} differ from REPORTED_TCB {report.reported_tcb.as_dict()}")
+    if kind == "vcek":
+        hwid = vek_hwid(vek)
+        checks.require(any(report.chip_id) and hwid == report.significant_chip_id, "chip_id_matches",
+                       f"hwID {report.significant_chip_id.hex()[:16]}... equals CHIP_ID",
+                       f"VCEK hwID {(hwid or b'').hex()[:16]}... does not match CHIP_ID "
+                       f"{report.significant_chip_id.hex()[:16]}...")
+    else:
+        checks.require(vek_hwid(vek) is None, "chip_id_matches", "VLEK: not bound to a chip",
+                       "a VLEK must not carry a hwID")
+
+    try:
+        vek.public_key().verify(encode_dss_signature(report.signature_r, report.signature_s),  # type: ignore[union-attr]
+                                report.raw[:SIGNED_SIZE], ec.ECDSA(hashes.SHA384()))
+        checks.passed("report_signature", "ECDSA P-384 SHA-384 over 0x000-0x29F")
+    except InvalidSignature:
+        checks.failed("report_signature", f"the report signature does not verify under the "
+                                          f"{kind.upper()}")
