@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from keybroker import cli
+from keybroker.cli import args
 
-SAMPLES = {Path: "/tmp/x", int: "1", float: "1.5", cli._hex: "00ff", cli._rfc3339: "2025-01-01T00:00:00Z",
-           cli._listen: "127.0.0.1:1"}
+SAMPLES = {Path: "/tmp/x", int: "1", float: "1.5", args.hex_bytes: "00ff", args.rfc3339: "2025-01-01T00:00:00Z",
+           args.listen: "127.0.0.1:1"}
 
 
 def leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):

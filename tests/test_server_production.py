@@ -380,7 +380,7 @@ def test_policy_check_explains_offline(tsm_sim, sim_state, tmp_path):
     denied = keybroker("policy", "check", str(policy), str(evidence), "--resource", "default/disk/root", *trust)
     text = denied.stdout.decode()
     assert denied.returncode == 1, denied.stderr
-    assert "PASS report_signature" in text and "rule 0 (default/disk/*): matches default/disk/root" in text
+    assert "PASS  report_signature" in text and "rule 0 (default/disk/*): matches default/disk/root" in text
     assert re.search(r'  FAIL claim measurement is "[0-9a-f]{96}", not one of \["(ab){48}"\]', text)
     assert text.splitlines()[-1].startswith("=> DENY: rule 0 (default/disk/*): claim measurement is")
     allowed = keybroker("policy", "check", str(policy), str(evidence), "--resource", "default/key/x", *trust)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterator
 
@@ -69,6 +70,15 @@ class Record:
 
     def to_json(self) -> dict[str, Any]:
         return {"seq": self.seq, "time": self.time, **asdict(self.event), "prev": self.prev, "hash": self.hash}
+
+    def line(self) -> str:
+        """The record as one line of text: seq, time, replica, event, decision, what is set, the reason."""
+        e = self.event
+        fields = [f"{self.seq}", self.time, e.server, e.event, e.decision]
+        fields += [f"{name}={value}" for name, value in (("peer", e.peer), ("actor", e.actor), ("session", e.session),
+                   ("provider", e.provider), ("measurement", e.measurement[:16]), ("resource", e.resource),
+                   ("policy", e.policy_version)) if value not in ("", None)]
+        return " ".join(fields) + f" reason={json.dumps(e.reason)}"
 
 
 @dataclass(frozen=True)

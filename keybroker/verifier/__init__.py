@@ -8,16 +8,13 @@ its name, so a failure names what failed.
 
 from __future__ import annotations
 
-from .core import Check, Checks, Context, Evidence, Stop, Verdict, Verifier
+from .core import PROVIDERS, Check, Checks, Context, Evidence, Stop, Verdict, Verifier
 from .fetch import Fetcher
 from .trust import TrustStore
 from ..errors import EvidenceError
 
 __all__ = ["Evidence", "Check", "Verdict", "Context", "Fetcher", "TrustStore", "verify", "guess_provider",
            "PROVIDERS"]
-
-PROVIDERS = ("sev_guest", "tdx_guest", "arm_cca_guest")
-
 
 def _verifier(provider: str) -> Verifier | None:
     # Imported on use: a command that verifies only TDX quotes never loads the CCA parser.

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import EvidenceError
 from ..wire.envelope import TsmReport
 from .fetch import Fetcher
 from .trust import TrustStore
+
+
+#: The configfs-tsm providers keybroker verifies.
+PROVIDERS = ("sev_guest", "tdx_guest", "arm_cca_guest")
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-from .guest import install
-from .server.admin import Admin
-from .server.sealing import load_sealer
-from .server.store import Store
+from ..guest import install
+from ..server.admin import Admin
+from ..server.sealing import load_sealer
+from ..server.store import Store
 
 SIM_STATE = Path("/var/lib/keybroker/demo-sim")
 RESOURCE = "default/disk/root"

@@ -1,0 +1,62 @@
+"""Argument types and options that several commands share."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from pathlib import Path
+
+
+def hex_bytes(text: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not hexadecimal: {text!r}") from None
+
+
+def rfc3339(text: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a time zone (e.g. 2025-06-01T00:00:00Z)")
+    return when
+
+
+def listen(text: str) -> tuple[str, int]:
+    from ..errors import KeybrokerError
+    from ..server.config import parse_listen
+
+    try:
+        return parse_listen(text)
+    except KeybrokerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_evidence_options(p: argparse.ArgumentParser) -> None:
+    """Where a verifier finds trust anchors, certificates and collateral, and at which time."""
+    p.add_argument("--trust-roots", type=Path, action="append", default=[], metavar="DIR",
+                   help="extra trust anchors (root certificates, CCA platform keys)")
+    p.add_argument("--trust-cpak", type=Path, metavar="FILE", help="a CCA platform key to trust (PEM or JWK)")
+    p.add_argument("--certs", type=Path, action="append", default=[], metavar="DIR",
+                   help="folder of PEM/DER certificates to use (VCEK/VLEK, ASK/ASVK, ARK; PCK chains)")
+    p.add_argument("--collateral", type=Path, metavar="DIR",
+                   help="TDX collateral folder: TCB info, QE identity, CRLs, TCB signing chain")
+    p.add_argument("--at", type=rfc3339, metavar="RFC3339", help="check certificate validity at this time")
+    p.add_argument("--kds-url", help="AMD KDS base URL to fetch missing VCEKs and chains from "
+                                     "(e.g. https://kdsintf.amd.com); default: no fetching")
+    p.add_argument("--pcs-url", help="Intel PCS/PCCS base URL to fetch TDX collateral from; default: no fetching")
+    p.add_argument("--cache-dir", type=Path, help="cache for fetched certificates and collateral")
+
+
+def verification_context(args: argparse.Namespace, report_data: bytes | None = None):  # type: ignore[no-untyped-def]
+    """The verifier's context from the options of :func:`add_evidence_options`."""
+    from ..verifier import Context, Fetcher, TrustStore
+
+    trust = TrustStore.default().with_dirs(args.trust_roots)
+    if args.trust_cpak:
+        trust = trust.with_cpak_file(args.trust_cpak)
+    return Context(trust=trust, at=args.at or dt.datetime.now(dt.timezone.utc), report_data=report_data,
+                   certs=tuple(args.certs), collateral=args.collateral, kds_url=args.kds_url, pcs_url=args.pcs_url,
+                   fetcher=Fetcher(args.cache_dir))

@@ -1,0 +1,120 @@
+"""Commands for a guest: evidence, the request-key drop-in, disk unlock."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .args import hex_bytes
+
+
+def _evidence(args: argparse.Namespace) -> int:
+    from ..wire import envelope
+    from ..guest.tsm import ReportRequest, TsmClient
+
+    request = ReportRequest(inblob=args.nonce, privlevel=args.privlevel,
+                            service_provider=args.service_provider, service_guid=args.service_guid,
+                            service_manifest_version=args.service_manifest_version)
+    report = TsmClient(args.tsm_root).get_report(request)
+    print(envelope.dumps(report))
+    return 0
+
+
+def _add_evidence(sub: argparse._SubParsersAction) -> None:
+    from ..guest.tsm import DEFAULT_ROOT
+
+    p = sub.add_parser("evidence", help="collect a configfs-tsm report and print its envelope",
+                       description="Collect attestation evidence through configfs-tsm and print the "
+                                   "Linux evidence envelope (JSON) on stdout.")
+    p.add_argument("--tsm-root", type=Path, default=DEFAULT_ROOT,
+                   help=f"the configfs-tsm report directory (default {DEFAULT_ROOT})")
+    p.add_argument("--nonce", type=hex_bytes, required=True,
+                   help="the inblob, in hex: 64 bytes for SEV-SNP and TDX, 32 to 64 for CCA")
+    p.add_argument("--privlevel", type=int, help="guest privilege level to report (SEV-SNP VMPL, 0-3)")
+    p.add_argument("--service-provider", help="service attestation provider (svsm)")
+    p.add_argument("--service-guid", help="the one service to attest (default: all)")
+    p.add_argument("--service-manifest-version", type=int, help="manifest version of that service")
+    p.set_defaults(run=_evidence)
+
+
+def _install_handler(args: argparse.Namespace) -> int:
+    from ..guest import config, install
+
+    config.load(args.config)  # refuse to install a handler whose configuration does not load
+    target = install.install(args.config, args.conf_dir)
+    print(f"installed {target}")
+    return 0
+
+
+def _add_install_handler(sub: argparse._SubParsersAction) -> None:
+    from ..guest.install import CONF_DIR
+
+    p = sub.add_parser("install-handler", help="install the request-key drop-in for keybroker: keys",
+                       description="Write request-key.d/keybroker.conf so that the kernel's upcalls for "
+                                   "keybroker: keys run this installation's handler with --config FILE.")
+    p.add_argument("--config", type=Path, required=True, help="the client configuration the handler reads")
+    p.add_argument("--conf-dir", type=Path, default=CONF_DIR, help=f"drop-in folder (default {CONF_DIR})")
+    p.set_defaults(run=_install_handler)
+
+
+def _keyfile_server(args: argparse.Namespace) -> int:
+    from ..guest import config
+    from ..guest.unlock import keyfile
+    from ..guest.unlock.progress import Reporter
+
+    return keyfile.run(config.load(args.config), args.socket, Reporter())
+
+
+def _askpass_agent(args: argparse.Namespace) -> int:
+    from ..guest import config
+    from ..guest.unlock import askpass
+    from ..guest.unlock.progress import Reporter
+
+    return askpass.run(config.load(args.config), args.ask_dir, args.linger, Reporter())
+
+
+def _place_key(args: argparse.Namespace) -> int:
+    from ..guest import config
+    from ..guest.unlock import place
+    from ..guest.unlock.progress import Reporter
+
+    place.place(config.load(args.config), args.volume, Reporter())
+    return 0
+
+
+def _add_unlock(sub: argparse._SubParsersAction) -> None:
+    from ..guest.config import DEFAULT_PATH
+    from ..guest.unlock.askpass import DEFAULT_ASK_DIR
+    from ..guest.unlock.keyfile import DEFAULT_SOCKET
+
+    p = sub.add_parser("keyfile-server", help="serve crypttab key files on an AF_UNIX socket (disk unlock)",
+                       description="Serve the keys of [volumes.<name>] to systemd-cryptsetup, which connects to a "
+                                   "crypttab key file that is a socket. Socket-activated by "
+                                   "keybroker-keyfile.socket, or listening on --socket.")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"client configuration (default {DEFAULT_PATH})")
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
+                   help=f"socket path when not socket-activated (default {DEFAULT_SOCKET})")
+    p.set_defaults(run=_keyfile_server)
+
+    p = sub.add_parser("askpass-agent", help="answer systemd disk passphrase prompts (disk unlock)",
+                       description="A systemd password agent: answer Id=cryptsetup:<device> prompts for the devices "
+                                   "of [volumes.<name>] with the released key; exit when the directory stays empty.")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"client configuration (default {DEFAULT_PATH})")
+    p.add_argument("--ask-dir", type=Path, default=DEFAULT_ASK_DIR,
+                   help=f"the ask-password directory (default {DEFAULT_ASK_DIR})")
+    p.add_argument("--linger", type=float, default=10.0, metavar="SECONDS",
+                   help="exit once the directory has been empty this long (default 10)")
+    p.set_defaults(run=_askpass_agent)
+
+    p = sub.add_parser("place-key", help="put a volume's key in root's user keyring (disk unlock)",
+                       description="Request the key of [volumes.VOLUME] into the user keyring (like keyctl request2 "
+                                   "KEY_TYPE keybroker:RESOURCE '' @u), retrying until the volume's deadline; for "
+                                   "dm-crypt keyring keys and LUKS2 keyring tokens.")
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"client configuration (default {DEFAULT_PATH})")
+    p.add_argument("volume", help="the crypttab volume name")
+    p.set_defaults(run=_place_key)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    for add in (_add_evidence, _add_install_handler, _add_unlock):
+        add(sub)

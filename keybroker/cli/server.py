@@ -1,0 +1,275 @@
+"""Commands for a key server's operator: serve, resources, policies, the audit log, KEK rotation."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .args import add_evidence_options, listen, verification_context
+from .show import check_lines
+
+
+_SERVE_OPTIONS = ("listen", "db", "name", "trust_roots", "certs", "kds_url", "cache_dir", "pcs_url", "collateral",
+                  "policy",
+                  "tls_cert", "tls_key", "kek_file", "old_kek_file", "admin_token_file", "token_key_file")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from ..server import config
+    from ..server.app import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {}
+    for name in _SERVE_OPTIONS:
+        value = getattr(args, name)
+        flags[name] = tuple(value) if isinstance(value, list) else value
+    run(config.load(args.config, flags))
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from ..server.config import DEFAULT_CACHE, DEFAULT_DB, DEFAULT_KDS
+
+    p = sub.add_parser("serve", help="run the key server (KBS RCAR 0.4.0, admin API, metrics)",
+                       description="Run the key server: /kbs/v0/auth, /attest and /resource for guests; "
+                                   "/admin/v1 for operators; /metrics, /healthz and /readyz. Every option "
+                                   "can also be set in --config FILE (TOML, same names without dashes).")
+    p.add_argument("--config", type=Path, metavar="FILE", help="server configuration (TOML); flags win over it")
+    p.add_argument("--listen", type=listen, metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:8080); plain HTTP only on loopback")
+    p.add_argument("--db", help=f"database URL: sqlite:///PATH or postgresql://… (default {DEFAULT_DB})")
+    p.add_argument("--name", help="this replica's name in the audit log (default HOSTNAME:PORT)")
+    p.add_argument("--trust-roots", type=Path, action="append", metavar="DIR",
+                   help="extra trust anchors: root certificates and CCA platform keys (repeatable)")
+    p.add_argument("--certs", type=Path, action="append", metavar="DIR",
+                   help="folder of vendor certificates (VCEK/VLEK, ASK, ARK) to use when evidence lacks them")
+    p.add_argument("--kds-url", help=f"AMD KDS for VCEKs and chains the evidence lacks (default {DEFAULT_KDS}; "
+                                     "'' to never fetch)")
+    p.add_argument("--cache-dir", type=Path, help=f"cache for KDS certificates and PCS collateral (default "
+                                                  f"{DEFAULT_CACHE})")
+    p.add_argument("--pcs-url", help="Intel PCS or PCCS base URL for TDX collateral (TCB status); default: TDX "
+                                     "TCB status is not evaluated")
+    p.add_argument("--collateral", type=Path, metavar="DIR",
+                   help="offline TDX collateral (TCB info, QE identity, CRLs, TCB signing chain); wins over --pcs-url")
+    p.add_argument("--policy", type=Path, metavar="FILE",
+                   help="release policy (JSON) to make active at start when it differs from the active one; "
+                        "default: keep the database's (the built-in one refuses debug guests)")
+    p.add_argument("--tls-cert", type=Path, help="TLS certificate chain (PEM)")
+    p.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
+    p.add_argument("--kek-file", type=Path, metavar="FILE",
+                   help="key-encryption key for resources at rest: 32 bytes (default: the systemd credential kek)")
+    p.add_argument("--old-kek-file", type=Path, action="append", metavar="FILE",
+                   help="a previous KEK, still accepted for reading during a rotation (repeatable)")
+    p.add_argument("--admin-token-file", type=Path, metavar="FILE",
+                   help="admin tokens, one per line (default: the systemd credential admin-token; "
+                        "without either the admin API refuses every call)")
+    p.add_argument("--token-key-file", type=Path, metavar="FILE",
+                   help="EC P-256 private key (PEM) signing attestation tokens, shared by replicas (default: "
+                        "the systemd credential token-key, else an ephemeral key)")
+    p.set_defaults(run=_serve)
+
+
+def _add_store_options(p: argparse.ArgumentParser, *, remote: bool) -> None:
+    from ..server.config import DEFAULT_DB
+
+    p.add_argument("--db", default=DEFAULT_DB, help=f"database URL (default {DEFAULT_DB})")
+    p.add_argument("--kek-file", type=Path, metavar="FILE",
+                   help="key-encryption key (for values: put, get; default: the systemd credential kek)")
+    p.add_argument("--old-kek-file", type=Path, action="append", default=[], metavar="FILE",
+                   help="a previous KEK (repeatable)")
+    if remote:
+        p.add_argument("--server", metavar="URL", help="manage a running key server through its admin API "
+                                                       "instead of the database")
+        p.add_argument("--admin-token-file", type=Path, metavar="FILE", help="with --server: the admin token")
+        p.add_argument("--ca", type=Path, metavar="FILE", help="with --server: CA bundle for its TLS certificate")
+
+
+def _administrator(args: argparse.Namespace, *, values: bool = False):  # type: ignore[no-untyped-def]
+    """The admin API client with --server, else local administration of --db (KEK only for values)."""
+    if getattr(args, "server", None):
+        from ..server.admin_client import AdminClient
+
+        if not args.admin_token_file:
+            raise SystemExit(f"keybroker {args.command}: --server needs --admin-token-file")
+        return AdminClient(args.server, args.admin_token_file, ca=args.ca)
+    import getpass
+    import socket
+
+    from ..server.admin import Admin
+    from ..server.sealing import load_sealer
+    from ..server.store import Store
+
+    sealer = load_sealer(args.kek_file, args.old_kek_file) if values else None
+    return Admin(Store(args.db), sealer, f"local:{getpass.getuser()}", f"cli@{socket.gethostname()}")
+
+
+def _resource(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for info in _administrator(args).list_resources():
+            print(f"{info.path}\t{info.size} bytes" + (f"\tlease {info.lease} s" if info.lease else ""))
+    elif args.action == "put":
+        value = args.file.read_bytes() if args.file else sys.stdin.buffer.read()
+        _administrator(args, values=True).put_resource(args.path, value, args.lease)
+    elif args.action == "get":
+        if args.server:
+            raise SystemExit("keybroker resource get: values are read only locally (--db with --kek-file); "
+                             "the admin API never returns them")
+        value = _administrator(args, values=True).read_resource(args.path)
+        if value is None:
+            raise SystemExit(f"keybroker resource get: no resource {args.path}")
+        if args.file:
+            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
+        else:
+            sys.stdout.buffer.write(value)
+    elif not _administrator(args).delete_resource(args.path):
+        raise SystemExit(f"keybroker resource rm: no resource {args.path}")
+    return 0
+
+
+def _add_resource(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("resource", help="manage the key server's resources",
+                       description="Put, get, remove or list resources: in the database (--db; values sealed "
+                                   "under --kek-file) or through a running server's admin API (--server).")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    put = actions.add_parser("put", help="store the value of a resource (from --file, or stdin)")
+    put.add_argument("--file", type=Path, help="read the value from FILE (default stdin)")
+    put.add_argument("--lease", type=int, help="seconds the released key stays valid in the keyring")
+    get = actions.add_parser("get", help="print a resource's value (locally only, with the KEK)")
+    get.add_argument("--file", type=Path, help="write the value to FILE (mode 0600) instead of stdout")
+    actions.add_parser("rm", help="remove a resource")
+    actions.add_parser("list", help="list the resources: path, size, lease")
+    for action in ("put", "get", "rm"):
+        actions.choices[action].add_argument("path", metavar="REPO/TYPE/TAG")
+    for action in ("put", "get", "rm", "list"):
+        _add_store_options(actions.choices[action], remote=True)
+    p.set_defaults(run=_resource)
+
+
+def _policy(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    if args.action == "check":
+        return _policy_check(args)
+    admin = _administrator(args)
+    if args.action == "put":
+        version, changed = admin.put_policy(args.file.read_bytes())
+        print(f"policy version {version} is active" + ("" if changed else " (unchanged)"))
+    elif args.action == "rm":
+        version, changed = admin.reset_policy()
+        print(f"policy version {version} (the built-in default) is active" + ("" if changed else " (unchanged)"))
+    elif args.action == "get":
+        stored = admin.get_policy(args.version)
+        if stored is None:
+            raise SystemExit(f"keybroker policy get: there is no policy version {args.version}")
+        print(stored.policy.dumps())
+    else:
+        for info in admin.list_policies():
+            when = dt.datetime.fromtimestamp(info.created, dt.timezone.utc).isoformat(timespec="seconds")
+            print(f"{info.version}\t{info.digest[:16]}\t{when if info.version else '-'}\t{info.actor}")
+    return 0
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    import json
+
+    from ..server.policy import Policy
+    from ..verifier import Evidence, verify
+    from ..wire import envelope
+
+    policy = Policy.loads(args.policy.read_bytes())
+    evidence = Evidence.from_report(envelope.loads(args.evidence.read_bytes()))
+    verdict = verify(evidence, verification_context(args))
+    print("evidence (the binding to a session's nonce is the server's to check):")
+    print("\n".join(check_lines(verdict, "  ")))
+    if not verdict.ok:
+        print(f"=> DENY: the evidence does not verify ({verdict.reason()}); the policy is not consulted")
+        return 1
+    print(f"claims: {json.dumps(verdict.claims, sort_keys=True)}" if args.claims else
+          f"claims: {len(verdict.claims)} (show them with --claims)")
+    print(f"policy (sha256 {policy.digest[:16]}) for {args.resource}:")
+    for line in policy.explain(args.resource, verdict.claims):
+        print(line)
+    return 0 if policy.decide(args.resource, verdict.claims).allowed else 1
+
+
+def _add_policy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("policy", help="check a release policy offline; set, show, list or remove the active one",
+                       description="Release policies (JSON, see docs/policy.md). `check` evaluates one "
+                                   "against evidence offline and explains every condition; the others manage "
+                                   "the versions in the database (--db) or on a server (--server).")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser("check", help="verify EVIDENCE and explain POLICY's decision for a resource")
+    check.add_argument("policy", type=Path, metavar="POLICY")
+    check.add_argument("evidence", type=Path, metavar="EVIDENCE", help="an evidence envelope (keybroker evidence)")
+    check.add_argument("--resource", required=True, metavar="REPO/TYPE/TAG", help="the resource asked for")
+    add_evidence_options(check)
+    check.add_argument("--claims", action="store_true", help="print the appraised claims")
+    put = actions.add_parser("put", help="make the policy in FILE the active version")
+    put.add_argument("file", type=Path, metavar="FILE")
+    get = actions.add_parser("get", help="print the active policy (or --version N)")
+    get.add_argument("--version", type=int, metavar="N")
+    actions.add_parser("list", help="list the policy versions: version, digest, time, who set it")
+    actions.add_parser("rm", help="go back to the built-in default policy (as a new version)")
+    for action in ("put", "get", "list", "rm"):
+        _add_store_options(actions.choices[action], remote=True)
+    p.set_defaults(run=_policy)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import json
+
+    from ..server import audit
+    from ..server.store import Store
+
+    store = Store(args.db)
+    if args.action == "verify":
+        result = audit.verify(store.engine)
+        for problem in result.problems:
+            print(f"BROKEN: {problem}")
+        print(f"{'audit log intact' if result.ok else 'audit log BROKEN'}: {result.records} records; head "
+              f"{result.head_seq} {result.head_hash} (keep this elsewhere to detect a rewrite later)")
+        return 0 if result.ok else 1
+    for record in audit.records(store.engine, after=args.after, limit=args.limit):
+        print(json.dumps(record.to_json(), sort_keys=True) if args.json else record.line())
+    return 0
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    from ..server.config import DEFAULT_DB
+
+    p = sub.add_parser("audit", help="list or verify the key server's audit log",
+                       description="The audit log: one record per attestation, release, refusal and admin action, "
+                                   "each chained to the previous one by hash. `verify` exits 1 when a record was "
+                                   "edited or removed.")
+    p.add_argument("action", choices=["list", "verify"])
+    p.add_argument("--db", default=DEFAULT_DB, help=f"database URL (default {DEFAULT_DB})")
+    p.add_argument("--after", type=int, default=0, metavar="SEQ", help="list: records after SEQ")
+    p.add_argument("--limit", type=int, metavar="N", help="list: at most N records")
+    p.add_argument("--json", action="store_true", help="list: one JSON object per line")
+    p.set_defaults(run=_audit)
+
+
+def _rotate_kek(args: argparse.Namespace) -> int:
+    record = _administrator(args, values=True).rotate_kek()
+    print(record.event.reason)
+    return 0
+
+
+def _add_rotate_kek(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rotate-kek", help="re-wrap every resource under a new key-encryption key",
+                       description="Re-seal every resource that is not under --kek-file (the new KEK) with it, "
+                                   "opening them with the --old-kek-file KEKs, in one transaction. Servers keep "
+                                   "serving when they were given both (--kek-file NEW --old-kek-file OLD).")
+    _add_store_options(p, remote=False)
+    p.set_defaults(run=_rotate_kek)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    for add in (_add_serve, _add_resource, _add_policy, _add_audit, _add_rotate_kek):
+        add(sub)
