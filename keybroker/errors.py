@@ -67,6 +67,14 @@ class ServerError(KeybrokerError):
         self.problem = problem
 
 
+class ReleaseRefused(ServerError):
+    """The key server judged the request and refused it: the evidence, its binding or the policy."""
+
+
+class ResourceMissing(ServerError):
+    """The key server has no resource at that path."""
+
+
 class ServerUnreachable(KeybrokerError):
     """The key server could not be reached or did not answer in time; ``errno`` says how."""
 

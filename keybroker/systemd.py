@@ -1,15 +1,25 @@
-"""The two systemd service protocols the unlock services speak: sd_notify and socket activation.
+"""What keybroker speaks to systemd and syslog: sd_notify, socket activation, log lines.
 
-Both are small, stable wire protocols (sd_notify(3), sd_listen_fds(3)); implementing them
-here keeps the initramfs free of libsystemd bindings that would have to be compiled.
+All three are small, stable wire protocols (sd_notify(3), sd_listen_fds(3), syslog(3) and
+the journal's native socket); implementing them here keeps the initramfs free of
+libsystemd bindings that would have to be compiled. Nothing here ever carries key material.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
+import time
 
 LISTEN_FDS_START = 3
+#: Bytes of an AF_UNIX socket path, without the terminating NUL (the key-file socket, ask-password sockets).
+SUN_PATH_MAX = 107
+#: syslog priorities.
+ERROR, WARNING, NOTICE, INFO = 3, 4, 5, 6
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+SYSLOG_SOCKET = "/dev/log"
 
 
 def notify(*assignments: str) -> bool:
@@ -30,7 +40,7 @@ def notify(*assignments: str) -> bool:
 def listen_fds() -> list[socket.socket]:
     """The sockets passed by socket activation (LISTEN_PID/LISTEN_FDS), taken over once."""
     pid, count = os.environ.get("LISTEN_PID", ""), os.environ.get("LISTEN_FDS", "")
-    if not (pid.isdigit() and int(pid) == os.getpid() and count.isdigit()):
+    if not (pid.isascii() and pid.isdigit() and int(pid) == os.getpid() and count.isascii() and count.isdigit()):
         return []
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for our children
@@ -39,3 +49,46 @@ def listen_fds() -> list[socket.socket]:
         os.set_inheritable(fd, False)
         sockets.append(socket.socket(fileno=fd))
     return sockets
+
+
+class Journal:
+    """One line per event, with a syslog priority, where this program's logs belong.
+
+    A service (``stream=True``) logs to standard error: under systemd (``JOURNAL_STREAM``)
+    that is the journal, and each line carries a ``<N>`` priority prefix. A program whose
+    standard error goes nowhere (the request-key handler, run by the kernel) logs to syslog
+    (``/dev/log``), else to the journal's native socket, else to standard error.
+    """
+
+    def __init__(self, ident: str, *, stream: bool, facility: int = 3) -> None:
+        self.ident, self.stream, self.facility = ident, stream, facility  # 3: daemon; 10: authpriv
+        self.journal_stream = "JOURNAL_STREAM" in os.environ
+        self._lock = threading.Lock()
+
+    def line(self, priority: int, message: str) -> None:
+        text = " ".join(message.split())  # one line, whatever a peer or a file put in it
+        if not self.stream and (self._send(SYSLOG_SOCKET, self._syslog(priority, text))
+                                or self._send(JOURNAL_SOCKET, self._native(priority, text))):
+            return
+        prefix = f"<{priority}>" if self.journal_stream else ("" if self.stream else f"{self.ident}[{os.getpid()}]: ")
+        with self._lock:
+            print(f"{prefix}{text}", file=sys.stderr, flush=True)
+
+    def _syslog(self, priority: int, text: str) -> bytes:
+        stamp = time.strftime("%b %e %H:%M:%S")
+        return f"<{self.facility * 8 + priority}>{stamp} {self.ident}[{os.getpid()}]: {text}".encode("utf-8", "replace")
+
+    def _native(self, priority: int, text: str) -> bytes:
+        return (f"MESSAGE={text}\nPRIORITY={priority}\nSYSLOG_IDENTIFIER={self.ident}\n"
+                f"SYSLOG_FACILITY={self.facility}\n").encode("utf-8", "replace")
+
+    @staticmethod
+    def _send(address: str, datagram: bytes) -> bool:
+        if not os.path.exists(address):
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto(datagram, address)
+            return True
+        except OSError:
+            return False

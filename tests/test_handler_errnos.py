@@ -6,8 +6,8 @@ import errno as E
 import re
 from pathlib import Path
 
-from keybroker.errors import (AccessDenied, ConfigError, DescriptionError, ProtocolError, ServerError,
-                              ServerUnreachable, TsmError)
+from keybroker.errors import (AccessDenied, ConfigError, DescriptionError, ProtocolError, ReleaseRefused,
+                              ResourceMissing, ServerError, ServerUnreachable, TsmError)
 from keybroker.guest.handler import classify
 from keybroker.wire import rcar as p
 
@@ -15,10 +15,10 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 #: One or more failures of each kind the table names, by the row's first cell.
 CASES = {
-    "attestation or policy denied": [ServerError("denied", status=403, problem=p.ATTESTATION_DENIED),
-                                     ServerError("denied", status=403, problem=p.POLICY_DENIED)],
+    "attestation or policy denied": [ReleaseRefused("denied", status=403, problem=p.ATTESTATION_DENIED),
+                                     ReleaseRefused("denied", status=403, problem=p.POLICY_DENIED)],
     "unknown resource, description or callout outside the grammar": [
-        ServerError("absent", status=404, problem=p.RESOURCE_NOT_FOUND), DescriptionError("bad")],
+        ResourceMissing("absent", status=404, problem=p.RESOURCE_NOT_FOUND), DescriptionError("bad")],
     "requester not allowed by `[[access]]`": [AccessDenied("no")],
     "server unreachable, deadline passed": [ServerUnreachable("down", errno=code) for code in
                                             (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ETIMEDOUT)],

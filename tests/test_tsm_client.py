@@ -164,5 +164,5 @@ def test_inblob_size_per_provider(tsm_sim):
 def test_missing_interface_is_explained(tmp_path):
     with pytest.raises(TsmError, match="no configfs-tsm report interface"):
         TsmClient(tmp_path / "absent").get_report(ReportRequest(NONCE))
-    with pytest.raises(TsmError, match="inblob must be 1 to 64 bytes"):
+    with pytest.raises(TsmError, match="inblob is 65 bytes, more than the limit of 64"):
         ReportRequest(bytes(65))

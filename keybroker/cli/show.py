@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-STATUS = {True: "PASS", False: "FAIL", None: "N/A "}
+MARK = {True: "PASS", False: "FAIL", None: "N/A "}
 
 
 def check_lines(verdict: Any, indent: str = "") -> list[str]:
     """One line per check: PASS, FAIL or N/A, its name and what it found."""
-    return [f"{indent}{STATUS[check.ok]}  {check.name:<24} {check.detail}" for check in verdict.checks]
+    return [f"{indent}{MARK[check.ok]}  {check.name:<24} {check.detail}" for check in verdict.checks]
 
 
 def verdict_json(verdict: Any) -> str:

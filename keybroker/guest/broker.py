@@ -11,11 +11,11 @@ from .config import ClientConfig
 from .request import KeyRequest
 from ..errors import TsmError
 from ..wire import rcar as p
-from .client import RcarClient, Released
+from .client import RcarClient, ReleasedKey
 from .tsm import ReportRequest, TsmClient
 
 
-def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Released:
+def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> ReleasedKey:
     tsm = TsmClient(config.tsm_root)
     provider = tsm.provider()
     tee = p.TEE_BY_PROVIDER.get(provider)

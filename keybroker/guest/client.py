@@ -21,7 +21,8 @@ from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException
 
 from ..wire.envelope import TsmReport, to_json
-from ..errors import ProtocolError, ServerError, ServerUnreachable
+from ..errors import ProtocolError, ReleaseRefused, ResourceMissing, ServerError, ServerUnreachable
+from .retry import Backoff, retry
 from ..wire import rcar as p
 
 REQUEST_TIMEOUT = 10.0  # seconds per HTTP request, at most
@@ -32,7 +33,7 @@ EvidenceSource = Callable[[bytes], TsmReport]
 
 
 @dataclass(frozen=True)
-class Released:
+class ReleasedKey:
     """A released resource: the bytes (wipe them after use) and the lease the server gave."""
 
     value: bytearray
@@ -48,22 +49,12 @@ class RcarClient:
         self.attempts = attempts
         self.backoff = backoff
 
-    def fetch(self, resource: str, tee: str, evidence: EvidenceSource) -> Released:
-        """Run one attestation round, retrying it on transient failures."""
-        pause = self.backoff
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return self._round(resource, tee, evidence)
-            except (ServerUnreachable, ServerError) as exc:
-                transient = isinstance(exc, ServerUnreachable) or exc.status >= 500
-                late = self.deadline is not None and time.monotonic() + pause >= self.deadline
-                if not transient or attempt == self.attempts or late:
-                    raise
-            time.sleep(pause)
-            pause *= 2
-        raise AssertionError("unreachable")
+    def fetch(self, resource: str, tee: str, evidence: EvidenceSource) -> ReleasedKey:
+        """Run one attestation round, again after a failure that may clear (unreachable, HTTP 5xx)."""
+        return retry(lambda: self._round(resource, tee, evidence), transient=_transient,
+                     backoff=Backoff(first=self.backoff), deadline=self.deadline, attempts=self.attempts)
 
-    def _round(self, resource: str, tee: str, evidence: EvidenceSource) -> Released:
+    def _round(self, resource: str, tee: str, evidence: EvidenceSource) -> ReleasedKey:
         with requests.Session() as http:
             http.verify = self.verify
             http.trust_env = False  # no proxies or CA bundles from an environment we do not control
@@ -79,7 +70,7 @@ class RcarClient:
 
             response = self._call(http, "GET", f"/resource/{resource}", None, raw=True)
             lease = response.headers.get("Keybroker-Lease")
-            return Released(_decrypt(response, key), int(lease) if lease and lease.isdigit() else None)
+            return ReleasedKey(_decrypt(response, key), int(lease) if lease and lease.isdigit() else None)
 
     def _call(self, http: requests.Session, method: str, path: str, body: Any, *, raw: bool = False) -> Any:
         url = f"{self.url}{p.PREFIX}{path}"
@@ -108,7 +99,8 @@ class RcarClient:
                 problem = None
             name = p.problem_name(problem)
             detail = problem.get("detail") if isinstance(problem, dict) else None
-            raise ServerError(f"{method} {path}: HTTP {response.status_code} {name or ''}: "
+            kind = _REFUSALS.get(name or "", ServerError)
+            raise kind(f"{method} {path}: HTTP {response.status_code} {name or ''}: "
                               f"{str(detail or response.reason)[:500]}", status=response.status_code, problem=name)
         if raw:
             return response
@@ -116,6 +108,14 @@ class RcarClient:
             return response.json()
         except ValueError:
             raise ProtocolError(f"{method} {path}: response is not JSON") from None
+
+
+#: The problems that are the key server's judgement, not a failure.
+_REFUSALS = {p.RESOURCE_NOT_FOUND: ResourceMissing, p.ATTESTATION_DENIED: ReleaseRefused, p.POLICY_DENIED: ReleaseRefused}
+
+
+def _transient(exc: Exception) -> bool:
+    return isinstance(exc, ServerUnreachable) or (isinstance(exc, ServerError) and exc.status >= 500)
 
 
 def _decrypt(response: requests.Response, key: jwk.JWK) -> bytearray:

@@ -43,7 +43,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from .request import PREFIX
+from .request import DESCRIPTION_PREFIX
 from ..wire.resource import ResourcePath
 from ..wire.transport import server_url_problem
 from ..errors import ConfigError, DescriptionError
@@ -76,7 +76,7 @@ class Volume:
 
     @property
     def description(self) -> str:
-        return f"{PREFIX}{self.resource}"
+        return f"{DESCRIPTION_PREFIX}{self.resource}"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ Which errno and negative-cache timeout each failure gets is :func:`classify`; th
 table "What the handler does" states it for users (a test keeps the two in step).
 
 It logs one line per request to syslog (the journal, else stderr, when /dev/log is
-missing), never key material. ``--debug TYPE DESC CALLOUT`` runs the same flow without
+missing; facility authpriv), never key material. ``--debug TYPE DESC CALLOUT`` runs the same flow without
 the kernel and prints the outcome, not the secret. This module imports little at start:
 it runs once per key request, at boot too.
 """
@@ -26,10 +26,11 @@ import argparse
 import errno as E
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
+
+from ..systemd import ERROR, INFO, Journal
 
 DEFAULT_CONFIG = "/etc/keybroker/client.toml"
 TRANSIENT = 5
@@ -41,67 +42,42 @@ _FORBIDDEN_ERRNOS = {E.EAGAIN, 512, 513, 514, 516}  # EAGAIN reads as "not found
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Rejection:
     errno: int
     timeout: int
     reason: str
 
 
-def classify(exc: BaseException) -> Outcome:
+def classify(exc: BaseException) -> Rejection:
     """The errno and negative-cache timeout a failure deserves."""
-    from ..errors import (AccessDenied, ConfigError, DescriptionError, KeyringError, ProtocolError,
-                         ServerError, ServerUnreachable, TsmError)
-    from ..wire import rcar as p
+    from ..errors import (AccessDenied, ConfigError, DescriptionError, KeyringError, ProtocolError, ReleaseRefused,
+                          ResourceMissing, ServerError, ServerUnreachable, TsmError)
 
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, DescriptionError):
-        return Outcome(E.ENOKEY, DENIED, reason)
+        return Rejection(E.ENOKEY, DENIED, reason)
     if isinstance(exc, AccessDenied):
-        return Outcome(E.EACCES, DENIED, reason)
+        return Rejection(E.EACCES, DENIED, reason)
     if isinstance(exc, ConfigError):
-        return Outcome(E.ENOKEY, FAILED, reason)
+        return Rejection(E.ENOKEY, FAILED, reason)
     if isinstance(exc, ServerUnreachable):
-        return Outcome(exc.errno, TRANSIENT, reason)
+        return Rejection(exc.errno, TRANSIENT, reason)
+    if isinstance(exc, ResourceMissing):
+        return Rejection(E.ENOKEY, DENIED, reason)
+    if isinstance(exc, ReleaseRefused):
+        return Rejection(E.EKEYREJECTED, DENIED, reason)
     if isinstance(exc, ServerError):
-        if exc.problem == p.RESOURCE_NOT_FOUND:
-            return Outcome(E.ENOKEY, DENIED, reason)
-        if exc.problem in (p.ATTESTATION_DENIED, p.POLICY_DENIED):
-            return Outcome(E.EKEYREJECTED, DENIED, reason)
-        return Outcome(E.EIO if exc.status >= 500 else E.EPROTO, TRANSIENT if exc.status >= 500 else FAILED, reason)
+        return Rejection(E.EIO if exc.status >= 500 else E.EPROTO, TRANSIENT if exc.status >= 500 else FAILED, reason)
     if isinstance(exc, ProtocolError):
-        return Outcome(E.EPROTO, FAILED, reason)
+        return Rejection(E.EPROTO, FAILED, reason)
     if isinstance(exc, TsmError):
         code = exc.errno if exc.errno and exc.errno not in _FORBIDDEN_ERRNOS else E.EIO
         if code == E.EINTR:
             code = E.EBUSY
-        return Outcome(code, TRANSIENT if exc.transient else UNAVAILABLE, reason)
+        return Rejection(code, TRANSIENT if exc.transient else UNAVAILABLE, reason)
     if isinstance(exc, KeyringError):
-        return Outcome(exc.errno if exc.errno not in _FORBIDDEN_ERRNOS else E.EIO, FAILED, reason)
-    return Outcome(E.EIO, FAILED, f"internal error: {type(exc).__name__}: {exc}")
-
-
-class RequestLog:
-    """One line per request to syslog; the journal or stderr when /dev/log is missing."""
-
-    def __init__(self, ident: str = "keybroker-request-key") -> None:
-        self.ident = ident
-
-    def line(self, message: str, *, error: bool = False) -> None:
-        if os.path.exists("/dev/log"):
-            import syslog
-            syslog.openlog(self.ident, syslog.LOG_PID, syslog.LOG_AUTHPRIV)
-            syslog.syslog(syslog.LOG_ERR if error else syslog.LOG_INFO, message)
-            return
-        if os.path.exists("/run/systemd/journal/socket"):
-            entry = (f"MESSAGE={message}\nPRIORITY={3 if error else 6}\nSYSLOG_IDENTIFIER={self.ident}\n"
-                     f"SYSLOG_FACILITY=10\n").encode("utf-8", "replace")
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                    sock.sendto(entry, "/run/systemd/journal/socket")
-                return
-            except OSError:
-                pass
-        print(f"{self.ident}[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+        return Rejection(exc.errno if exc.errno not in _FORBIDDEN_ERRNOS else E.EIO, FAILED, reason)
+    return Rejection(E.EIO, FAILED, f"internal error: {type(exc).__name__}: {exc}")
 
 
 class Construction:
@@ -121,27 +97,27 @@ class Construction:
         keyring.instantiate(self.serial, payload, 0)
         self.done = True
 
-    def reject(self, outcome: Outcome) -> None:
+    def reject(self, rejection: Rejection) -> None:
         from . import keyring
 
         if not self.done:
             self.done = True
-            keyring.reject(self.serial, max(outcome.timeout, 1), outcome.errno, 0)
+            keyring.reject(self.serial, max(rejection.timeout, 1), rejection.errno, 0)
 
 
 class Failed(Exception):
-    """The worker (or the deadline) decided the outcome."""
+    """The worker (or the deadline) decided to reject."""
 
-    def __init__(self, outcome: Outcome) -> None:
-        super().__init__(outcome.reason)
-        self.outcome = outcome
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.reason)
+        self.rejection = rejection
 
 
-def _describe_outcome(outcome: Outcome | None, size: int | None = None) -> str:
-    if outcome is None:
+def _describe_outcome(rejection: Rejection | None, size: int | None = None) -> str:
+    if rejection is None:
         return f"outcome=instantiated size={size}"
-    return (f"outcome=rejected errno={E.errorcode.get(outcome.errno, outcome.errno)} "
-            f"timeout={outcome.timeout}s reason={outcome.reason!r}")
+    return (f"outcome=rejected errno={E.errorcode.get(rejection.errno, rejection.errno)} "
+            f"timeout={rejection.timeout}s reason={rejection.reason!r}")
 
 
 def _authorise(cfg, key_type: str, description: str, callout: bytes, uid: int, gid: int):  # type: ignore[no-untyped-def]
@@ -176,8 +152,8 @@ def _worker(cfg, request, deadline: float, out: int) -> None:  # type: ignore[no
                                  f"keys hold 1 to {USER_PAYLOAD_MAX}")
         header = {"size": len(value), "lease": released.lease}
     except BaseException as exc:  # noqa: BLE001 - the parent must learn about every failure
-        outcome = classify(exc)
-        header = {"errno": outcome.errno, "timeout": outcome.timeout, "reason": outcome.reason[:2000]}
+        rejection = classify(exc)
+        header = {"errno": rejection.errno, "timeout": rejection.timeout, "reason": rejection.reason[:2000]}
         value[:] = bytes(len(value))
         value = bytearray()
     for part in (memoryview(json.dumps(header).encode() + b"\n"), memoryview(value)):
@@ -196,7 +172,7 @@ def obtain_within(cfg, request, deadline: float):  # type: ignore[no-untyped-def
     import json
     import select
 
-    from .client import Released
+    from .broker import ReleasedKey
 
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -215,7 +191,7 @@ def obtain_within(cfg, request, deadline: float):  # type: ignore[no-untyped-def
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(left * 1000):
                 os.kill(pid, signal.SIGKILL)
-                raise Failed(Outcome(E.ETIMEDOUT, TRANSIENT, f"deadline of {cfg.deadline:g} s passed"))
+                raise Failed(Rejection(E.ETIMEDOUT, TRANSIENT, f"deadline of {cfg.deadline:g} s passed"))
             chunk = os.read(read_end, 65536)
             if not chunk:
                 break
@@ -229,19 +205,19 @@ def obtain_within(cfg, request, deadline: float):  # type: ignore[no-untyped-def
     line, sep, _ = bytes(data[:4096]).partition(b"\n")
     if not sep:
         data[:] = bytes(len(data))
-        raise Failed(Outcome(E.EIO, FAILED, "the worker ended without an answer"))
+        raise Failed(Rejection(E.EIO, FAILED, "the worker ended without an answer"))
     header = json.loads(line)
     value = data[len(line) + 1:]
     data[:] = bytes(len(data))
     if "errno" in header:
-        raise Failed(Outcome(header["errno"], header["timeout"], header["reason"]))
+        raise Failed(Rejection(header["errno"], header["timeout"], header["reason"]))
     if len(value) != header["size"]:
         value[:] = bytes(len(value))
-        raise Failed(Outcome(E.EIO, FAILED, "the worker's answer was cut short"))
-    return Released(value, header["lease"])
+        raise Failed(Rejection(E.EIO, FAILED, "the worker's answer was cut short"))
+    return ReleasedKey(value, header["lease"])
 
 
-def run_kernel(serial: int, config_path: str, log: RequestLog) -> int:
+def run_kernel(serial: int, config_path: str, log: Journal) -> int:
     from . import config, keyring
     from ..errors import KeyringError
 
@@ -251,12 +227,12 @@ def run_kernel(serial: int, config_path: str, log: RequestLog) -> int:
         callout = keyring.read(keyring.REQKEY_AUTH_KEY)
     except KeyringError as exc:
         # Without the authority nothing can end the construction: the kernel negates it (ENOKEY, 60 s).
-        log.line(f"serial={serial} outcome=failed reason={f'cannot read the request: {exc}'!r}", error=True)
+        log.line(ERROR, f"serial={serial} outcome=failed reason={f'cannot read the request: {exc}'!r}")
         return 1
     head = (f"serial={serial} type={key.type} description={key.description[:160]!r} "
             f"requester={key.uid}:{key.gid}")
     construction = Construction(serial)
-    outcome: Outcome | None = None
+    rejection: Rejection | None = None
     size = None
     try:
         cfg = config.load(config_path)
@@ -270,14 +246,14 @@ def run_kernel(serial: int, config_path: str, log: RequestLog) -> int:
         finally:
             released.value[:] = bytes(len(released.value))
     except BaseException as exc:  # noqa: BLE001 - every failure must end the construction
-        outcome = exc.outcome if isinstance(exc, Failed) else classify(exc)
+        rejection = exc.rejection if isinstance(exc, Failed) else classify(exc)
         try:
-            construction.reject(outcome)
+            construction.reject(rejection)
         except KeyringError as reject_error:
-            outcome = Outcome(outcome.errno, outcome.timeout, f"{outcome.reason}; reject failed: {reject_error}")
-    log.line(f"{head} {_describe_outcome(outcome, size)} duration={time.monotonic() - start:.2f}s",
-             error=outcome is not None)
-    return 0 if outcome is None else 1
+            rejection = Rejection(rejection.errno, rejection.timeout, f"{rejection.reason}; reject failed: {reject_error}")
+    log.line(INFO if rejection is None else ERROR,
+             f"{head} {_describe_outcome(rejection, size)} duration={time.monotonic() - start:.2f}s")
+    return 0 if rejection is None else 1
 
 
 def run_debug(key_type: str, description: str, callout: str, config_path: str,
@@ -298,8 +274,8 @@ def run_debug(key_type: str, description: str, callout: str, config_path: str,
         request = _authorise(cfg, key_type, description, callout.encode(), uid, gid)
         released = obtain_within(cfg, request, start + cfg.deadline)
     except Exception as exc:  # noqa: BLE001
-        outcome = exc.outcome if isinstance(exc, Failed) else classify(exc)
-        print(f"{key_type} {description}: would reject: {_describe_outcome(outcome)}")
+        rejection = exc.rejection if isinstance(exc, Failed) else classify(exc)
+        print(f"{key_type} {description}: would reject: {_describe_outcome(rejection)}")
         return 1
     size = len(released.value)
     released.value[:] = bytes(size)
@@ -335,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_debug(*args.debug, args.config, args.requester)
     if args.serial is None or not args.serial.isdigit():
         parser.error("the key serial (%k) is required")
-    return run_kernel(int(args.serial), args.config, RequestLog())
+    return run_kernel(int(args.serial), args.config, Journal("keybroker-request-key", stream=False, facility=10))
 
 
 if __name__ == "__main__":

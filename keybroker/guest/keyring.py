@@ -14,18 +14,12 @@ from functools import cache
 from ..errors import KeybrokerError, KeyringError
 
 # Special keyring IDs (keyutils.h).
-THREAD_KEYRING = -1
-PROCESS_KEYRING = -2
 SESSION_KEYRING = -3
 USER_KEYRING = -4
-USER_SESSION_KEYRING = -5
-GROUP_KEYRING = -6
 REQKEY_AUTH_KEY = -7
 
 # Permission bits (keyutils.h): possessor, user, group, other.
-POS_VIEW, POS_READ, POS_WRITE, POS_SEARCH, POS_LINK, POS_SETATTR = (0x01 << 24, 0x02 << 24, 0x04 << 24,
-                                                                    0x08 << 24, 0x10 << 24, 0x20 << 24)
-USR_VIEW, USR_READ = 0x01 << 16, 0x02 << 16
+POS_VIEW, POS_READ, POS_SEARCH, POS_LINK, POS_SETATTR = 0x01 << 24, 0x02 << 24, 0x08 << 24, 0x10 << 24, 0x20 << 24
 #: What a released key keeps: its possessors may view, read, search, link and set
 #: attributes; nobody else gets anything (not even its owner without possession).
 POSSESSOR_ONLY = POS_VIEW | POS_READ | POS_SEARCH | POS_LINK | POS_SETATTR
@@ -43,21 +37,15 @@ def _lib() -> ctypes.CDLL:
     s, p, n = _serial, ctypes.c_char_p, ctypes.c_size_t
     u, lng = ctypes.c_uint, ctypes.c_long
     signatures = {
-        "add_key": (s, [p, p, ctypes.c_void_p, n, s]),
         "request_key": (s, [p, p, p, s]),
         "keyctl_describe": (lng, [s, ctypes.c_void_p, n]),
         "keyctl_read": (lng, [s, ctypes.c_void_p, n]),
-        "keyctl_search": (lng, [s, p, p, s]),
-        "keyctl_link": (lng, [s, s]),
         "keyctl_unlink": (lng, [s, s]),
         "keyctl_setperm": (lng, [s, ctypes.c_uint32]),
         "keyctl_set_timeout": (lng, [s, u]),
         "keyctl_assume_authority": (lng, [s]),
         "keyctl_instantiate": (lng, [s, ctypes.c_void_p, n, s]),
         "keyctl_reject": (lng, [s, u, u, s]),
-        "keyctl_revoke": (lng, [s]),
-        "keyctl_invalidate": (lng, [s]),
-        "keyctl_get_keyring_ID": (s, [s, ctypes.c_int]),
         "keyctl_join_session_keyring": (s, [p]),
     }
     for fn, (restype, argtypes) in signatures.items():
@@ -77,11 +65,6 @@ def _buffer(data: bytes | bytearray) -> ctypes.Array:
     if isinstance(data, bytearray):
         return (ctypes.c_char * len(data)).from_buffer(data)
     return ctypes.create_string_buffer(bytes(data), len(data))
-
-
-def add_key(key_type: str, description: str, payload: bytes | bytearray, keyring: int) -> int:
-    buf = _buffer(payload)
-    return _check("add_key", _lib().add_key(key_type.encode(), description.encode(), buf, len(payload), keyring))
 
 
 def request_key(key_type: str, description: str, callout: str | None, keyring: int = 0) -> int:
@@ -131,15 +114,6 @@ def read_secret(key: int) -> bytearray:
     return _read_all("keyctl_read", _lib().keyctl_read, key)
 
 
-def search(keyring: int, key_type: str, description: str, dest_keyring: int = 0) -> int:
-    return _check("keyctl_search", _lib().keyctl_search(keyring, key_type.encode(), description.encode(),
-                                                        dest_keyring))
-
-
-def link(key: int, keyring: int) -> None:
-    _check("keyctl_link", _lib().keyctl_link(key, keyring))
-
-
 def unlink(key: int, keyring: int) -> None:
     _check("keyctl_unlink", _lib().keyctl_unlink(key, keyring))
 
@@ -163,18 +137,6 @@ def instantiate(key: int, payload: bytes | bytearray, keyring: int = 0) -> None:
 
 def reject(key: int, timeout: int, error: int, keyring: int = 0) -> None:
     _check("keyctl_reject", _lib().keyctl_reject(key, timeout, error, keyring))
-
-
-def revoke(key: int) -> None:
-    _check("keyctl_revoke", _lib().keyctl_revoke(key))
-
-
-def invalidate(key: int) -> None:
-    _check("keyctl_invalidate", _lib().keyctl_invalidate(key))
-
-
-def keyring_id(special: int, create: bool = False) -> int:
-    return _check("keyctl_get_keyring_ID", _lib().keyctl_get_keyring_ID(special, int(create)))
 
 
 def join_session_keyring(name: str | None = None) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..errors import DescriptionError
 from ..wire.resource import ResourcePath
 
-PREFIX = "keybroker:"
+DESCRIPTION_PREFIX = "keybroker:"
 KEY_TYPES = ("user", "logon")
 CALLOUT_MAX = 256
 
@@ -37,15 +37,15 @@ class KeyRequest:
 
     @property
     def description(self) -> str:
-        return f"{PREFIX}{self.resource}"
+        return f"{DESCRIPTION_PREFIX}{self.resource}"
 
 
 def parse_request(key_type: str, description: str, callout: str | bytes) -> KeyRequest:
     if key_type not in KEY_TYPES:
         raise DescriptionError(f"key type {key_type[:32]!r} is not served (only {', '.join(KEY_TYPES)})")
-    if not description.startswith(PREFIX):
-        raise DescriptionError(f"description {description[:80]!r} does not start with {PREFIX!r}")
-    resource = ResourcePath.parse(description[len(PREFIX):])
+    if not description.startswith(DESCRIPTION_PREFIX):
+        raise DescriptionError(f"description {description[:80]!r} does not start with {DESCRIPTION_PREFIX!r}")
+    resource = ResourcePath.parse(description[len(DESCRIPTION_PREFIX):])
     options = parse_callout(callout)
     return KeyRequest(key_type, resource, **options)
 

@@ -15,12 +15,13 @@ import errno as E
 import os
 import re
 import secrets
-import time
+
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..wire.envelope import BLOB_MAX, GUID, INBLOB_MAX, PROVIDER, SERVICE_PROVIDER, TsmReport
+from ..wire.envelope import BLOB_MAX, INBLOB_MAX, PROVIDER, TsmReport, attribute_problem
 from ..errors import TsmError
+from .retry import Backoff, retry
 
 DEFAULT_ROOT = Path("/sys/kernel/config/tsm/report")
 CONFIGFS = Path("/sys/kernel/config")
@@ -43,18 +44,12 @@ class ReportRequest:
     service_manifest_version: int | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.inblob) <= INBLOB_MAX:
-            raise TsmError(f"inblob must be 1 to {INBLOB_MAX} bytes, got {len(self.inblob)}",
-                           errno=E.EFBIG if self.inblob else E.EINVAL)
-        if self.privlevel is not None and not 0 <= self.privlevel <= 3:
-            raise TsmError(f"privlevel must be between 0 and 3, got {self.privlevel}", errno=E.EINVAL)
-        if self.service_provider is not None and not SERVICE_PROVIDER.fullmatch(self.service_provider):
-            raise TsmError("service_provider must be 1-64 characters of [A-Za-z0-9_.-]", errno=E.EINVAL)
-        if self.service_guid is not None and not GUID.fullmatch(self.service_guid):
-            raise TsmError("service_guid must be a lower-case GUID xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx",
-                           errno=E.EINVAL)
-        if self.service_manifest_version is not None and not 0 <= self.service_manifest_version < 2**32:
-            raise TsmError("service_manifest_version must be a 32-bit unsigned integer", errno=E.EINVAL)
+        for name in ("inblob", "privlevel", "service_provider", "service_guid", "service_manifest_version"):
+            value = getattr(self, name)
+            problem = None if value is None else attribute_problem(name, value)
+            if problem:
+                too_long = name == "inblob" and len(self.inblob) > INBLOB_MAX
+                raise TsmError(f"{name} {problem}", errno=E.EFBIG if too_long else E.EINVAL)
 
 
 class TsmClient:
@@ -73,18 +68,8 @@ class TsmClient:
 
     def get_report(self, request: ReportRequest, *, deadline: float | None = None) -> TsmReport:
         self._ensure_configfs()
-        pause = self.backoff
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return self._attempt(request)
-            except TsmError as exc:
-                last_try = attempt == self.attempts
-                late = deadline is not None and time.monotonic() + pause >= deadline
-                if not exc.retryable or last_try or late:
-                    raise
-            time.sleep(pause)
-            pause *= 2
-        raise AssertionError("unreachable")
+        return retry(lambda: self._attempt(request), transient=lambda exc: isinstance(exc, TsmError) and exc.retryable,
+                     backoff=Backoff(first=self.backoff), deadline=deadline, attempts=self.attempts)
 
     def provider(self) -> str:
         """The registered provider's name, read from a short-lived probe entry."""

@@ -55,7 +55,7 @@ class Problem(Exception):
 
 
 @dataclass(frozen=True)
-class Release:
+class ResourceAnswer:
     jwe: dict[str, str]
     lease: int | None
     audit: str  # the hash of the release's audit record
@@ -150,7 +150,7 @@ class KeyServer:
 
     # -- GET /kbs/v0/resource/<repo>/<type>/<tag> ----------------------------------------
 
-    def release(self, path: str, session_id: str | None, bearer: str | None, peer: str) -> Release:
+    def release(self, path: str, session_id: str | None, bearer: str | None, peer: str) -> ResourceAnswer:
         """Release ``path`` to an attested session (cookie) or attestation token (Bearer)."""
         event = Event(RELEASE, DENY, "", self.name, peer=peer, resource=path)
         try:
@@ -179,7 +179,7 @@ class KeyServer:
         record = self.store.audit(replace(event, decision=ALLOW, reason=decision.reason))
         self.metrics.release(event.provider)
         log.info("resource peer=%s session=%s path=%s result=released audit=%d", peer, session, name, record.seq)
-        return Release(wrapped, stored.lease, record.hash)
+        return ResourceAnswer(wrapped, stored.lease, record.hash)
 
     def _authenticate(self, session_id: str | None, bearer: str | None,
                       event: Event) -> tuple[dict[str, str], dict[str, Any], str]:

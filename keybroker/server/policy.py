@@ -73,13 +73,13 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Evaluation:
     """One condition evaluated: whether it holds, and for a claim what was compared."""
 
     holds: bool
     kind: str  # claim, allOf, anyOf, not
     text: str = ""
-    parts: tuple["Outcome", ...] = ()
+    parts: tuple["Evaluation", ...] = ()
 
     def reason(self) -> str:
         """The sentence that names what failed (for an outcome that does not hold)."""
@@ -153,39 +153,39 @@ class Policy:
         return Decision(False, f"no policy rule covers resource {resource!r}", None, "no_rule"), lines
 
 
-def _evaluate(cond: Any, claims: dict[str, Any]) -> Outcome:
+def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
     for combinator, combine in (("allOf", all), ("anyOf", any)):
         if combinator in cond:
             parts = tuple(_evaluate(sub, claims) for sub in cond[combinator])
-            return Outcome(combine(part.holds for part in parts), combinator, parts=parts)
+            return Evaluation(combine(part.holds for part in parts), combinator, parts=parts)
     if "not" in cond:
         inner = _evaluate(cond["not"], claims)
-        return Outcome(not inner.holds, "not", json.dumps(cond["not"]), (inner,))
+        return Evaluation(not inner.holds, "not", json.dumps(cond["not"]), (inner,))
     name = cond["claim"]
     present = name in claims and claims[name] is not None
     if "exists" in cond:
-        return Outcome(present == cond["exists"], "claim", f"claim {name} is {'present' if present else 'absent'}")
+        return Evaluation(present == cond["exists"], "claim", f"claim {name} is {'present' if present else 'absent'}")
     if not present:
-        return Outcome(False, "claim", f"claim {name} is absent")
+        return Evaluation(False, "claim", f"claim {name} is absent")
     value = claims[name]
     if "equals" in cond:
         want = cond["equals"]
         if _same(value, want):
-            return Outcome(True, "claim", f"claim {name} is {_show(value)}, equals {_show(want)}")
-        return Outcome(False, "claim", f"claim {name} is {_show(value)}, not {_show(want)}")
+            return Evaluation(True, "claim", f"claim {name} is {_show(value)}, equals {_show(want)}")
+        return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not {_show(want)}")
     if "in" in cond:
         if any(_same(value, v) for v in cond["in"]):
-            return Outcome(True, "claim", f"claim {name} is {_show(value)}, one of {_show(cond['in'])}")
-        return Outcome(False, "claim", f"claim {name} is {_show(value)}, not one of {_show(cond['in'])}")
+            return Evaluation(True, "claim", f"claim {name} is {_show(value)}, one of {_show(cond['in'])}")
+        return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not one of {_show(cond['in'])}")
     bound_name = "atLeast" if "atLeast" in cond else "atMost"
     bound = cond[bound_name]
     got, want = _comparable(value), _comparable(bound)
     if got is None or type(got) is not type(want):
-        return Outcome(False, "claim", f"claim {name} is {_show(value)}, which cannot be compared with {_show(bound)}")
+        return Evaluation(False, "claim", f"claim {name} is {_show(value)}, which cannot be compared with {_show(bound)}")
     if got >= want if bound_name == "atLeast" else got <= want:  # type: ignore[operator]
-        return Outcome(True, "claim", f"claim {name} is {_show(value)}, "
+        return Evaluation(True, "claim", f"claim {name} is {_show(value)}, "
                                       f"{'at least' if bound_name == 'atLeast' else 'at most'} {_show(bound)}")
-    return Outcome(False, "claim", f"claim {name} is {_show(value)}, "
+    return Evaluation(False, "claim", f"claim {name} is {_show(value)}, "
                                    f"{'below' if bound_name == 'atLeast' else 'above'} {_show(bound)}")
 
 

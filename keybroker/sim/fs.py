@@ -31,10 +31,10 @@ from typing import Any, Iterator
 
 import mfusepy
 
+from ..wire.envelope import BLOB_MAX as OUTBLOB_MAX
+from ..wire.envelope import INBLOB_MAX
 from .providers import Blobs, Provider, Request
 
-INBLOB_MAX = 64
-OUTBLOB_MAX = 16 * 1024 * 1024  # TSM_REPORT_OUTBLOB_MAX since Linux 7.0
 TEXT_PAGE = 4096                # configfs text attributes: SIMPLE_ATTR_SIZE
 PRIVLEVEL_MAX = 3
 U64 = 2**64

@@ -58,27 +58,45 @@ class TsmReport:
     service_manifest_version: int | None = None
 
     def __post_init__(self) -> None:
-        _check_provider(self.provider)
-        _check_uint("generation", self.generation, _U64_MAX)
-        _check_blob("inblob", self.inblob, INBLOB_MAX)
-        if not self.inblob:
-            raise EnvelopeError("envelope field 'inblob' must not be empty")
-        _check_blob("outblob", self.outblob, BLOB_MAX)
-        if not self.outblob:
-            raise EnvelopeError("envelope field 'outblob' must not be empty")
-        _check_blob("auxblob", self.auxblob, BLOB_MAX)
-        _check_blob("manifestblob", self.manifestblob, BLOB_MAX)
-        for name in ("privlevel", "privlevel_floor"):
+        for name in _ATTRIBUTES:
             value = getattr(self, name)
-            if value is not None:
-                _check_uint(name, value, 3)
-        if self.service_provider is not None and not SERVICE_PROVIDER.fullmatch(self.service_provider):
-            raise EnvelopeError("envelope field 'service_provider' must be 1-64 characters of [A-Za-z0-9_.-]")
-        if self.service_guid is not None and not GUID.fullmatch(self.service_guid):
-            raise EnvelopeError("envelope field 'service_guid' must be a lower-case GUID "
-                                "(xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")
-        if self.service_manifest_version is not None:
-            _check_uint("service_manifest_version", self.service_manifest_version, _U32_MAX)
+            problem = None if value is None else attribute_problem(name, value)
+            if problem:
+                raise EnvelopeError(f"envelope field {name!r} {problem}")
+
+
+#: The configfs-tsm attributes and their grammar: text (a pattern and what it says), an
+#: unsigned integer (its maximum), or a blob (its smallest and largest size in bytes).
+_ATTRIBUTES: dict[str, tuple[str, Any, Any]] = {
+    "provider": ("text", PROVIDER, "1-32 characters of [a-z0-9_]"),
+    "generation": ("uint", _U64_MAX, None),
+    "inblob": ("blob", 1, INBLOB_MAX),
+    "outblob": ("blob", 1, BLOB_MAX),
+    "auxblob": ("blob", 0, BLOB_MAX),
+    "manifestblob": ("blob", 0, BLOB_MAX),
+    "privlevel": ("uint", 3, None),
+    "privlevel_floor": ("uint", 3, None),
+    "service_provider": ("text", SERVICE_PROVIDER, "1-64 characters of [A-Za-z0-9_.-]"),
+    "service_guid": ("text", GUID, "a lower-case GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"),
+    "service_manifest_version": ("uint", _U32_MAX, None),
+}
+
+
+def attribute_problem(name: str, value: Any) -> str | None:
+    """What breaks the kernel's grammar of the configfs-tsm attribute ``name``, or None.
+
+    The phrase completes a sentence that names the attribute ("'privlevel' must be ...").
+    """
+    kind, a, b = _ATTRIBUTES[name]
+    if kind == "text":
+        return None if isinstance(value, str) and a.fullmatch(value) else f"must be {b}"
+    if kind == "uint":
+        return None if type(value) is int and 0 <= value <= a else f"must be an integer between 0 and {a}"
+    if not isinstance(value, bytes):
+        return "must be bytes"
+    if len(value) > b:
+        return f"is {len(value)} bytes, more than the limit of {b}"
+    return "must not be empty" if len(value) < a else None
 
 
 _BLOBS = ("inblob", "outblob", "auxblob", "manifestblob")
@@ -170,20 +188,3 @@ def _b64_field(obj: dict[str, Any], name: str) -> bytes:
     if base64.b64encode(blob).decode("ascii") != text:
         raise EnvelopeError(f"envelope field {name!r} is not canonical base64")
     return blob
-
-
-def _check_provider(provider: str) -> None:
-    if not isinstance(provider, str) or not PROVIDER.fullmatch(provider):
-        raise EnvelopeError("envelope field 'provider' must be 1-32 characters of [a-z0-9_]")
-
-
-def _check_uint(name: str, value: int, maximum: int) -> None:
-    if type(value) is not int or not 0 <= value <= maximum:
-        raise EnvelopeError(f"envelope field {name!r} must be an integer between 0 and {maximum}")
-
-
-def _check_blob(name: str, blob: bytes, limit: int) -> None:
-    if not isinstance(blob, bytes):
-        raise EnvelopeError(f"envelope field {name!r} must be bytes")
-    if len(blob) > limit:
-        raise EnvelopeError(f"envelope field {name!r} is {len(blob)} bytes, more than the limit of {limit}")

@@ -35,6 +35,7 @@ from inotify_simple import INotify, flags
 from .. import keyring
 from ..config import ClientConfig, Volume
 from ...errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
+from ...systemd import SUN_PATH_MAX
 from .keys import KeySource
 from .progress import INFO, WARNING, Reporter
 from .retry import Retry, failure
@@ -42,7 +43,6 @@ from .retry import Retry, failure
 DEFAULT_ASK_DIR = Path("/run/systemd/ask-password")
 ASK_MAX = 16 * 1024
 REPLY_MAX = 2048  # systemd reads replies into a LINE_MAX buffer: "+" and at most 2047 bytes
-SUN_PATH_MAX = 107
 PID_MAX = 1 << 22
 ID_MAX = 4096
 _ASK_NAME = re.compile(r"ask\.[A-Za-z0-9_-]{1,64}")

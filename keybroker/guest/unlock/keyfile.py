@@ -39,10 +39,9 @@ from ...errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
 from .keys import KeySource
 from .progress import WARNING, Reporter
 from .retry import Retry, failure
-from ...systemd import listen_fds
+from ...systemd import SUN_PATH_MAX, listen_fds
 
 DEFAULT_SOCKET = Path("/run/keybroker/cryptsetup.sock")
-SUN_PATH_MAX = 107  # bytes of a socket path, without the terminating NUL
 MAX_CLIENTS = 64
 SEND_TIMEOUT = 10.0
 _PEER = re.compile(rb"\0([A-Za-z0-9]{1,64})/(cryptsetup[a-z0-9-]{0,16})/([A-Za-z0-9_.-]{1,64})")

@@ -7,27 +7,22 @@ as ``STATUS=``, which ``systemctl status`` shows while the boot waits.
 
 from __future__ import annotations
 
-import os
-import sys
-import threading
 from dataclasses import dataclass, field
 
 from ... import systemd
+from ...systemd import INFO, NOTICE, WARNING, Journal
 
-ERROR, WARNING, NOTICE, INFO = 3, 4, 5, 6
+__all__ = ["Reporter", "INFO", "NOTICE", "WARNING"]
 
 
 @dataclass(frozen=True)
 class Reporter:
-    """Writes one line per event to standard error and mirrors status lines to sd_notify."""
+    """Writes one line per event to the service's log and mirrors status lines to sd_notify."""
 
-    journal: bool = field(default_factory=lambda: "JOURNAL_STREAM" in os.environ)
-    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+    journal: Journal = field(default_factory=lambda: Journal("keybroker", stream=True))
 
     def log(self, priority: int, message: str) -> None:
-        line = " ".join(message.split())  # one line, whatever a peer or a file put in it
-        with self.lock:
-            print(f"<{priority}>{line}" if self.journal else line, file=sys.stderr, flush=True)
+        self.journal.line(priority, message)
 
     def status(self, message: str, priority: int = INFO) -> None:
         self.log(priority, message)

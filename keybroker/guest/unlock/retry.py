@@ -12,34 +12,21 @@ prompt still works. ``gone`` lets the caller stop waiting for a requester that l
 from __future__ import annotations
 
 import errno as E
-import itertools
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from ...errors import KeyringError, UnlockGaveUp
+from ..retry import Backoff, Gone, never, retry
 from .progress import INFO, NOTICE, Reporter
 
 T = TypeVar("T")
 
 TRANSIENT_ERRNOS = frozenset({E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ENETDOWN, E.ETIMEDOUT,
                               E.ECONNRESET, E.EBUSY, E.EIO, E.EINTR})
-SLICE = 0.2  # seconds between two looks at ``gone`` while pausing
-
-
-@dataclass(frozen=True)
-class Backoff:
-    first: float = 1.0
-    factor: float = 2.0
-    cap: float = 15.0
-    jitter: float = 0.1
-
-    def pause(self, attempt: int) -> float:
-        """The pause after failed attempt number ``attempt`` (1-based)."""
-        base = min(self.cap, self.first * self.factor ** min(attempt - 1, 32))
-        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+#: 1, 2, 4, 8, 15, 15... seconds, each spread by 10 %.
+VOLUME_BACKOFF = Backoff(first=1.0, factor=2.0, cap=15.0, jitter=0.1)
 
 
 def failure(what: str, exc: Exception) -> str:
@@ -47,8 +34,8 @@ def failure(what: str, exc: Exception) -> str:
     return str(exc) if isinstance(exc, UnlockGaveUp) else f"{what}: cannot read the key: {exc}"
 
 
-def _never() -> bool:
-    return False
+def _transient(exc: Exception) -> bool:
+    return isinstance(exc, KeyringError) and exc.errno in TRANSIENT_ERRNOS
 
 
 @dataclass(frozen=True)
@@ -59,37 +46,30 @@ class Retry:
     server: str
     deadline: float
     reporter: Reporter
-    gone: Callable[[], bool] = _never
-    backoff: Backoff = field(default_factory=Backoff)
+    gone: Callable[[], bool] = never
+    backoff: Backoff = field(default_factory=lambda: VOLUME_BACKOFF)
 
     def run(self, attempt: Callable[[], T]) -> T:
         start = time.monotonic()
-        for number in itertools.count(1):
-            if self.gone():
-                raise UnlockGaveUp(f"{self.what}: the request went away after {number - 1} attempts")
-            try:
-                result = attempt()
-            except KeyringError as exc:
-                if exc.errno not in TRANSIENT_ERRNOS:
-                    raise UnlockGaveUp(f"{self.what}: the key was refused ({os.strerror(exc.errno)}); "
-                                       "not retrying") from None
-                reason = os.strerror(exc.errno)
-            else:
-                if number > 1:
-                    self.reporter.status(f"{self.what}: key obtained at attempt {number}, after "
-                                         f"{time.monotonic() - start:.1f} s", INFO)
-                return result
-            pause = self.backoff.pause(number)
-            elapsed = time.monotonic() - start
-            if elapsed + pause > self.deadline:
-                raise UnlockGaveUp(f"{self.what}: giving up after {elapsed:.0f} s and {number} attempts "
-                                   f"(last: {reason})")
-            self.reporter.status(f"{self.what}: waiting for key server {self.server}, attempt {number}: "
-                                 f"{reason}; next attempt in {pause:.0f} s", NOTICE)
-            self._pause(pause)
-        raise AssertionError("unreachable")
+        tries = [0]
 
-    def _pause(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0 and not self.gone():
-            time.sleep(min(SLICE, left))
+        def on_retry(number: int, exc: Exception, pause: float) -> None:
+            tries[0] = number
+            self.reporter.status(f"{self.what}: waiting for key server {self.server}, attempt {number}: "
+                                 f"{os.strerror(exc.errno)}; next attempt in {pause:.0f} s", NOTICE)  # type: ignore[attr-defined]
+
+        try:
+            result = retry(attempt, transient=_transient, backoff=self.backoff, deadline=start + self.deadline,
+                           on_retry=on_retry, gone=self.gone)
+        except Gone as exc:
+            raise UnlockGaveUp(f"{self.what}: {exc}") from None
+        except KeyringError as exc:
+            if not _transient(exc):
+                raise UnlockGaveUp(f"{self.what}: the key was refused ({os.strerror(exc.errno)}); "
+                                   "not retrying") from None
+            raise UnlockGaveUp(f"{self.what}: giving up after {time.monotonic() - start:.0f} s and {tries[0] + 1} "
+                               f"attempts (last: {os.strerror(exc.errno)})") from None
+        if tries[0]:
+            self.reporter.status(f"{self.what}: key obtained at attempt {tries[0] + 1}, after "
+                                 f"{time.monotonic() - start:.1f} s", INFO)
+        return result

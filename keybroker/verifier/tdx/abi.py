@@ -22,7 +22,6 @@ from ..certs import load_certs
 QUOTE_MAX = 1024 * 1024  # real quotes are ~5 KB; kernels hand out at most a few pages of padding
 
 
-HEADER_SIZE = 48
 
 
 ATT_KEY_ECDSA_P256 = 2
