@@ -1,76 +1,28 @@
-"""Shared fixtures: the configfs-tsm emulator as a real FUSE mount, run as a subprocess."""
+"""Shared fixtures: the configfs-tsm emulator, key servers, the request-key drop-in, syslog.
+
+Everything a fixture starts or installs is stopped and removed after the test, also on
+failure. The helpers behind them live in ``support/``.
+"""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-def _needs_root_and_fuse() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse"
-    return None
+from support.emulator import run_tsm_sim
+from support.servers import KeyServerProcess, ServerSecrets
 
 
 @pytest.fixture(scope="session")
 def sim_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One simulated-roots folder per test session (generating RSA-4096 roots takes seconds)."""
     return tmp_path_factory.mktemp("sim-state")
-
-
-def _unmount(mountpoint: Path) -> None:
-    if os.path.ismount(mountpoint):
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if os.path.ismount(mountpoint):
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-
-
-@contextmanager
-def run_tsm_sim(mountpoint: Path, state: Path, provider: str, *faults: str, svsm: bool = False
-                ) -> Iterator[Path]:
-    """Run ``keybroker tsm-sim``; yield its report root; stop and unmount it whatever happens."""
-    reason = _needs_root_and_fuse()
-    if reason:
-        pytest.skip(f"configfs-tsm emulator {reason}")
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "keybroker", "tsm-sim", str(mountpoint), "--provider", provider,
-           "--state", str(state)]
-    cmd += [arg for fault in faults for arg in ("--fault", fault)]
-    if svsm:
-        cmd.append("--svsm")
-    log = open(mountpoint.parent / f"{mountpoint.name}.log", "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    root = mountpoint / "tsm" / "report"
-    try:
-        deadline = time.monotonic() + 60  # first use generates the simulated roots
-        while not root.is_dir():
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"tsm-sim exited with {proc.returncode}: {log.read()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("tsm-sim did not mount in time")
-            time.sleep(0.05)
-        yield root
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _unmount(mountpoint)
-        log.close()
 
 
 @pytest.fixture
@@ -92,101 +44,6 @@ def tsm_sim(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., Path]]:
 
 
 # -- the key server --------------------------------------------------------------------
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_secret(path: Path, data: bytes) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
-
-
-class ServerSecrets:
-    """A key server's secret files, as an operator makes them: KEK, admin token, token-signing key."""
-
-    def __init__(self, folder: Path) -> None:
-        import secrets
-
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-
-        folder.mkdir(parents=True, exist_ok=True)
-        self.kek = write_secret(folder / "kek", os.urandom(32))
-        self.admin_token = secrets.token_hex(32)
-        self.admin_token_file = write_secret(folder / "admin-token", self.admin_token.encode() + b"\n")
-        key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        self.token_key = write_secret(folder / "token-key.pem", key)
-
-
-class KeyServerProcess:
-    """``keybroker serve`` on a loopback port (SQLite unless ``db`` is given), trusting the simulated roots.
-
-    It gets a KEK and an admin token from ``secrets`` (made in ``workdir`` unless shared).
-    """
-
-    def __init__(self, workdir: Path, trust: Path | None, *extra: str, db: str | None = None,
-                 secrets: ServerSecrets | None = None) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.db = db or f"sqlite:///{workdir / 'kbs.db'}"
-        self.secrets = secrets or ServerSecrets(workdir / "secrets")
-        self.args = [sys.executable, "-m", "keybroker", "serve", "--listen", f"127.0.0.1:{self.port}",
-                     "--db", self.db, "--kek-file", str(self.secrets.kek),
-                     "--admin-token-file", str(self.secrets.admin_token_file),
-                     *(["--trust-roots", str(trust)] if trust else []), *extra]
-        self.log_path = workdir / f"server-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "KeyServerProcess":
-        import urllib.request
-
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"key server did not start: {self.log()}")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def requests_to(self, route: str) -> int:
-        """How many requests the server answered on ``route`` (its metrics name: ``auth``, ``attest``, ``resource``…), from /metrics."""
-        import re
-        import urllib.request
-
-        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
-        pattern = rf'^keybroker_http_requests_total\{{route="{re.escape(route)}",status="\d+"\}} (\S+)$'
-        return int(sum(float(count) for count in re.findall(pattern, text, re.M)))
-
-    def put(self, path: str, value: bytes, *extra: str) -> None:
-        subprocess.run([sys.executable, "-m", "keybroker", "resource", "put", path, "--db", self.db,
-                        "--kek-file", str(self.secrets.kek), *extra], input=value, check=True, timeout=30)
-
 
 @pytest.fixture
 def kbs(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., KeyServerProcess]]:

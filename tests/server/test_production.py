@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import free_port, write_secret
-from kbs_helpers import attest, attestation, audit_records, challenge, keybroker
+from support import REPO
+from support.servers import free_port, write_secret
+from support.kbs import attest, attestation, audit_records, challenge, keybroker
 
 SECRET = b"\x01disk key bytes\xfe"
 
@@ -310,7 +311,7 @@ def test_metrics_health_and_readiness(tsm_sim, kbs, tmp_path):
 
 
 def test_config_file_is_equivalent_to_the_flags(tsm_sim, sim_state, tmp_path):
-    from conftest import ServerSecrets
+    from support.servers import ServerSecrets
 
     root = tsm_sim("sev_guest")
     secrets = ServerSecrets(tmp_path / "secrets")
@@ -394,7 +395,7 @@ def test_systemd_unit_verifies(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
-    unit = (Path(__file__).parent.parent / "systemd" / "keybroker-server.service").read_text()
+    unit = (REPO / "systemd" / "keybroker-server.service").read_text()
     for setting in ("Type=notify", "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=keybroker",
                     "LoadCredential=kek:", "DynamicUser=yes", "CapabilityBoundingSet=\n"):
         assert setting in unit

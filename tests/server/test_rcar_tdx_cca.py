@@ -8,7 +8,7 @@ import pytest
 from keybroker.errors import ServerError
 from keybroker.guest.client import RcarClient
 from keybroker.guest.tsm import ReportRequest, TsmClient
-from pcs_server import PcsServer
+from support.pcs import PcsServer
 
 SECRET = b"\x00released to a TD or a realm\xff"
 

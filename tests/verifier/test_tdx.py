@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import tdx_builder as tb
-from pcs_server import PcsServer
+from support import VECTORS as ALL_VECTORS
+from support import tdx as tb
+from support.pcs import PcsServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -22,7 +23,7 @@ from keybroker.server.policy import DEFAULT, Policy
 from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
 from keybroker.verifier.certs import fingerprint
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "tdx"
+VECTORS = ALL_VECTORS / "tdx"
 NOW = dt.datetime.now(dt.timezone.utc)
 
 # The verdicts of ../shared/vectors/README.md: (quote file, verifies, released by the default policy

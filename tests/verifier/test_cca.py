@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import cbor2
-import cca_builder as cb
+from support import VECTORS as ALL_VECTORS
+from support import cca as cb
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,7 +22,7 @@ from keybroker.server.policy import DEFAULT
 from keybroker.verifier import Context, Evidence, TrustStore, verify
 from keybroker.verifier.trust import Cpak
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "cca"
+VECTORS = ALL_VECTORS / "cca"
 SETS = {"trustee-example": "cpak.json", "veraison-tf-rmm": "cpak.pem"}
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import errno as E
 import re
-from pathlib import Path
 
 from keybroker.errors import (AccessDenied, ConfigError, DescriptionError, ProtocolError, ReleaseRefused,
                               ResourceMissing, ServerError, ServerUnreachable, TsmError)
 from keybroker.guest.handler import classify
+from support import REPO
 from keybroker.wire import rcar as p
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 
 #: One or more failures of each kind the table names, by the row's first cell.
 CASES = {

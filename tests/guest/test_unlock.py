@@ -32,7 +32,7 @@ from keybroker.guest.unlock.askpass import Ask, cunescape
 from keybroker.guest.unlock.keyfile import volume_of_peer
 from keybroker.guest.unlock.keys import KeySource
 
-REPO = Path(__file__).resolve().parent.parent
+from support import REPO
 UNITS = ("keybroker-keyfile.socket", "keybroker-keyfile.service", "keybroker-askpass.path",
          "keybroker-askpass.service", "keybroker-unlock@.service")
 SYSTEMD_CRYPTSETUP = Path("/usr/lib/systemd/systemd-cryptsetup")

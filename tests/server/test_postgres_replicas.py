@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 import pytest
 import requests
 
-from conftest import KeyServerProcess, ServerSecrets, free_port
-from kbs_helpers import attest, attestation, audit_records, challenge, keybroker
+from support.servers import KeyServerProcess, ServerSecrets, free_port
+from support.kbs import attest, attestation, audit_records, challenge, keybroker
 
 SECRET = b"\x02replicated disk key\xfd"
 

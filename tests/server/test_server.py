@@ -122,7 +122,7 @@ def test_plain_http_only_on_loopback(tmp_path):
 
 
 def test_resource_command(tmp_path):
-    from conftest import write_secret
+    from support.servers import write_secret
 
     db = f"sqlite:///{tmp_path}/r.db"
     kek = write_secret(tmp_path / "kek", b"k" * 32)

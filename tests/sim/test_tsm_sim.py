@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from evidence_checks import check_cca, check_snp, check_tdx, snp_certs
+from support.checks import check_cca, check_snp, check_tdx, snp_certs
 
 NONCE = bytes(range(64))
 

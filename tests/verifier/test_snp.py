@@ -16,14 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-import snp_builder as sb
+from support import VECTORS as ALL_VECTORS
+from support import snp as sb
 from cryptography.hazmat.primitives import serialization
 
 from keybroker.server.policy import DEFAULT
 from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
 from keybroker.verifier.certs import fingerprint
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "snp"
+VECTORS = ALL_VECTORS / "snp"
 NOW = dt.datetime.now(dt.timezone.utc)
 VLEK_TIME = dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc)
 

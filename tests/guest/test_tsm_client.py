@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from evidence_checks import check_snp, check_tdx
+from support.checks import check_snp, check_tdx
 
 from keybroker.wire import envelope
 from keybroker.errors import TsmError

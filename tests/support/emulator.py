@@ -1,0 +1,68 @@
+"""The configfs-tsm emulator for tests: ``keybroker tsm-sim`` as a real FUSE mount in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+
+def _needs_root_and_fuse() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    if not os.path.exists("/dev/fuse"):
+        return "needs /dev/fuse"
+    return None
+
+
+def _unmount(mountpoint: Path) -> None:
+    if os.path.ismount(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if os.path.ismount(mountpoint):
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@contextmanager
+def run_tsm_sim(mountpoint: Path, state: Path, provider: str, *faults: str, svsm: bool = False
+                ) -> Iterator[Path]:
+    """Run ``keybroker tsm-sim``; yield its report root; stop and unmount it whatever happens."""
+    reason = _needs_root_and_fuse()
+    if reason:
+        pytest.skip(f"configfs-tsm emulator {reason}")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "keybroker", "tsm-sim", str(mountpoint), "--provider", provider,
+           "--state", str(state)]
+    cmd += [arg for fault in faults for arg in ("--fault", fault)]
+    if svsm:
+        cmd.append("--svsm")
+    log = open(mountpoint.parent / f"{mountpoint.name}.log", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    root = mountpoint / "tsm" / "report"
+    try:
+        deadline = time.monotonic() + 60  # first use generates the simulated roots
+        while not root.is_dir():
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"tsm-sim exited with {proc.returncode}: {log.read()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("tsm-sim did not mount in time")
+            time.sleep(0.05)
+        yield root
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _unmount(mountpoint)
+        log.close()

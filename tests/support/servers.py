@@ -1,0 +1,104 @@
+"""Key servers for tests: ``keybroker serve`` on loopback with an operator's secret files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_secret(path: Path, data: bytes) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+class ServerSecrets:
+    """A key server's secret files, as an operator makes them: KEK, admin token, token-signing key."""
+
+    def __init__(self, folder: Path) -> None:
+        import secrets
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.kek = write_secret(folder / "kek", os.urandom(32))
+        self.admin_token = secrets.token_hex(32)
+        self.admin_token_file = write_secret(folder / "admin-token", self.admin_token.encode() + b"\n")
+        key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        self.token_key = write_secret(folder / "token-key.pem", key)
+
+
+class KeyServerProcess:
+    """``keybroker serve`` on a loopback port (SQLite unless ``db`` is given), trusting the simulated roots.
+
+    It gets a KEK and an admin token from ``secrets`` (made in ``workdir`` unless shared).
+    """
+
+    def __init__(self, workdir: Path, trust: Path | None, *extra: str, db: str | None = None,
+                 secrets: ServerSecrets | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = db or f"sqlite:///{workdir / 'kbs.db'}"
+        self.secrets = secrets or ServerSecrets(workdir / "secrets")
+        self.args = [sys.executable, "-m", "keybroker", "serve", "--listen", f"127.0.0.1:{self.port}",
+                     "--db", self.db, "--kek-file", str(self.secrets.kek),
+                     "--admin-token-file", str(self.secrets.admin_token_file),
+                     *(["--trust-roots", str(trust)] if trust else []), *extra]
+        self.log_path = workdir / f"server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "KeyServerProcess":
+        import urllib.request
+
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"key server did not start: {self.log()}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def requests_to(self, route: str) -> int:
+        """How many requests the server answered on ``route`` (its metrics name: ``auth``, ``attest``, ``resource``…), from /metrics."""
+        import re
+        import urllib.request
+
+        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
+        pattern = rf'^keybroker_http_requests_total\{{route="{re.escape(route)}",status="\d+"\}} (\S+)$'
+        return int(sum(float(count) for count in re.findall(pattern, text, re.M)))
+
+    def put(self, path: str, value: bytes, *extra: str) -> None:
+        subprocess.run([sys.executable, "-m", "keybroker", "resource", "put", path, "--db", self.db,
+                        "--kek-file", str(self.secrets.kek), *extra], input=value, check=True, timeout=30)
