@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..verifier import Context  # imported by the function too: only commands that verify load it
 
 
 def hex_bytes(text: str) -> bytes:
@@ -50,13 +54,13 @@ def add_evidence_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, help="cache for fetched certificates and collateral")
 
 
-def verification_context(args: argparse.Namespace, report_data: bytes | None = None):  # type: ignore[no-untyped-def]
+def verification_context(args: argparse.Namespace, report_data: bytes | None = None) -> Context:
     """The verifier's context from the options of :func:`add_evidence_options`."""
     from ..verifier import Context, Fetcher, TrustStore
 
     trust = TrustStore.default().with_dirs(args.trust_roots)
     if args.trust_cpak:
         trust = trust.with_cpak_file(args.trust_cpak)
-    return Context(trust=trust, at=args.at or dt.datetime.now(dt.timezone.utc), report_data=report_data,
+    return Context(trust=trust, at=args.at or dt.datetime.now(dt.UTC), report_data=report_data,
                    certs=tuple(args.certs), collateral=args.collateral, kds_url=args.kds_url, pcs_url=args.pcs_url,
                    fetcher=Fetcher(args.cache_dir))

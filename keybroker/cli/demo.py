@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def _step(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def _wait(what: str, ready, proc: subprocess.Popen, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+def _wait(what: str, ready: Callable[[], object], proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:

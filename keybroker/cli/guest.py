@@ -9,8 +9,8 @@ from .args import hex_bytes
 
 
 def _evidence(args: argparse.Namespace) -> int:
-    from ..wire import envelope
     from ..guest.tsm import ReportRequest, TsmClient
+    from ..wire import envelope
 
     request = ReportRequest(inblob=args.nonce, privlevel=args.privlevel,
                             service_provider=args.service_provider, service_guid=args.service_guid,

@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .args import add_evidence_options, listen, verification_context
 from .show import check_lines
-
 
 _SERVE_OPTIONS = ("listen", "db", "name", "trust_roots", "certs", "kds_url", "cache_dir", "pcs_url", "collateral",
                   "policy",
@@ -88,7 +88,7 @@ def _add_store_options(p: argparse.ArgumentParser, *, remote: bool) -> None:
         p.add_argument("--ca", type=Path, metavar="FILE", help="with --server: CA bundle for its TLS certificate")
 
 
-def _administrator(args: argparse.Namespace, *, values: bool = False):  # type: ignore[no-untyped-def]
+def _administrator(args: argparse.Namespace, *, values: bool = False) -> Any:
     """The admin API client with --server, else local administration of --db (KEK only for values)."""
     if getattr(args, "server", None):
         from ..server.admin_client import AdminClient
@@ -170,7 +170,7 @@ def _policy(args: argparse.Namespace) -> int:
         print(stored.policy.dumps())
     else:
         for info in admin.list_policies():
-            when = dt.datetime.fromtimestamp(info.created, dt.timezone.utc).isoformat(timespec="seconds")
+            when = dt.datetime.fromtimestamp(info.created, dt.UTC).isoformat(timespec="seconds")
             print(f"{info.version}\t{info.digest[:16]}\t{when if info.version else '-'}\t{info.actor}")
     return 0
 

@@ -10,7 +10,6 @@ from ..verifier.core import PROVIDERS
 from .args import add_evidence_options, hex_bytes, verification_context
 from .show import check_lines, claim_lines, verdict_json
 
-
 DEFAULT_SIM_STATE = Path("/var/lib/keybroker/tsm-sim")
 
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import errno as E
 
-from .config import ClientConfig
-from .request import KeyRequest
 from ..errors import TsmError
 from ..wire import rcar as p
+from ..wire.envelope import TsmReport
 from .client import RcarClient, ReleasedKey
+from .config import ClientConfig
+from .request import KeyRequest
 from .tsm import ReportRequest, TsmClient
+
+__all__ = ["ReleasedKey", "obtain"]
 
 
 def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> ReleasedKey:
@@ -23,7 +26,7 @@ def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Rel
         raise TsmError(f"provider {provider!r} has no KBS tee type (known: {', '.join(p.TEE_BY_PROVIDER)})",
                        errno=E.ENODEV)
 
-    def evidence(inblob: bytes):  # type: ignore[no-untyped-def]
+    def evidence(inblob: bytes) -> TsmReport:
         return tsm.get_report(ReportRequest(inblob, privlevel=request.privlevel,
                                             service_provider=config.service_provider,
                                             service_guid=config.service_guid), deadline=deadline)

@@ -12,18 +12,19 @@ from __future__ import annotations
 import errno as E
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import requests
 from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException
 
-from ..wire.envelope import TsmReport, to_json
 from ..errors import ProtocolError, ReleaseRefused, ResourceMissing, ServerError, ServerUnreachable
-from .retry import Backoff, retry
 from ..wire import rcar as p
+from ..wire.envelope import TsmReport, to_json
+from .retry import Backoff, retry
 
 REQUEST_TIMEOUT = 10.0  # seconds per HTTP request, at most
 RESPONSE_MAX = 1024 * 1024
@@ -111,7 +112,8 @@ class RcarClient:
 
 
 #: The problems that are the key server's judgement, not a failure.
-_REFUSALS = {p.RESOURCE_NOT_FOUND: ResourceMissing, p.ATTESTATION_DENIED: ReleaseRefused, p.POLICY_DENIED: ReleaseRefused}
+_REFUSALS = {p.RESOURCE_NOT_FOUND: ResourceMissing, p.ATTESTATION_DENIED: ReleaseRefused,
+             p.POLICY_DENIED: ReleaseRefused}
 
 
 def _transient(exc: Exception) -> bool:

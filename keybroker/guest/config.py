@@ -43,10 +43,10 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from .request import DESCRIPTION_PREFIX
+from ..errors import ConfigError, DescriptionError
 from ..wire.resource import ResourcePath
 from ..wire.transport import server_url_problem
-from ..errors import ConfigError, DescriptionError
+from .request import DESCRIPTION_PREFIX
 
 DEFAULT_PATH = Path("/etc/keybroker/client.toml")
 DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")

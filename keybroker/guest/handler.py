@@ -29,8 +29,14 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..systemd import ERROR, INFO, Journal
+
+if TYPE_CHECKING:  # the modules themselves are imported when a request needs them
+    from .broker import ReleasedKey
+    from .config import ClientConfig
+    from .request import KeyRequest
 
 DEFAULT_CONFIG = "/etc/keybroker/client.toml"
 TRANSIENT = 5
@@ -50,8 +56,18 @@ class Rejection:
 
 def classify(exc: BaseException) -> Rejection:
     """The errno and negative-cache timeout a failure deserves."""
-    from ..errors import (AccessDenied, ConfigError, DescriptionError, KeyringError, ProtocolError, ReleaseRefused,
-                          ResourceMissing, ServerError, ServerUnreachable, TsmError)
+    from ..errors import (
+        AccessDenied,
+        ConfigError,
+        DescriptionError,
+        KeyringError,
+        ProtocolError,
+        ReleaseRefused,
+        ResourceMissing,
+        ServerError,
+        ServerUnreachable,
+        TsmError,
+    )
 
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, DescriptionError):
@@ -120,10 +136,10 @@ def _describe_outcome(rejection: Rejection | None, size: int | None = None) -> s
             f"timeout={rejection.timeout}s reason={rejection.reason!r}")
 
 
-def _authorise(cfg, key_type: str, description: str, callout: bytes, uid: int, gid: int):  # type: ignore[no-untyped-def]
+def _authorise(cfg: ClientConfig, key_type: str, description: str, callout: bytes, uid: int, gid: int) -> KeyRequest:
     """Check the request's grammar and the requester's right to the resource."""
-    from .request import parse_request
     from ..errors import AccessDenied
+    from .request import parse_request
 
     request = parse_request(key_type, description, callout)
     if not cfg.may_obtain(uid, frozenset({gid}), str(request.resource)):
@@ -132,12 +148,12 @@ def _authorise(cfg, key_type: str, description: str, callout: bytes, uid: int, g
     return request
 
 
-def _worker(cfg, request, deadline: float, out: int) -> None:  # type: ignore[no-untyped-def]
+def _worker(cfg: ClientConfig, request: KeyRequest, deadline: float, out: int) -> None:
     """In the forked worker: attest and fetch, then send the outcome (and key) to the parent."""
     import json
 
-    from . import broker, keyring
     from ..errors import KeybrokerError
+    from . import broker, keyring
 
     value = bytearray()
     try:
@@ -150,8 +166,8 @@ def _worker(cfg, request, deadline: float, out: int) -> None:  # type: ignore[no
         if not 1 <= len(value) <= USER_PAYLOAD_MAX:
             raise KeybrokerError(f"resource {request.resource} is {len(value)} bytes; {request.key_type} "
                                  f"keys hold 1 to {USER_PAYLOAD_MAX}")
-        header = {"size": len(value), "lease": released.lease}
-    except BaseException as exc:  # noqa: BLE001 - the parent must learn about every failure
+        header: dict[str, object] = {"size": len(value), "lease": released.lease}
+    except BaseException as exc:
         rejection = classify(exc)
         header = {"errno": rejection.errno, "timeout": rejection.timeout, "reason": rejection.reason[:2000]}
         value[:] = bytes(len(value))
@@ -162,7 +178,7 @@ def _worker(cfg, request, deadline: float, out: int) -> None:  # type: ignore[no
     value[:] = bytes(len(value))
 
 
-def obtain_within(cfg, request, deadline: float):  # type: ignore[no-untyped-def]
+def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> ReleasedKey:
     """Run the attestation round in a forked worker and wait for it until ``deadline``.
 
     A provider or a FUSE file can block a read uninterruptibly, even for fatal signals; the
@@ -218,8 +234,8 @@ def obtain_within(cfg, request, deadline: float):  # type: ignore[no-untyped-def
 
 
 def run_kernel(serial: int, config_path: str, log: Journal) -> int:
-    from . import config, keyring
     from ..errors import KeyringError
+    from . import config, keyring
 
     start = time.monotonic()
     try:
@@ -245,12 +261,13 @@ def run_kernel(serial: int, config_path: str, log: Journal) -> int:
             construction.instantiate(released.value, released.lease)
         finally:
             released.value[:] = bytes(len(released.value))
-    except BaseException as exc:  # noqa: BLE001 - every failure must end the construction
+    except BaseException as exc:
         rejection = exc.rejection if isinstance(exc, Failed) else classify(exc)
         try:
             construction.reject(rejection)
         except KeyringError as reject_error:
-            rejection = Rejection(rejection.errno, rejection.timeout, f"{rejection.reason}; reject failed: {reject_error}")
+            rejection = Rejection(rejection.errno, rejection.timeout,
+                                  f"{rejection.reason}; reject failed: {reject_error}")
     log.line(INFO if rejection is None else ERROR,
              f"{head} {_describe_outcome(rejection, size)} duration={time.monotonic() - start:.2f}s")
     return 0 if rejection is None else 1
@@ -273,7 +290,7 @@ def run_debug(key_type: str, description: str, callout: str, config_path: str,
         cfg = config.load(config_path)
         request = _authorise(cfg, key_type, description, callout.encode(), uid, gid)
         released = obtain_within(cfg, request, start + cfg.deadline)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         rejection = exc.rejection if isinstance(exc, Failed) else classify(exc)
         print(f"{key_type} {description}: would reject: {_describe_outcome(rejection)}")
         return 1
@@ -308,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.requester and not args.debug:
         parser.error("--requester is only for --debug")
     if args.debug:
-        return run_debug(*args.debug, args.config, args.requester)
+        key_type, description, callout = args.debug
+        return run_debug(key_type, description, callout, args.config, args.requester)
     if args.serial is None or not args.serial.isdigit():
         parser.error("the key serial (%k) is required")
     return run_kernel(int(args.serial), args.config, Journal("keybroker-request-key", stream=False, facility=10))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from ..errors import KeybrokerError, KeyringError
 
@@ -60,7 +62,7 @@ def _check(call: str, result: int) -> int:
     return result
 
 
-def _buffer(data: bytes | bytearray) -> ctypes.Array:
+def _buffer(data: bytes | bytearray) -> ctypes.Array[ctypes.c_char]:
     """A C view of ``data`` without copying a bytearray (so the caller can wipe it)."""
     if isinstance(data, bytearray):
         return (ctypes.c_char * len(data)).from_buffer(data)
@@ -73,12 +75,12 @@ def request_key(key_type: str, description: str, callout: str | None, keyring: i
     return _check("request_key", _lib().request_key(key_type.encode(), description.encode(), info, keyring))
 
 
-def _read_all(call: str, fn: object, key: int) -> bytearray:
+def _read_all(call: str, fn: Callable[[int, Any, int], int], key: int) -> bytearray:
     """Ask for the size, then read; the result (and any buffer that turned out too small) can be wiped."""
-    size = _check(call, fn(key, None, 0))  # type: ignore[operator]
+    size = _check(call, fn(key, None, 0))
     while True:
         buf = bytearray(size)
-        got = _check(call, fn(key, _buffer(buf), size))  # type: ignore[operator]
+        got = _check(call, fn(key, _buffer(buf), size))
         if got <= size:
             del buf[got:]
             return buf

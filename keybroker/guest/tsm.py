@@ -15,12 +15,11 @@ import errno as E
 import os
 import re
 import secrets
-
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..wire.envelope import BLOB_MAX, INBLOB_MAX, PROVIDER, TsmReport, attribute_problem
 from ..errors import TsmError
+from ..wire.envelope import BLOB_MAX, INBLOB_MAX, PROVIDER, TsmReport, attribute_problem
 from .retry import Backoff, retry
 
 DEFAULT_ROOT = Path("/sys/kernel/config/tsm/report")
@@ -280,7 +279,7 @@ class _Session:
             E.EPERM: f"operation not permitted: {action} {self.entry / name}",
             E.ENOMEM: "the kernel ran out of memory generating the report (ENOMEM)",
         }
-        message = messages.get(code, f"{what} in {self.entry}: {os.strerror(code or 0)}")
+        message = messages.get(code or 0, f"{what} in {self.entry}: {os.strerror(code or 0)}")
         return TsmError(message, errno=code, retryable=code in (E.EBUSY, E.EINTR),
                         transient=code in (E.ETIMEDOUT, E.ENOMEM))
 

@@ -20,11 +20,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..wire.resource import ResourcePath
 from ..errors import AdminError, ConfigError, DescriptionError
-from .policy import DEFAULT, Policy
+from ..wire.resource import ResourcePath
 from . import secretfile
 from .audit import ADMIN, ALLOW, Event, Record
+from .policy import DEFAULT, Policy
 from .sealing import Sealer
 from .store import PolicyInfo, PolicyVersion, ResourceInfo, Store
 
@@ -121,7 +121,7 @@ class AdminAuth:
     digests: tuple[bytes, ...]
 
     @classmethod
-    def load(cls, path: Path | None) -> "AdminAuth | None":
+    def load(cls, path: Path | None) -> AdminAuth | None:
         """The tokens of ``--admin-token-file`` (or the ``admin-token`` credential); None: admin API off."""
         located = secretfile.locate(path, ADMIN_TOKEN_CREDENTIAL)
         if located is None:

@@ -14,12 +14,12 @@ from urllib.parse import quote
 
 import requests
 
-from ..wire.transport import server_url_problem
 from ..errors import ConfigError, ServerError
-from .policy import Policy
 from ..wire import rcar as p
+from ..wire.transport import server_url_problem
 from . import secretfile
 from .admin import ADMIN_PREFIX
+from .policy import Policy
 from .store import PolicyInfo, PolicyVersion, ResourceInfo
 
 TIMEOUT = 30.0

@@ -13,7 +13,8 @@ import json
 import logging
 import socket
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -22,15 +23,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..wire.transport import is_loopback
 from ..errors import AdminError, ConfigError, PolicyError
+from ..systemd import notify
 from ..wire import rcar as p
+from ..wire.transport import is_loopback
 from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
 from .audit import ADMIN, DENY, Event
 from .config import ServerConfig
 from .kbs import SESSION_LIFETIME, KeyServer, Problem
 from .metrics import CONTENT_TYPE, Metrics
-from ..systemd import notify
 from .sealing import load_sealer
 from .store import PolicyInfo, PolicyVersion, Store
 from .tokens import TokenSigner

@@ -19,8 +19,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Iterator
+from typing import Any
 
 import rfc8785
 from sqlalchemy import insert, select, update
@@ -50,10 +51,10 @@ class Event:
     resource: str = ""
     policy_version: int | None = None
 
-    def clipped(self) -> "Event":
+    def clipped(self) -> Event:
         """Every text within its column (hostile inputs such as a peer's path may be long)."""
-        limits = {column.name: column.type.length for column in schema.audit.columns
-                  if getattr(column.type, "length", None)}
+        limits = {column.name: getattr(column.type, "length", None) for column in schema.audit.columns}
+        limits = {name: length for name, length in limits.items() if length}
         changes: dict[str, Any] = {name: getattr(self, name)[:limits[name]]
                                    for name in limits if name in self.__dataclass_fields__}
         changes["reason"] = self.reason[:REASON_MAX]
@@ -109,7 +110,7 @@ def reserve(db: Connection) -> tuple[int, str]:
 def write(db: Connection, seq: int, prev: str, event: Event) -> Record:
     """Insert record ``seq`` (reserved in this transaction) and move the head to it."""
     event = event.clipped()
-    time = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    time = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     record = Record(seq, time, event, prev, digest(seq, time, event, prev))
     db.execute(insert(schema.audit).values(seq=seq, time=time, prev=prev, hash=record.hash, **asdict(event)))
     db.execute(update(schema.audit_head).where(schema.audit_head.c.id == 1).values(hash=record.hash))

@@ -27,9 +27,10 @@ Unknown keys and values of the wrong type are errors that name the key and the f
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ConfigError
 from ..verifier.snp.kds import AMD_KDS
@@ -90,8 +91,12 @@ def _read(path: Path) -> dict[str, Any]:
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(known))})")
         name = known[key]
-        values[name] = _convert(name, value, path.parent, lambda why: ConfigError(f"{path}: {key} {why}"))
+        values[name] = _convert(name, value, path.parent, _error_for(path, key))
     return values
+
+
+def _error_for(path: Path, key: str) -> Callable[[str], ConfigError]:
+    return lambda why: ConfigError(f"{path}: {key} {why}")
 
 
 def _convert(name: str, value: Any, base: Path, error: Callable[[str], ConfigError]) -> Any:

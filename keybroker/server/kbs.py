@@ -24,11 +24,11 @@ from typing import Any, NoReturn
 
 from jwcrypto import jwe, jwk
 
-from ..wire import envelope
-from ..wire.resource import ResourcePath
 from ..errors import DescriptionError, EnvelopeError, ProtocolError, SealError
-from ..wire import rcar as p
 from ..verifier import Context, Evidence, Fetcher, TrustStore, verify
+from ..wire import envelope
+from ..wire import rcar as p
+from ..wire.resource import ResourcePath
 from .audit import ALLOW, ATTEST, DENY, RELEASE, Event
 from .metrics import Metrics
 from .sealing import Sealer
@@ -139,7 +139,7 @@ class KeyServer:
             jwk.JWK(**attestation.tee_pubkey)
         except (ValueError, TypeError, jwk.InvalidJWKValue) as exc:
             raise Problem(p.BAD_REQUEST, f"tee-pubkey is not a valid key: {exc}") from None
-        context = Context(self.trust, at=dt.datetime.now(dt.timezone.utc), nonce=expected, certs=self.certs,
+        context = Context(self.trust, at=dt.datetime.now(dt.UTC), nonce=expected, certs=self.certs,
                           kds_url=self.kds_url, fetcher=self.fetcher, pcs_url=self.pcs_url,
                           collateral=self.collateral)
         verdict = verify(Evidence.from_report(report), context)

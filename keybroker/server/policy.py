@@ -79,7 +79,7 @@ class Evaluation:
     holds: bool
     kind: str  # claim, allOf, anyOf, not
     text: str = ""
-    parts: tuple["Evaluation", ...] = ()
+    parts: tuple[Evaluation, ...] = ()
 
     def reason(self) -> str:
         """The sentence that names what failed (for an outcome that does not hold)."""
@@ -105,7 +105,7 @@ class Policy:
         self.document = document
 
     @classmethod
-    def loads(cls, text: str | bytes) -> "Policy":
+    def loads(cls, text: str | bytes) -> Policy:
         try:
             return cls(json.loads(text))
         except ValueError as exc:
@@ -181,7 +181,8 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
     bound = cond[bound_name]
     got, want = _comparable(value), _comparable(bound)
     if got is None or type(got) is not type(want):
-        return Evaluation(False, "claim", f"claim {name} is {_show(value)}, which cannot be compared with {_show(bound)}")
+        return Evaluation(False, "claim",
+                          f"claim {name} is {_show(value)}, which cannot be compared with {_show(bound)}")
     if got >= want if bound_name == "atLeast" else got <= want:  # type: ignore[operator]
         return Evaluation(True, "claim", f"claim {name} is {_show(value)}, "
                                       f"{'at least' if bound_name == 'atLeast' else 'at most'} {_show(bound)}")

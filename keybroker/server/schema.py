@@ -16,8 +16,23 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (DDL, BigInteger, Column, Float, Integer, LargeBinary, MetaData, String, Table, Text,
-                        create_engine, event, insert, select, text)
+from sqlalchemy import (
+    DDL,
+    BigInteger,
+    Column,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
+    text,
+)
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 

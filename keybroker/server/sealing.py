@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -39,7 +39,7 @@ class Kek:
     key: bytes = field(repr=False)
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> "Kek":
+    def from_bytes(cls, data: bytes, where: str) -> Kek:
         if _HEX_KEK.fullmatch(data):
             data = bytes.fromhex(data.strip().decode())
         elif len(data) != KEK_SIZE:
@@ -48,7 +48,7 @@ class Kek:
         return cls(hashlib.sha256(b"keybroker kek id\0" + data).hexdigest()[:16], data)
 
     @classmethod
-    def load(cls, path: Path) -> "Kek":
+    def load(cls, path: Path) -> Kek:
         return cls.from_bytes(secretfile.read(path, "key-encryption key"), str(path))
 
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection
 
-from .policy import DEFAULT, Policy
 from . import audit, schema
 from .audit import Event, Record
+from .policy import DEFAULT, Policy
 from .schema import open_engine, policies, resources, sessions
 from .sealing import Sealed, Sealer
 
@@ -87,14 +88,13 @@ class Store:
 
         When ``work`` returns None nothing happened: the transaction is rolled back.
         """
-        with self.engine.connect() as db:
-            with db.begin() as transaction:
-                seq, prev = audit.reserve(db)
-                event = work(db)
-                if event is None:
-                    transaction.rollback()
-                    return None
-                return audit.write(db, seq, prev, event)
+        with self.engine.connect() as db, db.begin() as transaction:
+            seq, prev = audit.reserve(db)
+            event = work(db)
+            if event is None:
+                transaction.rollback()
+                return None
+            return audit.write(db, seq, prev, event)
 
     def audit(self, event: Event) -> Record:
         """Append ``event`` durably: when this returns, the record is committed."""

@@ -39,7 +39,7 @@ class TokenSigner:
         self.lifetime = lifetime
 
     @classmethod
-    def load(cls, path: Path | None) -> "TokenSigner":
+    def load(cls, path: Path | None) -> TokenSigner:
         """The signer of ``--token-key-file`` (or the ``token-key`` credential); else ephemeral."""
         located = secretfile.locate(path, TOKEN_KEY_CREDENTIAL)
         if located is None:

@@ -77,7 +77,7 @@ class Faults:
     slow: float = 0.0
 
     @classmethod
-    def parse(cls, names: list[str]) -> "Faults":
+    def parse(cls, names: list[str]) -> Faults:
         fields: dict[str, object] = {}
         for name in names:
             if name in FAULT_ERRNOS:
@@ -264,7 +264,7 @@ def snp_cert_table(entries: list[tuple[uuid.UUID, object]]) -> bytes:
     ders = [cert.public_bytes(serialization.Encoding.DER) for _, cert in entries]  # type: ignore[attr-defined]
     offset = 24 * (len(entries) + 1)
     table = bytearray()
-    for (guid, _), der in zip(entries, ders):
+    for (guid, _), der in zip(entries, ders, strict=True):
         table += guid.bytes + struct.pack("<II", offset, len(der))
         offset += len(der)
     table += bytes(24)

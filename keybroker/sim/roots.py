@@ -26,10 +26,11 @@ import fcntl
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,7 +40,7 @@ from cryptography.x509.oid import NameOID, ObjectIdentifier
 SNP_PRODUCT = "Genoa"
 _AMD_OID = "1.3.6.1.4.1.3704.1"
 _SGX_OID = "1.2.840.113741.1.13.1"
-_NOT_BEFORE = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+_NOT_BEFORE = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ class SimState:
                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
                   .add_extension(ca_usage, critical=True)
                   .sign(root_key, hashes.SHA256()))
-        values = {"fmspc": "00906ed50000", "pce_id": "0000", "pcesvn": 13,
+        values: dict[str, Any] = {"fmspc": "00906ed50000", "pce_id": "0000", "pcesvn": 13,
                   "cpusvn": bytes([3, 3, 2, 2, 255, 255, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]).hex(),
                   "ppid": secrets.token_hex(16),
                   "tee_tcb_svn": bytes([3, 1, 2] + [0] * 13).hex(),
@@ -285,7 +286,7 @@ def _write_tdx_collateral(d: Path, values: dict[str, Any], root: x509.Certificat
     """What Intel's PCS serves for the simulated platform, signed under the simulated root:
     TDX TCB info and TD_QE identity (all UpToDate) signed by a simulated "Intel SGX TCB
     Signing" certificate, an empty PCK CRL and an empty Root CA CRL."""
-    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     issued, next_update = now.strftime("%Y-%m-%dT%H:%M:%SZ"), (now + dt.timedelta(days=_COLLATERAL_DAYS))
     dates = {"issueDate": issued, "nextUpdate": next_update.strftime("%Y-%m-%dT%H:%M:%SZ"),
              "tcbEvaluationDataNumber": 17}
@@ -410,7 +411,8 @@ def _tpmt_public_ecc(key: ec.EllipticCurvePrivateKey) -> bytes:
     return b"".join([
         (0x0023).to_bytes(2, "big"),          # type TPM_ALG_ECC
         (0x000B).to_bytes(2, "big"),          # nameAlg TPM_ALG_SHA256
-        (0x000300B2).to_bytes(4, "big"),      # fixedTPM|fixedParent|sensitiveDataOrigin|adminWithPolicy|restricted|decrypt
+        # fixedTPM | fixedParent | sensitiveDataOrigin | adminWithPolicy | restricted | decrypt
+        (0x000300B2).to_bytes(4, "big"),
         len(policy).to_bytes(2, "big"), policy,
         (0x0006).to_bytes(2, "big"), (128).to_bytes(2, "big"), (0x0043).to_bytes(2, "big"),  # AES-128-CFB
         (0x0010).to_bytes(2, "big"),          # scheme TPM_ALG_NULL

@@ -8,13 +8,22 @@ its name, so a failure names what failed.
 
 from __future__ import annotations
 
+from ..errors import EvidenceError
 from .core import PROVIDERS, Check, Checks, Context, Evidence, Stop, Verdict, Verifier
 from .fetch import Fetcher
 from .trust import TrustStore
-from ..errors import EvidenceError
 
-__all__ = ["Evidence", "Check", "Verdict", "Context", "Fetcher", "TrustStore", "verify", "guess_provider",
-           "PROVIDERS"]
+__all__ = [
+    "PROVIDERS",
+    "Check",
+    "Context",
+    "Evidence",
+    "Fetcher",
+    "TrustStore",
+    "Verdict",
+    "guess_provider",
+    "verify",
+]
 
 def _verifier(provider: str) -> Verifier | None:
     # Imported on use: a command that verifies only TDX quotes never loads the CCA parser.
@@ -38,7 +47,7 @@ def verify(evidence: Evidence, context: Context) -> Verdict:
     try:
         if verifier is None:
             checks.failed("format", f"no verifier for provider {evidence.provider!r}")
-        verifier(evidence, context, checks, claims)  # type: ignore[misc]
+        verifier(evidence, context, checks, claims)
     except EvidenceError as exc:
         checks.items.append(Check("format", False, str(exc)))
     except Stop:

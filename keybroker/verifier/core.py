@@ -9,14 +9,14 @@ runs one and turns what it recorded into a :class:`Verdict`.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, NoReturn
 
 from ..wire.envelope import TsmReport
 from .fetch import Fetcher
 from .trust import TrustStore
-
 
 #: The configfs-tsm providers keybroker verifies.
 PROVIDERS = ("sev_guest", "tdx_guest", "arm_cca_guest")
@@ -34,7 +34,7 @@ class Evidence:
     service_guid: str | None = None
 
     @classmethod
-    def from_report(cls, report: TsmReport) -> "Evidence":
+    def from_report(cls, report: TsmReport) -> Evidence:
         return cls(report.provider, report.outblob, report.auxblob, report.manifestblob, report.inblob,
                    report.service_guid)
 
@@ -78,7 +78,7 @@ class Context:
     """
 
     trust: TrustStore
-    at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     nonce: bytes | None = None
     report_data: bytes | None = None
     certs: tuple[Path, ...] = ()
@@ -101,7 +101,7 @@ class Checks:
     def passed(self, name: str, detail: str = "") -> None:
         self.items.append(Check(name, True, detail))
 
-    def failed(self, name: str, detail: str) -> None:
+    def failed(self, name: str, detail: str) -> NoReturn:
         self.items.append(Check(name, False, detail))
         raise Stop(name)
 

@@ -10,6 +10,7 @@ Veraison trust-anchor list of ``{"pkey": JWK, "implementation-id", "instance-id"
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,8 @@ class TrustStore:
     cpaks: tuple[Cpak, ...] = ()
 
     @classmethod
-    def default(cls) -> "TrustStore":
-        return cls({fp: None for fp in (*AMD_ARKS, INTEL_SGX_ROOT)})
+    def default(cls) -> TrustStore:
+        return cls(dict.fromkeys((*AMD_ARKS, INTEL_SGX_ROOT)))
 
     def is_trusted(self, cert: x509.Certificate) -> bool:
         return fingerprint(cert) in self.roots
@@ -63,7 +64,7 @@ class TrustStore:
     def anchors(self) -> list[x509.Certificate]:
         return [cert for cert in self.roots.values() if cert is not None]
 
-    def with_dirs(self, folders: list[Path]) -> "TrustStore":
+    def with_dirs(self, folders: Iterable[Path]) -> TrustStore:
         roots, cpaks = dict(self.roots), list(self.cpaks)
         for folder in folders:
             if not folder.is_dir():
@@ -73,7 +74,7 @@ class TrustStore:
                     _load_anchor(path, roots, cpaks)
         return TrustStore(roots, tuple(cpaks))
 
-    def with_cpak_file(self, path: Path) -> "TrustStore":
+    def with_cpak_file(self, path: Path) -> TrustStore:
         roots, cpaks = dict(self.roots), list(self.cpaks)
         _load_anchor(path, roots, cpaks)
         return TrustStore(roots, tuple(cpaks))

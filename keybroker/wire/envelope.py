@@ -2,8 +2,9 @@
 
 The envelope is the contract between the guest and any verifier. It carries what the
 kernel's report interface exposed and nothing vendor-specific, so that a verifier can
-dispatch on ``provider`` and parse the blobs itself. The README documents the format. Decoding is strict: unknown versions, unknown or missing fields, oversized
-values and non-canonical base64 are errors.
+dispatch on ``provider`` and parse the blobs itself. The README documents the format.
+Decoding is strict: unknown versions, unknown or missing fields, oversized values and
+non-canonical base64 are errors.
 """
 
 from __future__ import annotations

@@ -68,8 +68,9 @@ def problem(name: str, detail: str) -> dict[str, str]:
 
 def problem_name(body: Any) -> str | None:
     """The problem name of an RFC 7807 body, or None when it is not one of ours."""
-    if isinstance(body, dict) and isinstance(body.get("type"), str) and body["type"].startswith(ERROR_TYPE):
-        return body["type"][len(ERROR_TYPE):]
+    kind = body.get("type") if isinstance(body, dict) else None
+    if isinstance(kind, str) and kind.startswith(ERROR_TYPE):
+        return kind[len(ERROR_TYPE):]
     return None
 
 
@@ -82,7 +83,7 @@ class AuthRequest:
         return {"version": self.version, "tee": self.tee, "extra-params": {}}
 
     @classmethod
-    def from_json(cls, obj: Any) -> "AuthRequest":
+    def from_json(cls, obj: Any) -> AuthRequest:
         _object(obj, "auth request", required=("version", "tee"), optional=("extra-params",))
         version, tee = obj["version"], obj["tee"]
         if not isinstance(version, str) or not isinstance(tee, str):
@@ -98,7 +99,7 @@ class Challenge:
         return {"nonce": self.nonce, "extra-params": ""}
 
     @classmethod
-    def from_json(cls, obj: Any) -> "Challenge":
+    def from_json(cls, obj: Any) -> Challenge:
         _object(obj, "challenge", required=("nonce",), optional=("extra-params",))
         nonce = obj["nonce"]
         if not isinstance(nonce, str) or not 1 <= len(nonce) <= NONCE_MAX:
@@ -119,7 +120,7 @@ class Attestation:
                                  "additional_evidence": self.additional_evidence}}
 
     @classmethod
-    def from_json(cls, obj: Any) -> "Attestation":
+    def from_json(cls, obj: Any) -> Attestation:
         _object(obj, "attestation", required=("runtime-data", "tee-evidence"), optional=("init-data",))
         runtime, evidence = obj["runtime-data"], obj["tee-evidence"]
         _object(runtime, "runtime-data", required=("nonce", "tee-pubkey"))

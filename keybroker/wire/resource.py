@@ -26,7 +26,7 @@ class ResourcePath:
         return f"{self.repo}/{self.type}/{self.tag}"
 
     @classmethod
-    def parse(cls, text: str) -> "ResourcePath":
+    def parse(cls, text: str) -> ResourcePath:
         parts = text.split("/")
         if len(parts) != 3:
             raise DescriptionError(f"resource {text[:80]!r} must be <repo>/<type>/<tag>")

@@ -5,11 +5,20 @@ from __future__ import annotations
 import errno as E
 import re
 
-from keybroker.errors import (AccessDenied, ConfigError, DescriptionError, ProtocolError, ReleaseRefused,
-                              ResourceMissing, ServerError, ServerUnreachable, TsmError)
+from keybroker.errors import (
+    AccessDenied,
+    ConfigError,
+    DescriptionError,
+    ProtocolError,
+    ReleaseRefused,
+    ResourceMissing,
+    ServerError,
+    ServerUnreachable,
+    TsmError,
+)
 from keybroker.guest.handler import classify
-from support import REPO
 from keybroker.wire import rcar as p
+from support import REPO
 
 README = REPO / "README.md"
 

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from keybroker.guest import keyring
 from keybroker.errors import KeyringError
+from keybroker.guest import keyring
 
 
 @pytest.fixture(autouse=True)

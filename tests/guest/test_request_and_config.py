@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from keybroker.errors import ConfigError, DescriptionError
 from keybroker.guest import config
 from keybroker.guest.request import KeyRequest, parse_request
 from keybroker.wire.resource import ResourcePath
-from keybroker.errors import ConfigError, DescriptionError
 
 
 def test_valid_requests():
@@ -75,7 +75,8 @@ def test_no_rules_means_root_only(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("", "missing required key 'server'"),
     ("[server]\nurl = 'https://x'\nurll = 1\n", "unknown key 'server.urll'"),
-    ("[server]\nurl = 'https://x'\n[handler]\ndeadline = 'soon'\n", "'handler.deadline' must be an integer or a number"),
+    ("[server]\nurl = 'https://x'\n[handler]\ndeadline = 'soon'\n",
+     "'handler.deadline' must be an integer or a number"),
     ("[server]\nurl = 'https://x'\n[handler]\ndeadline = 0\n", "between 1 and 600"),
     ("[server]\nurl = 'http://kbs.example'\n", "plain http only for a loopback"),
     ("[server]\nurl = 'ftp://x'\n", "must be an https:// URL"),

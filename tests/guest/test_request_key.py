@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from keybroker.guest import keyring
 from keybroker.errors import KeyringError
+from keybroker.guest import keyring
 
 SECRET = hashlib.sha256(b"disk key").digest()
 

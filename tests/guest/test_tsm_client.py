@@ -11,11 +11,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from support.checks import check_snp, check_tdx
 
-from keybroker.wire import envelope
 from keybroker.errors import TsmError
 from keybroker.guest.tsm import ReportRequest, TsmClient
+from keybroker.wire import envelope
+from support.checks import check_snp, check_tdx
 
 NONCE = hashlib.sha512(b"keybroker").digest()
 
@@ -119,7 +119,7 @@ def test_concurrent_clients_get_their_own_nonce(tsm_sim):
     nonces = [hashlib.sha512(bytes([i])).digest() for i in range(6)]
     with ThreadPoolExecutor(len(nonces)) as pool:
         reports = list(pool.map(lambda n: client.get_report(ReportRequest(n)), nonces))
-    for nonce, report in zip(nonces, reports):
+    for nonce, report in zip(nonces, reports, strict=True):
         assert report.inblob == nonce
         check_snp(report.outblob, report.auxblob, nonce)
     assert os.listdir(root) == []

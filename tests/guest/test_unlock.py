@@ -26,13 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from keybroker.guest import config, keyring
 from keybroker.errors import ConfigError, KeyringError, UnlockRefused
+from keybroker.guest import config, keyring
 from keybroker.guest.unlock.askpass import Ask, cunescape
 from keybroker.guest.unlock.keyfile import volume_of_peer
 from keybroker.guest.unlock.keys import KeySource
-
 from support import REPO
+
 UNITS = ("keybroker-keyfile.socket", "keybroker-keyfile.service", "keybroker-askpass.path",
          "keybroker-askpass.service", "keybroker-unlock@.service")
 SYSTEMD_CRYPTSETUP = Path("/usr/lib/systemd/systemd-cryptsetup")
@@ -673,7 +673,8 @@ def test_dracut_module_builds_an_initramfs_with_the_pieces(handler, tmp_path):
     with open(image, "rb") as f:
         subprocess.run(["cpio", "-id", "--quiet"], stdin=f, cwd=unpacked, check=True, timeout=120)
     assert (unpacked / "etc/cmdline.d/91keybroker.conf").read_text() == "rd.neednet=1\n"
-    check = ("import keybroker.guest.handler, keybroker.guest.broker, keybroker.guest.unlock.keyfile, keybroker.guest.unlock.askpass, "
+    check = ("import keybroker.guest.handler, keybroker.guest.broker, keybroker.guest.unlock.keyfile, "
+             "keybroker.guest.unlock.askpass, "
              "keybroker.guest.unlock.place, requests, jwcrypto.jwe, inotify_simple; "
              "from keybroker.guest import config; print(config.load(%r).volume('root').description)" % str(cfg))
     python = (bin_dir / "keybroker").read_text().splitlines()[0].removeprefix("#!").strip()  # as the units run it

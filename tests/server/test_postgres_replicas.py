@@ -16,15 +16,15 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import requests
 
-from support.servers import KeyServerProcess, ServerSecrets, free_port
 from support.kbs import attest, attestation, audit_records, challenge, keybroker
+from support.servers import KeyServerProcess, ServerSecrets, free_port
 
 SECRET = b"\x02replicated disk key\xfd"
 

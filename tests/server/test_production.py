@@ -20,8 +20,8 @@ import pytest
 import requests
 
 from support import REPO
-from support.servers import free_port, write_secret
 from support.kbs import attest, attestation, audit_records, challenge, keybroker
+from support.servers import free_port, write_secret
 
 SECRET = b"\x01disk key bytes\xfe"
 
@@ -443,7 +443,8 @@ def test_server_survives_clients_that_hang_up(tsm_sim, kbs):
 
 
 def test_quiet_when_the_reader_of_standard_output_goes_away(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "keybroker", "policy", "get", "--db", f"sqlite:///{tmp_path / 'db'}"],
+    db = f"sqlite:///{tmp_path / 'db'}"
+    proc = subprocess.Popen([sys.executable, "-m", "keybroker", "policy", "get", "--db", db],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # before it writes: its output meets a closed pipe
     status = proc.wait(30)

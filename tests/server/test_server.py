@@ -9,11 +9,11 @@ import sys
 import pytest
 import requests
 
-from keybroker.wire import envelope
 from keybroker.errors import ServerError
-from keybroker.wire import rcar as p
 from keybroker.guest.client import RcarClient
 from keybroker.guest.tsm import ReportRequest, TsmClient
+from keybroker.wire import envelope
+from keybroker.wire import rcar as p
 
 SECRET = b"\x00resource bytes\xff"
 

@@ -12,7 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+
 from support.checks import check_cca, check_snp, check_tdx, snp_certs
 
 NONCE = bytes(range(64))
@@ -255,7 +257,7 @@ def test_evidence_faults(tsm_sim, sim_state):
     root = tsm_sim("sev_guest", "corrupt-signature")
     os.mkdir(root / "e")
     write(root / "e" / "inblob", NONCE)
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidSignature):
         check_snp(read(root / "e" / "outblob"), read(root / "e" / "auxblob"), NONCE)
 
     root = tsm_sim("sev_guest", "debug")

@@ -13,9 +13,9 @@ from pathlib import Path
 import requests
 from jwcrypto import jwe, jwk
 
+from keybroker.guest.tsm import ReportRequest, TsmClient
 from keybroker.wire import envelope
 from keybroker.wire import rcar as p
-from keybroker.guest.tsm import ReportRequest, TsmClient
 
 
 def keybroker(*args: str, data: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ class PcsServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 server.requests.append(self.path)
                 body, headers = server.routes.get(self.path, (b"", {}))
                 self.send_response(200 if self.path in server.routes else 404)

@@ -62,7 +62,7 @@ class KeyServerProcess:
         self.log_path = workdir / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "KeyServerProcess":
+    def start(self) -> KeyServerProcess:
         import urllib.request
 
         log = open(self.log_path, "a")
@@ -75,7 +75,7 @@ class KeyServerProcess:
                 return self
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"key server did not start: {self.log()}")
+                    raise RuntimeError(f"key server did not start: {self.log()}") from None
                 time.sleep(0.05)
 
     def stop(self) -> None:
@@ -91,7 +91,7 @@ class KeyServerProcess:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def requests_to(self, route: str) -> int:
-        """How many requests the server answered on ``route`` (its metrics name: ``auth``, ``attest``, ``resource``…), from /metrics."""
+        """How many requests the server answered on ``route`` (``auth``, ``attest``, ``resource``…), from /metrics."""
         import re
         import urllib.request
 

@@ -32,7 +32,7 @@ def _der_int(value: int) -> bytes:
 
 
 def _cert(subject: str, issuer: str, key, signer, *, extensions=(), ca: bool) -> x509.Certificate:
-    start = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
     builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(start).not_valid_after(start.replace(year=2049))

@@ -24,10 +24,10 @@ from cryptography.x509.oid import NameOID
 SGX = "1.2.840.113741.1.13.1"
 INTEL_VENDOR = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 QE_MRSIGNER = bytes.fromhex("dc9e2a7c6f948f17474e34a7fc43ed030f7c1563f1babddf6340c82e0e54a8c5")
-START = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
-ISSUED = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-NEXT_UPDATE = dt.datetime(2026, 2, 1, tzinfo=dt.timezone.utc)
-AT = dt.datetime(2026, 1, 15, tzinfo=dt.timezone.utc)  # inside the collateral's validity
+START = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+ISSUED = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+NEXT_UPDATE = dt.datetime(2026, 2, 1, tzinfo=dt.UTC)
+AT = dt.datetime(2026, 1, 15, tzinfo=dt.UTC)  # inside the collateral's validity
 
 
 def _der(tag: int, content: bytes) -> bytes:

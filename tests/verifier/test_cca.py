@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 
 import cbor2
-from support import VECTORS as ALL_VECTORS
-from support import cca as cb
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,6 +19,8 @@ from jwcrypto import jwk
 from keybroker.server.policy import DEFAULT
 from keybroker.verifier import Context, Evidence, TrustStore, verify
 from keybroker.verifier.trust import Cpak
+from support import VECTORS as ALL_VECTORS
+from support import cca as cb
 
 VECTORS = ALL_VECTORS / "cca"
 SETS = {"trustee-example": "cpak.json", "veraison-tf-rmm": "cpak.pem"}

@@ -16,17 +16,17 @@ import time
 from pathlib import Path
 
 import pytest
-from support import VECTORS as ALL_VECTORS
-from support import snp as sb
 from cryptography.hazmat.primitives import serialization
 
 from keybroker.server.policy import DEFAULT
 from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
 from keybroker.verifier.certs import fingerprint
+from support import VECTORS as ALL_VECTORS
+from support import snp as sb
 
 VECTORS = ALL_VECTORS / "snp"
-NOW = dt.datetime.now(dt.timezone.utc)
-VLEK_TIME = dt.datetime(2025, 6, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
+VLEK_TIME = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)
 
 # The verdicts of /work/shared/vectors/README.md: (verifies now, released by the default policy now)
 EXPECTED = {
@@ -232,7 +232,7 @@ def kds():
     state = {"throttle": 1}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             hits.append(self.path)
             if state["throttle"]:
                 state["throttle"] -= 1
@@ -335,8 +335,8 @@ def test_verify_command():
 
 
 def test_verify_command_on_an_envelope(tsm_sim, sim_state, tmp_path):
-    from keybroker.wire import envelope
     from keybroker.guest.tsm import ReportRequest, TsmClient
+    from keybroker.wire import envelope
 
     report = TsmClient(tsm_sim("sev_guest")).get_report(ReportRequest(os.urandom(64)))
     path = tmp_path / "evidence.json"
@@ -359,7 +359,7 @@ def test_key_server_fetches_what_the_host_did_not_supply(tsm_sim, sim_state, kbs
     served: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             served.append(self.path)
             if self.path.startswith(f"/vcek/v1/Genoa/{chip}?"):
                 body = (snp / "vcek.pem").read_bytes()
@@ -396,10 +396,10 @@ def test_svsm_guests_attest_through_the_svsm(tsm_sim, kbs, tmp_path):
     """Linux under an SVSM runs at VMPL2: its own reports are refused by the default policy
     (VMPL0 wanted); with [tsm] service_provider = "svsm" the SVSM reports at VMPL0 and binds
     its manifest, and the key is released."""
+    from keybroker.errors import ServerError
     from keybroker.guest import config
     from keybroker.guest.broker import obtain
     from keybroker.guest.request import parse_request
-    from keybroker.errors import ServerError
 
     root = tsm_sim("sev_guest", svsm=True)
     server = kbs()

@@ -13,18 +13,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import VECTORS as ALL_VECTORS
-from support import tdx as tb
-from support.pcs import PcsServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keybroker.server.policy import DEFAULT, Policy
 from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
 from keybroker.verifier.certs import fingerprint
+from support import VECTORS as ALL_VECTORS
+from support import tdx as tb
+from support.pcs import PcsServer
 
 VECTORS = ALL_VECTORS / "tdx"
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 # The verdicts of ../shared/vectors/README.md: (quote file, verifies, released by the default policy
 # without collateral, TCB status with the set's own collateral or None when it has none)
@@ -107,7 +107,7 @@ def test_vector_collateral_gives_the_tcb_status(name):
     assert DEFAULT.decide("x", verdict.claims).allowed is (status == "UpToDate")
     if status == "OutOfDate":  # trustee quote6: only the OutOfDate level matches
         assert ALLOWS_OUT_OF_DATE.decide("x", verdict.claims).allowed
-        fresh = run(raw, collateral=folder, at=dt.datetime(2025, 11, 1, tzinfo=dt.timezone.utc))
+        fresh = run(raw, collateral=folder, at=dt.datetime(2025, 11, 1, tzinfo=dt.UTC))
         assert fresh.claims["tdx.collateral_expired"] is False
     if name == "go-tdx-guest/spr-e4-v4":  # all four documents, and CRLs that revoke nothing of this quote
         assert check(verdict, "crl").ok and check(verdict, "qe_identity").ok
@@ -451,7 +451,8 @@ def test_collateral_from_a_pcs_is_cached(tmp_path, pcs):
     assert len(server.requests) == 4
     again = run(raw, trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path), at=tb.AT)
     assert again.ok and len(server.requests) == 4  # from the cache
-    stale = run(raw, trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path), at=tb.NEXT_UPDATE + dt.timedelta(1))
+    stale = run(raw, trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path),
+                at=tb.NEXT_UPDATE + dt.timedelta(1))
     assert stale.ok and len(server.requests) == 8  # past nextUpdate: fetched again
     assert sorted(f.name for f in (tmp_path / "pcs" / f"{p.fmspc.hex()}-platform").iterdir()) == [
         "pck_crl.der", "pck_crl_issuer_chain.pem", "qe_identity.json", "qe_identity_issuer_chain.pem",

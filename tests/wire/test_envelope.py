@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from keybroker.errors import EnvelopeError
 from keybroker.wire import envelope
 from keybroker.wire.envelope import TsmReport
-from keybroker.errors import EnvelopeError
 
 REPORT = TsmReport(provider="sev_guest", generation=2, inblob=bytes(64), outblob=b"\x01" * 1184,
                    auxblob=b"\x02" * 100, privlevel=1, privlevel_floor=0)

@@ -11,8 +11,8 @@ import rfc8785
 from jwcrypto import jwe, jwk
 
 from keybroker.errors import ProtocolError
-from keybroker.wire import rcar as p
 from keybroker.server.kbs import wrap
+from keybroker.wire import rcar as p
 
 
 def test_canonical_json_matches_trustees_vector():

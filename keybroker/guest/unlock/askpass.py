@@ -32,10 +32,10 @@ from pathlib import Path
 
 from inotify_simple import INotify, flags
 
-from .. import keyring
-from ..config import ClientConfig, Volume
 from ...errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
 from ...systemd import SUN_PATH_MAX
+from .. import keyring
+from ..config import ClientConfig, Volume
 from .keys import KeySource
 from .progress import INFO, WARNING, Reporter
 from .retry import Retry, failure
@@ -113,7 +113,7 @@ class Ask:
     not_after: int = 0  # microseconds on CLOCK_MONOTONIC; 0: no limit
 
     @classmethod
-    def parse(cls, path: Path, text: str) -> "Ask":
+    def parse(cls, path: Path, text: str) -> Ask:
         fields = _parse_sections(text)
         sock = fields.get("Socket", "")
         if not sock:

@@ -23,6 +23,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from ...errors import ConfigError
 from .. import config
 
 BOOT_MODULES = ("keybroker.cli", "keybroker.guest.handler", "keybroker.guest.broker", "keybroker.guest.unlock.keyfile",
@@ -34,7 +35,7 @@ FILE_SKIP = re.compile(r".*\.opt-[12]\.pyc|_tkinter\..*|_test.*|_ctypes_test\..*
 
 
 def _tree(root: Path, skip: frozenset[str] = frozenset()) -> set[Path]:
-    files = set()
+    files: set[Path] = set()
     for folder, dirs, names in os.walk(root):
         if Path(folder) == root:
             dirs[:] = [d for d in dirs if d not in skip and not d.startswith("config-")]
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         print("\n".join(listing([Path(arg) for arg in args])))
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         print(f"keybroker initramfs: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -33,13 +33,13 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
+from ...systemd import SUN_PATH_MAX, listen_fds
 from .. import keyring
 from ..config import ClientConfig, Volume
-from ...errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
 from .keys import KeySource
 from .progress import WARNING, Reporter
 from .retry import Retry, failure
-from ...systemd import SUN_PATH_MAX, listen_fds
 
 DEFAULT_SOCKET = Path("/run/keybroker/cryptsetup.sock")
 MAX_CLIENTS = 64
@@ -65,7 +65,7 @@ def volume_of_peer(address: object) -> str:
 def peer_uid(conn: socket.socket) -> int:
     _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                          struct.calcsize("3i")))
-    return uid
+    return int(uid)
 
 
 def _peer_gone(conn: socket.socket) -> bool:

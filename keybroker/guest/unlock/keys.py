@@ -13,9 +13,9 @@ from __future__ import annotations
 import array
 from dataclasses import dataclass
 
+from ...errors import KeyringError
 from .. import keyring
 from ..config import Volume
-from ...errors import KeyringError
 from .retry import TRANSIENT_ERRNOS
 
 

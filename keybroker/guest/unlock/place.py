@@ -13,9 +13,9 @@ the passphrase back).
 
 from __future__ import annotations
 
+from ...errors import UnlockRefused
 from .. import keyring
 from ..config import ClientConfig
-from ...errors import UnlockRefused
 from .keys import KeySource
 from .progress import Reporter
 from .retry import Retry

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ... import systemd
 from ...systemd import INFO, NOTICE, WARNING, Journal
 
-__all__ = ["Reporter", "INFO", "NOTICE", "WARNING"]
+__all__ = ["INFO", "NOTICE", "WARNING", "Reporter"]
 
 
 @dataclass(frozen=True)

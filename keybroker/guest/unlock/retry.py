@@ -14,8 +14,9 @@ from __future__ import annotations
 import errno as E
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from ...errors import KeyringError, UnlockGaveUp
 from ..retry import Backoff, Gone, never, retry
@@ -55,8 +56,9 @@ class Retry:
 
         def on_retry(number: int, exc: Exception, pause: float) -> None:
             tries[0] = number
+            reason = os.strerror(exc.errno) if isinstance(exc, KeyringError) else str(exc)
             self.reporter.status(f"{self.what}: waiting for key server {self.server}, attempt {number}: "
-                                 f"{os.strerror(exc.errno)}; next attempt in {pause:.0f} s", NOTICE)  # type: ignore[attr-defined]
+                                 f"{reason}; next attempt in {pause:.0f} s", NOTICE)
 
         try:
             result = retry(attempt, transient=_transient, backoff=self.backoff, deadline=start + self.deadline,

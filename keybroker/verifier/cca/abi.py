@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +48,12 @@ COSE_ALGS: dict[int, tuple[type[ec.EllipticCurve], type[hashes.HashAlgorithm], i
     -36: (ec.SECP521R1, hashes.SHA512, 66, "ES512")}
 
 
-COSE_CURVES = {1: ec.SECP256R1, 2: ec.SECP384R1, 3: ec.SECP521R1}
+#: COSE EC2 curve -> (curve, coordinate size)
+COSE_CURVES: dict[int, tuple[Callable[[], ec.EllipticCurve], int]] = {
+    1: (ec.SECP256R1, 32), 2: (ec.SECP384R1, 48), 3: (ec.SECP521R1, 66)}
 
 
-SEC1_SIZES = {65: ec.SECP256R1, 97: ec.SECP384R1, 133: ec.SECP521R1}
+SEC1_SIZES: dict[int, Callable[[], ec.EllipticCurve]] = {65: ec.SECP256R1, 97: ec.SECP384R1, 133: ec.SECP521R1}
 
 
 @dataclass(frozen=True)
@@ -128,13 +130,13 @@ def _decode(data: bytes, what: str) -> Any:
     return item
 
 
-def _get(claims: Mapping, key: int, kind: type | tuple[type, ...], what: str, *, sizes: tuple[int, ...] = (),
-         optional: bool = False) -> Any:
+def _get(claims: Mapping[Any, Any], key: int, kind: type[Any] | tuple[type[Any], ...], what: str, *,
+         sizes: tuple[int, ...] = (), optional: bool = False) -> Any:
     if key not in claims:
         if optional:
             return None
         raise EvidenceError(f"{what} claim {key} is missing")
-    value = claims[key]
+    value: Any = claims[key]
     if not isinstance(value, kind) or isinstance(value, bool):
         raise EvidenceError(f"{what} claim {key} has the wrong type ({type(value).__name__})")
     if sizes and len(value) not in sizes:
@@ -229,9 +231,8 @@ def rak_key(claim: bytes) -> ec.EllipticCurvePublicKey:
         key = _decode(claim, "the RAK COSE_Key")
         if not isinstance(key, Mapping) or key.get(1) != 2 or key.get(-1) not in COSE_CURVES:
             raise EvidenceError("the RAK is neither a SEC1 point nor an EC2 COSE_Key on P-256/P-384/P-521")
-        curve = COSE_CURVES[key[-1]]
+        curve, size = COSE_CURVES[key[-1]]
         x, y = key.get(-2), key.get(-3)
-        size = (curve.key_size + 7) // 8
         if not (isinstance(x, bytes) and isinstance(y, bytes) and len(x) == len(y) == size):
             raise EvidenceError(f"the RAK COSE_Key coordinates must be {size}-byte strings")
         point = b"\x04" + x + y

@@ -21,6 +21,7 @@ from ..trust import Cpak
 from .abi import COSE_ALGS, HASHES, PlatformClaims, Sign1, parse_token
 from .claims import claims
 
+
 def sign1_verifies(sign1: Sign1, key: ec.EllipticCurvePublicKey) -> bool:
     """COSE_Sign1 (RFC 9052) with its algorithm's curve and hash; the signature is raw r || s."""
     curve, digest, size, _ = COSE_ALGS[sign1.alg]

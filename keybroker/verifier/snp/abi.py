@@ -40,7 +40,7 @@ class Tcb:
     fmc: int | None = None
 
     @classmethod
-    def parse(cls, raw: bytes, turin: bool) -> "Tcb":
+    def parse(cls, raw: bytes, turin: bool) -> Tcb:
         if turin:
             return cls(bootloader=raw[1], tee=raw[2], snp=raw[3], microcode=raw[7], fmc=raw[0])
         return cls(bootloader=raw[0], tee=raw[1], snp=raw[6], microcode=raw[7])
@@ -254,7 +254,7 @@ def vek_hwid(cert: x509.Certificate) -> bytes | None:
     """The hwID extension: raw bytes as AMD issues it; a DER OCTET STRING is accepted too."""
     raw = extension(cert, f"{AMD_OID}.4")
     if raw is not None and len(raw) in (66, 10) and raw[0] == 0x04:
-        tag, content, end = der_read(raw)
+        _tag, content, end = der_read(raw)
         if end == len(raw):
             return content
     return raw

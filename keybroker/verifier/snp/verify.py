@@ -20,13 +20,32 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ...errors import EvidenceError
-from ..certs import (common_name, fingerprint, is_ec_key, load_cert_dir, load_certs, signed_by_rsa_pss_sha384,
-                     valid_at, validity)
+from ..certs import (
+    common_name,
+    fingerprint,
+    is_ec_key,
+    load_cert_dir,
+    load_certs,
+    signed_by_rsa_pss_sha384,
+    valid_at,
+    validity,
+)
 from ..core import Checks, Context, Evidence, check_freshness
 from ..trust import TrustStore
-from .abi import PRODUCTS, REPORT_SIZE, SIGNED_SIZE, Report, parse_cert_table, parse_report, vek_hwid, vek_product_name, vek_spl
+from .abi import (
+    PRODUCTS,
+    REPORT_SIZE,
+    SIGNED_SIZE,
+    Report,
+    parse_cert_table,
+    parse_report,
+    vek_hwid,
+    vek_product_name,
+    vek_spl,
+)
 from .claims import claims, manifest_claims
 from .kds import fetch_chain
+
 
 @dataclass(frozen=True)
 class Chain:
@@ -97,13 +116,13 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
         checks.failed("signer_consistent", f"SIGNING_KEY is {report.signing_key}: the report is not signed "
                                            "by a VCEK or VLEK")
     certs = _candidates(evidence, context)
-    chain = find_chain(report, certs, kind, context.trust)  # type: ignore[arg-type]
+    chain = find_chain(report, certs, kind, context.trust)
     if isinstance(chain, str) and context.kds_url is not None:
         try:
-            certs += fetch_chain(report, kind, context)  # type: ignore[arg-type]
+            certs += fetch_chain(report, kind, context)
         except EvidenceError as exc:
             checks.failed("certificates", f"{chain}; {exc}")
-        chain = find_chain(report, certs, kind, context.trust)  # type: ignore[arg-type]
+        chain = find_chain(report, certs, kind, context.trust)
     if isinstance(chain, str):
         checks.failed("certificates", chain)
     assert isinstance(chain, Chain)
@@ -160,9 +179,11 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
         checks.require(vek_hwid(vek) is None, "chip_id_matches", "VLEK: not bound to a chip",
                        "a VLEK must not carry a hwID")
 
+    key = vek.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)  # vek_key passed
     try:
-        vek.public_key().verify(encode_dss_signature(report.signature_r, report.signature_s),  # type: ignore[union-attr]
-                                report.raw[:SIGNED_SIZE], ec.ECDSA(hashes.SHA384()))
+        key.verify(encode_dss_signature(report.signature_r, report.signature_s), report.raw[:SIGNED_SIZE],
+                   ec.ECDSA(hashes.SHA384()))
         checks.passed("report_signature", "ECDSA P-384 SHA-384 over 0x000-0x29F")
     except InvalidSignature:
         checks.failed("report_signature", f"the report signature does not verify under the "

@@ -71,7 +71,7 @@ class TdReport:
     mrservicetd: bytes | None = None
 
     @classmethod
-    def parse(cls, raw: bytes) -> "TdReport":
+    def parse(cls, raw: bytes) -> TdReport:
         def at(offset: int, size: int) -> bytes:
             return raw[offset:offset + size]
 
@@ -103,7 +103,7 @@ class QeReport:
     report_data: bytes
 
     @classmethod
-    def parse(cls, raw: bytes) -> "QeReport":
+    def parse(cls, raw: bytes) -> QeReport:
         isvprodid, isvsvn = struct.unpack_from("<HH", raw, 256)
         return cls(raw=raw, cpusvn=raw[0:16], miscselect=raw[16:20], attributes=raw[48:64],
                    mrenclave=raw[64:96], mrsigner=raw[128:160], isvprodid=isvprodid, isvsvn=isvsvn,

@@ -9,8 +9,8 @@ PCK Processor CA", whose issuer is the Intel SGX Root CA.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from cryptography import x509
 

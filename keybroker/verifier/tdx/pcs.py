@@ -39,9 +39,9 @@ def fetch_collateral(context: Context, fmspc: bytes, ca: str) -> Collateral:
     assert context.pcs_url is not None and ca in ("platform", "processor")
     fetcher = context.fetcher
     if fetcher.cache_dir is None:
-        with tempfile.TemporaryDirectory(prefix="keybroker-pcs-") as tmp:
-            _fetch_into(fetcher, context.pcs_url, fmspc, ca, Path(tmp))
-            return load_folder(Path(tmp))
+        with tempfile.TemporaryDirectory(prefix="keybroker-pcs-") as scratch:
+            _fetch_into(fetcher, context.pcs_url, fmspc, ca, Path(scratch))
+            return load_folder(Path(scratch))
     folder = fetcher.cache_dir / "pcs" / f"{fmspc.hex()}-{ca}"
     if folder.is_dir():
         cached = load_folder(folder)

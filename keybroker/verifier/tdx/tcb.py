@@ -24,8 +24,8 @@ from ...errors import EvidenceError
 from .collateral import IsvLevel, ModuleIdentity, QeIdentity, TcbInfo, TcbLevel
 
 if TYPE_CHECKING:
-    from .pck import PckInfo
     from .abi import QeReport, TdReport
+    from .pck import PckInfo
 
 NOT_SUPPORTED = "NotSupported"
 CONFIGURATION = {"ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded", "OutOfDateConfigurationNeeded",
@@ -41,13 +41,13 @@ class TcbResult:
     explanation: str
 
 
-def qe_level(identity: QeIdentity, report: "QeReport") -> IsvLevel:
+def qe_level(identity: QeIdentity, report: QeReport) -> IsvLevel:
     """The QE's TCB level; ``NotSupported`` when its ISVSVN is below every level."""
     found = next((lv for lv in identity.levels if lv.isvsvn <= report.isvsvn), None)
     return found or IsvLevel(report.isvsvn, "", NOT_SUPPORTED, ())
 
 
-def qe_identity_mismatch(identity: QeIdentity, report: "QeReport") -> str | None:
+def qe_identity_mismatch(identity: QeIdentity, report: QeReport) -> str | None:
     """Why the QE report is not the enclave the identity describes, or None."""
     if report.mrsigner != identity.mrsigner:
         return f"QE MRSIGNER {report.mrsigner.hex()} is not {identity.mrsigner.hex()}"
@@ -61,7 +61,7 @@ def qe_identity_mismatch(identity: QeIdentity, report: "QeReport") -> str | None
 
 
 def _masked(value: bytes, mask: bytes) -> bytes:
-    return bytes(a & b for a, b in zip(value, mask))
+    return bytes(a & b for a, b in zip(value, mask, strict=True))
 
 
 def _covers(have: tuple[int, ...] | bytes, need: tuple[int, ...], start: int = 0) -> bool:
@@ -73,7 +73,7 @@ def _module_identity(info: TcbInfo, version: int) -> ModuleIdentity | None:
     return next((m for m in info.module_identities if m.id.upper() == name), None)
 
 
-def tdx_tcb_status(info: TcbInfo, pck: "PckInfo", body: "TdReport", qe: IsvLevel | None) -> TcbResult:
+def tdx_tcb_status(info: TcbInfo, pck: PckInfo, body: TdReport, qe: IsvLevel | None) -> TcbResult:
     """The TCB status of a TD; ``qe`` is the QE's level (None without a QE identity).
 
     Raises EvidenceError when the TDX module does not match the TCB info (Intel:
@@ -113,7 +113,7 @@ def tdx_tcb_status(info: TcbInfo, pck: "PckInfo", body: "TdReport", qe: IsvLevel
     return TcbResult(status, tuple(dict.fromkeys(advisories)), tdx_level.date, "; ".join(explanation))
 
 
-def _module(info: TcbInfo, body: "TdReport") -> tuple[ModuleIdentity, IsvLevel | None]:
+def _module(info: TcbInfo, body: TdReport) -> tuple[ModuleIdentity, IsvLevel | None]:
     """The TDX module identity (checked against the quote) and its level (None for version 0)."""
     version, isvsvn = body.tee_tcb_svn[1], body.tee_tcb_svn[0]
     identity = _module_identity(info, version) if version else info.tdx_module

@@ -26,9 +26,10 @@ from . import tcb
 from .abi import BODY_SIZES, BODY_TD15, Quote, parse_quote
 from .claims import claims, pck_claims
 from .collateral import Collateral, load_folder
-from .pcs import fetch_collateral
 from .pck import PCK_CA_NAMES, TCB_SIGNING_CN, PckChain, PckInfo, pck_chain, pck_info
+from .pcs import fetch_collateral
 from .tcb import qe_identity_mismatch
+
 
 def _raw_ecdsa_p256(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
     der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
