@@ -11,8 +11,8 @@ reject with a deliberate errno and a negative-cache timeout. The attestation rou
 a forked worker (which drops the authority): a provider can block a read uninterruptibly,
 and this process, the one the kernel waits for, must be able to give up on time.
 
-Which errno and negative-cache timeout each failure gets is :func:`classify`; the README's
-table "What the handler does" states it for users (a test keeps the two in step).
+Which errno and negative-cache timeout each failure gets is :func:`classify`; the table in
+docs/guest.md states it for users (a test keeps the two in step).
 
 It logs one line per request to syslog (the journal, else stderr, when /dev/log is
 missing; facility authpriv), never key material. ``--debug TYPE DESC CALLOUT`` runs the same flow without

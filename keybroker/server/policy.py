@@ -1,32 +1,9 @@
-"""Release policy: which appraised claims may obtain which resources.
+"""Release policy: which appraised claims may obtain which resources (docs/policy.md).
 
-A policy is a small JSON document::
-
-    {
-      "version": 1,
-      "rules": [
-        {"resources": ["default/disk/*"],
-         "require": {"allOf": [
-            {"claim": "tee", "in": ["snp", "tdx"]},
-            {"claim": "measurement", "in": ["9f4c...", "77aa..."]},
-            {"claim": "snp.reported_tcb.microcode", "atLeast": 72},
-            {"anyOf": [{"claim": "tdx.tcb_status", "equals": "UpToDate"},
-                       {"claim": "tdx.tcb_status", "exists": false}]}]}}
-      ]
-    }
-
-The first rule whose ``resources`` pattern matches (``*`` matches anything, ``/``
-included) decides; when none matches, the release is denied. A rule allows the release
-when its ``require`` condition holds. Conditions: ``{"claim", "equals"}``,
-``{"claim", "in"}``, ``{"claim", "atLeast"}`` / ``{"claim", "atMost"}`` (numbers, or
-dotted versions such as ``"1.55.43"``), ``{"claim", "exists"}``, and ``allOf``,
-``anyOf``, ``not``. A claim that is absent fails every comparison.
-
-Debug guests are refused whatever the rule says, unless the rule sets
-``"allow_debug": true``: a debug guest's memory is readable by its host.
-
-A denial's reason names the rule and the condition that failed; ``Policy.explain`` lists
-every rule consulted and every condition with PASS or FAIL (``keybroker policy check``).
+A policy is a JSON document of rules; the first rule whose resource pattern matches
+decides, by its condition over the claims; no matching rule denies. Debug guests are
+refused unless the rule sets ``allow_debug``. A denial's reason names the rule and the
+condition that failed; :meth:`Policy.explain` lists every condition with PASS or FAIL.
 """
 
 from __future__ import annotations
