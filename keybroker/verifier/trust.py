@@ -32,6 +32,11 @@ AMD_ARKS = {
 }
 #: SHA-256 of the DER of the Intel SGX Root CA (tdx.md section 6).
 INTEL_SGX_ROOT = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
+#: Intel's TD quoting enclave (tdx.md section 3, Intel's TD_QE identity): the key that signs
+#: it and its product ID. A PCK certifies any enclave its platform runs; only this one may
+#: vouch for a TD's attestation key, whether or not QE identity collateral is at hand.
+INTEL_TD_QE_MRSIGNER = bytes.fromhex("dc9e2a7c6f948f17474e34a7fc43ed030f7c1563f1babddf6340c82e0e54a8c5")
+INTEL_TD_QE_ISVPRODID = 2
 #: What a trust-roots folder holds, by file name suffix; files with other suffixes are ignored.
 ANCHOR_SUFFIXES = (".pem", ".crt", ".cer", ".der", ".json")
 ANCHOR_KINDS = ("a root certificate (PEM or DER), a CCA platform key (PEM public key or JWK) or a Veraison "

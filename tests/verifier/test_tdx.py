@@ -490,3 +490,40 @@ def test_verify_command(tmp_path):
     assert bad.returncode == 1 and "FAIL  quote_signature" in bad.stdout
     rd = keybroker(str(folder / "quote.dat"), "--report-data", "00" * 64)
     assert rd.returncode == 1 and "FAIL  report_data" in rd.stdout
+
+
+# -- the quoting enclave is Intel's, with or without collateral ------------------------------
+
+@pytest.mark.parametrize("values, named", [
+    ({"qe_mrsigner": "ab" * 32}, "QE MRSIGNER abab"),
+    ({"qe_isvprodid": 77}, "QE ISVPRODID 77 is not the TD QE's 2"),
+])
+def test_a_foreign_quoting_enclave_is_refused_without_collateral(sim_state, tsm_sim, values, named):
+    """A host that gets an enclave of its own certified by its PCK must not vouch for TD quotes."""
+    from dataclasses import replace
+
+    from keybroker.sim import providers, roots
+
+    tsm_sim("tdx_guest")  # makes the simulated platform (and its PCK) in sim_state
+    identity = roots.SimState(sim_state).tdx()
+    nonce = bytes(range(64))
+    genuine = providers.tdx_quote_v4(identity, report_data=nonce)
+    forged = providers.tdx_quote_v4(replace(identity, values={**identity.values, **values}), report_data=nonce)
+    trust = TrustStore.default().with_dirs([sim_state / "trust"])
+    assert verify(Evidence("tdx_guest", genuine, inblob=nonce), Context(trust)).ok
+    verdict = verify(Evidence("tdx_guest", forged, inblob=nonce), Context(trust))
+    assert check(verdict, "qe_report_signature").ok  # the PCK did sign it
+    assert not verdict.ok and verdict.failures[0].name == "qe_pinned" and named in verdict.failures[0].detail
+
+
+def test_a_debug_quoting_enclave_is_refused():
+    p = tb.platform()
+    raw = bytearray(tb.quote(p))
+    verdict = run(bytes(raw), trust=trusting(p), at=tb.AT)
+    assert check(verdict, "qe_pinned").ok
+    qe_at = raw.index(hashlib.sha256(b"qe").digest()) - 64  # the QE report: ATTRIBUTES at 48, MRENCLAVE at 64
+    raw[qe_at + 48] |= 0x02
+    signed = bytes(raw[qe_at:qe_at + 384])
+    raw[qe_at + 384:qe_at + 448] = tb.raw_sig(p.pck_key, signed)  # re-signed by the PCK: only the QE is wrong
+    verdict = run(bytes(raw), trust=trusting(p), at=tb.AT)
+    assert verdict.failures[0].name == "qe_pinned" and "debug mode" in verdict.failures[0].detail

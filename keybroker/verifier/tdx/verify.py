@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from ...errors import EvidenceError
 from ..certs import common_name, fingerprint, is_ec_key, load_cert_dir, signed_by, valid_at, validity
 from ..core import Checks, Context, Evidence, check_freshness
+from ..trust import INTEL_TD_QE_ISVPRODID, INTEL_TD_QE_MRSIGNER
 from . import tcb
 from .abi import BODY_SIZES, BODY_TD15, Quote, parse_quote
 from .claims import claims, pck_claims
@@ -29,6 +30,8 @@ from .collateral import Collateral, load_folder
 from .pck import PCK_CA_NAMES, TCB_SIGNING_CN, PckChain, PckInfo, pck_chain, pck_info
 from .pcs import fetch_collateral
 from .tcb import qe_identity_mismatch
+
+SGX_ATTRIBUTE_DEBUG = 0x02  # ATTRIBUTES.FLAGS bit 1
 
 
 def _raw_ecdsa_p256(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
@@ -63,6 +66,9 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     checks.require(_raw_ecdsa_p256(leaf_key, quote.qe_report_signature, quote.qe_report.raw),  # type: ignore[arg-type]
                    "qe_report_signature", "ECDSA P-256 SHA-256 over the QE report, by the PCK leaf",
                    "the QE report signature does not verify under the PCK leaf's key")
+    checks.require(_qe_problem(quote) is None, "qe_pinned",
+                   "the quoting enclave is Intel's TD QE (MRSIGNER and ISVPRODID pinned), not in debug mode",
+                   _qe_problem(quote) or "")
     ak = _attestation_key(quote.attestation_key)
     checks.require(ak is not None and _raw_ecdsa_p256(ak, quote.signature, quote.signed), "quote_signature",
                    f"ECDSA P-256 SHA-256 over quote[0:{len(quote.signed)}], by the attestation key",
@@ -75,6 +81,18 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
                    "or the QE authentication data is not the one the quoting enclave reported")
     check_freshness(quote.body.report_data, evidence, context, checks, what="REPORTDATA")
     _appraise_tcb(quote, chain, info, context, checks, claims_out)
+
+
+def _qe_problem(quote: Quote) -> str | None:
+    """Why the enclave that signed for the attestation key is not Intel's TD quoting enclave, or None."""
+    qe = quote.qe_report
+    if qe.mrsigner != INTEL_TD_QE_MRSIGNER:
+        return f"QE MRSIGNER {qe.mrsigner.hex()} is not Intel's TD QE signer {INTEL_TD_QE_MRSIGNER.hex()}"
+    if qe.isvprodid != INTEL_TD_QE_ISVPRODID:
+        return f"QE ISVPRODID {qe.isvprodid} is not the TD QE's {INTEL_TD_QE_ISVPRODID}"
+    if qe.attributes[0] & SGX_ATTRIBUTE_DEBUG:
+        return "the quoting enclave runs in debug mode (ATTRIBUTES.DEBUG): its memory, keys included, is readable"
+    return None
 
 
 def _check_chain(chain: PckChain, context: Context, checks: Checks) -> None:
