@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from support import policies
 from support.emulator import run_tsm_sim
 from support.servers import KeyServerProcess, ServerSecrets
 
@@ -27,11 +28,14 @@ def sim_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tsm_sim(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., Path]]:
-    """Factory: ``tsm_sim("sev_guest", "slow=2", svsm=False)`` mounts an emulator for this test."""
+    """Factory: ``tsm_sim("sev_guest", "slow=2", svsm=False)`` mounts an emulator for this test.
+
+    ``state=DIR`` runs it on another simulated platform than the session's.
+    """
     stack: list = []
 
-    def start(provider: str, *faults: str, svsm: bool = False) -> Path:
-        cm = run_tsm_sim(tmp_path / f"m{len(stack)}", sim_state, provider, *faults, svsm=svsm)
+    def start(provider: str, *faults: str, svsm: bool = False, state: Path | None = None) -> Path:
+        cm = run_tsm_sim(tmp_path / f"m{len(stack)}", state or sim_state, provider, *faults, svsm=svsm)
         root = cm.__enter__()
         stack.append(cm)
         return root
@@ -49,15 +53,17 @@ def tsm_sim(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., Path]]:
 def kbs(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., KeyServerProcess]]:
     """Factory: ``kbs()`` starts a key server trusting the simulated roots; stopped after the test.
 
-    ``kbs(*extra_args, trust=True, db=None, secrets=None)``: replicas share ``db`` and ``secrets``.
+    ``kbs(*extra_args, trust=True, db=None, secrets=None, policy=...)``: replicas share ``db`` and
+    ``secrets``; ``policy`` is the release policy (any verified guest by default; None: none).
     """
     servers: list[KeyServerProcess] = []
 
-    def start(*extra: str, trust: bool = True, db: str | None = None,
-              secrets: ServerSecrets | None = None) -> KeyServerProcess:
+    def start(*extra: str, trust: bool = True, db: str | None = None, secrets: ServerSecrets | None = None,
+              policy: dict | None = policies.ANY_GUEST_DOCUMENT) -> KeyServerProcess:
         workdir = tmp_path / f"kbs{len(servers)}"
         workdir.mkdir()
-        server = KeyServerProcess(workdir, sim_state / "trust" if trust else None, *extra, db=db, secrets=secrets)
+        server = KeyServerProcess(workdir, sim_state / "trust" if trust else None, *extra, db=db, secrets=secrets,
+                                  policy=policy)
         servers.append(server)
         return server.start()
 

@@ -111,6 +111,26 @@ def run() -> int:
         _step(f"installed {conf}:")
         print(conf.read_text(), end="", flush=True)
 
+        def keybroker(*args: str) -> str:
+            shown = " ".join(Path(a).name if a.startswith(str(work)) or a.startswith(str(SIM_STATE)) else a
+                             for a in args)
+            _step(f"keybroker {shown}")
+            return subprocess.run([sys.executable, "-m", "keybroker", *args], capture_output=True, text=True,
+                                  check=True, timeout=60).stdout
+
+        refused = subprocess.run(["keyctl", "session", "-", "keyctl", "request2", "user", f"keybroker:{RESOURCE}", "",
+                                  "@s"], capture_output=True, text=True, timeout=60)
+        _step("a fresh key server releases nothing until its operator sets a release policy: "
+              f"{refused.stderr.strip().splitlines()[-1]}")
+        evidence = work / "evidence.json"
+        evidence.write_text(keybroker("evidence", "--tsm-root", str(mount / "tsm" / "report"),
+                                      "--nonce", secrets.token_hex(64)))
+        policy = keybroker("policy", "from-evidence", str(evidence), "--resources", "default/*",
+                           "--trust-roots", str(SIM_STATE / "trust"))
+        print(policy, end="", flush=True)
+        version, _ = Admin(Store(db), None, "local:demo", "demo").put_policy(policy)
+        _step(f"made it the active release policy (version {version}): this guest's image may obtain default/*")
+
         _step(f'keyctl request2 user keybroker:{RESOURCE} "" @s   (in a fresh session keyring)')
         script = (f'id=$(keyctl request2 user keybroker:{RESOURCE} "" @s) || exit 1; '
                   'echo "serial:      $id"; echo "description: $(keyctl rdescribe $id)"; '

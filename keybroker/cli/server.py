@@ -57,7 +57,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="offline TDX collateral (TCB info, QE identity, CRLs, TCB signing chain); wins over --pcs-url")
     p.add_argument("--policy", type=Path, metavar="FILE",
                    help="release policy (JSON) to make active at start when it differs from the active one; "
-                        "default: keep the database's (the built-in one refuses debug guests)")
+                        "default: keep the database's (none at first: nothing is released until one is set)")
     p.add_argument("--tls-cert", type=Path, help="TLS certificate chain (PEM)")
     p.add_argument("--tls-key", type=Path, help="TLS private key (PEM)")
     p.add_argument("--kek-file", type=Path, metavar="FILE",
@@ -154,15 +154,22 @@ def _add_resource(sub: argparse._SubParsersAction) -> None:
 def _policy(args: argparse.Namespace) -> int:
     import datetime as dt
 
+    from ..server.policy import Policy
+
     if args.action == "check":
         return _policy_check(args)
+    if args.action == "from-evidence":
+        return _policy_from_evidence(args)
     admin = _administrator(args)
     if args.action == "put":
-        version, changed = admin.put_policy(args.file.read_bytes())
+        text = args.file.read_bytes()
+        _warn_unpinned(Policy.loads(text))
+        version, changed = admin.put_policy(text)
         print(f"policy version {version} is active" + ("" if changed else " (unchanged)"))
     elif args.action == "rm":
         version, changed = admin.reset_policy()
-        print(f"policy version {version} (the built-in default) is active" + ("" if changed else " (unchanged)"))
+        print(f"policy version {version} is active: no rules, nothing is released" +
+              ("" if changed else " (unchanged)"))
     elif args.action == "get":
         stored = admin.get_policy(args.version)
         if stored is None:
@@ -175,6 +182,35 @@ def _policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_unpinned(policy: Any) -> None:
+    for warning in policy.unpinned():
+        print(f"keybroker policy: warning: {warning}", file=sys.stderr)
+
+
+def _policy_from_evidence(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from ..server.policy import from_appraisals
+    from ..verifier import Evidence, verify
+    from ..wire import envelope
+
+    appraisals = []
+    for path in args.evidence:
+        verdict = verify(Evidence.from_report(envelope.loads(path.read_bytes())), verification_context(args))
+        if not verdict.ok:
+            raise SystemExit(f"keybroker policy from-evidence: {path} does not verify ({verdict.reason()}); "
+                             "a policy must not pin what no genuine TEE vouched for")
+        if verdict.claims.get("debug") is not False:
+            raise SystemExit(f"keybroker policy from-evidence: {path} is from a debug guest, whose memory its host "
+                             "can read; no release policy should name it")
+        appraisals.append(verdict.claims)
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    names = ", ".join(path.name for path in args.evidence)
+    policy = from_appraisals(appraisals, args.resources, f"from the evidence {names}, {when}")
+    print(policy.dumps())
+    return 0
+
+
 def _policy_check(args: argparse.Namespace) -> int:
     import json
 
@@ -183,6 +219,7 @@ def _policy_check(args: argparse.Namespace) -> int:
     from ..wire import envelope
 
     policy = Policy.loads(args.policy.read_bytes())
+    _warn_unpinned(policy)
     evidence = Evidence.from_report(envelope.loads(args.evidence.read_bytes()))
     verdict = verify(evidence, verification_context(args))
     print("evidence (the binding to a session's nonce is the server's to check):")
@@ -210,12 +247,21 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--resource", required=True, metavar="REPO/TYPE/TAG", help="the resource asked for")
     add_evidence_options(check)
     check.add_argument("--claims", action="store_true", help="print the appraised claims")
+    start = actions.add_parser("from-evidence", help="print a starting policy that pins the image of verified guests",
+                               description="Verify each EVIDENCE envelope (keybroker evidence) and print a policy "
+                                           "that releases RESOURCES to guests running the same image: SEV-SNP "
+                                           "MEASUREMENT and HOST_DATA, TDX MRTD, MRCONFIGID and RTMR0-2, CCA RIM; "
+                                           "SNP guests at VMPL0 without a migration agent, TDX TCBs not out of date.")
+    start.add_argument("evidence", type=Path, nargs="+", metavar="EVIDENCE", help="an evidence envelope")
+    start.add_argument("--resources", required=True, action="append", metavar="PATTERN",
+                       help="resources the guests may obtain ('*' matches anything, '/' included; repeatable)")
+    add_evidence_options(start)
     put = actions.add_parser("put", help="make the policy in FILE the active version")
     put.add_argument("file", type=Path, metavar="FILE")
     get = actions.add_parser("get", help="print the active policy (or --version N)")
     get.add_argument("--version", type=int, metavar="N")
     actions.add_parser("list", help="list the policy versions: version, digest, time, who set it")
-    actions.add_parser("rm", help="go back to the built-in default policy (as a new version)")
+    actions.add_parser("rm", help="remove the release policy (a new version without rules: nothing is released)")
     for action in ("put", "get", "list", "rm"):
         _add_store_options(actions.choices[action], remote=True)
     p.set_defaults(run=_policy)

@@ -24,7 +24,7 @@ from ..errors import AdminError, ConfigError, DescriptionError
 from ..wire.resource import ResourcePath
 from . import secretfile
 from .audit import ADMIN, ALLOW, Event, Record
-from .policy import DEFAULT, Policy
+from .policy import NONE, Policy
 from .sealing import Sealer
 from .store import PolicyInfo, PolicyVersion, ResourceInfo, Store
 
@@ -88,9 +88,9 @@ class Admin:
         return self.store.put_policy(policy, self._event(f"set release policy (sha256 {policy.digest})", "policy"))
 
     def reset_policy(self) -> tuple[int, bool]:
-        """Go back to the built-in default policy (stored as the next version)."""
-        return self.store.put_policy(DEFAULT, self._event("removed the release policy: the built-in default "
-                                                          "applies", "policy"))
+        """Remove the release policy (stored as the next version, without rules): nothing is released."""
+        return self.store.put_policy(NONE, self._event("removed the release policy: nothing is released",
+                                                       "policy"))
 
     def get_policy(self, version: int | None = None) -> PolicyVersion | None:
         return self.store.active_policy() if version is None else self.store.get_policy(version)

@@ -277,6 +277,10 @@ def run(config: ServerConfig) -> None:
              "shared" if tokens.shared else "ephemeral")
     if not tokens.shared:
         log.warning("no --token-key-file: the tokens issued here are valid on this replica only")
+    if not active.policy.document["rules"]:
+        log.warning("no release policy is set: nothing will be released (keybroker policy put, or --policy)")
+    for warning in active.policy.unpinned():
+        log.warning("release policy version %d: %s", active.version, warning)
     kbs = KeyServer(store=store, sealer=sealer, trust=TrustStore.default().with_dirs(config.trust_roots),
                     tokens=tokens, metrics=Metrics(), name=name, certs=config.certs,
                     kds_url=config.kds_url or None, fetcher=Fetcher(config.cache_dir), pcs_url=config.pcs_url or None,

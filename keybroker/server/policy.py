@@ -1,8 +1,11 @@
 """Release policy: which appraised claims may obtain which resources (docs/policy.md).
 
 A policy is a JSON document of rules; the first rule whose resource pattern matches
-decides, by its condition over the claims; no matching rule denies. Debug guests are
-refused unless the rule sets ``allow_debug``. A denial's reason names the rule and the
+decides, by its condition over the claims; no matching rule denies, and without rules (no
+policy set, the key server's starting state) nothing is released. Debug guests are refused
+unless the rule sets ``allow_debug``. :func:`from_appraisals` writes a starting policy that
+pins a verified guest's image; :meth:`Policy.unpinned` names the rules that pin no
+measurement. A denial's reason names the rule and the
 condition that failed; :meth:`Policy.explain` lists every condition with PASS or FAIL.
 """
 
@@ -20,24 +23,24 @@ from ..errors import PolicyError
 VERSION = 1
 _VERSION_TEXT = re.compile(r"\d+(\.\d+)*")
 
-#: What the key server applies when the operator gave no policy: every resource to any
-#: verified guest that is not a debug guest, runs at VMPL0 without a migration agent
-#: (SEV-SNP), and whose TCB, when it was evaluated (TDX with collateral), is not out of date.
-DEFAULT_POLICY: dict[str, Any] = {
-    "version": VERSION,
-    "rules": [{
-        "resources": ["*"],
-        "require": {"allOf": [
-            {"anyOf": [{"claim": "tee", "in": ["tdx", "cca"]},
-                       {"allOf": [{"claim": "snp.vmpl", "equals": 0},
-                                  {"claim": "snp.policy.migrate_ma", "equals": False}]}]},
-            {"anyOf": [{"claim": "tdx.tcb_status", "exists": False},
-                       {"claim": "tdx.tcb_status", "in": ["UpToDate", "SWHardeningNeeded",
-                                                          "ConfigurationNeeded",
-                                                          "ConfigurationAndSWHardeningNeeded"]}]},
-        ]},
-    }],
+#: What a starting policy asks of the platform besides the guest's image (debug guests are
+#: refused by every rule anyway): on SEV-SNP, VMPL0 without a migration agent; on TDX, when
+#: the TCB status was evaluated (with collateral), a TCB that is not out of date.
+PLATFORM_REQUIREMENTS: dict[str, list[dict[str, Any]]] = {
+    "snp": [{"claim": "snp.vmpl", "equals": 0}, {"claim": "snp.policy.migrate_ma", "equals": False}],
+    "tdx": [{"anyOf": [{"claim": "tdx.tcb_status", "exists": False},
+                       {"claim": "tdx.tcb_status", "in": ["UpToDate", "SWHardeningNeeded", "ConfigurationNeeded",
+                                                          "ConfigurationAndSWHardeningNeeded"]}]}],
+    "cca": [],
 }
+#: The claims that identify what a guest runs, by TEE: its launch measurement first.
+IMAGE_CLAIMS = {"snp": ("snp.measurement", "snp.host_data"),
+                "tdx": ("tdx.mrtd", "tdx.mrconfigid", "tdx.rtmr0", "tdx.rtmr1", "tdx.rtmr2"),
+                "cca": ("cca.rim",)}
+#: A rule pins a measurement when it requires one of these claims to equal (or be one of) values.
+MEASUREMENT_CLAIMS = frozenset({"measurement", "snp.measurement", "tdx.mrtd", "cca.rim"})
+NO_POLICY_REASON = ("no release policy is set: nothing is released until the operator sets one "
+                    "(keybroker policy put, or serve --policy; keybroker policy from-evidence writes a first one)")
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class Decision:
     allowed: bool
     reason: str
     rule: int | None = None
-    #: why, in one word (for counting): allowed, no_rule, debug or condition
+    #: why, in one word (for counting): allowed, no_policy, no_rule, debug or condition
     cause: str = "allowed"
 
 
@@ -89,7 +92,8 @@ class Policy:
             raise PolicyError(f"policy is not valid JSON: {exc}") from None
 
     def dumps(self) -> str:
-        return json.dumps(self.document, indent=2, sort_keys=True)
+        """The document as an operator reads it: nested, each claim condition on one line."""
+        return _format(self.document, 0) + "\n"
 
     @property
     def digest(self) -> str:
@@ -105,8 +109,18 @@ class Policy:
         decision, lines = self._judge(resource, claims)
         return [*lines, f"=> {'ALLOW' if decision.allowed else 'DENY'}: {decision.reason}"]
 
+    def unpinned(self) -> list[str]:
+        """The rules that release without pinning a measurement: any genuine TEE would pass them."""
+        return [f"rule {index} ({', '.join(rule['resources'])}) pins no measurement "
+                f"({', '.join(sorted(MEASUREMENT_CLAIMS))}): any guest on a genuine TEE that meets its other "
+                "conditions obtains these resources"
+                for index, rule in enumerate(self.document["rules"])
+                if not ("require" in rule and _pins_measurement(rule["require"]))]
+
     def _judge(self, resource: str, claims: dict[str, Any]) -> tuple[Decision, list[str]]:
         lines: list[str] = []
+        if not self.document["rules"]:
+            return Decision(False, NO_POLICY_REASON, None, "no_policy"), lines
         for index, rule in enumerate(self.document["rules"]):
             where = f"rule {index} ({', '.join(rule['resources'])})"
             if not any(fnmatchcase(resource, pattern) for pattern in rule["resources"]):
@@ -165,6 +179,48 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
                                       f"{'at least' if bound_name == 'atLeast' else 'at most'} {_show(bound)}")
     return Evaluation(False, "claim", f"claim {name} is {_show(value)}, "
                                    f"{'below' if bound_name == 'atLeast' else 'above'} {_show(bound)}")
+
+
+def _format(value: Any, depth: int) -> str:
+    if not isinstance(value, (dict, list)) or (isinstance(value, dict) and "claim" in value) or not value:
+        return json.dumps(value, ensure_ascii=False)
+    pad, inner = "  " * depth, "  " * (depth + 1)
+    if isinstance(value, list):
+        if all(not isinstance(item, (dict, list)) for item in value):
+            return json.dumps(value, ensure_ascii=False)
+        return "[\n" + ",\n".join(inner + _format(item, depth + 1) for item in value) + f"\n{pad}]"
+    return "{\n" + ",\n".join(f"{inner}{json.dumps(key)}: {_format(item, depth + 1)}"
+                               for key, item in value.items()) + f"\n{pad}}}"
+
+
+def _pins_measurement(cond: dict[str, Any]) -> bool:
+    """Whether ``cond`` holding implies a measurement claim equals one of fixed values."""
+    if "allOf" in cond:
+        return any(_pins_measurement(sub) for sub in cond["allOf"])
+    if "anyOf" in cond:
+        return all(_pins_measurement(sub) for sub in cond["anyOf"])
+    return cond.get("claim") in MEASUREMENT_CLAIMS and ("equals" in cond or "in" in cond)
+
+
+def from_appraisals(appraisals: list[dict[str, Any]], resources: list[str], comment: str) -> Policy:
+    """A starting policy that releases ``resources`` to guests that run what these did.
+
+    Each appraisal (a verified guest's claims) contributes its image claims (``IMAGE_CLAIMS``)
+    as exact values; the platform requirements apply to all. Several appraisals give one rule
+    that accepts any of those images.
+    """
+    guests = []
+    for claims in appraisals:
+        tee = claims.get("tee")
+        if not isinstance(tee, str) or tee not in IMAGE_CLAIMS:
+            raise PolicyError(f"cannot pin the image of a {tee!r} guest (known: {', '.join(IMAGE_CLAIMS)})")
+        pins = [{"claim": "tee", "equals": tee}]
+        pins += [{"claim": name, "equals": claims[name]} for name in IMAGE_CLAIMS[tee] if claims.get(name) is not None]
+        guests.append({"allOf": [*pins, *PLATFORM_REQUIREMENTS[tee]]})
+    if not guests:
+        raise PolicyError("a starting policy needs the evidence of at least one guest")
+    return Policy({"version": VERSION, "rules": [
+        {"resources": resources, "comment": comment, "require": guests[0] if len(guests) == 1 else {"anyOf": guests}}]})
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -261,4 +317,5 @@ def _check_condition(cond: Any, where: str, depth: int = 0) -> None:
         raise PolicyError(f"{where}.{op} must be a number or a dotted version such as \"1.55.43\"")
 
 
-DEFAULT = Policy(DEFAULT_POLICY)
+#: Version 0 of every key server: no rules, nothing is released.
+NONE = Policy({"version": VERSION, "rules": []})

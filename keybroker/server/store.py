@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 
 from . import audit, schema
 from .audit import Event, Record
-from .policy import DEFAULT, Policy
+from .policy import NONE, Policy
 from .schema import open_engine, policies, resources, sessions
 from .sealing import Sealed, Sealer
 
@@ -44,7 +44,7 @@ class ResourceInfo:
 
 @dataclass(frozen=True)
 class PolicyInfo:
-    """A stored policy version; version 0 is the built-in default (nothing stored yet)."""
+    """A stored policy version; version 0 is no policy (nothing stored yet: nothing is released)."""
 
     version: int
     digest: str
@@ -68,13 +68,14 @@ class Session:
     claims: dict[str, Any] | None
 
 
-BUILT_IN = PolicyVersion(0, DEFAULT.digest, 0.0, "built-in", DEFAULT)
+#: Version 0: no policy has been set, nothing is released.
+NO_POLICY = PolicyVersion(0, NONE.digest, 0.0, "none", NONE)
 
 
 class Store:
     def __init__(self, url: str) -> None:
         self.engine = open_engine(url)
-        self._policy = BUILT_IN  # the last active policy read, parsed once per version
+        self._policy = NO_POLICY  # the last active policy read, parsed once per version
 
     def ping(self) -> None:
         """Raise unless the database answers."""
@@ -155,7 +156,7 @@ class Store:
         with self.engine.connect() as db:
             row = db.execute(select(policies).order_by(policies.c.version.desc()).limit(1)).first()
         if row is None:
-            return BUILT_IN
+            return NO_POLICY
         cached = self._policy
         if cached.version != row.version:
             cached = self._policy = _policy_version(row)
@@ -171,7 +172,7 @@ class Store:
         def work(db: Connection) -> Event | None:
             latest = db.execute(select(policies.c.version, policies.c.digest)
                                 .order_by(policies.c.version.desc()).limit(1)).first()
-            active = (latest.version, latest.digest) if latest else (BUILT_IN.version, BUILT_IN.digest)
+            active = (latest.version, latest.digest) if latest else (NO_POLICY.version, NO_POLICY.digest)
             if active[1] == policy.digest:
                 outcome.append((active[0], False))
                 return None
@@ -185,7 +186,7 @@ class Store:
 
     def get_policy(self, version: int) -> PolicyVersion | None:
         if version == 0:
-            return BUILT_IN
+            return NO_POLICY
         with self.engine.connect() as db:
             row = db.execute(select(policies).where(policies.c.version == version)).first()
         return None if row is None else _policy_version(row)
@@ -194,7 +195,7 @@ class Store:
         columns = (policies.c.version, policies.c.digest, policies.c.created, policies.c.actor)
         with self.engine.connect() as db:
             rows = db.execute(select(*columns).order_by(policies.c.version)).all()
-        return [BUILT_IN, *(PolicyInfo(row.version, row.digest, row.created, row.actor) for row in rows)]
+        return [NO_POLICY, *(PolicyInfo(row.version, row.digest, row.created, row.actor) for row in rows)]
 
     # -- sessions ------------------------------------------------------------------------------
 

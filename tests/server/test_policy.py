@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from keybroker.errors import PolicyError
-from keybroker.server.policy import DEFAULT, Policy
+from keybroker.server.policy import Policy
+from support.policies import ANY_GUEST
 
 SNP = {"tee": "snp", "debug": False, "measurement": "aa" * 48, "snp.vmpl": 0, "snp.policy.migrate_ma": False,
        "snp.reported_tcb.microcode": 72, "snp.firmware.current": "1.55.43"}
@@ -16,15 +17,15 @@ def policy(*rules):
 
 
 def test_default_policy():
-    assert DEFAULT.decide("default/disk/root", SNP).allowed
-    denied = DEFAULT.decide("default/disk/root", SNP | {"debug": True})
+    assert ANY_GUEST.decide("default/disk/root", SNP).allowed
+    denied = ANY_GUEST.decide("default/disk/root", SNP | {"debug": True})
     assert not denied.allowed and "debug guest" in denied.reason
-    denied = DEFAULT.decide("default/disk/root", SNP | {"snp.vmpl": 2})
+    denied = ANY_GUEST.decide("default/disk/root", SNP | {"snp.vmpl": 2})
     assert not denied.allowed and "claim snp.vmpl is 2, not 0" in denied.reason
     tdx = {"tee": "tdx", "debug": False}
-    assert DEFAULT.decide("a/b/c", tdx).allowed  # TCB not evaluated: no collateral
-    assert DEFAULT.decide("a/b/c", tdx | {"tdx.tcb_status": "UpToDate"}).allowed
-    denied = DEFAULT.decide("a/b/c", tdx | {"tdx.tcb_status": "OutOfDate"})
+    assert ANY_GUEST.decide("a/b/c", tdx).allowed  # TCB not evaluated: no collateral
+    assert ANY_GUEST.decide("a/b/c", tdx | {"tdx.tcb_status": "UpToDate"}).allowed
+    denied = ANY_GUEST.decide("a/b/c", tdx | {"tdx.tcb_status": "OutOfDate"})
     assert not denied.allowed and "OutOfDate" in denied.reason
 
 
@@ -120,7 +121,7 @@ def test_explain_lists_rules_and_every_condition():
 def test_digest_ignores_layout_and_nesting_is_bounded():
     a = Policy.loads('{"version": 1, "rules": [{"resources": ["*"]}]}')
     b = Policy.loads('{"rules":[{"resources":["*"]}],\n "version":1}')
-    assert a.digest == b.digest and a.digest != DEFAULT.digest
+    assert a.digest == b.digest and a.digest != ANY_GUEST.digest
     deep: dict = {"claim": "tee", "exists": True}
     for _ in range(20):
         deep = {"not": deep}

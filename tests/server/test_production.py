@@ -77,7 +77,7 @@ def test_refusals_are_audited(tsm_sim, kbs):
     assert replay.status_code == 401
     anonymous = requests.get(f"{server.url}/kbs/v0/resource/default/key/a")
     assert anonymous.status_code == 401
-    records = audit_records(server.db)[1:]
+    records = [r for r in audit_records(server.db) if r["event"] != "admin"]  # the policy and the resource put
     assert [(r["event"], r["decision"]) for r in records] == [("attest", "deny")] * 2 + [("release", "deny")]
     assert "evidence did not verify" in records[0]["reason"] and "ark_pinned" in records[0]["reason"]
     assert "nonce was already used" in records[1]["reason"]
@@ -94,11 +94,11 @@ def test_audit_verify_detects_edited_and_removed_records(tsm_sim, kbs):
         assert guest.fetch(server.url, "default/key/a").status_code == 200
     server.stop()
     good = keybroker("audit", "verify", "--db", server.db)
-    assert good.returncode == 0 and "audit log intact: 5 records" in good.stdout.decode()
-    listing = keybroker("audit", "list", "--db", server.db).stdout.decode().splitlines()
-    assert len(listing) == 5 and re.match(r"3 \S+Z \S+:\d+ release allow peer=127.0.0.1 session=\w{16} "
-                                          r"provider=snp measurement=\w{16} resource=default/key/a policy=0 "
-                                          r'reason="rule 0 \(\*\): all conditions hold"', listing[2]), listing[2]
+    assert good.returncode == 0 and "audit log intact: 6 records" in good.stdout.decode()
+    listing = keybroker("audit", "list", "--db", server.db).stdout.decode().splitlines()  # 1: the policy
+    assert len(listing) == 6 and re.match(r"4 \S+Z \S+:\d+ release allow peer=127.0.0.1 session=\w{16} "
+                                          r"provider=snp measurement=\w{16} resource=default/key/a policy=1 "
+                                          r'reason="rule 0 \(\*\): all conditions hold"', listing[3]), listing[3]
 
     path = server.db.removeprefix("sqlite:///")
     pristine = sqlite3.connect(":memory:")
@@ -121,12 +121,12 @@ def test_audit_verify_detects_edited_and_removed_records(tsm_sim, kbs):
         assert out.returncode == 1
         return out.stdout.decode()
 
-    assert "record 3: its content does not match its hash (edited)" in \
-        tamper("UPDATE audit SET decision = 'deny' WHERE seq = 3")
+    assert "record 4: its content does not match its hash (edited)" in \
+        tamper("UPDATE audit SET decision = 'deny' WHERE seq = 4")
     assert "record 2 missing (removed from the log)" in tamper("DELETE FROM audit WHERE seq = 2")
-    assert "the log ends at record 4 but the head says 5" in tamper("DELETE FROM audit WHERE seq = 5")
-    rehashed = tamper("UPDATE audit SET reason = 'x', hash = '" + "0" * 64 + "' WHERE seq = 3")
-    assert "record 3: its content" in rehashed and "record 4: its prev link" in rehashed
+    assert "the log ends at record 5 but the head says 6" in tamper("DELETE FROM audit WHERE seq = 6")
+    rehashed = tamper("UPDATE audit SET reason = 'x', hash = '" + "0" * 64 + "' WHERE seq = 4")
+    assert "record 4: its content" in rehashed and "record 5: its prev link" in rehashed
 
 
 def test_admin_api_remote_commands_and_refusals(tsm_sim, kbs, tmp_path):
@@ -145,15 +145,15 @@ def test_admin_api_remote_commands_and_refusals(tsm_sim, kbs, tmp_path):
     assert refused.returncode != 0 and b"the admin API never returns them" in refused.stderr
 
     policy = measurement_policy(tmp_path, "cd" * 48)
-    assert keybroker("policy", "put", str(policy), *remote).stdout == b"policy version 1 is active\n"
-    assert keybroker("policy", "put", str(policy), *remote).stdout == b"policy version 1 is active (unchanged)\n"
+    assert keybroker("policy", "put", str(policy), *remote).stdout == b"policy version 2 is active\n"
+    assert keybroker("policy", "put", str(policy), *remote).stdout == b"policy version 2 is active (unchanged)\n"
     assert json.loads(keybroker("policy", "get", *remote).stdout) == json.loads(policy.read_text())
     assert guest.fetch(server.url, "default/disk/x").json()["type"].endswith("PolicyDenied")
     assert keybroker("policy", "rm", *remote).returncode == 0
     versions = keybroker("policy", "list", *remote).stdout.decode().splitlines()
-    assert [line.split("\t")[0] for line in versions] == ["0", "1", "2"]
-    assert versions[0].endswith("\tbuilt-in") and versions[1].split("\t")[3].startswith("token:")
-    assert json.loads(keybroker("policy", "get", "--version", "0", *remote).stdout)["rules"][0]["resources"] == ["*"]
+    assert [line.split("\t")[0] for line in versions] == ["0", "1", "2", "3"]  # 1: the server's --policy
+    assert versions[0].endswith("\tnone") and versions[2].split("\t")[3].startswith("token:")
+    assert json.loads(keybroker("policy", "get", "--version", "0", *remote).stdout)["rules"] == []
     assert keybroker("resource", "rm", "default/key/r", *remote).returncode == 0
     assert keybroker("resource", "rm", "default/key/r", *remote).returncode != 0
     bad = keybroker("resource", "put", "default/../r", *remote, data=b"x")
@@ -171,10 +171,11 @@ def test_admin_api_remote_commands_and_refusals(tsm_sim, kbs, tmp_path):
                                                "no Bearer admin token", "the Bearer token is not an admin token"]
     assert refusals[0]["resource"] == "PUT /admin/v1/resources/default/key/evil" and refusals[0]["peer"] == "127.0.0.1"
     changes = [r for r in audit_records(server.db) if r["event"] == "admin" and r["decision"] == "allow"]
+    changes = changes[1:]  # the first: the policy the server started with
     fingerprint = changes[0]["actor"]
     assert re.fullmatch(r"token:[0-9a-f]{12}", fingerprint) and server.secrets.admin_token not in server.log()
     assert [r["reason"].split(" (")[0] for r in changes] == [
-        "put resource", "set release policy", "removed the release policy: the built-in default applies",
+        "put resource", "set release policy", "removed the release policy: nothing is released",
         "deleted resource"]
     assert keybroker("resource", "list", "--db", server.db).stdout == b""
 

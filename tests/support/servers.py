@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from support import policies
+
 
 def free_port() -> int:
     import socket
@@ -45,11 +47,13 @@ class ServerSecrets:
 class KeyServerProcess:
     """``keybroker serve`` on a loopback port (SQLite unless ``db`` is given), trusting the simulated roots.
 
-    It gets a KEK and an admin token from ``secrets`` (made in ``workdir`` unless shared).
+    It gets a KEK and an admin token from ``secrets`` (made in ``workdir`` unless shared), and
+    ``policy`` as its release policy (any verified guest, unless the test gives another, or
+    None to start with none, as a fresh server does; ``--policy`` in ``extra`` wins).
     """
 
     def __init__(self, workdir: Path, trust: Path | None, *extra: str, db: str | None = None,
-                 secrets: ServerSecrets | None = None) -> None:
+                 secrets: ServerSecrets | None = None, policy: dict | None = policies.ANY_GUEST_DOCUMENT) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -59,6 +63,8 @@ class KeyServerProcess:
                      "--db", self.db, "--kek-file", str(self.secrets.kek),
                      "--admin-token-file", str(self.secrets.admin_token_file),
                      *(["--trust-roots", str(trust)] if trust else []), *extra]
+        if policy is not None and "--policy" not in extra:
+            self.args += ["--policy", str(policies.write(workdir / "policy.json", policy))]
         self.log_path = workdir / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 

@@ -16,12 +16,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keybroker.server.policy import DEFAULT, Policy
+from keybroker.server.policy import Policy
 from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
 from keybroker.verifier.certs import fingerprint
 from support import VECTORS as ALL_VECTORS
 from support import tdx as tb
 from support.pcs import PcsServer
+from support.policies import ANY_GUEST
 
 VECTORS = ALL_VECTORS / "tdx"
 NOW = dt.datetime.now(dt.UTC)
@@ -76,7 +77,7 @@ def test_vector_sets_get_their_verdicts(name):
     assert verdict.ok is verifies, verdict.reason()
     assert [c.name for c in verdict.checks if c.ok is None] == ["nonce_binding", "tcb_status"]
     assert "tdx.tcb_status" not in verdict.claims
-    decision = DEFAULT.decide("default/disk/root", verdict.claims)
+    decision = ANY_GUEST.decide("default/disk/root", verdict.claims)
     assert decision.allowed is released, decision.reason
     c = verdict.claims
     body = 48 if c["tdx.quote_version"] == 4 else 54
@@ -104,7 +105,7 @@ def test_vector_collateral_gives_the_tcb_status(name):
     status = EXPECTED[name][3]
     assert verdict.claims["tdx.tcb_status"] == status and check(verdict, "tcb_status").ok
     assert verdict.claims["tdx.collateral_expired"] is True  # Intel's documents live 30 days
-    assert DEFAULT.decide("x", verdict.claims).allowed is (status == "UpToDate")
+    assert ANY_GUEST.decide("x", verdict.claims).allowed is (status == "UpToDate")
     if status == "OutOfDate":  # trustee quote6: only the OutOfDate level matches
         assert ALLOWS_OUT_OF_DATE.decide("x", verdict.claims).allowed
         fresh = run(raw, collateral=folder, at=dt.datetime(2025, 11, 1, tzinfo=dt.UTC))
@@ -265,7 +266,7 @@ def test_full_collateral_up_to_date(tmp_path):
     assert all(c.ok for c in verdict.checks[-4:])
     c = verdict.claims
     assert (c["tdx.tcb_status"], c["tdx.advisory_ids"], c["tdx.collateral_expired"]) == ("UpToDate", [], False)
-    assert DEFAULT.decide("x", c).allowed
+    assert ANY_GUEST.decide("x", c).allowed
     late = run(tb.quote(p), trust=trusting(p), collateral=tmp_path / "collateral", at=NOW)
     assert late.ok and late.claims["tdx.collateral_expired"] is True and "EXPIRED" in check(late, "tcb_status").detail
 
@@ -324,7 +325,7 @@ def test_tcb_status_matching(tmp_path, case, expected, advisories):
     assert verdict.ok, verdict.reason()
     assert verdict.claims["tdx.tcb_status"] == expected
     assert verdict.claims["tdx.advisory_ids"] == advisories
-    assert DEFAULT.decide("x", verdict.claims).allowed is (expected in ("UpToDate", "SWHardeningNeeded"))
+    assert ANY_GUEST.decide("x", verdict.claims).allowed is (expected in ("UpToDate", "SWHardeningNeeded"))
 
 
 def test_relaunch_not_advised_when_the_running_module_is_behind_too(tmp_path):

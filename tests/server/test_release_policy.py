@@ -1,0 +1,123 @@
+"""Secure defaults: a fresh key server releases nothing, and an operator's first policy pins an image."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from keybroker.server.policy import Policy, from_appraisals
+from support.kbs import attest, keybroker
+from support.policies import ANY_GUEST
+
+SECRET = b"released only under a policy"
+
+
+def test_a_fresh_server_releases_nothing_and_says_why(tsm_sim, kbs, handler):
+    root = tsm_sim("sev_guest")
+    server = kbs(policy=None)
+    server.put("default/key/a", SECRET)
+    assert "no release policy is set: nothing will be released" in server.log()
+    guest = attest(root, server.url)  # the evidence verifies; the policy decides
+    refused = guest.fetch(server.url, "default/key/a")
+    assert refused.status_code == 403 and refused.json()["type"].endswith("PolicyDenied")
+    assert "no release policy is set" in refused.json()["detail"]
+    handler(server.url, root)
+    out = subprocess.run(["keyctl", "session", "-", "keyctl", "request2", "user", "keybroker:default/key/a", "", "@s"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "Key was rejected by service" in out.stderr
+
+
+def other_image(sim_state, tmp_path):  # type: ignore[no-untyped-def]
+    """The same simulated platform running another image: a copy of the state with another MEASUREMENT."""
+    state = tmp_path / "other-image"
+    shutil.copytree(sim_state, state)
+    values = json.loads((state / "snp" / "values.json").read_text())
+    values["measurement"] = "ee" * 48
+    (state / "snp" / "values.json").write_text(json.dumps(values))
+    return state
+
+
+def test_a_policy_from_evidence_releases_to_that_image_only(tsm_sim, sim_state, kbs, tmp_path):
+    root = tsm_sim("sev_guest")
+    evidence = tmp_path / "evidence.json"
+    evidence.write_bytes(keybroker("evidence", "--tsm-root", str(root), "--nonce", "11" * 64).stdout)
+    made = keybroker("policy", "from-evidence", str(evidence), "--resources", "default/*",
+                     "--trust-roots", str(sim_state / "trust"))
+    assert made.returncode == 0, made.stderr
+    document = json.loads(made.stdout)
+    conditions = {c["claim"]: c.get("equals") for c in document["rules"][0]["require"]["allOf"]}
+    measurement = json.loads((sim_state / "snp" / "values.json").read_text())["measurement"]
+    assert conditions["snp.measurement"] == measurement and "snp.host_data" in conditions
+    assert conditions["snp.vmpl"] == 0 and not Policy(document).unpinned()
+
+    server = kbs(policy=document)
+    server.put("default/key/a", SECRET)
+    server.put("other/key/a", SECRET)
+    guest = attest(root, server.url)
+    released = guest.fetch(server.url, "default/key/a")
+    assert released.status_code == 200 and guest.decrypt(released) == SECRET
+    assert guest.fetch(server.url, "other/key/a").status_code == 403  # not among the resources
+    stranger = attest(tsm_sim("sev_guest", state=other_image(sim_state, tmp_path)), server.url)
+    refused = stranger.fetch(server.url, "default/key/a")
+    assert refused.status_code == 403 and f'claim snp.measurement is "{"ee" * 48}", not "{measurement}"' in \
+        refused.json()["detail"]
+
+
+def test_from_evidence_refuses_what_does_not_verify_and_debug_guests(tsm_sim, sim_state, tmp_path):
+    root = tsm_sim("sev_guest")
+    evidence = tmp_path / "evidence.json"
+    evidence.write_bytes(keybroker("evidence", "--tsm-root", str(root), "--nonce", "11" * 64).stdout)
+    untrusted = keybroker("policy", "from-evidence", str(evidence), "--resources", "*")
+    assert untrusted.returncode != 0 and b"does not verify (ark_pinned" in untrusted.stderr
+    debug = tmp_path / "debug.json"
+    debug.write_bytes(keybroker("evidence", "--tsm-root", str(tsm_sim("sev_guest", "debug")),
+                                "--nonce", "11" * 64).stdout)
+    refused = keybroker("policy", "from-evidence", str(debug), "--resources", "*", "--trust-roots",
+                        str(sim_state / "trust"))
+    assert refused.returncode != 0 and b"debug guest" in refused.stderr
+
+
+def test_policy_check_and_put_warn_about_rules_that_pin_no_measurement(tsm_sim, sim_state, tmp_path):
+    root = tsm_sim("sev_guest")
+    evidence = tmp_path / "evidence.json"
+    evidence.write_bytes(keybroker("evidence", "--tsm-root", str(root), "--nonce", "11" * 64).stdout)
+    loose = tmp_path / "loose.json"
+    loose.write_text(ANY_GUEST.dumps())
+    check = keybroker("policy", "check", str(loose), str(evidence), "--resource", "a/b/c",
+                      "--trust-roots", str(sim_state / "trust"))
+    assert check.returncode == 0 and b"warning: rule 0 (*) pins no measurement" in check.stderr
+    put = keybroker("policy", "put", str(loose), "--db", f"sqlite:///{tmp_path / 'db'}")
+    assert put.returncode == 0 and b"pins no measurement" in put.stderr
+
+
+TDX = {"tee": "tdx", "debug": False, "tdx.mrtd": "aa" * 48, "tdx.mrconfigid": "00" * 48, "tdx.rtmr0": "01" * 48,
+       "tdx.rtmr1": "02" * 48, "tdx.rtmr2": "03" * 48, "tdx.rtmr3": "04" * 48}
+CCA = {"tee": "cca", "debug": False, "cca.rim": "bb" * 32, "cca.rem0": "cc" * 32}
+
+
+def test_starting_policies_pin_each_tees_image():
+    policy = from_appraisals([TDX, CCA], ["default/*"], "two guests")
+    assert not policy.unpinned()
+    assert policy.decide("default/x", TDX).allowed and policy.decide("default/x", CCA).allowed
+    assert not policy.decide("default/x", TDX | {"tdx.rtmr1": "ff" * 48}).allowed  # RTMR0-2 pinned
+    assert policy.decide("default/x", TDX | {"tdx.rtmr3": "ff" * 48}).allowed      # RTMR3 (runtime) is not
+    assert not policy.decide("default/x", TDX | {"tdx.tcb_status": "OutOfDate"}).allowed
+    assert not policy.decide("default/x", CCA | {"cca.rim": "00" * 32}).allowed
+    assert not policy.decide("other/x", CCA).allowed
+
+
+@pytest.mark.parametrize("require, pinned", [
+    ({"claim": "measurement", "in": ["aa"]}, True),
+    ({"allOf": [{"claim": "tee", "equals": "snp"}, {"claim": "snp.measurement", "equals": "aa"}]}, True),
+    ({"anyOf": [{"claim": "tdx.mrtd", "equals": "aa"}, {"claim": "cca.rim", "equals": "bb"}]}, True),
+    ({"anyOf": [{"claim": "tdx.mrtd", "equals": "aa"}, {"claim": "tee", "equals": "cca"}]}, False),
+    ({"not": {"claim": "measurement", "equals": "aa"}}, False),
+    ({"claim": "measurement", "exists": True}, False),
+    (None, False),
+])
+def test_unpinned_rules_are_named(require, pinned):
+    rule = {"resources": ["a/*"], **({"require": require} if require else {})}
+    assert bool(Policy({"version": 1, "rules": [rule]}).unpinned()) is not pinned
