@@ -11,20 +11,17 @@ from typing import Any
 from .args import add_evidence_options, listen, verification_context
 from .show import check_lines
 
-_SERVE_OPTIONS = ("listen", "db", "name", "trust_roots", "certs", "kds_url", "cache_dir", "pcs_url", "collateral",
-                  "policy",
-                  "tls_cert", "tls_key", "kek_file", "old_kek_file", "admin_token_file", "token_key_file")
-
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
+    from dataclasses import fields
 
     from ..server import config
     from ..server.app import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {}
-    for name in _SERVE_OPTIONS:
+    for name in (field.name for field in fields(config.ServerConfig)):
         value = getattr(args, name)
         flags[name] = tuple(value) if isinstance(value, list) else value
     run(config.load(args.config, flags))
@@ -33,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from ..server.config import DEFAULT_CACHE, DEFAULT_DB, DEFAULT_KDS
+    from ..server.ratelimit import DEFAULT_BURST, DEFAULT_RATE
 
     p = sub.add_parser("serve", help="run the key server (KBS RCAR 0.4.0, admin API, metrics)",
                        description="Run the key server: /kbs/v0/auth, /attest and /resource for guests; "
@@ -70,6 +68,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-key-file", type=Path, metavar="FILE",
                    help="EC P-256 private key (PEM) signing attestation tokens, shared by replicas (default: "
                         "the systemd credential token-key, else an ephemeral key)")
+    p.add_argument("--rate-limit", type=float, metavar="PER_SECOND",
+                   help=f"unauthenticated requests per second and peer address (default {DEFAULT_RATE:g}; 0: no "
+                        "limit); raise it behind a proxy, where every guest has the proxy's address")
+    p.add_argument("--rate-burst", type=int, metavar="N",
+                   help=f"unauthenticated requests a peer may make at once (default {DEFAULT_BURST})")
     p.set_defaults(run=_serve)
 
 

@@ -70,7 +70,7 @@ class RcarClient:
             self._call(http, "POST", "/attest", attestation.to_json())
 
             response = self._call(http, "GET", f"/resource/{resource}", None, raw=True)
-            lease = response.headers.get("Keybroker-Lease")
+            lease = response.headers.get(p.LEASE_HEADER)
             return ReleasedKey(_decrypt(response, key), int(lease) if lease and lease.isdigit() else None)
 
     def _call(self, http: requests.Session, method: str, path: str, body: Any, *, raw: bool = False) -> Any:
@@ -117,7 +117,8 @@ _REFUSALS = {p.RESOURCE_NOT_FOUND: ResourceMissing, p.ATTESTATION_DENIED: Releas
 
 
 def _transient(exc: Exception) -> bool:
-    return isinstance(exc, ServerUnreachable) or (isinstance(exc, ServerError) and exc.status >= 500)
+    busy = isinstance(exc, ServerError) and (exc.status >= 500 or exc.status == 429)
+    return busy or isinstance(exc, ServerUnreachable)
 
 
 def _decrypt(response: requests.Response, key: jwk.JWK) -> bytearray:

@@ -82,6 +82,8 @@ def classify(exc: BaseException) -> Rejection:
         return Rejection(E.ENOKEY, DENIED, reason)
     if isinstance(exc, ReleaseRefused):
         return Rejection(E.EKEYREJECTED, DENIED, reason)
+    if isinstance(exc, ServerError) and exc.status == 429:
+        return Rejection(E.EBUSY, TRANSIENT, reason)
     if isinstance(exc, ServerError):
         return Rejection(E.EIO if exc.status >= 500 else E.EPROTO, TRANSIENT if exc.status >= 500 else FAILED, reason)
     if isinstance(exc, ProtocolError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -28,10 +29,10 @@ from ..systemd import notify
 from ..wire import rcar as p
 from ..wire.transport import is_loopback
 from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
-from .audit import ADMIN, DENY, Event
 from .config import ServerConfig
 from .kbs import SESSION_LIFETIME, KeyServer, Problem
 from .metrics import CONTENT_TYPE, Metrics
+from .ratelimit import RateLimiter
 from .sealing import load_sealer
 from .store import PolicyInfo, PolicyVersion, Store
 from .tokens import TokenSigner
@@ -78,11 +79,43 @@ def _policy_json(info: PolicyInfo) -> dict[str, Any]:
     return out
 
 
-def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, *, secure_cookies: bool) -> Starlette:
+#: The routes whose unauthenticated use is limited per peer (see ratelimit).
+LIMITED = frozenset({"auth", "attest", "resource", "admin"})
+
+
+def _has_credential(request: Request) -> bool:
+    return p.SESSION_COOKIE in request.cookies or "authorization" in request.headers
+
+
+def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimiter, *,
+               secure_cookies: bool) -> Starlette:
+    def throttled(route: str, request: Request) -> Response | None:
+        """429 for a peer out of tokens; a token taken for work that proves nothing (see ratelimit)."""
+        if route not in LIMITED:
+            return None
+        # A credential is paid for only if it proves nothing (after the answer); until then its
+        # bearer is refused only when its address has nothing left.
+        credential = route != "auth" and _has_credential(request)
+        wait = limiter.wait(_peer(request)) if credential else limiter.take(_peer(request))
+        if wait is None:
+            return None
+        if limiter.newly_limited(_peer(request)):
+            log.warning("%s peer=%s: rate limited (more than %g unauthenticated requests per second)", route,
+                        _peer(request), limiter.rate)
+        kbs.metrics.denial("rate_limited")
+        response = problem_response(Problem(p.TOO_MANY_REQUESTS, "too many unauthenticated requests from this "
+                                                                  "address; slow down"))
+        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return response
+
     def guarded(route: str) -> Callable[[Handler], Handler]:
         def wrap(handler: Handler) -> Handler:
             async def endpoint(request: Request) -> Response:
                 start = time.perf_counter()
+                refused = throttled(route, request)
+                if refused is not None:
+                    kbs.metrics.request(route, refused.status_code, time.perf_counter() - start)
+                    return refused
                 try:
                     response = await handler(request)
                 except Problem as problem:
@@ -94,6 +127,9 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, *, secure_cookies: 
                 except Exception:
                     log.exception("%s peer=%s: internal error", route, _peer(request))
                     response = problem_response(Problem(p.INTERNAL, "internal error; see the server log"))
+                if route in LIMITED and route != "auth" and response.status_code in (400, 401) \
+                        and _has_credential(request):
+                    limiter.take(_peer(request))  # a credential that proved nothing costs a token too
                 kbs.metrics.request(route, response.status_code, time.perf_counter() - start)
                 return response
             return endpoint
@@ -122,15 +158,15 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, *, secure_cookies: 
         bearer = authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
         released = await run_in_threadpool(kbs.release, request.path_params["path"],
                                            request.cookies.get(p.SESSION_COOKIE), bearer, _peer(request))
-        headers = {"Cache-Control": "no-store", "Keybroker-Audit": released.audit}
+        headers = {"Cache-Control": "no-store", p.AUDIT_HEADER: released.audit}
         if released.lease is not None:
-            headers["Keybroker-Lease"] = str(released.lease)
+            headers[p.LEASE_HEADER] = str(released.lease)
         return JSONResponse(released.jwe, headers=headers)
 
     # -- the admin API -------------------------------------------------------------------
 
     async def administrator(request: Request) -> Admin:
-        """The caller as an :class:`Admin`, or a refusal that is audited first."""
+        """The caller as an :class:`Admin`, or a refusal (counted and logged; the audit log records changes)."""
         authorization = request.headers.get("authorization", "")
         if admin_auth is None:
             reason = "the admin API is disabled on this server (start it with --admin-token-file)"
@@ -141,9 +177,6 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, *, secure_cookies: 
             if actor is not None:
                 return Admin(kbs.store, kbs.sealer, actor, kbs.name, _peer(request))
             reason = "the Bearer token is not an admin token"
-        what = f"{request.method} {request.url.path}"
-        await run_in_threadpool(kbs.store.audit, Event(ADMIN, DENY, reason, kbs.name, peer=_peer(request),
-                                                        resource=what))
         kbs.metrics.denial("admin_unauthorized")
         raise Problem(p.UNAUTHORIZED, reason, "admin_unauthorized")
 
@@ -285,7 +318,8 @@ def run(config: ServerConfig) -> None:
                     tokens=tokens, metrics=Metrics(), name=name, certs=config.certs,
                     kds_url=config.kds_url or None, fetcher=Fetcher(config.cache_dir), pcs_url=config.pcs_url or None,
                     collateral=config.collateral)
-    app = create_app(kbs, admin_auth, secure_cookies=bool(config.tls_cert))
+    app = create_app(kbs, admin_auth, RateLimiter(config.rate_limit, config.rate_burst),
+                     secure_cookies=bool(config.tls_cert))
     server_config = uvicorn.Config(app, host=host, port=port,
                                    ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
                                    ssl_keyfile=str(config.tls_key) if config.tls_key else None,

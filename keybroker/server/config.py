@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..verifier.snp.kds import AMD_KDS
+from .ratelimit import DEFAULT_BURST, DEFAULT_RATE
 
 DEFAULT_DB = "sqlite:////var/lib/keybroker/kbs.db"
 DEFAULT_KDS = AMD_KDS
@@ -65,9 +66,12 @@ class ServerConfig:
     old_kek_file: tuple[Path, ...] = ()
     admin_token_file: Path | None = None
     token_key_file: Path | None = None
+    rate_limit: float = DEFAULT_RATE
+    rate_burst: int = DEFAULT_BURST
 
 
 _LISTS = {"trust_roots", "certs", "old_kek_file"}
+_NUMBERS: dict[str, tuple[type, float]] = {"rate_limit": (float, 0), "rate_burst": (int, 1)}
 _PATHS = {"cache_dir", "collateral", "policy", "tls_cert", "tls_key", "kek_file", "admin_token_file", "token_key_file"}
 
 
@@ -100,6 +104,11 @@ def _error_for(path: Path, key: str) -> Callable[[str], ConfigError]:
 
 
 def _convert(name: str, value: Any, base: Path, error: Callable[[str], ConfigError]) -> Any:
+    if name in _NUMBERS:
+        kind, least = _NUMBERS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < least:
+            raise error(f"must be {'a number' if kind is float else 'an integer'} of at least {least}")
+        return kind(value)
     if name in _LISTS:
         if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
             raise error("must be a list of paths")

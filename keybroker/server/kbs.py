@@ -40,10 +40,14 @@ log = logging.getLogger("keybroker.server")
 SESSION_LIFETIME = 300  # seconds, as Trustee's default
 
 
+DETAIL_MAX = 1024  # characters of a problem's detail: what an answer or a log line says at most
+
+
 class Problem(Exception):
     """An RFC 7807 problem to answer with; ``cause`` is its short name for metrics."""
 
     def __init__(self, name: str, detail: str, cause: str | None = None) -> None:
+        detail = detail if len(detail) <= DETAIL_MAX else detail[:DETAIL_MAX] + "..."
         super().__init__(detail)
         self.name = name
         self.detail = detail
@@ -101,16 +105,17 @@ class KeyServer:
     # -- POST /kbs/v0/attest -------------------------------------------------------------
 
     def attest(self, session_id: str | None, body: Any, peer: str) -> dict[str, str]:
-        event = Event(ATTEST, DENY, "", self.name, peer=peer, session=session_ref(session_id))
+        # Until a session's nonce is spent the caller has proven nothing: refusals are counted,
+        # not audited (the audit log is for what sessions did, not for what anybody sent).
         try:
             attestation = p.Attestation.from_json(body)
         except ProtocolError as exc:
-            self._refuse(Problem(p.BAD_REQUEST, str(exc)), event)
+            raise self._count(Problem(p.BAD_REQUEST, str(exc))) from None
         session = self.store.consume_nonce(session_id, attestation.nonce) if session_id else None
         if session is None:
-            self._refuse(Problem(p.UNKNOWN_SESSION, "no session with this cookie and nonce: it expired, its nonce "
-                                                    "was already used, or /auth was not called"), event)
-        event = replace(event, provider=session.tee)
+            raise self._count(Problem(p.UNKNOWN_SESSION, "no session with this cookie and nonce: it expired, its "
+                                                         "nonce was already used, or /auth was not called"))
+        event = Event(ATTEST, DENY, "", self.name, peer=peer, session=session_ref(session_id), provider=session.tee)
         try:
             claims = self._appraise(session.tee, attestation)
         except Problem as problem:
@@ -152,13 +157,12 @@ class KeyServer:
 
     def release(self, path: str, session_id: str | None, bearer: str | None, peer: str) -> ResourceAnswer:
         """Release ``path`` to an attested session (cookie) or attestation token (Bearer)."""
-        event = Event(RELEASE, DENY, "", self.name, peer=peer, resource=path)
         try:
             name = str(ResourcePath.parse(path))
         except DescriptionError as exc:
-            self._refuse(Problem(p.BAD_REQUEST, str(exc)), event)
-        event = replace(event, resource=name)
-        tee_pubkey, claims, session = self._authenticate(session_id, bearer, event)
+            raise self._count(Problem(p.BAD_REQUEST, str(exc))) from None
+        tee_pubkey, claims, session = self._authenticate(session_id, bearer)
+        event = Event(RELEASE, DENY, "", self.name, peer=peer, resource=name)
         active = self.store.active_policy()
         event = replace(event, session=session, provider=str(claims.get("tee", "")),
                         measurement=str(claims.get("measurement", "")), policy_version=active.version)
@@ -181,28 +185,31 @@ class KeyServer:
         log.info("resource peer=%s session=%s path=%s result=released audit=%d", peer, session, name, record.seq)
         return ResourceAnswer(wrapped, stored.lease, record.hash)
 
-    def _authenticate(self, session_id: str | None, bearer: str | None,
-                      event: Event) -> tuple[dict[str, str], dict[str, Any], str]:
+    def _authenticate(self, session_id: str | None,
+                      bearer: str | None) -> tuple[dict[str, str], dict[str, Any], str]:
         """The (tee-pubkey, claims, session reference) of an attestation token or attested session."""
         if bearer is not None:
             token = self.tokens.verify(bearer)
             if token is None:
-                self._refuse(Problem(p.NOT_ATTESTED, "the Bearer token is invalid or expired: attest again"), event)
+                raise self._count(Problem(p.NOT_ATTESTED, "the Bearer token is invalid or expired: attest again"))
             return token["tee-pubkey"], token["claims"], str(token.get("sid", ""))
         session = self.store.get_session(session_id) if session_id else None
         if session is None or session.state != "attested" or session.expires < time.time():
-            self._refuse(Problem(p.NOT_ATTESTED, "this session is not attested (or expired): call /auth and "
-                                                 "/attest"), replace(event, session=session_ref(session_id)))
+            raise self._count(Problem(p.NOT_ATTESTED, "this session is not attested (or expired): call /auth and "
+                                                      "/attest"))
         assert session.tee_pubkey is not None and session.claims is not None
         return session.tee_pubkey, session.claims, session_ref(session.id)
 
     def _refuse(self, problem: Problem, event: Event) -> NoReturn:
-        """Record the refusal (durably), count it, and answer with ``problem``."""
+        """Record the refusal of an authenticated session (durably), count it, and answer with ``problem``."""
         self.store.audit(replace(event, decision=DENY, reason=problem.detail))
-        self.metrics.denial(problem.cause)
         if event.event == ATTEST:
             self.metrics.attestation(event.provider, False)
-        raise problem
+        raise self._count(problem)
+
+    def _count(self, problem: Problem) -> Problem:
+        self.metrics.denial(problem.cause)
+        return problem
 
 
 def wrap(plaintext: bytes, tee_pubkey: dict[str, str]) -> dict[str, str]:

@@ -1,0 +1,18 @@
+"""The contract both sides share: RCAR 0.4.0, the evidence envelope, resource paths, transport."""
+
+from __future__ import annotations
+
+#: How much of one value a client sent an error message may quote back.
+QUOTE_MAX = 64
+
+
+def shown(value: object, limit: int = QUOTE_MAX) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error never echoes a client's megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def shown_names(names: list[str], count: int = 5) -> str:
+    """A few of the (client-chosen) names, each cut: for 'unknown member(s) ...' messages."""
+    listed = ", ".join(shown(name) for name in names[:count])
+    return listed + (f" and {len(names) - count} more" if len(names) > count else "")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EnvelopeError
+from . import shown, shown_names
 
 VERSION = 1
 
@@ -132,13 +133,13 @@ def from_json(obj: Any) -> TsmReport:
         raise EnvelopeError("envelope must be a JSON object")
     unknown = sorted(set(obj) - _FIELDS)
     if unknown:
-        raise EnvelopeError(f"envelope has unknown field(s): {', '.join(unknown)}")
+        raise EnvelopeError(f"envelope has unknown field(s): {shown_names(unknown)}")
     missing = [name for name in _REQUIRED if name not in obj]
     if missing:
         raise EnvelopeError(f"envelope is missing field(s): {', '.join(missing)}")
     version = obj["version"]
     if type(version) is not int or version != VERSION:
-        raise EnvelopeError(f"unsupported envelope version {version!r} (this keybroker reads version {VERSION})")
+        raise EnvelopeError(f"unsupported envelope version {shown(version)} (this keybroker reads version {VERSION})")
     provider = obj["provider"]
     if not isinstance(provider, str):
         raise EnvelopeError("envelope field 'provider' must be a string")

@@ -28,9 +28,14 @@ from typing import Any
 import rfc8785
 
 from ..errors import ProtocolError
+from . import shown_names
 
 VERSION = "0.4.0"
 SESSION_COOKIE = "kbs-session-id"
+#: keybroker's answer headers on a released resource: the lease in seconds (the key's expiry
+#: in the guest's keyring) and the hash of the release's audit record.
+LEASE_HEADER = "Keybroker-Lease"
+AUDIT_HEADER = "Keybroker-Audit"
 PREFIX = "/kbs/v0"
 TEE_BY_PROVIDER = {"sev_guest": "snp", "tdx_guest": "tdx", "arm_cca_guest": "cca"}
 PROVIDER_BY_TEE = {tee: provider for provider, tee in TEE_BY_PROVIDER.items()}
@@ -52,11 +57,12 @@ ATTESTATION_DENIED = "AttestationDenied"
 POLICY_DENIED = "PolicyDenied"
 RESOURCE_NOT_FOUND = "ResourceNotFound"
 PAYLOAD_TOO_LARGE = "PayloadTooLarge"
+TOO_MANY_REQUESTS = "TooManyRequests"
 UNAUTHORIZED = "Unauthorized"
 INTERNAL = "InternalError"
 STATUS = {BAD_REQUEST: 400, PROTOCOL_VERSION: 400, UNKNOWN_SESSION: 401, NOT_ATTESTED: 401,
           UNAUTHORIZED: 401, ATTESTATION_DENIED: 403, POLICY_DENIED: 403, RESOURCE_NOT_FOUND: 404,
-          PAYLOAD_TOO_LARGE: 413, INTERNAL: 500}
+          PAYLOAD_TOO_LARGE: 413, TOO_MANY_REQUESTS: 429, INTERNAL: 500}
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _EC_SIZES = {"P-256": 32, "P-384": 48, "P-521": 66}
@@ -169,4 +175,4 @@ def _object(obj: Any, what: str, *, required: tuple[str, ...], optional: tuple[s
         raise ProtocolError(f"{what} is missing {', '.join(repr(k) for k in missing)}")
     unknown = sorted(set(obj) - set(required) - set(optional))
     if unknown:
-        raise ProtocolError(f"{what} has unknown member(s) {', '.join(repr(k) for k in unknown)}")
+        raise ProtocolError(f"{what} has unknown member(s) {shown_names(unknown)}")

@@ -32,6 +32,7 @@ CASES = {
     "server unreachable, deadline passed": [ServerUnreachable("down", errno=code) for code in
                                             (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ETIMEDOUT)],
     "server error (HTTP 5xx)": [ServerError("oops", status=code, problem=None) for code in (500, 502, 503)],
+    "server limiting this address (HTTP 429)": [ServerError("slow down", status=429, problem=p.TOO_MANY_REQUESTS)],
     "protocol error (a malformed answer, another HTTP error)": [
         ProtocolError("garbled"), ServerError("bad", status=400, problem=p.BAD_REQUEST),
         ServerError("session", status=401, problem=p.UNKNOWN_SESSION)],

@@ -96,14 +96,25 @@ class KeyServerProcess:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
-    def requests_to(self, route: str) -> int:
-        """How many requests the server answered on ``route`` (``auth``, ``attest``, ``resource``…), from /metrics."""
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a counter's samples with these labels, from /metrics."""
         import re
         import urllib.request
 
         text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
-        pattern = rf'^keybroker_http_requests_total\{{route="{re.escape(route)}",status="\d+"\}} (\S+)$'
-        return int(sum(float(count) for count in re.findall(pattern, text, re.M)))
+        total = 0.0
+        for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.M):
+            have = dict(re.findall(r'(\w+)="([^"]*)"', match[1]))
+            if all(have.get(key) == value for key, value in labels.items()):
+                total += float(match[2])
+        return total
+
+    def denials(self, reason: str) -> int:
+        return int(self.metric("keybroker_denials_total", reason=reason))
+
+    def requests_to(self, route: str) -> int:
+        """How many requests the server answered on ``route`` (``auth``, ``attest``, ``resource``…), from /metrics."""
+        return int(self.metric("keybroker_http_requests_total", route=route))
 
     def put(self, path: str, value: bytes, *extra: str) -> None:
         subprocess.run([sys.executable, "-m", "keybroker", "resource", "put", path, "--db", self.db,

@@ -36,7 +36,7 @@ def test_round_trip_keeps_every_attribute():
     (doc(version=2), "unsupported envelope version 2"),
     (doc(version=True), "unsupported envelope version True"),
     (doc(outblob=...), "missing field(s): outblob"),
-    (doc(extra="x"), "unknown field(s): extra"),
+    (doc(extra="x"), "unknown field(s): 'extra'"),
     (doc(inblob=base64.b64encode(bytes(65)).decode()), "'inblob' is 65 bytes, more than the limit of 64"),
     (doc(outblob="not base64!"), "'outblob' is not valid base64"),
     (doc(outblob="AQ"), "'outblob' is not valid base64"),

@@ -1,0 +1,102 @@
+"""What a client that proves nothing may cost the key server: no audit records, bounded logs and answers,
+and a rate per address after which it is told to slow down."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+from support.kbs import attest, audit_records
+
+SECRET = b"for attested guests"
+
+
+def stranger(server, source: str = "127.0.0.2") -> http.client.HTTPConnection:  # type: ignore[no-untyped-def]
+    """A connection from another loopback address than the legitimate guests' (127.0.0.1)."""
+    return http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=(source, 0))
+
+
+def test_a_flood_of_unauthenticated_requests_is_limited_and_leaves_no_audit_records(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    before = len(audit_records(server.db))
+    lines_before = len(server.log().splitlines())
+    attest_body = json.dumps({"runtime-data": {"nonce": "x", "tee-pubkey": {}}, "tee-evidence": {}})
+    requests = [("POST", "/kbs/v0/attest", attest_body, {"Content-Type": "application/json"}),
+                ("GET", "/kbs/v0/resource/default/key/a", None, {}),
+                ("PUT", "/admin/v1/resources/default/key/evil", "x", {"Authorization": "Bearer " + "w" * 64}),
+                ("POST", "/kbs/v0/auth", json.dumps({"version": "0.4.0", "tee": "snp", "extra-params": {}}),
+                 {"Content-Type": "application/json"})]
+    statuses: dict[int, int] = {}
+    start = time.monotonic()
+    conn = stranger(server)
+    for i in range(2000):
+        method, path, body, headers = requests[i % len(requests)]
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        statuses[response.status] = statuses.get(response.status, 0) + 1
+        if response.status == 429:
+            assert int(response.getheader("Retry-After")) >= 1
+    conn.close()
+    answered = 2000 - statuses.get(429, 0)
+    assert answered <= 200 + 20 * (time.monotonic() - start) + 5, statuses  # a burst of 200, then 20 per second
+    assert len(audit_records(server.db)) == before
+    assert len(server.log().splitlines()) - lines_before <= answered + 1  # at most a line per answer, one for the limit
+    assert "peer=127.0.0.2: rate limited" in server.log()
+
+    guest = attest(root, server.url)  # legitimate guests from another address are not slowed
+    released = guest.fetch(server.url, "default/key/a")
+    assert released.status_code == 200 and guest.decrypt(released) == SECRET
+    for _ in range(300):  # nor are attested guests, however often they ask
+        assert guest.fetch(server.url, "default/key/a").status_code == 200
+
+
+def test_the_limit_is_configurable_and_can_be_turned_off(tsm_sim, kbs):
+    tsm_sim("sev_guest")
+    server = kbs("--rate-limit", "0")
+    conn = stranger(server)
+    for _ in range(500):
+        conn.request("GET", "/kbs/v0/resource/default/key/a")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 401
+    tight = kbs("--rate-limit", "1", "--rate-burst", "3")
+    conn = stranger(tight)
+    codes = []
+    for _ in range(6):
+        conn.request("GET", "/kbs/v0/resource/default/key/a")
+        response = conn.getresponse()
+        response.read()
+        codes.append(response.status)
+    assert codes[:3] == [401] * 3 and 429 in codes[3:]
+
+
+def test_an_answer_and_a_log_line_quote_little_of_what_a_client_sent(tsm_sim, kbs):
+    tsm_sim("sev_guest")
+    server = kbs()
+    huge = "n" * 40_000
+    conn = stranger(server)
+    body = {"runtime-data": {}, "tee-evidence": {}, **{f"{i}{huge}": 1 for i in range(20)}}
+    conn.request("POST", "/kbs/v0/attest", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    answer = response.read()
+    assert response.status == 400 and len(answer) < 2048, answer[:200]
+    assert "unknown member(s) '0nnn" in json.loads(answer)["detail"] and "and 15 more" in json.loads(answer)["detail"]
+    assert max(len(line) for line in server.log().splitlines()) < 2048
+
+
+def test_envelope_errors_quote_little_too():
+    import pytest
+
+    from keybroker.errors import EnvelopeError
+    from keybroker.wire import envelope
+
+    with pytest.raises(EnvelopeError) as info:
+        envelope.from_json({"version": "v" * 100_000, "provider": "x", "generation": 1, "inblob": "", "outblob": ""})
+    assert len(str(info.value)) < 200
+    with pytest.raises(EnvelopeError) as info:
+        envelope.from_json({"n" * 100_000: 1, "m" * 100_000: 2})
+    assert len(str(info.value)) < 300
