@@ -33,6 +33,7 @@ TIMEOUT = 10.0          # seconds per HTTP request
 BUDGET = 20.0           # seconds for one get(), retries and waits included
 RETRY_AFTER_MAX = 5.0   # seconds: a verifier must not stall a key request for long
 ATTEMPTS = 3
+REQUEST_TIME_MIN = 1.0  # seconds: a request with less time than this left is not sent
 CONCURRENCY = 4
 FAILURE_TTL = 600.0     # seconds a 404 is remembered
 ERROR_TTL = 60.0        # seconds another failure is remembered
@@ -63,8 +64,8 @@ class Fetcher:
                 return None
             raise EvidenceError(f"{service}: {reason} (a recent failure; not asked again yet)")
         deadline = time.monotonic() + self.budget
-        if not self._slots.acquire(timeout=self.budget):
-            raise EvidenceError(f"{service}: {CONCURRENCY} fetches already in flight for {self.budget:g} s")
+        if not self._slots.acquire(timeout=max(self.budget - REQUEST_TIME_MIN, 0)):
+            raise EvidenceError(f"{service}: too many fetches in flight; {url} was not asked")
         try:
             return self._get(url, service, limit, missing_ok, deadline)
         finally:
@@ -73,7 +74,7 @@ class Fetcher:
     def _get(self, url: str, service: str, limit: int, missing_ok: bool, deadline: float) -> Answer | None:
         for attempt in range(1, ATTEMPTS + 1):
             timeout = min(TIMEOUT, deadline - time.monotonic())
-            if timeout <= 0:
+            if timeout < REQUEST_TIME_MIN:
                 break
             try:
                 with requests.get(url, timeout=timeout, stream=True, allow_redirects=False) as response:
@@ -97,8 +98,7 @@ class Fetcher:
             if response.status_code != 200:
                 raise self._fail(url, f"{service} answered HTTP {response.status_code} for {url}")
             return Answer(body, dict(response.headers))
-        raise self._fail(url, f"{service} kept answering 'busy' (HTTP 429/503) for {url} within "
-                              f"{self.budget:g} s")
+        raise self._fail(url, f"{service} gave no answer for {url} within {self.budget:g} s (busy or slow)")
 
     def _fail(self, url: str, reason: str) -> EvidenceError:
         self._remember(url, reason, missing=False)

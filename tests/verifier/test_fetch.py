@@ -1,0 +1,122 @@
+"""A hostile report cannot make the verifier hammer AMD's KDS or tie up the key server.
+
+A stand-in KDS on loopback counts what it is asked; reports are built to the specification
+with random chip identities, so that nothing but the KDS could hold their VCEKs.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+import time
+
+import pytest
+
+from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
+from support import snp as sb
+
+
+class StandInKds:
+    """Answers 404 to everything, after ``delay`` seconds; counts requests and the most in flight at once."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.paths: list[str] = []
+        self.in_flight = self.most = 0
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with lock:
+                    outer.paths.append(self.path)
+                    outer.in_flight += 1
+                    outer.most = max(outer.most, outer.in_flight)
+                time.sleep(delay)
+                with lock:
+                    outer.in_flight -= 1
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def kds():
+    stand_in = StandInKds()
+    yield stand_in
+    stand_in.close()
+
+
+def random_chip_report(nonce: bytes) -> bytes:
+    p = sb.platform("Genoa")
+    p.chip_id = os.urandom(64)
+    return sb.report(p, report_data=nonce)
+
+
+def test_an_unbound_report_fetches_nothing(kds):
+    report = random_chip_report(bytes(64))
+    verdict = verify(Evidence("sev_guest", report), Context(TrustStore.default(), nonce=b"\x01" * 64,
+                                                            kds_url=kds.url, fetcher=Fetcher()))
+    assert verdict.failures[0].name == "nonce_binding" and kds.paths == []
+
+
+def test_a_failure_is_remembered_instead_of_asked_again(kds):
+    fetcher = Fetcher()
+    nonce = b"\x02" * 64
+    report = random_chip_report(nonce)
+    for _ in range(5):
+        verdict = verify(Evidence("sev_guest", report), Context(TrustStore.default(), nonce=nonce, kds_url=kds.url,
+                                                                fetcher=fetcher))
+        assert verdict.failures[0].name == "certificates"
+    assert len(kds.paths) == 1  # the VCEK's 404, once; the other four came from memory
+
+
+def verify_many(stand_in: StandInKds, fetcher: Fetcher, count: int) -> list[tuple[float, str]]:
+    """``count`` verifications at once, each of a report with a chip nobody else has: (seconds, reason)."""
+    results: list[tuple[float, str]] = []
+
+    def one() -> None:
+        nonce = os.urandom(64)
+        start = time.monotonic()
+        verdict = verify(Evidence("sev_guest", random_chip_report(nonce)),
+                         Context(TrustStore.default(), nonce=nonce, kds_url=stand_in.url, fetcher=fetcher))
+        results.append((time.monotonic() - start, verdict.reason()))
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_fetches_in_flight_are_bounded():
+    stand_in = StandInKds(delay=0.5)
+    try:
+        results = verify_many(stand_in, Fetcher(concurrency=2), 8)
+    finally:
+        stand_in.close()
+    assert len(results) == 8 and len(stand_in.paths) == 8
+    assert stand_in.most == 2  # eight at once asked two at a time
+
+
+def test_a_stalling_service_costs_each_verification_its_budget_at_most():
+    stand_in = StandInKds(delay=10)
+    try:
+        results = verify_many(stand_in, Fetcher(budget=2.0, concurrency=2), 6)
+    finally:
+        stand_in.close()
+    assert len(results) == 6 and max(seconds for seconds, _ in results) < 2.0 + 1.0
+    assert all("AMD KDS" in reason for _, reason in results)
+    assert len(stand_in.paths) <= 4  # those that got no slot within the budget gave up without asking
