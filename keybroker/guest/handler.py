@@ -108,10 +108,11 @@ class Construction:
     def instantiate(self, payload: bytearray, lease: int | None) -> None:
         from . import keyring
 
-        # While the authority gives us possession: possessor-only permissions, then the lease.
-        keyring.setperm(self.serial, keyring.POSSESSOR_ONLY)
+        # While the authority gives us possession: the lease first, then permissions that take
+        # SETATTR away (after them, nobody could set the lease, nor lift it).
         if lease:
             keyring.set_timeout(self.serial, lease)
+        keyring.setperm(self.serial, keyring.POSSESSOR_ONLY)
         keyring.instantiate(self.serial, payload, 0)
         self.done = True
 

@@ -21,10 +21,11 @@ USER_KEYRING = -4
 REQKEY_AUTH_KEY = -7
 
 # Permission bits (keyutils.h): possessor, user, group, other.
-POS_VIEW, POS_READ, POS_SEARCH, POS_LINK, POS_SETATTR = 0x01 << 24, 0x02 << 24, 0x08 << 24, 0x10 << 24, 0x20 << 24
-#: What a released key keeps: its possessors may view, read, search, link and set
-#: attributes; nobody else gets anything (not even its owner without possession).
-POSSESSOR_ONLY = POS_VIEW | POS_READ | POS_SEARCH | POS_LINK | POS_SETATTR
+POS_VIEW, POS_READ, POS_SEARCH, POS_LINK = 0x01 << 24, 0x02 << 24, 0x08 << 24, 0x10 << 24
+#: What a released key keeps: its possessors may view, read, search and link it; nobody
+#: else gets anything (not even its owner without possession). Without SETATTR the
+#: requester can neither lift the lease the server gave nor widen the permissions.
+POSSESSOR_ONLY = POS_VIEW | POS_READ | POS_SEARCH | POS_LINK
 
 _serial = ctypes.c_int32
 

@@ -47,10 +47,13 @@ def test_unlink_setperm_timeout():
     assert [int(s) for s in keyctl("rlist", str(ring)).split()] == [key]
     keyring.unlink(key, ring)
     assert keyctl("rlist", str(ring)) == ""
-    keyring.setperm(key, keyring.POSSESSOR_ONLY)
-    assert keyring.describe(key).perm == keyring.POSSESSOR_ONLY
     keyring.set_timeout(key, 100)
     assert " 1m " in next(line for line in open("/proc/keys") if line.startswith(f"{key:08x} "))
+    keyring.setperm(key, keyring.POSSESSOR_ONLY)
+    assert keyring.describe(key).perm == keyring.POSSESSOR_ONLY
+    with pytest.raises(KeyringError) as info:  # possessor-only takes SETATTR away: the timeout stays
+        keyring.set_timeout(key, 0)
+    assert info.value.errno == errno.EACCES
     with pytest.raises(KeyringError) as info:
         keyring.unlink(key, ring)
     assert info.value.errno == errno.ENOENT

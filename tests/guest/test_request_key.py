@@ -47,7 +47,7 @@ def test_user_key_is_released_into_the_keyring(broker, syslog):
     describe = re.search(r"^ *\d+: (\S+)\s+(\d+)\s+(\d+) user: keybroker:default/disk/root$", out.stdout, re.M)
     assert describe, out.stdout
     perms = describe.group(1)
-    assert perms[:6] == "als-rv" and set(perms[6:]) == {"-"}  # possessor only: no user/group/other rights
+    assert perms == "-ls-rv" + "-" * 18  # possessor only, without setattr or write; nothing for anyone else
     assert "released" in broker.log()
     line = next(entry for entry in syslog if "keybroker:default/disk/root" in entry)
     assert "outcome=instantiated size=32" in line and "requester=0:0" in line
@@ -195,9 +195,15 @@ def test_lease_becomes_the_key_expiry(tsm_sim, kbs, handler):
     server.put("default/disk/lease", SECRET, "--lease", "600")
     handler(server.url, root)
     out = keyctl_session('id=$(keyctl request2 user keybroker:default/disk/lease "" @s) && '
-                         'grep "^$(printf %08x $id) " /proc/keys')
+                         'grep "^$(printf %08x $id) " /proc/keys && '
+                         # the requester, who possesses the key, tries to lift the lease and widen its permissions
+                         'keyctl timeout $id 0; keyctl setperm $id 0x3f3f3f3f; '
+                         'grep "^$(printf %08x $id) " /proc/keys; keyctl describe $id')
     assert out.returncode == 0, out.stderr
-    assert re.search(r" (9m|10m|59\ds|600s) ", out.stdout) or re.search(r" \d+m ", out.stdout), out.stdout
+    lines = [line for line in out.stdout.splitlines() if "keybroker:default/disk/lease: 32" in line]
+    assert len(lines) == 2 and all(re.search(r" (9m|10m) ", line) for line in lines), out.stdout  # still expires
+    assert out.stderr.count("Permission denied") == 2, out.stderr
+    assert re.search(r"^ *\d+: -ls-rv-{18} ", out.stdout, re.M), out.stdout  # unchanged: possessor-only
 
 
 def test_debug_mode_prints_the_outcome_not_the_secret(broker, handler, tsm_sim):
