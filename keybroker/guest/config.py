@@ -14,8 +14,9 @@
     deadline = 30                          # seconds, hard limit for one construction
     [[access]]                             # who may obtain which resources
     resource = "default/*"
-    uids = [0]
+    uids = [1000]
     gids = []
+    key_types = ["logon"]                  # optional: as which key types (default: user and logon)
     [volumes.data]                         # disk unlock: crypttab volume name -> resource
     resource = "default/luks/data"         # required
     device = "/dev/disk/by-uuid/..."       # the source device systemd-cryptsetup asks about
@@ -24,8 +25,10 @@
 
 Access: root (uid 0) may obtain every resource; any other requester only what an
 ``[[access]]`` rule whose ``resource`` pattern (``*`` matches anything, ``/`` included)
-matches grants to its uid or one of its gids. Unknown keys and bad values are errors that
-name the key and the file.
+matches grants to its uid or one of its groups (the key's gid and the user's supplementary
+groups in the group database), as one of the rule's ``key_types``: ``logon`` alone keeps
+a secret out of user space. Unknown keys and bad values are errors that name the key and
+the file.
 
 Volumes map the names of /etc/crypttab volumes to resources for keybroker's disk-unlock
 services (:mod:`keybroker.guest.unlock`). A volume name is 1-64 characters of [A-Za-z0-9_.-],
@@ -46,13 +49,12 @@ from typing import Any
 from ..errors import ConfigError, DescriptionError
 from ..wire.resource import ResourcePath
 from ..wire.transport import server_url_problem
-from .request import DESCRIPTION_PREFIX
+from .request import DESCRIPTION_PREFIX, KEY_TYPES
 
 DEFAULT_PATH = Path("/etc/keybroker/client.toml")
 DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
 DEFAULT_DEADLINE = 30.0
 DEFAULT_UNLOCK_DEADLINE = 120.0
-VOLUME_KEY_TYPES = ("logon", "user")
 DEVICE_MAX = 4096
 _VOLUME_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
@@ -62,6 +64,7 @@ class AccessRule:
     resource: str
     uids: frozenset[int]
     gids: frozenset[int]
+    key_types: frozenset[str] = frozenset(KEY_TYPES)
 
 
 @dataclass(frozen=True)
@@ -94,11 +97,11 @@ class ClientConfig:
     def volume(self, name: str) -> Volume | None:
         return next((volume for volume in self.volumes if volume.name == name), None)
 
-    def may_obtain(self, uid: int, gids: set[int] | frozenset[int], resource: str) -> bool:
+    def may_obtain(self, uid: int, gids: set[int] | frozenset[int], resource: str, key_type: str) -> bool:
         if uid == 0:
             return True
-        return any(fnmatchcase(resource, rule.resource) and (uid in rule.uids or rule.gids & gids)
-                   for rule in self.access)
+        return any(fnmatchcase(resource, rule.resource) and key_type in rule.key_types
+                   and (uid in rule.uids or rule.gids & gids) for rule in self.access)
 
 
 class _Table:
@@ -183,7 +186,7 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
     rules = []
     for i, raw in enumerate(top.get("access", list, [])):
         rule = _Table(path, f"access[{i}]", raw)
-        rule.only("resource", "uids", "gids")
+        rule.only("resource", "uids", "gids", "key_types")
         pattern = rule.get("resource", str, required=True)
         ids = {}
         for key in ("uids", "gids"):
@@ -191,7 +194,10 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
             if not all(type(v) is int and 0 <= v < 2**32 for v in values):
                 raise rule.error(f"{rule.key(key)!r} must be a list of numeric ids")
             ids[key] = frozenset(values)
-        rules.append(AccessRule(pattern, ids["uids"], ids["gids"]))
+        key_types = rule.get("key_types", list, list(KEY_TYPES))
+        if not key_types or not set(key_types) <= set(KEY_TYPES):
+            raise rule.error(f"{rule.key('key_types')!r} must list one or both of {', '.join(KEY_TYPES)}")
+        rules.append(AccessRule(pattern, ids["uids"], ids["gids"], frozenset(key_types)))
 
     return ClientConfig(path=path, server_url=url, server_ca=Path(ca) if ca else None,
                         tsm_root=Path(root), service_provider=service_provider, service_guid=service_guid,
@@ -215,8 +221,8 @@ def _volumes(path: Path, tables: dict[str, Any]) -> tuple[Volume, ...]:
         if device is not None and (not device.startswith("/") or len(device) > DEVICE_MAX or "\0" in device):
             raise table.error(f"{table.key('device')!r} must be an absolute path of at most {DEVICE_MAX} characters")
         key_type = table.get("key_type", str, "logon")
-        if key_type not in VOLUME_KEY_TYPES:
-            raise table.error(f"{table.key('key_type')!r} must be one of {', '.join(VOLUME_KEY_TYPES)}")
+        if key_type not in KEY_TYPES:
+            raise table.error(f"{table.key('key_type')!r} must be one of {', '.join(KEY_TYPES)}")
         deadline = float(table.get("deadline", (int, float), DEFAULT_UNLOCK_DEADLINE))
         if not 1 <= deadline <= 3600:
             raise table.error(f"{table.key('deadline')!r} must be between 1 and 3600 seconds")

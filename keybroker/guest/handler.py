@@ -145,10 +145,25 @@ def _authorise(cfg: ClientConfig, key_type: str, description: str, callout: byte
     from .request import parse_request
 
     request = parse_request(key_type, description, callout)
-    if not cfg.may_obtain(uid, frozenset({gid}), str(request.resource)):
-        raise AccessDenied(f"requester uid {uid} gid {gid} may not obtain {request.resource} "
-                           f"(see [[access]] in {cfg.path})")
+    if not cfg.may_obtain(uid, _groups(uid, gid), str(request.resource), request.key_type):
+        raise AccessDenied(f"requester uid {uid} gid {gid} may not obtain {request.resource} as a "
+                           f"{request.key_type} key (see [[access]] in {cfg.path})")
     return request
+
+
+def _groups(uid: int, gid: int) -> frozenset[int]:
+    """The requester's groups: the key's gid and the user's supplementary groups in the group database.
+
+    The kernel gives the handler the requester's fsuid and fsgid only; the groups a user is a
+    member of come from the system's database (what newgrp or a dropped group did to one
+    process is not seen).
+    """
+    import pwd
+
+    try:
+        return frozenset({gid, *os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)})
+    except (KeyError, OSError):
+        return frozenset({gid})
 
 
 def _worker(cfg: ClientConfig, request: KeyRequest, deadline: float, out: int) -> None:

@@ -59,17 +59,39 @@ def test_config_defaults_and_access(tmp_path):
     """))
     assert cfg.server_url == "https://kbs.example:8080" and cfg.deadline == 30
     assert cfg.tsm_root == Path("/sys/kernel/config/tsm/report") and cfg.server_ca == Path("/etc/keybroker/ca.pem")
-    assert cfg.may_obtain(0, frozenset({0}), "anything/at/all")  # root
-    assert cfg.may_obtain(1000, frozenset({1000}), "default/disk/root")
-    assert not cfg.may_obtain(1001, frozenset({1001}), "default/disk/root")
-    assert cfg.may_obtain(1001, frozenset({100}), "shared/disk/x")
-    assert not cfg.may_obtain(1000, frozenset({1000}), "other/disk/root")
+    assert cfg.may_obtain(0, frozenset({0}), "anything/at/all", "user")  # root
+    assert cfg.may_obtain(1000, frozenset({1000}), "default/disk/root", "user")
+    assert not cfg.may_obtain(1001, frozenset({1001}), "default/disk/root", "user")
+    assert cfg.may_obtain(1001, frozenset({100}), "shared/disk/x", "user")
+    assert not cfg.may_obtain(1000, frozenset({1000}), "other/disk/root", "user")
+
+
+def test_access_rules_can_restrict_the_key_type(tmp_path):
+    cfg = config.load(write(tmp_path, """
+        [server]
+        url = "https://kbs.example"
+        [[access]]
+        resource = "secret/*"
+        uids = [1000]
+        key_types = ["logon"]
+        [[access]]
+        resource = "default/*"
+        uids = [1000]
+    """))
+    assert cfg.may_obtain(1000, frozenset({1000}), "secret/disk/root", "logon")
+    assert not cfg.may_obtain(1000, frozenset({1000}), "secret/disk/root", "user")  # not readable back
+    assert cfg.may_obtain(1000, frozenset({1000}), "default/disk/root", "user")  # both by default
+    for bad in ('key_types = []', 'key_types = ["trusted"]', 'key_types = "logon"'):
+        path = tmp_path / "bad.toml"
+        path.write_text(f'[server]\nurl = "https://x"\n[[access]]\nresource = "a/*"\nuids = [1]\n{bad}\n')
+        with pytest.raises(ConfigError, match="key_types"):
+            config.load(path)
 
 
 def test_no_rules_means_root_only(tmp_path):
     cfg = config.load(write(tmp_path, '[server]\nurl = "http://127.0.0.1:8080"\n'))
-    assert cfg.may_obtain(0, frozenset({0}), "default/disk/root")
-    assert not cfg.may_obtain(65534, frozenset({65534}), "default/disk/root")
+    assert cfg.may_obtain(0, frozenset({0}), "default/disk/root", "user")
+    assert not cfg.may_obtain(65534, frozenset({65534}), "default/disk/root", "user")
 
 
 @pytest.mark.parametrize("text, message", [

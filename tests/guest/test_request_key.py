@@ -114,10 +114,54 @@ NOBODY = int(subprocess.run(["id", "-u", "nobody"], capture_output=True, text=Tr
 NOGROUP = int(subprocess.run(["id", "-g", "nobody"], capture_output=True, text=True).stdout)
 
 
-def debug_request(config, description: str, requester: str) -> subprocess.CompletedProcess:
+def debug_request(config, description: str, requester: str, key_type: str = "user") -> subprocess.CompletedProcess:
     return subprocess.run([os.path.join(os.path.dirname(sys.executable), "keybroker-request-key"),
-                           "--config", str(config), "--debug", "user", description, "", "--requester", requester],
+                           "--config", str(config), "--debug", key_type, description, "", "--requester", requester],
                           capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def member():
+    """A user of this machine in a supplementary group of its own (both removed after the test): (uid, gid)."""
+    import grp
+    import pwd
+    import secrets
+
+    name = f"kbt{secrets.token_hex(4)}"
+    subprocess.run(["groupadd", name], check=True)
+    try:
+        subprocess.run(["useradd", "--no-create-home", "--no-user-group", "--gid", "nogroup", "--groups", name, name],
+                       check=True)
+        try:
+            yield pwd.getpwnam(name).pw_uid, grp.getgrnam(name).gr_gid
+        finally:
+            subprocess.run(["userdel", name], check=False)
+    finally:
+        subprocess.run(["groupdel", name], check=False)
+
+
+def test_access_rules_count_supplementary_groups(tsm_sim, kbs, handler, member):
+    uid, group = member
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("team/disk/data", SECRET)
+    config = handler(server.url, root, extra=f'[[access]]\nresource = "team/*"\ngids = [{group}]\n')
+    out = debug_request(config, "keybroker:team/disk/data", f"{uid}:{NOGROUP}")  # the key carries nogroup
+    assert out.returncode == 0 and "would instantiate a 32-byte key" in out.stdout, out.stdout
+    out = debug_request(config, "keybroker:team/disk/data", f"{NOBODY}:{NOGROUP}")  # not a member
+    assert out.returncode == 1 and "errno=EACCES" in out.stdout
+
+
+def test_access_rules_restrict_the_key_type(tsm_sim, kbs, handler):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("secret/disk/data", SECRET)
+    config = handler(server.url, root, extra=f'[[access]]\nresource = "secret/*"\nuids = [{NOBODY}]\n'
+                                             'key_types = ["logon"]\n')
+    out = debug_request(config, "keybroker:secret/disk/data", f"{NOBODY}:{NOGROUP}", key_type="logon")
+    assert out.returncode == 0 and "would instantiate" in out.stdout, out.stdout
+    out = debug_request(config, "keybroker:secret/disk/data", f"{NOBODY}:{NOGROUP}", key_type="user")
+    assert out.returncode == 1 and "errno=EACCES" in out.stdout and "as a user key" in out.stdout
 
 
 def test_handler_refuses_a_non_root_requester_before_attesting(tsm_sim, kbs, handler):
