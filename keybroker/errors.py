@@ -17,6 +17,10 @@ class ConfigError(KeybrokerError):
     """A configuration file or option is missing, malformed or inconsistent."""
 
 
+class UntrustedFile(ConfigError):
+    """A file root would run or read (handler, interpreter, code, configuration) is not root's alone."""
+
+
 class DescriptionError(KeybrokerError):
     """A key description or callout string is outside keybroker's grammar."""
 

@@ -40,8 +40,8 @@ def _add_evidence(sub: argparse._SubParsersAction) -> None:
 def _install_handler(args: argparse.Namespace) -> int:
     from ..guest import config, install
 
-    config.load(args.config)  # refuse to install a handler whose configuration does not load
-    target = install.install(args.config, args.conf_dir)
+    cfg = config.load(args.config)  # refuse to install a handler whose configuration does not load
+    target = install.install(args.config, args.conf_dir, server_ca=cfg.server_ca)
     print(f"installed {target}")
     return 0
 

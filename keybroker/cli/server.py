@@ -125,7 +125,10 @@ def _resource(args: argparse.Namespace) -> int:
         if value is None:
             raise SystemExit(f"keybroker resource get: no resource {args.path}")
         if args.file:
-            fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:  # a new file of the caller's only: never through a link, never over what is there
+                fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                raise SystemExit(f"keybroker resource get: {args.file} exists; name a new file") from None
             with os.fdopen(fd, "wb") as f:
                 f.write(value)
         else:
@@ -144,7 +147,7 @@ def _add_resource(sub: argparse._SubParsersAction) -> None:
     put.add_argument("--file", type=Path, help="read the value from FILE (default stdin)")
     put.add_argument("--lease", type=int, help="seconds the released key stays valid in the keyring")
     get = actions.add_parser("get", help="print a resource's value (locally only, with the KEK)")
-    get.add_argument("--file", type=Path, help="write the value to FILE (mode 0600) instead of stdout")
+    get.add_argument("--file", type=Path, help="write the value to a new FILE (mode 0600) instead of stdout")
     actions.add_parser("rm", help="remove a resource")
     actions.add_parser("list", help="list the resources: path, size, lease")
     for action in ("put", "get", "rm"):

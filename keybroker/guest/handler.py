@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..systemd import ERROR, INFO, Journal
@@ -137,6 +138,18 @@ def _describe_outcome(rejection: Rejection | None, size: int | None = None) -> s
         return f"outcome=instantiated size={size}"
     return (f"outcome=rejected errno={E.errorcode.get(rejection.errno, rejection.errno)} "
             f"timeout={rejection.timeout}s reason={rejection.reason!r}")
+
+
+def _load_config(path: str) -> ClientConfig:
+    """The client configuration, once it and what root runs for a request are found to be root's alone."""
+    from . import config, ownership
+
+    if os.geteuid() == 0:
+        ownership.check(Path(path), "client configuration")  # before a byte of it is believed
+    cfg = config.load(path)
+    if os.geteuid() == 0:
+        ownership.check_handler(cfg.path, cfg.server_ca)
+    return cfg
 
 
 def _authorise(cfg: ClientConfig, key_type: str, description: str, callout: bytes, uid: int, gid: int) -> KeyRequest:
@@ -253,7 +266,7 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
 
 def run_kernel(serial: int, config_path: str, log: Journal) -> int:
     from ..errors import KeyringError
-    from . import config, keyring
+    from . import keyring
 
     start = time.monotonic()
     try:
@@ -269,7 +282,7 @@ def run_kernel(serial: int, config_path: str, log: Journal) -> int:
     rejection: Rejection | None = None
     size = None
     try:
-        cfg = config.load(config_path)
+        cfg = _load_config(config_path)
         # Last resort: should anything below block past the deadline, SIGALRM ends the process.
         signal.alarm(int(cfg.deadline) + 5)
         request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
@@ -300,12 +313,10 @@ def run_debug(key_type: str, description: str, callout: str, config_path: str,
     not upcall for non-root requesters. It grants nothing: this process keeps the caller's
     own privileges.
     """
-    from . import config
-
     uid, gid = requester or (os.getuid(), os.getgid())
     start = time.monotonic()
     try:
-        cfg = config.load(config_path)
+        cfg = _load_config(config_path)
         request = _authorise(cfg, key_type, description, callout.encode(), uid, gid)
         released = obtain_within(cfg, request, start + cfg.deadline)
     except Exception as exc:

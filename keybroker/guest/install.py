@@ -9,10 +9,12 @@ keys, in exec mode, passing only the key serial.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from . import ownership
 
 CONF_DIR = Path("/etc/request-key.d")
 CONF_NAME = "keybroker.conf"
@@ -33,16 +35,25 @@ def conf_text(handler: Path, config: Path) -> str:
     return "\n".join(lines) + "\n"  # request-key 1.6.3 chops the last character of a file
 
 
-def install(config: Path, conf_dir: Path = CONF_DIR, handler: Path | None = None) -> Path:
+def install(config: Path, conf_dir: Path = CONF_DIR, handler: Path | None = None,
+            server_ca: Path | None = None) -> Path:
+    """Write the drop-in, after checking that what it makes root run and read is root's alone."""
     handler = handler or handler_path()
     if not os.access(handler, os.X_OK):
         raise ConfigError(f"handler {handler} is missing or not executable")
+    ownership.check(handler, "handler")
+    ownership.check_handler(config, server_ca, thorough=True)
     text = conf_text(handler, config.resolve())
     conf_dir.mkdir(parents=True, exist_ok=True)
     target = conf_dir / CONF_NAME
-    tmp = conf_dir / f".{CONF_NAME}.tmp"  # dot-files are skipped by request-key
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, target)
+    # A dot-file (request-key skips them) of a fresh name: nothing planted there is followed or reused.
+    tmp = conf_dir / f".{CONF_NAME}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return target

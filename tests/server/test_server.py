@@ -143,6 +143,13 @@ def test_resource_command(tmp_path):
                                    capture_output=True, timeout=30)
     assert options_first.returncode == 0, options_first.stderr
     assert run("get", "default/key/three").stdout == b"value-2"
+    (tmp_path / "planted").symlink_to(tmp_path / "v2")  # someone's link where the key would go
+    for existing in (tmp_path / "v2", tmp_path / "planted"):
+        refused = run("get", "default/key/three", "--file", str(existing))
+        assert refused.returncode != 0 and b"exists; name a new file" in refused.stderr
+    assert (tmp_path / "v2").read_bytes() == b"value-2"
+    assert run("get", "default/key/three", "--file", str(tmp_path / "out")).returncode == 0
+    assert (tmp_path / "out").read_bytes() == b"value-2" and oct((tmp_path / "out").stat().st_mode & 0o777) == "0o600"
     assert run("rm", "default/key/one").returncode == 0
     assert run("get", "default/key/one").returncode != 0
     assert b"must be <repo>/<type>/<tag>" in run("put", "bad", data=b"x").stderr

@@ -1,0 +1,126 @@
+"""Root runs and reads only what is root's alone: the handler, its interpreter, its code, its configuration."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keybroker.errors import UntrustedFile
+from keybroker.guest import install, ownership
+
+NOBODY = 65534
+HANDLER = Path(sys.executable).parent / "keybroker-request-key"
+
+
+@pytest.fixture
+def folder(tmp_path):
+    # tmp_path is root's, mode 0700, under the sticky /tmp: a trusted place to build untrusted things in.
+    return tmp_path
+
+
+def config_file(folder: Path, name: str = "client.toml") -> Path:
+    path = folder / name
+    path.write_text('[server]\nurl = "https://kbs.example"\n')
+    path.chmod(0o644)
+    return path
+
+
+def test_roots_own_files_pass(folder):
+    ownership.check(config_file(folder), "client configuration")
+    ownership.check_handler(config_file(folder))
+
+
+@pytest.mark.parametrize("spoil, named", [
+    (lambda p: os.chown(p, NOBODY, -1), "belongs to uid 65534"),
+    (lambda p: p.chmod(0o664), "writable by group or others (mode 0664)"),
+    (lambda p: p.chmod(0o646), "writable by group or others (mode 0646)"),
+    (lambda p: os.chown(p.parent, NOBODY, -1), "belongs to uid 65534"),
+    (lambda p: p.parent.chmod(0o777), "writable by group or others (mode 0777)"),
+])
+def test_files_others_can_change_are_refused(folder, spoil, named):
+    (folder / "etc").mkdir()
+    path = config_file(folder / "etc")
+    spoil(path)
+    with pytest.raises(UntrustedFile, match=re.escape(named)):
+        ownership.check(path, "client configuration")
+
+
+def test_links_are_followed_and_each_step_checked(folder):
+    theirs = folder / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, -1)
+    target = config_file(folder, "real.toml")
+    link = folder / "client.toml"
+    link.symlink_to(target)
+    ownership.check(link, "client configuration")  # root's link to root's file
+    bad = config_file(theirs, "real.toml")
+    os.chown(bad, 0, 0)
+    link.unlink()
+    link.symlink_to(bad)  # root's file, in a folder another user owns: they can swap it
+    with pytest.raises(UntrustedFile, match=f"{theirs} belongs to uid 65534"):
+        ownership.check(link, "client configuration")
+
+
+def test_a_sticky_root_folder_is_fine_but_not_as_the_file_itself(folder):
+    sticky = folder / "shared"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    ownership.check(config_file(sticky), "client configuration")  # others cannot replace root's file there
+    with pytest.raises(UntrustedFile, match="mode 1777"):
+        ownership.check(sticky, "import folder")
+
+
+def test_install_refuses_a_configuration_or_handler_others_can_change(folder):
+    config = config_file(folder)
+    config.chmod(0o666)
+    with pytest.raises(UntrustedFile, match="client configuration"):
+        install.install(config, folder / "request-key.d", HANDLER)
+    config.chmod(0o644)
+    theirs = folder / "bin"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, -1)
+    handler = theirs / "keybroker-request-key"
+    handler.write_text("#!/bin/sh\n")
+    handler.chmod(0o755)
+    with pytest.raises(UntrustedFile, match="refusing handler"):
+        install.install(config, folder / "request-key.d", handler)
+    assert not (folder / "request-key.d" / "keybroker.conf").exists()
+    assert install.install(config, folder / "request-key.d", HANDLER).exists()  # root's alone: installed
+
+
+def test_the_command_says_it_in_one_line(folder):
+    config = config_file(folder)
+    config.chmod(0o664)
+    out = subprocess.run([sys.executable, "-m", "keybroker", "install-handler", "--config", str(config),
+                          "--conf-dir", str(folder / "request-key.d")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "chmod go-w" in out.stderr, out.stderr
+
+
+def test_the_handler_refuses_a_configuration_others_can_change(tsm_sim, kbs, handler):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/disk/root", b"k" * 32)
+    config = handler(server.url, root)
+    config.chmod(0o666)  # after installing: someone loosened it
+    out = subprocess.run(["keyctl", "session", "-", "keyctl", "request2", "user", "keybroker:default/disk/root", "",
+                          "@s"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "Required key not available" in out.stderr
+    assert server.requests_to("auth") == 0  # refused before anything was believed
+    debug = subprocess.run([str(HANDLER), "--config", str(config), "--debug", "user", "keybroker:default/disk/root",
+                            ""], capture_output=True, text=True, timeout=60)
+    assert debug.returncode == 1 and "writable by group or others (mode 0666)" in debug.stdout
+
+
+def test_install_writes_through_no_planted_link(folder):
+    conf_dir = folder / "request-key.d"
+    conf_dir.mkdir()
+    victim = folder / "victim"
+    victim.write_text("precious\n")
+    (conf_dir / ".keybroker.conf.tmp").symlink_to(victim)  # where a fixed temporary name would be written
+    install.install(config_file(folder), conf_dir, HANDLER)
+    assert victim.read_text() == "precious\n" and (conf_dir / "keybroker.conf").read_text().startswith("# keybroker")
