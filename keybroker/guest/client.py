@@ -22,6 +22,7 @@ from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException
 
 from ..errors import ProtocolError, ReleaseRefused, ResourceMissing, ServerError, ServerUnreachable
+from ..wire import parse_json
 from ..wire import rcar as p
 from ..wire.envelope import TsmReport, to_json
 from .retry import Backoff, retry
@@ -95,7 +96,7 @@ class RcarClient:
             raise ProtocolError(f"{method} {path}: response larger than {RESPONSE_MAX} bytes")
         if response.status_code != 200:
             try:
-                problem = response.json()
+                problem = parse_json(response.content)
             except ValueError:
                 problem = None
             name = p.problem_name(problem)
@@ -106,7 +107,7 @@ class RcarClient:
         if raw:
             return response
         try:
-            return response.json()
+            return parse_json(response.content)
         except ValueError:
             raise ProtocolError(f"{method} {path}: response is not JSON") from None
 
@@ -123,15 +124,16 @@ def _transient(exc: Exception) -> bool:
 
 def _decrypt(response: requests.Response, key: jwk.JWK) -> bytearray:
     try:
-        body = response.json()
+        body = parse_json(response.content)
     except ValueError:
         raise ProtocolError("resource response is not JSON") from None
     if not isinstance(body, dict) or not {"protected", "ciphertext", "iv", "tag"} <= set(body):
         raise ProtocolError("resource response is not a flattened JWE")
     try:
-        header = json.loads(jwe.base64url_decode(body["protected"]))
-        if header.get("alg") != p.KEY_ALGORITHM or header.get("enc") != p.CONTENT_ENCRYPTION:
-            raise ProtocolError(f"resource JWE uses {header.get('alg')}/{header.get('enc')}, expected "
+        header = parse_json(jwe.base64url_decode(body["protected"]))
+        algorithms = (header.get("alg"), header.get("enc")) if isinstance(header, dict) else (None, None)
+        if algorithms != (p.KEY_ALGORITHM, p.CONTENT_ENCRYPTION):
+            raise ProtocolError(f"resource JWE uses {algorithms[0]}/{algorithms[1]}, expected "
                                 f"{p.KEY_ALGORITHM}/{p.CONTENT_ENCRYPTION}")
         token = jwe.JWE()
         token.deserialize(json.dumps(body), key=key)

@@ -9,7 +9,6 @@ check or policy condition). Admin calls without a valid token are refused and au
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import socket
@@ -26,6 +25,7 @@ from starlette.routing import Route
 
 from ..errors import AdminError, ConfigError, PolicyError
 from ..systemd import notify
+from ..wire import parse_json
 from ..wire import rcar as p
 from ..wire.transport import is_loopback
 from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
@@ -62,7 +62,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def read_json(request: Request) -> Any:
     try:
-        return json.loads(await read_body(request, p.BODY_MAX))
+        return parse_json(await read_body(request, p.BODY_MAX))
     except (ValueError, UnicodeDecodeError):
         raise Problem(p.BAD_REQUEST, "request body is not JSON") from None
 

@@ -121,6 +121,9 @@ class KeyServer:
         except Problem as problem:
             self.store.finish_attestation(session.id, claims=None, tee_pubkey=None)
             self._refuse(problem, event)
+        except BaseException:
+            self.store.finish_attestation(session.id, claims=None, tee_pubkey=None)  # never left "attesting"
+            raise
         self.store.finish_attestation(session.id, claims=claims, tee_pubkey=attestation.tee_pubkey)
         self.store.audit(replace(event, decision=ALLOW, reason="evidence verified and bound to the session",
                                  measurement=str(claims.get("measurement", ""))))

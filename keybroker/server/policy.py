@@ -19,6 +19,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from ..errors import PolicyError
+from ..wire import parse_json
 
 VERSION = 1
 _VERSION_TEXT = re.compile(r"\d+(\.\d+)*")
@@ -87,7 +88,7 @@ class Policy:
     @classmethod
     def loads(cls, text: str | bytes) -> Policy:
         try:
-            return cls(json.loads(text))
+            return cls(parse_json(text))
         except ValueError as exc:
             raise PolicyError(f"policy is not valid JSON: {exc}") from None
 

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.utils import CryptographyDeprecationWarning
@@ -21,19 +21,26 @@ CERT_FILE_MAX = 1024 * 1024
 
 
 def load_certs(data: bytes) -> list[x509.Certificate]:
-    """Certificates from a PEM bundle (any number) or one DER certificate.
+    """Certificates from a PEM bundle (any number) or one DER certificate, parsed whole.
 
+    ``cryptography`` parses a certificate's parts when they are first used; a malformed
+    extension or key would then fail deep inside a verifier. Every part the verifiers read
+    is read here, once, so that hostile certificates fail at the edge as EvidenceError.
     AMD issues VCEKs and VLEKs with serial number 0, which RFC 5280 forbids and
     ``cryptography`` warns about; the warning is expected here and silenced.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         try:
-            if b"-----BEGIN CERTIFICATE-----" in data:
-                return x509.load_pem_x509_certificates(data)
-            return [x509.load_der_x509_certificate(data)]
-        except ValueError as exc:
-            raise EvidenceError(f"cannot parse certificate: {exc}") from None
+            certs = (x509.load_pem_x509_certificates(data) if b"-----BEGIN CERTIFICATE-----" in data
+                     else [x509.load_der_x509_certificate(data)])
+            for cert in certs:
+                _ = (cert.extensions, cert.public_key(), cert.subject, cert.issuer, cert.serial_number,
+                     cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm,
+                     cert.signature_algorithm_parameters, cert.tbs_certificate_bytes)
+            return certs
+        except Exception as exc:  # whatever the X.509 library rejects a hostile certificate with
+            raise EvidenceError(f"cannot parse certificate: {type(exc).__name__}: {exc}"[:300]) from None
 
 
 def load_cert_dir(folder: Path) -> list[x509.Certificate]:
@@ -79,7 +86,7 @@ def signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         child.verify_directly_issued_by(issuer)
         return True
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 #: How much of one value a client sent an error message may quote back.
 QUOTE_MAX = 64
 
@@ -16,3 +19,11 @@ def shown_names(names: list[str], count: int = 5) -> str:
     """A few of the (client-chosen) names, each cut: for 'unknown member(s) ...' messages."""
     listed = ", ".join(shown(name) for name in names[:count])
     return listed + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` for what others sent: nesting too deep for the parser is a ValueError like any bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EnvelopeError
-from . import shown, shown_names
+from . import parse_json, shown, shown_names
 
 VERSION = 1
 
@@ -163,7 +163,7 @@ def loads(text: str | bytes) -> TsmReport:
     if len(text) > ENVELOPE_MAX:
         raise EnvelopeError(f"envelope is {len(text)} bytes, more than the limit of {ENVELOPE_MAX}")
     try:
-        obj = json.loads(text)
+        obj = parse_json(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise EnvelopeError(f"envelope is not valid JSON: {exc}") from None
     return from_json(obj)

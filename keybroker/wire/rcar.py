@@ -141,7 +141,10 @@ class Attestation:
 
 
 def check_tee_pubkey(jwk: Any) -> dict[str, str]:
-    """An EC public JWK for ECDH-ES+A256KW (P-256, P-384 or P-521), shape-checked."""
+    """An EC public JWK for ECDH-ES+A256KW (P-256, P-384 or P-521): its shape, and a point on its curve.
+
+    Checked when the key arrives, so that nothing later (the JWE to it) meets a key it cannot use.
+    """
     _object(jwk, "tee-pubkey", required=("kty", "crv", "x", "y"), optional=("alg", "kid", "use"))
     if not all(isinstance(v, str) for v in jwk.values()):
         raise ProtocolError("tee-pubkey members must be strings")
@@ -149,10 +152,20 @@ def check_tee_pubkey(jwk: Any) -> dict[str, str]:
         raise ProtocolError("tee-pubkey must be an EC key on P-256, P-384 or P-521")
     if jwk.get("alg", KEY_ALGORITHM) != KEY_ALGORITHM:
         raise ProtocolError(f"tee-pubkey algorithm must be {KEY_ALGORITHM}")
+    coordinates = []
     for coord in ("x", "y"):
-        value = jwk[coord]
-        if not _B64URL.fullmatch(value) or len(_b64url_decode(value)) != _EC_SIZES[jwk["crv"]]:
+        value = _b64url_decode(jwk[coord])
+        if value is None or len(value) != _EC_SIZES[jwk["crv"]]:
             raise ProtocolError(f"tee-pubkey '{coord}' is not a base64url {jwk['crv']} coordinate")
+        coordinates.append(int.from_bytes(value, "big"))
+    from cryptography.hazmat.primitives.asymmetric import ec  # here: the guest's start need not load it
+
+    curves: dict[str, ec.EllipticCurve] = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}
+    curve = curves[jwk["crv"]]
+    try:
+        ec.EllipticCurvePublicNumbers(coordinates[0], coordinates[1], curve).public_key()
+    except ValueError:
+        raise ProtocolError(f"tee-pubkey is not a point on {jwk['crv']}") from None
     return dict(jwk)
 
 
@@ -163,7 +176,10 @@ def report_data(nonce: str, tee_pubkey: dict[str, str], additional_evidence: str
     return hashlib.sha384(material).digest().ljust(INBLOB_SIZE, b"\0")
 
 
-def _b64url_decode(text: str) -> bytes:
+def _b64url_decode(text: str) -> bytes | None:
+    """Unpadded base64url, strictly; None when ``text`` is not that."""
+    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        return None
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 

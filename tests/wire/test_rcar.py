@@ -32,7 +32,7 @@ def test_report_data_binds_nonce_and_key():
 
 
 def test_attestation_round_trip_and_strictness():
-    key = {"alg": "ECDH-ES+A256KW", "crv": "P-256", "kty": "EC", "x": "A" * 43, "y": "B" * 43}
+    key = json.loads(jwk.JWK.generate(kty="EC", crv="P-256").export_public()) | {"alg": "ECDH-ES+A256KW"}
     att = p.Attestation("n", key, {"version": 1})
     assert p.Attestation.from_json(att.to_json()) == att
     bad = att.to_json() | {"extra": 1}
@@ -44,6 +44,8 @@ def test_attestation_round_trip_and_strictness():
         p.check_tee_pubkey(key | {"alg": "RSA1_5"})
     with pytest.raises(ProtocolError, match="coordinate"):
         p.check_tee_pubkey(key | {"x": "AAAA"})
+    with pytest.raises(ProtocolError, match="not a point on P-256"):
+        p.check_tee_pubkey(key | {"x": "A" * 43})
     with pytest.raises(ProtocolError, match="additional_evidence"):
         p.Attestation.from_json({"runtime-data": {"nonce": "n", "tee-pubkey": key},
                                  "tee-evidence": {"primary_evidence": {}, "additional_evidence": "x"}})

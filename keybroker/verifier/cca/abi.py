@@ -163,7 +163,7 @@ def _sign1(item: Any, what: str) -> Sign1:
         raise EvidenceError(f"the {what}'s COSE_Sign1 members have the wrong types (a detached payload is refused)")
     header = _decode(protected, f"the {what}'s protected header") if protected else {}
     alg = header.get(1) if isinstance(header, Mapping) else None
-    if alg not in COSE_ALGS:
+    if not isinstance(alg, int) or alg not in COSE_ALGS:
         raise EvidenceError(f"the {what}'s protected header has algorithm {alg!r}; known: ES256, ES384, ES512")
     if len(signature) != 2 * COSE_ALGS[alg][2]:
         raise EvidenceError(f"the {what}'s {COSE_ALGS[alg][3]} signature is {len(signature)} bytes, "
@@ -229,9 +229,10 @@ def rak_key(claim: bytes) -> ec.EllipticCurvePublicKey:
         point = claim
     else:
         key = _decode(claim, "the RAK COSE_Key")
-        if not isinstance(key, Mapping) or key.get(1) != 2 or key.get(-1) not in COSE_CURVES:
+        crv = key.get(-1) if isinstance(key, Mapping) else None
+        if not isinstance(key, Mapping) or key.get(1) != 2 or not isinstance(crv, int) or crv not in COSE_CURVES:
             raise EvidenceError("the RAK is neither a SEC1 point nor an EC2 COSE_Key on P-256/P-384/P-521")
-        curve, size = COSE_CURVES[key[-1]]
+        curve, size = COSE_CURVES[crv]
         x, y = key.get(-2), key.get(-3)
         if not (isinstance(x, bytes) and isinstance(y, bytes) and len(x) == len(y) == size):
             raise EvidenceError(f"the RAK COSE_Key coordinates must be {size}-byte strings")

@@ -1,0 +1,170 @@
+"""Over HTTP, hostile bodies never yield a 5xx and mutated evidence never releases.
+
+Genuine SEV-SNP evidence is made for each session from the emulator's simulated platform
+(bound to the session's nonce and a fresh tee key), then mutated: bytes of the report or
+of its certificate table, JSON members swapped for values of the wrong type, deep nesting,
+huge numbers, broken base64, tee keys that are no points on their curve.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jwcrypto import jwk
+
+from keybroker.sim import providers
+from keybroker.sim.roots import SimState
+from keybroker.wire import envelope
+from keybroker.wire import rcar as p
+from keybroker.wire.envelope import TsmReport
+from support.kbs import challenge
+
+SECRET = b"only for the genuine"
+HOSTILE = settings(max_examples=150, deadline=None, derandomize=True,
+                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+ODD_VALUES = [None, True, 0, -1, 2**200, 1.5e308, "", "x" * 5000, [], [[]], {}, {"a": {"b": []}},
+              "[" * 1000, "\u0000", "not base64!"]
+
+
+@pytest.fixture
+def server(tsm_sim, sim_state, kbs):
+    SimState(sim_state).snp()
+    server = kbs("--rate-limit", "0", "--kds-url", "")
+    server.put("default/key/a", SECRET)
+    return server
+
+
+def genuine_body(sim_state, nonce: str) -> tuple[jwk.JWK, dict]:
+    key = jwk.JWK.generate(kty="EC", crv="P-256")
+    public = json.loads(key.export_public()) | {"alg": p.KEY_ALGORITHM}
+    inblob = p.report_data(nonce, public)
+    ident = SimState(sim_state).snp()
+    report = providers.snp_report(ident, report_data=inblob, vmpl=0)
+    table = providers.snp_cert_table([(providers.GUID_VCEK, ident.vcek), (providers.GUID_ASK, ident.ask),
+                                      (providers.GUID_ARK, ident.ark)])
+    tsm = TsmReport(provider="sev_guest", generation=1, inblob=inblob, outblob=report, auxblob=table)
+    return key, p.Attestation(nonce, public, envelope.to_json(tsm)).to_json()
+
+
+def paths(node, prefix=()):  # type: ignore[no-untyped-def]
+    """Every place in a JSON document: a key path."""
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from paths(value, (*prefix, key))
+
+
+def replace_at(doc, path, value):  # type: ignore[no-untyped-def]
+    if not path:
+        return value
+    doc = copy.deepcopy(doc)
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return doc
+
+
+def blob_mutation(name: str, draw) -> callable:  # type: ignore[no-untyped-def,valid-type]
+    """A change to a base64 blob of the envelope: bytes flipped, overwritten or cut."""
+    kind = draw(st.sampled_from(["flip", "overwrite", "truncate"]))
+    at = draw(st.integers(0, 10_000))
+    value = draw(st.binary(min_size=1, max_size=8))
+
+    def change(body: dict) -> dict:
+        body = copy.deepcopy(body)
+        evidence = body["tee-evidence"]["primary_evidence"]
+        blob = bytearray(base64.b64decode(evidence[name]))
+        where = at % len(blob)
+        if kind == "flip":
+            blob[where] ^= value[0] or 1
+        elif kind == "overwrite":
+            blob[where:where + len(value)] = value
+        else:
+            del blob[where:]
+        evidence[name] = base64.b64encode(bytes(blob)).decode()
+        return body
+    return change
+
+
+def attest_and_fetch(server, sim_state, change) -> tuple[int, int | None, bool]:  # type: ignore[no-untyped-def]
+    http, nonce = challenge(server.url)
+    _key, body = genuine_body(sim_state, nonce)
+    mutated = change(body)
+    data = mutated if isinstance(mutated, (bytes, str)) else json.dumps(mutated)
+    attested = http.post(f"{server.url}/kbs/v0/attest", data=data, headers={"Content-Type": "application/json"},
+                         timeout=30)
+    fetched = http.get(f"{server.url}/kbs/v0/resource/default/key/a", timeout=30)
+    return attested.status_code, fetched.status_code, mutated == body
+
+
+def test_mutated_certificate_tables_are_never_a_5xx(server, sim_state):
+    @HOSTILE
+    @given(data=st.data())
+    def check(data):  # type: ignore[no-untyped-def]
+        attested, fetched, _ = attest_and_fetch(server, sim_state, blob_mutation("auxblob", data.draw))
+        assert attested < 500 and fetched < 500, (attested, fetched)
+        # A table that still holds a valid chain changes nothing the signatures vouch for.
+        assert fetched == (200 if attested == 200 else 401)
+
+    check()
+
+
+def test_a_changed_report_never_releases(server, sim_state):
+    @HOSTILE
+    @given(data=st.data())
+    def check(data):  # type: ignore[no-untyped-def]
+        attested, fetched, unchanged = attest_and_fetch(server, sim_state, blob_mutation("outblob", data.draw))
+        if not unchanged:
+            assert attested in (400, 401, 403) and fetched == 401, (attested, fetched)
+
+    check()
+
+
+def test_json_of_the_wrong_shape_is_a_4xx(server, sim_state):
+    _, template = genuine_body(sim_state, "n")
+    places = list(paths(template))
+
+    @HOSTILE
+    @given(where=st.sampled_from(places), value=st.sampled_from(ODD_VALUES) | st.integers() | st.text(max_size=64))
+    def check(where, value):  # type: ignore[no-untyped-def]
+        attested, fetched, unchanged = attest_and_fetch(server, sim_state, lambda body: replace_at(body, where, value))
+        assert attested < 500 and fetched < 500
+        if not unchanged and attested == 200:  # only the envelope's unsigned counter may take another value
+            assert where[-1:] == ("generation",) and type(value) is int and 0 <= value < 2**64, (where, value)
+
+    check()
+
+
+@pytest.mark.parametrize("body", ["[" * 200_000, "{\"a\":" * 100_000, "1" * 10_000, "1e999999", "\"\\ud800\""])
+def test_pathological_json_is_a_400(server, body):
+    http, _ = challenge(server.url)
+    answer = http.post(f"{server.url}/kbs/v0/attest", data=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["type"].endswith("BadRequest")
+
+
+@pytest.mark.parametrize("coordinate, named", [
+    ("AAAAA", "not a base64url P-256 coordinate"),              # a length base64 cannot have
+    ("A" * 43, "not a point on P-256"),                         # 32 zero bytes
+    (base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("="), "not a point on P-256"),
+])
+def test_tee_keys_that_are_no_keys_are_refused_at_attest(server, sim_state, coordinate, named):
+    def change(body):  # type: ignore[no-untyped-def]
+        return replace_at(body, ("runtime-data", "tee-pubkey", "y"), coordinate)
+
+    http, nonce = challenge(server.url)
+    _, body = genuine_body(sim_state, nonce)
+    answer = http.post(f"{server.url}/kbs/v0/attest", json=change(body))
+    assert answer.status_code == 400 and named in answer.json()["detail"], answer.text
+    assert http.get(f"{server.url}/kbs/v0/resource/default/key/a").status_code == 401
+
+
+def test_the_genuine_evidence_is_released(server, sim_state):
+    attested, fetched, unchanged = attest_and_fetch(server, sim_state, lambda body: body)
+    assert (attested, fetched, unchanged) == (200, 200, True)
