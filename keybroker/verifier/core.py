@@ -24,19 +24,21 @@ PROVIDERS = ("sev_guest", "tdx_guest", "arm_cca_guest")
 
 @dataclass(frozen=True)
 class Evidence:
-    """What a verifier gets: the provider's blobs and, from an envelope, the inblob."""
+    """What a verifier gets: the provider's blobs and, from an envelope, the inblob.
+
+    The envelope's other attributes (generation, privlevel, the service_* options the guest
+    wrote) are what the guest asked for, covered by no signature: no claim comes from them.
+    """
 
     provider: str
     outblob: bytes
     auxblob: bytes = b""
     manifestblob: bytes = b""
     inblob: bytes | None = None
-    service_guid: str | None = None
 
     @classmethod
     def from_report(cls, report: TsmReport) -> Evidence:
-        return cls(report.provider, report.outblob, report.auxblob, report.manifestblob, report.inblob,
-                   report.service_guid)
+        return cls(report.provider, report.outblob, report.auxblob, report.manifestblob, report.inblob)
 
 
 @dataclass(frozen=True)

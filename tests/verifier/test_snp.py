@@ -418,3 +418,24 @@ def test_svsm_guests_attest_through_the_svsm(tsm_sim, kbs, tmp_path):
     assert bytes(released.value) == b"svsm key"
     single = client('service_provider = "svsm"\nservice_guid = "c476f1eb-0123-45a5-9641-b4e7dde5bfe3"\n')
     assert bytes(obtain(single, request, deadline=time.monotonic() + 20).value) == b"svsm key"
+
+
+def test_svsm_service_claims_come_from_signed_bytes_only(tsm_sim, sim_state):
+    """A single service's manifest does not name its service: relabelling it in the envelope
+    (service_guid, which no signature covers) must not make it a vTPM key."""
+    from dataclasses import replace
+
+    from keybroker.guest.tsm import ReportRequest, TsmClient
+
+    root = tsm_sim("sev_guest", svsm=True)
+    nonce = hashlib.sha512(b"single").digest()
+    vtpm = "c476f1eb-0123-45a5-9641-b4e7dde5bfe3"
+    report = TsmClient(root).get_report(ReportRequest(nonce, service_provider="svsm", service_guid=vtpm,
+                                                      service_manifest_version=0))
+    trust = TrustStore.default().with_dirs([sim_state / "trust"])
+    for envelope_guid in (vtpm, "a4453a59-9e1b-4787-a033-1986d6adbe55", None):
+        relabelled = replace(report, service_guid=envelope_guid)
+        verdict = verify(Evidence.from_report(relabelled), Context(trust, nonce=nonce))
+        assert verdict.ok, verdict.reason()
+        assert verdict.claims["snp.svsm.manifest"] == report.manifestblob.hex()
+        assert "snp.svsm.vtpm.ek_public" not in verdict.claims and "snp.svsm.services" not in verdict.claims

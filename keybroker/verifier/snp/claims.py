@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
+from ...errors import EvidenceError
 from .abi import GUID_SVSM_VTPM, Report, parse_services_manifest
 
 POLICY_BITS = {"smt": 16, "migrate_ma": 18, "debug": 19, "single_socket": 20, "cxl_allow": 21,
@@ -60,15 +60,21 @@ def claims(report: Report, product: str | None) -> dict[str, Any]:
     return c
 
 
-def manifest_claims(manifest: bytes, service_guid: str | None) -> dict[str, Any]:
+def manifest_claims(manifest: bytes) -> dict[str, Any]:
+    """What the SVSM manifest bound into REPORT_DATA says: only signed bytes name a service.
+
+    An "all services" manifest carries its own GUID table, and each service's part becomes a
+    claim. A single service's manifest does not say whose it is (the envelope's
+    service_guid is the guest's request, which no signature covers): it is a claim only as
+    raw bytes, ``snp.svsm.manifest``.
+    """
     c: dict[str, Any] = {"snp.svsm.manifest": manifest.hex()}
-    if service_guid is None:
+    try:
         services = parse_services_manifest(manifest)
-        c["snp.svsm.services"] = sorted(str(g) for g in services)
-        ek = services.get(GUID_SVSM_VTPM)
-    else:
-        c["snp.svsm.services"] = [service_guid]
-        ek = manifest if uuid.UUID(service_guid) == GUID_SVSM_VTPM else None
+    except EvidenceError:
+        return c
+    c["snp.svsm.services"] = sorted(str(g) for g in services)
+    ek = services.get(GUID_SVSM_VTPM)
     if ek is not None:
         c["snp.svsm.vtpm.ek_public"] = ek.hex()  # TPMT_PUBLIC of the vTPM endorsement key
     return c

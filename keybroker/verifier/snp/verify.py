@@ -100,7 +100,7 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     report = parse_report(evidence.outblob)
     claims_out.update(claims(report, report.cpuid_product))
     if evidence.manifestblob:
-        claims_out.update(manifest_claims(evidence.manifestblob, evidence.service_guid))
+        claims_out.update(manifest_claims(evidence.manifestblob))
     checks.passed("format", f"SEV-SNP report version {report.version}, {REPORT_SIZE} bytes, reserved fields zero")
     # Before any certificate is looked for, let alone fetched: an unbound report stops here.
     if evidence.manifestblob:
