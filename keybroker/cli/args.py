@@ -38,6 +38,16 @@ def listen(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def audit_head(text: str) -> tuple[int, str]:
+    """SEQ:HASH, as ``keybroker audit head`` prints it."""
+    import re
+
+    match = re.fullmatch(r"([0-9]{1,18}):([0-9a-f]{64})", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected SEQ:HASH as 'keybroker audit head' prints it, got {text[:80]!r}")
+    return int(match[1]), match[2]
+
+
 def add_evidence_options(p: argparse.ArgumentParser) -> None:
     """Where a verifier finds trust anchors, certificates and collateral, and at which time."""
     p.add_argument("--trust-roots", type=Path, action="append", default=[], metavar="DIR",

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .args import add_evidence_options, listen, verification_context
+from .args import add_evidence_options, audit_head, listen, verification_context
 from .show import check_lines
 
 
@@ -280,12 +280,16 @@ def _audit(args: argparse.Namespace) -> int:
     from ..server.store import Store
 
     store = Store(args.db)
+    if args.action == "head":
+        seq, digest = audit.head(store.engine)
+        print(f"{seq}:{digest}")
+        return 0
     if args.action == "verify":
-        result = audit.verify(store.engine)
+        result = audit.verify(store.engine, args.known_head)
         for problem in result.problems:
             print(f"BROKEN: {problem}")
         print(f"{'audit log intact' if result.ok else 'audit log BROKEN'}: {result.records} records; head "
-              f"{result.head_seq} {result.head_hash} (keep this elsewhere to detect a rewrite later)")
+              f"{result.head_seq}:{result.head_hash} (keep it elsewhere; --known-head detects a rewrite later)")
         return 0 if result.ok else 1
     for record in audit.records(store.engine, after=args.after, limit=args.limit):
         print(json.dumps(record.to_json(), sort_keys=True) if args.json else record.line())
@@ -295,11 +299,14 @@ def _audit(args: argparse.Namespace) -> int:
 def _add_audit(sub: argparse._SubParsersAction) -> None:
     from ..server.config import DEFAULT_DB
 
-    p = sub.add_parser("audit", help="list or verify the key server's audit log",
+    p = sub.add_parser("audit", help="list, verify or export the head of the key server's audit log",
                        description="The audit log: one record per attestation, release, refusal and admin action, "
                                    "each chained to the previous one by hash. `verify` exits 1 when a record was "
-                                   "edited or removed.")
-    p.add_argument("action", choices=["list", "verify"])
+                                   "edited or removed; `head` prints SEQ:HASH of the last record, to keep outside "
+                                   "the database and give to `verify --known-head` later.")
+    p.add_argument("action", choices=["list", "verify", "head"])
+    p.add_argument("--known-head", type=audit_head, metavar="SEQ:HASH",
+                   help="verify: a head kept earlier; the chain must still hold that record")
     p.add_argument("--db", default=DEFAULT_DB, help=f"database URL (default {DEFAULT_DB})")
     p.add_argument("--after", type=int, default=0, metavar="SEQ", help="list: records after SEQ")
     p.add_argument("--limit", type=int, metavar="N", help="list: at most N records")

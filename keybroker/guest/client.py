@@ -1,4 +1,4 @@
-"""KBS RCAR 0.4.0 client: auth -> attest -> resource, with requests and jwcrypto.
+"""KBS RCAR 0.4.0 client: auth -> attest -> resource, over requests.
 
 One round: get a challenge, make an ephemeral EC P-256 key, let the caller produce
 evidence whose inblob binds the nonce and that key, attest, fetch the resource, and
@@ -10,7 +10,7 @@ number of times while the deadline allows.
 from __future__ import annotations
 
 import errno as E
-import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from jwcrypto import jwe, jwk
-from jwcrypto.common import JWException
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import ProtocolError, ReleaseRefused, ResourceMissing, ServerError, ServerUnreachable
-from ..wire import parse_json
+from ..wire import jwe, parse_json
 from ..wire import rcar as p
 from ..wire.envelope import TsmReport, to_json
 from .retry import Backoff, retry
@@ -62,17 +61,16 @@ class RcarClient:
             http.trust_env = False  # no proxies or CA bundles from an environment we do not control
             challenge = p.Challenge.from_json(self._call(http, "POST", "/auth", p.AuthRequest(tee).to_json()))
 
-            key = jwk.JWK.generate(kty="EC", crv="P-256")
-            public = json.loads(key.export_public())
-            tee_pubkey = {"alg": p.KEY_ALGORITHM, "crv": public["crv"], "kty": "EC",
-                          "x": public["x"], "y": public["y"]}
+            key = ec.generate_private_key(ec.SECP256R1())  # ephemeral: lives for this round only
+            tee_pubkey = {"alg": p.KEY_ALGORITHM, **jwe.public_jwk(key.public_key())}
             report = evidence(p.report_data(challenge.nonce, tee_pubkey))
             attestation = p.Attestation(challenge.nonce, tee_pubkey, to_json(report))
             self._call(http, "POST", "/attest", attestation.to_json())
 
             response = self._call(http, "GET", f"/resource/{resource}", None, raw=True)
-            lease = response.headers.get(p.LEASE_HEADER)
-            return ReleasedKey(_decrypt(response, key), int(lease) if lease and lease.isdigit() else None)
+            lease = response.headers.get(p.LEASE_HEADER, "")
+            value = _decrypt(response, key)
+            return ReleasedKey(value, int(lease) if re.fullmatch(r"[0-9]{1,10}", lease) else None)
 
     def _call(self, http: requests.Session, method: str, path: str, body: Any, *, raw: bool = False) -> Any:
         url = f"{self.url}{p.PREFIX}{path}"
@@ -102,8 +100,8 @@ class RcarClient:
             name = p.problem_name(problem)
             detail = problem.get("detail") if isinstance(problem, dict) else None
             kind = _REFUSALS.get(name or "", ServerError)
-            raise kind(f"{method} {path}: HTTP {response.status_code} {name or ''}: "
-                              f"{str(detail or response.reason)[:500]}", status=response.status_code, problem=name)
+            raise kind(f"{method} {path}: HTTP {response.status_code} {(name or '')[:200]}: "
+                       f"{str(detail or response.reason)[:500]}", status=response.status_code, problem=name)
         if raw:
             return response
         try:
@@ -122,24 +120,16 @@ def _transient(exc: Exception) -> bool:
     return busy or isinstance(exc, ServerUnreachable)
 
 
-def _decrypt(response: requests.Response, key: jwk.JWK) -> bytearray:
+def _decrypt(response: requests.Response, key: ec.EllipticCurvePrivateKey) -> bytearray:
+    """The released key, decrypted straight into a buffer the caller wipes."""
     try:
         body = parse_json(response.content)
     except ValueError:
         raise ProtocolError("resource response is not JSON") from None
-    if not isinstance(body, dict) or not {"protected", "ciphertext", "iv", "tag"} <= set(body):
-        raise ProtocolError("resource response is not a flattened JWE")
     try:
-        header = parse_json(jwe.base64url_decode(body["protected"]))
-        algorithms = (header.get("alg"), header.get("enc")) if isinstance(header, dict) else (None, None)
-        if algorithms != (p.KEY_ALGORITHM, p.CONTENT_ENCRYPTION):
-            raise ProtocolError(f"resource JWE uses {algorithms[0]}/{algorithms[1]}, expected "
-                                f"{p.KEY_ALGORITHM}/{p.CONTENT_ENCRYPTION}")
-        token = jwe.JWE()
-        token.deserialize(json.dumps(body), key=key)
-        return bytearray(token.payload)
-    except (JWException, ValueError, TypeError) as exc:
-        raise ProtocolError(f"cannot decrypt the resource JWE: {exc}") from None
+        return jwe.unwrap(body, key)
+    except ProtocolError as exc:
+        raise ProtocolError(f"resource: {exc}") from None
 
 
 def _errno_of(exc: BaseException) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import errno as E
 import os
+import re
 import signal
 import sys
 import time
@@ -179,6 +180,11 @@ def _groups(uid: int, gid: int) -> frozenset[int]:
         return frozenset({gid})
 
 
+#: The worker's answer to the parent: a 4-byte big-endian length, the header (JSON, ASCII), the key.
+HEADER_MAX = 16 * 1024
+REASON_MAX = 2000  # characters: JSON-escaped, at most 6 bytes each, well within HEADER_MAX
+
+
 def _worker(cfg: ClientConfig, request: KeyRequest, deadline: float, out: int) -> None:
     """In the forked worker: attest and fetch, then send the outcome (and key) to the parent."""
     import json
@@ -200,10 +206,11 @@ def _worker(cfg: ClientConfig, request: KeyRequest, deadline: float, out: int) -
         header: dict[str, object] = {"size": len(value), "lease": released.lease}
     except BaseException as exc:
         rejection = classify(exc)
-        header = {"errno": rejection.errno, "timeout": rejection.timeout, "reason": rejection.reason[:2000]}
+        header = {"errno": rejection.errno, "timeout": rejection.timeout, "reason": rejection.reason[:REASON_MAX]}
         value[:] = bytes(len(value))
         value = bytearray()
-    for part in (memoryview(json.dumps(header).encode() + b"\n"), memoryview(value)):
+    text = json.dumps(header).encode("ascii")
+    for part in (memoryview(len(text).to_bytes(4, "big") + text), memoryview(value)):
         while part:
             part = part[os.write(out, part):]
     value[:] = bytes(len(value))
@@ -214,7 +221,8 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
 
     A provider or a FUSE file can block a read uninterruptibly, even for fatal signals; the
     kernel waits for this process, so the blocking work happens in a child this process
-    can abandon: on the deadline it kills the worker and returns at once.
+    can abandon: on the deadline it kills the worker and returns at once. The answer is read
+    into one buffer, wiped before return; the key leaves it only into the bytearray returned.
     """
     import json
     import select
@@ -230,38 +238,37 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
         finally:
             os._exit(0)
     os.close(write_end)
-    data = bytearray()
+    buffer = bytearray(4 + HEADER_MAX + USER_PAYLOAD_MAX + 1)
+    view, filled = memoryview(buffer), 0
     try:
         poller = select.poll()
         poller.register(read_end, select.POLLIN | select.POLLHUP)
-        while True:
+        while filled < len(buffer):
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(left * 1000):
                 os.kill(pid, signal.SIGKILL)
                 raise Failed(Rejection(E.ETIMEDOUT, TRANSIENT, f"deadline of {cfg.deadline:g} s passed"))
-            chunk = os.read(read_end, 65536)
-            if not chunk:
+            got = os.readv(read_end, [view[filled:]])
+            if not got:
                 break
-            data += chunk
+            filled += got
+        size = int.from_bytes(buffer[:4], "big")
+        if filled < 4 or not 2 <= size <= HEADER_MAX or filled < 4 + size:
+            raise Failed(Rejection(E.EIO, FAILED, "the worker ended without an answer"))
+        header = json.loads(bytes(buffer[4:4 + size]))
+        if "errno" in header:
+            raise Failed(Rejection(header["errno"], header["timeout"], header["reason"]))
+        if filled - 4 - size != header["size"]:
+            raise Failed(Rejection(E.EIO, FAILED, "the worker's answer was cut short"))
+        return ReleasedKey(bytearray(view[4 + size:filled]), header["lease"])
     finally:
+        view.release()
+        buffer[:] = bytes(len(buffer))
         os.close(read_end)
         try:
             os.waitpid(pid, os.WNOHANG)  # never block on a worker stuck in the kernel
         except ChildProcessError:
             pass
-    line, sep, _ = bytes(data[:4096]).partition(b"\n")
-    if not sep:
-        data[:] = bytes(len(data))
-        raise Failed(Rejection(E.EIO, FAILED, "the worker ended without an answer"))
-    header = json.loads(line)
-    value = data[len(line) + 1:]
-    data[:] = bytes(len(data))
-    if "errno" in header:
-        raise Failed(Rejection(header["errno"], header["timeout"], header["reason"]))
-    if len(value) != header["size"]:
-        value[:] = bytes(len(value))
-        raise Failed(Rejection(E.EIO, FAILED, "the worker's answer was cut short"))
-    return ReleasedKey(value, header["lease"])
 
 
 def run_kernel(serial: int, config_path: str, log: Journal) -> int:
@@ -331,9 +338,19 @@ def run_debug(key_type: str, description: str, callout: str, config_path: str,
     return 0
 
 
-def _requester(text: str) -> tuple[int, int]:
-    import re
+def _no_core_dumps() -> None:
+    """Neither this process nor its worker (fork keeps the flag) may dump core or be traced by non-root.
 
+    They hold released keys in memory: a core file would put one on disk.
+    """
+    import ctypes
+
+    pr_set_dumpable = 4
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def _requester(text: str) -> tuple[int, int]:
     ids = re.fullmatch(r"([0-9]{1,10}):([0-9]{1,10})", text)
     if not ids or max(int(ids[1]), int(ids[2])) >= 2**32:
         raise argparse.ArgumentTypeError(f"expected UID:GID in decimal, got {text!r}")
@@ -351,12 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("serial", nargs="?", help="the key under construction (%%k)")
     args = parser.parse_args(argv)
     os.umask(0o077)
+    _no_core_dumps()
     if args.requester and not args.debug:
         parser.error("--requester is only for --debug")
     if args.debug:
         key_type, description, callout = args.debug
         return run_debug(key_type, description, callout, args.config, args.requester)
-    if args.serial is None or not args.serial.isdigit():
+    if args.serial is None or not re.fullmatch(r"[0-9]{1,10}", args.serial):
         parser.error("the key serial (%k) is required")
     return run_kernel(int(args.serial), args.config, Journal("keybroker-request-key", stream=False, facility=10))
 

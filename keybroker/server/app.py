@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from ..errors import AdminError, ConfigError, PolicyError
 from ..systemd import notify
-from ..wire import parse_json
+from ..wire import decimal, parse_json
 from ..wire import rcar as p
 from ..wire.transport import is_loopback
 from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
@@ -50,7 +50,7 @@ def problem_response(problem: Problem) -> JSONResponse:
 
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and ((size := decimal(declared)) is None or size > limit):
         raise Problem(p.PAYLOAD_TOO_LARGE, f"request body larger than {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
@@ -191,11 +191,11 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
     async def put_resource(request: Request) -> Response:
         admin = await administrator(request)
         lease = request.query_params.get("lease")
-        if lease is not None and not (lease.isdigit() and len(lease) <= 10):
+        seconds = None if lease is None else decimal(lease, 10)
+        if lease is not None and seconds is None:
             raise Problem(p.BAD_REQUEST, "lease must be a number of seconds")
         value = await read_body(request, RESOURCE_MAX)
-        record = await run_in_threadpool(admin.put_resource, request.path_params["path"], value,
-                                         int(lease) if lease else None)
+        record = await run_in_threadpool(admin.put_resource, request.path_params["path"], value, seconds)
         return JSONResponse({"path": record.event.resource, "size": len(value), "audit": record.hash})
 
     @guarded("admin")
@@ -210,9 +210,10 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
     async def get_policy(request: Request) -> Response:
         admin = await administrator(request)
         wanted = request.query_params.get("version")
-        if wanted is not None and not (wanted.isdigit() and len(wanted) <= 9):
+        number = None if wanted is None else decimal(wanted, 9)
+        if wanted is not None and number is None:
             raise Problem(p.BAD_REQUEST, "version must be a number")
-        version = await run_in_threadpool(admin.get_policy, int(wanted) if wanted else None)
+        version = await run_in_threadpool(admin.get_policy, number)
         if version is None:
             raise Problem(p.RESOURCE_NOT_FOUND, f"there is no policy version {wanted}")
         return JSONResponse(_policy_json(version))

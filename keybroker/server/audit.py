@@ -127,11 +127,25 @@ def records(engine: Engine, *, after: int = 0, limit: int | None = None) -> Iter
             yield _record(row)
 
 
-def verify(engine: Engine) -> Verification:
+def head(engine: Engine) -> tuple[int, str]:
+    """The last record's seq and hash: keep them outside the database to detect a rewrite of the whole chain."""
+    with engine.connect() as db:
+        seq, digest_ = db.execute(select(schema.audit_head.c.seq, schema.audit_head.c.hash)).one()
+    return int(seq), str(digest_)
+
+
+def verify(engine: Engine, known: tuple[int, str] | None = None) -> Verification:
+    """Recompute the chain; with ``known`` (a head exported earlier), that record must still be in it."""
     problems: list[str] = []
     expected, prev, count = 1, schema.GENESIS, 0
+    seen_known = False
     for record in records(engine):
         count += 1
+        if known is not None and record.seq == known[0]:
+            seen_known = True
+            if record.hash != known[1]:
+                problems.append(f"record {record.seq} is not the one whose hash was kept ({known[1][:16]}...): "
+                                "the chain was rewritten since")
         if record.seq != expected:
             gap = f"{expected}" if record.seq == expected + 1 else f"{expected} to {record.seq - 1}"
             problems.append(f"record {gap} missing (removed from the log)")
@@ -149,6 +163,8 @@ def verify(engine: Engine) -> Verification:
     elif head_hash != prev:
         problems.append(f"the head hash differs from record {head_seq}'s hash (the last record or the head "
                         "was edited)")
+    if known is not None and not seen_known:
+        problems.append(f"record {known[0]}, whose hash was kept, is gone: the chain was cut or rewritten since")
     if len(problems) > _VERIFY_PROBLEMS_MAX:
         problems[_VERIFY_PROBLEMS_MAX:] = [f"... and {len(problems) - _VERIFY_PROBLEMS_MAX} more problems"]
     return Verification(count, head_seq, head_hash, tuple(problems))

@@ -34,6 +34,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..verifier.snp.kds import AMD_KDS
+from ..wire import decimal
 from .ratelimit import DEFAULT_BURST, DEFAULT_RATE
 
 DEFAULT_DB = "sqlite:////var/lib/keybroker/kbs.db"
@@ -43,9 +44,10 @@ DEFAULT_CACHE = Path("/var/cache/keybroker")
 
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    number = decimal(port, 5)
+    if not sep or number is None or not 0 < number < 65536:
         raise ConfigError(f"listen wants HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return host.strip("[]") or "127.0.0.1", number
 
 
 @dataclass(frozen=True)

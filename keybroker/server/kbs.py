@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import json
 import logging
 import secrets
 import time
@@ -22,11 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from jwcrypto import jwe, jwk
-
 from ..errors import DescriptionError, EnvelopeError, ProtocolError, SealError
 from ..verifier import Context, Evidence, Fetcher, TrustStore, verify
-from ..wire import envelope
+from ..wire import envelope, jwe
 from ..wire import rcar as p
 from ..wire.resource import ResourcePath
 from .audit import ALLOW, ATTEST, DENY, RELEASE, Event
@@ -130,7 +127,8 @@ class KeyServer:
         self.metrics.attestation(session.tee, True)
         log.info("attest peer=%s session=%s tee=%s result=verified measurement=%s", peer, event.session,
                  session.tee, claims.get("measurement", "?"))
-        return {"token": self.tokens.issue(session.tee, attestation.tee_pubkey, claims, event.session)}
+        return {"token": self.tokens.issue(session.tee, attestation.tee_pubkey, claims, event.session,
+                                           session.expires)}
 
     def _appraise(self, tee: str, attestation: p.Attestation) -> dict[str, Any]:
         try:
@@ -143,10 +141,6 @@ class KeyServer:
         if report.inblob != expected:
             raise Problem(p.ATTESTATION_DENIED, "binding: the evidence's inblob is not SHA-384 of this "
                                                 "session's nonce and tee-pubkey", "binding")
-        try:
-            jwk.JWK(**attestation.tee_pubkey)
-        except (ValueError, TypeError, jwk.InvalidJWKValue) as exc:
-            raise Problem(p.BAD_REQUEST, f"tee-pubkey is not a valid key: {exc}") from None
         context = Context(self.trust, at=dt.datetime.now(dt.UTC), nonce=expected, certs=self.certs,
                           kds_url=self.kds_url, fetcher=self.fetcher, pcs_url=self.pcs_url,
                           collateral=self.collateral)
@@ -182,7 +176,7 @@ class KeyServer:
             log.error("resource %s: %s", name, exc)
             self._refuse(Problem(p.INTERNAL, f"resource {name} cannot be unsealed on this server; see its log",
                                  "unseal"), event)
-        wrapped = wrap(value, tee_pubkey)
+        wrapped = jwe.wrap(value, tee_pubkey)
         record = self.store.audit(replace(event, decision=ALLOW, reason=decision.reason))
         self.metrics.release(event.provider)
         log.info("resource peer=%s session=%s path=%s result=released audit=%d", peer, session, name, record.seq)
@@ -213,14 +207,3 @@ class KeyServer:
     def _count(self, problem: Problem) -> Problem:
         self.metrics.denial(problem.cause)
         return problem
-
-
-def wrap(plaintext: bytes, tee_pubkey: dict[str, str]) -> dict[str, str]:
-    """A flattened JWE (ECDH-ES+A256KW, A256GCM) with the ephemeral key in the protected header."""
-    token = jwe.JWE(plaintext, protected=json.dumps({"alg": p.KEY_ALGORITHM, "enc": p.CONTENT_ENCRYPTION}))
-    token.add_recipient(jwk.JWK(**tee_pubkey))
-    # The compact form moves epk into the protected header (as Trustee's clients expect it);
-    # its five parts are exactly the flattened JSON serialization's members.
-    protected, encrypted_key, iv, ciphertext, tag = token.serialize(compact=True).split(".")
-    return {"protected": protected, "encrypted_key": encrypted_key, "iv": iv, "ciphertext": ciphertext,
-            "tag": tag}

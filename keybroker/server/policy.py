@@ -61,6 +61,7 @@ class Evaluation:
     kind: str  # claim, allOf, anyOf, not
     text: str = ""
     parts: tuple[Evaluation, ...] = ()
+    absent: str | None = None  # a comparison's claim that the guest does not have
 
     def reason(self) -> str:
         """The sentence that names what failed (for an outcome that does not hold)."""
@@ -152,13 +153,17 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
             return Evaluation(combine(part.holds for part in parts), combinator, parts=parts)
     if "not" in cond:
         inner = _evaluate(cond["not"], claims)
+        missing = _absent(inner)
+        if missing:  # "not X" says nothing about a guest that lacks what X compares: it must not pass
+            return Evaluation(False, "not", f"claim {missing} is absent, so {json.dumps(cond['not'])} cannot be "
+                                            "refuted", (inner,))
         return Evaluation(not inner.holds, "not", json.dumps(cond["not"]), (inner,))
     name = cond["claim"]
     present = name in claims and claims[name] is not None
     if "exists" in cond:
         return Evaluation(present == cond["exists"], "claim", f"claim {name} is {'present' if present else 'absent'}")
     if not present:
-        return Evaluation(False, "claim", f"claim {name} is absent")
+        return Evaluation(False, "claim", f"claim {name} is absent", absent=name)
     value = claims[name]
     if "equals" in cond:
         want = cond["equals"]
@@ -192,6 +197,13 @@ def _format(value: Any, depth: int) -> str:
         return "[\n" + ",\n".join(inner + _format(item, depth + 1) for item in value) + f"\n{pad}]"
     return "{\n" + ",\n".join(f"{inner}{json.dumps(key)}: {_format(item, depth + 1)}"
                                for key, item in value.items()) + f"\n{pad}}}"
+
+
+def _absent(evaluation: Evaluation) -> str | None:
+    """The first claim a comparison in ``evaluation`` found absent (``exists`` tests excepted)."""
+    if evaluation.kind == "claim":
+        return evaluation.absent
+    return next((name for part in evaluation.parts if (name := _absent(part))), None)
 
 
 def _pins_measurement(cond: dict[str, Any]) -> bool:

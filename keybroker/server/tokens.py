@@ -52,10 +52,12 @@ class TokenSigner:
             raise ConfigError(f"token signing key {located} must be an EC P-256 private key (ES256)")
         return cls(key)
 
-    def issue(self, tee: str, tee_pubkey: dict[str, str], claims: dict[str, Any], session: str) -> str:
+    def issue(self, tee: str, tee_pubkey: dict[str, str], claims: dict[str, Any], session: str,
+              expires: float) -> str:
+        """A token for an attested session; it expires with the session (``expires``), never later."""
         now = int(time.time())
         token = jwt.JWT(header={"alg": "ES256", "typ": "JWT", "kid": self.kid},
-                        claims={"iss": ISSUER, "iat": now, "exp": now + self.lifetime,
+                        claims={"iss": ISSUER, "iat": now, "exp": min(now + self.lifetime, int(expires)),
                                 "jti": secrets.token_hex(16), "sid": session, "tee": tee,
                                 "tee-pubkey": tee_pubkey, "claims": claims})
         token.make_signed_token(self.key)

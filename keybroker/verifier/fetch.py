@@ -28,6 +28,7 @@ import requests
 import urllib3
 
 from ..errors import EvidenceError
+from ..wire import decimal
 
 TIMEOUT = 10.0          # seconds per HTTP request
 BUDGET = 20.0           # seconds for one get(), retries and waits included
@@ -125,6 +126,7 @@ class Fetcher:
 
 
 def _retry_after(header: str | None, attempt: int) -> float:
-    if header is not None and header.strip().isascii() and header.strip().isdigit():
-        return min(float(header.strip()), RETRY_AFTER_MAX)
+    seconds = None if header is None else decimal(header.strip(), 6)
+    if seconds is not None:
+        return min(float(seconds), RETRY_AFTER_MAX)
     return min(0.5 * 2 ** attempt, RETRY_AFTER_MAX)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 #: How much of one value a client sent an error message may quote back.
@@ -27,3 +28,11 @@ def parse_json(text: str | bytes) -> Any:
         return json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def decimal(text: str, digits: int = 20) -> int | None:
+    """``text`` as a non-negative integer of at most ``digits`` ASCII digits, else None.
+
+    str.isdigit() accepts '²' and other digits int() refuses; this is the one strict reading.
+    """
+    return int(text) if re.fullmatch(f"[0-9]{{1,{digits}}}", text) else None

@@ -152,20 +152,16 @@ def check_tee_pubkey(jwk: Any) -> dict[str, str]:
         raise ProtocolError("tee-pubkey must be an EC key on P-256, P-384 or P-521")
     if jwk.get("alg", KEY_ALGORITHM) != KEY_ALGORITHM:
         raise ProtocolError(f"tee-pubkey algorithm must be {KEY_ALGORITHM}")
-    coordinates = []
     for coord in ("x", "y"):
         value = _b64url_decode(jwk[coord])
         if value is None or len(value) != _EC_SIZES[jwk["crv"]]:
             raise ProtocolError(f"tee-pubkey '{coord}' is not a base64url {jwk['crv']} coordinate")
-        coordinates.append(int.from_bytes(value, "big"))
-    from cryptography.hazmat.primitives.asymmetric import ec  # here: the guest's start need not load it
+    from .jwe import public_key  # here: the guest's start need not load the X.509 and EC stack
 
-    curves: dict[str, ec.EllipticCurve] = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}
-    curve = curves[jwk["crv"]]
     try:
-        ec.EllipticCurvePublicNumbers(coordinates[0], coordinates[1], curve).public_key()
-    except ValueError:
-        raise ProtocolError(f"tee-pubkey is not a point on {jwk['crv']}") from None
+        public_key(jwk)
+    except ProtocolError as exc:
+        raise ProtocolError(f"tee-pubkey: {exc}") from None
     return dict(jwk)
 
 

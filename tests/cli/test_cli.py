@@ -11,7 +11,7 @@ from keybroker import cli
 from keybroker.cli import args
 
 SAMPLES = {Path: "/tmp/x", int: "1", float: "1.5", args.hex_bytes: "00ff", args.rfc3339: "2025-01-01T00:00:00Z",
-           args.listen: "127.0.0.1:1"}
+           args.listen: "127.0.0.1:1", args.audit_head: "1:" + "ab" * 32}
 
 
 def leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):

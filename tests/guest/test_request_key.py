@@ -261,3 +261,126 @@ def test_debug_mode_prints_the_outcome_not_the_secret(broker, handler, tsm_sim):
                           "--config", str(config), "--debug", "user", "keybroker:default/disk/none", ""],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "would reject" in out.stdout and "errno=ENOKEY" in out.stdout
+
+
+# -- the handler's worker and what it keeps in memory --------------------------------------------
+
+class ProblemServer:
+    """A key server that answers every request with one RFC 7807 problem."""
+
+    def __init__(self, status: int, body: dict) -> None:
+        import http.server
+        import json
+        import threading
+
+        payload = json.dumps(body).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/problem+json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_long_non_ascii_reason_arrives_whole_from_the_worker(tsm_sim, handler):
+    server = ProblemServer(401, {"type": "urn:keybroker:error:" + "é" * 300, "detail": "ü" * 2000})
+    try:
+        config = handler(server.url, tsm_sim("sev_guest"))
+        out = debug_request(config, "keybroker:default/disk/root", "0:0")
+    finally:
+        server.close()
+    assert out.returncode == 1 and "errno=EPROTO" in out.stdout, out.stdout  # not "the worker ended without an answer"
+    assert "é" * 200 + ": " + "ü" * 500 in out.stdout
+
+
+def test_neither_the_handler_nor_its_worker_can_dump_core(tsm_sim, kbs, handler, tmp_path):
+    """A core file of a process holding a released key would put the key on disk."""
+    import signal
+    import time
+
+    root = tsm_sim("sev_guest", "slow=20")
+    server = kbs()
+    config = handler(server.url, root, deadline=30)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    script = ("ulimit -c unlimited; exec " + os.path.join(os.path.dirname(sys.executable), "keybroker-request-key")
+              + f" --config {config} --debug user keybroker:default/disk/root ''")
+    parent = subprocess.Popen(["sh", "-c", script], cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not (children := open(f"/proc/{parent.pid}/task/{parent.pid}/children").read().split()):
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+    for pid in (int(children[0]), parent.pid):  # the worker (blocked in the provider), then the handler
+        os.kill(pid, signal.SIGSEGV)
+    parent.wait(30)
+    assert parent.returncode == -signal.SIGSEGV
+    time.sleep(0.5)
+    assert list(work.iterdir()) == []  # no core file
+    # The same crash of a process that may dump core leaves one here: the check can see one.
+    control = subprocess.Popen(["sh", "-c", f"ulimit -c unlimited; exec {sys.executable} -c 'import time; "
+                                "time.sleep(30)'"], cwd=work)
+    time.sleep(0.5)
+    os.kill(control.pid, signal.SIGSEGV)
+    control.wait(30)
+    assert any(path.name.startswith("core") for path in work.iterdir())
+
+
+MEMORY_SCAN = r"""
+import ctypes, os, re, sys, time
+from keybroker.guest import config, handler
+from keybroker.guest.request import parse_request
+
+needle = bytearray.fromhex(sys.argv[2])  # the one copy this process may hold
+cfg = config.load(sys.argv[1])
+released = handler.obtain_within(cfg, parse_request("user", "keybroker:default/disk/wipe", b""), time.monotonic() + 20)
+assert released.value == needle, "not the stored key"
+released.value[:] = bytes(len(released.value))  # what the handler does after instantiating
+skip = {ctypes.addressof((ctypes.c_char * len(needle)).from_buffer(needle))}
+chunk = bytearray(1 << 20)
+skip_range = (ctypes.addressof((ctypes.c_char * len(chunk)).from_buffer(chunk)), len(chunk))
+found = 0
+with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", buffering=0) as mem:
+    for line in maps:
+        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+        if line.split()[1][0] != "r" or "[vvar" in line or "[vsyscall" in line:
+            continue
+        for at in range(start, end, len(chunk) - 64):
+            if skip_range[0] <= at < skip_range[0] + skip_range[1]:
+                continue
+            try:
+                got = os.preadv(mem.fileno(), [memoryview(chunk)[:min(len(chunk), end - at)]], at)
+            except OSError:
+                break
+            view = chunk[:got]
+            index = view.find(needle)
+            while index >= 0:
+                found += (at + index) not in skip
+                index = view.find(needle, index + 1)
+print("copies", found)
+"""
+
+
+def test_the_handler_keeps_no_copy_of_a_released_key(tsm_sim, kbs, handler, tmp_path):
+    """After the handler wipes the key it instantiated, no copy of it is left in its memory."""
+    key = os.urandom(32)
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/disk/wipe", key)
+    config = handler(server.url, root)
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCAN, str(config), key.hex()], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "copies 0", out.stdout

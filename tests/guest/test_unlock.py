@@ -99,6 +99,8 @@ def test_ask_files_are_parsed_strictly(tmp_path):
         (ask_text("/run/elsewhere/sck.1"), "is not a sck.\\* socket in"),
         (ask_text(str(tmp_path / "sck.1/../x")), "is not a sck.\\* socket in"),
         (ask_text(str(tmp_path / "sck.1"), PID="-1"), "PID='-1' is not a number"),
+        (ask_text(str(tmp_path / "sck.1"), PID="²"), "PID='²' is not a number"),  # isdigit() says it is
+        (ask_text(str(tmp_path / "sck.1"), NotAfter="١٢"), "NotAfter='١٢' is not a number"),
         (ask_text(str(tmp_path / "sck.1"), NotAfter="soon"), "NotAfter='soon'"),
         (ask_text(str(tmp_path / "sck.1")) + "PID=2\n", "PID= is given twice"),
         (ask_text(str(tmp_path / "sck.1")) + "garbage\n", "is not Key=Value"),

@@ -127,3 +127,19 @@ def test_digest_ignores_layout_and_nesting_is_bounded():
         deep = {"not": deep}
     with pytest.raises(PolicyError, match="nest deeper than 16"):
         policy({"resources": ["*"], "require": deep})
+
+
+def test_not_over_an_absent_claim_does_not_pass():
+    policy = Policy({"version": 1, "rules": [{"resources": ["*"], "require": {"allOf": [
+        {"claim": "tee", "equals": "snp"},
+        {"not": {"claim": "snp.policy.migrate_ma", "equals": True}}]}}]})
+    assert policy.decide("a/b/c", {"tee": "snp", "debug": False, "snp.policy.migrate_ma": False}).allowed
+    assert not policy.decide("a/b/c", {"tee": "snp", "debug": False, "snp.policy.migrate_ma": True}).allowed
+    lacking = policy.decide("a/b/c", {"tee": "snp", "debug": False})  # evidence without the claim at all
+    assert not lacking.allowed and "claim snp.policy.migrate_ma is absent" in lacking.reason
+    nested = Policy({"version": 1, "rules": [{"resources": ["*"], "require": {
+        "not": {"anyOf": [{"claim": "x", "equals": 1}, {"claim": "y", "equals": 2}]}}}]})
+    assert not nested.decide("a/b/c", {"debug": False, "y": 3}).allowed
+    assert nested.decide("a/b/c", {"debug": False, "x": 0, "y": 3}).allowed
+    exists = Policy({"version": 1, "rules": [{"resources": ["*"], "require": {"not": {"claim": "x", "exists": True}}}]})
+    assert exists.decide("a/b/c", {"debug": False}).allowed  # 'exists' asks about absence itself

@@ -478,3 +478,62 @@ def test_a_file_in_trust_roots_that_is_no_anchor_is_one_clear_line(tmp_path, nam
     errors = [line for line in out.stderr.decode().splitlines() if not re.match(r"^\d{4}-\d\d-\d\d ", line)]
     assert out.returncode == 1 and len(errors) == 1 and "Traceback" not in out.stderr.decode(), out.stderr
     assert errors[0].startswith(f"keybroker serve: trust anchor {folder / name} is not a root certificate")
+
+
+def test_a_head_kept_outside_the_database_detects_a_rewritten_chain(tsm_sim, kbs, tmp_path):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    guest = attest(root, server.url)
+    assert guest.fetch(server.url, "default/key/a").status_code == 200
+    server.stop()
+    kept = keybroker("audit", "head", "--db", server.db).stdout.decode().strip()
+    assert re.fullmatch(r"4:[0-9a-f]{64}", kept)  # policy, resource, attest, release
+    assert keybroker("audit", "verify", "--db", server.db, "--known-head", kept).returncode == 0
+
+    # Someone with the database's owner rights rewrites the whole chain consistently from record 2 on.
+    from keybroker.server import audit
+    from keybroker.server.store import Store
+
+    path = server.db.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TRIGGER audit_no_update")
+        db.execute("DROP TRIGGER audit_no_delete")
+        db.execute("UPDATE audit SET reason = 'nothing to see' WHERE seq = 3")
+    store = Store(server.db)
+    with store.engine.begin() as db:  # recompute every hash and the head, as a careful forger would
+        prev = "0" * 64
+        for record in list(audit.records(store.engine)):
+            digest = audit.digest(record.seq, record.time, record.event, prev)
+            db.exec_driver_sql("UPDATE audit SET prev = ?, hash = ? WHERE seq = ?", (prev, digest, record.seq))
+            prev = digest
+        db.exec_driver_sql("UPDATE audit_head SET hash = ?", (prev,))
+    plain = keybroker("audit", "verify", "--db", server.db)
+    assert plain.returncode == 0  # the chain alone cannot tell
+    caught = keybroker("audit", "verify", "--db", server.db, "--known-head", kept)
+    assert caught.returncode == 1 and b"record 4 is not the one whose hash was kept" in caught.stdout
+
+
+def test_tokens_expire_with_their_session(tsm_sim, kbs):
+    import base64
+
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    http, nonce = challenge(server.url)
+    session_ends = next(c for c in http.cookies if c.name == "kbs-session-id").expires
+    time.sleep(1.5)  # the token is issued later than the session began
+    _, body = attestation(root, nonce)
+    token = http.post(f"{server.url}/kbs/v0/attest", json=body).json()["token"]
+    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert claims["exp"] <= session_ends
+
+
+def test_numbers_in_queries_are_ascii_decimal(tsm_sim, kbs):
+    tsm_sim("sev_guest")
+    server = kbs()
+    auth = {"Authorization": f"Bearer {server.secrets.admin_token}"}
+    for query in ("lease=²", "lease=١٢", "lease=-1", "lease=1e3"):
+        answer = requests.put(f"{server.url}/admin/v1/resources/default/key/x?{query}", data=b"v", headers=auth)
+        assert answer.status_code == 400 and "lease must be a number" in answer.json()["detail"], answer.text
+    answer = requests.get(f"{server.url}/admin/v1/policy?version=²", headers=auth)
+    assert answer.status_code == 400 and "version must be a number" in answer.json()["detail"]

@@ -11,7 +11,7 @@ import rfc8785
 from jwcrypto import jwe, jwk
 
 from keybroker.errors import ProtocolError
-from keybroker.server.kbs import wrap
+from keybroker.wire import jwe as keybroker_jwe
 from keybroker.wire import rcar as p
 
 
@@ -51,13 +51,38 @@ def test_attestation_round_trip_and_strictness():
                                  "tee-evidence": {"primary_evidence": {}, "additional_evidence": "x"}})
 
 
-def test_jwe_is_flattened_with_epk_protected_and_decrypts():
-    private = jwk.JWK.generate(kty="EC", crv="P-256")
+@pytest.mark.parametrize("crv", ["P-256", "P-384", "P-521"])
+def test_jwe_is_flattened_with_epk_protected_and_interoperates_with_jwcrypto(crv):
+    private = jwk.JWK.generate(kty="EC", crv=crv)
     public = json.loads(private.export_public()) | {"alg": "ECDH-ES+A256KW"}
-    body = wrap(b"the key", public)
+    body = keybroker_jwe.wrap(b"the key", public)
     assert set(body) == {"protected", "encrypted_key", "iv", "ciphertext", "tag"}
     header = json.loads(base64.urlsafe_b64decode(body["protected"] + "=="))
-    assert header["alg"] == "ECDH-ES+A256KW" and header["enc"] == "A256GCM" and "epk" in header
-    token = jwe.JWE()
+    assert header["alg"] == "ECDH-ES+A256KW" and header["enc"] == "A256GCM" and header["epk"]["crv"] == crv
+    token = jwe.JWE()  # jwcrypto opens what keybroker wraps...
     token.deserialize(json.dumps(body), key=private)
     assert token.payload == b"the key"
+    theirs = jwe.JWE(b"their key", protected=json.dumps({"alg": "ECDH-ES+A256KW", "enc": "A256GCM"}))
+    theirs.add_recipient(jwk.JWK(**public))  # ...and keybroker opens what jwcrypto wraps, into a buffer
+    opened = keybroker_jwe.unwrap(dict(zip(keybroker_jwe.MEMBERS, theirs.serialize(compact=True).split("."),
+                                           strict=True)), private.get_op_key("unwrapKey"))
+    assert isinstance(opened, bytearray) and opened == b"their key"
+
+
+def test_a_changed_or_foreign_jwe_does_not_open():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.errors import ProtocolError
+
+    mine, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    body = keybroker_jwe.wrap(b"k" * 32, keybroker_jwe.public_jwk(mine.public_key()))
+    with pytest.raises(ProtocolError, match="does not decrypt"):
+        keybroker_jwe.unwrap(body, other)
+    for member in ("ciphertext", "tag", "iv", "encrypted_key"):
+        raw = bytearray(keybroker_jwe.unb64url(body[member]))
+        raw[0] ^= 1
+        with pytest.raises(ProtocolError):
+            keybroker_jwe.unwrap(body | {member: keybroker_jwe.b64url(bytes(raw))}, mine)
+    for broken in ({}, body | {"protected": "x"}, body | {"protected": keybroker_jwe.b64url(b"[]")}):
+        with pytest.raises(ProtocolError):
+            keybroker_jwe.unwrap(broken, mine)

@@ -34,6 +34,7 @@ from inotify_simple import INotify, flags
 
 from ...errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
 from ...systemd import SUN_PATH_MAX
+from ...wire import decimal
 from .. import keyring
 from ..config import ClientConfig, Volume
 from .keys import KeySource
@@ -97,9 +98,10 @@ def _parse_sections(text: str) -> dict[str, str]:
 
 def _number(fields: dict[str, str], key: str, limit: int) -> int:
     value = fields.get(key, "0")
-    if not value.isdigit() or int(value) >= limit:
+    number = decimal(value)
+    if number is None or number >= limit:
         raise UnlockRefused(f"{key}={value[:32]!r} is not a number below {limit}")
-    return int(value)
+    return number
 
 
 @dataclass(frozen=True)

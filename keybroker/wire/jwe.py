@@ -1,0 +1,119 @@
+"""The released key's envelope: a flattened JWE, ECDH-ES+A256KW with A256GCM (RFC 7516, RFC 7518 4.6).
+
+Both sides of the wire in one place, built from ``cryptography``'s primitives (ECDH, the
+Concat KDF, AES key wrap, AES-GCM): the key server wraps a resource to the tee-pubkey the
+guest attested, the guest unwraps it with the ephemeral private key, straight into a buffer
+it can wipe (no immutable copy of the key is made). The ephemeral public key travels in the
+protected header, as Trustee's clients expect it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+
+from ..errors import ProtocolError
+
+ALGORITHM = "ECDH-ES+A256KW"
+ENCRYPTION = "A256GCM"
+MEMBERS = ("protected", "encrypted_key", "iv", "ciphertext", "tag")
+_CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
+    "P-256": (ec.SECP256R1(), 32), "P-384": (ec.SECP384R1(), 48), "P-521": (ec.SECP521R1(), 66)}
+_NAMES = {type(curve).__name__: name for name, (curve, _) in _CURVES.items()}
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unb64url(text: str) -> bytes:
+    if not isinstance(text, str) or len(text) % 4 == 1:
+        raise ProtocolError("JWE member is not base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        raise ProtocolError("JWE member is not base64url") from None
+
+
+def public_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, str]:
+    """An EC public key as a JWK (kty, crv, x, y)."""
+    name = _NAMES[type(key.curve).__name__]
+    size = _CURVES[name][1]
+    numbers = key.public_numbers()
+    return {"kty": "EC", "crv": name, "x": b64url(numbers.x.to_bytes(size, "big")),
+            "y": b64url(numbers.y.to_bytes(size, "big"))}
+
+
+def public_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
+    """The EC public key of a JWK; ProtocolError unless it is a point on P-256, P-384 or P-521."""
+    curve = _CURVES.get(jwk.get("crv", "")) if jwk.get("kty") == "EC" else None
+    if curve is None:
+        raise ProtocolError("the key is not an EC key on P-256, P-384 or P-521")
+    x, y = (unb64url(jwk.get(c, "")) for c in ("x", "y"))
+    if len(x) != curve[1] or len(y) != curve[1]:
+        raise ProtocolError(f"the key's coordinates are not {curve[1]} bytes")
+    try:
+        return ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"),
+                                             curve[0]).public_key()
+    except ValueError:
+        raise ProtocolError(f"not a point on {jwk['crv']}") from None
+
+
+def _kek(secret: bytes) -> bytes:
+    """RFC 7518 4.6.2: the Concat KDF over the ECDH secret, for the 256-bit AES key wrap key."""
+    def counted(data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + data
+
+    other = counted(ALGORITHM.encode()) + counted(b"") + counted(b"") + (256).to_bytes(4, "big")
+    return ConcatKDFHash(hashes.SHA256(), 32, other).derive(secret)
+
+
+def wrap(plaintext: bytes | bytearray, recipient: dict[str, Any]) -> dict[str, str]:
+    """A flattened JWE of ``plaintext`` to the EC public JWK ``recipient``."""
+    key = public_key(recipient)
+    ephemeral = ec.generate_private_key(key.curve)
+    header = {"alg": ALGORITHM, "enc": ENCRYPTION, "epk": public_jwk(ephemeral.public_key())}
+    protected = b64url(json.dumps(header, separators=(",", ":")).encode())
+    cek = AESGCM.generate_key(256)
+    iv = os.urandom(12)
+    sealed = AESGCM(cek).encrypt(iv, bytes(plaintext), protected.encode("ascii"))
+    encrypted_key = aes_key_wrap(_kek(ephemeral.exchange(ec.ECDH(), key)), cek)
+    return {"protected": protected, "encrypted_key": b64url(encrypted_key), "iv": b64url(iv),
+            "ciphertext": b64url(sealed[:-16]), "tag": b64url(sealed[-16:])}
+
+
+def unwrap(token: Any, private: ec.EllipticCurvePrivateKey) -> bytearray:
+    """The plaintext of a flattened JWE to ``private``, in a bytearray to wipe after use."""
+    if not isinstance(token, dict) or not set(MEMBERS) <= set(token):
+        raise ProtocolError("the resource is not a flattened JWE")
+    try:
+        header = json.loads(unb64url(token["protected"]))
+    except (ValueError, RecursionError):
+        raise ProtocolError("the JWE's protected header is not JSON") from None
+    if not isinstance(header, dict) or (header.get("alg"), header.get("enc")) != (ALGORITHM, ENCRYPTION):
+        shown = (header.get("alg"), header.get("enc")) if isinstance(header, dict) else None
+        raise ProtocolError(f"the JWE uses {shown}, expected {ALGORITHM}/{ENCRYPTION}")
+    epk = header.get("epk")
+    sender = public_key(epk if isinstance(epk, dict) else {})
+    if not isinstance(sender.curve, type(private.curve)):
+        raise ProtocolError("the JWE's ephemeral key is on another curve than ours")
+    iv, ciphertext, tag = unb64url(token["iv"]), unb64url(token["ciphertext"]), unb64url(token["tag"])
+    if len(iv) != 12 or len(tag) != 16:
+        raise ProtocolError("the JWE's IV or tag has the wrong size")
+    plaintext = bytearray(len(ciphertext))
+    try:
+        cek = aes_key_unwrap(_kek(private.exchange(ec.ECDH(), sender)), unb64url(token["encrypted_key"]))
+        AESGCM(cek).decrypt_into(iv, ciphertext + tag, token["protected"].encode("ascii"), plaintext)
+    except (InvalidUnwrap, InvalidTag, ValueError):
+        plaintext[:] = bytes(len(plaintext))
+        raise ProtocolError("the JWE does not decrypt with our key: it was not made for it, or was changed") from None
+    return plaintext
