@@ -20,6 +20,8 @@ from jwcrypto import jwk
 
 from keybroker.sim import providers
 from keybroker.sim.roots import SimState
+from keybroker.verifier.cca.abi import parse_token
+from keybroker.verifier.tdx.abi import parse_quote
 from keybroker.wire import envelope
 from keybroker.wire import rcar as p
 from keybroker.wire.envelope import TsmReport
@@ -34,21 +36,30 @@ ODD_VALUES = [None, True, 0, -1, 2**200, 1.5e308, "", "x" * 5000, [], [[]], {}, 
 
 @pytest.fixture
 def server(tsm_sim, sim_state, kbs):
-    SimState(sim_state).snp()
+    state = SimState(sim_state)
+    state.snp(), state.tdx(), state.cca()  # all three simulated platforms, whose roots the server trusts
     server = kbs("--rate-limit", "0", "--kds-url", "")
     server.put("default/key/a", SECRET)
     return server
 
 
-def genuine_body(sim_state, nonce: str) -> tuple[jwk.JWK, dict]:
+def genuine_body(sim_state, nonce: str, tee: str = "snp") -> tuple[jwk.JWK, dict]:
     key = jwk.JWK.generate(kty="EC", crv="P-256")
     public = json.loads(key.export_public()) | {"alg": p.KEY_ALGORITHM}
     inblob = p.report_data(nonce, public)
-    ident = SimState(sim_state).snp()
-    report = providers.snp_report(ident, report_data=inblob, vmpl=0)
-    table = providers.snp_cert_table([(providers.GUID_VCEK, ident.vcek), (providers.GUID_ASK, ident.ask),
-                                      (providers.GUID_ARK, ident.ark)])
-    tsm = TsmReport(provider="sev_guest", generation=1, inblob=inblob, outblob=report, auxblob=table)
+    state = SimState(sim_state)
+    if tee == "snp":
+        ident = state.snp()
+        report = providers.snp_report(ident, report_data=inblob, vmpl=0)
+        table = providers.snp_cert_table([(providers.GUID_VCEK, ident.vcek), (providers.GUID_ASK, ident.ask),
+                                          (providers.GUID_ARK, ident.ark)])
+        tsm = TsmReport(provider="sev_guest", generation=1, inblob=inblob, outblob=report, auxblob=table)
+    elif tee == "tdx":
+        tsm = TsmReport(provider="tdx_guest", generation=1, inblob=inblob,
+                        outblob=providers.tdx_quote_v4(state.tdx(), report_data=inblob))
+    else:
+        tsm = TsmReport(provider="arm_cca_guest", generation=1, inblob=inblob,
+                        outblob=providers.cca_token(state.cca(), challenge=inblob))
     return key, p.Attestation(nonce, public, envelope.to_json(tsm)).to_json()
 
 
@@ -71,8 +82,21 @@ def replace_at(doc, path, value):  # type: ignore[no-untyped-def]
     return doc
 
 
-def blob_mutation(name: str, draw) -> callable:  # type: ignore[no-untyped-def,valid-type]
-    """A change to a base64 blob of the envelope: bytes flipped, overwritten or cut."""
+def signed_bytes(blob: bytes, tee: str) -> range:
+    """Where in an outblob a change must break a signature: the whole SNP report, the TDX quote's
+    header and body, the CCA realm token's claims. (A TDX PEM chain or a COSE unprotected header
+    can take changes that leave every signed byte as it was.)"""
+    if tee == "tdx":
+        return range(len(parse_quote(blob).signed))
+    if tee == "cca":
+        payload = parse_token(blob).realm.payload
+        return range(blob.index(payload), blob.index(payload) + len(payload))
+    return range(len(blob))
+
+
+def blob_mutation(name: str, draw, tee: str = "snp") -> callable:  # type: ignore[no-untyped-def,valid-type]
+    """A change to a base64 blob of the envelope: bytes flipped, overwritten or cut (of the
+    outblob, at a signed byte)."""
     kind = draw(st.sampled_from(["flip", "overwrite", "truncate"]))
     at = draw(st.integers(0, 10_000))
     value = draw(st.binary(min_size=1, max_size=8))
@@ -81,7 +105,8 @@ def blob_mutation(name: str, draw) -> callable:  # type: ignore[no-untyped-def,v
         body = copy.deepcopy(body)
         evidence = body["tee-evidence"]["primary_evidence"]
         blob = bytearray(base64.b64decode(evidence[name]))
-        where = at % len(blob)
+        places = signed_bytes(bytes(blob), tee) if name == "outblob" else range(len(blob))
+        where = places[at % len(places)]
         if kind == "flip":
             blob[where] ^= value[0] or 1
         elif kind == "overwrite":
@@ -93,9 +118,9 @@ def blob_mutation(name: str, draw) -> callable:  # type: ignore[no-untyped-def,v
     return change
 
 
-def attest_and_fetch(server, sim_state, change) -> tuple[int, int | None, bool]:  # type: ignore[no-untyped-def]
-    http, nonce = challenge(server.url)
-    _key, body = genuine_body(sim_state, nonce)
+def attest_and_fetch(server, sim_state, change, tee: str = "snp") -> tuple[int, int | None, bool]:  # type: ignore[no-untyped-def]
+    http, nonce = challenge(server.url, tee)
+    _key, body = genuine_body(sim_state, nonce, tee)
     mutated = change(body)
     data = mutated if isinstance(mutated, (bytes, str)) else json.dumps(mutated)
     attested = http.post(f"{server.url}/kbs/v0/attest", data=data, headers={"Content-Type": "application/json"},
@@ -116,11 +141,13 @@ def test_mutated_certificate_tables_are_never_a_5xx(server, sim_state):
     check()
 
 
-def test_a_changed_report_never_releases(server, sim_state):
+@pytest.mark.parametrize("tee", ["snp", "tdx", "cca"])
+def test_a_changed_report_quote_or_token_never_releases(server, sim_state, tee):
     @HOSTILE
     @given(data=st.data())
     def check(data):  # type: ignore[no-untyped-def]
-        attested, fetched, unchanged = attest_and_fetch(server, sim_state, blob_mutation("outblob", data.draw))
+        attested, fetched, unchanged = attest_and_fetch(server, sim_state, blob_mutation("outblob", data.draw, tee),
+                                                        tee)
         if not unchanged:
             assert attested in (400, 401, 403) and fetched == 401, (attested, fetched)
 
@@ -165,6 +192,7 @@ def test_tee_keys_that_are_no_keys_are_refused_at_attest(server, sim_state, coor
     assert http.get(f"{server.url}/kbs/v0/resource/default/key/a").status_code == 401
 
 
-def test_the_genuine_evidence_is_released(server, sim_state):
-    attested, fetched, unchanged = attest_and_fetch(server, sim_state, lambda body: body)
+@pytest.mark.parametrize("tee", ["snp", "tdx", "cca"])
+def test_the_genuine_evidence_is_released(server, sim_state, tee):
+    attested, fetched, unchanged = attest_and_fetch(server, sim_state, lambda body: body, tee)
     assert (attested, fetched, unchanged) == (200, 200, True)

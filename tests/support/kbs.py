@@ -46,9 +46,9 @@ class Attested:
         return token.payload
 
 
-def challenge(url: str) -> tuple[requests.Session, str]:
+def challenge(url: str, tee: str = "snp") -> tuple[requests.Session, str]:
     http = requests.Session()
-    response = http.post(f"{url}/kbs/v0/auth", json={"version": "0.4.0", "tee": "snp", "extra-params": {}},
+    response = http.post(f"{url}/kbs/v0/auth", json={"version": "0.4.0", "tee": tee, "extra-params": {}},
                          timeout=30)
     response.raise_for_status()
     return http, response.json()["nonce"]
