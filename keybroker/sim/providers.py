@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from ..wire import ghcb
 from .roots import CcaIdentity, SimState, SnpIdentity, TdxIdentity
 
 # configfs-tsm attribute visibility per provider (drivers' is_visible callbacks, v6.11+).
@@ -37,10 +38,6 @@ ALL_ATTRS = COMMON | {"auxblob", "privlevel", "privlevel_floor"} | SERVICE_ATTRS
 FAULT_ERRNOS = {"eio": E.EIO, "ebusy": E.EBUSY, "etimedout": E.ETIMEDOUT, "enxio": E.ENXIO}
 FAULT_NAMES = (*FAULT_ERRNOS, "empty-outblob", "corrupt-signature", "debug", "slow=SECONDS")
 
-# GHCB certificate-table GUIDs, stored in RFC 4122 byte order.
-GUID_VCEK = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd")
-GUID_ASK = uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782")
-GUID_ARK = uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae")
 # SVSM manifest GUIDs, stored little-endian (mixed-endian) as the SVSM writes them.
 GUID_SVSM_SERVICES = uuid.UUID("63849ebb-3d92-4670-a1ff-58f9c94b87bb")
 GUID_SVSM_VTPM = uuid.UUID("c476f1eb-0123-45a5-9641-b4e7dde5bfe3")
@@ -164,7 +161,7 @@ class SevGuest(_Base):
 
     def generate(self, request: Request) -> Blobs:
         ident = self.identity
-        certs = snp_cert_table([(GUID_VCEK, ident.vcek), (GUID_ASK, ident.ask), (GUID_ARK, ident.ark)])
+        certs = snp_cert_table(ident)
         if request.service_provider == "svsm":
             if request.service_guid is None:
                 manifest = svsm_services_manifest({GUID_SVSM_VTPM: ident.ek_public})
@@ -259,16 +256,10 @@ def snp_report(ident: SnpIdentity, *, report_data: bytes, vmpl: int, debug: bool
     return bytes(r)
 
 
-def snp_cert_table(entries: list[tuple[uuid.UUID, object]]) -> bytes:
-    """The GHCB extended-report certificate table: 24-byte entries, a zero terminator, DER certs."""
-    ders = [cert.public_bytes(serialization.Encoding.DER) for _, cert in entries]  # type: ignore[attr-defined]
-    offset = 24 * (len(entries) + 1)
-    table = bytearray()
-    for (guid, _), der in zip(entries, ders, strict=True):
-        table += guid.bytes + struct.pack("<II", offset, len(der))
-        offset += len(der)
-    table += bytes(24)
-    return bytes(table) + b"".join(ders)
+def snp_cert_table(ident: SnpIdentity) -> bytes:
+    """The GHCB certificate table the host hands over with an extended report: VCEK, ASK, ARK."""
+    return ghcb.build([(ghcb.GUIDS[name], cert.public_bytes(serialization.Encoding.DER))
+                       for name, cert in (("VCEK", ident.vcek), ("ASK", ident.ask), ("ARK", ident.ark))])
 
 
 def svsm_services_manifest(services: dict[uuid.UUID, bytes]) -> bytes:

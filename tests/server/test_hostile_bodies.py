@@ -51,8 +51,7 @@ def genuine_body(sim_state, nonce: str, tee: str = "snp") -> tuple[jwk.JWK, dict
     if tee == "snp":
         ident = state.snp()
         report = providers.snp_report(ident, report_data=inblob, vmpl=0)
-        table = providers.snp_cert_table([(providers.GUID_VCEK, ident.vcek), (providers.GUID_ASK, ident.ask),
-                                          (providers.GUID_ARK, ident.ark)])
+        table = providers.snp_cert_table(ident)
         tsm = TsmReport(provider="sev_guest", generation=1, inblob=inblob, outblob=report, auxblob=table)
     elif tee == "tdx":
         tsm = TsmReport(provider="tdx_guest", generation=1, inblob=inblob,

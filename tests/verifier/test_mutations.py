@@ -48,8 +48,7 @@ def genuine(tmp_path_factory) -> dict[str, Genuine]:
     snp, tdx, cca = state.snp(), state.tdx(), state.cca()
     trust = TrustStore.default().with_dirs([state.trust_dir])
     report = providers.snp_report(snp, report_data=NONCE, vmpl=0)
-    table = providers.snp_cert_table([(providers.GUID_VCEK, snp.vcek), (providers.GUID_ASK, snp.ask),
-                                      (providers.GUID_ARK, snp.ark)])
+    table = providers.snp_cert_table(snp)
     quote = providers.tdx_quote_v4(tdx, report_data=NONCE)
     parsed = parse_quote(quote)
     qe_at = quote.index(parsed.qe_report.raw)

@@ -24,21 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ...errors import EvidenceError
 
 TOKEN_MAX = 256 * 1024
-
-
 TAG_EAT_COLLECTION, TAG_CMW_COLLECTION, TAG_COSE_SIGN1 = 399, 907, 18
-
-
 PLATFORM_TOKEN, REALM_TOKEN = 44234, 44241
-
-
 PLATFORM_PROFILES = ("http://arm.com/CCA-SSD/1.0.0", "tag:arm.com,2023:cca_platform#1.0.0",
                      "tag:arm.com,2024:cca_platform#2.0.0")
-
-
 REALM_PROFILES = ("tag:arm.com,2023:realm#1.0.0", "tag:arm.com,2024:realm#2.0.0")
-
-
 HASHES = {"sha-256": hashlib.sha256, "sha-384": hashlib.sha384, "sha-512": hashlib.sha512}
 
 

@@ -11,8 +11,6 @@ from .abi import Token
 
 LIFECYCLE_STATES = {0x0: "unknown", 0x1: "assembly_and_test", 0x2: "psa_rot_provisioning", 0x3: "secured",
                     0x4: "non_psa_rot_debug", 0x5: "recoverable_psa_rot_debug", 0x6: "decommissioned"}
-
-
 SECURED = range(0x3000, 0x3100)
 
 

@@ -18,14 +18,8 @@ from ...errors import EvidenceError
 from ..certs import der_integer, der_read, extension
 
 REPORT_SIZE = 0x4A0
-
-
 SIGNED_SIZE = 0x2A0
-
-
 VERSIONS = (2, 3, 4, 5)
-
-
 PRODUCTS = ("Milan", "Genoa", "Turin")
 
 
@@ -157,64 +151,9 @@ def parse_report(raw: bytes) -> Report:
     )
 
 
-# -- the certificate table (auxblob) ----------------------------------------------------
-
-GUID_VCEK = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd")
-
-
-GUID_VLEK = uuid.UUID("a8074bc2-a25a-483e-aae6-39c045a0b8a1")
-
-
-GUID_ASK = uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782")
-
-
-GUID_ARK = uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae")
-
-
-CERT_GUIDS = {GUID_VCEK, GUID_VLEK, GUID_ASK, GUID_ARK}
-
-
-CERT_TABLE_MAX_ENTRIES = 64
-
-
-def parse_cert_table(blob: bytes) -> list[tuple[uuid.UUID, bytes]]:
-    """The GHCB certificate table: 24-byte entries to an all-zero terminator, then the certs.
-
-    GUIDs are RFC 4122 byte order; a table written in the mixed-endian order is accepted
-    too. Entries with unknown GUIDs are kept (they are checked by what they contain).
-    """
-    if not blob:
-        return []
-    entries, pos = [], 0
-    while True:
-        if pos + 24 > len(blob):
-            raise EvidenceError("certificate table in auxblob has no terminator")
-        raw_guid = blob[pos:pos + 16]
-        offset, length = struct.unpack_from("<II", blob, pos + 16)
-        if not any(blob[pos:pos + 24]):
-            break
-        guid = uuid.UUID(bytes=raw_guid)
-        if guid not in CERT_GUIDS and uuid.UUID(bytes_le=raw_guid) in CERT_GUIDS:
-            guid = uuid.UUID(bytes_le=raw_guid)
-        entries.append((guid, offset, length))
-        pos += 24
-        if len(entries) > CERT_TABLE_MAX_ENTRIES:
-            raise EvidenceError(f"certificate table has more than {CERT_TABLE_MAX_ENTRIES} entries")
-    header_end = pos + 24
-    out = []
-    for guid, offset, length in entries:
-        if offset < header_end or offset + length > len(blob) or length == 0:
-            raise EvidenceError(f"certificate table entry {guid} points outside the table "
-                                f"(offset {offset}, length {length}, table {len(blob)} bytes)")
-        out.append((guid, blob[offset:offset + length]))
-    return out
-
-
 # -- SVSM service manifests -------------------------------------------------------------
 
 GUID_SVSM_SERVICES = uuid.UUID("63849ebb-3d92-4670-a1ff-58f9c94b87bb")
-
-
 GUID_SVSM_VTPM = uuid.UUID("c476f1eb-0123-45a5-9641-b4e7dde5bfe3")
 
 
@@ -240,8 +179,6 @@ def parse_services_manifest(manifest: bytes) -> dict[uuid.UUID, bytes]:
 # -- AMD extensions of VCEK and VLEK certificates ---------------------------------------
 
 AMD_OID = "1.3.6.1.4.1.3704.1"
-
-
 SPL_OIDS = {"bootloader": "3.1", "tee": "3.2", "snp": "3.3", "microcode": "3.8", "fmc": "3.9"}
 
 

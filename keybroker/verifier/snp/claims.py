@@ -9,8 +9,6 @@ from .abi import GUID_SVSM_VTPM, Report, parse_services_manifest
 
 POLICY_BITS = {"smt": 16, "migrate_ma": 18, "debug": 19, "single_socket": 20, "cxl_allow": 21,
                "mem_aes_256_xts": 22, "rapl_dis": 23, "ciphertext_hiding_dram": 24, "page_swap_disable": 25}
-
-
 PLATFORM_BITS = {"smt_en": 0, "tsme_en": 1, "ecc_en": 2, "rapl_dis": 3, "ciphertext_hiding_dram_en": 4,
                  "alias_check_complete": 5, "iommu_write_safe": 6, "tio_en": 7}
 

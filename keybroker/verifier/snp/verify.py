@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ...errors import EvidenceError
+from ...wire import ghcb
 from ..certs import (
     common_name,
     fingerprint,
@@ -37,7 +38,6 @@ from .abi import (
     REPORT_SIZE,
     SIGNED_SIZE,
     Report,
-    parse_cert_table,
     parse_report,
     vek_hwid,
     vek_product_name,
@@ -62,7 +62,7 @@ def _product_of(cn: str, prefix: str) -> str | None:
 
 def _candidates(evidence: Evidence, context: Context) -> list[x509.Certificate]:
     """Certificates from the host's auxblob table, then the operator's folders and anchors."""
-    certs = [cert for _, der in parse_cert_table(evidence.auxblob) for cert in load_certs(der)]
+    certs = [cert for _, der in ghcb.parse(evidence.auxblob) for cert in load_certs(der)]
     for folder in context.certs:
         certs.extend(load_cert_dir(folder))
     certs.extend(context.trust.anchors())

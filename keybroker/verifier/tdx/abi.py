@@ -25,29 +25,13 @@ QUOTE_MAX = 1024 * 1024  # real quotes are ~5 KB; kernels hand out at most a few
 
 
 ATT_KEY_ECDSA_P256 = 2
-
-
 TEE_TYPE_TDX = 0x81
-
-
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
-
-
 BODY_TD10, BODY_TD15 = 2, 3
-
-
 BODY_SIZES = {BODY_TD10: 584, BODY_TD15: 648}
-
-
 CERT_DATA_QE_REPORT = 6
-
-
 CERT_DATA_PCK_CHAIN = 5
-
-
 QE_REPORT_SIZE = 384
-
-
 CHAIN_CERTS_MAX = 8
 
 

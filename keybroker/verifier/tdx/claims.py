@@ -9,8 +9,6 @@ from .abi import Quote
 from .pck import PckChain, PckInfo
 
 TD_ATTRIBUTE_BITS = {"debug": 0, "sept_ve_disable": 28, "migratable": 29, "pks": 30, "kl": 31, "perfmon": 63}
-
-
 TUD_MASK = 0xFF  # bits 0-7, the "TD under debug" group
 
 
