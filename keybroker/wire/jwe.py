@@ -1,10 +1,14 @@
-"""The released key's envelope: a flattened JWE, ECDH-ES+A256KW with A256GCM (RFC 7516, RFC 7518 4.6).
+"""The released key's envelope: a flattened JWE with A256GCM (RFC 7516) to the attested tee-pubkey.
 
-Both sides of the wire in one place, built from ``cryptography``'s primitives (ECDH, the
-Concat KDF, AES key wrap, AES-GCM): the key server wraps a resource to the tee-pubkey the
-guest attested, the guest unwraps it with the ephemeral private key, straight into a buffer
-it can wipe (no immutable copy of the key is made). The ephemeral public key travels in the
-protected header, as Trustee's clients expect it.
+Both sides of the wire in one place, built from ``cryptography``'s primitives: the key
+server wraps a resource to the tee-pubkey the guest attested, with ECDH-ES+A256KW (RFC 7518
+4.6: ECDH, the Concat KDF, AES key wrap) for an EC key or RSA-OAEP-256 for an RSA key (as
+guest-components may send); keybroker's guest unwraps it with its ephemeral EC key, straight
+into a buffer it can wipe (no immutable copy of the key is made).
+
+guest-components does not use the protected header as sent: it parses it and serializes it
+again for the AAD (``alg``, ``enc``, then the other members in key order, compact). The header
+is therefore written in exactly that form, with the ephemeral key's members sorted too.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
@@ -24,6 +28,7 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 from ..errors import ProtocolError
 
 ALGORITHM = "ECDH-ES+A256KW"
+RSA_ALGORITHM = "RSA-OAEP-256"
 ENCRYPTION = "A256GCM"
 MEMBERS = ("protected", "encrypted_key", "iv", "ciphertext", "tag")
 _CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
@@ -68,6 +73,20 @@ def public_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
         raise ProtocolError(f"not a point on {jwk['crv']}") from None
 
 
+def recipient_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+    """The public key of an EC or RSA JWK a resource can be wrapped to; ProtocolError if it is none."""
+    if jwk.get("kty") != "RSA":
+        return public_key(jwk)
+    n, e = (int.from_bytes(unb64url(jwk.get(m, "")), "big") for m in ("n", "e"))
+    try:
+        return rsa.RSAPublicNumbers(e, n).public_key()
+    except ValueError as exc:
+        raise ProtocolError(f"not an RSA public key: {exc}") from None
+
+
+_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
 def _kek(secret: bytes) -> bytes:
     """RFC 7518 4.6.2: the Concat KDF over the ECDH secret, for the 256-bit AES key wrap key."""
     def counted(data: bytes) -> bytes:
@@ -78,15 +97,20 @@ def _kek(secret: bytes) -> bytes:
 
 
 def wrap(plaintext: bytes | bytearray, recipient: dict[str, Any]) -> dict[str, str]:
-    """A flattened JWE of ``plaintext`` to the EC public JWK ``recipient``."""
-    key = public_key(recipient)
-    ephemeral = ec.generate_private_key(key.curve)
-    header = {"alg": ALGORITHM, "enc": ENCRYPTION, "epk": public_jwk(ephemeral.public_key())}
-    protected = b64url(json.dumps(header, separators=(",", ":")).encode())
+    """A flattened JWE of ``plaintext`` to the EC or RSA public JWK ``recipient``."""
+    key = recipient_key(recipient)
     cek = AESGCM.generate_key(256)
+    header: dict[str, Any]
+    if isinstance(key, rsa.RSAPublicKey):
+        header = {"alg": RSA_ALGORITHM, "enc": ENCRYPTION}
+        encrypted_key = key.encrypt(cek, _OAEP)
+    else:
+        ephemeral = ec.generate_private_key(key.curve)
+        header = {"alg": ALGORITHM, "enc": ENCRYPTION, "epk": dict(sorted(public_jwk(ephemeral.public_key()).items()))}
+        encrypted_key = aes_key_wrap(_kek(ephemeral.exchange(ec.ECDH(), key)), cek)
+    protected = b64url(json.dumps(header, separators=(",", ":")).encode())
     iv = os.urandom(12)
     sealed = AESGCM(cek).encrypt(iv, bytes(plaintext), protected.encode("ascii"))
-    encrypted_key = aes_key_wrap(_kek(ephemeral.exchange(ec.ECDH(), key)), cek)
     return {"protected": protected, "encrypted_key": b64url(encrypted_key), "iv": b64url(iv),
             "ciphertext": b64url(sealed[:-16]), "tag": b64url(sealed[-16:])}
 

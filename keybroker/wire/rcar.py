@@ -1,20 +1,29 @@
 """KBS RCAR protocol 0.4.0 (Trustee): wire records, the REPORT_DATA binding, errors.
 
-The contract shared by the guest client and the key server::
+The contract shared by the guest client and the key server, and with Trustee's KBS and
+guest-components' ``kbs_protocol``::
 
-    POST /kbs/v0/auth      {"version": "0.4.0", "tee": "snp", "extra-params": {}}
-                           -> {"nonce": "<base64>", "extra-params": ""} + cookie kbs-session-id
+    POST /kbs/v0/auth      {"version": "0.4.0", "tee": "snp", "extra-params": {...}}
+                           -> {"nonce": "<base64>", "extra-params": ...} + cookie kbs-session-id
     POST /kbs/v0/attest    {"runtime-data": {"nonce": N, "tee-pubkey": JWK},
-                            "tee-evidence": {"primary_evidence": <envelope>, "additional_evidence": ""}}
+                            "tee-evidence": {"primary_evidence": E, "additional_evidence": A},
+                            "init-data": null | {"format": "toml", "body": "..."}}
                            -> {"token": "<JWT>"}
     GET  /kbs/v0/resource/<repo>/<type>/<tag>
-                           -> JWE (flattened JSON; ECDH-ES+A256KW / A256GCM) to the tee-pubkey
+                           -> JWE (flattened JSON) to the tee-pubkey
 
-REPORT_DATA binds the challenge nonce and the tee-pubkey: the first 48 bytes of the
-64-byte inblob are SHA-384 of the RFC 8785 canonical JSON of
-``{"additional-evidence": "", "nonce": N, "tee-pubkey": JWK}``, the rest are zero.
-keybroker's primary evidence is the Linux evidence envelope (``keybroker.wire.envelope``).
-Errors are RFC 7807 bodies ``{"type": …, "detail": …}`` whose type names the problem.
+REPORT_DATA binds the challenge nonce, the tee-pubkey and the device evidence: the first 48
+bytes of the 64-byte inblob are SHA-384 of the RFC 8785 canonical JSON of
+``{"additional-evidence": A, "nonce": N, "tee-pubkey": JWK}``, the rest are zero. Device
+evidence binds ``{"nonce": N, "tee-pubkey": JWK}`` the same way, unpadded.
+
+The evidence ``E`` is keybroker's Linux evidence envelope when both sides are keybroker's:
+the client asks for it with ``"keybroker-evidence": "envelope"`` in the Request's
+``extra-params`` and a keybroker server says yes with the same member in the Challenge's.
+Any other server (Trustee's) gets Trustee's per-TEE form (``keybroker.wire.trustee``).
+Records are read as Trustee's serde types read them: unknown members are ignored, missing
+or mistyped ones refused. Errors are RFC 7807 bodies ``{"type": …, "detail": …}`` (the
+``ErrorInformation`` guest-components reads) whose type names the problem.
 """
 
 from __future__ import annotations
@@ -28,9 +37,14 @@ from typing import Any
 import rfc8785
 
 from ..errors import ProtocolError
-from . import shown_names
+from . import shown
 
 VERSION = "0.4.0"
+#: What Trustee's ``=0.4.0`` semver requirement accepts: 0.4.0, with build metadata or not.
+_VERSION_ACCEPTED = re.compile(r"0\.4\.0(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?")
+#: The extra-params member by which a keybroker client and server agree on the envelope.
+EVIDENCE_PARAM = "keybroker-evidence"
+ENVELOPE = "envelope"
 SESSION_COOKIE = "kbs-session-id"
 #: keybroker's answer headers on a released resource: the lease in seconds (the key's expiry
 #: in the guest's keyring) and the hash of the release's audit record.
@@ -40,6 +54,8 @@ PREFIX = "/kbs/v0"
 TEE_BY_PROVIDER = {"sev_guest": "snp", "tdx_guest": "tdx", "arm_cca_guest": "cca"}
 PROVIDER_BY_TEE = {tee: provider for provider, tee in TEE_BY_PROVIDER.items()}
 KEY_ALGORITHM = "ECDH-ES+A256KW"
+RSA_ALGORITHM = "RSA-OAEP-256"
+RSA_BITS = (2048, 8192)
 CONTENT_ENCRYPTION = "A256GCM"
 INBLOB_SIZE = 64
 NONCE_MAX = 128
@@ -60,10 +76,17 @@ PAYLOAD_TOO_LARGE = "PayloadTooLarge"
 TOO_MANY_REQUESTS = "TooManyRequests"
 UNAUTHORIZED = "Unauthorized"
 INTERNAL = "InternalError"
+#: Refusals of attestation and release are 401, as guest-components reads an error body only then.
 STATUS = {BAD_REQUEST: 400, PROTOCOL_VERSION: 400, UNKNOWN_SESSION: 401, NOT_ATTESTED: 401,
-          UNAUTHORIZED: 401, ATTESTATION_DENIED: 403, POLICY_DENIED: 403, RESOURCE_NOT_FOUND: 404,
+          UNAUTHORIZED: 401, ATTESTATION_DENIED: 401, POLICY_DENIED: 401, RESOURCE_NOT_FOUND: 404,
           PAYLOAD_TOO_LARGE: 413, TOO_MANY_REQUESTS: 429, INTERNAL: 500}
+#: Trustee's error types (``…/kbs/errors/<Variant>``) and what they mean in keybroker's terms.
+TRUSTEE_ERROR_TYPE = "https://github.com/confidential-containers/kbs/errors/"
+_TRUSTEE_ERRORS = {"AttestationError": ATTESTATION_DENIED, "PolicyDeny": POLICY_DENIED,
+                   "TokenNotFound": NOT_ATTESTED, "TokenVerifierError": NOT_ATTESTED,
+                   "InvalidRequestPath": BAD_REQUEST, "PluginNotFound": RESOURCE_NOT_FOUND}
 
+_TEE_KEY_MEMBERS = {"EC": ("crv", "alg", "x", "y"), "RSA": ("alg", "n", "e")}
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _EC_SIZES = {"P-256": 32, "P-384": 48, "P-521": 66}
 
@@ -73,103 +96,140 @@ def problem(name: str, detail: str) -> dict[str, str]:
 
 
 def problem_name(body: Any) -> str | None:
-    """The problem name of an RFC 7807 body, or None when it is not one of ours."""
+    """The problem name of an error body (keybroker's, or Trustee's in keybroker's terms), else None."""
     kind = body.get("type") if isinstance(body, dict) else None
     if isinstance(kind, str) and kind.startswith(ERROR_TYPE):
         return kind[len(ERROR_TYPE):]
+    if isinstance(kind, str) and kind.startswith(TRUSTEE_ERROR_TYPE):
+        return _TRUSTEE_ERRORS.get(kind[len(TRUSTEE_ERROR_TYPE):])
     return None
+
+
+def version_accepted(version: str) -> bool:
+    return bool(_VERSION_ACCEPTED.fullmatch(version))
 
 
 @dataclass(frozen=True)
 class AuthRequest:
     tee: str
     version: str = VERSION
+    envelope: bool = True  # the client reads keybroker's envelope form
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "tee": self.tee, "extra-params": {}}
+        return {"version": self.version, "tee": self.tee,
+                "extra-params": {EVIDENCE_PARAM: ENVELOPE} if self.envelope else {}}
 
     @classmethod
     def from_json(cls, obj: Any) -> AuthRequest:
-        _object(obj, "auth request", required=("version", "tee"), optional=("extra-params",))
+        _object(obj, "auth request", required=("version", "tee", "extra-params"))
         version, tee = obj["version"], obj["tee"]
         if not isinstance(version, str) or not isinstance(tee, str):
             raise ProtocolError("'version' and 'tee' must be strings")
-        return cls(tee=tee, version=version)
+        return cls(tee=tee, version=version, envelope=_asks_envelope(obj["extra-params"]))
 
 
 @dataclass(frozen=True)
 class Challenge:
     nonce: str
+    envelope: bool = False  # the server reads keybroker's envelope (else: Trustee's evidence forms)
 
     def to_json(self) -> dict[str, Any]:
-        return {"nonce": self.nonce, "extra-params": ""}
+        return {"nonce": self.nonce, "extra-params": {EVIDENCE_PARAM: ENVELOPE} if self.envelope else ""}
 
     @classmethod
     def from_json(cls, obj: Any) -> Challenge:
-        _object(obj, "challenge", required=("nonce",), optional=("extra-params",))
+        _object(obj, "challenge", required=("nonce",))
         nonce = obj["nonce"]
         if not isinstance(nonce, str) or not 1 <= len(nonce) <= NONCE_MAX:
             raise ProtocolError(f"challenge nonce must be a string of 1-{NONCE_MAX} characters")
-        return cls(nonce)
+        return cls(nonce, _asks_envelope(obj.get("extra-params")))
+
+
+def _asks_envelope(extra_params: Any) -> bool:
+    return isinstance(extra_params, dict) and extra_params.get(EVIDENCE_PARAM) == ENVELOPE
 
 
 @dataclass(frozen=True)
 class Attestation:
     nonce: str
-    tee_pubkey: dict[str, str]
+    tee_pubkey: dict[str, str]  # as Trustee's TeePubKey reads it (the form the binding hashes)
     primary_evidence: Any
     additional_evidence: str = ""
+    init_data: Any = None  # {"format": "toml", "body": ...} when the guest sent init-data
 
     def to_json(self) -> dict[str, Any]:
         return {"runtime-data": {"nonce": self.nonce, "tee-pubkey": self.tee_pubkey},
                 "tee-evidence": {"primary_evidence": self.primary_evidence,
-                                 "additional_evidence": self.additional_evidence}}
+                                 "additional_evidence": self.additional_evidence},
+                "init-data": self.init_data}
 
     @classmethod
     def from_json(cls, obj: Any) -> Attestation:
-        _object(obj, "attestation", required=("runtime-data", "tee-evidence"), optional=("init-data",))
+        _object(obj, "attestation", required=("runtime-data", "tee-evidence"))
         runtime, evidence = obj["runtime-data"], obj["tee-evidence"]
         _object(runtime, "runtime-data", required=("nonce", "tee-pubkey"))
-        _object(evidence, "tee-evidence", required=("primary_evidence",), optional=("additional_evidence",))
-        nonce = runtime["nonce"]
+        _object(evidence, "tee-evidence", required=("primary_evidence", "additional_evidence"))
+        nonce, additional = runtime["nonce"], evidence["additional_evidence"]
         if not isinstance(nonce, str) or not 1 <= len(nonce) <= NONCE_MAX:
             raise ProtocolError(f"runtime-data nonce must be a string of 1-{NONCE_MAX} characters")
-        additional = evidence.get("additional_evidence", "")
-        if additional != "":
-            raise ProtocolError("additional_evidence (device evidence) is not supported; send \"\"")
-        return cls(nonce, check_tee_pubkey(runtime["tee-pubkey"]), evidence["primary_evidence"])
+        if not isinstance(additional, str):
+            raise ProtocolError("additional_evidence must be a string (\"\" or a JSON object of device evidence)")
+        return cls(nonce, check_tee_pubkey(runtime["tee-pubkey"]), evidence["primary_evidence"], additional,
+                   obj.get("init-data"))
 
 
 def check_tee_pubkey(jwk: Any) -> dict[str, str]:
-    """An EC public JWK for ECDH-ES+A256KW (P-256, P-384 or P-521): its shape, and a point on its curve.
+    """The tee-pubkey as Trustee's ``TeePubKey`` reads it, checked usable for the JWE to it.
 
-    Checked when the key arrives, so that nothing later (the JWE to it) meets a key it cannot use.
+    EC: ``{"kty": "EC", "crv", "alg": "ECDH-ES+A256KW", "x", "y"}`` on P-256, P-384 or P-521,
+    a point on its curve. RSA: ``{"kty": "RSA", "alg": "RSA-OAEP-256", "n", "e"}``, 2048 to
+    8192 bits. Returns exactly those members: what the binding hashes, as Trustee does.
     """
-    _object(jwk, "tee-pubkey", required=("kty", "crv", "x", "y"), optional=("alg", "kid", "use"))
-    if not all(isinstance(v, str) for v in jwk.values()):
+    if not isinstance(jwk, dict):
+        raise ProtocolError("tee-pubkey must be a JSON object")
+    kty = jwk.get("kty")
+    members = _TEE_KEY_MEMBERS.get(kty) if isinstance(kty, str) else None
+    if members is None:
+        raise ProtocolError(f"tee-pubkey kty must be \"EC\" or \"RSA\", not {shown(kty)}")
+    _object(jwk, "tee-pubkey", required=members)
+    key = {"kty": kty, **{name: jwk[name] for name in members}}
+    if not all(isinstance(value, str) for value in key.values()):
         raise ProtocolError("tee-pubkey members must be strings")
-    if jwk["kty"] != "EC" or jwk["crv"] not in _EC_SIZES:
-        raise ProtocolError("tee-pubkey must be an EC key on P-256, P-384 or P-521")
-    if jwk.get("alg", KEY_ALGORITHM) != KEY_ALGORITHM:
-        raise ProtocolError(f"tee-pubkey algorithm must be {KEY_ALGORITHM}")
-    for coord in ("x", "y"):
-        value = _b64url_decode(jwk[coord])
-        if value is None or len(value) != _EC_SIZES[jwk["crv"]]:
-            raise ProtocolError(f"tee-pubkey '{coord}' is not a base64url {jwk['crv']} coordinate")
-    from .jwe import public_key  # here: the guest's start need not load the X.509 and EC stack
+    if kty == "EC":
+        if key["alg"] != KEY_ALGORITHM or key["crv"] not in _EC_SIZES:
+            raise ProtocolError(f"an EC tee-pubkey must be {KEY_ALGORITHM} on P-256, P-384 or P-521")
+        for coord in ("x", "y"):
+            value = _b64url_decode(key[coord])
+            if value is None or len(value) != _EC_SIZES[key["crv"]]:
+                raise ProtocolError(f"tee-pubkey '{coord}' is not a base64url {key['crv']} coordinate")
+    else:
+        if key["alg"] != RSA_ALGORITHM:
+            raise ProtocolError(f"an RSA tee-pubkey must be {RSA_ALGORITHM} (RSA1_5, PKCS#1 v1.5, is refused: "
+                                "it invites padding-oracle attacks)")
+        n, e = _b64url_decode(key["n"]), _b64url_decode(key["e"])
+        if n is None or e is None or not RSA_BITS[0] <= int.from_bytes(n, "big").bit_length() <= RSA_BITS[1] \
+                or len(e) > 8:
+            raise ProtocolError(f"tee-pubkey 'n' and 'e' must be a base64url RSA modulus of {RSA_BITS[0]}-"
+                                f"{RSA_BITS[1]} bits and a public exponent")
+    from .jwe import recipient_key  # here: the guest's start need not load the X.509 and EC stack
 
     try:
-        public_key(jwk)
+        recipient_key(key)
     except ProtocolError as exc:
         raise ProtocolError(f"tee-pubkey: {exc}") from None
-    return dict(jwk)
+    return key
 
 
 def report_data(nonce: str, tee_pubkey: dict[str, str], additional_evidence: str = "") -> bytes:
-    """The 64-byte inblob that binds ``nonce`` and ``tee_pubkey``: SHA-384(JCS(...)) || zeros."""
+    """The 64-byte inblob that binds ``nonce``, ``tee_pubkey`` and the device evidence: SHA-384(JCS(...)) || zeros."""
     material = rfc8785.dumps({"additional-evidence": additional_evidence, "nonce": nonce,
                               "tee-pubkey": tee_pubkey})
     return hashlib.sha384(material).digest().ljust(INBLOB_SIZE, b"\0")
+
+
+def device_report_data(nonce: str, tee_pubkey: dict[str, str]) -> bytes:
+    """What device evidence binds: SHA-384(JCS({"nonce", "tee-pubkey"})), 48 bytes."""
+    return hashlib.sha384(rfc8785.dumps({"nonce": nonce, "tee-pubkey": tee_pubkey})).digest()
 
 
 def _b64url_decode(text: str) -> bytes | None:
@@ -179,12 +239,10 @@ def _b64url_decode(text: str) -> bytes | None:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _object(obj: Any, what: str, *, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+def _object(obj: Any, what: str, *, required: tuple[str, ...]) -> None:
+    """A JSON object with the ``required`` members (others are ignored, as serde does)."""
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} must be a JSON object")
     missing = [k for k in required if k not in obj]
     if missing:
         raise ProtocolError(f"{what} is missing {', '.join(repr(k) for k in missing)}")
-    unknown = sorted(set(obj) - set(required) - set(optional))
-    if unknown:
-        raise ProtocolError(f"{what} has unknown member(s) {shown_names(unknown)}")

@@ -1,8 +1,9 @@
 """The resource path grammar both sides share: ``<repo>/<type>/<tag>``, as Trustee's ``kbs:///repo/type/tag``.
 
 A guest names a resource in its key description (``keybroker:<repo>/<type>/<tag>``); the
-key server stores and releases resources under the same path. Each segment is 1-64
-characters of ``[A-Za-z0-9_.-]``, not starting with ``.`` or ``-``.
+key server stores and releases resources under the same path. Each segment is what Trustee's
+resource plugin accepts, ``[A-Za-z0-9_-][A-Za-z0-9_.-]*`` (never ``.`` or ``..``), and the
+whole path is at most 255 characters.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 
 from ..errors import DescriptionError
 
-SEGMENT_MAX = 64
-_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,%d}" % (SEGMENT_MAX - 1))
+PATH_MAX = 255
+_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,13 @@ class ResourcePath:
 
     @classmethod
     def parse(cls, text: str) -> ResourcePath:
+        if len(text) > PATH_MAX:
+            raise DescriptionError(f"resource {text[:80]!r}... is longer than {PATH_MAX} characters")
         parts = text.split("/")
         if len(parts) != 3:
             raise DescriptionError(f"resource {text[:80]!r} must be <repo>/<type>/<tag>")
         for part in parts:
             if not _SEGMENT.fullmatch(part):
-                raise DescriptionError(
-                    f"resource segment {part[:80]!r} must be 1-{SEGMENT_MAX} characters of "
-                    "[A-Za-z0-9_.-], not starting with '.' or '-'")
+                raise DescriptionError(f"resource segment {part[:80]!r} must be characters of [A-Za-z0-9_.-], "
+                                       "not starting with '.'")
         return cls(*parts)

@@ -13,6 +13,7 @@ from jwcrypto import jwe, jwk
 from keybroker.errors import ProtocolError
 from keybroker.wire import jwe as keybroker_jwe
 from keybroker.wire import rcar as p
+from support import jose
 
 
 def test_canonical_json_matches_trustees_vector():
@@ -31,24 +32,85 @@ def test_report_data_binds_nonce_and_key():
     assert p.report_data("other", key) != data
 
 
-def test_attestation_round_trip_and_strictness():
+def test_attestation_is_read_as_serde_reads_it():
     key = json.loads(jwk.JWK.generate(kty="EC", crv="P-256").export_public()) | {"alg": "ECDH-ES+A256KW"}
     att = p.Attestation("n", key, {"version": 1})
     assert p.Attestation.from_json(att.to_json()) == att
-    bad = att.to_json() | {"extra": 1}
-    with pytest.raises(ProtocolError, match="unknown member"):
-        p.Attestation.from_json(bad)
-    with pytest.raises(ProtocolError, match="P-256, P-384 or P-521"):
-        p.check_tee_pubkey(key | {"crv": "P-192"})
-    with pytest.raises(ProtocolError, match="must be ECDH-ES"):
-        p.check_tee_pubkey(key | {"alg": "RSA1_5"})
-    with pytest.raises(ProtocolError, match="coordinate"):
-        p.check_tee_pubkey(key | {"x": "AAAA"})
-    with pytest.raises(ProtocolError, match="not a point on P-256"):
-        p.check_tee_pubkey(key | {"x": "A" * 43})
-    with pytest.raises(ProtocolError, match="additional_evidence"):
-        p.Attestation.from_json({"runtime-data": {"nonce": "n", "tee-pubkey": key},
-                                 "tee-evidence": {"primary_evidence": {}, "additional_evidence": "x"}})
+    extra = att.to_json() | {"extra": 1}  # unknown members are ignored, as serde does
+    extra["runtime-data"]["tee-pubkey"] = key | {"kid": "k1", "use": "enc"}
+    assert p.Attestation.from_json(extra) == att  # the key as TeePubKey reads it: what the binding hashes
+    assert p.Attestation.from_json(att.to_json() | {"init-data": {"format": "toml", "body": "x"}}).init_data == {
+        "format": "toml", "body": "x"}
+    for broken, reason in [({"runtime-data": {"nonce": "n", "tee-pubkey": key}}, "missing 'tee-evidence'"),
+                           ({"runtime-data": {"nonce": 1, "tee-pubkey": key},
+                             "tee-evidence": {"primary_evidence": {}, "additional_evidence": ""}}, "nonce"),
+                           ({"runtime-data": {"nonce": "n", "tee-pubkey": key},
+                             "tee-evidence": {"primary_evidence": {}}}, "missing 'additional_evidence'"),
+                           ({"runtime-data": {"nonce": "n", "tee-pubkey": key},
+                             "tee-evidence": {"primary_evidence": {}, "additional_evidence": {}}}, "must be a string")]:
+        with pytest.raises(ProtocolError, match=reason):
+            p.Attestation.from_json(broken)
+
+
+def test_tee_pubkey_ec_and_rsa_checked_and_normalized():
+    key = json.loads(jwk.JWK.generate(kty="EC", crv="P-256").export_public()) | {"alg": "ECDH-ES+A256KW"}
+    assert p.check_tee_pubkey(key) == {m: key[m] for m in ("kty", "crv", "alg", "x", "y")}
+    rsa_key = json.loads(jwk.JWK.generate(kty="RSA", size=2048).export_public()) | {"alg": "RSA-OAEP-256"}
+    assert p.check_tee_pubkey(rsa_key) == {m: rsa_key[m] for m in ("kty", "alg", "n", "e")}
+    small = json.loads(jwk.JWK.generate(kty="RSA", size=1024).export_public()) | {"alg": "RSA-OAEP-256"}
+    for broken, reason in [(key | {"crv": "P-192"}, "P-256, P-384 or P-521"),
+                           (key | {"alg": "RSA1_5"}, "must be ECDH-ES"),
+                           ({k: v for k, v in key.items() if k != "alg"}, "missing 'alg'"),
+                           (key | {"x": "AAAA"}, "coordinate"),
+                           (key | {"x": "A" * 43}, "not a point on P-256"),
+                           (key | {"kty": ["EC"]}, "kty must be"),
+                           (key | {"kty": "OKP"}, "kty must be"),
+                           (rsa_key | {"alg": "RSA1_5"}, "padding-oracle"),
+                           (small, "2048-8192 bits"),
+                           (rsa_key | {"e": "!"}, "2048-8192 bits"),
+                           (rsa_key | {"e": "AAE"}, "not an RSA public key")]:
+        with pytest.raises(ProtocolError, match=reason):
+            p.check_tee_pubkey(broken)
+
+
+def test_version_negotiation_and_trustee_errors():
+    assert p.version_accepted("0.4.0") and p.version_accepted("0.4.0+build.7")
+    for other in ("0.4.0-rc1", "0.4.1", "v0.4.0", " 0.4.0", "0.4", "0.4.0+"):
+        assert not p.version_accepted(other)
+    asking = p.AuthRequest("snp").to_json()
+    assert p.AuthRequest.from_json(asking).envelope
+    guest_components = {"version": "0.4.0", "tee": "snp", "extra-params": {"supported-hash-algorithms": ["sha384"]}}
+    assert not p.AuthRequest.from_json(guest_components).envelope
+    with pytest.raises(ProtocolError, match="extra-params"):
+        p.AuthRequest.from_json({"version": "0.4.0", "tee": "snp"})
+    assert p.Challenge.from_json(p.Challenge("n", envelope=True).to_json()).envelope
+    assert not p.Challenge.from_json({"nonce": "n", "extra-params": ""}).envelope  # Trustee's challenge
+    trustee = "https://github.com/confidential-containers/kbs/errors/"
+    assert p.problem_name({"type": trustee + "PolicyDeny", "detail": "Access denied by policy"}) == p.POLICY_DENIED
+    assert p.problem_name({"type": trustee + "AttestationError", "detail": "x"}) == p.ATTESTATION_DENIED
+    assert p.problem_name({"type": trustee + "PluginInternalError", "detail": "x"}) is None
+    assert p.problem_name(p.problem(p.NOT_ATTESTED, "x")) == p.NOT_ATTESTED
+
+
+def test_device_evidence_binds_nonce_and_key_unpadded():
+    key = {"kty": "EC", "crv": "P-256", "alg": "ECDH-ES+A256KW", "x": "A" * 43, "y": "B" * 43}
+    expected = hashlib.sha384(json.dumps({"nonce": "n", "tee-pubkey": key}, sort_keys=True,
+                                         separators=(",", ":")).encode()).digest()
+    assert p.device_report_data("n", key) == expected
+    assert p.report_data("n", key, '{"sampledevice":{}}') != p.report_data("n", key)
+
+
+@pytest.mark.parametrize("kty", ["EC", "RSA"])
+def test_protected_header_is_what_guest_components_writes_again(kty):
+    private = jwk.JWK.generate(kty="EC", crv="P-256") if kty == "EC" else jwk.JWK.generate(kty="RSA", size=2048)
+    public = json.loads(private.export_public())
+    body = keybroker_jwe.wrap(b"the key", public)
+    assert jose.protected(json.loads(keybroker_jwe.unb64url(body["protected"]))) == body["protected"]
+    token = jwe.JWE()
+    token.deserialize(json.dumps(body), key=private)
+    assert token.payload == b"the key"
+    header = json.loads(base64.urlsafe_b64decode(body["protected"] + "=="))
+    assert header["alg"] == ("ECDH-ES+A256KW" if kty == "EC" else "RSA-OAEP-256")
 
 
 @pytest.mark.parametrize("crv", ["P-256", "P-384", "P-521"])
