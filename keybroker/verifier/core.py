@@ -73,7 +73,8 @@ class Context:
     """How to verify: trust anchors, the time, the expected binding, where to find certificates.
 
     ``nonce`` is the inblob the guest must have written (the provider derives REPORT_DATA
-    from it); ``report_data`` is an exact REPORT_DATA to expect. ``certs`` are extra
+    from it); ``report_data`` is an exact REPORT_DATA to expect; ``init_data`` the digest of
+    the init-data the guest presented, which its host must have bound at launch. ``certs`` are extra
     certificate folders and ``collateral`` a TDX collateral folder (operator collateral);
     with ``kds_url`` / ``pcs_url`` the SNP and TDX verifiers fetch what is missing through
     ``fetcher`` (share one per process: it remembers failures and bounds concurrency).
@@ -83,6 +84,7 @@ class Context:
     at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     nonce: bytes | None = None
     report_data: bytes | None = None
+    init_data: bytes | None = None
     certs: tuple[Path, ...] = ()
     collateral: Path | None = None
     kds_url: str | None = None
@@ -133,6 +135,17 @@ def check_freshness(observed: bytes, evidence: Evidence, context: Context, check
         return
     checks.require(observed == derive(nonce), name, f"{what} is {rule}",
                    f"{what} {observed.hex()[:32]}... is not {rule} (nonce {nonce.hex()[:32]}...)")
+
+
+def check_init_data(observed: bytes, context: Context, checks: Checks, *, what: str) -> None:
+    """The init-data binding, when the guest presented init-data: the field its host set at launch
+    (``observed``) holds the init-data digest, zero-padded or cut to the field's size as Trustee compares."""
+    if context.init_data is None:
+        return
+    expected = context.init_data[:len(observed)].ljust(len(observed), b"\0")
+    checks.require(observed == expected, "init_data", f"{what} is the init-data digest",
+                   f"{what} {observed.hex()[:32]}... is not the init-data digest {context.init_data.hex()[:32]}...: "
+                   "the guest was not launched with this init-data")
 
 
 #: A provider's verifier fills ``claims`` as soon as the evidence is parsed, then records

@@ -96,6 +96,15 @@ class Platform:
     pcesvn: int
 
 
+def _platform_fields(ca_name: str) -> bytes:
+    """PlatformInstanceID and Configuration: what a PCK from the Platform CA carries, and only it."""
+    if "Platform" not in ca_name:
+        return b""
+    config = b"".join(_pair(f"{SGX}.7.{i}", _der(0x01, b"\xff" if on else b"\0"))
+                      for i, on in ((1, False), (2, True), (3, False)))
+    return _pair(f"{SGX}.6", _der(0x04, bytes(range(16)))) + _pair(f"{SGX}.7", _der(0x30, config))
+
+
 def platform(*, ca_name: str = "Intel SGX PCK Platform CA", components=(4, 4, 2, 2, 4, 1, 0, 5) + (0,) * 8,
              pcesvn: int = 13, fmspc: bytes = bytes.fromhex("b0c06f000000")) -> Platform:
     keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(5)]
@@ -106,7 +115,7 @@ def platform(*, ca_name: str = "Intel SGX PCK Platform CA", components=(4, 4, 2,
     tcb += _pair(f"{SGX}.2.17", _int(pcesvn)) + _pair(f"{SGX}.2.18", _der(0x04, bytes(components)))
     sgx = _der(0x30, _pair(f"{SGX}.1", _der(0x04, bytes(16))) + _pair(f"{SGX}.2", _der(0x30, tcb))
                + _pair(f"{SGX}.3", _der(0x04, b"\0\0")) + _pair(f"{SGX}.4", _der(0x04, fmspc))
-               + _pair(f"{SGX}.5", _der(0x0A, b"\0")))
+               + _pair(f"{SGX}.5", _der(0x0A, b"\0")) + _platform_fields(ca_name))
     pck = _cert("Intel SGX PCK Certificate", ca_name, pck_key, ca_key, ca=False,
                 extensions=[x509.UnrecognizedExtension(x509.ObjectIdentifier(SGX), sgx)])
     signing = _cert("Intel SGX TCB Signing", "Intel SGX Root CA", signing_key, root_key, ca=False)

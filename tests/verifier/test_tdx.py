@@ -528,3 +528,27 @@ def test_a_debug_quoting_enclave_is_refused():
     raw[qe_at + 384:qe_at + 448] = tb.raw_sig(p.pck_key, signed)  # re-signed by the PCK: only the QE is wrong
     verdict = run(bytes(raw), trust=trusting(p), at=tb.AT)
     assert verdict.failures[0].name == "qe_pinned" and "debug mode" in verdict.failures[0].detail
+
+
+def test_platform_ca_pck_gives_platform_claims():
+    p = tb.platform()
+    verdict = run(tb.quote(p), trust=trusting(p))
+    assert verdict.ok, verdict.reason()
+    assert verdict.claims["tdx.platform_instance_id"] == bytes(range(16)).hex()
+    assert verdict.claims["tdx.platform.cached_keys"] is True
+    assert verdict.claims["tdx.platform.smt_enabled"] is False
+
+
+def test_platform_ca_pck_without_platform_fields_is_refused(monkeypatch):
+    monkeypatch.setattr(tb, "_platform_fields", lambda ca_name: b"")
+    p = tb.platform()
+    verdict = run(tb.quote(p), trust=trusting(p))
+    assert first_failure(verdict) == "format"
+    assert "no PlatformInstanceID or Configuration" in verdict.reason()
+
+
+def test_processor_ca_pck_has_no_platform_claims():
+    p = tb.platform(ca_name="Intel SGX PCK Processor CA")
+    verdict = run(tb.quote(p), trust=trusting(p))
+    assert verdict.ok, verdict.reason()
+    assert "tdx.platform_instance_id" not in verdict.claims

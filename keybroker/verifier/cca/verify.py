@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from ..core import Checks, Context, Evidence, check_freshness
+from ..core import Checks, Context, Evidence, check_freshness, check_init_data
 from ..trust import Cpak
 from .abi import COSE_ALGS, HASHES, PlatformClaims, Sign1, parse_token
 from .claims import claims
@@ -76,3 +76,4 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     # The driver zero-pads a 32-63 byte inblob to the 64-byte challenge.
     check_freshness(r.challenge, evidence, context, checks, what="the realm challenge",
                     derive=lambda nonce: nonce.ljust(64, b"\0"), rule="the nonce (inblob) zero-padded to 64 bytes")
+    check_init_data(r.personalization, context, checks, what="the realm personalization value")

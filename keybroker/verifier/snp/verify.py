@@ -31,7 +31,7 @@ from ..certs import (
     valid_at,
     validity,
 )
-from ..core import Checks, Context, Evidence, check_freshness
+from ..core import Checks, Context, Evidence, check_freshness, check_init_data
 from ..trust import TrustStore
 from .abi import (
     PRODUCTS,
@@ -110,6 +110,7 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
                         rule="SHA-512(nonce || manifest)", name="svsm_manifest_binding")
     else:
         check_freshness(report.report_data, evidence, context, checks, what="REPORT_DATA")
+    check_init_data(report.host_data, context, checks, what="HOST_DATA")
 
     kind = {0: "vcek", 1: "vlek"}.get(report.signing_key)
     if kind is None:

@@ -47,5 +47,10 @@ def claims(quote: Quote) -> dict[str, Any]:
 
 
 def pck_claims(info: PckInfo, chain: PckChain) -> dict[str, Any]:
-    return {"tdx.fmspc": info.fmspc.hex(), "tdx.pce_id": info.pce_id.hex(), "tdx.pcesvn": info.pcesvn,
-            "tdx.pck_ca": chain.ca_kind or common_name(chain.ca.subject)}
+    c: dict[str, Any] = {"tdx.fmspc": info.fmspc.hex(), "tdx.pce_id": info.pce_id.hex(), "tdx.pcesvn": info.pcesvn,
+                         "tdx.pck_ca": chain.ca_kind or common_name(chain.ca.subject)}
+    if info.platform_instance_id is not None:
+        c["tdx.platform_instance_id"] = info.platform_instance_id.hex()
+    for name, on in (info.configuration or {}).items():
+        c[f"tdx.platform.{name}"] = on
+    return c

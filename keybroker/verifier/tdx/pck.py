@@ -3,8 +3,10 @@
 The PCK leaf (CN "Intel SGX PCK Certificate") carries the SGX extension, OID
 1.2.840.113741.1.13.1, a SEQUENCE of {OID, value}: ``.1`` PPID, ``.2`` TCB (``.2.1``-``.2.16``
 the SGX TCB component SVNs, ``.2.17`` PCESVN, ``.2.18`` CPUSVN), ``.3`` PCE-ID, ``.4`` FMSPC,
-``.5`` SGX type (tdx.md section 6). Its issuer is "Intel SGX PCK Platform CA" or "Intel SGX
-PCK Processor CA", whose issuer is the Intel SGX Root CA.
+``.5`` SGX type, and on certificates of the Platform CA ``.6`` PlatformInstanceID and ``.7``
+Configuration (``.7.1`` dynamicPlatform, ``.7.2`` cachedKeys, ``.7.3`` SMTEnabled) (tdx.md
+section 6). Its issuer is "Intel SGX PCK Platform CA" or "Intel SGX PCK Processor CA", whose
+issuer is the Intel SGX Root CA.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class PckInfo:
     cpusvn: bytes
     tcb_components: tuple[int, ...]  # the 16 SGX TCB component SVNs
     sgx_type: int | None
+    platform_instance_id: bytes | None = None  # Platform CA certificates only
+    configuration: dict[str, bool] | None = None  # dynamic_platform, cached_keys, smt_enabled
 
 
 def pck_info(leaf: x509.Certificate) -> PckInfo:
@@ -65,7 +69,25 @@ def pck_info(leaf: x509.Certificate) -> PckInfo:
         if type_tag != 0x0A or len(type_content) != 1:
             raise EvidenceError("the PCK certificate's SGX type is not a one-byte ENUMERATED")
         sgx_type = type_content[0]
-    return PckInfo(fmspc, pce_id, pcesvn, cpusvn, components, sgx_type)
+    instance = _octets(fields["6"], 16, "PlatformInstanceID") if "6" in fields else None
+    return PckInfo(fmspc, pce_id, pcesvn, cpusvn, components, sgx_type, instance,
+                   _configuration(fields["7"]) if "7" in fields else None)
+
+
+_CONFIGURATION = {"1": "dynamic_platform", "2": "cached_keys", "3": "smt_enabled"}
+
+
+def _configuration(value: tuple[int, bytes]) -> dict[str, bool]:
+    tag, content = value
+    if tag != 0x30:
+        raise EvidenceError("the PCK certificate's Configuration is not a SEQUENCE")
+    out = {}
+    for suffix, (flag_tag, flag) in _oid_values(content, f"{SGX_OID}.7").items():
+        if suffix in _CONFIGURATION:
+            if flag_tag != 0x01 or len(flag) != 1:
+                raise EvidenceError(f"the PCK certificate's Configuration .{suffix} is not a BOOLEAN")
+            out[_CONFIGURATION[suffix]] = flag != b"\x00"
+    return out
 
 
 def _oid_values(content: bytes, prefix: str) -> dict[str, tuple[int, bytes]]:

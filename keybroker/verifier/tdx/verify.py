@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ...errors import EvidenceError
 from ..certs import common_name, fingerprint, is_ec_key, load_cert_dir, signed_by, valid_at, validity
-from ..core import Checks, Context, Evidence, check_freshness
+from ..core import Checks, Context, Evidence, check_freshness, check_init_data
 from ..trust import INTEL_TD_QE_ISVPRODID, INTEL_TD_QE_MRSIGNER
 from . import tcb
 from .abi import BODY_SIZES, BODY_TD15, Quote, parse_quote
@@ -56,6 +56,9 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     anchors = context.trust.anchors() + [c for folder in context.certs for c in load_cert_dir(folder)]
     chain = pck_chain(list(quote.certs), anchors, context.trust.is_trusted)
     info = pck_info(chain.leaf)
+    if chain.ca_kind == "platform" and (info.platform_instance_id is None or info.configuration is None):
+        raise EvidenceError("the PCK certificate is the Platform CA's but has no PlatformInstanceID or "
+                            "Configuration, which every Platform-CA PCK certificate carries")
     claims_out.update(pck_claims(info, chain))
     trailing = f", {quote.trailing} unsigned trailing bytes ignored" if quote.trailing else ""
     checks.passed("format", f"quote v{quote.version}, TDX {'1.5' if quote.body_type == BODY_TD15 else '1.0'} "
@@ -80,6 +83,7 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
                    "QE REPORTDATA is not SHA-256(attestation key || QE auth data) || 0^32: the attestation key "
                    "or the QE authentication data is not the one the quoting enclave reported")
     check_freshness(quote.body.report_data, evidence, context, checks, what="REPORTDATA")
+    check_init_data(quote.body.mrconfigid, context, checks, what="MRCONFIGID")
     _appraise_tcb(quote, chain, info, context, checks, claims_out)
 
 
