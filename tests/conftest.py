@@ -30,12 +30,15 @@ def sim_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tsm_sim(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., Path]]:
     """Factory: ``tsm_sim("sev_guest", "slow=2", svsm=False)`` mounts an emulator for this test.
 
-    ``state=DIR`` runs it on another simulated platform than the session's.
+    ``state=DIR`` runs it on another simulated platform than the session's; ``init_data=FILE``
+    launches the guest with that init-data.
     """
     stack: list = []
 
-    def start(provider: str, *faults: str, svsm: bool = False, state: Path | None = None) -> Path:
-        cm = run_tsm_sim(tmp_path / f"m{len(stack)}", state or sim_state, provider, *faults, svsm=svsm)
+    def start(provider: str, *faults: str, svsm: bool = False, state: Path | None = None,
+              init_data: Path | None = None) -> Path:
+        cm = run_tsm_sim(tmp_path / f"m{len(stack)}", state or sim_state, provider, *faults, svsm=svsm,
+                         init_data=init_data)
         root = cm.__enter__()
         stack.append(cm)
         return root

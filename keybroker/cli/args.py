@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..verifier import Context  # imported by the function too: only commands that verify load it
+    from ..verifier import Context, Evidence  # imported by the functions too: only commands that verify load it
+
+EVIDENCE_FILE_MAX = 16 * 1024 * 1024
 
 
 def hex_bytes(text: str) -> bytes:
@@ -62,6 +64,9 @@ def add_evidence_options(p: argparse.ArgumentParser) -> None:
                                      "(e.g. https://kdsintf.amd.com); default: no fetching")
     p.add_argument("--pcs-url", help="Intel PCS/PCCS base URL to fetch TDX collateral from; default: no fetching")
     p.add_argument("--cache-dir", type=Path, help="cache for fetched certificates and collateral")
+    p.add_argument("--init-data", type=Path, metavar="FILE",
+                   help="the guest's init-data (TOML): check that the host bound its digest at launch "
+                        "(SEV-SNP HOST_DATA, TDX MRCONFIGID, CCA personalization value)")
 
 
 def verification_context(args: argparse.Namespace, report_data: bytes | None = None) -> Context:
@@ -71,6 +76,41 @@ def verification_context(args: argparse.Namespace, report_data: bytes | None = N
     trust = TrustStore.default().with_dirs(args.trust_roots)
     if args.trust_cpak:
         trust = trust.with_cpak_file(args.trust_cpak)
-    return Context(trust=trust, at=args.at or dt.datetime.now(dt.UTC), report_data=report_data,
+    init_data = None
+    if args.init_data:
+        from ..wire import initdata
+
+        init_data = initdata.parse(args.init_data.read_text()).digest
+    return Context(trust=trust, at=args.at or dt.datetime.now(dt.UTC), report_data=report_data, init_data=init_data,
                    certs=tuple(args.certs), collateral=args.collateral, kds_url=args.kds_url, pcs_url=args.pcs_url,
                    fetcher=Fetcher(args.cache_dir))
+
+
+def load_evidence(path: Path, provider: str | None = None) -> Evidence:
+    """Evidence from a file: an envelope, Trustee's evidence form (JSON), or a raw report, quote or token."""
+    from ..errors import EvidenceError
+    from ..verifier import Evidence, guess_provider
+    from ..wire import envelope, parse_json, trustee
+
+    with open(path, "rb") as file:
+        data = file.read(EVIDENCE_FILE_MAX + 1)
+    if len(data) > EVIDENCE_FILE_MAX:
+        raise EvidenceError(f"{path} is larger than {EVIDENCE_FILE_MAX} bytes: not evidence")
+    if data[:1] == b"{":
+        try:
+            obj = parse_json(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EvidenceError(f"{path} is not valid JSON: {exc}") from None
+        tee = trustee.tee_of(obj)
+        if tee is None:
+            evidence = Evidence.from_report(envelope.from_json(obj))
+        else:
+            blobs = trustee.from_json(tee, obj)
+            evidence = Evidence(blobs.provider, blobs.outblob, blobs.auxblob)
+        if provider and provider != evidence.provider:
+            raise EvidenceError(f"{path} is evidence from {evidence.provider}, not {provider}")
+        return evidence
+    guessed = provider or guess_provider(data)
+    if guessed is None:
+        raise EvidenceError(f"cannot tell the provider of the raw blob in {path}; give --provider")
+    return Evidence(guessed, data)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .args import add_evidence_options, audit_head, listen, verification_context
+from .args import add_evidence_options, audit_head, listen, load_evidence, verification_context
 from .show import check_lines
 
 
@@ -197,12 +197,11 @@ def _policy_from_evidence(args: argparse.Namespace) -> int:
     import datetime as dt
 
     from ..server.policy import from_appraisals
-    from ..verifier import Evidence, verify
-    from ..wire import envelope
+    from ..verifier import verify
 
     appraisals = []
     for path in args.evidence:
-        verdict = verify(Evidence.from_report(envelope.loads(path.read_bytes())), verification_context(args))
+        verdict = verify(load_evidence(path), verification_context(args))
         if not verdict.ok:
             raise SystemExit(f"keybroker policy from-evidence: {path} does not verify ({verdict.reason()}); "
                              "a policy must not pin what no genuine TEE vouched for")
@@ -221,13 +220,11 @@ def _policy_check(args: argparse.Namespace) -> int:
     import json
 
     from ..server.policy import Policy
-    from ..verifier import Evidence, verify
-    from ..wire import envelope
+    from ..verifier import verify
 
     policy = Policy.loads(args.policy.read_bytes())
     _warn_unpinned(policy)
-    evidence = Evidence.from_report(envelope.loads(args.evidence.read_bytes()))
-    verdict = verify(evidence, verification_context(args))
+    verdict = verify(load_evidence(args.evidence), verification_context(args))
     print("evidence (the binding to a session's nonce is the server's to check):")
     print("\n".join(check_lines(verdict, "  ")))
     if not verdict.ok:
@@ -249,12 +246,13 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     check = actions.add_parser("check", help="verify EVIDENCE and explain POLICY's decision for a resource")
     check.add_argument("policy", type=Path, metavar="POLICY")
-    check.add_argument("evidence", type=Path, metavar="EVIDENCE", help="an evidence envelope (keybroker evidence)")
+    check.add_argument("evidence", type=Path, metavar="EVIDENCE",
+                       help="an evidence envelope (keybroker evidence) or Trustee's evidence form")
     check.add_argument("--resource", required=True, metavar="REPO/TYPE/TAG", help="the resource asked for")
     add_evidence_options(check)
     check.add_argument("--claims", action="store_true", help="print the appraised claims")
     start = actions.add_parser("from-evidence", help="print a starting policy that pins the image of verified guests",
-                               description="Verify each EVIDENCE envelope (keybroker evidence) and print a policy "
+                               description="Verify each EVIDENCE (an envelope or Trustee's form) and print a policy "
                                            "that releases RESOURCES to guests running the same image: SEV-SNP "
                                            "MEASUREMENT and HOST_DATA, TDX MRTD, MRCONFIGID and RTMR0-2, CCA RIM; "
                                            "SNP guests at VMPL0 without a migration agent, TDX TCBs not out of date.")

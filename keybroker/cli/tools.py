@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import EvidenceError
 from ..verifier.core import PROVIDERS
-from .args import add_evidence_options, hex_bytes, verification_context
+from .args import add_evidence_options, hex_bytes, load_evidence, verification_context
 from .show import check_lines, claim_lines, verdict_json
 
 DEFAULT_SIM_STATE = Path("/var/lib/keybroker/tsm-sim")
@@ -15,11 +16,14 @@ DEFAULT_SIM_STATE = Path("/var/lib/keybroker/tsm-sim")
 
 def _tsm_sim(args: argparse.Namespace) -> int:
     from ..sim import fs, providers, roots
+    from ..wire import initdata
 
     try:
         faults = providers.Faults.parse(args.fault)
-        provider = providers.make_provider(args.provider, roots.SimState(args.state), faults, svsm=args.svsm)
-    except ValueError as exc:
+        digest = initdata.parse(args.init_data.read_text()).digest if args.init_data else None
+        provider = providers.make_provider(args.provider, roots.SimState(args.state), faults, svsm=args.svsm,
+                                           launch_digest=digest)
+    except (ValueError, EvidenceError) as exc:
         print(f"keybroker tsm-sim: {exc}", file=sys.stderr)
         return 2
     print(f"keybroker tsm-sim: {args.provider} at {args.mountpoint}/tsm/report "
@@ -38,6 +42,9 @@ def _add_tsm_sim(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--svsm", action="store_true", help="SEV-SNP guest under an SVSM (service attestation)")
     p.add_argument("--state", type=Path, default=DEFAULT_SIM_STATE,
                    help=f"simulated roots and platform identity (default {DEFAULT_SIM_STATE})")
+    p.add_argument("--init-data", type=Path, metavar="FILE",
+                   help="launch the guest with this init-data (TOML), as a Confidential Containers host does: "
+                        "its digest in HOST_DATA, MRCONFIGID or the realm personalization value")
     p.add_argument("--fault", action="append", default=[], metavar="NAME",
                    help="inject a provider failure when a report is generated: eio, ebusy, etimedout, "
                         "enxio, empty-outblob, corrupt-signature, debug, slow=SECONDS (repeatable)")
@@ -45,19 +52,9 @@ def _add_tsm_sim(sub: argparse._SubParsersAction) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from ..verifier import Evidence, guess_provider, verify
-    from ..wire import envelope
+    from ..verifier import verify
 
-    data = args.file.read_bytes()
-    if data[:1] == b"{":
-        evidence = Evidence.from_report(envelope.loads(data))
-        if args.provider and args.provider != evidence.provider:
-            raise SystemExit(f"keybroker verify: the envelope is from {evidence.provider}, not {args.provider}")
-    else:
-        provider = args.provider or guess_provider(data)
-        if provider is None:
-            raise SystemExit("keybroker verify: cannot tell the provider of a raw blob; give --provider")
-        evidence = Evidence(provider, data)
+    evidence = load_evidence(args.file, args.provider)
     verdict = verify(evidence, verification_context(args, args.report_data))
     if args.json:
         print(verdict_json(verdict))
@@ -72,9 +69,10 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="verify evidence offline and print each check and the claims",
-                       description="Verify an evidence envelope or a raw SEV-SNP report, TDX quote or CCA token. "
+                       description="Verify an evidence envelope, Trustee's evidence form (what guest-components "
+                                   "sends), or a raw SEV-SNP report, TDX quote or CCA token. "
                                    "Exit status 0 only when every check that ran passed.")
-    p.add_argument("file", type=Path, help="an envelope (JSON) or a raw report, quote or token")
+    p.add_argument("file", type=Path, help="an envelope or Trustee evidence (JSON), or a raw report, quote or token")
     p.add_argument("--provider", choices=PROVIDERS,
                    help="the provider of a raw blob (guessed when unambiguous)")
     add_evidence_options(p)

@@ -2,7 +2,9 @@
 
 One round: get a challenge, make an ephemeral EC P-256 key, let the caller produce
 evidence whose inblob binds the nonce and that key, attest, fetch the resource, and
-decrypt the JWE with the ephemeral key. Every HTTP call has an explicit timeout bounded
+decrypt the JWE with the ephemeral key. The evidence goes as keybroker's envelope to a
+server whose challenge says it reads it, and in Trustee's per-TEE form to any other (a
+Trustee KBS): no configuration tells the two apart. Every HTTP call has an explicit timeout bounded
 by the caller's deadline; unreachable servers and 5xx answers are retried a bounded
 number of times while the deadline allows.
 """
@@ -20,10 +22,10 @@ from typing import Any
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..errors import ProtocolError, ReleaseRefused, ResourceMissing, ServerError, ServerUnreachable
-from ..wire import jwe, parse_json
+from ..errors import EvidenceError, ProtocolError, ReleaseRefused, ResourceMissing, ServerError, ServerUnreachable
+from ..wire import envelope, jwe, parse_json, trustee
 from ..wire import rcar as p
-from ..wire.envelope import TsmReport, to_json
+from ..wire.envelope import TsmReport
 from .retry import Backoff, retry
 
 REQUEST_TIMEOUT = 10.0  # seconds per HTTP request, at most
@@ -64,7 +66,7 @@ class RcarClient:
             key = ec.generate_private_key(ec.SECP256R1())  # ephemeral: lives for this round only
             tee_pubkey = {"alg": p.KEY_ALGORITHM, **jwe.public_jwk(key.public_key())}
             report = evidence(p.report_data(challenge.nonce, tee_pubkey))
-            attestation = p.Attestation(challenge.nonce, tee_pubkey, to_json(report))
+            attestation = p.Attestation(challenge.nonce, tee_pubkey, _primary_evidence(report, challenge))
             self._call(http, "POST", "/attest", attestation.to_json())
 
             response = self._call(http, "GET", f"/resource/{resource}", None, raw=True)
@@ -108,6 +110,19 @@ class RcarClient:
             return parse_json(response.content)
         except ValueError:
             raise ProtocolError(f"{method} {path}: response is not JSON") from None
+
+
+def _primary_evidence(report: TsmReport, challenge: p.Challenge) -> Any:
+    """The envelope for a server that said it reads it (keybroker's); Trustee's form for any other."""
+    if challenge.envelope:
+        return envelope.to_json(report)
+    if report.manifestblob:
+        raise ProtocolError("the key server reads Trustee's evidence forms, which cannot carry the SVSM "
+                            "manifest this guest is configured to attest (tsm.service_provider)")
+    try:
+        return trustee.to_json(report.provider, report.outblob, report.auxblob)
+    except EvidenceError as exc:
+        raise ProtocolError(f"the evidence cannot be sent in Trustee's form: {exc}") from None
 
 
 #: The problems that are the key server's judgement, not a failure.

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import DescriptionError, EnvelopeError, ProtocolError, SealError
+from ..errors import DescriptionError, EnvelopeError, EvidenceError, ProtocolError, SealError
 from ..verifier import Context, Evidence, Fetcher, TrustStore, verify
-from ..wire import envelope, jwe
+from ..verifier.devices import appraise as appraise_devices
+from ..wire import envelope, initdata, jwe, trustee
 from ..wire import rcar as p
 from ..wire.resource import ResourcePath
 from .audit import ALLOW, ATTEST, DENY, RELEASE, Event
@@ -62,6 +63,23 @@ class ResourceAnswer:
     audit: str  # the hash of the release's audit record
 
 
+def evidence_form(primary: Any) -> str:
+    """``envelope`` for keybroker's envelope (it has a ``provider``), else ``trustee`` (Trustee's per-TEE form)."""
+    return "envelope" if isinstance(primary, dict) and "provider" in primary else "trustee"
+
+
+def _evidence(tee: str, primary: Any) -> Evidence:
+    """The primary evidence, read in its form."""
+    if evidence_form(primary) == "envelope":
+        report = envelope.from_json(primary)
+        if report.provider != p.PROVIDER_BY_TEE[tee]:
+            raise EvidenceError(f"the envelope is from provider {report.provider}, not {p.PROVIDER_BY_TEE[tee]} "
+                                f"(tee {tee})")
+        return Evidence.from_report(report)
+    blobs = trustee.from_json(tee, primary)
+    return Evidence(blobs.provider, blobs.outblob, blobs.auxblob)
+
+
 def session_ref(session_id: str | None) -> str:
     """How the audit log names a session: a digest, never the cookie itself."""
     return hashlib.sha256(session_id.encode(errors="replace")).hexdigest()[:16] if session_id else ""
@@ -88,16 +106,16 @@ class KeyServer:
             request = p.AuthRequest.from_json(body)
         except ProtocolError as exc:
             raise Problem(p.BAD_REQUEST, str(exc)) from None
-        if request.version != p.VERSION:
+        if not p.version_accepted(request.version):
             raise Problem(p.PROTOCOL_VERSION, f"KBS protocol version mismatch: expected ={p.VERSION}, "
-                                              f"the request is {request.version[:32]}")
+                                              f"the request is {request.version[:32]!r}")
         if request.tee not in p.PROVIDER_BY_TEE:
             raise Problem(p.BAD_REQUEST, f"tee {request.tee[:32]!r} is not supported "
                                          f"(supported: {', '.join(p.PROVIDER_BY_TEE)})")
         session_id = uuid.uuid4().hex
         nonce = base64.b64encode(secrets.token_bytes(32)).decode()
         self.store.create_session(session_id, request.tee, nonce, SESSION_LIFETIME)
-        return session_id, p.Challenge(nonce).to_json()
+        return session_id, p.Challenge(nonce, envelope=request.envelope).to_json()
 
     # -- POST /kbs/v0/attest -------------------------------------------------------------
 
@@ -125,30 +143,36 @@ class KeyServer:
         self.store.audit(replace(event, decision=ALLOW, reason="evidence verified and bound to the session",
                                  measurement=str(claims.get("measurement", ""))))
         self.metrics.attestation(session.tee, True)
-        log.info("attest peer=%s session=%s tee=%s result=verified measurement=%s", peer, event.session,
-                 session.tee, claims.get("measurement", "?"))
+        log.info("attest peer=%s session=%s tee=%s form=%s result=verified measurement=%s", peer, event.session,
+                 session.tee, evidence_form(attestation.primary_evidence), claims.get("measurement", "?"))
         return {"token": self.tokens.issue(session.tee, attestation.tee_pubkey, claims, event.session,
                                            session.expires)}
 
     def _appraise(self, tee: str, attestation: p.Attestation) -> dict[str, Any]:
+        """Verify the evidence and its binding to the session; its claims, with init-data's and devices'."""
         try:
-            report = envelope.from_json(attestation.primary_evidence)
-        except EnvelopeError as exc:
-            raise Problem(p.BAD_REQUEST, f"primary evidence: {exc}") from None
-        if report.provider != p.PROVIDER_BY_TEE[tee]:
-            raise Problem(p.BAD_REQUEST, f"evidence from provider {report.provider} does not match tee {tee}")
-        expected = p.report_data(attestation.nonce, attestation.tee_pubkey)
-        if report.inblob != expected:
+            evidence = _evidence(tee, attestation.primary_evidence)
+            devices = trustee.device_evidence(attestation.additional_evidence)
+            init_data = initdata.from_json(attestation.init_data) if attestation.init_data is not None else None
+        except (EnvelopeError, EvidenceError) as exc:
+            raise Problem(p.ATTESTATION_DENIED, f"evidence: {exc}", "evidence_format") from None
+        expected = p.report_data(attestation.nonce, attestation.tee_pubkey, attestation.additional_evidence)
+        if evidence.inblob is not None and evidence.inblob != expected:
             raise Problem(p.ATTESTATION_DENIED, "binding: the evidence's inblob is not SHA-384 of this "
-                                                "session's nonce and tee-pubkey", "binding")
-        context = Context(self.trust, at=dt.datetime.now(dt.UTC), nonce=expected, certs=self.certs,
+                                                "session's nonce, tee-pubkey and device evidence", "binding")
+        context = Context(self.trust, at=dt.datetime.now(dt.UTC), nonce=expected,
+                          init_data=init_data.digest if init_data else None, certs=self.certs,
                           kds_url=self.kds_url, fetcher=self.fetcher, pcs_url=self.pcs_url,
                           collateral=self.collateral)
-        verdict = verify(Evidence.from_report(report), context)
+        verdict = verify(evidence, context)
         if not verdict.ok:
             failed = verdict.failures[0].name if verdict.failures else "no_check"
             raise Problem(p.ATTESTATION_DENIED, f"evidence did not verify: {verdict.reason()}", f"evidence_{failed}")
-        return verdict.claims
+        try:
+            device_claims = appraise_devices(devices, p.device_report_data(attestation.nonce, attestation.tee_pubkey))
+        except EvidenceError as exc:
+            raise Problem(p.ATTESTATION_DENIED, f"device evidence: {exc}", "device_evidence") from None
+        return verdict.claims | device_claims | (init_data.claims() if init_data else {})
 
     # -- GET /kbs/v0/resource/<repo>/<type>/<tag> ----------------------------------------
 

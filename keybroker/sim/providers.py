@@ -14,6 +14,7 @@ fail (``Fault``) the way real hosts fail.
 
 from __future__ import annotations
 
+import dataclasses
 import errno as E
 import hashlib
 import struct
@@ -205,15 +206,31 @@ class ArmCcaGuest(_Base):
                                corrupt=self.faults.corrupt_signature))
 
 
-def make_provider(name: str, state: SimState, faults: Faults, *, svsm: bool = False) -> Provider:
+def make_provider(name: str, state: SimState, faults: Faults, *, svsm: bool = False,
+                  launch_digest: bytes | None = None) -> Provider:
+    """The emulated provider; ``launch_digest`` is what the host bound at launch (an init-data
+    digest): HOST_DATA, MRCONFIGID or the realm personalization value, zero-padded or cut to size."""
+    def fit(size: int) -> str:
+        assert launch_digest is not None
+        return launch_digest[:size].ljust(size, b"\0").hex()
+
     if name == "sev_guest":
-        return SevGuest(faults, state.snp(), svsm=svsm)
+        snp = state.snp()
+        if launch_digest is not None:
+            snp = dataclasses.replace(snp, host_data=bytes.fromhex(fit(32)))
+        return SevGuest(faults, snp, svsm=svsm)
     if svsm:
         raise ValueError("--svsm applies to the sev_guest provider only")
     if name == "tdx_guest":
-        return TdxGuest(faults, state.tdx())
+        tdx = state.tdx()
+        if launch_digest is not None:
+            tdx = dataclasses.replace(tdx, values=tdx.values | {"mrconfigid": fit(48)})
+        return TdxGuest(faults, tdx)
     if name == "arm_cca_guest":
-        return ArmCcaGuest(faults, state.cca())
+        cca = state.cca()
+        if launch_digest is not None:
+            cca = dataclasses.replace(cca, values=cca.values | {"personalization": fit(64)})
+        return ArmCcaGuest(faults, cca)
     raise ValueError(f"unknown provider {name!r}")
 
 

@@ -221,7 +221,7 @@ class SimState:
                   .sign(root_key, hashes.SHA256()))
         values: dict[str, Any] = {"fmspc": "00906ed50000", "pce_id": "0000", "pcesvn": 13,
                   "cpusvn": bytes([3, 3, 2, 2, 255, 255, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]).hex(),
-                  "ppid": secrets.token_hex(16),
+                  "ppid": secrets.token_hex(16), "platform_instance_id": secrets.token_hex(16),
                   "tee_tcb_svn": bytes([3, 1, 2] + [0] * 13).hex(),
                   "mrseam": secrets.token_hex(48), "mrsignerseam": "00" * 48,
                   "tdattributes": (1 << 28).to_bytes(8, "little").hex(),  # SEPT_VE_DISABLE
@@ -242,7 +242,12 @@ class SimState:
             _der_seq(_der_oid(f"{_SGX_OID}.2"), _der_seq(*tcb)),
             _der_seq(_der_oid(f"{_SGX_OID}.3"), _der(0x04, bytes.fromhex(values["pce_id"]))),
             _der_seq(_der_oid(f"{_SGX_OID}.4"), _der(0x04, bytes.fromhex(values["fmspc"]))),
-            _der_seq(_der_oid(f"{_SGX_OID}.5"), _der(0x0A, b"\x00")),
+            _der_seq(_der_oid(f"{_SGX_OID}.5"), _der(0x0A, b"\x01")),  # SGX type: Scalable
+            # What a PCK from the Platform CA carries besides (Trustee requires both):
+            _der_seq(_der_oid(f"{_SGX_OID}.6"), _der(0x04, bytes.fromhex(values["platform_instance_id"]))),
+            _der_seq(_der_oid(f"{_SGX_OID}.7"), _der_seq(
+                *(_der_seq(_der_oid(f"{_SGX_OID}.7.{i}"), _der(0x01, b"\xff" if on else b"\x00"))
+                  for i, on in ((1, True), (2, False), (3, True))))),  # dynamicPlatform, cachedKeys, SMTEnabled
         )
         pck = (_builder(_name([(NameOID.COMMON_NAME, "Intel SGX PCK Certificate")] + intel), ca_name,
                         pck_key.public_key(), secrets.randbits(120) + 1, years=7)

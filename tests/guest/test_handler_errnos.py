@@ -24,8 +24,8 @@ GUIDE = REPO / "docs" / "guest.md"
 
 #: One or more failures of each kind the table names, by the row's first cell.
 CASES = {
-    "attestation or policy denied": [ReleaseRefused("denied", status=403, problem=p.ATTESTATION_DENIED),
-                                     ReleaseRefused("denied", status=403, problem=p.POLICY_DENIED)],
+    "attestation or policy denied": [ReleaseRefused("denied", status=401, problem=p.ATTESTATION_DENIED),
+                                     ReleaseRefused("denied", status=401, problem=p.POLICY_DENIED)],
     "unknown resource, description or callout outside the grammar": [
         ResourceMissing("absent", status=404, problem=p.RESOURCE_NOT_FOUND), DescriptionError("bad")],
     "requester not allowed by `[[access]]`": [AccessDenied("no")],

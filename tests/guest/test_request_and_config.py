@@ -17,6 +17,8 @@ def test_valid_requests():
         KeyRequest("user", ResourcePath("default", "disk", "root"))
     request = parse_request("logon", "keybroker:r/t/tag-1.2_x", "privlevel=2")
     assert request.privlevel == 2 and request.description == "keybroker:r/t/tag-1.2_x"
+    # Trustee's resource grammar: a segment may start with '-' or '_', and be long
+    assert parse_request("user", "keybroker:-r/_t/" + "x" * 200, b"").resource.tag == "x" * 200
 
 
 @pytest.mark.parametrize("key_type, description, callout, message", [
@@ -24,9 +26,10 @@ def test_valid_requests():
     ("user", "other:a/b/c", "", "does not start with 'keybroker:'"),
     ("user", "keybroker:a/b", "", "must be <repo>/<type>/<tag>"),
     ("user", "keybroker:a/b/c/d", "", "must be <repo>/<type>/<tag>"),
-    ("user", "keybroker:a/../c", "", "not starting with '.' or '-'"),
+    ("user", "keybroker:a/../c", "", "not starting with '.'"),
+    ("user", "keybroker:a/.x/c", "", "not starting with '.'"),
     ("user", "keybroker:a/b c/d", "", "resource segment 'b c'"),
-    ("user", "keybroker:a/b/" + "x" * 65, "", "1-64 characters"),
+    ("user", "keybroker:a/b/" + "x" * 252, "", "longer than 255 characters"),
     ("user", "keybroker:a/b/c", "privlevel=4", "privlevel=4 must be 0, 1, 2 or 3"),
     ("user", "keybroker:a/b/c", "privlevel=1 privlevel=2", "given twice"),
     ("user", "keybroker:a/b/c", "vmpl=0", "unknown callout option 'vmpl'"),

@@ -18,15 +18,9 @@ import pytest
 
 from keybroker.errors import KeyringError
 from keybroker.guest import keyring
+from support.keyctl import keyctl_session
 
 SECRET = hashlib.sha256(b"disk key").digest()
-
-
-def keyctl_session(script: str, *, user: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
-    cmd = ["keyctl", "session", "-", "sh", "-c", script]
-    if user:
-        cmd = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -49,6 +43,7 @@ def test_user_key_is_released_into_the_keyring(broker, syslog):
     perms = describe.group(1)
     assert perms == "-ls-rv" + "-" * 18  # possessor only, without setattr or write; nothing for anyone else
     assert "released" in broker.log()
+    assert "form=envelope result=verified" in broker.log()  # keybroker's client and server: the envelope
     line = next(entry for entry in syslog if "keybroker:default/disk/root" in entry)
     assert "outcome=instantiated size=32" in line and "requester=0:0" in line
     assert SECRET.hex() not in "".join(syslog)

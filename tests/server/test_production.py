@@ -42,7 +42,7 @@ def test_denial_names_its_reason_in_the_response_and_the_audit_log(tsm_sim, kbs,
     guest = attest(root, server.url)
 
     denied = guest.fetch(server.url, "default/disk/root")
-    assert denied.status_code == 403 and denied.json()["type"] == "urn:keybroker:error:PolicyDenied"
+    assert denied.status_code == 401 and denied.json()["type"] == "urn:keybroker:error:PolicyDenied"
     detail = denied.json()["detail"]
     assert "policy version 1" in detail and "rule 0 (default/disk/*): claim measurement is" in detail
     assert f'not one of ["{"ab" * 48}"]' in detail
@@ -72,7 +72,7 @@ def test_refusals_of_sessions_are_audited_and_of_strangers_counted(tsm_sim, kbs)
     server.put("default/key/a", SECRET)
     http, nonce = challenge(server.url)
     _, body = attestation(root, nonce)
-    assert http.post(f"{server.url}/kbs/v0/attest", json=body).status_code == 403  # a session spent its nonce
+    assert http.post(f"{server.url}/kbs/v0/attest", json=body).status_code == 401  # a session spent its nonce
     replay = http.post(f"{server.url}/kbs/v0/attest", json=body)  # a spent nonce proves nothing
     assert replay.status_code == 401
     anonymous = requests.get(f"{server.url}/kbs/v0/resource/default/key/a")
@@ -86,7 +86,7 @@ def test_refusals_of_sessions_are_audited_and_of_strangers_counted(tsm_sim, kbs)
     trusting = kbs(policy={"version": 1, "rules": [{"resources": ["other/*"]}]})
     trusting.put("default/key/a", SECRET)
     guest = attest(root, trusting.url)
-    assert guest.fetch(trusting.url, "default/key/a").status_code == 403  # an attested session, refused
+    assert guest.fetch(trusting.url, "default/key/a").status_code == 401  # an attested session, refused
     release = [r for r in audit_records(trusting.db) if r["event"] == "release"]
     assert [(r["decision"], r["resource"], r["session"]) for r in release] == [
         ("deny", "default/key/a", guest.session_ref)] and "no policy rule covers" in release[0]["reason"]
@@ -295,12 +295,12 @@ def test_metrics_health_and_readiness(tsm_sim, kbs, tmp_path):
     guest = attest(root, server.url)
     assert guest.fetch(server.url, "default/key/a").status_code == 200
     assert guest.fetch(server.url, "default/key/a", bearer=True).status_code == 200
-    assert guest.fetch(server.url, "default/disk/root").status_code == 403
+    assert guest.fetch(server.url, "default/disk/root").status_code == 401
     assert requests.get(f"{server.url}/kbs/v0/resource/default/key/a").status_code == 401
     http, nonce = challenge(server.url)
     _, body = attestation(root, "c29tZSBvdGhlciBub25jZQ==")
     body["runtime-data"]["nonce"] = nonce
-    assert http.post(f"{server.url}/kbs/v0/attest", json=body).status_code == 403
+    assert http.post(f"{server.url}/kbs/v0/attest", json=body).status_code == 401
 
     assert requests.get(f"{server.url}/healthz").json() == {"status": "ok"}
     assert requests.get(f"{server.url}/readyz").json() == {"status": "ready"}
@@ -314,7 +314,7 @@ def test_metrics_health_and_readiness(tsm_sim, kbs, tmp_path):
     assert metric(text, "keybroker_denials_total", reason="not_attested") == 1
     assert metric(text, "keybroker_denials_total", reason="binding") == 1
     assert metric(text, "keybroker_http_requests_total", route="resource", status="200") == 2
-    assert metric(text, "keybroker_http_requests_total", route="attest", status="403") == 1
+    assert metric(text, "keybroker_http_requests_total", route="attest", status="401") == 1
     assert metric(text, "keybroker_http_request_duration_seconds_count", route="resource") == 4
     assert metric(text, "keybroker_http_request_duration_seconds_bucket", le="+Inf", route="auth") == 2
 
@@ -343,7 +343,7 @@ def test_config_file_is_equivalent_to_the_flags(tsm_sim, sim_state, tmp_path):
                          "--admin-token-file", str(secrets.admin_token_file)).returncode == 0
         guest = attest(root, url)
         assert guest.decrypt(guest.fetch(url, "default/key/a", bearer=True)) == SECRET
-        assert guest.fetch(url, "default/disk/x").status_code == 403
+        assert guest.fetch(url, "default/disk/x").status_code == 401
     finally:
         proc.terminate()
         proc.wait(10)

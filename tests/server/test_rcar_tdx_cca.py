@@ -39,7 +39,7 @@ def test_debug_guests_are_refused_by_the_default_policy(tsm_sim, kbs, provider, 
     server = kbs()
     server.put("default/key/a", SECRET)
     error = denied(server, root, tee)
-    assert error.status == 403 and error.problem == "PolicyDenied" and "debug guest" in str(error)
+    assert error.status == 401 and error.problem == "PolicyDenied" and "debug guest" in str(error)
 
 
 @pytest.mark.parametrize("provider, tee, failed", [("tdx_guest", "tdx", "quote_signature"),
@@ -49,7 +49,7 @@ def test_bad_signatures_are_denied_with_the_failed_check(tsm_sim, kbs, provider,
     server = kbs()
     server.put("default/key/a", SECRET)
     error = denied(server, root, tee)
-    assert error.status == 403 and error.problem == "AttestationDenied" and failed in str(error)
+    assert error.status == 401 and error.problem == "AttestationDenied" and failed in str(error)
 
 
 @pytest.mark.parametrize("provider, tee, failed", [("tdx_guest", "tdx", "root_pinned"),

@@ -22,7 +22,7 @@ def test_a_fresh_server_releases_nothing_and_says_why(tsm_sim, kbs, handler):
     assert "no release policy is set: nothing will be released" in server.log()
     guest = attest(root, server.url)  # the evidence verifies; the policy decides
     refused = guest.fetch(server.url, "default/key/a")
-    assert refused.status_code == 403 and refused.json()["type"].endswith("PolicyDenied")
+    assert refused.status_code == 401 and refused.json()["type"].endswith("PolicyDenied")
     assert "no release policy is set" in refused.json()["detail"]
     handler(server.url, root)
     out = subprocess.run(["keyctl", "session", "-", "keyctl", "request2", "user", "keybroker:default/key/a", "", "@s"],
@@ -59,10 +59,10 @@ def test_a_policy_from_evidence_releases_to_that_image_only(tsm_sim, sim_state, 
     guest = attest(root, server.url)
     released = guest.fetch(server.url, "default/key/a")
     assert released.status_code == 200 and guest.decrypt(released) == SECRET
-    assert guest.fetch(server.url, "other/key/a").status_code == 403  # not among the resources
+    assert guest.fetch(server.url, "other/key/a").status_code == 401  # not among the resources
     stranger = attest(tsm_sim("sev_guest", state=other_image(sim_state, tmp_path)), server.url)
     refused = stranger.fetch(server.url, "default/key/a")
-    assert refused.status_code == 403 and f'claim snp.measurement is "{"ee" * 48}", not "{measurement}"' in \
+    assert refused.status_code == 401 and f'claim snp.measurement is "{"ee" * 48}", not "{measurement}"' in \
         refused.json()["detail"]
 
 

@@ -40,7 +40,7 @@ def test_untrusted_roots_are_denied_with_the_failed_check(tsm_sim, kbs):
     server.put("default/key/a", SECRET)
     with pytest.raises(ServerError) as info:
         RcarClient(server.url).fetch("default/key/a", "snp", evidence_from(root))
-    assert info.value.status == 403 and info.value.problem == "AttestationDenied"
+    assert info.value.status == 401 and info.value.problem == "AttestationDenied"
     assert "ark_pinned" in str(info.value)
 
 
@@ -69,7 +69,7 @@ def test_nonces_are_single_use_and_bound(tsm_sim, kbs):
     assert replay.status_code == 401 and replay.json()["type"].endswith("UnknownSession")
     # Evidence made for another nonce does not bind this session's challenge.
     _, _, unbound = rcar(server, root, nonce_override="c29tZSBvdGhlciBub25jZQ==")
-    assert unbound.status_code == 403 and "binding" in unbound.json()["detail"]
+    assert unbound.status_code == 401 and "binding" in unbound.json()["detail"]
     assert "inblob is not SHA-384" in server.log()
 
 

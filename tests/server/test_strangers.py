@@ -7,7 +7,7 @@ import http.client
 import json
 import time
 
-from support.kbs import attest, audit_records
+from support.kbs import attest, attestation, audit_records, challenge
 
 SECRET = b"for attested guests"
 
@@ -75,16 +75,16 @@ def test_the_limit_is_configurable_and_can_be_turned_off(tsm_sim, kbs):
 
 
 def test_an_answer_and_a_log_line_quote_little_of_what_a_client_sent(tsm_sim, kbs):
-    tsm_sim("sev_guest")
+    root = tsm_sim("sev_guest")
     server = kbs()
     huge = "n" * 40_000
-    conn = stranger(server)
-    body = {"runtime-data": {}, "tee-evidence": {}, **{f"{i}{huge}": 1 for i in range(20)}}
-    conn.request("POST", "/kbs/v0/attest", body=json.dumps(body), headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    answer = response.read()
-    assert response.status == 400 and len(answer) < 2048, answer[:200]
-    assert "unknown member(s) '0nnn" in json.loads(answer)["detail"] and "and 15 more" in json.loads(answer)["detail"]
+    http, nonce = challenge(server.url)
+    _, body = attestation(root, nonce)
+    body["tee-evidence"]["primary_evidence"] |= {f"{i}{huge}": 1 for i in range(20)}
+    response = http.post(f"{server.url}/kbs/v0/attest", json=body, timeout=30)
+    assert response.status_code == 401 and len(response.content) < 2048, response.content[:200]
+    detail = response.json()["detail"]
+    assert "unknown field(s): '0nnn" in detail and "and 15 more" in detail
     assert max(len(line) for line in server.log().splitlines()) < 2048
 
 

@@ -31,8 +31,8 @@ def _unmount(mountpoint: Path) -> None:
 
 
 @contextmanager
-def run_tsm_sim(mountpoint: Path, state: Path, provider: str, *faults: str, svsm: bool = False
-                ) -> Iterator[Path]:
+def run_tsm_sim(mountpoint: Path, state: Path, provider: str, *faults: str, svsm: bool = False,
+                init_data: Path | None = None) -> Iterator[Path]:
     """Run ``keybroker tsm-sim``; yield its report root; stop and unmount it whatever happens."""
     reason = _needs_root_and_fuse()
     if reason:
@@ -43,6 +43,8 @@ def run_tsm_sim(mountpoint: Path, state: Path, provider: str, *faults: str, svsm
     cmd += [arg for fault in faults for arg in ("--fault", fault)]
     if svsm:
         cmd.append("--svsm")
+    if init_data:
+        cmd += ["--init-data", str(init_data)]
     log = open(mountpoint.parent / f"{mountpoint.name}.log", "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     root = mountpoint / "tsm" / "report"

@@ -48,8 +48,7 @@ class Attested:
 
 def challenge(url: str, tee: str = "snp") -> tuple[requests.Session, str]:
     http = requests.Session()
-    response = http.post(f"{url}/kbs/v0/auth", json={"version": "0.4.0", "tee": tee, "extra-params": {}},
-                         timeout=30)
+    response = http.post(f"{url}/kbs/v0/auth", json=p.AuthRequest(tee).to_json(), timeout=30)
     response.raise_for_status()
     return http, response.json()["nonce"]
 
