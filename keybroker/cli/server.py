@@ -17,7 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from ..server import config
-    from ..server.app import run
+    from ..server.serve import run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {}
@@ -73,6 +73,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "limit); raise it behind a proxy, where every guest has the proxy's address")
     p.add_argument("--rate-burst", type=int, metavar="N",
                    help=f"unauthenticated requests a peer may make at once (default {DEFAULT_BURST})")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes serving requests (default: one per CPU)")
     p.set_defaults(run=_serve)
 
 

@@ -1,4 +1,4 @@
-"""The key server's HTTP front (Starlette, served by uvicorn).
+"""The key server's HTTP front (Starlette; served by uvicorn workers, see serve).
 
 Routes: KBS RCAR 0.4.0 (``/kbs/v0/auth``, ``/attest``, ``/resource/…``), the admin API
 (``/admin/v1/…``, Bearer admin token), and operations (``/metrics``, ``/healthz``,
@@ -16,18 +16,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import AdminError, ConfigError, PolicyError
-from ..systemd import notify
+from ..errors import AdminError, PolicyError
 from ..wire import decimal, parse_json
 from ..wire import rcar as p
-from ..wire.transport import is_loopback
 from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
 from .config import ServerConfig
 from .kbs import SESSION_LIFETIME, KeyServer, Problem
@@ -53,10 +50,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and ((size := decimal(declared)) is None or size > limit):
         raise Problem(p.PAYLOAD_TOO_LARGE, f"request body larger than {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Problem(p.PAYLOAD_TOO_LARGE, f"request body larger than {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise Problem(p.PAYLOAD_TOO_LARGE, f"request body larger than {limit} bytes")
+    except ClientDisconnect:  # also how uvicorn reports broken framing (it has answered 400 itself)
+        raise Problem(p.BAD_REQUEST, "the request body did not arrive whole (the client hung up, or its "
+                                     "chunked framing is broken)") from None
     return bytes(body)
 
 
@@ -275,32 +276,14 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
     ])
 
 
-class NotifyingServer(uvicorn.Server):
-    """uvicorn, telling systemd READY=1 once the socket listens and STOPPING=1 at shutdown."""
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            notify("READY=1", f"STATUS=serving on {self.config.host}:{self.config.port}")
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        notify("STOPPING=1")
-        await super().shutdown(sockets)
-
-
-def run(config: ServerConfig) -> None:
-    """Check the configuration, load the secrets, open the database, and serve until SIGTERM/SIGINT."""
-    host, port = config.listen
-    if bool(config.tls_cert) != bool(config.tls_key):
-        raise ConfigError("--tls-cert and --tls-key go together")
-    if not config.tls_cert and not is_loopback(host):
-        raise ConfigError(f"refusing plain HTTP on {host}: give --tls-cert and --tls-key, or listen on loopback")
+def key_server(config: ServerConfig) -> tuple[KeyServer, AdminAuth | None, RateLimiter]:
+    """Load the secrets, open the database (installing ``--policy``), and say what is being served."""
     from ..verifier import Fetcher, TrustStore
 
     sealer = load_sealer(config.kek_file, config.old_kek_file)
     admin_auth = AdminAuth.load(config.admin_token_file)
     tokens = TokenSigner.load(config.token_key_file)
-    name = config.name or f"{socket.gethostname()}:{port}"
+    name = config.name or f"{socket.gethostname()}:{config.listen[1]}"
     store = Store(config.db)
     if config.policy:
         policy_text = config.policy.read_text()
@@ -319,10 +302,4 @@ def run(config: ServerConfig) -> None:
                     tokens=tokens, metrics=Metrics(), name=name, certs=config.certs,
                     kds_url=config.kds_url or None, fetcher=Fetcher(config.cache_dir), pcs_url=config.pcs_url or None,
                     collateral=config.collateral)
-    app = create_app(kbs, admin_auth, RateLimiter(config.rate_limit, config.rate_burst),
-                     secure_cookies=bool(config.tls_cert))
-    server_config = uvicorn.Config(app, host=host, port=port,
-                                   ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
-                                   ssl_keyfile=str(config.tls_key) if config.tls_key else None,
-                                   log_level="info", access_log=False, server_header=False, date_header=False)
-    NotifyingServer(server_config).run()
+    return kbs, admin_auth, RateLimiter(config.rate_limit, config.rate_burst)

@@ -20,6 +20,7 @@ the file. Relative paths in the file are relative to the file's folder::
     old-kek-file = []                            # KEKs still readable during a rotation
     admin-token-file = "/etc/keybroker/admin-token"   # default: credential "admin-token"
     token-key-file = "/etc/keybroker/token-key.pem"   # default: credential "token-key"
+    workers = 2                                  # worker processes; default (0): one per CPU
 
 Unknown keys and values of the wrong type are errors that name the key and the file.
 """
@@ -70,10 +71,11 @@ class ServerConfig:
     token_key_file: Path | None = None
     rate_limit: float = DEFAULT_RATE
     rate_burst: int = DEFAULT_BURST
+    workers: int = 0  # 0: one per CPU
 
 
 _LISTS = {"trust_roots", "certs", "old_kek_file"}
-_NUMBERS: dict[str, tuple[type, float]] = {"rate_limit": (float, 0), "rate_burst": (int, 1)}
+_NUMBERS: dict[str, tuple[type, float]] = {"rate_limit": (float, 0), "rate_burst": (int, 1), "workers": (int, 0)}
 _PATHS = {"cache_dir", "collateral", "policy", "tls_cert", "tls_key", "kek_file", "admin_token_file", "token_key_file"}
 
 

@@ -1,12 +1,18 @@
 """The key server's Prometheus metrics (prometheus-client), one registry per server.
 
+Under ``keybroker serve`` the workers share them through prometheus-client's multiprocess
+mode (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor): each worker writes its own file
+and ``render`` sums them, so any worker answers /metrics for all.
+
 Label values come from small fixed sets (route names, providers, results, denial causes),
 never from what a client sends, so a hostile client cannot grow them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 
 #: Request latency buckets in seconds: from a cached token check to a slow verification.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -41,4 +47,9 @@ class Metrics:
         self.denials.labels(reason).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not shared:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=shared)
+        return generate_latest(registry)

@@ -73,13 +73,14 @@ ATTESTATION_DENIED = "AttestationDenied"
 POLICY_DENIED = "PolicyDenied"
 RESOURCE_NOT_FOUND = "ResourceNotFound"
 PAYLOAD_TOO_LARGE = "PayloadTooLarge"
+HEADERS_TOO_LARGE = "HeadersTooLarge"
 TOO_MANY_REQUESTS = "TooManyRequests"
 UNAUTHORIZED = "Unauthorized"
 INTERNAL = "InternalError"
 #: Refusals of attestation and release are 401, as guest-components reads an error body only then.
 STATUS = {BAD_REQUEST: 400, PROTOCOL_VERSION: 400, UNKNOWN_SESSION: 401, NOT_ATTESTED: 401,
           UNAUTHORIZED: 401, ATTESTATION_DENIED: 401, POLICY_DENIED: 401, RESOURCE_NOT_FOUND: 404,
-          PAYLOAD_TOO_LARGE: 413, TOO_MANY_REQUESTS: 429, INTERNAL: 500}
+          PAYLOAD_TOO_LARGE: 413, TOO_MANY_REQUESTS: 429, HEADERS_TOO_LARGE: 431, INTERNAL: 500}
 #: Trustee's error types (``…/kbs/errors/<Variant>``) and what they mean in keybroker's terms.
 TRUSTEE_ERROR_TYPE = "https://github.com/confidential-containers/kbs/errors/"
 _TRUSTEE_ERRORS = {"AttestationError": ATTESTATION_DENIED, "PolicyDeny": POLICY_DENIED,

@@ -1,0 +1,184 @@
+"""Hostile HTTP clients against ``keybroker serve`` (workers and all): slow senders, huge heads,
+bogus framing, abandoned uploads, floods. The server stays up, answers what it can with a
+4xx, closes what it must, and keeps releasing keys to legitimate guests meanwhile."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+from keybroker.server.serve import HEAD_MAX, REQUEST_TIMEOUT
+from support.kbs import attest, audit_records
+
+SECRET = b"\x01hostile-proof key\xfe"
+
+
+def exchange(port: int, data: bytes, *, wait: float = 5) -> bytes:
+    """Send ``data`` and read until the server closes or ``wait`` passes; what came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(data)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return out
+
+
+def status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+def still_releases(root, server) -> None:
+    assert server.proc.poll() is None, f"the server died: {server.log()[-2000:]}"
+    assert server.metric("keybroker_http_requests_total", status="500") == 0
+    assert "Traceback" not in server.log()
+    guest = attest(root, server.url)
+    released = guest.fetch(server.url, "default/key/a")
+    assert released.status_code == 200 and guest.decrypt(released) == SECRET
+
+
+def test_malformed_http_gets_4xx_and_the_server_goes_on(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    auth = b"POST /kbs/v0/auth HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    cases = {
+        b"GARBAGE\r\n\r\n": {400},
+        b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n": {200, 400, 505},  # h11 reads it as HTTP/1.1
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (2 * HEAD_MAX) + b"\r\n\r\n": {431},
+        auth + b"Content-Length: 10\r\nContent-Length: 99\r\n\r\n{}": {400},
+        auth + b"Content-Length: -5\r\n\r\n": {400},
+        auth + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n": {400},
+        auth + b"Content-Length: 20000000\r\n\r\n{": {413},  # refused from its declared size, unread
+    }
+    for request, expected in cases.items():
+        answer = exchange(server.port, request)
+        assert status(answer) in expected, (request[:80], answer[:200])
+    still_releases(root, server)
+
+
+def test_a_huge_header_sent_in_pieces_is_cut_off(tsm_sim, kbs):
+    """One header value streamed without end: refused once it passes the limit, not buffered to the end."""
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sent = 0
+        try:
+            while sent < 64 * 1024 * 1024:
+                sock.sendall(b"a" * 8192)
+                sent += 8192
+        except OSError:
+            pass
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    assert sent < 16 * 1024 * 1024, f"the server took {sent} bytes of one header (socket buffers hold a few MiB)"
+    assert status(answer) in (431, 0), answer[:200]  # 0: the reset overtook the answer
+    still_releases(root, server)
+
+
+def test_a_request_must_arrive_whole_in_time(tsm_sim, kbs):
+    """Slowloris: a head sent a line every second is cut off after REQUEST_TIMEOUT; so is a body."""
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    slow_head = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    slow_body = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    slow_body.sendall(b"POST /kbs/v0/auth HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+    slow_head.sendall(b"GET /healthz HTTP/1.1\r\n")
+    start = time.monotonic()
+    closed: dict[str, float] = {}
+    while len(closed) < 2 and time.monotonic() - start < REQUEST_TIMEOUT + 10:
+        for name, sock in (("head", slow_head), ("body", slow_body)):
+            if name in closed:
+                continue
+            try:
+                sock.sendall(b"X-a: b\r\n" if name == "head" else b" ")
+            except OSError:
+                closed[name] = time.monotonic() - start
+        still_releases(root, server)  # meanwhile, legitimate guests are served
+        time.sleep(1)
+    slow_head.close()
+    slow_body.close()
+    assert set(closed) == {"head", "body"}, "a slow request kept its connection"
+    assert all(REQUEST_TIMEOUT - 1 <= t <= REQUEST_TIMEOUT + 5 for t in closed.values()), closed
+
+
+def test_abandoned_uploads_and_hang_ups_leave_the_server_serving(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"POST /kbs/v0/attest HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n"
+                         b"Expect: 100-continue\r\n\r\n" + b"[" * 4096)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"POST /kbs/v0/auth HTTP/1.1\r\nHost: x\r\nContent-Length: 49\r\n\r\n"
+                         b'{"version":"0.4.0","tee":"snp","extra-params":{}}')
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # reset, unread
+    still_releases(root, server)
+
+
+def test_a_flood_of_cookieless_attestations_is_not_audited(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs("--rate-limit", "0")
+    server.put("default/key/a", SECRET)
+    before = len(audit_records(server.db))
+    body = json.dumps({"tee-pubkey": {}, "tee-evidence": "{}"}).encode()
+    request = (b"POST /kbs/v0/attest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for _ in range(500):
+            sock.sendall(request)
+        answers = b""
+        while answers.count(b"HTTP/1.1 ") < 500:
+            answers += sock.recv(65536)
+    assert answers.count(b"HTTP/1.1 400 ") + answers.count(b"HTTP/1.1 401 ") == 500
+    assert len(audit_records(server.db)) == before
+    still_releases(root, server)
+
+
+def test_workers_share_metrics_and_a_dead_worker_is_replaced(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs("--workers", "2")
+    server.put("default/key/a", SECRET)
+    workers = [int(pid) for pid in open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read().split()]
+    assert len(workers) == 2
+    for _ in range(6):
+        still_releases(root, server)
+    assert server.metric("keybroker_releases_total") == 6  # whichever worker answers /metrics, it sums all
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = [int(p) for p in open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read().split()]
+        if len(now) == 2 and workers[0] not in now:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the dead worker was not replaced")
+    for _ in range(4):
+        still_releases(root, server)
+    assert server.metric("keybroker_releases_total") == 10  # the dead worker's counts are kept
+    assert "worker 0" in server.log() and "starting another" in server.log()
+
+
+def test_workers_end_with_their_supervisor(kbs):
+    server = kbs("--workers", "2")
+    workers = [int(pid) for pid in open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read().split()]
+    server.proc.kill()  # SIGKILL: the supervisor cannot tell them
+    server.proc.wait()
+    deadline = time.monotonic() + 15
+    while any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
+              for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived its supervisor"
+        time.sleep(0.1)
