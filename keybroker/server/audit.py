@@ -3,9 +3,10 @@ and administrative actions.
 
 Record ``n`` carries the hash of record ``n-1`` (``prev``; 64 zeros for the first) and its
 own ``hash``: SHA-256 of the RFC 8785 canonical JSON of all its other fields. A one-row
-head holds the last ``seq`` and ``hash``. Appending first bumps the head (taking the
-database's write lock on it, so appends from any number of replicas form one chain), then
-inserts the record in the same transaction as the action it records. ``verify`` recomputes
+head holds the last ``seq`` and ``hash``. Appending first locks the head (taking the
+database's write lock on it, so appends from any number of replicas and workers form one
+chain), then inserts the records in the same transaction as the actions they record, and
+moves the head. ``verify`` recomputes
 the chain: an edited record no longer matches its hash, a removed one leaves a gap in
 ``seq`` or a broken ``prev`` link, and records cut off the end disagree with the head.
 
@@ -99,22 +100,30 @@ def digest(seq: int, time: str, event: Event, prev: str) -> str:
     return hashlib.sha256(rfc8785.dumps(content)).hexdigest()
 
 
-def reserve(db: Connection) -> tuple[int, str]:
-    """Take the next sequence number (and the chain's write lock until commit); the previous hash."""
+def lock_head(db: Connection) -> tuple[int, str]:
+    """Take the chain's write lock (until commit): the last record's seq and hash."""
     seq, prev = db.execute(update(schema.audit_head).where(schema.audit_head.c.id == 1)
-                           .values(seq=schema.audit_head.c.seq + 1)
+                           .values(seq=schema.audit_head.c.seq)
                            .returning(schema.audit_head.c.seq, schema.audit_head.c.hash)).one()
     return seq, prev
 
 
-def write(db: Connection, seq: int, prev: str, event: Event) -> Record:
-    """Insert record ``seq`` (reserved in this transaction) and move the head to it."""
-    event = event.clipped()
+def append(db: Connection, seq: int, prev: str, events: list[Event]) -> list[Record]:
+    """Insert ``events`` after record ``seq`` (hash ``prev``, locked in this transaction) and move the head."""
+    if not events:
+        return []
     time = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    record = Record(seq, time, event, prev, digest(seq, time, event, prev))
-    db.execute(insert(schema.audit).values(seq=seq, time=time, prev=prev, hash=record.hash, **asdict(event)))
-    db.execute(update(schema.audit_head).where(schema.audit_head.c.id == 1).values(hash=record.hash))
-    return record
+    out = []
+    for event in events:
+        event = event.clipped()
+        seq += 1
+        record = Record(seq, time, event, prev, digest(seq, time, event, prev))
+        out.append(record)
+        prev = record.hash
+    db.execute(insert(schema.audit), [{"seq": r.seq, "time": r.time, "prev": r.prev, "hash": r.hash,
+                                       **asdict(r.event)} for r in out])
+    db.execute(update(schema.audit_head).where(schema.audit_head.c.id == 1).values(seq=seq, hash=prev))
+    return out
 
 
 def records(engine: Engine, *, after: int = 0, limit: int | None = None) -> Iterator[Record]:

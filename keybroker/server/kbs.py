@@ -11,6 +11,7 @@ answer is returned: when a guest holds a key, the log already says so.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -61,6 +62,11 @@ class ResourceAnswer:
     jwe: dict[str, str]
     lease: int | None
     audit: str  # the hash of the release's audit record
+
+
+def _unknown_session() -> Problem:
+    return Problem(p.UNKNOWN_SESSION, "no session with this cookie and nonce: it expired, its nonce was already "
+                                      "used, or /auth was not called")
 
 
 def evidence_form(primary: Any) -> str:
@@ -126,22 +132,28 @@ class KeyServer:
             attestation = p.Attestation.from_json(body)
         except ProtocolError as exc:
             raise self._count(Problem(p.BAD_REQUEST, str(exc))) from None
-        session = self.store.consume_nonce(session_id, attestation.nonce) if session_id else None
-        if session is None:
-            raise self._count(Problem(p.UNKNOWN_SESSION, "no session with this cookie and nonce: it expired, its "
-                                                         "nonce was already used, or /auth was not called"))
+        session = self.store.get_session(session_id) if session_id else None
+        if session is None or not session.awaits(attestation.nonce):
+            raise self._count(_unknown_session())
         event = Event(ATTEST, DENY, "", self.name, peer=peer, session=session_ref(session_id), provider=session.tee)
         try:
             claims = self._appraise(session.tee, attestation)
         except Problem as problem:
-            self.store.finish_attestation(session.id, claims=None, tee_pubkey=None)
-            self._refuse(problem, event)
+            if self.store.end_attestation(session, attestation.nonce, replace(event, reason=problem.detail),
+                                          claims=None, tee_pubkey=None) is None:
+                raise self._count(_unknown_session()) from None
+            self.metrics.attestation(session.tee, False)
+            raise self._count(problem) from None
         except BaseException:
-            self.store.finish_attestation(session.id, claims=None, tee_pubkey=None)  # never left "attesting"
+            with contextlib.suppress(Exception):  # never left open to another try; the first error is the one
+                self.store.end_attestation(session, attestation.nonce, replace(event, reason="internal error"),
+                                           claims=None, tee_pubkey=None)
             raise
-        self.store.finish_attestation(session.id, claims=claims, tee_pubkey=attestation.tee_pubkey)
-        self.store.audit(replace(event, decision=ALLOW, reason="evidence verified and bound to the session",
-                                 measurement=str(claims.get("measurement", ""))))
+        allowed = replace(event, decision=ALLOW, reason="evidence verified and bound to the session",
+                          measurement=str(claims.get("measurement", "")))
+        if self.store.end_attestation(session, attestation.nonce, allowed, claims=claims,
+                                      tee_pubkey=attestation.tee_pubkey) is None:
+            raise self._count(_unknown_session())  # spent meanwhile by a concurrent /attest
         self.metrics.attestation(session.tee, True)
         log.info("attest peer=%s session=%s tee=%s form=%s result=verified measurement=%s", peer, event.session,
                  session.tee, evidence_form(attestation.primary_evidence), claims.get("measurement", "?"))
@@ -224,8 +236,6 @@ class KeyServer:
     def _refuse(self, problem: Problem, event: Event) -> NoReturn:
         """Record the refusal of an authenticated session (durably), count it, and answer with ``problem``."""
         self.store.audit(replace(event, decision=DENY, reason=problem.detail))
-        if event.event == ATTEST:
-            self.metrics.attestation(event.provider, False)
         raise self._count(problem)
 
     def _count(self, problem: Problem) -> Problem:

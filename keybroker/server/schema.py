@@ -21,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Float,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -68,6 +69,8 @@ sessions = Table(
     Column("tee_pubkey", Text, nullable=True),
     Column("claims", Text, nullable=True),
 )
+# Expired sessions are deleted through it: no request scans the table.
+sessions_expires = Index("sessions_expires", sessions.c.expires)
 
 policies = Table(
     "policies", metadata,
@@ -123,8 +126,14 @@ event.listen(audit, "after_create", DDL(
 ).execute_if(dialect="postgresql"))
 
 
-def open_engine(url: str) -> Engine:
-    """An engine for ``url`` with the schema in place (created on first use)."""
+def open_engine(url: str, *, durable: bool = True) -> Engine:
+    """An engine for ``url`` with the schema in place (created on first use).
+
+    A commit through a ``durable`` engine is on disk when it returns. The other kind is for
+    what a crash may lose (sessions: a guest calls /auth again) and skips that wait: SQLite
+    ``synchronous=NORMAL`` (WAL: durable at the next full sync), PostgreSQL
+    ``synchronous_commit=off``. Neither can corrupt the database or reorder commits.
+    """
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -132,12 +141,13 @@ def open_engine(url: str) -> Engine:
                           "or postgresql://keybroker@db.example/keybroker)") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        engine = _sqlite(parsed)
+        engine = _sqlite(parsed, durable)
     elif backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         try:
-            engine = create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+            options = {} if durable else {"options": "-c synchronous_commit=off"}
+            engine = create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10, **options})
         except ImportError:
             raise ConfigError("--db postgresql://… needs psycopg 3: pip install 'keybroker[postgresql]'") from None
     else:
@@ -156,7 +166,7 @@ def open_engine(url: str) -> Engine:
     return engine
 
 
-def _sqlite(parsed: Any) -> Engine:
+def _sqlite(parsed: Any, durable: bool) -> Engine:
     if not parsed.database or parsed.database == ":memory:":
         raise ConfigError("--db needs a SQLite file (sqlite:///path), not an in-memory database")
     path = Path(parsed.database)
@@ -169,7 +179,7 @@ def _sqlite(parsed: Any) -> Engine:
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
     return engine
@@ -181,5 +191,6 @@ def _initialise(db: Connection) -> None:
         db.execute(insert(meta).values(name="schema", value=SCHEMA_VERSION))
     elif version != SCHEMA_VERSION:
         raise ConfigError(f"the database has keybroker schema {version}; this keybroker uses {SCHEMA_VERSION}")
+    sessions_expires.create(db, checkfirst=True)  # databases made before the index
     if db.execute(select(audit_head.c.seq)).first() is None:
         db.execute(insert(audit_head).values(id=1, seq=0, hash=GENESIS))

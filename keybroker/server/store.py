@@ -2,17 +2,31 @@
 and the audit log that every change goes through.
 
 Every write that changes what may be released (a resource, the policy, a KEK rotation)
-appends its audit record in the same transaction, after taking the audit chain's lock:
-there is no change without its record, and concurrent writers from any replica are
-serialised. Sessions live in the database too, so a nonce is consumed by one atomic
-UPDATE however many replicas share it.
+or spends a nonce appends its audit record in the same transaction, after taking the audit
+chain's lock: there is no change without its record, and concurrent writers from any worker
+or replica are serialised. Sessions live in the database too, so a nonce is spent by one
+atomic UPDATE however many replicas share it.
+
+Each protocol step writes at most once: /auth inserts its session, /attest spends the
+nonce, stores the claims and appends its record in one transaction, a release appends its
+record. The writes of concurrent requests are committed together (group commit: one
+transaction and one fsync for every write waiting), and each request is answered only after
+its write is committed, so an acknowledged release is in the audit log even if the
+machine crashes right after. Expired sessions are deleted at most once a minute, through an
+index on their expiry. Creating a session does not wait for the disk: a crash may lose
+sessions (their guests call /auth again), never a spent nonce or an audit record.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
+import queue
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -67,15 +81,83 @@ class Session:
     tee_pubkey: dict[str, str] | None
     claims: dict[str, Any] | None
 
+    def awaits(self, nonce: str) -> bool:
+        """Whether this session's nonce is ``nonce``, unspent and unexpired."""
+        return self.state == "authed" and self.expires > time.time() and \
+            hmac.compare_digest(self.nonce.encode(), nonce.encode())
+
 
 #: Version 0: no policy has been set, nothing is released.
 NO_POLICY = PolicyVersion(0, NONE.digest, 0.0, "none", NONE)
+
+PURGE_INTERVAL = 60.0  # seconds between deletions of expired sessions (per process)
+
+#: A piece of work on the database that returns the event to record, or None when it changed nothing.
+Work = Callable[[Connection], Event | None]
+
+
+class GroupCommit:
+    """Runs audited work from many threads in shared transactions: one commit (one fsync) for all
+    the work waiting, each caller answered after that commit.
+
+    When a shared transaction fails, its pieces are run again one transaction each, so that a
+    failing piece fails alone. The writer thread is started on first use in each process (the
+    key server's workers are forked).
+    """
+
+    BATCH_MAX = 64
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._pid = 0
+        self._queue: queue.SimpleQueue[tuple[Work, Future[Record | None]]] = queue.SimpleQueue()
+
+    def run(self, work: Work) -> Record | None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._queue = queue.SimpleQueue()
+            threading.Thread(target=self._writer, args=(self._queue,), name="keybroker-audit", daemon=True).start()
+        done: Future[Record | None] = Future()
+        self._queue.put((work, done))
+        return done.result()
+
+    def _writer(self, waiting: queue.SimpleQueue[tuple[Work, Future[Record | None]]]) -> None:
+        while True:
+            batch = [waiting.get()]
+            while len(batch) < self.BATCH_MAX and not waiting.empty():
+                batch.append(waiting.get())
+            try:
+                results = self._commit([work for work, _ in batch])
+            except Exception:
+                for work, done in batch:
+                    try:
+                        done.set_result(self._commit([work])[0])
+                    except Exception as exc:
+                        done.set_exception(exc)
+                continue
+            for (_, done), result in zip(batch, results, strict=True):
+                done.set_result(result)
+
+    def _commit(self, works: list[Work]) -> list[Record | None]:
+        with self.engine.connect() as db, db.begin():
+            seq, prev = audit.lock_head(db)
+            events = [work(db) for work in works]
+            records = iter(audit.append(db, seq, prev, [event for event in events if event is not None]))
+        return [None if event is None else next(records) for event in events]
 
 
 class Store:
     def __init__(self, url: str) -> None:
         self.engine = open_engine(url)
+        self._sessions = open_engine(url, durable=False)  # /auth's inserts: a crash may lose them
         self._policy = NO_POLICY  # the last active policy read, parsed once per version
+        self._commits = GroupCommit(self.engine)
+        self._next_purge = 0.0
+
+    def close_connections(self) -> None:
+        """Close the pooled connections (before a fork: no connection may cross it)."""
+        self.engine.dispose()
+        self._sessions.dispose()
 
     def ping(self) -> None:
         """Raise unless the database answers."""
@@ -84,18 +166,10 @@ class Store:
 
     # -- the audit log ---------------------------------------------------------------------
 
-    def audited(self, work: Callable[[Connection], Event | None]) -> Record | None:
-        """Run ``work`` in one transaction holding the audit lock; append the event it returns.
-
-        When ``work`` returns None nothing happened: the transaction is rolled back.
-        """
-        with self.engine.connect() as db, db.begin() as transaction:
-            seq, prev = audit.reserve(db)
-            event = work(db)
-            if event is None:
-                transaction.rollback()
-                return None
-            return audit.write(db, seq, prev, event)
+    def audited(self, work: Work) -> Record | None:
+        """Run ``work`` in a transaction holding the audit lock; append the event it returns, and
+        return its record once committed. ``work`` that returns None must have changed nothing."""
+        return self._commits.run(work)
 
     def audit(self, event: Event) -> Record:
         """Append ``event`` durably: when this returns, the record is committed."""
@@ -201,27 +275,28 @@ class Store:
 
     def create_session(self, session_id: str, tee: str, nonce: str, lifetime: float) -> None:
         now = time.time()
-        with self.engine.begin() as db:
-            db.execute(delete(sessions).where(sessions.c.expires < now - 3600))
+        with self._sessions.begin() as db:
+            if now >= self._next_purge:
+                self._next_purge = now + PURGE_INTERVAL
+                db.execute(delete(sessions).where(sessions.c.expires < now))
             db.execute(insert(sessions).values(id=session_id, tee=tee, nonce=nonce, state="authed",
                                                expires=now + lifetime))
 
-    def consume_nonce(self, session_id: str, nonce: str) -> Session | None:
-        """Atomically move an unexpired, unused session from authed to attesting."""
-        with self.engine.begin() as db:
-            done = db.execute(update(sessions)
-                              .where(sessions.c.id == session_id, sessions.c.nonce == nonce,
-                                     sessions.c.state == "authed", sessions.c.expires > time.time())
-                              .values(state="attesting")).rowcount
-        return self.get_session(session_id) if done == 1 else None
-
-    def finish_attestation(self, session_id: str, *, claims: dict[str, Any] | None,
-                           tee_pubkey: dict[str, str] | None) -> None:
+    def end_attestation(self, session: Session, nonce: str, event: Event, *, claims: dict[str, Any] | None,
+                        tee_pubkey: dict[str, str] | None) -> Record | None:
+        """Spend ``nonce``: the session becomes attested (with ``claims``) or failed (claims None),
+        with ``event`` recorded, in one transaction. None, and nothing changed, when the nonce was
+        already spent (by a concurrent /attest, on any replica) or the session expired."""
         state = "attested" if claims is not None else "failed"
-        with self.engine.begin() as db:
-            db.execute(update(sessions).where(sessions.c.id == session_id)
-                       .values(state=state, claims=json.dumps(claims) if claims is not None else None,
-                               tee_pubkey=json.dumps(tee_pubkey) if tee_pubkey is not None else None))
+
+        def work(db: Connection) -> Event | None:
+            spent = db.execute(update(sessions)
+                               .where(sessions.c.id == session.id, sessions.c.nonce == nonce,
+                                      sessions.c.state == "authed", sessions.c.expires > time.time())
+                               .values(state=state, claims=json.dumps(claims) if claims is not None else None,
+                                       tee_pubkey=json.dumps(tee_pubkey) if tee_pubkey is not None else None))
+            return event if spent.rowcount == 1 else None
+        return self.audited(work)
 
     def get_session(self, session_id: str) -> Session | None:
         with self.engine.connect() as db:
