@@ -8,35 +8,49 @@ it fetches.
 
 Replicas accept each other's tokens when they share the signing key: an EC P-256 private
 key in PEM (``openssl ecparam -name prime256v1 -genkey -noout -out token-key.pem``) from
-``--token-key-file`` or the systemd credential ``token-key``. Without one, each process
-signs with an ephemeral key and its tokens work only on itself.
+``--token-key-file`` or the systemd credential ``token-key``. Without one, each server
+signs with an ephemeral key (made before its workers are forked, so all of them share it)
+and its tokens work only on itself.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import json
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
-from jwcrypto import jwk, jws, jwt
-from jwcrypto.common import JWException
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from ..errors import ConfigError
+from ..wire.jwe import b64url, public_jwk
 from . import secretfile
 
 ISSUER = "keybroker"
 TOKEN_KEY_CREDENTIAL = "token-key"
 TOKEN_MAX = 64 * 1024
+_ES256 = ec.ECDSA(hashes.SHA256())
 
 
 class TokenSigner:
-    def __init__(self, key: jwk.JWK | None = None, lifetime: int = 300) -> None:
-        self.key = key or jwk.JWK.generate(kty="EC", crv="P-256")
+    """Issues and checks compact ES256 JWS tokens (RFC 7515/7519), with ``cryptography``'s primitives:
+    the token is built once and checked once, with no general-purpose JOSE object in between."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey | None = None, lifetime: int = 300) -> None:
+        self.key = key or ec.generate_private_key(ec.SECP256R1())
+        self.public = self.key.public_key()
         self.shared = key is not None
-        self.kid = self.key.thumbprint()
+        self.kid = _thumbprint(self.public)
         self.lifetime = lifetime
+        self._header = b64url(json.dumps({"alg": "ES256", "typ": "JWT", "kid": self.kid},
+                                         separators=(",", ":")).encode())
 
     @classmethod
     def load(cls, path: Path | None) -> TokenSigner:
@@ -45,10 +59,10 @@ class TokenSigner:
         if located is None:
             return cls()
         try:
-            key = jwk.JWK.from_pem(secretfile.read(located, "token signing key"))
-        except (ValueError, TypeError, JWException) as exc:
+            key = serialization.load_pem_private_key(secretfile.read(located, "token signing key"), password=None)
+        except (ValueError, TypeError) as exc:
             raise ConfigError(f"token signing key {located} is not a PEM private key: {exc}") from None
-        if key.get("kty") != "EC" or key.get("crv") != "P-256" or not key.has_private:
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
             raise ConfigError(f"token signing key {located} must be an EC P-256 private key (ES256)")
         return cls(key)
 
@@ -56,20 +70,40 @@ class TokenSigner:
               expires: float) -> str:
         """A token for an attested session; it expires with the session (``expires``), never later."""
         now = int(time.time())
-        token = jwt.JWT(header={"alg": "ES256", "typ": "JWT", "kid": self.kid},
-                        claims={"iss": ISSUER, "iat": now, "exp": min(now + self.lifetime, int(expires)),
-                                "jti": secrets.token_hex(16), "sid": session, "tee": tee,
-                                "tee-pubkey": tee_pubkey, "claims": claims})
-        token.make_signed_token(self.key)
-        return token.serialize()
+        body = {"iss": ISSUER, "iat": now, "exp": min(now + self.lifetime, int(expires)),
+                "jti": secrets.token_hex(16), "sid": session, "tee": tee, "tee-pubkey": tee_pubkey, "claims": claims}
+        signing_input = f"{self._header}.{b64url(json.dumps(body, separators=(',', ':')).encode())}"
+        r, s = decode_dss_signature(self.key.sign(signing_input.encode("ascii"), _ES256))
+        return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
     def verify(self, token: str) -> dict[str, Any] | None:
         """The token's claims when it is ours, well signed and unexpired; else None."""
-        if len(token) > TOKEN_MAX:
+        if len(token) > TOKEN_MAX or token.count(".") != 2 or not token.isascii():
             return None
+        header, body, signature = token.split(".")
         try:
-            parsed = jwt.JWT(key=self.key, jwt=token, algs=["ES256"],
-                             check_claims={"iss": ISSUER, "exp": None})
-            return json.loads(parsed.claims)
-        except (JWException, jws.InvalidJWSSignature, ValueError, TypeError):
+            raw = _unb64url(signature)
+            if len(raw) != 64 or json.loads(_unb64url(header)) != {"alg": "ES256", "typ": "JWT", "kid": self.kid}:
+                return None
+            self.public.verify(encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")),
+                               f"{header}.{body}".encode("ascii"), _ES256)
+            claims = json.loads(_unb64url(body))
+        except (InvalidSignature, ValueError, RecursionError):
             return None
+        if not isinstance(claims, dict) or claims.get("iss") != ISSUER:
+            return None
+        exp = claims.get("exp")
+        return claims if isinstance(exp, int) and exp > time.time() else None
+
+
+def _unb64url(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except binascii.Error:
+        raise ValueError("not base64url") from None
+
+
+def _thumbprint(key: ec.EllipticCurvePublicKey) -> str:
+    """The RFC 7638 JWK thumbprint (SHA-256) of ``key``."""
+    members = {k: v for k, v in public_jwk(key).items() if k in ("crv", "kty", "x", "y")}
+    return b64url(hashlib.sha256(json.dumps(members, sort_keys=True, separators=(",", ":")).encode()).digest())

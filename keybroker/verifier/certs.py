@@ -1,8 +1,14 @@
-"""X.509 and DER helpers shared by the vendor verifiers."""
+"""X.509 and DER helpers shared by the vendor verifiers.
+
+Parsed certificates and verified certificate signatures are remembered (by the
+certificate's bytes, at most ``CACHE_MAX`` of each, least recently used first out): a key
+server sees the same few chains again and again, and both are pure functions of those bytes.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import warnings
 from pathlib import Path
@@ -11,26 +17,33 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from ..errors import EvidenceError
 
 CERT_FILE_SUFFIXES = (".pem", ".crt", ".cer", ".der")
 CERT_FILE_MAX = 1024 * 1024
+CACHE_MAX = 512
 
 
 def load_certs(data: bytes) -> list[x509.Certificate]:
+    """Certificates from a PEM bundle (any number) or one DER certificate, parsed whole (see ``_parse``)."""
+    return list(_parse(bytes(data)))
+
+
+@functools.lru_cache(maxsize=CACHE_MAX)
+def _parse(data: bytes) -> tuple[x509.Certificate, ...]:
     """Certificates from a PEM bundle (any number) or one DER certificate, parsed whole.
 
     ``cryptography`` parses a certificate's parts when they are first used; a malformed
     extension or key would then fail deep inside a verifier. Every part the verifiers read
     is read here, once, so that hostile certificates fail at the edge as EvidenceError.
     AMD issues VCEKs and VLEKs with serial number 0, which RFC 5280 forbids and
-    ``cryptography`` warns about; the warning is expected here and silenced.
+    ``cryptography`` warns about; that warning, and those a hostile certificate's odd
+    attributes raise, are silenced: what matters is checked by the verifiers.
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        warnings.simplefilter("ignore")
         try:
             certs = (x509.load_pem_x509_certificates(data) if b"-----BEGIN CERTIFICATE-----" in data
                      else [x509.load_der_x509_certificate(data)])
@@ -38,7 +51,7 @@ def load_certs(data: bytes) -> list[x509.Certificate]:
                 _ = (cert.extensions, cert.public_key(), cert.subject, cert.issuer, cert.serial_number,
                      cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm,
                      cert.signature_algorithm_parameters, cert.tbs_certificate_bytes)
-            return certs
+            return tuple(certs)
         except Exception as exc:  # whatever the X.509 library rejects a hostile certificate with
             raise EvidenceError(f"cannot parse certificate: {type(exc).__name__}: {exc}"[:300]) from None
 
@@ -68,6 +81,7 @@ def common_name(name: x509.Name) -> str:
     return str(attrs[0].value) if attrs else ""
 
 
+@functools.lru_cache(maxsize=CACHE_MAX)
 def signed_by_rsa_pss_sha384(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     """AMD's certificate signatures: RSASSA-PSS, SHA-384, MGF1-SHA-384, salt 48, issuer name matches."""
     key = issuer.public_key()
@@ -81,6 +95,7 @@ def signed_by_rsa_pss_sha384(child: x509.Certificate, issuer: x509.Certificate) 
         return False
 
 
+@functools.lru_cache(maxsize=CACHE_MAX)
 def signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     """Issuer name matches and the signature verifies under the issuer's key (ECDSA/RSA)."""
     try:

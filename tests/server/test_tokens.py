@@ -1,0 +1,76 @@
+"""Attestation tokens: standard ES256 JWTs, refused when tampered, foreign, expired or malformed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwcrypto import jwk, jwt
+
+from keybroker.errors import ConfigError
+from keybroker.server.tokens import TokenSigner
+from support.servers import write_secret
+
+PUBKEY = {"kty": "EC", "crv": "P-256", "x": "A" * 43, "y": "B" * 43}
+
+
+def issue(signer: TokenSigner, expires: float | None = None) -> str:
+    return signer.issue("snp", PUBKEY, {"tee": "snp", "measurement": "ab" * 48}, "0123456789abcdef",
+                        expires or time.time() + 300)
+
+
+def b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def test_round_trip_and_a_standard_jwt():
+    signer = TokenSigner()
+    token = issue(signer)
+    claims = signer.verify(token)
+    assert claims["tee-pubkey"] == PUBKEY and claims["claims"]["measurement"] == "ab" * 48
+    # Any JOSE library verifies it with the public key, and finds the kid as RFC 7638 thumbprint.
+    public = jwk.JWK.from_pyca(signer.public)
+    parsed = jwt.JWT(key=public, jwt=token, algs=["ES256"])
+    assert json.loads(parsed.claims)["sid"] == "0123456789abcdef"
+    assert json.loads(parsed.header)["kid"] == public.thumbprint()
+
+
+def test_tampered_foreign_expired_and_malformed_tokens_are_refused():
+    signer = TokenSigner()
+    token = issue(signer)
+    header, body, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=="))
+    assert signer.verify(f"{header}.{b64(claims | {'tee': 'tdx'})}.{signature}") is None
+    assert TokenSigner().verify(token) is None  # another server's key
+    assert signer.verify(issue(signer, expires=time.time() - 1)) is None
+    assert signer.verify(f"{b64({'alg': 'none', 'typ': 'JWT', 'kid': signer.kid})}.{body}.") is None
+    for junk in ("", "a.b", "a.b.c.d", token + "x", "é.é.é", "." * 2, token.replace(".", ".[", 1),
+                 "x" * 70_000):
+        assert signer.verify(junk) is None
+
+
+def test_tokens_outlive_neither_their_session_nor_their_lifetime():
+    signer = TokenSigner(lifetime=60)
+    token = issue(signer, expires=time.time() + 10)
+    exp = signer.verify(token)["exp"]
+    assert exp <= time.time() + 10
+    assert signer.verify(issue(signer, expires=time.time() + 3600))["exp"] <= time.time() + 60
+
+
+def test_shared_key_file(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    a = TokenSigner.load(write_secret(tmp_path / "a.pem", pem))
+    b = TokenSigner.load(write_secret(tmp_path / "b.pem", pem))
+    assert a.shared and b.verify(issue(a)) is not None
+    p384 = ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    with pytest.raises(ConfigError, match="EC P-256"):
+        TokenSigner.load(write_secret(tmp_path / "c.pem", p384))
+    with pytest.raises(ConfigError, match="not a PEM private key"):
+        TokenSigner.load(write_secret(tmp_path / "d.pem", b"nonsense"))
