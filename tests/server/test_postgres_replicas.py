@@ -9,13 +9,8 @@ The tests start their own PostgreSQL server (initdb in a temporary folder, as th
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,56 +19,27 @@ import pytest
 import requests
 
 from support.kbs import attest, attestation, audit_records, challenge, keybroker
-from support.servers import KeyServerProcess, ServerSecrets, free_port
+from support.postgres import Unavailable, fresh_database, running_postgres
+from support.servers import KeyServerProcess, ServerSecrets
 
 SECRET = b"\x02replicated disk key\xfd"
-
-
-def _as_postgres(*cmd: str | Path) -> None:
-    subprocess.run(["runuser", "-u", "postgres", "--", *map(str, cmd)], check=True, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
     """A PostgreSQL server of our own; yields the URL of its maintenance database."""
-    initdbs = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
-    if not initdbs:
-        pytest.skip("PostgreSQL is not installed (.ci/setup installs it)")
-    if os.geteuid() != 0:
-        pytest.skip("starting PostgreSQL as the postgres user needs root")
-    bindir = initdbs[-1].parent
-    base = Path(tempfile.mkdtemp(prefix="keybroker-pg-"))
-    shutil.chown(base, "postgres", "postgres")
-    data, sockets, port = base / "data", base / "sockets", free_port()
-    started = False
     try:
-        _as_postgres(bindir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
-        _as_postgres("mkdir", "-m", "0700", sockets)
-        _as_postgres(bindir / "pg_ctl", "-D", data, "-l", base / "postgres.log", "-w", "-t", "60", "-o",
-                     f"-c listen_addresses='' -c unix_socket_directories={sockets} -p {port} -c max_connections=200",
-                     "start")
-        started = True
-        yield f"postgresql://postgres@/postgres?host={sockets}&port={port}"
-    finally:
-        if started:
-            subprocess.run(["runuser", "-u", "postgres", "--", str(bindir / "pg_ctl"), "-D", str(data), "-m",
-                            "immediate", "-w", "stop"], capture_output=True, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
+        with running_postgres() as url:
+            yield url
+    except Unavailable as exc:
+        pytest.skip(str(exc))
 
 
 @pytest.fixture
 def database(postgres: str) -> Iterator[str]:
     """A fresh database on the test server; dropped after the test (its replicas are stopped by then)."""
-    import psycopg
-
-    name = f"kbs_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres, autocommit=True) as db:
-        db.execute(f"CREATE DATABASE {name}")
-    try:
-        yield postgres.replace("/postgres?", f"/{name}?", 1)
-    finally:
-        with psycopg.connect(postgres, autocommit=True) as db:
-            db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with fresh_database(postgres) as url:
+        yield url
 
 
 @pytest.fixture
