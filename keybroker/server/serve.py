@@ -67,7 +67,7 @@ def guarded_protocol() -> type[asyncio.Protocol]:
         _head = 0         # bytes of the current request's target and headers
         _raw = 0          # bytes received while a head is incomplete (httptools buffers a partial header)
         _in_head = True   # between requests or inside a head
-        _begun = False    # a request began in the read being parsed
+        _begun = False    # a request began (or one ended) in the read being parsed
         _whole = False    # the current request has arrived whole
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -88,7 +88,7 @@ def guarded_protocol() -> type[asyncio.Protocol]:
             super().data_received(data)
             if self._in_head and not self.transport.is_closing():  # no whole head yet: httptools keeps it
                 # A head that began in this read holds part of it (a read is at most 256 KiB); one
-                # that began earlier, all of it.
+                # that began in an earlier read, all of it.
                 self._raw = 0 if self._begun else self._raw + len(data)
                 if self._raw > HEAD_MAX:
                     self._head = self._raw
@@ -111,7 +111,7 @@ def guarded_protocol() -> type[asyncio.Protocol]:
             super().on_header(name, value)
 
         def on_message_complete(self) -> None:
-            self._whole, self._in_head = True, True
+            self._whole, self._in_head, self._begun = True, True, True  # what follows in this read is a new head
             super().on_message_complete()
 
         def on_response_complete(self) -> None:
