@@ -156,18 +156,24 @@ def handler(tmp_path: Path, system_lock: None) -> Iterator[Callable[..., Path]]:
         pytest.skip("installing a request-key handler needs root")
     saved = CONF.read_bytes() if CONF.exists() else None
 
-    def install(server_url: str, tsm_root: Path, *, deadline: float = 10, extra: str = "") -> Path:
+    def install(server_url: str, tsm_root: Path, *, deadline: float = 10, extra: str = "",
+                ca: Path | None = None) -> Path:
         from keybroker.guest import install as installer
 
         config = tmp_path / "client.toml"
-        config.write_text(f'[server]\nurl = "{server_url}"\n[tsm]\nroot = "{tsm_root}"\n'
+        trust = f'ca = "{ca}"\n' if ca else ""
+        config.write_text(f'[server]\nurl = "{server_url}"\n{trust}[tsm]\nroot = "{tsm_root}"\n'
                           f"[handler]\ndeadline = {deadline}\n{extra}")
         installer.install(config, CONF.parent, Path(sys.executable).parent / "keybroker-request-key")
         return config
 
+    from keybroker.guest import tokens
+
+    tokens.forget_all()  # every test starts without attestation tokens kept by another
     try:
         yield install
     finally:
+        tokens.forget_all()
         if saved is None:
             CONF.unlink(missing_ok=True)
         else:

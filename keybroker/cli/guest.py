@@ -115,6 +115,37 @@ def _add_unlock(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_place_key)
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from ..guest import agent
+
+    return agent.serve(args.socket)
+
+
+def _add_agent(sub: argparse._SubParsersAction) -> None:
+    from ..guest.agentsocket import SOCKET
+
+    p = sub.add_parser("agent", help="serve key requests for the request-key handler, warm (root only)",
+                       description="Keep imports, the HTTP client and the kept attestation tokens warm for the "
+                                   "request-key handler, which hands it key requests over a root-only socket "
+                                   "(socket-activated by keybroker-agent.socket, or listening itself).")
+    p.add_argument("--socket", type=Path, default=SOCKET, help=f"where to listen (default {SOCKET})")
+    p.set_defaults(run=_agent)
+
+
+def _forget_tokens(args: argparse.Namespace) -> int:
+    from ..guest import tokens
+
+    print("dropped the kept attestation tokens" if tokens.forget_all() else "no attestation tokens were kept")
+    return 0
+
+
+def _add_forget_tokens(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("forget-tokens", help="drop the attestation tokens the handler keeps (root's keyring)",
+                       description="Unlink the keyring in which the request-key handler keeps attestation tokens "
+                                   "and their tee keys: the next key request attests again.")
+    p.set_defaults(run=_forget_tokens)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    for add in (_add_evidence, _add_install_handler, _add_unlock):
+    for add in (_add_evidence, _add_install_handler, _add_agent, _add_forget_tokens, _add_unlock):
         add(sub)

@@ -1,6 +1,8 @@
-"""One attestation round for one key request: evidence -> RCAR -> released bytes.
+"""One key request: under the token kept from an earlier attestation, else one attestation round
+(evidence -> RCAR -> released bytes), whose token is kept for the next requests.
 
-No kernel and no argv here: the handler (and ``--debug``) call :func:`obtain`.
+No kernel and no argv here: the handler (and ``--debug``) call :func:`obtain`. Tokens are
+kept for root only (see :mod:`.tokens`); other users' ``--debug`` runs always attest.
 """
 
 from __future__ import annotations
@@ -10,26 +12,55 @@ import errno as E
 from ..errors import TsmError
 from ..wire import rcar as p
 from ..wire.envelope import TsmReport
-from .client import RcarClient, ReleasedKey
+from .client import RcarClient, ReleasedKey, TokenRefused
 from .config import ClientConfig
 from .request import KeyRequest
+from .tokens import TokenCache
 from .tsm import ReportRequest, TsmClient
 
 __all__ = ["ReleasedKey", "obtain"]
 
 
 def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> ReleasedKey:
+    client = RcarClient(config.server_url, ca=config.server_ca, deadline=deadline)
+    resource = str(request.resource)
+    if not TokenCache.available():
+        return _attest(config, request, client, None)
+    cache = TokenCache(config.server_url, config.server_ca, request.privlevel)
+    released = _with_kept_token(client, cache, resource)
+    if released is not None:
+        return released
+    with cache.attesting(deadline):  # concurrent requests wait here for one attestation
+        released = _with_kept_token(client, cache, resource)  # kept meanwhile by the one that attested
+        return released if released is not None else _attest(config, request, client, cache)
+
+
+def _with_kept_token(client: RcarClient, cache: TokenCache, resource: str) -> ReleasedKey | None:
+    held = cache.load()
+    if held is None:
+        return None
+    try:
+        return client.fetch_with_token(resource, held.token, held.key)
+    except TokenRefused:
+        cache.drop()
+        return None
+
+
+def _attest(config: ClientConfig, request: KeyRequest, client: RcarClient, cache: TokenCache | None) -> ReleasedKey:
     tsm = TsmClient(config.tsm_root)
     provider = tsm.provider()
     tee = p.TEE_BY_PROVIDER.get(provider)
     if tee is None:
         raise TsmError(f"provider {provider!r} has no KBS tee type (known: {', '.join(p.TEE_BY_PROVIDER)})",
                        errno=E.ENODEV)
+    deadline = client.deadline
 
     def evidence(inblob: bytes) -> TsmReport:
         return tsm.get_report(ReportRequest(inblob, privlevel=request.privlevel,
                                             service_provider=config.service_provider,
                                             service_guid=config.service_guid), deadline=deadline)
 
-    client = RcarClient(config.server_url, ca=config.server_ca, deadline=deadline)
-    return client.fetch(str(request.resource), tee, evidence)
+    attested = client.fetch(str(request.resource), tee, evidence)
+    if cache is not None and attested.token is not None:
+        cache.store(attested.token, attested.key)
+    return attested.released

@@ -1,25 +1,33 @@
-"""KBS RCAR 0.4.0 client: auth -> attest -> resource, over requests.
+"""KBS RCAR 0.4.0 client: auth -> attest -> resource, over the standard library's http.client
+(it runs once per key request: ``requests`` alone would cost more to import than the round).
 
 One round: get a challenge, make an ephemeral EC P-256 key, let the caller produce
 evidence whose inblob binds the nonce and that key, attest, fetch the resource, and
-decrypt the JWE with the ephemeral key. The evidence goes as keybroker's envelope to a
+decrypt the JWE with the ephemeral key. The round also returns the attestation token and
+that key, with which further resources are fetched (``Authorization: Bearer``) without
+attesting again. The evidence goes as keybroker's envelope to a
 server whose challenge says it reads it, and in Trustee's per-TEE form to any other (a
 Trustee KBS): no configuration tells the two apart. Every HTTP call has an explicit timeout bounded
 by the caller's deadline; unreachable servers and 5xx answers are retried a bounded
-number of times while the deadline allows.
+number of times while the deadline allows. TLS verifies the server against ``ca`` (or the
+system's roots); no proxy, no redirect, no environment variable is followed.
 """
 
 from __future__ import annotations
 
 import errno as E
+import http.client
+import json
 import re
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import requests
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import EvidenceError, ProtocolError, ReleaseRefused, ResourceMissing, ServerError, ServerUnreachable
@@ -43,58 +51,141 @@ class ReleasedKey:
     lease: int | None
 
 
+@dataclass(frozen=True)
+class Attested:
+    """What an attestation round leaves: the resource, and the token and tee key for further ones."""
+
+    released: ReleasedKey
+    token: str | None
+    key: ec.EllipticCurvePrivateKey
+
+
+class TokenRefused(Exception):
+    """The server does not take the attestation token (expired, or not one it can check): attest again."""
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    reason: str
+    headers: http.client.HTTPMessage
+    content: bytes
+
+
+class _Http:
+    """One keep-alive connection to the key server, and the RCAR session cookie it was given."""
+
+    def __init__(self, url: str, ca: Path | None) -> None:
+        parts = urlsplit(url)
+        self.prefix = parts.path.rstrip("/")
+        host, port = parts.hostname or "", parts.port
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=str(ca) if ca else None)
+            self.conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, port, context=context)
+        else:
+            self.conn = http.client.HTTPConnection(host, port)
+        self.cookie: str | None = None
+
+    def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str],
+                timeout: float) -> _Response:
+        headers = {"Accept": "application/json", **headers}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if self.cookie:
+            headers["Cookie"] = f"{p.SESSION_COOKIE}={self.cookie}"
+        self.conn.timeout = timeout
+        if self.conn.sock is not None:
+            self.conn.sock.settimeout(timeout)
+        self.conn.request(method, self.prefix + path, body=body, headers=headers)
+        response = self.conn.getresponse()
+        content = response.read(RESPONSE_MAX + 1)
+        for value in response.headers.get_all("Set-Cookie") or ():
+            name, _, rest = value.partition("=")
+            if name.strip() == p.SESSION_COOKIE:
+                self.cookie = rest.split(";", 1)[0].strip()
+        if len(content) <= RESPONSE_MAX and response.will_close is False:
+            response.read()  # nothing left: the connection stays usable
+        return _Response(response.status, response.reason, response.headers, content)
+
+
 class RcarClient:
     def __init__(self, url: str, *, ca: Path | None = None, deadline: float | None = None,
                  attempts: int = 3, backoff: float = 0.5) -> None:
         self.url = url.rstrip("/")
-        self.verify: bool | str = str(ca) if ca else True
+        self.ca = ca
         self.deadline = deadline
         self.attempts = attempts
         self.backoff = backoff
 
-    def fetch(self, resource: str, tee: str, evidence: EvidenceSource) -> ReleasedKey:
+    def fetch(self, resource: str, tee: str, evidence: EvidenceSource) -> Attested:
         """Run one attestation round, again after a failure that may clear (unreachable, HTTP 5xx)."""
         return retry(lambda: self._round(resource, tee, evidence), transient=_transient,
                      backoff=Backoff(first=self.backoff), deadline=self.deadline, attempts=self.attempts)
 
-    def _round(self, resource: str, tee: str, evidence: EvidenceSource) -> ReleasedKey:
-        with requests.Session() as http:
-            http.verify = self.verify
-            http.trust_env = False  # no proxies or CA bundles from an environment we do not control
-            challenge = p.Challenge.from_json(self._call(http, "POST", "/auth", p.AuthRequest(tee).to_json()))
+    def fetch_with_token(self, resource: str, token: str, key: ec.EllipticCurvePrivateKey) -> ReleasedKey:
+        """Fetch ``resource`` under an attestation token (Bearer), unwrapping it with the key the token is
+        bound to. TokenRefused when the server does not take the token; its other refusals as in a round."""
+        def once() -> ReleasedKey:
+            with self._connection() as link:
+                try:
+                    response = self._call(link, "GET", f"/resource/{resource}", None, raw=True,
+                                          headers={"Authorization": f"Bearer {token}"})
+                except ServerError as exc:
+                    if exc.status == 401 and exc.problem != p.POLICY_DENIED:
+                        raise TokenRefused(str(exc)) from None
+                    raise
+                return _released(response, key)
+        return retry(once, transient=_transient, backoff=Backoff(first=self.backoff), deadline=self.deadline,
+                     attempts=self.attempts)
 
-            key = ec.generate_private_key(ec.SECP256R1())  # ephemeral: lives for this round only
+    def _round(self, resource: str, tee: str, evidence: EvidenceSource) -> Attested:
+        with self._connection() as link:
+            challenge = p.Challenge.from_json(self._call(link, "POST", "/auth", p.AuthRequest(tee).to_json()))
+
+            key = ec.generate_private_key(ec.SECP256R1())  # ephemeral: this round's, and its token's
             tee_pubkey = {"alg": p.KEY_ALGORITHM, **jwe.public_jwk(key.public_key())}
             report = evidence(p.report_data(challenge.nonce, tee_pubkey))
             attestation = p.Attestation(challenge.nonce, tee_pubkey, _primary_evidence(report, challenge))
-            self._call(http, "POST", "/attest", attestation.to_json())
+            answer = self._call(link, "POST", "/attest", attestation.to_json())
+            token = answer.get("token") if isinstance(answer, dict) else None
 
-            response = self._call(http, "GET", f"/resource/{resource}", None, raw=True)
-            lease = response.headers.get(p.LEASE_HEADER, "")
-            value = _decrypt(response, key)
-            return ReleasedKey(value, int(lease) if re.fullmatch(r"[0-9]{1,10}", lease) else None)
+            response = self._call(link, "GET", f"/resource/{resource}", None, raw=True)
+            return Attested(_released(response, key), token if isinstance(token, str) else None, key)
 
-    def _call(self, http: requests.Session, method: str, path: str, body: Any, *, raw: bool = False) -> Any:
-        url = f"{self.url}{p.PREFIX}{path}"
+    @contextmanager
+    def _connection(self) -> Iterator[_Http]:
+        link = _Http(self.url, self.ca)
+        try:
+            yield link
+        finally:
+            link.conn.close()
+
+    def _call(self, link: _Http, method: str, path: str, body: Any, *, raw: bool = False,
+              headers: dict[str, str] | None = None) -> Any:
         timeout = REQUEST_TIMEOUT
         if self.deadline is not None:
             timeout = min(timeout, self.deadline - time.monotonic())
             if timeout <= 0:
                 raise ServerUnreachable(f"no time left to reach the key server at {self.url}", errno=E.ETIMEDOUT)
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         try:
-            response = http.request(method, url, json=body, timeout=timeout, allow_redirects=False)
-        except requests.Timeout:
+            response = link.request(method, f"{p.PREFIX}{path}", data, headers or {}, timeout)
+        except TimeoutError:
+            link.conn.close()
             raise ServerUnreachable(f"key server {self.url} did not answer within {timeout:.1f} s",
                                     errno=E.ETIMEDOUT) from None
-        except requests.exceptions.SSLError as exc:
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            link.conn.close()
             raise ServerError(f"TLS with {self.url} failed: {exc}", status=0, problem=None) from None
-        except requests.ConnectionError as exc:
-            code = _errno_of(exc)
+        except (OSError, http.client.HTTPException) as exc:
+            link.conn.close()
+            code = exc.errno if isinstance(exc, OSError) and exc.errno in _UNREACHABLE else \
+                E.ECONNRESET if isinstance(exc, http.client.HTTPException | ConnectionError) else E.ECONNREFUSED
             raise ServerUnreachable(f"cannot reach the key server {self.url}: {E.errorcode.get(code, code)}",
                                     errno=code) from None
         if len(response.content) > RESPONSE_MAX:
             raise ProtocolError(f"{method} {path}: response larger than {RESPONSE_MAX} bytes")
-        if response.status_code != 200:
+        if response.status != 200:
             try:
                 problem = parse_json(response.content)
             except ValueError:
@@ -102,14 +193,22 @@ class RcarClient:
             name = p.problem_name(problem)
             detail = problem.get("detail") if isinstance(problem, dict) else None
             kind = _REFUSALS.get(name or "", ServerError)
-            raise kind(f"{method} {path}: HTTP {response.status_code} {(name or '')[:200]}: "
-                       f"{str(detail or response.reason)[:500]}", status=response.status_code, problem=name)
+            raise kind(f"{method} {path}: HTTP {response.status} {(name or '')[:200]}: "
+                       f"{str(detail or response.reason)[:500]}", status=response.status, problem=name)
         if raw:
             return response
         try:
             return parse_json(response.content)
         except ValueError:
             raise ProtocolError(f"{method} {path}: response is not JSON") from None
+
+
+_UNREACHABLE = (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ETIMEDOUT, E.ECONNRESET)
+
+
+def _released(response: _Response, key: ec.EllipticCurvePrivateKey) -> ReleasedKey:
+    lease = response.headers.get(p.LEASE_HEADER, "")
+    return ReleasedKey(_decrypt(response, key), int(lease) if re.fullmatch(r"[0-9]{1,10}", lease) else None)
 
 
 def _primary_evidence(report: TsmReport, challenge: p.Challenge) -> Any:
@@ -135,7 +234,7 @@ def _transient(exc: Exception) -> bool:
     return busy or isinstance(exc, ServerUnreachable)
 
 
-def _decrypt(response: requests.Response, key: ec.EllipticCurvePrivateKey) -> bytearray:
+def _decrypt(response: _Response, key: ec.EllipticCurvePrivateKey) -> bytearray:
     """The released key, decrypted straight into a buffer the caller wipes."""
     try:
         body = parse_json(response.content)
@@ -145,19 +244,3 @@ def _decrypt(response: requests.Response, key: ec.EllipticCurvePrivateKey) -> by
         return jwe.unwrap(body, key)
     except ProtocolError as exc:
         raise ProtocolError(f"resource: {exc}") from None
-
-
-def _errno_of(exc: BaseException) -> int:
-    """The socket errno behind a requests/urllib3 connection error (ECONNREFUSED if unknown)."""
-    seen: set[int] = set()
-    stack: list[Any] = [exc]
-    while stack:
-        item = stack.pop()
-        if id(item) in seen or not isinstance(item, BaseException):
-            continue
-        seen.add(id(item))
-        if isinstance(item, OSError) and item.errno in (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH,
-                                                        E.ETIMEDOUT, E.ECONNRESET):
-            return item.errno
-        stack.extend([item.__cause__, item.__context__, *item.args, getattr(item, "reason", None)])
-    return E.ECONNREFUSED

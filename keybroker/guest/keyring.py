@@ -7,7 +7,6 @@ Thin wrappers: each function is one keyutils call and raises :class:`KeyringErro
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -16,6 +15,7 @@ from typing import Any
 from ..errors import KeybrokerError, KeyringError
 
 # Special keyring IDs (keyutils.h).
+PROCESS_KEYRING = -2
 SESSION_KEYRING = -3
 USER_KEYRING = -4
 REQKEY_AUTH_KEY = -7
@@ -32,18 +32,25 @@ _serial = ctypes.c_int32
 
 @cache
 def _lib() -> ctypes.CDLL:
-    name = ctypes.util.find_library("keyutils") or "libkeyutils.so.1"
     try:
-        lib = ctypes.CDLL(name, use_errno=True)
-    except OSError as exc:
-        raise KeybrokerError(f"cannot load libkeyutils.so.1 (install keyutils): {exc}") from None
+        lib = ctypes.CDLL("libkeyutils.so.1", use_errno=True)  # the soname: no ldconfig run per request
+    except OSError:
+        from ctypes.util import find_library
+
+        try:
+            lib = ctypes.CDLL(find_library("keyutils") or "libkeyutils.so", use_errno=True)
+        except OSError as exc:
+            raise KeybrokerError(f"cannot load libkeyutils.so.1 (install keyutils): {exc}") from None
     s, p, n = _serial, ctypes.c_char_p, ctypes.c_size_t
     u, lng = ctypes.c_uint, ctypes.c_long
     signatures = {
         "request_key": (s, [p, p, p, s]),
+        "add_key": (s, [p, p, ctypes.c_void_p, n, s]),
+        "keyctl_search": (lng, [s, p, p, s]),
         "keyctl_describe": (lng, [s, ctypes.c_void_p, n]),
         "keyctl_read": (lng, [s, ctypes.c_void_p, n]),
         "keyctl_unlink": (lng, [s, s]),
+        "keyctl_link": (lng, [s, s]),
         "keyctl_setperm": (lng, [s, ctypes.c_uint32]),
         "keyctl_set_timeout": (lng, [s, u]),
         "keyctl_assume_authority": (lng, [s]),
@@ -74,6 +81,17 @@ def request_key(key_type: str, description: str, callout: str | None, keyring: i
     """request_key(2); a ``None`` callout only searches and never upcalls."""
     info = None if callout is None else callout.encode()
     return _check("request_key", _lib().request_key(key_type.encode(), description.encode(), info, keyring))
+
+
+def add_key(key_type: str, description: str, payload: bytes | bytearray, keyring: int) -> int:
+    """add_key(2): create or update the key ``description`` of ``key_type`` in ``keyring``."""
+    buf = _buffer(payload) if payload else None
+    return _check("add_key", _lib().add_key(key_type.encode(), description.encode(), buf, len(payload), keyring))
+
+
+def search(keyring: int, key_type: str, description: str) -> int:
+    """KEYCTL_SEARCH: the key in ``keyring`` (or a keyring linked from it) with this type and description."""
+    return _check("keyctl_search", _lib().keyctl_search(keyring, key_type.encode(), description.encode(), 0))
 
 
 def _read_all(call: str, fn: Callable[[int, Any, int], int], key: int) -> bytearray:
@@ -115,6 +133,10 @@ def read(key: int) -> bytes:
 def read_secret(key: int) -> bytearray:
     """KEYCTL_READ into a bytearray the caller can wipe (no immutable copy of the payload is left)."""
     return _read_all("keyctl_read", _lib().keyctl_read, key)
+
+
+def link(key: int, keyring: int) -> None:
+    _check("keyctl_link", _lib().keyctl_link(key, keyring))
 
 
 def unlink(key: int, keyring: int) -> None:

@@ -27,7 +27,7 @@ def test_release_and_errors_through_the_client(tsm_sim, kbs):
     root = tsm_sim("sev_guest")
     server = kbs()
     server.put("default/key/a", SECRET)
-    released = RcarClient(server.url).fetch("default/key/a", "snp", evidence_from(root))
+    released = RcarClient(server.url).fetch("default/key/a", "snp", evidence_from(root)).released
     assert bytes(released.value) == SECRET and released.lease is None
     with pytest.raises(ServerError) as info:
         RcarClient(server.url).fetch("default/key/none", "snp", evidence_from(root))

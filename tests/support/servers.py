@@ -56,7 +56,7 @@ class KeyServerProcess:
                  secrets: ServerSecrets | None = None, policy: dict | None = policies.ANY_GUEST_DOCUMENT) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if '--tls-cert' in extra else 'http'}://127.0.0.1:{self.port}"
         self.db = db or f"sqlite:///{workdir / 'kbs.db'}"
         self.secrets = secrets or ServerSecrets(workdir / "secrets")
         self.args = [sys.executable, "-m", "keybroker", "serve", "--listen", f"127.0.0.1:{self.port}",
@@ -68,16 +68,22 @@ class KeyServerProcess:
         self.log_path = workdir / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> KeyServerProcess:
+    def get(self, path: str) -> bytes:
+        """GET ``path`` from the server (over TLS without checking its certificate: this is the test's own)."""
+        import ssl
         import urllib.request
 
+        context = ssl._create_unverified_context() if self.url.startswith("https") else None
+        return urllib.request.urlopen(f"{self.url}{path}", timeout=10, context=context).read()
+
+    def start(self) -> KeyServerProcess:
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
+                self.get("/healthz")
                 return self
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -93,15 +99,28 @@ class KeyServerProcess:
                 self.proc.kill()
                 self.proc.wait()
 
+    def workers(self) -> list[int]:
+        assert self.proc is not None
+        return [int(pid) for pid in open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read().split()]
+
+    def crash(self) -> None:
+        """SIGKILL the workers and the supervisor at once: what a power cut does to requests in flight."""
+        import signal
+
+        assert self.proc is not None
+        for pid in self.workers():
+            os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait()
+
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a counter's samples with these labels, from /metrics."""
         import re
-        import urllib.request
 
-        text = urllib.request.urlopen(f"{self.url}/metrics", timeout=10).read().decode()
+        text = self.get("/metrics").decode()
         total = 0.0
         for match in re.finditer(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", text, re.M):
             have = dict(re.findall(r'(\w+)="([^"]*)"', match[1]))

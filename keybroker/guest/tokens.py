@@ -1,0 +1,174 @@
+"""Attest once, many keys: the attestation token and the tee key it is bound to, kept in the kernel.
+
+After an attestation the handler keeps, per key server, the token ``/attest`` answered and the
+ephemeral EC private key whose public half the token carries (the server wraps every
+resource to it). Further requests fetch with ``Authorization: Bearer`` and unwrap with that
+key, until the token expires or the server refuses it; then they attest again.
+
+Where they live: one ``user`` key per server (and privilege level), ``keybroker:token:<digest>``, in
+the keyring ``keybroker:tokens`` linked from root's user keyring. Only root (their owner)
+may view, read or change them; a requester that is not root cannot even see them. The
+kernel deletes each when its token expires (``exp``, less a margin). Nothing is written to
+disk. To force a fresh attestation::
+
+    keybroker forget-tokens        # or: keyctl unlink %keyring:keybroker:tokens @u (as root)
+
+A server's refusal of a kept token (401: expired, signed by a key it no longer has) drops
+it and the request attests again in the same run. Release decisions stay the server's: it
+applies its current policy to every request, token or not.
+
+Concurrent requests to one server share one attestation: the round that attests holds a
+lock (``flock`` on ``/run/keybroker/attest-<digest>.lock``) and the others, waiting on it,
+find the token it kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno as E
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ..errors import KeyringError, ServerUnreachable
+from . import keyring
+
+KEYRING = "keybroker:tokens"
+LOCK_DIR = Path("/run/keybroker")
+MARGIN = 10  # seconds before a token's exp that it is no longer used
+_FORMAT = b"keybroker-token-1\n"
+#: Root (the owner) may do everything, a possessor too; group and others nothing.
+_OWNER_ONLY = 0x3F3F0000
+
+
+@dataclass(frozen=True)
+class Held:
+    """A kept token and the private key it is bound to."""
+
+    token: str
+    key: ec.EllipticCurvePrivateKey
+
+
+class TokenCache:
+    """The kept token of one key server (``url`` and ``ca`` name it) for evidence at one privilege
+    level (a token attests the level its evidence was made at); usable by root only."""
+
+    def __init__(self, url: str, ca: Path | None, privlevel: int | None) -> None:
+        self.digest = hashlib.sha256(f"{url}\0{ca or ''}\0{privlevel}".encode()).hexdigest()[:32]
+        self.description = f"keybroker:token:{self.digest}"
+
+    @staticmethod
+    def available() -> bool:
+        return os.geteuid() == 0
+
+    def load(self) -> Held | None:
+        """The kept token, or None (none kept, expired, or unreadable)."""
+        ring = _keyring(create=False)
+        if ring is None:
+            return None
+        try:
+            serial = keyring.search(ring, "user", self.description)
+            payload = keyring.read_secret(serial)
+        except KeyringError:
+            return None
+        try:
+            if not payload.startswith(_FORMAT) or len(payload) < len(_FORMAT) + 33:
+                return None
+            token = bytes(payload[len(_FORMAT):-33]).decode("ascii")
+            scalar = int.from_bytes(payload[-32:], "big")
+            return Held(token, ec.derive_private_key(scalar, ec.SECP256R1()))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        finally:
+            payload[:] = bytes(len(payload))
+
+    def store(self, token: str, key: ec.EllipticCurvePrivateKey) -> None:
+        """Keep ``token`` and ``key`` until the token's exp (less MARGIN); nothing if it has none."""
+        lifetime = _expires(token) - time.time() - MARGIN
+        if lifetime < 1 or not token.isascii():
+            return
+        payload = bytearray(_FORMAT + token.encode("ascii") + b"\n")
+        payload += key.private_numbers().private_value.to_bytes(32, "big")
+        try:
+            ring = _keyring(create=True)
+            assert ring is not None
+            serial = keyring.add_key("user", self.description, payload, ring)
+            keyring.setperm(serial, _OWNER_ONLY)
+            keyring.set_timeout(serial, int(lifetime))
+        except KeyringError:
+            pass  # a token not kept costs the next request an attestation, nothing else
+        finally:
+            payload[:] = bytes(len(payload))
+
+    def drop(self) -> None:
+        ring = _keyring(create=False)
+        if ring is None:
+            return
+        with contextlib.suppress(KeyringError):
+            keyring.unlink(keyring.search(ring, "user", self.description), ring)
+
+    @contextlib.contextmanager
+    def attesting(self, deadline: float) -> Iterator[None]:
+        """Hold this server's attestation lock (waiting for it at most until ``deadline``)."""
+        LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(LOCK_DIR / f"attest-{self.digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise ServerUnreachable("another request's attestation to this key server did not end "
+                                                "in time", errno=E.ETIMEDOUT) from None
+                    time.sleep(0.005)
+            yield
+        finally:
+            os.close(fd)  # releases the lock (so does the process's death)
+
+
+def forget_all() -> bool:
+    """Drop every kept token (unlink the keyring); whether there was one."""
+    try:
+        ring = keyring.search(keyring.USER_KEYRING, "keyring", KEYRING)
+    except KeyringError:
+        return False
+    keyring.unlink(ring, keyring.USER_KEYRING)
+    return True
+
+
+def _keyring(*, create: bool) -> int | None:
+    # The handler's worker runs in the requester's session, which does not reach root's user
+    # keyring: linked from the worker's process keyring, root possesses what it keeps there
+    # (and may set permissions and expiry). That keyring goes with the worker. (Only for the
+    # handler: a process keyring that reaches @u changes what request_key finds for it.)
+    keyring.link(keyring.USER_KEYRING, keyring.PROCESS_KEYRING)
+    try:
+        return keyring.search(keyring.USER_KEYRING, "keyring", KEYRING)
+    except KeyringError:
+        if not create:
+            return None
+    ring = keyring.add_key("keyring", KEYRING, b"", keyring.USER_KEYRING)
+    keyring.setperm(ring, _OWNER_ONLY)
+    return ring
+
+
+def _expires(token: str) -> float:
+    """The ``exp`` of a JWT (not verified: it only says how long to keep it), 0 if it has none."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return 0
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, RecursionError):
+        return 0
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else 0

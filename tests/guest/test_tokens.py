@@ -1,0 +1,122 @@
+"""Attest once, many keys: the token /attest gives is kept in root's keyring and used for further
+keys until it expires or the server refuses it; concurrent requests share one attestation."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from keybroker.guest import tokens
+from support.keyctl import keyctl_session
+
+SECRETS = {f"default/disk/k{i}": hashlib.sha256(b"key %d" % i).digest() for i in range(8)}
+
+
+@pytest.fixture
+def broker(tsm_sim, kbs, handler):
+    root = tsm_sim("sev_guest")
+    server = kbs("--rate-limit", "0")
+    for path, value in SECRETS.items():
+        server.put(path, value)
+    handler(server.url, root)
+    return server
+
+
+def request(*names: str) -> subprocess.CompletedProcess:
+    """Request keys k<N> in one fresh session keyring, in parallel; print each key's sha256."""
+    script = " & ".join(f'keyctl pipe $(keyctl request2 user keybroker:default/disk/{n} "" @s) | sha256sum'
+                        for n in names)
+    return keyctl_session(f"{script} & wait")
+
+
+def released(out: subprocess.CompletedProcess, *names: str) -> bool:
+    return out.returncode == 0 and all(hashlib.sha256(SECRETS[f"default/disk/{n}"]).hexdigest() in out.stdout
+                                       for n in names)
+
+
+def forget() -> None:
+    subprocess.run([sys.executable, "-m", "keybroker", "forget-tokens"], check=True, capture_output=True)
+
+
+def test_one_attestation_serves_many_keys(broker):
+    assert released(request("k0"), "k0")
+    assert released(request("k1"), "k1") and released(request("k2"), "k2")
+    assert broker.requests_to("attest") == 1 and broker.requests_to("resource") == 3
+    forget()  # the operator drops the kept tokens: the next key attests again
+    assert released(request("k3"), "k3")
+    assert broker.requests_to("attest") == 2
+
+
+def test_kept_tokens_are_root_s_alone(broker):
+    assert released(request("k0"), "k0")
+    ring = subprocess.run(["keyctl", "search", "@u", "keyring", tokens.KEYRING], capture_output=True, text=True)
+    assert ring.returncode == 0, ring.stderr
+    serials = subprocess.run(["keyctl", "rlist", ring.stdout.strip()], capture_output=True, text=True).stdout.split()
+    assert len(serials) == 1
+    described = subprocess.run(["keyctl", "rdescribe", serials[0]], capture_output=True, text=True).stdout
+    kind, uid, _gid, perm, description = described.strip().split(";", 4)
+    assert kind == "user" and uid == "0" and description.startswith("keybroker:token:")
+    assert int(perm, 16) & 0xFFFF == 0  # nothing for group or others
+    nobody = keyctl_session(f"keyctl print {serials[0]}", user="nobody")
+    assert nobody.returncode != 0 and "Permission denied" in nobody.stderr
+
+
+def test_a_new_policy_applies_to_a_kept_token(broker, tmp_path):
+    assert released(request("k0"), "k0")
+    denying = tmp_path / "deny.json"
+    denying.write_text('{"version": 1, "rules": [{"resources": ["default/disk/k0"], "require": '
+                       '{"claim": "tee", "equals": "snp"}}]}')
+    subprocess.run([sys.executable, "-m", "keybroker", "policy", "put", str(denying), "--db", broker.db],
+                   check=True, capture_output=True)
+    out = request("k1")
+    assert not released(out, "k1") and "Key was rejected by service" in out.stderr
+    assert broker.requests_to("attest") == 1  # refused under the kept token, by the policy now in force
+
+
+def test_a_token_the_server_refuses_is_replaced_transparently(tsm_sim, kbs, handler):
+    """A server restarted with a new (ephemeral) token key refuses the kept token: attest again."""
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    for path, value in SECRETS.items():
+        server.put(path, value)
+    handler(server.url, root)
+    assert released(request("k0"), "k0")
+    server.stop()
+    server.start()  # same URL and database, another token-signing key
+    assert released(request("k1"), "k1")
+    assert server.requests_to("attest") == 1  # this process's count: one fresh attestation
+    assert "result=verified" in server.log()
+
+
+def test_another_server_is_not_served_a_token_of_the_first(tsm_sim, kbs, handler):
+    root = tsm_sim("sev_guest")
+    first, second = kbs(), kbs()
+    for server in (first, second):
+        for path, value in SECRETS.items():
+            server.put(path, value)
+    handler(first.url, root)
+    assert released(request("k0"), "k0")
+    handler(second.url, root)
+    assert released(request("k1"), "k1")
+    assert first.requests_to("attest") == 1 and second.requests_to("attest") == 1
+
+
+def test_concurrent_requests_share_one_attestation(tsm_sim, kbs, handler):
+    slow = 2.0
+    root = tsm_sim("sev_guest", f"slow={slow:g}")
+    server = kbs("--rate-limit", "0")
+    for path, value in SECRETS.items():
+        server.put(path, value)
+    handler(server.url, root, deadline=30)
+    names = [f"k{i}" for i in range(6)]
+    start = time.monotonic()
+    out = request(*names)
+    took = time.monotonic() - start
+    assert released(out, *names), out.stderr
+    assert server.requests_to("attest") == 1 and server.requests_to("resource") == 6
+    # One report for six keys: serialised reports would take 6 x 2 s.
+    assert took < 3 * slow, f"{took:.1f} s for six keys"
