@@ -7,9 +7,12 @@ have the resource, attests the VM to the key server, tightens the key's permissi
 its possessors, sets the lease the server gave as expiry, and instantiates it.
 
 Every run ends the construction exactly once, within a hard deadline: instantiate, or
-reject with a deliberate errno and a negative-cache timeout. The attestation round runs in
-a forked worker (which drops the authority): a provider can block a read uninterruptibly,
-and this process, the one the kernel waits for, must be able to give up on time.
+reject with a deliberate errno and a negative-cache timeout. When ``keybroker agent`` runs,
+the handler hands it the request and waits for its answer until the deadline (the agent
+keeps the imports, the HTTP client and the kept tokens warm); otherwise, or when no agent
+answers, the round runs in a forked worker (which drops the authority): a provider can
+block a read uninterruptibly, and this process, the one the kernel waits for, must be able
+to give up on time.
 
 Which errno and negative-cache timeout each failure gets is :func:`classify`; the table in
 docs/guest.md states it for users (a test keeps the two in step).
@@ -29,6 +32,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -185,32 +189,57 @@ HEADER_MAX = 16 * 1024
 REASON_MAX = 2000  # characters: JSON-escaped, at most 6 bytes each, well within HEADER_MAX
 
 
-def _worker(cfg: ClientConfig, request: KeyRequest, deadline: float, out: int) -> None:
-    """In the forked worker: attest and fetch, then send the outcome (and key) to the parent."""
+def _outcome(obtain: Callable[[], ReleasedKey], key_type: str, resource: str) -> tuple[dict[str, object], bytearray]:
+    """Run ``obtain``: the answer's header and the key (to wipe after use), or a rejection's header."""
+    value = bytearray()
+    try:
+        released = obtain()
+        value = released.value
+        if not 1 <= len(value) <= USER_PAYLOAD_MAX:
+            from ..errors import KeybrokerError
+
+            raise KeybrokerError(f"resource {resource} is {len(value)} bytes; {key_type} keys hold 1 to "
+                                 f"{USER_PAYLOAD_MAX}")
+        return {"size": len(value), "lease": released.lease}, value
+    except BaseException as exc:
+        value[:] = bytes(len(value))
+        rejection = classify(exc)
+        return {"errno": rejection.errno, "timeout": rejection.timeout,
+                "reason": rejection.reason[:REASON_MAX]}, bytearray()
+
+
+def answer_frame(header: dict[str, object], value: bytearray) -> list[memoryview]:
+    """The answer as sent to the handler: 4-byte length, the header (JSON, ASCII), the key."""
     import json
 
+    text = json.dumps(header).encode("ascii")
+    return [memoryview(len(text).to_bytes(4, "big") + text), memoryview(value)]
+
+
+def obtain_for(config_path: str, key_type: str, description: str, callout: bytes, uid: int, gid: int,
+               deadline: float) -> tuple[dict[str, object], bytearray]:
+    """What the agent does for a handler: configuration, access, the key; as (header, key)."""
+    def obtain() -> ReleasedKey:
+        from . import broker
+
+        cfg = _load_config(config_path)
+        request = _authorise(cfg, key_type, description, callout, uid, gid)
+        return broker.obtain(cfg, request, deadline=deadline)
+    return _outcome(obtain, key_type, description)
+
+
+def _worker(cfg: ClientConfig, request: KeyRequest, deadline: float, out: int) -> None:
+    """In the forked worker: obtain the key, then send the outcome (and key) to the parent."""
     from ..errors import KeybrokerError
     from . import broker, keyring
 
-    value = bytearray()
     try:
-        try:
-            keyring.assume_authority(0)  # the worker never touches the key under construction
-        except KeybrokerError:
-            pass
-        released = broker.obtain(cfg, request, deadline=deadline)
-        value = released.value
-        if not 1 <= len(value) <= USER_PAYLOAD_MAX:
-            raise KeybrokerError(f"resource {request.resource} is {len(value)} bytes; {request.key_type} "
-                                 f"keys hold 1 to {USER_PAYLOAD_MAX}")
-        header: dict[str, object] = {"size": len(value), "lease": released.lease}
-    except BaseException as exc:
-        rejection = classify(exc)
-        header = {"errno": rejection.errno, "timeout": rejection.timeout, "reason": rejection.reason[:REASON_MAX]}
-        value[:] = bytes(len(value))
-        value = bytearray()
-    text = json.dumps(header).encode("ascii")
-    for part in (memoryview(len(text).to_bytes(4, "big") + text), memoryview(value)):
+        keyring.assume_authority(0)  # the worker never touches the key under construction
+    except KeybrokerError:
+        pass
+    header, value = _outcome(lambda: broker.obtain(cfg, request, deadline=deadline), request.key_type,
+                             str(request.resource))
+    for part in answer_frame(header, value):
         while part:
             part = part[os.write(out, part):]
     value[:] = bytes(len(value))
@@ -271,6 +300,27 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
             pass
 
 
+def _from_agent(config_path: str, key_type: str, description: str, callout: bytes, uid: int, gid: int,
+                deadline: float) -> tuple[bytearray, int | None] | None:
+    """The key and its lease (or the rejection) from a running agent; None when no agent answers in time.
+
+    Imports only what talking to the agent needs: not the HTTP client nor the cryptography.
+    """
+    from . import agentsocket
+
+    answer = agentsocket.ask(agentsocket.SOCKET, config_path, key_type, description, callout, uid, gid, deadline)
+    if answer is None:
+        return None
+    header, value = answer
+    if "errno" in header:
+        errno, timeout, reason = header["errno"], header["timeout"], header["reason"]
+        if not (isinstance(errno, int) and isinstance(timeout, int) and isinstance(reason, str)):
+            raise Failed(Rejection(E.EIO, FAILED, "the agent's answer was malformed"))
+        raise Failed(Rejection(errno, timeout, reason))
+    lease = header.get("lease")
+    return value, lease if isinstance(lease, int) else None
+
+
 def run_kernel(serial: int, config_path: str, log: Journal) -> int:
     from ..errors import KeyringError
     from . import keyring
@@ -288,17 +338,25 @@ def run_kernel(serial: int, config_path: str, log: Journal) -> int:
     construction = Construction(serial)
     rejection: Rejection | None = None
     size = None
+    via = "handler"  # who decided: the handler itself, the agent, or the handler's worker
     try:
         cfg = _load_config(config_path)
         # Last resort: should anything below block past the deadline, SIGALRM ends the process.
         signal.alarm(int(cfg.deadline) + 5)
-        request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
-        released = obtain_within(cfg, request, start + cfg.deadline)
+        via = "agent"
+        answer = _from_agent(str(cfg.path), key.type, key.description, callout, key.uid, key.gid,
+                             start + cfg.deadline)
+        if answer is None:  # no agent answered: do the round here
+            via = "worker"
+            request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
+            released = obtain_within(cfg, request, start + cfg.deadline)
+            answer = released.value, released.lease
+        value, lease = answer
         try:
-            size = len(released.value)
-            construction.instantiate(released.value, released.lease)
+            size = len(value)
+            construction.instantiate(value, lease)
         finally:
-            released.value[:] = bytes(len(released.value))
+            value[:] = bytes(len(value))
     except BaseException as exc:
         rejection = exc.rejection if isinstance(exc, Failed) else classify(exc)
         try:
@@ -307,7 +365,7 @@ def run_kernel(serial: int, config_path: str, log: Journal) -> int:
             rejection = Rejection(rejection.errno, rejection.timeout,
                                   f"{rejection.reason}; reject failed: {reject_error}")
     log.line(INFO if rejection is None else ERROR,
-             f"{head} {_describe_outcome(rejection, size)} duration={time.monotonic() - start:.2f}s")
+             f"{head} {_describe_outcome(rejection, size)} via={via} duration={time.monotonic() - start:.2f}s")
     return 0 if rejection is None else 1
 
 
@@ -376,7 +434,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_debug(key_type, description, callout, args.config, args.requester)
     if args.serial is None or not re.fullmatch(r"[0-9]{1,10}", args.serial):
         parser.error("the key serial (%k) is required")
-    return run_kernel(int(args.serial), args.config, Journal("keybroker-request-key", stream=False, facility=10))
+    code = run_kernel(int(args.serial), args.config, Journal("keybroker-request-key", stream=False, facility=10))
+    # The construction is ended and logged: the kernel waits for this process to exit, so skip
+    # the interpreter's tear-down (tens of milliseconds of freeing what the exit frees anyway).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""``keybroker agent``: a warm, root-only helper that obtains keys for the request-key handler.
+
+Each key request starts a fresh handler, which pays for an interpreter and its imports
+before any work. The agent keeps that work warm: the handler (still the one that reads the
+request, ends the construction and keeps its deadline) hands the request to the agent over
+``/run/keybroker/agent.sock`` and gets the outcome back; the agent loads the configuration
+(with the same ownership checks), decides access, and obtains the key (under a kept token,
+else one attestation) exactly as the handler's own worker would. When no agent answers, the
+handler does the round itself: the agent is an accelerator, never a dependency.
+
+The socket is 0600 in a 0700 folder, and the agent answers only peers whose credentials
+(SO_PEERCRED) say uid 0. Requests are bounded in size; each is served in a thread of its
+own, at most ``WORKERS`` at a time; a request that outlives its deadline is the handler's
+to give up on (it rejects the key on time); the agent's thread finishes or fails later.
+The frame each way: 4 bytes of big-endian length, a JSON header, then (in an answer) the
+key's bytes, wiped after sending.
+
+systemd starts it on demand through ``keybroker-agent.socket``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..systemd import listen_fds, notify
+from .agentsocket import REQUEST_MAX, SOCKET, read_frame
+
+WORKERS = 16
+DEADLINE_MAX = 300.0
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return int(uid)
+
+
+def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
+    from .handler import answer_frame, obtain_for
+
+    value = bytearray()
+    try:
+        conn.settimeout(10)
+        if _peer_uid(conn) != 0:
+            return  # only root's handler may ask
+        request = json.loads(read_frame(conn, REQUEST_MAX))
+        remaining = float(request["remaining"])
+        deadline = time.monotonic() + max(0.0, min(remaining, DEADLINE_MAX))
+        header, value = obtain_for(str(request["config"]), str(request["type"]), str(request["description"]),
+                                   base64.b64decode(request["callout"]), int(request["uid"]), int(request["gid"]),
+                                   deadline)
+        conn.settimeout(max(0.1, deadline - time.monotonic()))
+        for part in answer_frame(header, value):
+            conn.sendall(part)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        pass  # a peer gone or a malformed request: nothing to answer; the handler decides on its own
+    finally:
+        value[:] = bytes(len(value))
+        conn.close()
+        slots.release()
+
+
+def serve(socket_path: Path = SOCKET) -> int:
+    from .unlock.keyfile import bind
+
+    activated = listen_fds()
+    if len(activated) > 1:
+        raise ConfigError(f"socket activation passed {len(activated)} sockets; the agent takes one")
+    listener = activated[0] if activated else bind(socket_path)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    slots = threading.BoundedSemaphore(WORKERS)
+    notify("READY=1", f"STATUS=obtaining keys for the request-key handler on {socket_path}")
+    try:
+        while True:
+            slots.acquire()
+            conn, _ = listener.accept()
+            threading.Thread(target=_serve_one, args=(conn, slots), daemon=True).start()
+    finally:
+        listener.close()
+        if not activated:
+            socket_path.unlink(missing_ok=True)
