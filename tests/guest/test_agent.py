@@ -98,7 +98,15 @@ def test_an_agent_that_never_answers_cannot_hang_the_requester(setup, handler, t
     silent.bind(str(agent.SOCKET))
     silent.listen(8)
     held: list[socket.socket] = []
-    threading.Thread(target=lambda: [held.append(silent.accept()[0]) for _ in range(8)], daemon=True).start()
+
+    def hold() -> None:
+        try:
+            while True:
+                held.append(silent.accept()[0])
+        except OSError:
+            return  # the test closed the socket
+
+    threading.Thread(target=hold, daemon=True).start()
     try:
         start = time.monotonic()
         out = keyctl_session('keyctl request2 user keybroker:default/disk/k0 "" @s')
