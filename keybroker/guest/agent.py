@@ -10,8 +10,10 @@ handler does the round itself: the agent is an accelerator, never a dependency.
 
 The socket is 0600 in a 0700 folder, and the agent answers only peers whose credentials
 (SO_PEERCRED) say uid 0. Requests are bounded in size; each is served in a thread of its
-own, at most ``WORKERS`` at a time; a request that outlives its deadline is the handler's
-to give up on (it rejects the key on time); the agent's thread finishes or fails later.
+own, at most ``WORKERS`` at a time: when all are busy (a provider blocking a read, a server
+stalling) a new request is closed at once and its handler does the round itself. The
+handler gives the agent half of its deadline, so that it can still do the round when the
+agent does not answer; a request whose deadline passed before the agent took it is dropped.
 The frame each way: 4 bytes of big-endian length, a JSON header, then (in an answer) the
 key's bytes, wiped after sending.
 
@@ -52,8 +54,9 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
         if _peer_uid(conn) != 0:
             return  # only root's handler may ask
         request = json.loads(read_frame(conn, REQUEST_MAX))
-        remaining = float(request["remaining"])
-        deadline = time.monotonic() + max(0.0, min(remaining, DEADLINE_MAX))
+        deadline = min(float(request["deadline"]), time.monotonic() + DEADLINE_MAX)
+        if not deadline > time.monotonic():
+            return  # its handler has given up already (or the deadline is not a number)
         header, value = obtain_for(str(request["config"]), str(request["type"]), str(request["description"]),
                                    base64.b64decode(request["callout"]), int(request["uid"]), int(request["gid"]),
                                    deadline)
@@ -80,9 +83,19 @@ def serve(socket_path: Path = SOCKET) -> int:
     notify("READY=1", f"STATUS=obtaining keys for the request-key handler on {socket_path}")
     try:
         while True:
-            slots.acquire()
-            conn, _ = listener.accept()
-            threading.Thread(target=_serve_one, args=(conn, slots), daemon=True).start()
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # EMFILE and the like: the handlers fall back meanwhile
+                time.sleep(0.1)
+                continue
+            if not slots.acquire(blocking=False):
+                conn.close()  # all busy: the handler does the round itself, at once
+                continue
+            try:
+                threading.Thread(target=_serve_one, args=(conn, slots), daemon=True).start()
+            except RuntimeError:
+                conn.close()
+                slots.release()
     finally:
         listener.close()
         if not activated:

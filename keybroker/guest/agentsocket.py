@@ -38,7 +38,9 @@ def read_exactly(conn: socket.socket, size: int) -> bytes:
 
 def ask(socket_path: Path, config: str, key_type: str, description: str, callout: bytes, uid: int, gid: int,
         deadline: float) -> tuple[dict[str, object], bytearray] | None:
-    """The agent's answer (header, key bytes) to this request, or None when no agent answers in time.
+    """The agent's answer (header, key bytes) to this request, or None when no agent answers by
+    ``deadline`` (a CLOCK_MONOTONIC time, the same in every process: the agent drops a request
+    whose deadline passed while it waited).
 
     Called by the handler with as few imports as it can: socket and json only.
     """
@@ -46,28 +48,38 @@ def ask(socket_path: Path, config: str, key_type: str, description: str, callout
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     except OSError:
         return None
+    value = bytearray()
     try:
-        conn.settimeout(max(0.05, deadline - time.monotonic()))
+        def left() -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            return remaining
+
+        conn.settimeout(left())
         conn.connect(str(socket_path))
         body = json.dumps({"config": config, "type": key_type, "description": description,
                            "callout": base64.b64encode(callout).decode(), "uid": uid, "gid": gid,
-                           "remaining": deadline - time.monotonic() - 0.5}).encode()
+                           "deadline": deadline}).encode()
         conn.sendall(len(body).to_bytes(4, "big") + body)
+        conn.settimeout(left())
         header = json.loads(read_frame(conn, ANSWER_HEADER_MAX))
         size = header.get("size", 0) if isinstance(header, dict) else 0
         if not isinstance(size, int) or not 0 <= size <= KEY_MAX:
             return None
         value = bytearray(size)
-        view, filled = memoryview(value), 0
-        while filled < size:
-            got = conn.recv_into(view[filled:])
-            if not got:
-                value[:] = bytes(size)
-                return None
-            filled += got
-        view.release()
-        return header, value
-    except (OSError, ValueError):
+        with memoryview(value) as view:
+            filled = 0
+            while filled < size:
+                conn.settimeout(left())
+                got = conn.recv_into(view[filled:])
+                if not got:
+                    raise ValueError("the agent's answer was cut short")
+                filled += got
+        answer, value = (header, value), bytearray()
+        return answer
+    except (OSError, ValueError, RecursionError):
         return None
     finally:
+        value[:] = bytes(len(value))  # a key only partly received is wiped too
         conn.close()

@@ -344,8 +344,9 @@ def run_kernel(serial: int, config_path: str, log: Journal) -> int:
         # Last resort: should anything below block past the deadline, SIGALRM ends the process.
         signal.alarm(int(cfg.deadline) + 5)
         via = "agent"
+        # Half the deadline for the agent: if it does not answer, the worker still has the other half.
         answer = _from_agent(str(cfg.path), key.type, key.description, callout, key.uid, key.gid,
-                             start + cfg.deadline)
+                             start + cfg.deadline / 2)
         if answer is None:  # no agent answered: do the round here
             via = "worker"
             request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
