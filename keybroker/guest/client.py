@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -38,6 +38,8 @@ from .retry import Backoff, retry
 
 REQUEST_TIMEOUT = 10.0  # seconds per HTTP request, at most
 RESPONSE_MAX = 1024 * 1024
+
+T = TypeVar("T")
 
 #: Produces evidence for a 64-byte inblob (the binding of nonce and tee-pubkey).
 EvidenceSource = Callable[[bytes], TsmReport]
@@ -119,8 +121,7 @@ class RcarClient:
 
     def fetch(self, resource: str, tee: str, evidence: EvidenceSource) -> Attested:
         """Run one attestation round, again after a failure that may clear (unreachable, HTTP 5xx)."""
-        return retry(lambda: self._round(resource, tee, evidence), transient=_transient,
-                     backoff=Backoff(first=self.backoff), deadline=self.deadline, attempts=self.attempts)
+        return self._retried(lambda: self._round(resource, tee, evidence))
 
     def fetch_with_token(self, resource: str, token: str, key: ec.EllipticCurvePrivateKey) -> ReleasedKey:
         """Fetch ``resource`` under an attestation token (Bearer), unwrapping it with the key the token is
@@ -135,7 +136,11 @@ class RcarClient:
                         raise TokenRefused(str(exc)) from None
                     raise
                 return _released(response, key)
-        return retry(once, transient=_transient, backoff=Backoff(first=self.backoff), deadline=self.deadline,
+        return self._retried(once)
+
+    def _retried(self, work: Callable[[], T]) -> T:
+        """``work``, again after a failure that may clear (unreachable, HTTP 5xx or 429), while the deadline allows."""
+        return retry(work, transient=_transient, backoff=Backoff(first=self.backoff), deadline=self.deadline,
                      attempts=self.attempts)
 
     def _round(self, resource: str, tee: str, evidence: EvidenceSource) -> Attested:

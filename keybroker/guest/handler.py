@@ -284,12 +284,8 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
         size = int.from_bytes(buffer[:4], "big")
         if filled < 4 or not 2 <= size <= HEADER_MAX or filled < 4 + size:
             raise Failed(Rejection(E.EIO, FAILED, "the worker ended without an answer"))
-        header = json.loads(bytes(buffer[4:4 + size]))
-        if "errno" in header:
-            raise Failed(Rejection(header["errno"], header["timeout"], header["reason"]))
-        if filled - 4 - size != header["size"]:
-            raise Failed(Rejection(E.EIO, FAILED, "the worker's answer was cut short"))
-        return ReleasedKey(bytearray(view[4 + size:filled]), header["lease"])
+        value, lease = _from_answer(json.loads(bytes(buffer[4:4 + size])), bytearray(view[4 + size:filled]))
+        return ReleasedKey(value, lease)
     finally:
         view.release()
         buffer[:] = bytes(len(buffer))
@@ -311,12 +307,26 @@ def _from_agent(config_path: str, key_type: str, description: str, callout: byte
     answer = agentsocket.ask(agentsocket.SOCKET, config_path, key_type, description, callout, uid, gid, deadline)
     if answer is None:
         return None
-    header, value = answer
+    return _from_answer(*answer)
+
+
+def _from_answer(header: object, value: bytearray) -> tuple[bytearray, int | None]:
+    """The key and lease an answer (the worker's or the agent's, see ``answer_frame``) carries; Failed
+    with the rejection it carries, or when it is malformed or cut short."""
+    def failed(why: str) -> Failed:
+        value[:] = bytes(len(value))
+        return Failed(Rejection(E.EIO, FAILED, f"the answer for the key was {why}"))
+
+    if not isinstance(header, dict):
+        raise failed("malformed")
     if "errno" in header:
-        errno, timeout, reason = header["errno"], header["timeout"], header["reason"]
+        errno, timeout, reason = header.get("errno"), header.get("timeout"), header.get("reason")
         if not (isinstance(errno, int) and isinstance(timeout, int) and isinstance(reason, str)):
-            raise Failed(Rejection(E.EIO, FAILED, "the agent's answer was malformed"))
+            raise failed("malformed")
+        value[:] = bytes(len(value))
         raise Failed(Rejection(errno, timeout, reason))
+    if header.get("size") != len(value):
+        raise failed("cut short")
     lease = header.get("lease")
     return value, lease if isinstance(lease, int) else None
 
