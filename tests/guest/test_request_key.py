@@ -19,6 +19,7 @@ import pytest
 from keybroker.errors import KeyringError
 from keybroker.guest import keyring
 from support.keyctl import keyctl_session
+from support.stub import QuietHandler, StubServer
 
 SECRET = hashlib.sha256(b"disk key").digest()
 
@@ -260,17 +261,15 @@ def test_debug_mode_prints_the_outcome_not_the_secret(broker, handler, tsm_sim):
 
 # -- the handler's worker and what it keeps in memory --------------------------------------------
 
-class ProblemServer:
+class ProblemServer(StubServer):
     """A key server that answers every request with one RFC 7807 problem."""
 
     def __init__(self, status: int, body: dict) -> None:
-        import http.server
         import json
-        import threading
 
         payload = json.dumps(body).encode()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/problem+json")
@@ -278,16 +277,8 @@ class ProblemServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            def log_message(self, *args: object) -> None:
-                pass
+        super().__init__(Handler)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_a_long_non_ascii_reason_arrives_whole_from_the_worker(tsm_sim, handler):

@@ -3,12 +3,12 @@ headers (URL-encoded PEM), a request log. Never the internet."""
 
 from __future__ import annotations
 
-import http.server
-import threading
 import urllib.parse
 
+from support.stub import QuietHandler, StubServer
 
-class PcsServer:
+
+class PcsServer(StubServer):
     def __init__(self, *, fmspc: bytes, tcb_info: bytes, qe_identity: bytes, signing_chain: bytes, pck_crl: bytes,
                  pck_crl_chain: bytes, root_crl: bytes | None) -> None:
         quote = urllib.parse.quote
@@ -25,7 +25,7 @@ class PcsServer:
         self.requests: list[str] = []
         server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 server.requests.append(self.path)
                 body, headers = server.routes.get(self.path, (b"", {}))
@@ -36,13 +36,4 @@ class PcsServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)

@@ -6,7 +6,6 @@ with random chip identities, so that nothing but the KDS could hold their VCEKs.
 
 from __future__ import annotations
 
-import http.server
 import os
 import threading
 import time
@@ -15,9 +14,10 @@ import pytest
 
 from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
 from support import snp as sb
+from support.stub import QuietHandler, StubServer
 
 
-class StandInKds:
+class StandInKds(StubServer):
     """Answers 404 to everything, after ``delay`` seconds; counts requests and the most in flight at once."""
 
     def __init__(self, delay: float = 0.0) -> None:
@@ -26,7 +26,7 @@ class StandInKds:
         lock = threading.Lock()
         outer = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 with lock:
                     outer.paths.append(self.path)
@@ -39,16 +39,8 @@ class StandInKds:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, *args: object) -> None:
-                pass
+        super().__init__(Handler)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
