@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from keybroker.guest import install as installer
+from keybroker.guest.agentsocket import SOCKET as AGENT_SOCKET
 from keybroker.sim.roots import SimState
 from support.emulator import run_tsm_sim
 from support.servers import KeyServerProcess
@@ -135,7 +136,7 @@ def measure(args, names: list[str], server: KeyServerProcess, tang_jwe, mode: st
     agent = None
     if mode == "agent":
         agent = subprocess.Popen([*KEYBROKER, "agent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while not Path("/run/keybroker/agent.sock").exists():
+        while not Path(AGENT_SOCKET).exists():
             time.sleep(0.05)
     try:
         for _ in range(args.rounds):
@@ -154,7 +155,7 @@ def measure(args, names: list[str], server: KeyServerProcess, tang_jwe, mode: st
         if agent is not None:
             agent.terminate()
             agent.wait()
-            Path("/run/keybroker/agent.sock").unlink(missing_ok=True)
+            Path(AGENT_SOCKET).unlink(missing_ok=True)
     return out
 
 

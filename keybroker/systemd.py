@@ -7,11 +7,17 @@ libsystemd bindings that would have to be compiled. Nothing here ever carries ke
 
 from __future__ import annotations
 
+# The C modules under socket and threading: the request-key handler logs through Journal on
+# every key request, and the Python modules' start-up (socket's enums) costs it milliseconds.
+import _socket
+import _thread
 import os
-import socket
 import sys
-import threading
 import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from socket import socket as Socket
 
 LISTEN_FDS_START = 3
 #: Bytes of an AF_UNIX socket path, without the terminating NUL (the key-file socket, ask-password sockets).
@@ -29,19 +35,16 @@ def notify(*assignments: str) -> bool:
         return False
     target = "\0" + address[1:] if address.startswith("@") else address
     message = "\n".join(line.replace("\n", " ") for line in assignments).encode("utf-8", "replace")
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message, target)
-    except OSError:
-        return False
-    return True
+    return _send(target, message)
 
 
-def listen_fds() -> list[socket.socket]:
+def listen_fds() -> list[Socket]:
     """The sockets passed by socket activation (LISTEN_PID/LISTEN_FDS), taken over once."""
     pid, count = os.environ.get("LISTEN_PID", ""), os.environ.get("LISTEN_FDS", "")
     if not (pid.isascii() and pid.isdigit() and int(pid) == os.getpid() and count.isascii() and count.isdigit()):
         return []
+    import socket
+
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for our children
     sockets = []
@@ -63,12 +66,12 @@ class Journal:
     def __init__(self, ident: str, *, stream: bool, facility: int = 3) -> None:
         self.ident, self.stream, self.facility = ident, stream, facility  # 3: daemon; 10: authpriv
         self.journal_stream = "JOURNAL_STREAM" in os.environ
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def line(self, priority: int, message: str) -> None:
         text = " ".join(message.split())  # one line, whatever a peer or a file put in it
-        if not self.stream and (self._send(SYSLOG_SOCKET, self._syslog(priority, text))
-                                or self._send(JOURNAL_SOCKET, self._native(priority, text))):
+        if not self.stream and (_send(SYSLOG_SOCKET, self._syslog(priority, text))
+                                or _send(JOURNAL_SOCKET, self._native(priority, text))):
             return
         prefix = f"<{priority}>" if self.journal_stream else ("" if self.stream else f"{self.ident}[{os.getpid()}]: ")
         with self._lock:
@@ -82,13 +85,19 @@ class Journal:
         return (f"MESSAGE={text}\nPRIORITY={priority}\nSYSLOG_IDENTIFIER={self.ident}\n"
                 f"SYSLOG_FACILITY={self.facility}\n").encode("utf-8", "replace")
 
-    @staticmethod
-    def _send(address: str, datagram: bytes) -> bool:
-        if not os.path.exists(address):
-            return False
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(datagram, address)
-            return True
-        except OSError:
-            return False
+
+def _send(address: str, datagram: bytes) -> bool:
+    """One datagram to an AF_UNIX socket (``\0``-prefixed: abstract); False when nobody listens there."""
+    if not address.startswith("\0") and not os.path.exists(address):
+        return False
+    try:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        sock.sendto(datagram, address)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()

@@ -13,17 +13,14 @@ The socket is 0600 in a 0700 folder, and the agent answers only peers whose cred
 own, at most ``WORKERS`` at a time: when all are busy (a provider blocking a read, a server
 stalling) a new request is closed at once and its handler does the round itself. The
 handler gives the agent half of its deadline, so that it can still do the round when the
-agent does not answer; a request whose deadline passed before the agent took it is dropped.
-The frame each way: 4 bytes of big-endian length, a JSON header, then (in an answer) the
-key's bytes, wiped after sending.
+agent does not answer; a request whose time passed before the agent took it is dropped.
+The exchange is :mod:`.agentsocket`'s; the key's bytes are wiped after sending.
 
 systemd starts it on demand through ``keybroker-agent.socket``.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import signal
 import socket
 import struct
@@ -34,10 +31,19 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..systemd import listen_fds, notify
-from .agentsocket import REQUEST_MAX, SOCKET, read_frame
+from .agentsocket import (
+    DEADLINE_MAX,
+    REQUEST_MAX,
+    SOCKET,
+    encode_answer,
+    fields,
+    frame,
+    number,
+    read_frame,
+    text,
+)
 
 WORKERS = 16
-DEADLINE_MAX = 300.0
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -46,24 +52,33 @@ def _peer_uid(conn: socket.socket) -> int:
 
 
 def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
-    from .handler import answer_frame, obtain_for
+    from .handler import answer_frame, load_config, obtain_for, rejection_header
 
     value = bytearray()
     try:
         conn.settimeout(10)
         if _peer_uid(conn) != 0:
             return  # only root's handler may ask
-        request = json.loads(read_frame(conn, REQUEST_MAX))
-        deadline = min(float(request["deadline"]), time.monotonic() + DEADLINE_MAX)
+        _, config, key_type, description, callout, uid, gid, started = fields(
+            read_frame(conn, REQUEST_MAX), tag=b"request", count=8)
+        start = float(started)
+        if not time.monotonic() - DEADLINE_MAX <= start <= time.monotonic():
+            return  # not a time this handler can have started at (nor a number)
+        try:
+            cfg = load_config(text(config))
+        except Exception as exc:
+            conn.sendall(encode_answer(rejection_header(exc)))
+            return
+        deadline = start + cfg.deadline / 2
         if not deadline > time.monotonic():
-            return  # its handler has given up already (or the deadline is not a number)
-        header, value = obtain_for(str(request["config"]), str(request["type"]), str(request["description"]),
-                                   base64.b64decode(request["callout"]), int(request["uid"]), int(request["gid"]),
-                                   deadline)
+            return  # its handler has given up on the agent already
+        conn.sendall(frame("deadline", round(cfg.deadline * 1000)))
+        header, value = obtain_for(cfg, text(key_type), text(description), callout,
+                                   number(uid, 0, 2**32 - 1), number(gid, 0, 2**32 - 1), deadline)
         conn.settimeout(max(0.1, deadline - time.monotonic()))
         for part in answer_frame(header, value):
             conn.sendall(part)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (OSError, ValueError):
         pass  # a peer gone or a malformed request: nothing to answer; the handler decides on its own
     finally:
         value[:] = bytes(len(value))
@@ -71,7 +86,7 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
         slots.release()
 
 
-def serve(socket_path: Path = SOCKET) -> int:
+def serve(socket_path: Path = Path(SOCKET)) -> int:
     from .unlock.keyfile import bind
 
     activated = listen_fds()

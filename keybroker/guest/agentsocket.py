@@ -1,32 +1,75 @@
-"""The agent's socket: where it listens, its framing, and the handler's side of the exchange.
+"""The handler's exchanges: with the agent over its socket, and with its own worker over a pipe.
 
-Kept apart from :mod:`.agent` so that the handler imports only this (sockets and JSON) to
-ask, and the agent and the handler do not import each other.
+Kept apart from :mod:`.agent` so that the handler imports only this to ask, and the agent
+and the handler do not import each other. The handler asks before it has read its
+configuration (the agent reads it, warm); so the agent's first frame says the configured
+deadline, and the handler waits for the key until half of it (the other half is for doing
+the round itself should the agent not answer):
+
+    handler -> agent   request, config, type, description, callout, uid, gid, start
+    agent -> handler   deadline, milliseconds              within ACK_WAIT of start, then
+    agent -> handler   an answer: key, size, lease  and the key's bytes, or  rejected, errno, timeout, reason
+
+(a configuration the agent cannot use is answered at once, without the first frame). A
+frame is a 4-byte big-endian length, then its fields, each a 4-byte length and the bytes
+(text in UTF-8, numbers in ASCII decimal): no JSON, whose import (re, enum) would cost the
+handler milliseconds on every key request. The worker answers its handler the same way.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import socket
+# _socket, not socket: the handler runs once per key request, and the socket module's enum
+# classes cost it several milliseconds of start-up; the C module (which socket.socket subclasses)
+# is all it needs here.
+import _socket
 import time
-from pathlib import Path
 
-SOCKET = Path("/run/keybroker/agent.sock")
+SOCKET = "/run/keybroker/agent.sock"
 REQUEST_MAX = 64 * 1024
 ANSWER_HEADER_MAX = 16 * 1024
 KEY_MAX = 32767
+REASON_MAX = 2000  # characters of a rejection's reason
+#: How long the handler waits for the agent's first frame: well under half the smallest
+#: deadline a configuration may set (1 s), so that the handler's own round still fits.
+ACK_WAIT = 0.25
+#: The largest deadline a configuration may set (``[handler] deadline``), in seconds.
+DEADLINE_MAX = 600.0
+_FIELDS_MAX = 16
 
 
-def read_frame(conn: socket.socket, limit: int) -> bytes:
-    head = read_exactly(conn, 4)
-    size = int.from_bytes(head, "big")
-    if not 2 <= size <= limit:
+def frame(*fields: str | bytes | int | float) -> bytes:
+    body = bytearray()
+    for field in fields:
+        data = field if isinstance(field, bytes) else (
+            field.encode("utf-8", "surrogateescape") if isinstance(field, str) else repr(field).encode("ascii"))
+        body += len(data).to_bytes(4, "big") + data
+    return len(body).to_bytes(4, "big") + bytes(body)
+
+
+def fields(body: bytes | bytearray, *, tag: bytes, count: int) -> list[bytes]:
+    """The ``count`` fields of a frame's body whose first field is ``tag``; ValueError for anything else."""
+    out: list[bytes] = []
+    at = 0
+    while at < len(body) and len(out) < _FIELDS_MAX:
+        size = int.from_bytes(body[at:at + 4], "big")
+        if at + 4 + size > len(body):
+            raise ValueError("a field runs past the frame")
+        out.append(bytes(body[at + 4:at + 4 + size]))
+        at += 4 + size
+    if at != len(body) or len(out) != count or out[0] != tag:
+        raise ValueError(f"not a {tag.decode()} frame of {count} fields")
+    return out
+
+
+def read_frame(conn: _socket.socket, limit: int) -> bytes:
+    """A frame's body from a blocking socket (the agent's side, under the socket's timeout)."""
+    size = int.from_bytes(_read_exactly(conn, 4), "big")
+    if not 4 <= size <= limit:
         raise ValueError(f"frame of {size} bytes")
-    return read_exactly(conn, size)
+    return _read_exactly(conn, size)
 
 
-def read_exactly(conn: socket.socket, size: int) -> bytes:
+def _read_exactly(conn: _socket.socket, size: int) -> bytes:
     data = bytearray()
     while len(data) < size:
         chunk = conn.recv(size - len(data))
@@ -36,49 +79,88 @@ def read_exactly(conn: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def ask(socket_path: Path, config: str, key_type: str, description: str, callout: bytes, uid: int, gid: int,
-        deadline: float) -> tuple[dict[str, object], bytearray] | None:
-    """The agent's answer (header, key bytes) to this request, or None when no agent answers by
-    ``deadline`` (a CLOCK_MONOTONIC time, the same in every process: the agent drops a request
-    whose deadline passed while it waited).
+def number(field: bytes, low: float, high: float) -> int:
+    """A decimal integer field within [low, high]."""
+    if not (field.isdigit() and len(field) <= 12 and low <= int(field) <= high):
+        raise ValueError(f"{field[:20]!r} is not a number from {low:g} to {high:g}")
+    return int(field)
 
-    Called by the handler with as few imports as it can: socket and json only.
+
+def text(field: bytes) -> str:
+    return field.decode("utf-8", "surrogateescape")
+
+
+def encode_answer(header: dict[str, object]) -> bytes:
+    """The answer frame of ``header``: ``{"size", "lease"}`` for a key, ``{"errno", "timeout", "reason"}``."""
+    if "errno" in header:
+        return frame("rejected", int(str(header["errno"])), int(str(header["timeout"])),
+                     str(header["reason"])[:REASON_MAX])
+    lease = header.get("lease")
+    return frame("key", int(str(header["size"])), lease if isinstance(lease, int) else 0)
+
+
+def decode_answer(body: bytes | bytearray) -> dict[str, object]:
+    """The header an answer frame carries (see :func:`encode_answer`); ValueError when malformed."""
+    if body[4:12] == b"rejected":
+        _, errno, timeout, reason = fields(body, tag=b"rejected", count=4)
+        return {"errno": number(errno, 1, 4095), "timeout": number(timeout, 1, 2**32 - 1), "reason": text(reason)}
+    _, size, lease = fields(body, tag=b"key", count=3)
+    return {"size": number(size, 0, KEY_MAX), "lease": number(lease, 0, 2**32 - 1) or None}
+
+
+def ask(socket_path: str, config: str, key_type: str, description: str, callout: bytes, uid: int, gid: int,
+        start: float) -> tuple[dict[str, object], bytearray] | None:
+    """The agent's answer (header, key bytes) to the request the handler read at ``start`` (a
+    CLOCK_MONOTONIC time, the same in every process), or None when no agent answers in time:
+    its first frame within ACK_WAIT of ``start``, the answer within half the deadline it
+    announced (the agent drops a request whose time passed while it waited).
     """
     try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     except OSError:
         return None
     value = bytearray()
-    try:
-        def left() -> float:
-            remaining = deadline - time.monotonic()
+    limit = start + ACK_WAIT
+
+    def receive_into(view: memoryview) -> None:
+        """Fill ``view``, every read bounded by ``limit``, however the agent trickles its bytes."""
+        filled = 0
+        while filled < len(view):
+            remaining = limit - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            return remaining
+            conn.settimeout(remaining)
+            got = conn.recv_into(view[filled:])
+            if not got:
+                raise ValueError("the agent closed the connection")
+            filled += got
 
-        conn.settimeout(left())
-        conn.connect(str(socket_path))
-        body = json.dumps({"config": config, "type": key_type, "description": description,
-                           "callout": base64.b64encode(callout).decode(), "uid": uid, "gid": gid,
-                           "deadline": deadline}).encode()
-        conn.sendall(len(body).to_bytes(4, "big") + body)
-        conn.settimeout(left())
-        header = json.loads(read_frame(conn, ANSWER_HEADER_MAX))
-        size = header.get("size", 0) if isinstance(header, dict) else 0
-        if not isinstance(size, int) or not 0 <= size <= KEY_MAX:
-            return None
-        value = bytearray(size)
+    def receive_frame() -> bytearray:
+        head = bytearray(4)
+        receive_into(memoryview(head))
+        size = int.from_bytes(head, "big")
+        if not 4 <= size <= ANSWER_HEADER_MAX:
+            raise ValueError(f"frame of {size} bytes")
+        body = bytearray(size)
+        receive_into(memoryview(body))
+        return body
+
+    try:
+        conn.settimeout(max(limit - time.monotonic(), 0.001))
+        conn.connect(socket_path)
+        conn.sendall(frame("request", config, key_type, description, callout, uid, gid, start))
+        body = receive_frame()
+        if body[4:12] == b"deadline":
+            limit = start + number(fields(body, tag=b"deadline", count=2)[1], 1000, DEADLINE_MAX * 1000) / 2000
+            body = receive_frame()
+        header = decode_answer(body)
+        size = header.get("size", 0)
+        value = bytearray(size if isinstance(size, int) else 0)
         with memoryview(value) as view:
-            filled = 0
-            while filled < size:
-                conn.settimeout(left())
-                got = conn.recv_into(view[filled:])
-                if not got:
-                    raise ValueError("the agent's answer was cut short")
-                filled += got
+            receive_into(view)
         answer, value = (header, value), bytearray()
         return answer
-    except (OSError, ValueError, RecursionError):
+    except (OSError, ValueError):
         return None
     finally:
         value[:] = bytes(len(value))  # a key only partly received is wiped too

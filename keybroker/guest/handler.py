@@ -25,21 +25,20 @@ it runs once per key request, at boot too.
 
 from __future__ import annotations
 
-import argparse
 import errno as E
 import os
-import re
-import signal
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..systemd import ERROR, INFO, Journal
 
-if TYPE_CHECKING:  # the modules themselves are imported when a request needs them
+# What a request that the agent answers needs is imported here; the rest (configuration,
+# argument parsing, the attestation round) when a request needs it. Not even typing or
+# dataclasses: they cost the handler milliseconds on every key request.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .broker import ReleasedKey
     from .config import ClientConfig
     from .request import KeyRequest
@@ -53,11 +52,16 @@ USER_PAYLOAD_MAX = 32767  # user and logon keys: 1 to 32767 bytes
 _FORBIDDEN_ERRNOS = {E.EAGAIN, 512, 513, 514, 516}  # EAGAIN reads as "not found"; ERESTART* are invalid
 
 
-@dataclass(frozen=True)
 class Rejection:
-    errno: int
-    timeout: int
-    reason: str
+    """How a construction is rejected: the errno, the negative-cache timeout, why."""
+
+    __slots__ = ("errno", "reason", "timeout")
+
+    def __init__(self, errno: int, timeout: int, reason: str) -> None:
+        self.errno, self.timeout, self.reason = errno, timeout, reason
+
+    def __repr__(self) -> str:
+        return f"Rejection({self.errno}, {self.timeout}, {self.reason!r})"
 
 
 def classify(exc: BaseException) -> Rejection:
@@ -145,8 +149,10 @@ def _describe_outcome(rejection: Rejection | None, size: int | None = None) -> s
             f"timeout={rejection.timeout}s reason={rejection.reason!r}")
 
 
-def _load_config(path: str) -> ClientConfig:
+def load_config(path: str) -> ClientConfig:
     """The client configuration, once it and what root runs for a request are found to be root's alone."""
+    from pathlib import Path
+
     from . import config, ownership
 
     if os.geteuid() == 0:
@@ -184,9 +190,6 @@ def _groups(uid: int, gid: int) -> frozenset[int]:
         return frozenset({gid})
 
 
-#: The worker's answer to the parent: a 4-byte big-endian length, the header (JSON, ASCII), the key.
-HEADER_MAX = 16 * 1024
-REASON_MAX = 2000  # characters: JSON-escaped, at most 6 bytes each, well within HEADER_MAX
 
 
 def _outcome(obtain: Callable[[], ReleasedKey], key_type: str, resource: str) -> tuple[dict[str, object], bytearray]:
@@ -203,26 +206,28 @@ def _outcome(obtain: Callable[[], ReleasedKey], key_type: str, resource: str) ->
         return {"size": len(value), "lease": released.lease}, value
     except BaseException as exc:
         value[:] = bytes(len(value))
-        rejection = classify(exc)
-        return {"errno": rejection.errno, "timeout": rejection.timeout,
-                "reason": rejection.reason[:REASON_MAX]}, bytearray()
+        return rejection_header(exc), bytearray()
+
+
+def rejection_header(exc: BaseException) -> dict[str, object]:
+    """The answer's header for a failure (see ``answer_frame``)."""
+    rejection = classify(exc)
+    return {"errno": rejection.errno, "timeout": rejection.timeout, "reason": rejection.reason}
 
 
 def answer_frame(header: dict[str, object], value: bytearray) -> list[memoryview]:
-    """The answer as sent to the handler: 4-byte length, the header (JSON, ASCII), the key."""
-    import json
+    """The answer as sent to the handler (see :mod:`.agentsocket`): its frame, then the key."""
+    from .agentsocket import encode_answer
 
-    text = json.dumps(header).encode("ascii")
-    return [memoryview(len(text).to_bytes(4, "big") + text), memoryview(value)]
+    return [memoryview(encode_answer(header)), memoryview(value)]
 
 
-def obtain_for(config_path: str, key_type: str, description: str, callout: bytes, uid: int, gid: int,
+def obtain_for(cfg: ClientConfig, key_type: str, description: str, callout: bytes, uid: int, gid: int,
                deadline: float) -> tuple[dict[str, object], bytearray]:
-    """What the agent does for a handler: configuration, access, the key; as (header, key)."""
+    """What the agent does for a handler: access, then the key; as (header, key)."""
     def obtain() -> ReleasedKey:
         from . import broker
 
-        cfg = _load_config(config_path)
         request = _authorise(cfg, key_type, description, callout, uid, gid)
         return broker.obtain(cfg, request, deadline=deadline)
     return _outcome(obtain, key_type, description)
@@ -253,9 +258,10 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
     can abandon: on the deadline it kills the worker and returns at once. The answer is read
     into one buffer, wiped before return; the key leaves it only into the bytearray returned.
     """
-    import json
     import select
+    import signal
 
+    from .agentsocket import ANSWER_HEADER_MAX, decode_answer
     from .broker import ReleasedKey
 
     read_end, write_end = os.pipe()
@@ -267,7 +273,7 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
         finally:
             os._exit(0)
     os.close(write_end)
-    buffer = bytearray(4 + HEADER_MAX + USER_PAYLOAD_MAX + 1)
+    buffer = bytearray(4 + ANSWER_HEADER_MAX + USER_PAYLOAD_MAX + 1)
     view, filled = memoryview(buffer), 0
     try:
         poller = select.poll()
@@ -282,9 +288,13 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
                 break
             filled += got
         size = int.from_bytes(buffer[:4], "big")
-        if filled < 4 or not 2 <= size <= HEADER_MAX or filled < 4 + size:
+        if filled < 4 or not 4 <= size <= ANSWER_HEADER_MAX or filled < 4 + size:
             raise Failed(Rejection(E.EIO, FAILED, "the worker ended without an answer"))
-        value, lease = _from_answer(json.loads(bytes(buffer[4:4 + size])), bytearray(view[4 + size:filled]))
+        try:
+            header = decode_answer(buffer[4:4 + size])
+        except ValueError:
+            raise Failed(Rejection(E.EIO, FAILED, "the worker's answer was malformed")) from None
+        value, lease = _from_answer(header, bytearray(view[4 + size:filled]))
         return ReleasedKey(value, lease)
     finally:
         view.release()
@@ -297,28 +307,27 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
 
 
 def _from_agent(config_path: str, key_type: str, description: str, callout: bytes, uid: int, gid: int,
-                deadline: float) -> tuple[bytearray, int | None] | None:
+                start: float) -> tuple[bytearray, int | None] | None:
     """The key and its lease (or the rejection) from a running agent; None when no agent answers in time.
 
-    Imports only what talking to the agent needs: not the HTTP client nor the cryptography.
+    Imports only what talking to the agent needs: not the configuration, the HTTP client nor
+    the cryptography.
     """
     from . import agentsocket
 
-    answer = agentsocket.ask(agentsocket.SOCKET, config_path, key_type, description, callout, uid, gid, deadline)
+    answer = agentsocket.ask(agentsocket.SOCKET, config_path, key_type, description, callout, uid, gid, start)
     if answer is None:
         return None
     return _from_answer(*answer)
 
 
-def _from_answer(header: object, value: bytearray) -> tuple[bytearray, int | None]:
+def _from_answer(header: dict[str, object], value: bytearray) -> tuple[bytearray, int | None]:
     """The key and lease an answer (the worker's or the agent's, see ``answer_frame``) carries; Failed
     with the rejection it carries, or when it is malformed or cut short."""
     def failed(why: str) -> Failed:
         value[:] = bytes(len(value))
         return Failed(Rejection(E.EIO, FAILED, f"the answer for the key was {why}"))
 
-    if not isinstance(header, dict):
-        raise failed("malformed")
     if "errno" in header:
         errno, timeout, reason = header.get("errno"), header.get("timeout"), header.get("reason")
         if not (isinstance(errno, int) and isinstance(timeout, int) and isinstance(reason, str)):
@@ -350,14 +359,17 @@ def run_kernel(serial: int, config_path: str, log: Journal) -> int:
     size = None
     via = "handler"  # who decided: the handler itself, the agent, or the handler's worker
     try:
-        cfg = _load_config(config_path)
-        # Last resort: should anything below block past the deadline, SIGALRM ends the process.
-        signal.alarm(int(cfg.deadline) + 5)
         via = "agent"
-        # Half the deadline for the agent: if it does not answer, the worker still has the other half.
-        answer = _from_agent(str(cfg.path), key.type, key.description, callout, key.uid, key.gid,
-                             start + cfg.deadline / 2)
+        # First the agent, which reads the configuration warm (and decides access as below) and
+        # takes at most half the deadline: if it does not answer, the worker has the other half.
+        answer = _from_agent(config_path, key.type, key.description, callout, key.uid, key.gid, start)
         if answer is None:  # no agent answered: do the round here
+            via = "handler"
+            import signal
+
+            cfg = load_config(config_path)
+            # Last resort: should anything below block past the deadline, SIGALRM ends the process.
+            signal.alarm(int(cfg.deadline) + 5)
             via = "worker"
             request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
             released = obtain_within(cfg, request, start + cfg.deadline)
@@ -392,7 +404,7 @@ def run_debug(key_type: str, description: str, callout: str, config_path: str,
     uid, gid = requester or (os.getuid(), os.getgid())
     start = time.monotonic()
     try:
-        cfg = _load_config(config_path)
+        cfg = load_config(config_path)
         request = _authorise(cfg, key_type, description, callout.encode(), uid, gid)
         released = obtain_within(cfg, request, start + cfg.deadline)
     except Exception as exc:
@@ -420,13 +432,43 @@ def _no_core_dumps() -> None:
 
 
 def _requester(text: str) -> tuple[int, int]:
+    import argparse
+    import re
+
     ids = re.fullmatch(r"([0-9]{1,10}):([0-9]{1,10})", text)
     if not ids or max(int(ids[1]), int(ids[2])) >= 2**32:
         raise argparse.ArgumentTypeError(f"expected UID:GID in decimal, got {text!r}")
     return int(ids[1]), int(ids[2])
 
 
+def _serial(text: str) -> int | None:
+    """The key serial the kernel passes (``%k``): 1 to 10 decimal digits."""
+    return int(text) if 1 <= len(text) <= 10 and text.isascii() and text.isdigit() else None
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    # What the drop-in runs, on every key request: ``--config FILE SERIAL``, read without argparse.
+    fast = len(args) == 3 and args[0] == "--config" and not args[1].startswith("-")
+    serial = _serial(args[2]) if fast else None
+    if serial is not None:
+        config_path = args[1]
+    else:
+        config_path, serial = _parse(args)
+    os.umask(0o077)
+    _no_core_dumps()
+    code = run_kernel(serial, config_path, Journal("keybroker-request-key", stream=False, facility=10))
+    # The construction is ended and logged: the kernel waits for this process to exit, so skip
+    # the interpreter's tear-down (tens of milliseconds of freeing what the exit frees anyway).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _parse(argv: list[str]) -> tuple[str, int]:
+    """Every other command line: the options (``--debug`` runs and exits here)."""
+    import argparse
+
     parser = argparse.ArgumentParser(prog="keybroker-request-key",
                                      description="request-key handler for keybroker: keys (exec mode, %%k)")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"client configuration (default {DEFAULT_CONFIG})")
@@ -436,21 +478,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --debug: decide access as for a key requested by UID:GID (testing aid)")
     parser.add_argument("serial", nargs="?", help="the key under construction (%%k)")
     args = parser.parse_args(argv)
-    os.umask(0o077)
-    _no_core_dumps()
     if args.requester and not args.debug:
         parser.error("--requester is only for --debug")
     if args.debug:
+        os.umask(0o077)
+        _no_core_dumps()
         key_type, description, callout = args.debug
-        return run_debug(key_type, description, callout, args.config, args.requester)
-    if args.serial is None or not re.fullmatch(r"[0-9]{1,10}", args.serial):
+        sys.exit(run_debug(key_type, description, callout, args.config, args.requester))
+    serial = _serial(args.serial or "")
+    if serial is None:
         parser.error("the key serial (%k) is required")
-    code = run_kernel(int(args.serial), args.config, Journal("keybroker-request-key", stream=False, facility=10))
-    # The construction is ended and logged: the kernel waits for this process to exit, so skip
-    # the interpreter's tear-down (tens of milliseconds of freeing what the exit frees anyway).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return args.config, serial
 
 
 if __name__ == "__main__":

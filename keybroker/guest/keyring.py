@@ -7,12 +7,13 @@ Thin wrappers: each function is one keyutils call and raises :class:`KeyringErro
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cache
-from typing import Any
 
 from ..errors import KeybrokerError, KeyringError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the request-key handler imports this module on every request: nothing more at run time
+    from collections.abc import Callable
+    from typing import Any
 
 # Special keyring IDs (keyutils.h).
 PROCESS_KEYRING = -2
@@ -30,8 +31,12 @@ POSSESSOR_ONLY = POS_VIEW | POS_READ | POS_SEARCH | POS_LINK
 _serial = ctypes.c_int32
 
 
-@cache
+_LIB: list[ctypes.CDLL] = []
+
+
 def _lib() -> ctypes.CDLL:
+    if _LIB:
+        return _LIB[0]
     try:
         lib = ctypes.CDLL("libkeyutils.so.1", use_errno=True)  # the soname: no ldconfig run per request
     except OSError:
@@ -61,6 +66,7 @@ def _lib() -> ctypes.CDLL:
     for fn, (restype, argtypes) in signatures.items():
         getattr(lib, fn).restype = restype
         getattr(lib, fn).argtypes = argtypes
+    _LIB.append(lib)
     return lib
 
 
@@ -107,15 +113,13 @@ def _read_all(call: str, fn: Callable[[int, Any, int], int], key: int) -> bytear
         size = got
 
 
-@dataclass(frozen=True)
 class KeyDescription:
     """KEYCTL_DESCRIBE: ``type;uid;gid;perm;description``."""
 
-    type: str
-    uid: int
-    gid: int
-    perm: int
-    description: str
+    __slots__ = ("description", "gid", "perm", "type", "uid")
+
+    def __init__(self, key_type: str, uid: int, gid: int, perm: int, description: str) -> None:
+        self.type, self.uid, self.gid, self.perm, self.description = key_type, uid, gid, perm, description
 
 
 def describe(key: int) -> KeyDescription:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import socket
 import stat
@@ -21,6 +20,8 @@ import pytest
 from keybroker.guest import agentsocket as agent
 from support.keyctl import keyctl_session
 
+SOCKET = Path(agent.SOCKET)
+
 SECRETS = {f"default/disk/k{i}": hashlib.sha256(b"agent key %d" % i).digest() for i in range(4)}
 
 
@@ -30,7 +31,7 @@ def running_agent(handler) -> Iterator[subprocess.Popen]:
     proc = subprocess.Popen([sys.executable, "-m", "keybroker", "agent"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
-    while not agent.SOCKET.exists():
+    while not SOCKET.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
         time.sleep(0.05)
     try:
@@ -38,7 +39,7 @@ def running_agent(handler) -> Iterator[subprocess.Popen]:
     finally:
         proc.terminate()
         proc.wait(10)
-        agent.SOCKET.unlink(missing_ok=True)
+        SOCKET.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -64,9 +65,9 @@ def test_the_handler_hands_requests_to_a_running_agent(setup, running_agent, sys
     lines = [line for line in syslog if "outcome=instantiated" in line]
     assert len(lines) == 2 and all("via=agent" in line for line in lines), lines
     assert setup.requests_to("attest") == 1
-    mode = agent.SOCKET.stat()
+    mode = SOCKET.stat()
     assert stat.S_IMODE(mode.st_mode) == 0o600 and mode.st_uid == 0
-    assert stat.S_IMODE(agent.SOCKET.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(SOCKET.parent.stat().st_mode) == 0o700
 
 
 def test_access_rules_hold_through_the_agent(tsm_sim, kbs, handler, running_agent):
@@ -77,26 +78,28 @@ def test_access_rules_hold_through_the_agent(tsm_sim, kbs, handler, running_agen
     server.put("default/disk/k0", SECRETS["default/disk/k0"])
     config = handler(server.url, root, extra='[[access]]\nresource = "shared/*"\nuids = [65534]\n')
     header, value = agent.ask(agent.SOCKET, str(config), "user", "keybroker:default/disk/k0", b"", 65534, 65534,
-                              time.monotonic() + 10)
+                              time.monotonic())
     assert header["errno"] == errno.EACCES and "may not obtain default/disk/k0" in header["reason"]
     assert not value and server.requests_to("auth") == 0
     header, value = agent.ask(agent.SOCKET, str(config), "user", "keybroker:default/disk/k0", b"", 0, 0,
-                              time.monotonic() + 10)
+                              time.monotonic())
     assert header["size"] == 32 and bytes(value) == SECRETS["default/disk/k0"]
 
 
 def test_without_an_agent_the_handler_does_the_round(setup, syslog):
-    assert not agent.SOCKET.exists()
+    assert not SOCKET.exists()
     assert got(fetch("k0"), "k0")
     assert any("via=worker" in line for line in syslog if "outcome=instantiated" in line)
 
 
-def test_an_agent_that_never_answers_is_not_a_dependency(setup, handler, tsm_sim, syslog):
-    """A socket that accepts and stays silent: after half its deadline the handler does the round itself."""
+@pytest.mark.parametrize("first_frame", [None, ("deadline", 6000)], ids=["silent", "silent-after-the-deadline"])
+def test_an_agent_that_never_answers_is_not_a_dependency(setup, handler, tsm_sim, syslog, first_frame):
+    """A socket that accepts and stays silent: the handler does the round itself, at once when not even
+    the agent's first frame comes (within ACK_WAIT), after half its deadline when only that frame came."""
     handler(setup.url, tsm_sim("sev_guest"), deadline=6)
-    agent.SOCKET.parent.mkdir(mode=0o700, exist_ok=True)
+    SOCKET.parent.mkdir(mode=0o700, exist_ok=True)
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    silent.bind(str(agent.SOCKET))
+    silent.bind(str(SOCKET))
     silent.listen(8)
     held: list[socket.socket] = []
 
@@ -104,6 +107,8 @@ def test_an_agent_that_never_answers_is_not_a_dependency(setup, handler, tsm_sim
         try:
             while True:
                 held.append(silent.accept()[0])
+                if first_frame is not None:
+                    held[-1].sendall(agent.frame(*first_frame))
         except OSError:
             return  # the test closed the socket
 
@@ -116,20 +121,23 @@ def test_an_agent_that_never_answers_is_not_a_dependency(setup, handler, tsm_sim
         silent.close()
         for conn in held:
             conn.close()
-        agent.SOCKET.unlink(missing_ok=True)
-    assert got(out, "k0") and 3 <= took < 6, (took, out.stderr)
+        SOCKET.unlink(missing_ok=True)
+    if first_frame is None:
+        assert got(out, "k0") and took < 3, (took, out.stderr)
+    else:
+        assert got(out, "k0") and 3 <= took < 6, (took, out.stderr)
     assert any("via=worker" in line for line in syslog if "outcome=instantiated" in line)
 
 
 def test_the_agent_answers_root_only(setup, running_agent):
     """Another user cannot reach the socket; a root peer with a malformed request gets nothing."""
     probe = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c",
-                            f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(agent.SOCKET)!r})"],
+                            f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(SOCKET)!r})"],
                            capture_output=True, text=True, timeout=30)
     assert probe.returncode != 0 and "Permission denied" in probe.stderr
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(10)
-        conn.connect(str(agent.SOCKET))
+        conn.connect(str(SOCKET))
         conn.sendall((10**6).to_bytes(4, "big") + b"{}")
         try:
             assert conn.recv(100) == b""  # refused: closed without an answer
@@ -137,13 +145,12 @@ def test_the_agent_answers_root_only(setup, running_agent):
             pass  # closed with our bytes unread: the same refusal
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:  # its handler gave up long ago
         conn.settimeout(10)
-        conn.connect(str(agent.SOCKET))
-        stale = json.dumps({"config": "/nonexistent", "type": "user", "description": "keybroker:default/disk/k0",
-                            "callout": "", "uid": 0, "gid": 0, "deadline": time.monotonic() - 1}).encode()
-        conn.sendall(len(stale).to_bytes(4, "big") + stale)
+        conn.connect(str(SOCKET))
+        conn.sendall(agent.frame("request", "/nonexistent", "user", "keybroker:default/disk/k0", b"", 0, 0,
+                                 time.monotonic() - agent.DEADLINE_MAX - 1))
         assert conn.recv(100) == b""  # dropped unanswered
     assert running_agent.poll() is None and got(fetch("k2"), "k2")
-    assert os.path.exists(agent.SOCKET)
+    assert os.path.exists(SOCKET)
 
 
 def test_agent_units_verify(tmp_path):
@@ -164,3 +171,19 @@ def test_agent_units_verify(tmp_path):
                          text=True, timeout=60)
     problems = [line for line in (out.stdout + out.stderr).splitlines() if str(tmp_path) in line]
     assert out.returncode == 0 and not problems, out.stdout + out.stderr
+
+
+def test_the_exchange_frames_are_strict():
+    """The handler reads what the agent (or its worker) sends field by field: anything but the exact
+    shape is refused, so a stray or truncated frame can never be taken for a key or a rejection."""
+    key = agent.encode_answer({"size": 32, "lease": 600})
+    assert agent.decode_answer(key[4:]) == {"size": 32, "lease": 600}
+    assert agent.decode_answer(agent.encode_answer({"size": 1, "lease": None})[4:]) == {"size": 1, "lease": None}
+    refusal = agent.encode_answer({"errno": errno.EKEYREJECTED, "timeout": 60, "reason": "x" * 5000})
+    assert agent.decode_answer(refusal[4:]) == {"errno": errno.EKEYREJECTED, "timeout": 60, "reason": "x" * 2000}
+    for body in (b"", b"\0\0\0\x03key", key[4:-1], key[4:] + b"\0", agent.frame("key", 32)[4:],
+                 agent.frame("key", 32, 0, 0)[4:], agent.frame("key", 40000, 0)[4:], agent.frame("key", -1, 0)[4:],
+                 agent.frame("key", "+3", 0)[4:], agent.frame("rejected", 0, 60, "")[4:],
+                 agent.frame("deadline", 6000)[4:], b"\xff" * 64):
+        with pytest.raises(ValueError):
+            agent.decode_answer(body)
