@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from keybroker.errors import EventLogError
 from keybroker.verifier import Context, Evidence, TrustStore, verify
@@ -215,3 +218,44 @@ def test_other_providers_do_not_read_an_event_log():
     verdict = verify(Evidence("sev_guest", bytes(0x4A0), event_log=b"log"), Context(TrustStore.default()))
     assert next(c for c in verdict.checks if c.name == "event_log").ok is None
 
+
+# -- the command line ---------------------------------------------------------------------------
+
+def keybroker(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "keybroker", "verify", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_verify_command_with_event_logs(tmp_path):
+    p = tb.platform()
+    (tmp_path / "trust").mkdir()
+    (tmp_path / "trust" / "root.pem").write_bytes(p.root.public_bytes(serialization.Encoding.PEM))
+    log = boot_log(*RUNTIME)
+    ccel, runtime = log.split(RUNTIME[0].encode())[0], b"".join(e.encode() for e in RUNTIME)
+    (tmp_path / "ccel").write_bytes(ccel + b"\xff" * 1000)
+    (tmp_path / "aael").write_bytes(runtime)
+    (tmp_path / "table").write_bytes(eb.ccel_table(len(ccel) + 1000))
+    (tmp_path / "quote").write_bytes(quote_for(log, p))
+    args = [str(tmp_path / "quote"), "--provider", "tdx_guest", "--trust-roots", str(tmp_path / "trust"),
+            "--event-log", str(tmp_path / "ccel"), "--event-log", str(tmp_path / "aael")]
+    good = keybroker(*args, "--ccel-table", str(tmp_path / "table"))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert good.stdout.count("matches the quote") == 4 and "PASS  event_log" in good.stdout
+    assert "CCEL table: TDX" in good.stdout and "tdx.events = \"<6 events" in good.stdout
+
+    (tmp_path / "aael").write_bytes(runtime[:len(RUNTIME[0].encode())])
+    bad = keybroker(*args)
+    assert bad.returncode == 1 and "RTMR3    1 events" in bad.stdout and "DIFFERS: the quote has" in bad.stdout
+    assert "FAIL  event_log" in bad.stdout
+
+    as_json = keybroker(*args, "--json")
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["ok"] is False
+    (tmp_path / "table").write_bytes(eb.ccel_table(100))
+    short = keybroker(*args, "--ccel-table", str(tmp_path / "table"))
+    assert short.returncode == 1 and "longer than the CCEL table's log area" in short.stderr
+
+    alone = keybroker("--event-log", str(tmp_path / "ccel"), "--event-log", str(tmp_path / "aael"))
+    assert alone.returncode == 0 and alone.stdout.startswith("RTMR0    2 events")
+    garbage = keybroker("--event-log", str(tmp_path / "quote"))
+    assert garbage.returncode == 1 and "not start with a Spec ID event" in garbage.stderr
+    assert "Traceback" not in garbage.stderr + short.stderr
