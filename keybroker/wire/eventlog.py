@@ -182,14 +182,16 @@ def _spec_id(r: _Reader) -> SpecId:
     return SpecId(sizes, (major, minor, errata), uintn, signature)
 
 
+def _at_end(head: bytes) -> bool:
+    """The unused log area starts here: 8 bytes of 0xFF or 0x00 (or the last few bytes, all of one)."""
+    return head in END_MARKERS or (len(head) < 8 and head in (b"\xff" * len(head), b"\0" * len(head)))
+
+
 def _records(raw: bytes, spec: SpecId, start: int, count: int = 0) -> tuple[list[Event], int]:
     """The TCG_PCR_EVENT2 records from ``start`` to the end marker (or the end of the bytes)."""
     events: list[Event] = []
     r = _Reader(raw, start)
-    while r.pos < len(raw):
-        head = raw[r.pos:r.pos + 8]
-        if head in END_MARKERS or (len(head) < 8 and head.strip(head[:1]) == b"" and head[:1] in b"\0\xff"):
-            break
+    while r.pos < len(raw) and not _at_end(raw[r.pos:r.pos + 8]):
         if count + len(events) >= EVENTS_MAX:
             raise EventLogError(f"the event log has more than {EVENTS_MAX} events")
         at = r.pos
