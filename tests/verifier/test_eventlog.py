@@ -67,6 +67,14 @@ def test_no_action_events_are_not_extended():
     assert no_action and not no_action & {e.offset for e in ve.replay(log).extended}
 
 
+def test_systemd_stub_section_names_are_utf16_text():
+    """systemd-stub measures each PE section's UTF-16 name (the text) and then its content under it (a label)."""
+    events = ve.claims(replayed(vector("trustee/CCEL_data_grub_gke")))["tdx.events"]
+    sections = [{k: v for k, v in e.items() if k in ("label", "text")} for e in events if e["type"] == "EV_IPL"]
+    assert sections[:4] == [{"text": ".linux"}, {"label": ".linux"}, {"text": ".osrel"}, {"label": ".osrel"}]
+    assert events[0]["label"] == "TdxTable" and events[1]["label"].startswith("Fv(48DB5E17")
+
+
 def test_alibaba_log_matches_upstreams_parse():
     raw = vector("trustee/CCEL_AAEL_alibabacloud")
     reference = json.loads(vector("trustee/CCEL_AAEL_alibabacloud_out.json"))["uefi_event_logs"]

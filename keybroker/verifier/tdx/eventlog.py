@@ -60,14 +60,17 @@ def replay(log: EventLog) -> Replay:
 
 
 def _text(data: bytes) -> str | None:
-    """The event data as one line of text (UTF-8 up to the first NUL), or None when it is not text."""
-    cut = data.split(b"\0", 1)[0]
+    """The event data as text (UTF-8, or UTF-16 as UEFI writes it, up to the first NUL), or None."""
+    utf16 = len(data) >= 4 and data[1] == data[3] == 0 and data[0] != 0
+    cut = data.decode("utf-16-le", "replace").split("\0", 1)[0].encode() if utf16 else data.split(b"\0", 1)[0]
     if not cut or len(cut) > TEXT_MAX:
         return None
     try:
         text = cut.decode()
     except UnicodeDecodeError:
         return None
+    if utf16 and not text.isascii():
+        return None  # binary data that only looked like UTF-16
     return text if all(c.isprintable() or c in "\n\t" for c in text) else None
 
 
