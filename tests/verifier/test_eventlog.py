@@ -172,9 +172,9 @@ def test_a_log_that_replays_gives_claims():
     assert event_log_check(verdict).detail == "6 events replay to RTMR0-3 (RTMR0 2, RTMR1 1, RTMR2 1, RTMR3 2)"
     c = verdict.claims
     assert c["tdx.kernel_cmdline"] == "/vmlinuz root=/dev/vda1 ro"
-    assert c["tdx.runtime_events"] == [{"domain": "example.org", "operation": "image-pull",
-                                        "content": "registry/app@sha256:ab"},
-                                       {"domain": "example.org", "operation": "config", "content": '{"mode": "prod"}'}]
+    assert c["tdx.runtime_events"] == [
+        {"rtmr": 3, "domain": "example.org", "operation": "image-pull", "content": "registry/app@sha256:ab"},
+        {"rtmr": 3, "domain": "example.org", "operation": "config", "content": '{"mode": "prod"}'}]
     assert [e["rtmr"] for e in c["tdx.events"]] == [0, 0, 1, 2, 3, 3]
     assert c["tdx.events"][0] == {"rtmr": 0, "type": "EV_EFI_HANDOFF_TABLES2", "label": "TdxTable",
                                   "digest": c["tdx.events"][0]["digest"]}

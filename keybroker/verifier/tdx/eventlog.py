@@ -101,7 +101,8 @@ def _image_path(data: bytes) -> str | None:
         if (kind, sub) == (4, 4):  # media device path, file path: UTF-16LE, NUL-terminated
             path.append(data[pos + 4:pos + size].decode("utf-16-le", "replace").rstrip("\0"))
         pos += size
-    return "".join(path)[:TEXT_MAX] or None
+    text = "".join(path)[:TEXT_MAX]
+    return text if text.isprintable() else None
 
 
 def _event_claim(event: Event) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def claims(result: Replay) -> dict[str, Any]:
         out["tdx.kernel_cmdline"] = cmdlines[-1]
     runtime = [e for e in events if "domain" in e]
     if runtime:
-        out["tdx.runtime_events"] = [{k: e[k] for k in ("domain", "operation", "content")} for e in runtime]
+        out["tdx.runtime_events"] = [{k: e[k] for k in ("rtmr", "domain", "operation", "content")} for e in runtime]
     return out
 
 
