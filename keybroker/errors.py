@@ -62,6 +62,10 @@ class EvidenceError(KeybrokerError):
     """Attestation evidence cannot be parsed: wrong size, unknown version, malformed layout."""
 
 
+class EventLogError(EvidenceError):
+    """An event log (TCG crypto-agile, the ACPI CCEL table, a runtime event) is malformed or oversized."""
+
+
 class ServerError(KeybrokerError):
     """The key server refused a request; ``problem`` names the RFC 7807 problem type."""
 

@@ -51,32 +51,107 @@ def _add_tsm_sim(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_tsm_sim)
 
 
+def _read_log(path: Path) -> bytes:
+    from ..wire.eventlog import LOG_MAX
+
+    with open(path, "rb") as file:
+        data = file.read(LOG_MAX + 1)
+    if len(data) > LOG_MAX:
+        raise EvidenceError(f"{path} is larger than {LOG_MAX} bytes: not an event log")
+    return data
+
+
+def _event_log(args: argparse.Namespace) -> bytes:
+    """The --event-log files joined in order (the CCEL log, then runtime logs), checked against --ccel-table."""
+    from ..wire import eventlog
+
+    if args.ccel_table and not args.event_log:
+        raise EvidenceError("--ccel-table describes an event log: give the log with --event-log")
+    parts = [_read_log(path) for path in args.event_log]
+    if args.ccel_table:
+        table = eventlog.parse_ccel_table(_read_log(args.ccel_table))
+        table.check_area(parts[0])
+        print(f"CCEL table: {table.cc_name}, log area {table.laml} bytes at 0x{table.lasa:x}; "
+              f"{args.event_log[0]} is {len(parts[0])} bytes")
+    return eventlog.join_logs(*parts)
+
+
+def _replay_only(log: bytes) -> int:
+    from ..verifier.tdx import eventlog as replayed
+    from ..wire.eventlog import parse_event_log
+
+    result = replayed.replay(parse_event_log(log))
+    print("\n".join(replayed.describe(result)))
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from ..verifier import verify
 
+    log = _event_log(args) if args.event_log else b""
+    if args.file is None:
+        if not log:
+            raise EvidenceError("give evidence to verify, or --event-log FILE to replay a log")
+        return _replay_only(log)
     evidence = load_evidence(args.file, args.provider)
+    if log:
+        if evidence.provider != "tdx_guest":
+            raise EvidenceError(f"{args.file} is {evidence.provider} evidence: event logs are replayed against "
+                                "TDX quotes (RTMRs) only")
+        evidence = replace(evidence, event_log=log)
     verdict = verify(evidence, verification_context(args, args.report_data))
     if args.json:
         print(verdict_json(verdict))
         return 0 if verdict.ok else 1
+    if log:
+        _print_replay(log, verdict.claims)
     print("\n".join(check_lines(verdict)))
     print(f"=> {'OK: every check passed' if verdict.ok else 'FAILED: ' + verdict.reason()}")
     if verdict.claims:
+        shown = dict(verdict.claims)
+        if "tdx.events" in shown:
+            shown["tdx.events"] = f"<{len(shown['tdx.events'])} events: --json shows them>"
         print("claims:")
-        print("\n".join(claim_lines(verdict.claims)))
+        print("\n".join(claim_lines(shown)))
     return 0 if verdict.ok else 1
+
+
+def _print_replay(log: bytes, claims: dict) -> None:
+    """The replay per RTMR against the quote's (when the quote parsed); the event_log check says the rest."""
+    from ..errors import EventLogError
+    from ..verifier.tdx import eventlog as replayed
+    from ..wire.eventlog import parse_event_log
+
+    try:
+        result = replayed.replay(parse_event_log(log))
+    except EventLogError:
+        return  # the event_log check names the problem
+    quoted = None
+    if all(f"tdx.rtmr{i}" in claims for i in range(4)):
+        quoted = tuple(bytes.fromhex(claims[f"tdx.rtmr{i}"]) for i in range(4))
+    print("\n".join(replayed.describe(result, quoted)))
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="verify evidence offline and print each check and the claims",
                        description="Verify an evidence envelope, Trustee's evidence form (what guest-components "
-                                   "sends), or a raw SEV-SNP report, TDX quote or CCA token. "
-                                   "Exit status 0 only when every check that ran passed.")
-    p.add_argument("file", type=Path, help="an envelope or Trustee evidence (JSON), or a raw report, quote or token")
+                                   "sends), or a raw SEV-SNP report, TDX quote or CCA token. With --event-log, "
+                                   "replay a TDX event log against the quote's RTMRs (or, without evidence, "
+                                   "just replay it). Exit status 0 only when every check that ran passed.")
+    p.add_argument("file", type=Path, nargs="?",
+                   help="an envelope or Trustee evidence (JSON), or a raw report, quote or token")
     p.add_argument("--provider", choices=PROVIDERS,
                    help="the provider of a raw blob (guessed when unambiguous)")
     add_evidence_options(p)
     p.add_argument("--report-data", type=hex_bytes, metavar="HEX", help="the REPORT_DATA to expect, byte for byte")
+    p.add_argument("--event-log", type=Path, action="append", default=[], metavar="FILE",
+                   help="a TDX event log: the CCEL log (/sys/firmware/acpi/tables/data/CCEL), then runtime logs "
+                        "(/run/attestation-agent/eventlog), joined in order (repeatable)")
+    p.add_argument("--ccel-table", type=Path, metavar="FILE",
+                   help="the ACPI CCEL table (/sys/firmware/acpi/tables/CCEL): the first --event-log must fit "
+                        "its log area")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.set_defaults(run=_verify)
 

@@ -28,6 +28,8 @@ class Evidence:
 
     The envelope's other attributes (generation, privlevel, the service_* options the guest
     wrote) are what the guest asked for, covered by no signature: no claim comes from them.
+    ``event_log`` is a TDX guest's measurement log (the CCEL log with any runtime events after it,
+    Trustee's ``cc_eventlog``): unsigned, it counts only as far as it replays to the quote's RTMRs.
     """
 
     provider: str
@@ -35,6 +37,7 @@ class Evidence:
     auxblob: bytes = b""
     manifestblob: bytes = b""
     inblob: bytes | None = None
+    event_log: bytes = b""
 
     @classmethod
     def from_report(cls, report: TsmReport) -> Evidence:

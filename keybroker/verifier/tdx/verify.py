@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from ...errors import EvidenceError
+from ...errors import EventLogError, EvidenceError
+from ...wire.eventlog import parse_event_log
 from ..certs import common_name, fingerprint, is_ec_key, load_cert_dir, signed_by, valid_at, validity
 from ..core import Checks, Context, Evidence, check_freshness, check_init_data
 from ..trust import INTEL_TD_QE_ISVPRODID, INTEL_TD_QE_MRSIGNER
@@ -27,6 +28,8 @@ from . import tcb
 from .abi import BODY_SIZES, BODY_TD15, Quote, parse_quote
 from .claims import claims, pck_claims
 from .collateral import Collateral, load_folder
+from .eventlog import claims as event_claims
+from .eventlog import replay
 from .pck import PCK_CA_NAMES, TCB_SIGNING_CN, PckChain, PckInfo, pck_chain, pck_info
 from .pcs import fetch_collateral
 from .tcb import qe_identity_mismatch
@@ -84,7 +87,26 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
                    "or the QE authentication data is not the one the quoting enclave reported")
     check_freshness(quote.body.report_data, evidence, context, checks, what="REPORTDATA")
     check_init_data(quote.body.mrconfigid, context, checks, what="MRCONFIGID")
+    if evidence.event_log:
+        _check_event_log(evidence.event_log, quote, checks, claims_out)
     _appraise_tcb(quote, chain, info, context, checks, claims_out)
+
+
+def _check_event_log(raw: bytes, quote: Quote, checks: Checks, claims_out: dict[str, Any]) -> None:
+    """The event log replays to each of RTMR0-3 exactly; only then do its events become claims."""
+    try:
+        result = replay(parse_event_log(raw))
+        mismatches = result.mismatches(quote.body.rtmrs)
+        found = event_claims(result) if not mismatches else {}
+    except EventLogError as exc:
+        checks.failed("event_log", str(exc))
+    if mismatches:
+        checks.failed("event_log", "; ".join(
+            f"RTMR{i}: the log ({result.counts[i]} events) replays to {computed.hex()}, the quote has {quoted.hex()}"
+            for i, computed, quoted in mismatches) + ": the log is not the whole story of these RTMRs")
+    claims_out.update(found)
+    counts = ", ".join(f"RTMR{i} {n}" for i, n in enumerate(result.counts))
+    checks.passed("event_log", f"{len(result.extended)} events replay to RTMR0-3 ({counts})")
 
 
 def _qe_problem(quote: Quote) -> str | None:
