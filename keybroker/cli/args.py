@@ -53,10 +53,11 @@ def audit_head(text: str) -> tuple[int, str]:
 def add_evidence_options(p: argparse.ArgumentParser) -> None:
     """Where a verifier finds trust anchors, certificates and collateral, and at which time."""
     p.add_argument("--trust-roots", type=Path, action="append", default=[], metavar="DIR",
-                   help="extra trust anchors (root certificates, CCA platform keys)")
+                   help="extra trust anchors (root certificates, CCA platform keys, legacy SEV ARK/ASK .cert files)")
     p.add_argument("--trust-cpak", type=Path, metavar="FILE", help="a CCA platform key to trust (PEM or JWK)")
     p.add_argument("--certs", type=Path, action="append", default=[], metavar="DIR",
-                   help="folder of PEM/DER certificates to use (VCEK/VLEK, ASK/ASVK, ARK; PCK chains)")
+                   help="folder of PEM/DER certificates to use (VCEK/VLEK, ASK/ASVK, ARK; PCK chains; "
+                        "legacy SEV ask_ark .cert files)")
     p.add_argument("--collateral", type=Path, metavar="DIR",
                    help="TDX collateral folder: TCB info, QE identity, CRLs, TCB signing chain")
     p.add_argument("--at", type=rfc3339, metavar="RFC3339", help="check certificate validity at this time")

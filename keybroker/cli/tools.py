@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import EvidenceError
-from ..verifier.core import PROVIDERS
+from ..verifier.core import PROVIDERS, TSM_PROVIDERS
 from .args import add_evidence_options, hex_bytes, load_evidence, verification_context
 from .show import check_lines, claim_lines, verdict_json
 
@@ -38,7 +38,7 @@ def _add_tsm_sim(sub: argparse._SubParsersAction) -> None:
                                    "at MOUNTPOINT/tsm/report, with simulated SEV-SNP, TDX or CCA evidence "
                                    "signed under simulated vendor roots. Runs until SIGTERM or unmount.")
     p.add_argument("mountpoint", type=Path)
-    p.add_argument("--provider", required=True, choices=PROVIDERS)
+    p.add_argument("--provider", required=True, choices=TSM_PROVIDERS)
     p.add_argument("--svsm", action="store_true", help="SEV-SNP guest under an SVSM (service attestation)")
     p.add_argument("--state", type=Path, default=DEFAULT_SIM_STATE,
                    help=f"simulated roots and platform identity (default {DEFAULT_SIM_STATE})")
@@ -137,9 +137,10 @@ def _print_replay(log: bytes, claims: dict) -> None:
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="verify evidence offline and print each check and the claims",
                        description="Verify an evidence envelope, Trustee's evidence form (what guest-components "
-                                   "sends), or a raw SEV-SNP report, TDX quote or CCA token. With --event-log, "
-                                   "replay a TDX event log against the quote's RTMRs (or, without evidence, "
-                                   "just replay it). Exit status 0 only when every check that ran passed.")
+                                   "sends), or a raw SEV-SNP report, TDX quote, CCA token or SEV AEB evidence. "
+                                   "With --event-log, replay a TDX event log against the quote's RTMRs (or, "
+                                   "without evidence, just replay it). Exit status 0 only when every check that "
+                                   "ran passed.")
     p.add_argument("file", type=Path, nargs="?",
                    help="an envelope or Trustee evidence (JSON), or a raw report, quote or token")
     p.add_argument("--provider", choices=PROVIDERS,

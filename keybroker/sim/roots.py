@@ -109,13 +109,13 @@ class SimState:
         return self.path / "tdx" / "collateral"
 
     def snp(self) -> SnpIdentity:
-        with self._locked():
+        with self.locked():
             if not (self.path / "snp" / "values.json").exists():
                 self._create_snp()
             return self._load_snp()
 
     def tdx(self) -> TdxIdentity:
-        with self._locked():
+        with self.locked():
             if not (self.path / "tdx" / "values.json").exists() or not self.tdx_collateral.is_dir():
                 self._create_tdx()  # (states made before simulated collateral existed are renewed)
             d = self.path / "tdx"
@@ -125,7 +125,7 @@ class SimState:
                                values=json.loads((d / "values.json").read_text()))
 
     def cca(self) -> CcaIdentity:
-        with self._locked():
+        with self.locked():
             if not (self.path / "cca" / "values.json").exists():
                 self._create_cca()
             d = self.path / "cca"
@@ -135,7 +135,8 @@ class SimState:
     # -- creation ------------------------------------------------------------------------
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
+        """Exclusive use of the state folder: a platform is created once, by one process."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.path / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

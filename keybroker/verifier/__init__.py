@@ -36,6 +36,9 @@ def _verifier(provider: str) -> Verifier | None:
     if provider == "arm_cca_guest":
         from .cca.verify import verify as cca
         return cca
+    if provider == "sev_aeb":
+        from .sev.verify import verify as sev
+        return sev
     return None
 
 
@@ -61,6 +64,8 @@ def guess_provider(blob: bytes) -> str | None:
     """The provider of a raw report, quote or token, when its shape says so unambiguously."""
     if len(blob) == 0x4A0:
         return "sev_guest"
+    if len(blob) == 6460 and blob[208:212] == b"\x01\x00\x00\x00" and blob[216:220] == b"\x04\x10\x00\x00":
+        return "sev_aeb"  # an AEB report + CEK (version 1, usage CEK) + PEK + OCA
     if blob[:2] in (b"\x04\x00", b"\x05\x00") and blob[4:8] == b"\x81\x00\x00\x00":
         return "tdx_guest"
     if blob[:3] in (b"\xd9\x01\x8f", b"\xd9\x03\x8b"):  # CBOR tags 399 and 907

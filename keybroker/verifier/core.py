@@ -18,8 +18,11 @@ from ..wire.envelope import TsmReport
 from .fetch import Fetcher
 from .trust import TrustStore
 
-#: The configfs-tsm providers keybroker verifies.
-PROVIDERS = ("sev_guest", "tdx_guest", "arm_cca_guest")
+#: The configfs-tsm providers keybroker verifies (and the emulator emulates).
+TSM_PROVIDERS = ("sev_guest", "tdx_guest", "arm_cca_guest")
+#: Every provider keybroker verifies: the configfs-tsm ones and SEV/SEV-ES evidence from the
+#: host's Attestation Evidence Broker (no guest-side report exists before SNP).
+PROVIDERS = (*TSM_PROVIDERS, "sev_aeb")
 
 
 @dataclass(frozen=True)
@@ -124,10 +127,11 @@ class Checks:
 
 def check_freshness(observed: bytes, evidence: Evidence, context: Context, checks: Checks, *, what: str,
                     derive: Callable[[bytes], bytes] = lambda nonce: nonce, rule: str = "the nonce (inblob)",
-                    name: str = "nonce_binding") -> None:
+                    name: str = "nonce_binding", consequence: str = "") -> None:
     """The freshness binding every provider has: ``observed`` (REPORT_DATA, REPORTDATA, the realm
     challenge) equals an exact ``--report-data`` when one is given, else what the provider
-    derives from the nonce: the key server's expected inblob, or the envelope's own."""
+    derives from the nonce: the key server's expected inblob, or the envelope's own.
+    ``consequence`` ends the failure's detail: what a mismatch means for this provider."""
     if context.report_data is not None:
         checks.require(observed == context.report_data, "report_data", f"{what} equals the expected value",
                        f"{what} {observed.hex()[:32]}... differs from the expected {context.report_data.hex()[:32]}...")
@@ -137,7 +141,8 @@ def check_freshness(observed: bytes, evidence: Evidence, context: Context, check
         checks.skipped(name, f"no nonce or expected {what} given")
         return
     checks.require(observed == derive(nonce), name, f"{what} is {rule}",
-                   f"{what} {observed.hex()[:32]}... is not {rule} (nonce {nonce.hex()[:32]}...)")
+                   f"{what} {observed.hex()[:32]}... is not {rule} (nonce {nonce.hex()[:32]}...)"
+                   + (f": {consequence}" if consequence else ""))
 
 
 def check_init_data(observed: bytes, context: Context, checks: Checks, *, what: str) -> None:

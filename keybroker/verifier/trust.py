@@ -1,14 +1,18 @@
 """Trust anchors: the vendor roots pinned by fingerprint, plus operator-given anchors.
 
 Built in (facts, not fetched data): the SHA-256 fingerprints of AMD's ARKs for Milan,
-Genoa and Turin, and of the Intel SGX Root CA. No CCA platform key (CPAK) is trusted by
-default. ``--trust-roots DIR`` adds anchors: root certificates (PEM/DER; their
-fingerprints become pins) and CPAK public keys (PEM SubjectPublicKeyInfo, a JWK, or a
-Veraison trust-anchor list of ``{"pkey": JWK, "implementation-id", "instance-id"}``).
+Genoa and Turin, and of the Intel SGX Root CA; and of AMD's ARKs in the legacy SEV
+certificate format (Naples to Turin), for SEV/SEV-ES evidence. No CCA platform key (CPAK)
+is trusted by default. ``--trust-roots DIR`` adds anchors: root certificates (PEM/DER; their
+fingerprints become pins), CPAK public keys (PEM SubjectPublicKeyInfo, a JWK, or a
+Veraison trust-anchor list of ``{"pkey": JWK, "implementation-id", "instance-id"}``), and
+legacy SEV certificates (``.cert``, one or an ask_ark file): an ARK's fingerprint becomes a
+pin, an ASK is kept as an intermediate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,12 +27,22 @@ from jwcrypto.common import JWException
 
 from ..errors import ConfigError, EvidenceError
 from .certs import CERT_FILE_MAX, fingerprint, load_certs
+from .sev.abi import ARK, parse_ca_certs
 
 #: SHA-256 of the DER of AMD's ARK certificates (snp.md section 4.3).
 AMD_ARKS = {
     "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd": "Milan",
     "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1": "Genoa",
     "1f084161a44bb6d93778a904877d4819cafa5d05ef4193b2ded9dd9c73dd3f6a": "Turin",
+}
+#: SHA-256 of AMD's ARK certificates in the legacy SEV format (the bytes of the ARK in
+#: ask_ark_<product>.cert), from AMD's published certificates (vectors/sev-legacy/amd-builtin).
+AMD_SEV_ARKS = {
+    "dedabca561e1dece8cc00b7bda864cf5f20b95017864408cfe18eaee0dce24b9": "Naples",
+    "865977b268c16d5b27772b00aaefb4e737ba9499e818ed8e9f65b0cecefbc529": "Rome",
+    "1246469862b78a7a8625579b0378d1f8e975eb8b82a1623b579d7968a5969888": "Milan",
+    "8f4e3fd36589c23f1fe0c8338465bac7e2e066d97fc92f228bbee4fd356fb674": "Genoa",
+    "f6405e5096a6eee1eb7d5df75c49f9b9f7c8357a31c7fff150149d68588a7bf7": "Turin",
 }
 #: SHA-256 of the DER of the Intel SGX Root CA (tdx.md section 6).
 INTEL_SGX_ROOT = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
@@ -38,9 +52,10 @@ INTEL_SGX_ROOT = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674
 INTEL_TD_QE_MRSIGNER = bytes.fromhex("dc9e2a7c6f948f17474e34a7fc43ed030f7c1563f1babddf6340c82e0e54a8c5")
 INTEL_TD_QE_ISVPRODID = 2
 #: What a trust-roots folder holds, by file name suffix; files with other suffixes are ignored.
-ANCHOR_SUFFIXES = (".pem", ".crt", ".cer", ".der", ".json")
+ANCHOR_SUFFIXES = (".pem", ".crt", ".cer", ".der", ".json", ".cert")
 ANCHOR_KINDS = ("a root certificate (PEM or DER), a CCA platform key (PEM public key or JWK) or a Veraison "
                 "trust-anchor list")
+SEV_ANCHOR_SUFFIX = ".cert"
 
 
 @dataclass(frozen=True)
@@ -58,10 +73,14 @@ class TrustStore:
     #: fingerprint -> the anchor certificate (None for a built-in pin without the certificate)
     roots: dict[str, x509.Certificate | None] = field(default_factory=dict)
     cpaks: tuple[Cpak, ...] = ()
+    #: legacy SEV ARKs: SHA-256 of the certificate -> product (None for an operator's ARK)
+    sev_arks: dict[str, str | None] = field(default_factory=dict)
+    #: legacy SEV CA certificates (ARKs and ASKs) from trust-roots folders, as bytes
+    sev_certs: tuple[bytes, ...] = ()
 
     @classmethod
     def default(cls) -> TrustStore:
-        return cls(dict.fromkeys((*AMD_ARKS, INTEL_SGX_ROOT)))
+        return cls(dict.fromkeys((*AMD_ARKS, INTEL_SGX_ROOT)), sev_arks=dict(AMD_SEV_ARKS))
 
     def is_trusted(self, cert: x509.Certificate) -> bool:
         return fingerprint(cert) in self.roots
@@ -71,18 +90,21 @@ class TrustStore:
 
     def with_dirs(self, folders: Iterable[Path]) -> TrustStore:
         roots, cpaks = dict(self.roots), list(self.cpaks)
+        sev_arks, sev_certs = dict(self.sev_arks), list(self.sev_certs)
         for folder in folders:
             if not folder.is_dir():
                 raise ConfigError(f"trust-roots folder {folder} does not exist")
             for path in sorted(folder.iterdir()):
-                if path.is_file() and path.suffix.lower() in ANCHOR_SUFFIXES:
+                if path.is_file() and path.suffix.lower() == SEV_ANCHOR_SUFFIX:
+                    _load_sev_anchor(path, sev_arks, sev_certs)
+                elif path.is_file() and path.suffix.lower() in ANCHOR_SUFFIXES:
                     _load_anchor(path, roots, cpaks)
-        return TrustStore(roots, tuple(cpaks))
+        return TrustStore(roots, tuple(cpaks), sev_arks, tuple(sev_certs))
 
     def with_cpak_file(self, path: Path) -> TrustStore:
         roots, cpaks = dict(self.roots), list(self.cpaks)
         _load_anchor(path, roots, cpaks)
-        return TrustStore(roots, tuple(cpaks))
+        return TrustStore(roots, tuple(cpaks), self.sev_arks, self.sev_certs)
 
 
 def _load_anchor(path: Path, roots: dict[str, x509.Certificate | None], cpaks: list[Cpak]) -> None:
@@ -99,6 +121,24 @@ def _load_anchor(path: Path, roots: dict[str, x509.Certificate | None], cpaks: l
                 roots[fingerprint(cert)] = cert
     except (ValueError, KeyError, TypeError, EvidenceError, JWException) as exc:
         raise ConfigError(f"trust anchor {path} is not {ANCHOR_KINDS}: {exc or type(exc).__name__}") from None
+
+
+def _load_sev_anchor(path: Path, sev_arks: dict[str, str | None], sev_certs: list[bytes]) -> None:
+    """Legacy SEV CA certificates: a self-issued ARK becomes a pin, an ASK an intermediate."""
+    if path.stat().st_size > CERT_FILE_MAX:
+        raise ConfigError(f"trust anchor {path} is larger than {CERT_FILE_MAX} bytes")
+    try:
+        certs = parse_ca_certs(path.read_bytes())
+    except EvidenceError as exc:
+        raise ConfigError(f"trust anchor {path} is not AMD's legacy SEV ARK/ASK certificate format: {exc}") from None
+    for cert in certs:
+        if cert.usage == ARK:
+            if not cert.self_issued:
+                raise ConfigError(f"trust anchor {path}: the ARK {cert.key_id.hex()} is not self-issued")
+            digest = hashlib.sha256(cert.raw).hexdigest()
+            sev_arks[digest] = AMD_SEV_ARKS.get(digest)
+        if cert.raw not in sev_certs:
+            sev_certs.append(cert.raw)
 
 
 def _cpaks_from_json(obj: Any, source: str) -> list[Cpak]:
