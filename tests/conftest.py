@@ -156,14 +156,14 @@ def handler(tmp_path: Path, system_lock: None) -> Iterator[Callable[..., Path]]:
         pytest.skip("installing a request-key handler needs root")
     saved = CONF.read_bytes() if CONF.exists() else None
 
-    def install(server_url: str, tsm_root: Path, *, deadline: float = 10, extra: str = "",
+    def install(server_url: str, tsm_root: Path | None, *, deadline: float = 10, extra: str = "",
                 ca: Path | None = None) -> Path:
         from keybroker.guest import install as installer
 
         config = tmp_path / "client.toml"
         trust = f'ca = "{ca}"\n' if ca else ""
-        config.write_text(f'[server]\nurl = "{server_url}"\n{trust}[tsm]\nroot = "{tsm_root}"\n'
-                          f"[handler]\ndeadline = {deadline}\n{extra}")
+        tsm = f'[tsm]\nroot = "{tsm_root}"\n' if tsm_root else ""  # None: the evidence source is in extra
+        config.write_text(f'[server]\nurl = "{server_url}"\n{trust}{tsm}[handler]\ndeadline = {deadline}\n{extra}')
         installer.install(config, CONF.parent, Path(sys.executable).parent / "keybroker-request-key")
         return config
 

@@ -85,6 +85,38 @@ def _replay_only(log: bytes) -> int:
     return 0
 
 
+def _aeb_sim(args: argparse.Namespace) -> int:
+    from ..sim import aeb, roots
+
+    try:
+        digest = bytes.fromhex(args.launch_digest) if args.launch_digest else None
+        broker = aeb.make_broker(roots.SimState(args.state), args.guest_handle, digest, args.fault)
+        listener = aeb.listen(args.listen)
+    except (ValueError, OSError) as exc:
+        print(f"keybroker aeb-sim: {exc}", file=sys.stderr)
+        return 2
+    print(f"keybroker aeb-sim: SEV-ES guest {args.guest_handle} (launch digest {broker.guest.launch_digest.hex()}) "
+          f"on {args.listen} (trust anchors in {roots.SimState(args.state).trust_dir})", file=sys.stderr, flush=True)
+    aeb.serve(listener, broker)
+    return 0
+
+
+def _add_aeb_sim(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("aeb-sim", help="emulate a host's SEV/SEV-ES Attestation Evidence Broker (testing and demos)",
+                       description="Serve the AEB protocol (ttrpc) for one simulated SEV-ES guest on a "
+                                   "simulated platform whose AMD chain is kept in --state. Runs until SIGTERM.")
+    p.add_argument("--listen", default="vsock:5577", metavar="ADDRESS",
+                   help="unix:/PATH or vsock:PORT (default vsock:5577)")
+    p.add_argument("--guest-handle", type=int, default=1, help="the guest's firmware handle (default 1)")
+    p.add_argument("--launch-digest", metavar="HEX", help="the guest's 32-byte launch digest (default: one kept "
+                                                             "in the state folder)")
+    p.add_argument("--state", type=Path, default=DEFAULT_SIM_STATE,
+                   help=f"simulated roots and platform identity (default {DEFAULT_SIM_STATE})")
+    p.add_argument("--fault", action="append", default=[], metavar="NAME",
+                   help="wrong-handle, corrupt-signature, broken-chain, debug, ignore-mnonce (repeatable)")
+    p.set_defaults(run=_aeb_sim)
+
+
 def _verify(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -170,5 +202,5 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    for add in (_add_verify, _add_tsm_sim, _add_demo):
+    for add in (_add_verify, _add_tsm_sim, _add_aeb_sim, _add_demo):
         add(sub)

@@ -8,6 +8,7 @@ kept for root only (see :mod:`.tokens`); other users' ``--debug`` runs always at
 from __future__ import annotations
 
 import errno as E
+from collections.abc import Callable
 
 from ..errors import TsmError
 from ..wire import rcar as p
@@ -25,14 +26,14 @@ def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Rel
     client = RcarClient(config.server_url, ca=config.server_ca, deadline=deadline)
     resource = str(request.resource)
     if not TokenCache.available():
-        return _attest(config, request, client, None)
+        return _attest(config, request, client, None, deadline)
     cache = TokenCache(config.server_url, config.server_ca, request.privlevel)
     released = _with_kept_token(client, cache, resource)
     if released is not None:
         return released
     with cache.attesting(deadline):  # concurrent requests wait here for one attestation
         released = _with_kept_token(client, cache, resource)  # kept meanwhile by the one that attested
-        return released if released is not None else _attest(config, request, client, cache)
+        return released if released is not None else _attest(config, request, client, cache, deadline)
 
 
 def _with_kept_token(client: RcarClient, cache: TokenCache, resource: str) -> ReleasedKey | None:
@@ -46,21 +47,31 @@ def _with_kept_token(client: RcarClient, cache: TokenCache, resource: str) -> Re
         return None
 
 
-def _attest(config: ClientConfig, request: KeyRequest, client: RcarClient, cache: TokenCache | None) -> ReleasedKey:
-    tsm = TsmClient(config.tsm_root)
-    provider = tsm.provider()
+def _attest(config: ClientConfig, request: KeyRequest, client: RcarClient, cache: TokenCache | None,
+            deadline: float) -> ReleasedKey:
+    provider, evidence = _evidence_source(config, request, deadline)
     tee = p.TEE_BY_PROVIDER.get(provider)
     if tee is None:
         raise TsmError(f"provider {provider!r} has no KBS tee type (known: {', '.join(p.TEE_BY_PROVIDER)})",
                        errno=E.ENODEV)
-    deadline = client.deadline
+    attested = client.fetch(str(request.resource), tee, evidence)
+    if cache is not None and attested.token is not None:
+        cache.store(attested.token, attested.key)
+    return attested.released
+
+
+def _evidence_source(config: ClientConfig, request: KeyRequest,
+                     deadline: float) -> tuple[str, Callable[[bytes], TsmReport]]:
+    """The provider, and how to get its evidence for an inblob: the configured broker, else configfs-tsm."""
+    broker = config.aeb
+    if broker is not None:
+        from .aeb import PROVIDER
+
+        return PROVIDER, lambda inblob: broker.get_report(inblob, deadline=deadline)
+    tsm = TsmClient(config.tsm_root)
 
     def evidence(inblob: bytes) -> TsmReport:
         return tsm.get_report(ReportRequest(inblob, privlevel=request.privlevel,
                                             service_provider=config.service_provider,
                                             service_guid=config.service_guid), deadline=deadline)
-
-    attested = client.fetch(str(request.resource), tee, evidence)
-    if cache is not None and attested.token is not None:
-        cache.store(attested.token, attested.key)
-    return attested.released
+    return tsm.provider(), evidence

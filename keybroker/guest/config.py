@@ -10,6 +10,9 @@
     service_provider = "svsm"              # optional: SVSM service attestation (SEV-SNP guests
                                            # under an SVSM; the report comes from VMPL0)
     service_guid = "c476f1eb-..."          # optional: attest this one service (default: all)
+    [aeb]                                  # SEV/SEV-ES guests instead of [tsm]: the host's
+    address = "vsock:2:5577"               # Attestation Evidence Broker (default address)
+    guest_handle = 1                       # required: this guest's firmware handle
     [handler]
     deadline = 30                          # seconds, hard limit for one construction
     [[access]]                             # who may obtain which resources
@@ -44,12 +47,15 @@ import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DescriptionError
 from ..wire.resource import ResourcePath
 from ..wire.transport import server_url_problem
 from .request import DESCRIPTION_PREFIX, KEY_TYPES
+
+if TYPE_CHECKING:
+    from .aeb import Broker
 
 DEFAULT_PATH = Path("/etc/keybroker/client.toml")
 DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
@@ -91,6 +97,7 @@ class ClientConfig:
     service_provider: str | None = None
     service_guid: str | None = None
     deadline: float = DEFAULT_DEADLINE
+    aeb: Broker | None = None
     access: tuple[AccessRule, ...] = ()
     volumes: tuple[Volume, ...] = ()
 
@@ -158,7 +165,7 @@ def load(path: Path | str = DEFAULT_PATH) -> ClientConfig:
 
 def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
     top = _Table(path, "", data)
-    top.only("server", "tsm", "handler", "access", "volumes")
+    top.only("server", "tsm", "aeb", "handler", "access", "volumes")
 
     server = _Table(path, "server", top.get("server", dict, required=True))
     server.only("url", "ca")
@@ -176,6 +183,8 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
         from ..wire.envelope import GUID  # only then: the handler loads this file on every key request
     if service_guid is not None and (service_provider is None or not GUID.fullmatch(service_guid)):
         raise tsm.error("'tsm.service_guid' must be a lower-case GUID and needs 'tsm.service_provider'")
+
+    broker = _broker(path, top) if "aeb" in data else None
 
     handler = _Table(path, "handler", top.get("handler", dict, {}))
     handler.only("deadline")
@@ -201,8 +210,24 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
 
     return ClientConfig(path=path, server_url=url, server_ca=Path(ca) if ca else None,
                         tsm_root=Path(root), service_provider=service_provider, service_guid=service_guid,
-                        deadline=deadline, access=tuple(rules),
+                        deadline=deadline, aeb=broker, access=tuple(rules),
                         volumes=_volumes(path, top.get("volumes", dict, {})))
+
+
+def _broker(path: Path, top: _Table) -> Broker:
+    """The ``[aeb]`` table: the evidence broker a SEV/SEV-ES guest asks instead of configfs-tsm."""
+    from .aeb import DEFAULT_ADDRESS, Broker
+
+    table = _Table(path, "aeb", top.get("aeb", dict))
+    if "tsm" in top.data:
+        raise table.error("[aeb] and [tsm] are two evidence sources: a guest has one (SEV/SEV-ES guests "
+                          "[aeb], SEV-SNP, TDX and CCA guests [tsm])")
+    table.only("address", "guest_handle")
+    handle = table.get("guest_handle", int, required=True)
+    try:
+        return Broker(table.get("address", str, DEFAULT_ADDRESS), handle)
+    except ConfigError as exc:
+        raise table.error(f"[aeb]: {exc}") from None
 
 
 def _volumes(path: Path, tables: dict[str, Any]) -> tuple[Volume, ...]:

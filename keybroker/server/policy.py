@@ -3,7 +3,9 @@
 A policy is a JSON document of rules; the first rule whose resource pattern matches
 decides, by its condition over the claims; no matching rule denies, and without rules (no
 policy set, the key server's starting state) nothing is released. Debug guests are refused
-unless the rule sets ``allow_debug``. :func:`from_appraisals` writes a starting policy that
+unless the rule sets ``allow_debug``; unbound evidence (claim ``unbound``: SEV/SEV-ES from a
+host's evidence broker, which carries no data of the guest's) unless it sets ``allow_unbound``,
+which only a rule that pins a measurement may. :func:`from_appraisals` writes a starting policy that
 pins a verified guest's image; :meth:`Policy.unpinned` names the rules that pin no
 measurement. A denial's reason names the rule and the
 condition that failed; :meth:`Policy.explain` lists every condition with PASS or FAIL.
@@ -39,7 +41,12 @@ IMAGE_CLAIMS = {"snp": ("snp.measurement", "snp.host_data"),
                 "tdx": ("tdx.mrtd", "tdx.mrconfigid", "tdx.rtmr0", "tdx.rtmr1", "tdx.rtmr2"),
                 "cca": ("cca.rim",)}
 #: A rule pins a measurement when it requires one of these claims to equal (or be one of) values.
-MEASUREMENT_CLAIMS = frozenset({"measurement", "snp.measurement", "tdx.mrtd", "cca.rim"})
+MEASUREMENT_CLAIMS = frozenset({"measurement", "snp.measurement", "tdx.mrtd", "cca.rim", "sev.launch_digest"})
+#: Why unbound evidence is refused unless a rule says otherwise.
+UNBOUND_REASON = ("the evidence is unbound (claim unbound is true: a SEV/SEV-ES report carries no data of the "
+                  "guest's and the host chooses which guest it describes, so it shows that some guest with this "
+                  "launch digest runs on this platform, not that the requester is that guest) and the rule does "
+                  "not set allow_unbound")
 NO_POLICY_REASON = ("no release policy is set: nothing is released until the operator sets one "
                     "(keybroker policy put, or serve --policy; keybroker policy from-evidence writes a first one)")
 
@@ -49,7 +56,7 @@ class Decision:
     allowed: bool
     reason: str
     rule: int | None = None
-    #: why, in one word (for counting): allowed, no_policy, no_rule, debug or condition
+    #: why, in one word (for counting): allowed, no_policy, no_rule, debug, unbound or condition
     cause: str = "allowed"
 
 
@@ -137,6 +144,11 @@ class Policy:
                                        "the rule does not set allow_debug", index, "debug"), lines
             lines.append(f"  PASS claim debug is {_show(debug)}"
                          + (" (the rule sets allow_debug)" if rule.get("allow_debug", False) else ""))
+            if claims.get("unbound") is True:
+                if not rule.get("allow_unbound", False):
+                    lines.append(f"  FAIL {UNBOUND_REASON}")
+                    return Decision(False, f"{where}: {UNBOUND_REASON}", index, "unbound"), lines
+                lines.append("  PASS claim unbound is true (the rule sets allow_unbound)")
             if "require" in rule:
                 outcome = _evaluate(rule["require"], claims)
                 lines += outcome.lines()
@@ -225,6 +237,9 @@ def from_appraisals(appraisals: list[dict[str, Any]], resources: list[str], comm
     guests = []
     for claims in appraisals:
         tee = claims.get("tee")
+        if claims.get("unbound") is True:
+            raise PolicyError(f"the {tee} evidence is unbound (it carries no data of the guest's): write its rule by "
+                              "hand, with allow_unbound and the launch digest (docs/policy.md)")
         if not isinstance(tee, str) or tee not in IMAGE_CLAIMS:
             raise PolicyError(f"cannot pin the image of a {tee!r} guest (known: {', '.join(IMAGE_CLAIMS)})")
         pins = [{"claim": "tee", "equals": tee}]
@@ -284,14 +299,19 @@ def _check_document(doc: Any) -> None:
         where = f"rules[{i}]"
         if not isinstance(rule, dict):
             raise PolicyError(f"{where} must be an object")
-        unknown = set(rule) - {"resources", "require", "allow_debug", "comment"}
+        unknown = set(rule) - {"resources", "require", "allow_debug", "allow_unbound", "comment"}
         if unknown:
             raise PolicyError(f"{where} has unknown member(s): {', '.join(sorted(unknown))}")
         patterns = rule.get("resources")
         if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
             raise PolicyError(f"{where}.resources must be a non-empty list of patterns")
-        if not isinstance(rule.get("allow_debug", False), bool):
-            raise PolicyError(f"{where}.allow_debug must be true or false")
+        for flag in ("allow_debug", "allow_unbound"):
+            if not isinstance(rule.get(flag, False), bool):
+                raise PolicyError(f"{where}.{flag} must be true or false")
+        if rule.get("allow_unbound", False) and not ("require" in rule and _pins_measurement(rule["require"])):
+            raise PolicyError(f"{where} sets allow_unbound but pins no measurement (for SEV/SEV-ES the launch "
+                              f"digest, claim sev.launch_digest or measurement): unbound evidence is acceptable "
+                              "only for a known image")
         if "require" in rule:
             _check_condition(rule["require"], f"{where}.require")
 

@@ -123,3 +123,16 @@ def test_config_errors_name_the_key_and_the_file(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="configuration file not found"):
         config.load(tmp_path / "absent.toml")
+
+
+def test_a_sev_guest_names_its_evidence_broker_instead_of_configfs_tsm(tmp_path):
+    cfg = config.load(write(tmp_path, '[server]\nurl = "http://127.0.0.1:1"\n[aeb]\nguest_handle = 3\n'))
+    assert cfg.aeb is not None and cfg.aeb.address == "vsock:2:5577" and cfg.aeb.guest_handle == 3
+    assert config.load(write(tmp_path, '[server]\nurl = "http://127.0.0.1:1"\n')).aeb is None
+    for text, message in (('[aeb]\nguest_handle = 1\n[tsm]\nroot = "/x"\n', "two evidence sources"),
+                          ("[aeb]\n", "missing required key 'aeb.guest_handle'"),
+                          ('[aeb]\nguest_handle = 0\n', "guest handle 0"),
+                          ('[aeb]\nguest_handle = 1\naddress = "tcp:1.2.3.4:5"\n', "vsock:CID:PORT or unix:/PATH"),
+                          ('[aeb]\nguest_handle = 1\nport = 5\n', "unknown key 'aeb.port'")):
+        with pytest.raises(ConfigError, match=message):
+            config.load(write(tmp_path, f'[server]\nurl = "http://127.0.0.1:1"\n{text}'))

@@ -68,3 +68,32 @@ def run_tsm_sim(mountpoint: Path, state: Path, provider: str, *faults: str, svsm
                 proc.wait()
         _unmount(mountpoint)
         log.close()
+
+
+@contextmanager
+def run_aeb_sim(socket_path: Path, state: Path, *faults: str, launch_digest: bytes | None = None,
+                guest_handle: int = 1) -> Iterator[bytes]:
+    """Run ``keybroker aeb-sim`` on a Unix socket; yield the guest's launch digest; stop it whatever happens."""
+    cmd = [sys.executable, "-m", "keybroker", "aeb-sim", "--listen", f"unix:{socket_path}", "--state", str(state),
+           "--guest-handle", str(guest_handle), *(["--launch-digest", launch_digest.hex()] if launch_digest else []),
+           *(arg for fault in faults for arg in ("--fault", fault))]
+    log = open(socket_path.parent / f"{socket_path.name}.log", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60  # first use generates the simulated AMD chain
+        while not socket_path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"aeb-sim did not start: {log.read()}")
+            time.sleep(0.05)
+        log.seek(0)
+        yield launch_digest or bytes.fromhex((state / "sev" / "launch-digest").read_text().strip())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        socket_path.unlink(missing_ok=True)
+        log.close()
