@@ -73,7 +73,10 @@ class _Connection:
     def __init__(self, broker: Broker, deadline: float) -> None:
         self.broker, self.deadline, self.stream = broker, deadline, 1
         family, address = broker.endpoint()
-        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        except OSError as exc:  # no vsock transport in this guest, no descriptors left
+            raise self._failed(exc, "reach") from None
         try:
             self.sock.settimeout(self._left())
             self.sock.connect(address)
@@ -88,9 +91,9 @@ class _Connection:
         self.sock.close()
 
     def call(self, method: str, request: aeb.EvidenceRequest) -> aeb.EvidenceResponse:
-        payload = aeb.Call(method, request.encode(), round(self._left() * 1e9)).encode()
         stream, self.stream = self.stream, self.stream + 2  # a client's streams are odd
         try:
+            payload = aeb.Call(method, request.encode(), round(self._left() * 1e9)).encode()
             self.sock.sendall(aeb.header(len(payload), stream, aeb.REQUEST) + payload)
             while True:
                 length, got_stream, kind = aeb.parse_header(self._read(aeb.HEADER_SIZE))

@@ -22,6 +22,7 @@ from __future__ import annotations
 # classes cost it several milliseconds of start-up; the C module (which socket.socket subclasses)
 # is all it needs here.
 import _socket
+import sys
 import time
 
 SOCKET = "/run/keybroker/agent.sock"
@@ -30,7 +31,7 @@ ANSWER_HEADER_MAX = 16 * 1024
 KEY_MAX = 32767
 REASON_MAX = 2000  # characters of a rejection's reason
 #: How long the handler waits for the agent's first frame: well under half the smallest
-#: deadline a configuration may set (1 s), so that the handler's own round still fits.
+#: deadline a configuration may set (2 s), so that the handler's own round still fits.
 ACK_WAIT = 0.25
 #: The largest deadline a configuration may set (``[handler] deadline``), in seconds.
 DEADLINE_MAX = 600.0
@@ -41,7 +42,7 @@ def frame(*fields: str | bytes | int | float) -> bytes:
     body = bytearray()
     for field in fields:
         data = field if isinstance(field, bytes) else (
-            field.encode("utf-8", "surrogateescape") if isinstance(field, str) else repr(field).encode("ascii"))
+            field.encode("utf-8", "surrogatepass") if isinstance(field, str) else repr(field).encode("ascii"))
         body += len(data).to_bytes(4, "big") + data
     return len(body).to_bytes(4, "big") + bytes(body)
 
@@ -87,7 +88,8 @@ def number(field: bytes, low: float, high: float) -> int:
 
 
 def text(field: bytes) -> str:
-    return field.decode("utf-8", "surrogateescape")
+    """A text field: any str sent (a description with undecodable bytes, a server's lone surrogate) comes back."""
+    return field.decode("utf-8", "surrogatepass")
 
 
 def encode_answer(header: dict[str, object]) -> bytes:
@@ -148,10 +150,14 @@ def ask(socket_path: str, config: str, key_type: str, description: str, callout:
     try:
         conn.settimeout(max(limit - time.monotonic(), 0.001))
         conn.connect(socket_path)
+        # Only root's agent: the socket's folder is root's, and the peer must be too (SO_PEERCRED: pid, uid, gid).
+        cred = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+        if int.from_bytes(cred[4:8], sys.byteorder) != 0:
+            return None
         conn.sendall(frame("request", config, key_type, description, callout, uid, gid, start))
         body = receive_frame()
         if body[4:12] == b"deadline":
-            limit = start + number(fields(body, tag=b"deadline", count=2)[1], 1000, DEADLINE_MAX * 1000) / 2000
+            limit = start + number(fields(body, tag=b"deadline", count=2)[1], 2000, DEADLINE_MAX * 1000) / 2000
             body = receive_frame()
         header = decode_answer(body)
         size = header.get("size", 0)

@@ -189,8 +189,8 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
     handler = _Table(path, "handler", top.get("handler", dict, {}))
     handler.only("deadline")
     deadline = float(handler.get("deadline", (int, float), DEFAULT_DEADLINE))
-    if not 1 <= deadline <= 600:
-        raise handler.error("'handler.deadline' must be between 1 and 600 seconds")
+    if not 2 <= deadline <= 600:
+        raise handler.error("'handler.deadline' must be between 2 and 600 seconds")
 
     rules = []
     for i, raw in enumerate(top.get("access", list, [])):

@@ -333,7 +333,7 @@ def _from_answer(header: dict[str, object], value: bytearray) -> tuple[bytearray
         if not (isinstance(errno, int) and isinstance(timeout, int) and isinstance(reason, str)):
             raise failed("malformed")
         value[:] = bytes(len(value))
-        raise Failed(Rejection(errno, timeout, reason))
+        raise Failed(Rejection(E.EIO if errno in _FORBIDDEN_ERRNOS else errno, timeout, reason))
     if header.get("size") != len(value):
         raise failed("cut short")
     lease = header.get("lease")

@@ -5,10 +5,10 @@ decides, by its condition over the claims; no matching rule denies, and without 
 policy set, the key server's starting state) nothing is released. Debug guests are refused
 unless the rule sets ``allow_debug``; unbound evidence (claim ``unbound``: SEV/SEV-ES from a
 host's evidence broker, which carries no data of the guest's) unless it sets ``allow_unbound``,
-which only a rule that pins a measurement may. :func:`from_appraisals` writes a starting policy that
-pins a verified guest's image; :meth:`Policy.unpinned` names the rules that pin no
-measurement. A denial's reason names the rule and the
-condition that failed; :meth:`Policy.explain` lists every condition with PASS or FAIL.
+which only a rule that pins a measurement and the platforms (``sev.chip_key``) may.
+:func:`from_appraisals` writes a starting policy that pins a verified guest's image;
+:meth:`Policy.unpinned` names the rules that pin no measurement. A denial's reason names the
+rule and the condition that failed; :meth:`Policy.explain` lists every condition with PASS or FAIL.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ IMAGE_CLAIMS = {"snp": ("snp.measurement", "snp.host_data"),
                 "cca": ("cca.rim",)}
 #: A rule pins a measurement when it requires one of these claims to equal (or be one of) values.
 MEASUREMENT_CLAIMS = frozenset({"measurement", "snp.measurement", "tdx.mrtd", "cca.rim", "sev.launch_digest"})
+#: What a rule that accepts unbound evidence must pin besides the image: the platforms.
+UNBOUND_PLATFORM_CLAIMS = frozenset({"sev.chip_key"})
 #: Why unbound evidence is refused unless a rule says otherwise.
 UNBOUND_REASON = ("the evidence is unbound (claim unbound is true: a SEV/SEV-ES report carries no data of the "
                   "guest's and the host chooses which guest it describes, so it shows that some guest with this "
@@ -220,11 +222,16 @@ def _absent(evaluation: Evaluation) -> str | None:
 
 def _pins_measurement(cond: dict[str, Any]) -> bool:
     """Whether ``cond`` holding implies a measurement claim equals one of fixed values."""
+    return _pins(cond, MEASUREMENT_CLAIMS)
+
+
+def _pins(cond: dict[str, Any], names: frozenset[str]) -> bool:
+    """Whether ``cond`` holding implies one of the claims ``names`` equals one of fixed values."""
     if "allOf" in cond:
-        return any(_pins_measurement(sub) for sub in cond["allOf"])
+        return any(_pins(sub, names) for sub in cond["allOf"])
     if "anyOf" in cond:
-        return all(_pins_measurement(sub) for sub in cond["anyOf"])
-    return cond.get("claim") in MEASUREMENT_CLAIMS and ("equals" in cond or "in" in cond)
+        return all(_pins(sub, names) for sub in cond["anyOf"])
+    return cond.get("claim") in names and ("equals" in cond or "in" in cond)
 
 
 def from_appraisals(appraisals: list[dict[str, Any]], resources: list[str], comment: str) -> Policy:
@@ -239,7 +246,7 @@ def from_appraisals(appraisals: list[dict[str, Any]], resources: list[str], comm
         tee = claims.get("tee")
         if claims.get("unbound") is True:
             raise PolicyError(f"the {tee} evidence is unbound (it carries no data of the guest's): write its rule by "
-                              "hand, with allow_unbound and the launch digest (docs/policy.md)")
+                              "hand, with allow_unbound, the launch digest and your chips (docs/policy.md)")
         if not isinstance(tee, str) or tee not in IMAGE_CLAIMS:
             raise PolicyError(f"cannot pin the image of a {tee!r} guest (known: {', '.join(IMAGE_CLAIMS)})")
         pins = [{"claim": "tee", "equals": tee}]
@@ -308,12 +315,24 @@ def _check_document(doc: Any) -> None:
         for flag in ("allow_debug", "allow_unbound"):
             if not isinstance(rule.get(flag, False), bool):
                 raise PolicyError(f"{where}.{flag} must be true or false")
-        if rule.get("allow_unbound", False) and not ("require" in rule and _pins_measurement(rule["require"])):
-            raise PolicyError(f"{where} sets allow_unbound but pins no measurement (for SEV/SEV-ES the launch "
-                              f"digest, claim sev.launch_digest or measurement): unbound evidence is acceptable "
-                              "only for a known image")
         if "require" in rule:
             _check_condition(rule["require"], f"{where}.require")
+        if rule.get("allow_unbound", False):
+            _check_unbound_rule(rule, where)
+
+
+def _check_unbound_rule(rule: dict[str, Any], where: str) -> None:
+    """A rule that accepts unbound evidence must pin the image and the platforms: anyone can launch a public
+    image on AMD hardware of their own, so the operator names the chips (the CEKs) it trusts."""
+    require = rule.get("require", {})
+    if not _pins(require, MEASUREMENT_CLAIMS):
+        raise PolicyError(f"{where} sets allow_unbound but pins no measurement (for SEV/SEV-ES the launch digest, "
+                          "claim sev.launch_digest or measurement): unbound evidence is acceptable only for a "
+                          "known image")
+    if not _pins(require, UNBOUND_PLATFORM_CLAIMS):
+        raise PolicyError(f"{where} sets allow_unbound but pins no platform (claim sev.chip_key equals or in the "
+                          "CEK digests of your own machines): anyone can launch the same image on AMD hardware "
+                          "of their own")
 
 
 def _check_condition(cond: Any, where: str, depth: int = 0) -> None:

@@ -39,8 +39,8 @@ DEFAULT_PORT = 5577
 HOST_CID = 2
 HEADER_SIZE = 10
 REQUEST, RESPONSE = 1, 2
-#: ttrpc's message limit; AEB evidence is 6,460 bytes, so far less is accepted for it.
-MESSAGE_MAX = 4 << 20
+#: The largest ttrpc message accepted (ttrpc allows 4 MiB; AEB evidence is 6,460 bytes).
+MESSAGE_MAX = 128 * 1024
 EVIDENCE_MAX = 64 * 1024
 MNONCE_SIZE = 16
 _U32_MAX = 2**32 - 1
@@ -92,11 +92,15 @@ def _fields(data: bytes, what: str) -> dict[int, int | bytes]:
             value |= (byte & 0x7F) << shift
             shift += 7
             if not byte & 0x80:
+                if value >= 2**64:
+                    raise ProtocolError(f"AEB: {what} has a varint beyond 64 bits")
                 return value
 
     while at < len(data):
         key = varint()
         number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ProtocolError(f"AEB: {what} has a field numbered 0")
         if wire == 0:
             out[number] = varint()
         elif wire == 2:

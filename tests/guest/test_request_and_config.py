@@ -102,7 +102,7 @@ def test_no_rules_means_root_only(tmp_path):
     ("[server]\nurl = 'https://x'\nurll = 1\n", "unknown key 'server.urll'"),
     ("[server]\nurl = 'https://x'\n[handler]\ndeadline = 'soon'\n",
      "'handler.deadline' must be an integer or a number"),
-    ("[server]\nurl = 'https://x'\n[handler]\ndeadline = 0\n", "between 1 and 600"),
+    ("[server]\nurl = 'https://x'\n[handler]\ndeadline = 0\n", "between 2 and 600"),
     ("[server]\nurl = 'http://kbs.example'\n", "plain http only for a loopback"),
     ("[server]\nurl = 'ftp://x'\n", "must be an https:// URL"),
     ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/*'\nuids = ['root']\n", "'access[0].uids' must be a list"),

@@ -17,6 +17,8 @@ import pytest
 
 from keybroker.errors import ConfigError, ProtocolError, TsmError
 from keybroker.guest.aeb import Broker
+from keybroker.verifier.sev.abi import parse_platform_cert
+from keybroker.verifier.sev.claims import key_digest
 from keybroker.wire import aeb
 from support.emulator import run_aeb_sim
 from support.keyctl import keyctl_session
@@ -25,9 +27,18 @@ SECRET = hashlib.sha256(b"sev-es disk key").digest()
 REQUEST = 'keyctl request2 user keybroker:default/disk/root "" @s'
 
 
-def unbound_rule(digest: str, *, allow_unbound: bool = True) -> dict:
+@pytest.fixture(scope="session")
+def chip_key(sim_state: Path) -> str:
+    """The simulated platform's chip identity (claim sev.chip_key: SHA-256 of its CEK's public key)."""
+    subprocess.run([sys.executable, "-m", "keybroker", "aeb-sim", "--listen", "unix:/nonexistent/x",
+                    "--state", str(sim_state)], capture_output=True, timeout=120)  # creates the platform, then fails
+    return key_digest(parse_platform_cert((sim_state / "sev" / "cek.cert").read_bytes()))
+
+
+def unbound_rule(digest: str, chip: str, *, allow_unbound: bool = True) -> dict:
     rule = {"resources": ["default/disk/*"], "require": {"allOf": [
-        {"claim": "tee", "equals": "sev-es"}, {"claim": "sev.launch_digest", "equals": digest}]}}
+        {"claim": "tee", "equals": "sev-es"}, {"claim": "sev.launch_digest", "equals": digest},
+        {"claim": "sev.chip_key", "in": [chip]}]}}
     return {"version": 1, "rules": [rule | ({"allow_unbound": True} if allow_unbound else {})]}
 
 
@@ -54,16 +65,16 @@ def audit(server) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
-def sev_guest(aeb_sim, kbs, handler, *faults: str, policy: dict | None, digest: bytes | None = None):
+def sev_guest(aeb_sim, kbs, handler, chip_key: str, *faults: str, policy, digest: bytes | None = None):
     address, launch_digest = aeb_sim(*faults, launch_digest=digest)
-    server = kbs(policy=policy(launch_digest.hex()) if callable(policy) else policy)
+    server = kbs(policy=policy(launch_digest.hex(), chip_key) if callable(policy) else policy)
     server.put("default/disk/root", SECRET)
     handler(server.url, None, extra=f'[aeb]\naddress = "{address}"\nguest_handle = 1\n')
     return server, launch_digest
 
 
-def test_released_only_under_a_rule_that_allows_unbound_evidence(aeb_sim, kbs, handler, syslog):
-    server, _ = sev_guest(aeb_sim, kbs, handler, policy=unbound_rule)
+def test_released_only_under_a_rule_that_allows_unbound_evidence(aeb_sim, kbs, handler, chip_key, syslog):
+    server, _ = sev_guest(aeb_sim, kbs, handler, chip_key, policy=unbound_rule)
     out = keyctl_session(f"id=$({REQUEST}) && keyctl pipe $id | sha256sum")
     assert out.returncode == 0, out.stderr
     assert hashlib.sha256(SECRET).hexdigest() in out.stdout
@@ -74,11 +85,13 @@ def test_released_only_under_a_rule_that_allows_unbound_evidence(aeb_sim, kbs, h
 
 @pytest.mark.parametrize("policy, reason", [
     (None, "no release policy is set"),
-    (lambda digest: unbound_rule(digest, allow_unbound=False), "the evidence is unbound"),
-    (lambda digest: unbound_rule("00" * 32), "claim sev.launch_digest is"),
-], ids=["default", "without-allow-unbound", "other-launch-digest"])
-def test_refused_under_the_default_and_any_policy_that_does_not_allow_it(aeb_sim, kbs, handler, policy, reason):
-    server, _ = sev_guest(aeb_sim, kbs, handler, policy=policy)
+    (lambda digest, chip: unbound_rule(digest, chip, allow_unbound=False), "the evidence is unbound"),
+    (lambda digest, chip: unbound_rule("00" * 32, chip), "claim sev.launch_digest is"),
+    (lambda digest, chip: unbound_rule(digest, "00" * 32), "claim sev.chip_key is"),
+], ids=["default", "without-allow-unbound", "other-launch-digest", "other-chip"])
+def test_refused_under_the_default_and_any_policy_that_does_not_allow_it(aeb_sim, kbs, handler, chip_key, policy,
+                                                                         reason):
+    server, _ = sev_guest(aeb_sim, kbs, handler, chip_key, policy=policy)
     out = keyctl_session(REQUEST)
     assert out.returncode != 0 and "Key was rejected by service" in out.stderr
     assert reason in server.log()  # the server's answer and log say why
@@ -92,24 +105,24 @@ def test_refused_under_the_default_and_any_policy_that_does_not_allow_it(aeb_sim
     ("debug", "debug guest"),
     ("ignore-mnonce", "freshness not shown"),
 ])
-def test_bad_evidence_is_refused(aeb_sim, kbs, handler, fault, reason):
-    server, _ = sev_guest(aeb_sim, kbs, handler, fault, policy=unbound_rule)
+def test_bad_evidence_is_refused(aeb_sim, kbs, handler, chip_key, fault, reason):
+    server, _ = sev_guest(aeb_sim, kbs, handler, chip_key, fault, policy=unbound_rule)
     out = keyctl_session(REQUEST)
     assert out.returncode != 0 and "Key was rejected by service" in out.stderr
     assert reason in server.log()
 
 
 @pytest.mark.parametrize("fault, errno_text", [("wrong-handle", "Permission denied"), ("down", "Connection refused")])
-def test_a_broker_that_does_not_serve_this_guest_fails_the_request(aeb_sim, kbs, handler, syslog, tmp_path,
-                                                                  fault, errno_text):
+def test_a_broker_that_does_not_serve_this_guest_fails_the_request(aeb_sim, kbs, handler, chip_key, syslog,
+                                                                  tmp_path, fault, errno_text):
     if fault == "down":
-        server = kbs(policy=unbound_rule("00" * 32))
+        server = kbs(policy=unbound_rule("00" * 32, chip_key))
         stale = tmp_path / "gone.sock"
         with socket.socket(socket.AF_UNIX) as sock:
             sock.bind(str(stale))  # a socket nobody listens on: connection refused
         handler(server.url, None, extra=f'[aeb]\naddress = "unix:{stale}"\nguest_handle = 1\n')
     else:
-        server, _ = sev_guest(aeb_sim, kbs, handler, fault, policy=unbound_rule)
+        server, _ = sev_guest(aeb_sim, kbs, handler, chip_key, fault, policy=unbound_rule)
     out = keyctl_session(REQUEST)
     assert out.returncode != 0 and errno_text in out.stderr, out.stderr
     assert server.requests_to("attest") == 0

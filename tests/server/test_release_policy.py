@@ -125,25 +125,33 @@ def test_unpinned_rules_are_named(require, pinned):
 
 
 SEV_CLAIMS = {"tee": "sev-es", "debug": False, "unbound": True, "measurement": "ab" * 32,
-              "sev.launch_digest": "ab" * 32}
+              "sev.launch_digest": "ab" * 32, "sev.chip_key": "cc" * 32}
 
 
 def test_unbound_evidence_needs_a_rule_that_allows_it_and_pins_the_image():
     """SEV/SEV-ES evidence (claim unbound) is refused by every rule that does not set allow_unbound, with
-    the reason; a rule may set it only when it pins a measurement; bound evidence ignores the flag."""
-    pinned = {"claim": "sev.launch_digest", "equals": "ab" * 32}
+    the reason; a rule may set it only when it pins a measurement and the chips; a malformed rule is a
+    PolicyError whatever it sets."""
+    pinned = {"allOf": [{"claim": "sev.launch_digest", "equals": "ab" * 32},
+                        {"claim": "sev.chip_key", "in": ["cc" * 32]}]}
     refused = Policy({"version": 1, "rules": [{"resources": ["*"], "require": pinned}]}).decide("a/b/c", SEV_CLAIMS)
     assert not refused.allowed and refused.cause == "unbound" and "the evidence is unbound" in refused.reason
     assert not ANY_GUEST.decide("a/b/c", SEV_CLAIMS).allowed
     allowing = Policy({"version": 1, "rules": [{"resources": ["*"], "allow_unbound": True, "require": pinned}]})
     assert allowing.decide("a/b/c", SEV_CLAIMS).allowed
     assert not allowing.decide("a/b/c", SEV_CLAIMS | {"sev.launch_digest": "cd" * 32}).allowed
+    assert not allowing.decide("a/b/c", SEV_CLAIMS | {"sev.chip_key": "dd" * 32}).allowed
     assert any("allow_unbound" in line for line in allowing.explain("a/b/c", SEV_CLAIMS))
-    for require in (None, {"claim": "tee", "equals": "sev-es"},
-                    {"anyOf": [pinned, {"claim": "sev.policy.es", "equals": True}]}):
+    digest_only = {"claim": "sev.launch_digest", "equals": "ab" * 32}
+    for require, missing in ((None, "measurement"), ({"claim": "tee", "equals": "sev-es"}, "measurement"),
+                             ({"anyOf": [pinned, {"claim": "sev.policy.es", "equals": True}]}, "measurement"),
+                             (digest_only, "platform"), ({"not": pinned}, "measurement")):
         rule = {"resources": ["*"], "allow_unbound": True} | ({"require": require} if require else {})
-        with pytest.raises(PolicyError, match="allow_unbound but pins no measurement"):
+        with pytest.raises(PolicyError, match=f"allow_unbound but pins no {missing}"):
             Policy({"version": 1, "rules": [rule]})
+    for require in ({"allOf": "ab"}, {"allOf": [1]}, [], {"anyOf": [None]}):
+        with pytest.raises(PolicyError):
+            Policy({"version": 1, "rules": [{"resources": ["*"], "allow_unbound": True, "require": require}]})
     with pytest.raises(PolicyError, match="allow_unbound must be true or false"):
         Policy({"version": 1, "rules": [{"resources": ["*"], "allow_unbound": "yes", "require": pinned}]})
     with pytest.raises(PolicyError, match="unbound"):
