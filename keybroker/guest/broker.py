@@ -32,8 +32,15 @@ def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Rel
     if released is not None:
         return released
     with cache.attesting(deadline):  # concurrent requests wait here for one attestation
-        released = _with_kept_token(client, cache, resource)  # kept meanwhile by the one that attested
-        return released if released is not None else _attest(config, request, client, cache, deadline)
+        if cache.load() is None:  # none kept meanwhile by another request: this one attests
+            return _attest(config, request, client, cache, deadline)
+    # Kept by the request that attested: used outside the lock, so that the requests that waited
+    # for it fetch their keys side by side, not one after another.
+    released = _with_kept_token(client, cache, resource)
+    if released is not None:
+        return released
+    with cache.attesting(deadline):  # the server refused that token (a new policy, a revocation)
+        return _attest(config, request, client, cache, deadline)
 
 
 def _with_kept_token(client: RcarClient, cache: TokenCache, resource: str) -> ReleasedKey | None:
