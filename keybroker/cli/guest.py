@@ -146,6 +146,39 @@ def _add_forget_tokens(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_forget_tokens)
 
 
+def _measure(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..guest import config, measure
+    from ..wire.eventlog import RuntimeEvent
+
+    path = args.config or config.DEFAULT_PATH
+    cfg = config.load(path).measure if args.config or path.exists() else config.MeasureConfig()
+    overrides = {"rtmr": args.rtmr, "log": args.log, "root": args.root}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    value = measure.measure(cfg, RuntimeEvent(args.domain, args.operation, args.content))
+    print(f"RTMR{cfg.rtmr} {value.hex()}")
+    return 0
+
+
+def _add_measure(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("measure", help="measure a runtime event into an RTMR and the runtime event log (TDX)",
+                       description="Append a runtime event (DOMAIN OPERATION CONTENT, guest-components' AAEL "
+                                   "format) to the runtime event log, then extend the RTMR with its SHA-384 "
+                                   "digest through the kernel's tsm-mr registers (Linux 6.16+). Prints the "
+                                   "RTMR's new value. Paths and the RTMR come from [measure] in the client "
+                                   "configuration (when there is one), overridden by the options.")
+    p.add_argument("--domain", required=True, help="who measures, one word (e.g. example.org)")
+    p.add_argument("--operation", required=True, help="what was done, one word (e.g. image-pull)")
+    p.add_argument("--content", required=True, help="what it was done to (one line)")
+    p.add_argument("--config", type=Path, help="client configuration whose [measure] table to use "
+                                               "(default /etc/keybroker/client.toml when it exists)")
+    p.add_argument("--rtmr", type=int, choices=(2, 3), help="the RTMR to extend (default 3)")
+    p.add_argument("--log", type=Path, help="the runtime event log (default /run/keybroker/runtime-eventlog)")
+    p.add_argument("--root", type=Path, help="the tsm-mr registers (default /sys/class/misc/tdx_guest/measurements)")
+    p.set_defaults(run=_measure)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    for add in (_add_evidence, _add_install_handler, _add_agent, _add_forget_tokens, _add_unlock):
+    for add in (_add_evidence, _add_install_handler, _add_agent, _add_forget_tokens, _add_measure, _add_unlock):
         add(sub)
