@@ -170,6 +170,8 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
         if _same(value, want):
             return Evaluation(True, "claim", f"claim {name} is {_show(value)}, equals {_show(want)}")
         return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not {_show(want)}")
+    if "contains" in cond:
+        return _contains(name, value, cond["contains"])
     if "in" in cond:
         if any(_same(value, v) for v in cond["in"]):
             return Evaluation(True, "claim", f"claim {name} is {_show(value)}, one of {_show(cond['in'])}")
@@ -185,6 +187,24 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
                                       f"{'at least' if bound_name == 'atLeast' else 'at most'} {_show(bound)}")
     return Evaluation(False, "claim", f"claim {name} is {_show(value)}, "
                                    f"{'below' if bound_name == 'atLeast' else 'above'} {_show(bound)}")
+
+
+def _contains(name: str, value: Any, want: Any) -> Evaluation:
+    """A list claim has an element that is ``want`` or, for an object, has each of its fields equal."""
+    text = json.dumps(want, ensure_ascii=False)
+    shown = text if len(text) <= 400 else text[:397] + "..."  # the denial names the whole event wanted
+    if not isinstance(value, list):
+        return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not a list that could contain {shown}")
+
+    def matches(element: Any) -> bool:
+        if isinstance(want, dict):
+            return isinstance(element, dict) and all(k in element and _same(element[k], v) for k, v in want.items())
+        return _same(element, want)
+
+    if any(matches(element) for element in value):
+        return Evaluation(True, "claim", f"claim {name} contains {shown}")
+    return Evaluation(False, "claim", f"claim {name} ({len(value)} elements) has no element "
+                                      f"{'with' if isinstance(want, dict) else 'equal to'} {shown}")
 
 
 def _format(value: Any, depth: int) -> str:
@@ -265,7 +285,7 @@ def _show(value: Any) -> str:
 
 # -- validation -------------------------------------------------------------------------
 
-_OPERATORS = ("equals", "in", "atLeast", "atMost", "exists")
+_OPERATORS = ("equals", "in", "atLeast", "atMost", "exists", "contains")
 _DEPTH_MAX = 16
 
 
@@ -324,6 +344,10 @@ def _check_condition(cond: Any, where: str, depth: int = 0) -> None:
     op, value = ops[0], cond[ops[0]]
     if op == "in" and (not isinstance(value, list) or not value):
         raise PolicyError(f"{where}.in must be a non-empty list")
+    if op == "contains" and (isinstance(value, list) or value == {}
+                             or (isinstance(value, dict) and any(isinstance(v, (dict, list)) for v in value.values()))):
+        raise PolicyError(f"{where}.contains must be a value or a non-empty object of field values "
+                          "(strings, numbers, booleans) that one element must have")
     if op == "exists" and not isinstance(value, bool):
         raise PolicyError(f"{where}.exists must be true or false")
     if op in ("atLeast", "atMost") and _comparable(value) is None:
