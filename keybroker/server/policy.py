@@ -163,7 +163,8 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
     if "exists" in cond:
         return Evaluation(present == cond["exists"], "claim", f"claim {name} is {'present' if present else 'absent'}")
     if not present:
-        return Evaluation(False, "claim", f"claim {name} is absent", absent=name)
+        wanted = f", so it has no element {_wanted(cond['contains'])}" if "contains" in cond else ""
+        return Evaluation(False, "claim", f"claim {name} is absent{wanted}", absent=name)
     value = claims[name]
     if "equals" in cond:
         want = cond["equals"]
@@ -203,8 +204,13 @@ def _contains(name: str, value: Any, want: Any) -> Evaluation:
 
     if any(matches(element) for element in value):
         return Evaluation(True, "claim", f"claim {name} contains {shown}")
-    return Evaluation(False, "claim", f"claim {name} ({len(value)} elements) has no element "
-                                      f"{'with' if isinstance(want, dict) else 'equal to'} {shown}")
+    return Evaluation(False, "claim", f"claim {name} ({len(value)} elements) has no element {_wanted(want)}")
+
+
+def _wanted(want: Any) -> str:
+    """``with {fields}`` or ``equal to value``: the element a ``contains`` asks for, whole (up to 400 characters)."""
+    text = json.dumps(want, ensure_ascii=False)
+    return f"{'with' if isinstance(want, dict) else 'equal to'} {text if len(text) <= 400 else text[:397] + '...'}"
 
 
 def _format(value: Any, depth: int) -> str:
