@@ -7,6 +7,10 @@ from pathlib import Path
 
 from .args import hex_bytes
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..guest.config import MeasureConfig
+
 
 def _evidence(args: argparse.Namespace) -> int:
     from ..guest.tsm import ReportRequest, TsmClient
@@ -15,7 +19,16 @@ def _evidence(args: argparse.Namespace) -> int:
     request = ReportRequest(inblob=args.nonce, privlevel=args.privlevel,
                             service_provider=args.service_provider, service_guid=args.service_guid,
                             service_manifest_version=args.service_manifest_version)
-    report = TsmClient(args.tsm_root).get_report(request)
+    client = TsmClient(args.tsm_root)
+    if args.no_event_log or client.provider() != "tdx_guest":
+        print(envelope.dumps(client.get_report(request)))
+        return 0
+    import dataclasses
+
+    from ..guest import measure
+
+    with measure.evidence_log(_measure_config(args.config)) as read_log:  # a TD's event log, as the handler sends it
+        report = dataclasses.replace(client.get_report(request), event_log=read_log())
     print(envelope.dumps(report))
     return 0
 
@@ -25,7 +38,8 @@ def _add_evidence(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evidence", help="collect a configfs-tsm report and print its envelope",
                        description="Collect attestation evidence through configfs-tsm and print the "
-                                   "Linux evidence envelope (JSON) on stdout.")
+                                   "Linux evidence envelope (JSON) on stdout; a TD's carries its event log "
+                                   "(the CCEL log and the runtime log) unless --no-event-log.")
     p.add_argument("--tsm-root", type=Path, default=DEFAULT_ROOT,
                    help=f"the configfs-tsm report directory (default {DEFAULT_ROOT})")
     p.add_argument("--nonce", type=hex_bytes, required=True,
@@ -34,6 +48,10 @@ def _add_evidence(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--service-provider", help="service attestation provider (svsm)")
     p.add_argument("--service-guid", help="the one service to attest (default: all)")
     p.add_argument("--service-manifest-version", type=int, help="manifest version of that service")
+    p.add_argument("--config", type=Path, help="TDX: the client configuration whose [measure] paths to read the "
+                                               "event logs from (default /etc/keybroker/client.toml when it exists)")
+    p.add_argument("--no-event-log", action="store_true",
+                   help="TDX: leave the CCEL and runtime event log out (an envelope of version 1)")
     p.set_defaults(run=_evidence)
 
 
@@ -146,14 +164,22 @@ def _add_forget_tokens(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_forget_tokens)
 
 
+def _measure_config(path: Path | None) -> MeasureConfig:
+    """[measure] of the client configuration at ``path``, else of the default one when it exists, else the defaults."""
+    from ..guest import config
+
+    if path is None and not config.DEFAULT_PATH.exists():
+        return config.MeasureConfig()
+    return config.load(path or config.DEFAULT_PATH).measure
+
+
 def _measure(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..guest import config, measure
+    from ..guest import measure
     from ..wire.eventlog import RuntimeEvent
 
-    path = args.config or config.DEFAULT_PATH
-    cfg = config.load(path).measure if args.config or path.exists() else config.MeasureConfig()
+    cfg = _measure_config(args.config)
     overrides = {"rtmr": args.rtmr, "log": args.log, "root": args.root}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     value = measure.measure(cfg, RuntimeEvent(args.domain, args.operation, args.content))

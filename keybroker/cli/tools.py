@@ -109,8 +109,8 @@ def _verify(args: argparse.Namespace) -> int:
     if args.json:
         print(verdict_json(verdict))
         return 0 if verdict.ok else 1
-    if log:
-        _print_replay(log, verdict.claims)
+    if evidence.event_log:  # the --event-log files, else the log the evidence carries
+        _print_replay(evidence.event_log, verdict.claims)
     print("\n".join(check_lines(verdict)))
     print(f"=> {'OK: every check passed' if verdict.ok else 'FAILED: ' + verdict.reason()}")
     if verdict.claims:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -126,3 +127,26 @@ def test_event_words_are_checked(tmp_path):
     assert measure.release_event("default/key/1", "https://kbs.example").text == \
         "keybroker release default/key/1 https://kbs.example"
     assert not os.path.exists(tmp_path / "log")
+
+
+def test_keybroker_evidence_carries_the_log_and_keybroker_verify_replays_it(tsm_sim, sim_state, tmp_path):
+    report_root, cfg = td(tsm_sim, tmp_path)
+    measure.measure(cfg, RuntimeEvent("example.org", "config", '{"mode": "prod"}'))
+    toml = tmp_path / "client.toml"
+    toml.write_text(f'[server]\nurl = "http://127.0.0.1:1"\n[measure]\nroot = "{cfg.root}"\nlog = "{cfg.log}"\n'
+                    f'ccel = "{cfg.ccel}"\nccel_table = "{cfg.ccel_table}"\n')
+
+    def keybroker(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "keybroker", *args], capture_output=True, text=True, timeout=60)
+
+    out = keybroker("evidence", "--nonce", NONCE.hex(), "--tsm-root", str(report_root), "--config", str(toml))
+    assert out.returncode == 0, out.stderr
+    envelope = json.loads(out.stdout)
+    assert envelope["version"] == 2 and "event_log" in envelope
+    (tmp_path / "evidence.json").write_text(out.stdout)
+    out = keybroker("verify", str(tmp_path / "evidence.json"), "--trust-roots", str(sim_state / "trust"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "RTMR3    1 events" in out.stdout and out.stdout.count("matches the quote") == 4
+    assert "tdx.runtime_events" in out.stdout and "example.org" in out.stdout
+    bare = keybroker("evidence", "--nonce", NONCE.hex(), "--tsm-root", str(report_root), "--no-event-log")
+    assert json.loads(bare.stdout)["version"] == 1
