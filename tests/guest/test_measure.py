@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from keybroker.errors import TsmError
+from keybroker.errors import EventLogError, TsmError
 from keybroker.guest import config, measure
 from keybroker.guest.tsm import ReportRequest, TsmClient
 from keybroker.verifier.tdx.abi import parse_quote
@@ -121,12 +120,13 @@ def test_measure_configuration(tmp_path):
             parse(bad)
 
 
-def test_event_words_are_checked(tmp_path):
-    with pytest.raises(Exception, match="one word"):
-        measure.release_event("default/key/1", "https://kbs.example").__class__("two words", "op", "c")
+def test_the_release_event_names_resource_and_server_and_words_are_checked():
     assert measure.release_event("default/key/1", "https://kbs.example").text == \
         "keybroker release default/key/1 https://kbs.example"
-    assert not os.path.exists(tmp_path / "log")
+    with pytest.raises(EventLogError, match="one word"):
+        RuntimeEvent("two words", "op", "c")
+    with pytest.raises(EventLogError, match="newline"):
+        RuntimeEvent("a.example", "op", "two\nlines")
 
 
 def test_keybroker_evidence_carries_the_log_and_keybroker_verify_replays_it(tsm_sim, sim_state, tmp_path):
