@@ -192,10 +192,9 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
 
 def _contains(name: str, value: Any, want: Any) -> Evaluation:
     """A list claim has an element that is ``want`` or, for an object, has each of its fields equal."""
-    text = json.dumps(want, ensure_ascii=False)
-    shown = text if len(text) <= 400 else text[:397] + "..."  # the denial names the whole event wanted
     if not isinstance(value, list):
-        return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not a list that could contain {shown}")
+        return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not a list that could contain "
+                                          f"{_whole(want)}")
 
     def matches(element: Any) -> bool:
         if isinstance(want, dict):
@@ -203,14 +202,19 @@ def _contains(name: str, value: Any, want: Any) -> Evaluation:
         return _same(element, want)
 
     if any(matches(element) for element in value):
-        return Evaluation(True, "claim", f"claim {name} contains {shown}")
+        return Evaluation(True, "claim", f"claim {name} contains {_whole(want)}")
     return Evaluation(False, "claim", f"claim {name} ({len(value)} elements) has no element {_wanted(want)}")
 
 
 def _wanted(want: Any) -> str:
-    """``with {fields}`` or ``equal to value``: the element a ``contains`` asks for, whole (up to 400 characters)."""
-    text = json.dumps(want, ensure_ascii=False)
-    return f"{'with' if isinstance(want, dict) else 'equal to'} {text if len(text) <= 400 else text[:397] + '...'}"
+    """``with {fields}`` or ``equal to value``: the element a ``contains`` asks for."""
+    return f"{'with' if isinstance(want, dict) else 'equal to'} {_whole(want)}"
+
+
+def _whole(value: Any) -> str:
+    """``value`` as JSON, up to 400 characters: a denial names the whole event that is missing."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _format(value: Any, depth: int) -> str:
