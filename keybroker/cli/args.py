@@ -107,7 +107,7 @@ def load_evidence(path: Path, provider: str | None = None) -> Evidence:
             evidence = Evidence.from_report(envelope.from_json(obj))
         else:
             blobs = trustee.from_json(tee, obj)
-            evidence = Evidence(blobs.provider, blobs.outblob, blobs.auxblob)
+            evidence = Evidence(blobs.provider, blobs.outblob, blobs.auxblob, event_log=blobs.event_log)
         if provider and provider != evidence.provider:
             raise EvidenceError(f"{path} is evidence from {evidence.provider}, not {provider}")
         return evidence

@@ -7,6 +7,10 @@ from pathlib import Path
 
 from .args import hex_bytes
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..guest.config import MeasureConfig
+
 
 def _evidence(args: argparse.Namespace) -> int:
     from ..guest.tsm import ReportRequest, TsmClient
@@ -15,7 +19,16 @@ def _evidence(args: argparse.Namespace) -> int:
     request = ReportRequest(inblob=args.nonce, privlevel=args.privlevel,
                             service_provider=args.service_provider, service_guid=args.service_guid,
                             service_manifest_version=args.service_manifest_version)
-    report = TsmClient(args.tsm_root).get_report(request)
+    client = TsmClient(args.tsm_root)
+    if args.no_event_log or client.provider() != "tdx_guest":
+        print(envelope.dumps(client.get_report(request)))
+        return 0
+    import dataclasses
+
+    from ..guest import measure
+
+    with measure.evidence_log(_measure_config(args.config)) as read_log:  # a TD's event log, as the handler sends it
+        report = dataclasses.replace(client.get_report(request), event_log=read_log())
     print(envelope.dumps(report))
     return 0
 
@@ -25,7 +38,8 @@ def _add_evidence(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("evidence", help="collect a configfs-tsm report and print its envelope",
                        description="Collect attestation evidence through configfs-tsm and print the "
-                                   "Linux evidence envelope (JSON) on stdout.")
+                                   "Linux evidence envelope (JSON) on stdout; a TD's carries its event log "
+                                   "(the CCEL log and the runtime log) unless --no-event-log.")
     p.add_argument("--tsm-root", type=Path, default=DEFAULT_ROOT,
                    help=f"the configfs-tsm report directory (default {DEFAULT_ROOT})")
     p.add_argument("--nonce", type=hex_bytes, required=True,
@@ -34,6 +48,10 @@ def _add_evidence(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--service-provider", help="service attestation provider (svsm)")
     p.add_argument("--service-guid", help="the one service to attest (default: all)")
     p.add_argument("--service-manifest-version", type=int, help="manifest version of that service")
+    p.add_argument("--config", type=Path, help="TDX: the client configuration whose [measure] paths to read the "
+                                               "event logs from (default /etc/keybroker/client.toml when it exists)")
+    p.add_argument("--no-event-log", action="store_true",
+                   help="TDX: leave the CCEL and runtime event log out (an envelope of version 1)")
     p.set_defaults(run=_evidence)
 
 
@@ -146,6 +164,47 @@ def _add_forget_tokens(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_forget_tokens)
 
 
+def _measure_config(path: Path | None) -> MeasureConfig:
+    """[measure] of the client configuration at ``path``, else of the default one when it exists, else the defaults."""
+    from ..guest import config
+
+    if path is None and not config.DEFAULT_PATH.exists():
+        return config.MeasureConfig()
+    return config.load(path or config.DEFAULT_PATH).measure
+
+
+def _measure(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..guest import measure
+    from ..wire.eventlog import RuntimeEvent
+
+    cfg = _measure_config(args.config)
+    overrides = {"rtmr": args.rtmr, "log": args.log, "root": args.root}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    value = measure.measure(cfg, RuntimeEvent(args.domain, args.operation, args.content))
+    print(f"RTMR{cfg.rtmr} {value.hex()}")
+    return 0
+
+
+def _add_measure(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("measure", help="measure a runtime event into an RTMR and the runtime event log (TDX)",
+                       description="Append a runtime event (DOMAIN OPERATION CONTENT, guest-components' AAEL "
+                                   "format) to the runtime event log, then extend the RTMR with its SHA-384 "
+                                   "digest through the kernel's tsm-mr registers (Linux 6.16+). Prints the "
+                                   "RTMR's new value. Paths and the RTMR come from [measure] in the client "
+                                   "configuration (when there is one), overridden by the options.")
+    p.add_argument("--domain", required=True, help="who measures, one word (e.g. example.org)")
+    p.add_argument("--operation", required=True, help="what was done, one word (e.g. image-pull)")
+    p.add_argument("--content", required=True, help="what it was done to (one line)")
+    p.add_argument("--config", type=Path, help="client configuration whose [measure] table to use "
+                                               "(default /etc/keybroker/client.toml when it exists)")
+    p.add_argument("--rtmr", type=int, choices=(2, 3), help="the RTMR to extend (default 3)")
+    p.add_argument("--log", type=Path, help="the runtime event log (default /run/keybroker/runtime-eventlog)")
+    p.add_argument("--root", type=Path, help="the tsm-mr registers (default /sys/class/misc/tdx_guest/measurements)")
+    p.set_defaults(run=_measure)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    for add in (_add_evidence, _add_install_handler, _add_agent, _add_forget_tokens, _add_unlock):
+    for add in (_add_evidence, _add_install_handler, _add_agent, _add_forget_tokens, _add_measure, _add_unlock):
         add(sub)

@@ -15,7 +15,7 @@ DEFAULT_SIM_STATE = Path("/var/lib/keybroker/tsm-sim")
 
 
 def _tsm_sim(args: argparse.Namespace) -> int:
-    from ..sim import fs, providers, roots
+    from ..sim import fs, providers, roots, sysfs
     from ..wire import initdata
 
     try:
@@ -26,9 +26,11 @@ def _tsm_sim(args: argparse.Namespace) -> int:
     except (ValueError, EvidenceError) as exc:
         print(f"keybroker tsm-sim: {exc}", file=sys.stderr)
         return 2
-    print(f"keybroker tsm-sim: {args.provider} at {args.mountpoint}/tsm/report "
+    extra = (f", measurement registers at {args.mountpoint}{sysfs.MEASUREMENTS}, CCEL at "
+             f"{args.mountpoint}{sysfs.TABLES}" if args.provider == "tdx_guest" else "")
+    print(f"keybroker tsm-sim: {args.provider} at {args.mountpoint}/tsm/report{extra} "
           f"(trust anchors in {roots.SimState(args.state).trust_dir})", file=sys.stderr, flush=True)
-    fs.serve(str(args.mountpoint), provider)
+    fs.serve(str(args.mountpoint), provider, sysfs.operations(provider))
     return 0
 
 
@@ -36,7 +38,9 @@ def _add_tsm_sim(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tsm-sim", help="emulate configfs-tsm with FUSE (testing and demos)",
                        description="Mount a FUSE emulator of the kernel's configfs-tsm report interface "
                                    "at MOUNTPOINT/tsm/report, with simulated SEV-SNP, TDX or CCA evidence "
-                                   "signed under simulated vendor roots. Runs until SIGTERM or unmount.")
+                                   "signed under simulated vendor roots; for tdx_guest also the tsm-mr "
+                                   "registers (MOUNTPOINT/sys/class/misc/tdx_guest/measurements) and the "
+                                   "CCEL (MOUNTPOINT/sys/firmware/acpi/tables). Runs until SIGTERM or unmount.")
     p.add_argument("mountpoint", type=Path)
     p.add_argument("--provider", required=True, choices=TSM_PROVIDERS)
     p.add_argument("--svsm", action="store_true", help="SEV-SNP guest under an SVSM (service attestation)")
@@ -137,8 +141,8 @@ def _verify(args: argparse.Namespace) -> int:
     if args.json:
         print(verdict_json(verdict))
         return 0 if verdict.ok else 1
-    if log:
-        _print_replay(log, verdict.claims)
+    if evidence.event_log:  # the --event-log files, else the log the evidence carries
+        _print_replay(evidence.event_log, verdict.claims)
     print("\n".join(check_lines(verdict)))
     print(f"=> {'OK: every check passed' if verdict.ok else 'FAILED: ' + verdict.reason()}")
     if verdict.claims:

@@ -3,10 +3,16 @@
 
 No kernel and no argv here: the handler (and ``--debug``) call :func:`obtain`. Tokens are
 kept for root only (see :mod:`.tokens`); other users' ``--debug`` runs always attest.
+
+A TD's evidence carries its event log (:func:`.measure.evidence_log`). With ``[measure] releases``
+each released key is measured (a runtime event naming the resource and the server) before it
+is returned: a key whose measurement fails is wiped and the request fails, so that no key is
+instantiated that the next attestation would not show.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno as E
 from collections.abc import Callable
 
@@ -23,6 +29,20 @@ __all__ = ["ReleasedKey", "obtain"]
 
 
 def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> ReleasedKey:
+    released = _obtain(config, request, deadline=deadline)
+    if config.measure.releases:
+        from . import measure
+
+        try:
+            measure.measure(config.measure, measure.release_event(str(request.resource), config.server_url))
+        except BaseException as exc:
+            released.value[:] = bytes(len(released.value))
+            raise TsmError(f"the key for {request.resource} was released but not measured, so it is not "
+                           f"instantiated ([measure] releases): {exc}", errno=getattr(exc, "errno", None)) from None
+    return released
+
+
+def _obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> ReleasedKey:
     client = RcarClient(config.server_url, ca=config.server_ca, deadline=deadline)
     resource = str(request.resource)
     if not TokenCache.available():
@@ -78,7 +98,15 @@ def _evidence_source(config: ClientConfig, request: KeyRequest,
     tsm = TsmClient(config.tsm_root)
 
     def evidence(inblob: bytes) -> TsmReport:
-        return tsm.get_report(ReportRequest(inblob, privlevel=request.privlevel,
-                                            service_provider=config.service_provider,
-                                            service_guid=config.service_guid), deadline=deadline)
-    return tsm.provider(), evidence
+        report_request = ReportRequest(inblob, privlevel=request.privlevel, service_provider=config.service_provider,
+                                       service_guid=config.service_guid)
+        if provider != "tdx_guest":
+            return tsm.get_report(report_request, deadline=deadline)
+        from .measure import evidence_log
+
+        with evidence_log(config.measure) as read_log:  # no extend between the log and the quote
+            report = tsm.get_report(report_request, deadline=deadline)
+            return dataclasses.replace(report, event_log=read_log())
+
+    provider = tsm.provider()
+    return provider, evidence

@@ -224,7 +224,7 @@ def _primary_evidence(report: TsmReport, challenge: p.Challenge) -> Any:
         raise ProtocolError("the key server reads Trustee's evidence forms, which cannot carry the SVSM "
                             "manifest this guest is configured to attest (tsm.service_provider)")
     try:
-        return trustee.to_json(report.provider, report.outblob, report.auxblob)
+        return trustee.to_json(report.provider, report.outblob, report.auxblob, report.event_log)
     except EvidenceError as exc:
         raise ProtocolError(f"the evidence cannot be sent in Trustee's form: {exc}") from None
 

@@ -15,6 +15,13 @@
     guest_handle = 1                       # required: this guest's firmware handle
     [handler]
     deadline = 30                          # seconds, hard limit for one construction
+    [measure]                              # runtime measurement (TDX, Linux 6.16+ tsm-mr)
+    rtmr = 3                               # the RTMR runtime events extend (2 or 3)
+    log = "/run/keybroker/runtime-eventlog"  # the runtime event log (guest-components' format)
+    root = "/sys/class/misc/tdx_guest/measurements"  # the tsm-mr registers
+    ccel = "/sys/firmware/acpi/tables/data/CCEL"     # the firmware's event log, sent with evidence
+    ccel_table = "/sys/firmware/acpi/tables/CCEL"
+    releases = false                       # measure each released key before instantiating it
     [[access]]                             # who may obtain which resources
     resource = "default/*"
     uids = [1000]
@@ -32,6 +39,10 @@ matches grants to its uid or one of its groups (the key's gid and the user's sup
 groups in the group database), as one of the rule's ``key_types``: ``logon`` alone keeps
 a secret out of user space. Unknown keys and bad values are errors that name the key and
 the file.
+
+``[measure]`` says where runtime events go (:mod:`keybroker.guest.measure`); with ``releases``
+the handler measures every key it obtains (the resource and the server, never the key) and
+refuses to instantiate a key whose measurement failed.
 
 Volumes map the names of /etc/crypttab volumes to resources for keybroker's disk-unlock
 services (:mod:`keybroker.guest.unlock`). A volume name is 1-64 characters of [A-Za-z0-9_.-],
@@ -62,6 +73,11 @@ DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
 DEFAULT_DEADLINE = 30.0
 DEFAULT_UNLOCK_DEADLINE = 120.0
 DEVICE_MAX = 4096
+DEFAULT_MR_ROOT = Path("/sys/class/misc/tdx_guest/measurements")
+DEFAULT_RUNTIME_LOG = Path("/run/keybroker/runtime-eventlog")
+DEFAULT_CCEL = Path("/sys/firmware/acpi/tables/data/CCEL")
+DEFAULT_CCEL_TABLE = Path("/sys/firmware/acpi/tables/CCEL")
+MEASURE_RTMRS = (2, 3)  # the RTMRs the OS and applications extend; 0-1 are the firmware's
 _VOLUME_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
@@ -89,6 +105,18 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class MeasureConfig:
+    """Runtime measurement: which RTMR, the runtime log, the tsm-mr registers, the CCEL; measured release."""
+
+    root: Path = DEFAULT_MR_ROOT
+    rtmr: int = 3
+    log: Path = DEFAULT_RUNTIME_LOG
+    ccel: Path = DEFAULT_CCEL
+    ccel_table: Path = DEFAULT_CCEL_TABLE
+    releases: bool = False
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     path: Path
     server_url: str
@@ -100,6 +128,7 @@ class ClientConfig:
     aeb: Broker | None = None
     access: tuple[AccessRule, ...] = ()
     volumes: tuple[Volume, ...] = ()
+    measure: MeasureConfig = MeasureConfig()
 
     def volume(self, name: str) -> Volume | None:
         return next((volume for volume in self.volumes if volume.name == name), None)
@@ -165,7 +194,7 @@ def load(path: Path | str = DEFAULT_PATH) -> ClientConfig:
 
 def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
     top = _Table(path, "", data)
-    top.only("server", "tsm", "aeb", "handler", "access", "volumes")
+    top.only("server", "tsm", "aeb", "handler", "access", "volumes", "measure")
 
     server = _Table(path, "server", top.get("server", dict, required=True))
     server.only("url", "ca")
@@ -211,7 +240,24 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
     return ClientConfig(path=path, server_url=url, server_ca=Path(ca) if ca else None,
                         tsm_root=Path(root), service_provider=service_provider, service_guid=service_guid,
                         deadline=deadline, aeb=broker, access=tuple(rules),
-                        volumes=_volumes(path, top.get("volumes", dict, {})))
+                        volumes=_volumes(path, top.get("volumes", dict, {})),
+                        measure=_measure(path, top.get("measure", dict, {})))
+
+
+def _measure(path: Path, raw: dict[str, Any]) -> MeasureConfig:
+    table = _Table(path, "measure", raw)
+    table.only("root", "rtmr", "log", "ccel", "ccel_table", "releases")
+    rtmr = table.get("rtmr", int, 3)
+    if rtmr not in MEASURE_RTMRS:
+        raise table.error(f"'measure.rtmr' must be 2 or 3 (RTMR0 and RTMR1 are the firmware's), not {rtmr}")
+    paths = {}
+    for key, default in (("root", DEFAULT_MR_ROOT), ("log", DEFAULT_RUNTIME_LOG), ("ccel", DEFAULT_CCEL),
+                         ("ccel_table", DEFAULT_CCEL_TABLE)):
+        value = table.get(key, str, str(default))
+        if not value.startswith("/") or "\0" in value:
+            raise table.error(f"{table.key(key)!r} must be an absolute path")
+        paths[key] = Path(value)
+    return MeasureConfig(rtmr=rtmr, releases=table.get("releases", bool, False), **paths)
 
 
 def _broker(path: Path, top: _Table) -> Broker:

@@ -83,7 +83,7 @@ def _evidence(tee: str, primary: Any) -> Evidence:
                                 f"(tee {tee})")
         return Evidence.from_report(report)
     blobs = trustee.from_json(tee, primary)
-    return Evidence(blobs.provider, blobs.outblob, blobs.auxblob)
+    return Evidence(blobs.provider, blobs.outblob, blobs.auxblob, event_log=blobs.event_log)
 
 
 def session_ref(session_id: str | None) -> str:

@@ -177,13 +177,16 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
     if "exists" in cond:
         return Evaluation(present == cond["exists"], "claim", f"claim {name} is {'present' if present else 'absent'}")
     if not present:
-        return Evaluation(False, "claim", f"claim {name} is absent", absent=name)
+        wanted = f", so it has no element {_wanted(cond['contains'])}" if "contains" in cond else ""
+        return Evaluation(False, "claim", f"claim {name} is absent{wanted}", absent=name)
     value = claims[name]
     if "equals" in cond:
         want = cond["equals"]
         if _same(value, want):
             return Evaluation(True, "claim", f"claim {name} is {_show(value)}, equals {_show(want)}")
         return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not {_show(want)}")
+    if "contains" in cond:
+        return _contains(name, value, cond["contains"])
     if "in" in cond:
         if any(_same(value, v) for v in cond["in"]):
             return Evaluation(True, "claim", f"claim {name} is {_show(value)}, one of {_show(cond['in'])}")
@@ -199,6 +202,33 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
                                       f"{'at least' if bound_name == 'atLeast' else 'at most'} {_show(bound)}")
     return Evaluation(False, "claim", f"claim {name} is {_show(value)}, "
                                    f"{'below' if bound_name == 'atLeast' else 'above'} {_show(bound)}")
+
+
+def _contains(name: str, value: Any, want: Any) -> Evaluation:
+    """A list claim has an element that is ``want`` or, for an object, has each of its fields equal."""
+    if not isinstance(value, list):
+        return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not a list that could contain "
+                                          f"{_whole(want)}")
+
+    def matches(element: Any) -> bool:
+        if isinstance(want, dict):
+            return isinstance(element, dict) and all(k in element and _same(element[k], v) for k, v in want.items())
+        return _same(element, want)
+
+    if any(matches(element) for element in value):
+        return Evaluation(True, "claim", f"claim {name} contains {_whole(want)}")
+    return Evaluation(False, "claim", f"claim {name} ({len(value)} elements) has no element {_wanted(want)}")
+
+
+def _wanted(want: Any) -> str:
+    """``with {fields}`` or ``equal to value``: the element a ``contains`` asks for."""
+    return f"{'with' if isinstance(want, dict) else 'equal to'} {_whole(want)}"
+
+
+def _whole(value: Any) -> str:
+    """``value`` as JSON, up to 400 characters: a denial names the whole event that is missing."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _format(value: Any, depth: int) -> str:
@@ -287,7 +317,7 @@ def _show(value: Any) -> str:
 
 # -- validation -------------------------------------------------------------------------
 
-_OPERATORS = ("equals", "in", "atLeast", "atMost", "exists")
+_OPERATORS = ("equals", "in", "atLeast", "atMost", "exists", "contains")
 _DEPTH_MAX = 16
 
 
@@ -363,6 +393,10 @@ def _check_condition(cond: Any, where: str, depth: int = 0) -> None:
     op, value = ops[0], cond[ops[0]]
     if op == "in" and (not isinstance(value, list) or not value):
         raise PolicyError(f"{where}.in must be a non-empty list")
+    if op == "contains" and (isinstance(value, list) or value == {}
+                             or (isinstance(value, dict) and any(isinstance(v, (dict, list)) for v in value.values()))):
+        raise PolicyError(f"{where}.contains must be a value or a non-empty object of field values "
+                          "(strings, numbers, booleans) that one element must have")
     if op == "exists" and not isinstance(value, bool):
         raise PolicyError(f"{where}.exists must be true or false")
     if op in ("atLeast", "atMost") and _comparable(value) is None:

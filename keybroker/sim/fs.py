@@ -427,12 +427,14 @@ def _parse_guid(text: str) -> str:
     return guid.lower()
 
 
-def serve(mountpoint: str, provider: Provider) -> None:
+def serve(mountpoint: str, provider: Provider, operations: mfusepy.Operations | None = None) -> None:
     """Mount the emulator and serve in the foreground until unmounted or sent SIGTERM/SIGINT/SIGHUP.
 
     The stop signals are taken by a thread of ours (libfuse leaves signals alone that are
     not at their default): it interrupts a slow provider and detaches the mount, so the
-    emulator stops at once even while a report is being generated.
+    emulator stops at once even while a report is being generated. ``operations`` is the whole
+    mount (``sysfs.operations``: configfs-tsm and, for a TD, its measurement registers); by default
+    configfs-tsm alone.
     """
     import ctypes
     import signal
@@ -449,7 +451,7 @@ def serve(mountpoint: str, provider: Provider) -> None:
 
     threading.Thread(target=on_stop, name="stop", daemon=True).start()
     try:
-        mfusepy.FUSE(ReportFs(provider), mountpoint, raw_fi=True, foreground=True,
+        mfusepy.FUSE(operations or ReportFs(provider), mountpoint, raw_fi=True, foreground=True,
                      allow_other=True, default_permissions=True, fsname="configfs-tsm-sim",
                      subtype="keybroker")
     except RuntimeError as exc:

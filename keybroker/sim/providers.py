@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from ..wire import ghcb
+from .ccel import BootLog, Registers, boot_log, registers
 from .roots import CcaIdentity, SimState, SnpIdentity, TdxIdentity
 
 # configfs-tsm attribute visibility per provider (drivers' is_visible callbacks, v6.11+).
@@ -179,15 +180,20 @@ class SevGuest(_Base):
 
 
 class TdxGuest(_Base):
+    """A TD booted with the emulated firmware's log (``boot``): its quotes report the live ``registers``."""
+
     name = "tdx_guest"
     visible = COMMON
 
     def __init__(self, faults: Faults, identity: TdxIdentity) -> None:
         super().__init__(faults)
         self.identity = identity
+        self.boot: BootLog = boot_log(identity.value("mrtd"))
+        self.registers: Registers = registers(identity.values, self.boot)
 
     def generate(self, request: Request) -> Blobs:
-        return Blobs(tdx_quote_v4(self.identity, report_data=request.inblob, debug=self.faults.debug,
+        current = dataclasses.replace(self.identity, values=self.identity.values | self.registers.hex_values())
+        return Blobs(tdx_quote_v4(current, report_data=request.inblob, debug=self.faults.debug,
                                   corrupt=self.faults.corrupt_signature))
 
 

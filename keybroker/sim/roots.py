@@ -77,7 +77,7 @@ class TdxIdentity:
     pck: x509.Certificate
     pck_key: ec.EllipticCurvePrivateKey
     attestation_key: ec.EllipticCurvePrivateKey
-    values: dict[str, Any]  # hex strings: mrseam, mrtd, rtmr0..3, tee_tcb_svn, fmspc, ...
+    values: dict[str, Any]  # hex strings: mrseam, mrtd, tee_tcb_svn, fmspc, ... (rtmr0..3: the boot log's)
 
     def value(self, name: str) -> bytes:
         return bytes.fromhex(self.values[name])

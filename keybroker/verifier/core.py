@@ -44,7 +44,8 @@ class Evidence:
 
     @classmethod
     def from_report(cls, report: TsmReport) -> Evidence:
-        return cls(report.provider, report.outblob, report.auxblob, report.manifestblob, report.inblob)
+        return cls(report.provider, report.outblob, report.auxblob, report.manifestblob, report.inblob,
+                   report.event_log)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ kernel's report interface exposed and nothing vendor-specific, so that a verifie
 dispatch on ``provider`` and parse the blobs itself. The README documents the format.
 Decoding is strict: unknown versions, unknown or missing fields, oversized values and
 non-canonical base64 are errors.
+
+Version 2 adds one optional field, ``event_log``: a TDX guest's measurement log (its CCEL log and
+any runtime events, joined as Trustee's ``cc_eventlog``). An envelope without it stays version 1,
+so that servers that read only version 1 still read it; one with it says version 2, which such a
+server refuses by its version, not by an unknown field.
 """
 
 from __future__ import annotations
@@ -20,11 +25,16 @@ from ..errors import EnvelopeError
 from . import parse_json, shown, shown_names
 
 VERSION = 1
+VERSION_EVENT_LOG = 2  # version 1 and the optional event_log
+VERSIONS = (VERSION, VERSION_EVENT_LOG)
 
 #: configfs-tsm limits (include/linux/tsm.h): inblob is at most 64 bytes; outblob and the
 #: other blobs at most TSM_REPORT_OUTBLOB_MAX, 16 MiB since Linux 7.0 (32 KiB before).
 INBLOB_MAX = 64
 BLOB_MAX = 16 * 1024 * 1024
+
+#: A measurement event log: real CCEL logs are tens of KiB, the log area at most a few MiB.
+EVENT_LOG_MAX = 4 * 1024 * 1024
 
 #: The largest envelope text accepted: every blob at its maximum, base64-encoded, is far
 #: beyond any real report; real evidence is a few KiB. Keep the JSON itself bounded.
@@ -58,6 +68,7 @@ class TsmReport:
     service_provider: str | None = None
     service_guid: str | None = None
     service_manifest_version: int | None = None
+    event_log: bytes = b""  # not an attribute: the TD's measurement log, sent beside the report
 
     def __post_init__(self) -> None:
         for name in _ATTRIBUTES:
@@ -65,6 +76,9 @@ class TsmReport:
             problem = None if value is None else attribute_problem(name, value)
             if problem:
                 raise EnvelopeError(f"envelope field {name!r} {problem}")
+        if len(self.event_log) > EVENT_LOG_MAX:
+            raise EnvelopeError(f"envelope field 'event_log' is {len(self.event_log)} bytes, more than the limit "
+                                f"of {EVENT_LOG_MAX}")
 
 
 #: The configfs-tsm attributes and their grammar: text (a pattern and what it says), an
@@ -105,13 +119,14 @@ _BLOBS = ("inblob", "outblob", "auxblob", "manifestblob")
 _OPTIONAL = ("privlevel", "privlevel_floor", "service_provider", "service_guid",
              "service_manifest_version")
 _REQUIRED = ("version", "provider", "generation", "inblob", "outblob")
-_FIELDS = frozenset(_REQUIRED) | frozenset(_BLOBS) | frozenset(_OPTIONAL)
+_FIELDS = frozenset(_REQUIRED) | frozenset(_BLOBS) | frozenset(_OPTIONAL) | {"event_log"}
+_LIMITS = {"inblob": INBLOB_MAX, "event_log": EVENT_LOG_MAX}
 
 
 def to_json(report: TsmReport) -> dict[str, Any]:
     """The envelope of ``report`` as a JSON-compatible dict (empty and unset fields omitted)."""
-    out: dict[str, Any] = {"version": VERSION, "provider": report.provider,
-                           "generation": report.generation}
+    out: dict[str, Any] = {"version": VERSION_EVENT_LOG if report.event_log else VERSION,
+                           "provider": report.provider, "generation": report.generation}
     for name in _OPTIONAL:
         value = getattr(report, name)
         if value is not None:
@@ -120,6 +135,8 @@ def to_json(report: TsmReport) -> dict[str, Any]:
         blob = getattr(report, name)
         if blob or name in _REQUIRED:
             out[name] = base64.b64encode(blob).decode("ascii")
+    if report.event_log:
+        out["event_log"] = base64.b64encode(report.event_log).decode("ascii")
     return out
 
 
@@ -138,13 +155,16 @@ def from_json(obj: Any) -> TsmReport:
     if missing:
         raise EnvelopeError(f"envelope is missing field(s): {', '.join(missing)}")
     version = obj["version"]
-    if type(version) is not int or version != VERSION:
-        raise EnvelopeError(f"unsupported envelope version {shown(version)} (this keybroker reads version {VERSION})")
+    if type(version) is not int or version not in VERSIONS:
+        raise EnvelopeError(f"unsupported envelope version {shown(version)} (this keybroker reads versions "
+                            f"{VERSION} and {VERSION_EVENT_LOG})")
+    if "event_log" in obj and version < VERSION_EVENT_LOG:
+        raise EnvelopeError(f"envelope field 'event_log' needs envelope version {VERSION_EVENT_LOG}, not {version}")
     provider = obj["provider"]
     if not isinstance(provider, str):
         raise EnvelopeError("envelope field 'provider' must be a string")
     fields: dict[str, Any] = {"provider": provider, "generation": _int_field(obj, "generation")}
-    for name in _BLOBS:
+    for name in (*_BLOBS, "event_log"):
         if name in obj:
             fields[name] = _b64_field(obj, name)
     for name in ("privlevel", "privlevel_floor", "service_manifest_version"):
@@ -180,7 +200,7 @@ def _b64_field(obj: dict[str, Any], name: str) -> bytes:
     text = obj[name]
     if not isinstance(text, str):
         raise EnvelopeError(f"envelope field {name!r} must be a base64 string")
-    limit = INBLOB_MAX if name == "inblob" else BLOB_MAX
+    limit = _LIMITS.get(name, BLOB_MAX)
     if len(text) > 4 * ((limit + 2) // 3):
         raise EnvelopeError(f"envelope field {name!r} is longer than {limit} bytes")
     try:

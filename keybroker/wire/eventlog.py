@@ -295,10 +295,11 @@ class RuntimeEvent:
         """The SHA-384 digest extended into RTMR3."""
         return hashlib.sha384(self.tagged()).digest()
 
-    def encode(self) -> bytes:
-        """The TCG_PCR_EVENT2 record guest-components appends to its runtime log."""
+    def encode(self, mr_index: int = RUNTIME_MR_INDEX) -> bytes:
+        """The TCG_PCR_EVENT2 record guest-components appends to its runtime log (for RTMR3, MR index 4;
+        keybroker can measure into RTMR2, MR index 3, too)."""
         data = self.tagged()
-        return (struct.pack("<IIIH", RUNTIME_MR_INDEX, EV_EVENT_TAG, 1, ALG_SHA384) + self.digest()
+        return (struct.pack("<IIIH", mr_index, EV_EVENT_TAG, 1, ALG_SHA384) + self.digest()
                 + struct.pack("<I", len(data)) + data)
 
 

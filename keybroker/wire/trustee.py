@@ -43,6 +43,7 @@ class Blobs:
     provider: str
     outblob: bytes
     auxblob: bytes = b""
+    event_log: bytes = b""  # TDX: cc_eventlog, the CCEL log and runtime events
 
 
 def from_json(tee: str, obj: Any) -> Blobs:
@@ -55,23 +56,24 @@ def from_json(tee: str, obj: Any) -> Blobs:
     if tee == "tdx":
         fields = _Fields(obj, "TDX evidence")
         eventlog = fields.get("cc_eventlog")
-        if eventlog is not None:
-            _b64decode(eventlog, "TDX evidence cc_eventlog")  # checked, not replayed (see docs/trustee.md)
-        return Blobs("tdx_guest", _b64decode(fields.get("quote", required=True), "TDX evidence quote"))
+        log = b"" if eventlog is None else _b64decode(eventlog, "TDX evidence cc_eventlog")
+        return Blobs("tdx_guest", _b64decode(fields.get("quote", required=True), "TDX evidence quote"), b"", log)
     if tee == "cca":
         return Blobs("arm_cca_guest", _byte_list(_Fields(obj, "CCA evidence").get("token", required=True),
                                                  "CCA evidence token"))
     raise EvidenceError(f"Trustee's evidence form for tee {shown(tee)} is not one keybroker reads")
 
 
-def to_json(provider: str, outblob: bytes, auxblob: bytes = b"") -> dict[str, Any]:
-    """Trustee's evidence form of configfs-tsm blobs (what guest-components' attester would send)."""
+def to_json(provider: str, outblob: bytes, auxblob: bytes = b"", event_log: bytes = b"") -> dict[str, Any]:
+    """Trustee's evidence form of configfs-tsm blobs (what guest-components' attester would send);
+    a TD's ``event_log`` goes as ``cc_eventlog``."""
     if provider == "sev_guest":
         chain = [{"cert_type": ghcb.KINDS.get(guid, {"OTHER": str(guid)}), "data": list(der)}
                  for guid, der in ghcb.parse(auxblob)]
         return {"attestation_report": snp_report_to_json(outblob), "cert_chain": chain or None}
     if provider == "tdx_guest":
-        return {"cc_eventlog": None, "quote": base64.b64encode(outblob).decode("ascii")}
+        log = base64.b64encode(event_log).decode("ascii") if event_log else None
+        return {"cc_eventlog": log, "quote": base64.b64encode(outblob).decode("ascii")}
     if provider == "arm_cca_guest":
         return {"token": list(outblob)}
     raise EvidenceError(f"provider {provider} has no Trustee evidence form")

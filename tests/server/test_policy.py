@@ -143,3 +143,35 @@ def test_not_over_an_absent_claim_does_not_pass():
     assert nested.decide("a/b/c", {"debug": False, "x": 0, "y": 3}).allowed
     exists = Policy({"version": 1, "rules": [{"resources": ["*"], "require": {"not": {"claim": "x", "exists": True}}}]})
     assert exists.decide("a/b/c", {"debug": False}).allowed  # 'exists' asks about absence itself
+
+
+def test_contains_requires_an_event_with_these_fields_and_names_the_one_missing():
+    events = [{"rtmr": 3, "domain": "example.org", "operation": "image-pull", "content": "registry/app@sha256:ab"},
+              {"rtmr": 3, "domain": "keybroker", "operation": "release", "content": "default/key/1 https://kbs"}]
+    tdx = {"tee": "tdx", "debug": False, "tdx.runtime_events": events, "devices": ["sampledevice"]}
+    wanted = {"domain": "keybroker", "operation": "release", "content": "default/key/1 https://kbs"}
+    assert policy({"resources": ["*"], "require": {"claim": "tdx.runtime_events", "contains": wanted}}).decide(
+        "a/b/c", tdx).allowed
+    assert policy({"resources": ["*"], "require": {"claim": "tdx.runtime_events", "contains": {"rtmr": 3}}}).decide(
+        "a/b/c", tdx).allowed
+    assert policy({"resources": ["*"], "require": {"claim": "devices", "contains": "sampledevice"}}).decide(
+        "a/b/c", tdx).allowed
+    other = wanted | {"content": "default/key/2 https://kbs"}
+    denied = policy({"resources": ["*"], "require": {"claim": "tdx.runtime_events", "contains": other}}).decide(
+        "a/b/c", tdx)
+    assert not denied.allowed and denied.reason == (
+        'rule 0 (*): claim tdx.runtime_events (2 elements) has no element with {"domain": "keybroker", '
+        '"operation": "release", "content": "default/key/2 https://kbs"}')
+    absent = 'claim tdx.runtime_events is absent, so it has no element with {"domain"'
+    for claims, reason in [(tdx | {"tdx.runtime_events": "x"}, "not a list"), ({"tee": "tdx", "debug": False}, absent)]:
+        denied = policy({"resources": ["*"], "require": {"claim": "tdx.runtime_events", "contains": wanted}}).decide(
+            "a/b/c", claims)
+        assert not denied.allowed and reason in denied.reason
+    refused = policy({"resources": ["*"], "require": {"not": {"claim": "tdx.runtime_events", "contains": wanted}}})
+    assert not refused.decide("a/b/c", tdx).allowed
+
+
+@pytest.mark.parametrize("contains", [{}, [], [1], {"a": {"b": 1}}, {"a": [1]}])
+def test_contains_needs_a_value_or_fields(contains):
+    with pytest.raises(PolicyError, match="contains must be a value or a non-empty object"):
+        policy({"resources": ["*"], "require": {"claim": "x", "contains": contains}})

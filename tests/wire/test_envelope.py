@@ -33,7 +33,10 @@ def test_round_trip_keeps_every_attribute():
 
 
 @pytest.mark.parametrize("text, message", [
-    (doc(version=2), "unsupported envelope version 2"),
+    (doc(version=3), "unsupported envelope version 3"),
+    (doc(event_log="AQ=="), "'event_log' needs envelope version 2, not 1"),
+    (doc(version=2, event_log="AQ"), "'event_log' is not valid base64"),
+    (doc(version=2, event_log=5), "'event_log' must be a base64 string"),
     (doc(version=True), "unsupported envelope version True"),
     (doc(outblob=...), "missing field(s): outblob"),
     (doc(extra="x"), "unknown field(s): 'extra'"),
@@ -59,3 +62,15 @@ def test_strict_decoding_names_the_problem(text, message):
 def test_size_is_checked_before_parsing():
     with pytest.raises(EnvelopeError, match="more than the limit"):
         envelope.loads(" " * (envelope.ENVELOPE_MAX + 1))
+
+
+def test_version_2_carries_the_event_log_and_only_then():
+    report = TsmReport(provider="tdx_guest", generation=1, inblob=bytes(64), outblob=b"q" * 1000, event_log=b"log")
+    obj = envelope.to_json(report)
+    assert obj["version"] == 2 and base64.b64decode(obj["event_log"]) == b"log"
+    assert envelope.loads(envelope.dumps(report)) == report
+    assert envelope.to_json(REPORT)["version"] == 1  # without a log, what version-1 readers read
+    assert envelope.loads(doc(version=2)) == REPORT  # version 2 without the (optional) log
+    with pytest.raises(EnvelopeError, match="more than the limit"):
+        TsmReport(provider="tdx_guest", generation=1, inblob=bytes(64), outblob=b"q",
+                  event_log=bytes(envelope.EVENT_LOG_MAX + 1))

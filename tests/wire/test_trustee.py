@@ -165,6 +165,9 @@ def test_tdx_and_cca_forms():
     assert trustee.from_json("tdx", trustee.to_json("tdx_guest", quote)).outblob == quote
     sent = {"cc_eventlog": base64.b64encode(b"log").decode(), "quote": base64.b64encode(quote).decode(), "x": 1}
     assert trustee.from_json("tdx", sent).outblob == quote
+    assert trustee.from_json("tdx", sent).event_log == b"log"
+    assert trustee.to_json("tdx_guest", quote, event_log=b"log")["cc_eventlog"] == sent["cc_eventlog"]
+    assert trustee.from_json("tdx", trustee.to_json("tdx_guest", quote)).event_log == b""
     for bad, reason in [({"cc_eventlog": None}, "missing 'quote'"),
                         ({"quote": base64.b64encode(quote).decode().rstrip("=") + "A"}, "standard base64"),
                         ({"quote": "AB=="[:3] + "="}, "standard base64"),

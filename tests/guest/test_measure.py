@@ -1,0 +1,152 @@
+"""Runtime measurement on the emulated TD: keybroker measure, the runtime log, crash repair, the evidence log."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keybroker.errors import EventLogError, TsmError
+from keybroker.guest import config, measure
+from keybroker.guest.tsm import ReportRequest, TsmClient
+from keybroker.verifier.tdx.abi import parse_quote
+from keybroker.verifier.tdx.eventlog import claims, replay
+from keybroker.wire.eventlog import RuntimeEvent, parse_event_log
+
+NONCE = bytes(range(64))
+
+
+def td(tsm_sim, tmp_path: Path) -> tuple[Path, config.MeasureConfig]:
+    report_root = tsm_sim("tdx_guest")
+    mount = report_root.parent.parent
+    cfg = config.MeasureConfig(root=mount / "sys/class/misc/tdx_guest/measurements",
+                               log=tmp_path / "run" / "runtime-eventlog",
+                               ccel=mount / "sys/firmware/acpi/tables/data/CCEL",
+                               ccel_table=mount / "sys/firmware/acpi/tables/CCEL")
+    return report_root, cfg
+
+
+def quote_with_log(report_root: Path, cfg: config.MeasureConfig) -> tuple[tuple[bytes, ...], bytes]:
+    with measure.evidence_log(cfg) as read_log:
+        quote = TsmClient(report_root).get_report(ReportRequest(NONCE)).outblob
+        return parse_quote(quote).body.rtmrs, read_log()
+
+
+def test_keybroker_measure_extends_and_the_next_quote_replays(tsm_sim, tmp_path):
+    report_root, cfg = td(tsm_sim, tmp_path)
+    toml = tmp_path / "client.toml"
+    toml.write_text(f'[server]\nurl = "http://127.0.0.1:1"\n[measure]\nroot = "{cfg.root}"\nlog = "{cfg.log}"\n'
+                    f'ccel = "{cfg.ccel}"\nccel_table = "{cfg.ccel_table}"\n')
+    out = subprocess.run([sys.executable, "-m", "keybroker", "measure", "--config", str(toml), "--domain",
+                          "example.org", "--operation", "image-pull", "--content", "registry/app@sha256:ab"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    event = RuntimeEvent("example.org", "image-pull", "registry/app@sha256:ab")
+    rtmr3 = hashlib.sha384(bytes(48) + event.digest()).digest()
+    assert out.stdout == f"RTMR3 {rtmr3.hex()}\n"
+    assert cfg.log.read_bytes() == event.encode()
+    assert oct(cfg.log.stat().st_mode & 0o777) == "0o600" and oct(cfg.log.parent.stat().st_mode & 0o777) == "0o700"
+    rtmrs, log = quote_with_log(report_root, cfg)
+    assert rtmrs[3] == rtmr3
+    result = replay(parse_event_log(log))
+    assert result.rtmrs == rtmrs
+    assert claims(result)["tdx.runtime_events"] == [
+        {"rtmr": 3, "domain": "example.org", "operation": "image-pull", "content": "registry/app@sha256:ab"}]
+
+
+def test_rtmr2_and_several_events_replay(tsm_sim, tmp_path):
+    report_root, cfg = td(tsm_sim, tmp_path)
+    measure.measure(cfg, RuntimeEvent("a.example", "one", "1"))
+    measure.measure(dataclasses.replace(cfg, rtmr=2), RuntimeEvent("a.example", "two", "2"))
+    measure.measure(cfg, RuntimeEvent("a.example", "three", "3"))
+    rtmrs, log = quote_with_log(report_root, cfg)
+    result = replay(parse_event_log(log))
+    assert result.rtmrs == rtmrs
+    assert [(e["rtmr"], e["operation"]) for e in claims(result)["tdx.runtime_events"]] == [
+        (3, "one"), (2, "two"), (3, "three")]
+
+
+def test_a_crash_between_log_and_extend_is_repaired(tsm_sim, tmp_path):
+    report_root, cfg = td(tsm_sim, tmp_path)
+    measure.measure(cfg, RuntimeEvent("a.example", "kept", "1"))
+    kept = cfg.log.read_bytes()
+    with open(cfg.log, "ab") as log:  # appended and synced, then the power went: never extended
+        log.write(RuntimeEvent("a.example", "lost", "2").encode())
+    rtmrs, log = quote_with_log(report_root, cfg)
+    assert cfg.log.read_bytes() == kept and replay(parse_event_log(log)).rtmrs == rtmrs
+    with open(cfg.log, "ab") as log:  # torn in the middle of the append
+        log.write(RuntimeEvent("a.example", "torn", "3").encode()[:70])
+    measure.measure(cfg, RuntimeEvent("a.example", "after", "4"))
+    rtmrs, log = quote_with_log(report_root, cfg)
+    result = replay(parse_event_log(log))
+    assert result.rtmrs == rtmrs
+    assert [e["operation"] for e in claims(result)["tdx.runtime_events"]] == ["kept", "after"]
+
+
+def test_a_failed_extend_leaves_no_record(tsm_sim, tmp_path):
+    report_root, cfg = td(tsm_sim, tmp_path)
+    measure.measure(cfg, RuntimeEvent("a.example", "kept", "1"))
+    kept = cfg.log.read_bytes()
+    broken = dataclasses.replace(cfg, root=tmp_path / "nowhere")
+    with pytest.raises(TsmError, match=r"no tsm-mr register .*Linux 6\.16"):
+        measure.measure(broken, RuntimeEvent("a.example", "lost", "2"))
+    assert cfg.log.read_bytes()[:len(kept)] == kept
+    rtmrs, log = quote_with_log(report_root, cfg)  # repaired before the quote, at the latest
+    assert cfg.log.read_bytes() == kept and replay(parse_event_log(log)).rtmrs == rtmrs
+
+
+def test_without_a_ccel_no_log_is_sent(tmp_path):
+    cfg = config.MeasureConfig(root=tmp_path, log=tmp_path / "log", ccel=tmp_path / "no-ccel",
+                               ccel_table=tmp_path / "no-table")
+    with measure.evidence_log(cfg) as read_log:
+        assert read_log() == b""
+
+
+def test_measure_configuration(tmp_path):
+    def parse(table: str) -> config.MeasureConfig:
+        return config.parse(tmp_path / "c.toml", {"server": {"url": "https://kbs.example"}, "measure": eval(table)}
+                            ).measure
+
+    assert parse("{}") == config.MeasureConfig()
+    assert parse("{'releases': True, 'rtmr': 2}").releases and parse("{'rtmr': 2}").rtmr == 2
+    for bad, reason in [("{'rtmr': 1}", "must be 2 or 3"), ("{'log': 'relative'}", "absolute path"),
+                        ("{'releases': 'yes'}", "releases"), ("{'rtmrs': 3}", "unknown key 'measure.rtmrs'")]:
+        with pytest.raises(Exception, match=reason):
+            parse(bad)
+
+
+def test_the_release_event_names_resource_and_server_and_words_are_checked():
+    assert measure.release_event("default/key/1", "https://kbs.example").text == \
+        "keybroker release default/key/1 https://kbs.example"
+    with pytest.raises(EventLogError, match="one word"):
+        RuntimeEvent("two words", "op", "c")
+    with pytest.raises(EventLogError, match="newline"):
+        RuntimeEvent("a.example", "op", "two\nlines")
+
+
+def test_keybroker_evidence_carries_the_log_and_keybroker_verify_replays_it(tsm_sim, sim_state, tmp_path):
+    report_root, cfg = td(tsm_sim, tmp_path)
+    measure.measure(cfg, RuntimeEvent("example.org", "config", '{"mode": "prod"}'))
+    toml = tmp_path / "client.toml"
+    toml.write_text(f'[server]\nurl = "http://127.0.0.1:1"\n[measure]\nroot = "{cfg.root}"\nlog = "{cfg.log}"\n'
+                    f'ccel = "{cfg.ccel}"\nccel_table = "{cfg.ccel_table}"\n')
+
+    def keybroker(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "keybroker", *args], capture_output=True, text=True, timeout=60)
+
+    out = keybroker("evidence", "--nonce", NONCE.hex(), "--tsm-root", str(report_root), "--config", str(toml))
+    assert out.returncode == 0, out.stderr
+    envelope = json.loads(out.stdout)
+    assert envelope["version"] == 2 and "event_log" in envelope
+    (tmp_path / "evidence.json").write_text(out.stdout)
+    out = keybroker("verify", str(tmp_path / "evidence.json"), "--trust-roots", str(sim_state / "trust"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "RTMR3    1 events" in out.stdout and out.stdout.count("matches the quote") == 4
+    assert "tdx.runtime_events" in out.stdout and "example.org" in out.stdout
+    bare = keybroker("evidence", "--nonce", NONCE.hex(), "--tsm-root", str(report_root), "--no-event-log")
+    assert json.loads(bare.stdout)["version"] == 1
