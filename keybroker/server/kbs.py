@@ -81,9 +81,14 @@ def _evidence(tee: str, primary: Any) -> Evidence:
         if report.provider != p.PROVIDER_BY_TEE[tee]:
             raise EvidenceError(f"the envelope is from provider {report.provider}, not {p.PROVIDER_BY_TEE[tee]} "
                                 f"(tee {tee})")
-        return Evidence.from_report(report)
-    blobs = trustee.from_json(tee, primary)
-    return Evidence(blobs.provider, blobs.outblob, blobs.auxblob, event_log=blobs.event_log)
+        evidence = Evidence.from_report(report)
+    else:
+        blobs = trustee.from_json(tee, primary)
+        evidence = Evidence(blobs.provider, blobs.outblob, blobs.auxblob, event_log=blobs.event_log)
+    if evidence.event_log and evidence.provider != "tdx_guest":
+        # Only a TD's registers replay an event log: elsewhere it would be claims nothing checked.
+        raise EvidenceError(f"an event log came with {evidence.provider} evidence; only TDX evidence carries one")
+    return evidence
 
 
 def session_ref(session_id: str | None) -> str:

@@ -173,3 +173,15 @@ def test_measured_release_through_the_kernel(td, handler, tmp_path):
     tokens.forget_all()  # the handler's kept token predates the release event
     out = keyctl_session('id=$(keyctl request2 user keybroker:default/key/2 "" @s) && keyctl pipe $id')
     assert out.returncode == 0 and out.stdout == SECRETS["default/key/2"].decode(), out.stderr
+
+
+@pytest.mark.parametrize("provider, tee", [("sev_guest", "snp"), ("arm_cca_guest", "cca"), ("sev_aeb", "sev")])
+def test_an_event_log_beside_other_evidence_is_refused(provider, tee):
+    """Only a TD's registers replay an event log: with other evidence its events would be claims nothing checked."""
+    from keybroker.errors import EvidenceError
+    from keybroker.server.kbs import _evidence
+    from keybroker.wire import envelope
+
+    report = envelope.TsmReport(provider=provider, generation=1, inblob=bytes(64), outblob=b"x", event_log=b"log")
+    with pytest.raises(EvidenceError, match="only TDX evidence carries one"):
+        _evidence(tee, envelope.to_json(report))
