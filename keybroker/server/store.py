@@ -107,8 +107,8 @@ class GroupCommit:
 
     BATCH_MAX = 64
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self, engine: Any, lock: schema.WriterLock) -> None:
+        self.engine, self.lock = engine, lock
         self._pid = 0
         self._queue: queue.SimpleQueue[tuple[Work, Future[Record | None]]] = queue.SimpleQueue()
 
@@ -139,7 +139,7 @@ class GroupCommit:
                 done.set_result(result)
 
     def _commit(self, works: list[Work]) -> list[Record | None]:
-        with self.engine.connect() as db, db.begin():
+        with self.lock, self.engine.connect() as db, db.begin():
             seq, prev = audit.lock_head(db)
             events = [work(db) for work in works]
             records = iter(audit.append(db, seq, prev, [event for event in events if event is not None]))
@@ -151,7 +151,8 @@ class Store:
         self.engine = open_engine(url)
         self._sessions = open_engine(url, durable=False)  # /auth's inserts: a crash may lose them
         self._policy = NO_POLICY  # the last active policy read, parsed once per version
-        self._commits = GroupCommit(self.engine)
+        self._writer = schema.writer_lock(url)
+        self._commits = GroupCommit(self.engine, self._writer)
         self._next_purge = 0.0
 
     def close_connections(self) -> None:
@@ -275,7 +276,7 @@ class Store:
 
     def create_session(self, session_id: str, tee: str, nonce: str, lifetime: float) -> None:
         now = time.time()
-        with self._sessions.begin() as db:
+        with self._writer, self._sessions.begin() as db:
             if now >= self._next_purge:
                 self._next_purge = now + PURGE_INTERVAL
                 db.execute(delete(sessions).where(sessions.c.expires < now))
