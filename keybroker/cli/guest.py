@@ -180,10 +180,10 @@ def _measure(args: argparse.Namespace) -> int:
     from ..wire.eventlog import RuntimeEvent
 
     cfg = _measure_config(args.config)
-    overrides = {"rtmr": args.rtmr, "log": args.log, "root": args.root}
+    overrides = {"log": args.log, "root": args.root}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     value = measure.measure(cfg, RuntimeEvent(args.domain, args.operation, args.content))
-    print(f"RTMR{cfg.rtmr} {value.hex()}")
+    print(f"RTMR{measure.RTMR} {value.hex()}")
     return 0
 
 
@@ -192,14 +192,13 @@ def _add_measure(sub: argparse._SubParsersAction) -> None:
                        description="Append a runtime event (DOMAIN OPERATION CONTENT, guest-components' AAEL "
                                    "format) to the runtime event log, then extend the RTMR with its SHA-384 "
                                    "digest through the kernel's tsm-mr registers (Linux 6.16+). Prints the "
-                                   "RTMR's new value. Paths and the RTMR come from [measure] in the client "
+                                   "RTMR's new value. Paths come from [measure] in the client "
                                    "configuration (when there is one), overridden by the options.")
     p.add_argument("--domain", required=True, help="who measures, one word (e.g. example.org)")
     p.add_argument("--operation", required=True, help="what was done, one word (e.g. image-pull)")
     p.add_argument("--content", required=True, help="what it was done to (one line)")
     p.add_argument("--config", type=Path, help="client configuration whose [measure] table to use "
                                                "(default /etc/keybroker/client.toml when it exists)")
-    p.add_argument("--rtmr", type=int, choices=(2, 3), help="the RTMR to extend (default 3)")
     p.add_argument("--log", type=Path, help="the runtime event log (default /run/keybroker/runtime-eventlog)")
     p.add_argument("--root", type=Path, help="the tsm-mr registers (default /sys/class/misc/tdx_guest/measurements)")
     p.set_defaults(run=_measure)

@@ -34,7 +34,8 @@ def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Rel
         from . import measure
 
         try:
-            measure.measure(config.measure, measure.release_event(str(request.resource), config.server_url))
+            measure.measure(config.measure, measure.release_event(str(request.resource), config.server_url),
+                            once=True)
         except BaseException as exc:
             released.value[:] = bytes(len(released.value))
             raise TsmError(f"the key for {request.resource} was released but not measured, so it is not "

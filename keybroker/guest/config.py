@@ -16,7 +16,6 @@
     [handler]
     deadline = 30                          # seconds, hard limit for one construction
     [measure]                              # runtime measurement (TDX, Linux 6.16+ tsm-mr)
-    rtmr = 3                               # the RTMR runtime events extend (2 or 3)
     log = "/run/keybroker/runtime-eventlog"  # the runtime event log (guest-components' format)
     root = "/sys/class/misc/tdx_guest/measurements"  # the tsm-mr registers
     ccel = "/sys/firmware/acpi/tables/data/CCEL"     # the firmware's event log, sent with evidence
@@ -77,7 +76,6 @@ DEFAULT_MR_ROOT = Path("/sys/class/misc/tdx_guest/measurements")
 DEFAULT_RUNTIME_LOG = Path("/run/keybroker/runtime-eventlog")
 DEFAULT_CCEL = Path("/sys/firmware/acpi/tables/data/CCEL")
 DEFAULT_CCEL_TABLE = Path("/sys/firmware/acpi/tables/CCEL")
-MEASURE_RTMRS = (2, 3)  # the RTMRs the OS and applications extend; 0-1 are the firmware's
 _VOLUME_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
@@ -109,7 +107,6 @@ class MeasureConfig:
     """Runtime measurement: which RTMR, the runtime log, the tsm-mr registers, the CCEL; measured release."""
 
     root: Path = DEFAULT_MR_ROOT
-    rtmr: int = 3
     log: Path = DEFAULT_RUNTIME_LOG
     ccel: Path = DEFAULT_CCEL
     ccel_table: Path = DEFAULT_CCEL_TABLE
@@ -246,10 +243,7 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
 
 def _measure(path: Path, raw: dict[str, Any]) -> MeasureConfig:
     table = _Table(path, "measure", raw)
-    table.only("root", "rtmr", "log", "ccel", "ccel_table", "releases")
-    rtmr = table.get("rtmr", int, 3)
-    if rtmr not in MEASURE_RTMRS:
-        raise table.error(f"'measure.rtmr' must be 2 or 3 (RTMR0 and RTMR1 are the firmware's), not {rtmr}")
+    table.only("root", "log", "ccel", "ccel_table", "releases")
     paths = {}
     for key, default in (("root", DEFAULT_MR_ROOT), ("log", DEFAULT_RUNTIME_LOG), ("ccel", DEFAULT_CCEL),
                          ("ccel_table", DEFAULT_CCEL_TABLE)):
@@ -257,7 +251,7 @@ def _measure(path: Path, raw: dict[str, Any]) -> MeasureConfig:
         if not value.startswith("/") or "\0" in value:
             raise table.error(f"{table.key(key)!r} must be an absolute path")
         paths[key] = Path(value)
-    return MeasureConfig(rtmr=rtmr, releases=table.get("releases", bool, False), **paths)
+    return MeasureConfig(releases=table.get("releases", bool, False), **paths)
 
 
 def _broker(path: Path, top: _Table) -> Broker:

@@ -27,30 +27,43 @@ import errno as E
 import fcntl
 import hashlib
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import EventLogError, TsmError
+from ..errors import EventLogError, TsmError, UntrustedFile
 from ..wire import eventlog as wire
+from . import ownership
 from .config import MeasureConfig
 
 SIZE = 48
+#: The RTMR runtime events extend: verifiers take them from RTMR3 only (0-2 are the firmware's and the
+#: boot loader's), as guest-components extends it.
+RTMR = 3
 RELEASE_DOMAIN, RELEASE_OPERATION = "keybroker", "release"
 
 
 def register_path(cfg: MeasureConfig) -> Path:
-    return cfg.root / f"rtmr{cfg.rtmr}:sha384"
+    return cfg.root / f"rtmr{RTMR}:sha384"
 
 
-def measure(cfg: MeasureConfig, event: wire.RuntimeEvent) -> bytes:
-    """Append ``event`` to the runtime log, then extend the RTMR with its digest; the RTMR's new value."""
-    record = event.encode(cfg.rtmr + 1)
+def measure(cfg: MeasureConfig, event: wire.RuntimeEvent, *, once: bool = False) -> bytes:
+    """Append ``event`` to the runtime log, then extend the RTMR with its digest; the RTMR's new value.
+
+    ``once``: not when the log already holds the same event (since boot): a measured release of
+    a key already measured adds nothing a verifier does not know, and the log stays bounded by
+    the number of distinct releases, not by how often a user asks for a key.
+    """
+    record = event.encode(RTMR + 1)
     fd = _open_log(cfg.log)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         _repair(fd, cfg)
+        if once and any(digest == event.digest() for _, mr_index, digest in _records(_read_fd(fd))[0]
+                        if mr_index == RTMR + 1):
+            return _read_register(cfg)
         size = os.lseek(fd, 0, os.SEEK_END)
         try:
             _write_all(fd, record)
@@ -146,12 +159,21 @@ def _register_error(exc: OSError, path: Path, action: str) -> TsmError:
 # -- the runtime log ---------------------------------------------------------------------------
 
 def _open_log(path: Path) -> int:
-    """The runtime log, root's alone: created (and its folder, 0700) when missing."""
+    """The runtime log, root's alone: created (and its folder, 0700) when missing; refused when it or a
+    folder above is someone else's or writable by others (they could redirect or rewrite root's log)."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ownership.check(path.parent, "runtime log folder")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except UntrustedFile as exc:
+        raise TsmError(str(exc), errno=E.EPERM) from None
     except OSError as exc:
         raise TsmError(f"cannot open the runtime log {path}: {exc.strerror}", errno=exc.errno) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise TsmError(f"refusing the runtime log {path}: not a regular file of this user's that only it may "
+                       f"write (mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid})", errno=E.EPERM)
     if os.fstat(fd).st_size == 0:
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -202,7 +224,7 @@ def _repair(fd: int, cfg: MeasureConfig) -> None:
     if torn:
         os.ftruncate(fd, end)
         os.fsync(fd)
-    mine = [(offset, digest) for offset, mr_index, digest in records if mr_index == cfg.rtmr + 1]
+    mine = [(offset, digest) for offset, mr_index, digest in records if mr_index == RTMR + 1]
     if not mine or mine[-1][0] != records[-1][0] or any(digest is None for _, digest in mine):
         return
     try:
@@ -222,18 +244,18 @@ def _repair(fd: int, cfg: MeasureConfig) -> None:
 
 
 def _boot_value(cfg: MeasureConfig) -> bytes | None:
-    """The RTMR as the firmware's log left it (zero when the CCEL extends nothing into it); None
-    when that cannot be known (the CCEL unreadable, and the RTMR one the firmware may extend)."""
+    """RTMR3 as the firmware's log left it (zero: the firmware does not extend it; a CCEL that does is
+    taken at its word); None when the CCEL is there but unreadable as a log."""
     area = _read_file(cfg.ccel)
     if area is None:
-        return bytes(SIZE) if cfg.rtmr == 3 else None
+        return bytes(SIZE)
     try:
         log = wire.parse_event_log(area)
     except EventLogError:
         return None
     value = bytes(SIZE)
     for event in log.events:
-        if event.mr_index == cfg.rtmr + 1 and event.event_type != wire.EV_NO_ACTION:
+        if event.mr_index == RTMR + 1 and event.event_type != wire.EV_NO_ACTION:
             digest = event.digests.get(wire.ALG_SHA384)
             if digest is None:
                 return None

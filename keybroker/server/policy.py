@@ -70,7 +70,7 @@ class Evaluation:
     kind: str  # claim, allOf, anyOf, not
     text: str = ""
     parts: tuple[Evaluation, ...] = ()
-    absent: str | None = None  # a comparison's claim that the guest does not have
+    absent: str | None = None  # a comparison's claim that the guest lacks, or has as what it cannot compare
 
     def reason(self) -> str:
         """The sentence that names what failed (for an outcome that does not hold)."""
@@ -169,8 +169,8 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
         inner = _evaluate(cond["not"], claims)
         missing = _absent(inner)
         if missing:  # "not X" says nothing about a guest that lacks what X compares: it must not pass
-            return Evaluation(False, "not", f"claim {missing} is absent, so {json.dumps(cond['not'])} cannot be "
-                                            "refuted", (inner,))
+            return Evaluation(False, "not", f"claim {missing} is absent or not of a kind {json.dumps(cond['not'])} "
+                                            "compares, so it cannot be refuted", (inner,))
         return Evaluation(not inner.holds, "not", json.dumps(cond["not"]), (inner,))
     name = cond["claim"]
     present = name in claims and claims[name] is not None
@@ -196,7 +196,7 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
     got, want = _comparable(value), _comparable(bound)
     if got is None or type(got) is not type(want):
         return Evaluation(False, "claim",
-                          f"claim {name} is {_show(value)}, which cannot be compared with {_show(bound)}")
+                          f"claim {name} is {_show(value)}, which cannot be compared with {_show(bound)}", absent=name)
     if got >= want if bound_name == "atLeast" else got <= want:  # type: ignore[operator]
         return Evaluation(True, "claim", f"claim {name} is {_show(value)}, "
                                       f"{'at least' if bound_name == 'atLeast' else 'at most'} {_show(bound)}")
@@ -208,7 +208,7 @@ def _contains(name: str, value: Any, want: Any) -> Evaluation:
     """A list claim has an element that is ``want`` or, for an object, has each of its fields equal."""
     if not isinstance(value, list):
         return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not a list that could contain "
-                                          f"{_whole(want)}")
+                                          f"{_whole(want)}", absent=name)
 
     def matches(element: Any) -> bool:
         if isinstance(want, dict):

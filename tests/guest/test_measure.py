@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,16 +60,32 @@ def test_keybroker_measure_extends_and_the_next_quote_replays(tsm_sim, tmp_path)
         {"rtmr": 3, "domain": "example.org", "operation": "image-pull", "content": "registry/app@sha256:ab"}]
 
 
-def test_rtmr2_and_several_events_replay(tsm_sim, tmp_path):
+def test_several_events_replay_and_a_repeated_release_is_measured_once(tsm_sim, tmp_path):
     report_root, cfg = td(tsm_sim, tmp_path)
     measure.measure(cfg, RuntimeEvent("a.example", "one", "1"))
-    measure.measure(dataclasses.replace(cfg, rtmr=2), RuntimeEvent("a.example", "two", "2"))
-    measure.measure(cfg, RuntimeEvent("a.example", "three", "3"))
+    measure.measure(cfg, RuntimeEvent("a.example", "two", "2"))
+    released = measure.release_event("default/disk/root", "https://kbs.example")
+    value = measure.measure(cfg, released, once=True)
+    assert measure.measure(cfg, released, once=True) == value  # the log holds it already: no second extend
+    measure.measure(cfg, RuntimeEvent("a.example", "two", "2"))  # without once: every time
     rtmrs, log = quote_with_log(report_root, cfg)
     result = replay(parse_event_log(log))
     assert result.rtmrs == rtmrs
     assert [(e["rtmr"], e["operation"]) for e in claims(result)["tdx.runtime_events"]] == [
-        (3, "one"), (2, "two"), (3, "three")]
+        (3, "one"), (3, "two"), (3, "release"), (3, "two")]
+
+
+def test_a_runtime_log_others_could_write_is_refused(tsm_sim, tmp_path):
+    _, cfg = td(tsm_sim, tmp_path)
+    cfg.log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cfg.log.write_bytes(b"")
+    os.chmod(cfg.log, 0o666)
+    with pytest.raises(TsmError, match="refusing the runtime log"):
+        measure.measure(cfg, RuntimeEvent("a.example", "one", "1"))
+    cfg.log.unlink()
+    os.chmod(cfg.log.parent, 0o777)
+    with pytest.raises(TsmError, match="writable by group or others"):
+        measure.measure(cfg, RuntimeEvent("a.example", "one", "1"))
 
 
 def test_a_crash_between_log_and_extend_is_repaired(tsm_sim, tmp_path):
@@ -113,9 +130,9 @@ def test_measure_configuration(tmp_path):
                             ).measure
 
     assert parse("{}") == config.MeasureConfig()
-    assert parse("{'releases': True, 'rtmr': 2}").releases and parse("{'rtmr': 2}").rtmr == 2
-    for bad, reason in [("{'rtmr': 1}", "must be 2 or 3"), ("{'log': 'relative'}", "absolute path"),
-                        ("{'releases': 'yes'}", "releases"), ("{'rtmrs': 3}", "unknown key 'measure.rtmrs'")]:
+    assert parse("{'releases': True}").releases
+    for bad, reason in [("{'rtmr': 2}", "unknown key 'measure.rtmr'"), ("{'log': 'relative'}", "absolute path"),
+                        ("{'releases': 'yes'}", "releases")]:
         with pytest.raises(Exception, match=reason):
             parse(bad)
 

@@ -169,6 +169,12 @@ def test_contains_requires_an_event_with_these_fields_and_names_the_one_missing(
         assert not denied.allowed and reason in denied.reason
     refused = policy({"resources": ["*"], "require": {"not": {"claim": "tdx.runtime_events", "contains": wanted}}})
     assert not refused.decide("a/b/c", tdx).allowed
+    # "not" over what cannot be compared (a claim that is no list, a version that is no version) never passes
+    for cond, claims in (({"claim": "tdx.runtime_events", "contains": wanted}, tdx | {"tdx.runtime_events": "x"}),
+                         ({"claim": "tdx.events", "contains": "x"}, tdx | {"tdx.events": {"a": 1}}),
+                         ({"claim": "snp.guest_svn", "atLeast": 3}, tdx | {"snp.guest_svn": "abc"})):
+        decision = policy({"resources": ["*"], "require": {"not": cond}}).decide("a/b/c", claims)
+        assert not decision.allowed and "cannot be refuted" in decision.reason, decision
 
 
 @pytest.mark.parametrize("contains", [{}, [], [1], {"a": {"b": 1}}, {"a": [1]}])

@@ -91,7 +91,9 @@ def test_alibaba_log_matches_upstreams_parse():
         assert ours["content"] == content or json.loads(ours["content"]) == content
     events = claims["tdx.events"]
     assert events[-1]["rtmr"] == 3 and events[-1]["type"] == "EV_EVENT_TAG" and events[-1]["domain"] == "coco.com"
-    assert claims["tdx.kernel_cmdline"].startswith("(hd0,gpt3)/boot/vmlinuz-5.10.134-19.1.al8.x86_64 root=UUID=")
+    assert any(e.get("label") == "grub_kernel_cmdline"
+               and e["text"].startswith("(hd0,gpt3)/boot/vmlinuz-5.10.134-19.1.al8.x86_64 root=UUID=") for e in events)
+    assert "tdx.kernel_cmdline" not in claims  # which measured string is the command line is not measured
     assert {"rtmr": 2, "type": "EV_IPL", "label": "grub_cmd", "text": "set timeout=1"} in [
         {k: v for k, v in e.items() if k != "digest"} for e in events]
     assert any(e.get("label") == "grub_linuxefi Kernel" and "text" not in e for e in events)  # not measured
@@ -99,7 +101,8 @@ def test_alibaba_log_matches_upstreams_parse():
 
 def test_cos_kernel_cmdline_and_image_paths():
     claims = ve.claims(replayed(vector("go-eventlog/cos-113-intel-tdx-dupe-separator-unpadded.bin")))
-    assert claims["tdx.kernel_cmdline"].startswith("/syslinux/vmlinuz.A init=/usr/lib/systemd/systemd rootwait")
+    assert any(e.get("text", "").startswith("/syslinux/vmlinuz.A init=/usr/lib/systemd/systemd rootwait")
+               for e in claims["tdx.events"])
     paths = [e["label"] for e in claims["tdx.events"] if e["type"] == "EV_EFI_BOOT_SERVICES_APPLICATION"]
     assert paths == ["\\EFI\\BOOT\\BOOTX64.EFI", "\\EFI\\BOOT\\grub-lakitu.efi"]
     assert "tdx.runtime_events" not in claims
@@ -116,7 +119,19 @@ def test_text_is_claimed_only_when_the_digest_covers_it():
     assert [{k: v for k, v in e.items() if k in ("label", "text")} for e in events["tdx.events"]] == [
         {"label": "grub_cmd:", "text": "set x=1"}, {"label": "grub_kernel_cmdline console=ttyS0"},
         {"text": "Exit Boot Services Invocation"}]
-    assert "tdx.kernel_cmdline" not in events  # its text is not what was measured
+    assert "tdx.kernel_cmdline" not in events  # no claim says which measured string is the command line
+
+
+@pytest.mark.parametrize("disguise", ["type", "tag"])
+def test_rtmr3_holds_runtime_events_only(disguise):
+    """A runtime event whose type or tag was changed (neither is measured) still replays: it must not
+    drop out of tdx.runtime_events, where a policy's "not contains" would miss it: the log is refused."""
+    hidden = el.RuntimeEvent("d", "ssh", "login")
+    data = hidden.tagged() if disguise == "type" else b"XXXX" + hidden.tagged()[4:]
+    kind = el.EV_IPL if disguise == "type" else el.EV_EVENT_TAG
+    event = eb.record(4, kind, data, {eb.SHA384: hidden.digest()})
+    with pytest.raises(EventLogError, match="RTMR3 holds only those"):
+        ve.claims(replayed(eb.header() + event))
 
 
 def test_a_runtime_event_whose_digest_is_not_of_its_data_is_refused():
@@ -171,7 +186,7 @@ def test_a_log_that_replays_gives_claims():
     assert verdict.ok, verdict.reason()
     assert event_log_check(verdict).detail == "6 events replay to RTMR0-3 (RTMR0 2, RTMR1 1, RTMR2 1, RTMR3 2)"
     c = verdict.claims
-    assert c["tdx.kernel_cmdline"] == "/vmlinuz root=/dev/vda1 ro"
+    assert any(e.get("text") == "/vmlinuz root=/dev/vda1 ro" for e in c["tdx.events"])
     assert c["tdx.runtime_events"] == [
         {"rtmr": 3, "domain": "example.org", "operation": "image-pull", "content": "registry/app@sha256:ab"},
         {"rtmr": 3, "domain": "example.org", "operation": "config", "content": '{"mode": "prod"}'}]

@@ -25,7 +25,8 @@ from ...wire.eventlog import ALG_SHA384, EV_NO_ACTION, Event, EventLog
 RTMRS = 4
 TEXT_MAX = 4096       # a kernel command line is at most a few KiB
 LENGTH_PREFIXED = (0x8000000A, 0x8000000B)  # EV_EFI_PLATFORM_FIRMWARE_BLOB2, EV_EFI_HANDOFF_TABLES2
-CMDLINE_LABELS = ("grub_kernel_cmdline", "kernel_cmdline:")  # grub 2.12 / older grub and COS
+#: The RTMR the OS and applications (guest-components, keybroker measure) extend: the firmware never does.
+RUNTIME_RTMR = 3
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,13 @@ def _image_path(data: bytes) -> str | None:
 def _event_claim(event: Event) -> dict[str, Any]:
     digest = event.digests[ALG_SHA384]
     claim: dict[str, Any] = {"rtmr": event.mr_index - 1, "type": event.type_name, "digest": digest.hex()}
-    runtime = wire.decode_runtime_event(event)
-    if runtime is not None:
+    if event.mr_index - 1 == RUNTIME_RTMR:
+        # Every RTMR3 event must be a runtime event whose digest covers its data: an event type or tag is
+        # not measured, so anything else there could be a runtime event disguised to hide from a policy.
+        runtime = wire.decode_runtime_event(event)
+        if runtime is None:
+            raise EventLogError(f"event at offset {event.offset} in RTMR{RUNTIME_RTMR} is {event.type_name}, not a "
+                                "runtime event (EV_EVENT_TAG \"AAEL\"): RTMR3 holds only those")
         if runtime.digest() != digest:
             raise EventLogError(f"runtime event at offset {event.offset} ({runtime.domain} {runtime.operation}): "
                                 "its SHA-384 digest is not that of its data, so its content was not measured")
@@ -133,13 +139,14 @@ def _event_claim(event: Event) -> dict[str, Any]:
 
 
 def claims(result: Replay) -> dict[str, Any]:
-    """The replayed events as claims: ``tdx.events`` and, when grub measured one, ``tdx.kernel_cmdline``."""
+    """The replayed events as claims: ``tdx.events`` and, from RTMR3, ``tdx.runtime_events``.
+
+    An event's ``digest`` is measured; its ``type`` and ``label`` are not (nor is which of
+    several measured strings is, say, the kernel command line: pin ``tdx.rtmr2`` for that),
+    and ``text`` only says what the digest covers. A runtime event's fields are all measured.
+    """
     events = [_event_claim(e) for e in result.extended]
     out: dict[str, Any] = {"tdx.events": events}
-    cmdlines = [e["text"] for e in events
-                if e["type"] == "EV_IPL" and e["rtmr"] == 2 and e.get("label") in CMDLINE_LABELS and "text" in e]
-    if cmdlines:
-        out["tdx.kernel_cmdline"] = cmdlines[-1]
     runtime = [e for e in events if "domain" in e]
     if runtime:
         out["tdx.runtime_events"] = [{k: e[k] for k in ("rtmr", "domain", "operation", "content")} for e in runtime]
