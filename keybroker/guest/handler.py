@@ -8,9 +8,10 @@ its possessors, sets the lease the server gave as expiry, and instantiates it.
 
 Every run ends the construction exactly once, within a hard deadline: instantiate, or
 reject with a deliberate errno and a negative-cache timeout. When ``keybroker agent`` runs,
-the handler hands it the request and waits for its answer until the deadline (the agent
-keeps the imports, the HTTP client and the kept tokens warm); otherwise, or when no agent
-answers, the round runs in a forked worker (which drops the authority): a provider can
+the handler hands it the request before reading its configuration (the agent reads it, decides
+access and announces the deadline; it keeps the imports, the HTTP client and the kept tokens
+warm) and waits for the answer until half the deadline; otherwise, or when no agent answers,
+it loads the configuration and the round runs in a forked worker (which drops the authority): a provider can
 block a read uninterruptibly, and this process, the one the kernel waits for, must be able
 to give up on time.
 
