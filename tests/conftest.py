@@ -95,9 +95,19 @@ def _machine_lock() -> Iterator[None]:
 
 @pytest.fixture
 def system_lock() -> Iterator[None]:
-    """Exclusive use of machine-wide state (the request-key drop-in, /dev/log) across test runs."""
+    """Exclusive use of machine-wide state (the request-key drop-in, /dev/log) across test runs.
+
+    The attestation locks a test's requests left in /run/keybroker (one per key server URL: the
+    tests' servers have a port each) are removed after it, while nothing else can hold them.
+    """
+    run = Path("/run/keybroker")
     with _machine_lock():
-        yield
+        before = set(run.glob("attest-*.lock"))
+        try:
+            yield
+        finally:
+            for lock in set(run.glob("attest-*.lock")) - before:
+                lock.unlink(missing_ok=True)
 
 
 def _probe_upcall(folder: Path, user: str | None) -> tuple[bool, str]:
