@@ -44,6 +44,7 @@ from .agentsocket import (
 )
 
 WORKERS = 16
+REQUEST_WAIT = 10.0  # seconds for a handler's request to arrive whole
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -56,11 +57,10 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
 
     value = bytearray()
     try:
-        conn.settimeout(10)
         if _peer_uid(conn) != 0:
             return  # only root's handler may ask
         _, config, key_type, description, callout, uid, gid, started = fields(
-            read_frame(conn, REQUEST_MAX), tag=b"request", count=8)
+            read_frame(conn, REQUEST_MAX, time.monotonic() + REQUEST_WAIT), tag=b"request", count=8)
         start = float(started)
         if not time.monotonic() - DEADLINE_MAX <= start <= time.monotonic():
             return  # not a time this handler can have started at (nor a number)

@@ -62,22 +62,30 @@ def fields(body: bytes | bytearray, *, tag: bytes, count: int) -> list[bytes]:
     return out
 
 
-def read_frame(conn: _socket.socket, limit: int) -> bytes:
-    """A frame's body from a blocking socket (the agent's side, under the socket's timeout)."""
-    size = int.from_bytes(_read_exactly(conn, 4), "big")
+def read_frame(conn: _socket.socket, limit: int, until: float) -> bytearray:
+    """A frame's body, at most ``limit`` bytes, all of it read by ``until`` (CLOCK_MONOTONIC)."""
+    head = bytearray(4)
+    receive_into(conn, memoryview(head), until)
+    size = int.from_bytes(head, "big")
     if not 4 <= size <= limit:
         raise ValueError(f"frame of {size} bytes")
-    return _read_exactly(conn, size)
+    body = bytearray(size)
+    receive_into(conn, memoryview(body), until)
+    return body
 
 
-def _read_exactly(conn: _socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
+def receive_into(conn: _socket.socket, view: memoryview, until: float) -> None:
+    """Fill ``view``, every read bounded by ``until``, however the peer trickles its bytes."""
+    filled = 0
+    while filled < len(view):
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        conn.settimeout(remaining)
+        got = conn.recv_into(view[filled:])
+        if not got:
             raise ValueError("the peer closed the connection")
-        data += chunk
-    return bytes(data)
+        filled += got
 
 
 def number(field: bytes, low: float, high: float) -> int:
@@ -123,30 +131,6 @@ def ask(socket_path: str, config: str, key_type: str, description: str, callout:
         return None
     value = bytearray()
     limit = start + ACK_WAIT
-
-    def receive_into(view: memoryview) -> None:
-        """Fill ``view``, every read bounded by ``limit``, however the agent trickles its bytes."""
-        filled = 0
-        while filled < len(view):
-            remaining = limit - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            conn.settimeout(remaining)
-            got = conn.recv_into(view[filled:])
-            if not got:
-                raise ValueError("the agent closed the connection")
-            filled += got
-
-    def receive_frame() -> bytearray:
-        head = bytearray(4)
-        receive_into(memoryview(head))
-        size = int.from_bytes(head, "big")
-        if not 4 <= size <= ANSWER_HEADER_MAX:
-            raise ValueError(f"frame of {size} bytes")
-        body = bytearray(size)
-        receive_into(memoryview(body))
-        return body
-
     try:
         conn.settimeout(max(limit - time.monotonic(), 0.001))
         conn.connect(socket_path)
@@ -155,15 +139,15 @@ def ask(socket_path: str, config: str, key_type: str, description: str, callout:
         if int.from_bytes(cred[4:8], sys.byteorder) != 0:
             return None
         conn.sendall(frame("request", config, key_type, description, callout, uid, gid, start))
-        body = receive_frame()
+        body = read_frame(conn, ANSWER_HEADER_MAX, limit)
         if body[4:12] == b"deadline":
             limit = start + number(fields(body, tag=b"deadline", count=2)[1], 2000, DEADLINE_MAX * 1000) / 2000
-            body = receive_frame()
+            body = read_frame(conn, ANSWER_HEADER_MAX, limit)
         header = decode_answer(body)
         size = header.get("size", 0)
         value = bytearray(size if isinstance(size, int) else 0)
         with memoryview(value) as view:
-            receive_into(view)
+            receive_into(conn, view, limit)
         answer, value = (header, value), bytearray()
         return answer
     except (OSError, ValueError):

@@ -126,7 +126,7 @@ class Policy:
                 f"({', '.join(sorted(MEASUREMENT_CLAIMS))}): any guest on a genuine TEE that meets its other "
                 "conditions obtains these resources"
                 for index, rule in enumerate(self.document["rules"])
-                if not ("require" in rule and _pins_measurement(rule["require"]))]
+                if not ("require" in rule and _pins(rule["require"], MEASUREMENT_CLAIMS))]
 
     def _judge(self, resource: str, claims: dict[str, Any]) -> tuple[Decision, list[str]]:
         lines: list[str] = []
@@ -248,11 +248,6 @@ def _absent(evaluation: Evaluation) -> str | None:
     if evaluation.kind == "claim":
         return evaluation.absent
     return next((name for part in evaluation.parts if (name := _absent(part))), None)
-
-
-def _pins_measurement(cond: dict[str, Any]) -> bool:
-    """Whether ``cond`` holding implies a measurement claim equals one of fixed values."""
-    return _pins(cond, MEASUREMENT_CLAIMS)
 
 
 def _pins(cond: dict[str, Any], names: frozenset[str]) -> bool:
