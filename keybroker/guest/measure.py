@@ -177,7 +177,7 @@ def _open_log(path: Path) -> int:
         os.close(fd)
         raise TsmError(f"refusing the runtime log {path}: not a regular file of this user's that only it may "
                        f"write (mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid})", errno=E.EPERM)
-    if os.fstat(fd).st_size == 0:
+    if st.st_size == 0:
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)  # the new name survives a crash with the records
