@@ -4,7 +4,8 @@ Each key request starts a fresh handler, which pays for an interpreter and its i
 before any work. The agent keeps that work warm: the handler (still the one that reads the
 request, ends the construction and keeps its deadline) hands the request to the agent over
 ``/run/keybroker/agent.sock`` and gets the outcome back; the agent loads the configuration
-(with the same ownership checks), decides access, and obtains the key (under a kept token,
+(with the same ownership checks: its own code once when it starts, the configuration and its CA
+for each request), decides access, and obtains the key (under a kept token,
 else one attestation) exactly as the handler's own worker would. When no agent answers, the
 handler does the round itself: the agent is an accelerator, never a dependency.
 
@@ -65,7 +66,7 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
         if not time.monotonic() - DEADLINE_MAX <= start <= time.monotonic():
             return  # not a time this handler can have started at (nor a number)
         try:
-            cfg = load_config(text(config))
+            cfg = load_config(text(config), code_checked=True)
         except Exception as exc:
             conn.sendall(encode_answer(rejection_header(exc)))
             return
@@ -87,8 +88,13 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
 
 
 def serve(socket_path: Path = Path(SOCKET)) -> int:
+    import os
+
+    from . import ownership
     from .unlock.keyfile import bind
 
+    if os.geteuid() == 0:
+        ownership.check_code()  # once: each request then checks the configuration it reads
     activated = listen_fds()
     if len(activated) > 1:
         raise ConfigError(f"socket activation passed {len(activated)} sockets; the agent takes one")

@@ -150,8 +150,13 @@ def _describe_outcome(rejection: Rejection | None, size: int | None = None) -> s
             f"timeout={rejection.timeout}s reason={rejection.reason!r}")
 
 
-def load_config(path: str) -> ClientConfig:
-    """The client configuration, once it and what root runs for a request are found to be root's alone."""
+def load_config(path: str, *, code_checked: bool = False) -> ClientConfig:
+    """The client configuration, once it and what root runs for a request are found to be root's alone.
+
+    ``code_checked``: the caller (the agent, a long-lived process) checked the interpreter and the
+    code when it started; only the configuration and its CA bundle, which it reads again for each
+    request, are checked here. What is root's alone stays so unless root changes it.
+    """
     from pathlib import Path
 
     from . import config, ownership
@@ -160,7 +165,9 @@ def load_config(path: str) -> ClientConfig:
         ownership.check(Path(path), "client configuration")  # before a byte of it is believed
     cfg = config.load(path)
     if os.geteuid() == 0:
-        ownership.check_handler(cfg.path, cfg.server_ca)
+        ownership.check_config(cfg.path, cfg.server_ca)
+        if not code_checked:
+            ownership.check_code()
     return cfg
 
 

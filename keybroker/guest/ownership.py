@@ -67,16 +67,24 @@ def check_tree(root: Path, what: str) -> None:
 
 
 def check_handler(config: Path, server_ca: Path | None = None, *, thorough: bool = False) -> None:
-    """What one key request makes root run and read: the interpreter, the code it imports, the configuration.
+    """What one key request makes root run and read: the interpreter, the code it imports, the configuration."""
+    check_code(thorough=thorough)
+    check_config(config, server_ca)
 
-    keybroker's own package is checked file by file; the other import folders (site-packages,
-    the standard library) as folders, or file by file when ``thorough`` (at install time).
-    """
+
+def check_code(*, thorough: bool = False) -> None:
+    """The interpreter and the code it imports: keybroker's own package file by file; the other import
+    folders (site-packages, the standard library) as folders, or file by file when ``thorough``
+    (at install time)."""
     check(Path(sys.executable), "interpreter")
     check_tree(Path(__file__).resolve().parent.parent, "keybroker package")
     for entry in sys.path:
         if entry and os.path.isdir(entry):
             (check_tree if thorough else check)(Path(entry), "import folder")
+
+
+def check_config(config: Path, server_ca: Path | None = None) -> None:
+    """The client configuration and the CA bundle it names."""
     check(config, "client configuration")
     if server_ca is not None:
         check(server_ca, "CA bundle")
