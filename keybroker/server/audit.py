@@ -21,11 +21,11 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import rfc8785
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from . import schema
@@ -54,12 +54,19 @@ class Event:
 
     def clipped(self) -> Event:
         """Every text within its column (hostile inputs such as a peer's path may be long)."""
-        limits = {column.name: getattr(column.type, "length", None) for column in schema.audit.columns}
-        limits = {name: length for name, length in limits.items() if length}
-        changes: dict[str, Any] = {name: getattr(self, name)[:limits[name]]
-                                   for name in limits if name in self.__dataclass_fields__}
-        changes["reason"] = self.reason[:REASON_MAX]
-        return replace(self, **changes)
+        changes: dict[str, Any] = {name: value[:limit] for name, limit in _LIMITS.items()
+                                   if len(value := getattr(self, name)) > limit}
+        return replace(self, **changes) if changes else self
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _EVENT_FIELDS}
+
+
+_EVENT_FIELDS = tuple(f.name for f in fields(Event))
+#: The longest text each field's column takes.
+_LIMITS: dict[str, int] = {column.name: length for column in schema.audit.columns
+                           if column.name in _EVENT_FIELDS and (length := getattr(column.type, "length", None))}
+_LIMITS["reason"] = REASON_MAX
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ class Record:
     hash: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "time": self.time, **asdict(self.event), "prev": self.prev, "hash": self.hash}
+        return {"seq": self.seq, "time": self.time, **self.event.as_dict(), "prev": self.prev, "hash": self.hash}
 
     def line(self) -> str:
         """The record as one line of text: seq, time, replica, event, decision, what is set, the reason."""
@@ -96,15 +103,20 @@ class Verification:
 
 
 def digest(seq: int, time: str, event: Event, prev: str) -> str:
-    content = {"seq": seq, "time": time, **asdict(event), "prev": prev}
+    content = {"seq": seq, "time": time, **event.as_dict(), "prev": prev}
     return hashlib.sha256(rfc8785.dumps(content)).hexdigest()
+
+
+# The statements of every append, built once (building one costs more than running it).
+_HEAD = schema.audit_head
+_LOCK_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq).returning(_HEAD.c.seq, _HEAD.c.hash)
+_MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("head_seq"), hash=bindparam("head_hash"))
+_INSERT = insert(schema.audit)
 
 
 def lock_head(db: Connection) -> tuple[int, str]:
     """Take the chain's write lock (until commit): the last record's seq and hash."""
-    seq, prev = db.execute(update(schema.audit_head).where(schema.audit_head.c.id == 1)
-                           .values(seq=schema.audit_head.c.seq)
-                           .returning(schema.audit_head.c.seq, schema.audit_head.c.hash)).one()
+    seq, prev = db.execute(_LOCK_HEAD).one()
     return seq, prev
 
 
@@ -120,9 +132,9 @@ def append(db: Connection, seq: int, prev: str, events: list[Event]) -> list[Rec
         record = Record(seq, time, event, prev, digest(seq, time, event, prev))
         out.append(record)
         prev = record.hash
-    db.execute(insert(schema.audit), [{"seq": r.seq, "time": r.time, "prev": r.prev, "hash": r.hash,
-                                       **asdict(r.event)} for r in out])
-    db.execute(update(schema.audit_head).where(schema.audit_head.c.id == 1).values(seq=seq, hash=prev))
+    db.execute(_INSERT, [{"seq": r.seq, "time": r.time, "prev": r.prev, "hash": r.hash, **r.event.as_dict()}
+                         for r in out])
+    db.execute(_MOVE_HEAD, {"head_seq": seq, "head_hash": prev})
     return out
 
 
@@ -177,9 +189,6 @@ def verify(engine: Engine, known: tuple[int, str] | None = None) -> Verification
     if len(problems) > _VERIFY_PROBLEMS_MAX:
         problems[_VERIFY_PROBLEMS_MAX:] = [f"... and {len(problems) - _VERIFY_PROBLEMS_MAX} more problems"]
     return Verification(count, head_seq, head_hash, tuple(problems))
-
-
-_EVENT_FIELDS = tuple(f.name for f in fields(Event))
 
 
 def _record(row: Any) -> Record:

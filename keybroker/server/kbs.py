@@ -201,14 +201,13 @@ class KeyServer:
             raise self._count(Problem(p.BAD_REQUEST, str(exc))) from None
         tee_pubkey, claims, session = self._authenticate(session_id, bearer)
         event = Event(RELEASE, DENY, "", self.name, peer=peer, resource=name)
-        active = self.store.active_policy()
+        active, stored = self.store.for_release(name)
         event = replace(event, session=session, provider=str(claims.get("tee", "")),
                         measurement=str(claims.get("measurement", "")), policy_version=active.version)
         decision = active.policy.decide(name, claims)
         if not decision.allowed:
             self._refuse(Problem(p.POLICY_DENIED, f"release of {name} denied by policy version {active.version}: "
                                                   f"{decision.reason}", f"policy_{decision.cause}"), event)
-        stored = self.store.get_resource(name)
         if stored is None:
             self._refuse(Problem(p.RESOURCE_NOT_FOUND, f"resource {name} does not exist"), event)
         try:

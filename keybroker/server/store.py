@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
 from . import audit, schema
@@ -91,6 +91,19 @@ class Session:
 NO_POLICY = PolicyVersion(0, NONE.digest, 0.0, "none", NONE)
 
 PURGE_INTERVAL = 60.0  # seconds between deletions of expired sessions (per process)
+
+# The statements of the protocol's steps, built once (building one costs more than running it).
+_RESOURCE = select(resources).where(resources.c.path == bindparam("path"))
+_NEWEST_POLICY = select(policies.c.version).order_by(policies.c.version.desc()).limit(1)
+_POLICY = select(policies).where(policies.c.version == bindparam("wanted"))
+_SESSION = select(sessions).where(sessions.c.id == bindparam("session_id"))
+_NEW_SESSION = insert(sessions)
+_PURGE_SESSIONS = delete(sessions).where(sessions.c.expires < bindparam("now"))
+_SPEND_NONCE = (update(sessions)
+                .where(sessions.c.id == bindparam("session_id"), sessions.c.nonce == bindparam("spent_nonce"),
+                       sessions.c.state == "authed", sessions.c.expires > bindparam("now"))
+                .values(state=bindparam("new_state"), claims=bindparam("new_claims"),
+                        tee_pubkey=bindparam("new_tee_pubkey")))
 
 #: A piece of work on the database that returns the event to record, or None when it changed nothing.
 Work = Callable[[Connection], Event | None]
@@ -199,8 +212,12 @@ class Store:
 
     def get_resource(self, path: str) -> StoredResource | None:
         with self.engine.connect() as db:
-            row = db.execute(select(resources).where(resources.c.path == path)).first()
-        return None if row is None else StoredResource(row.path, Sealed(row.kek_id, row.sealed), row.lease)
+            return _resource(db, path)
+
+    def for_release(self, path: str) -> tuple[PolicyVersion, StoredResource | None]:
+        """The active policy and the resource ``path`` (None when there is none), read together."""
+        with self.engine.connect() as db:
+            return self._active_policy(db), _resource(db, path)
 
     def list_resources(self) -> list[ResourceInfo]:
         """Every resource's path, size and lease; the values stay in the database."""
@@ -229,13 +246,16 @@ class Store:
     def active_policy(self) -> PolicyVersion:
         """The newest stored policy (read on every call, so every replica applies the same)."""
         with self.engine.connect() as db:
-            row = db.execute(select(policies).order_by(policies.c.version.desc()).limit(1)).first()
-        if row is None:
+            return self._active_policy(db)
+
+    def _active_policy(self, db: Connection) -> PolicyVersion:
+        version = db.execute(_NEWEST_POLICY).scalar()
+        if version is None:
             return NO_POLICY
-        cached = self._policy
-        if cached.version != row.version:
-            cached = self._policy = _policy_version(row)
-        return cached
+        if self._policy.version != version:  # a new version: read and parse it once
+            row = db.execute(_POLICY, {"wanted": version}).one()
+            self._policy = _policy_version(row)
+        return self._policy
 
     def put_policy(self, policy: Policy, event: Event) -> tuple[int, bool]:
         """Make ``policy`` the active one: (its version, whether that is a new version).
@@ -279,9 +299,9 @@ class Store:
         with self._writer, self._sessions.begin() as db:
             if now >= self._next_purge:
                 self._next_purge = now + PURGE_INTERVAL
-                db.execute(delete(sessions).where(sessions.c.expires < now))
-            db.execute(insert(sessions).values(id=session_id, tee=tee, nonce=nonce, state="authed",
-                                               expires=now + lifetime))
+                db.execute(_PURGE_SESSIONS, {"now": now})
+            db.execute(_NEW_SESSION, {"id": session_id, "tee": tee, "nonce": nonce, "state": "authed",
+                                      "expires": now + lifetime})
 
     def end_attestation(self, session: Session, nonce: str, event: Event, *, claims: dict[str, Any] | None,
                         tee_pubkey: dict[str, str] | None) -> Record | None:
@@ -291,22 +311,26 @@ class Store:
         state = "attested" if claims is not None else "failed"
 
         def work(db: Connection) -> Event | None:
-            spent = db.execute(update(sessions)
-                               .where(sessions.c.id == session.id, sessions.c.nonce == nonce,
-                                      sessions.c.state == "authed", sessions.c.expires > time.time())
-                               .values(state=state, claims=json.dumps(claims) if claims is not None else None,
-                                       tee_pubkey=json.dumps(tee_pubkey) if tee_pubkey is not None else None))
+            spent = db.execute(_SPEND_NONCE, {
+                "session_id": session.id, "spent_nonce": nonce, "now": time.time(), "new_state": state,
+                "new_claims": json.dumps(claims) if claims is not None else None,
+                "new_tee_pubkey": json.dumps(tee_pubkey) if tee_pubkey is not None else None})
             return event if spent.rowcount == 1 else None
         return self.audited(work)
 
     def get_session(self, session_id: str) -> Session | None:
         with self.engine.connect() as db:
-            row = db.execute(select(sessions).where(sessions.c.id == session_id)).first()
+            row = db.execute(_SESSION, {"session_id": session_id}).first()
         if row is None:
             return None
         return Session(row.id, row.tee, row.nonce, row.state, row.expires,
                        json.loads(row.tee_pubkey) if row.tee_pubkey else None,
                        json.loads(row.claims) if row.claims else None)
+
+
+def _resource(db: Connection, path: str) -> StoredResource | None:
+    row = db.execute(_RESOURCE, {"path": path}).first()
+    return None if row is None else StoredResource(row.path, Sealed(row.kek_id, row.sealed), row.lease)
 
 
 def _policy_version(row: Any) -> PolicyVersion:
