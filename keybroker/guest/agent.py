@@ -10,8 +10,8 @@ else one attestation) exactly as the handler's own worker would. When no agent a
 handler does the round itself: the agent is an accelerator, never a dependency.
 
 The socket is 0600 in a 0700 folder, and the agent answers only peers whose credentials
-(SO_PEERCRED) say uid 0. Requests are bounded in size; each is served in a thread of its
-own, at most ``WORKERS`` at a time: when all are busy (a provider blocking a read, a server
+(SO_PEERCRED) say uid 0. Requests are bounded in size; ``WORKERS`` threads, started once,
+serve one request each at a time: when all are busy (a provider blocking a read, a server
 stalling) a new request is closed at once and its handler does the round itself. The
 handler gives the agent half of its deadline, so that it can still do the round when the
 agent does not answer; a request whose time passed before the agent took it is dropped.
@@ -22,12 +22,14 @@ systemd starts it on demand through ``keybroker-agent.socket``.
 
 from __future__ import annotations
 
+import queue
 import signal
 import socket
 import struct
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -87,6 +89,15 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
         slots.release()
 
 
+def _worker(accepted: queue.SimpleQueue[socket.socket], slots: threading.BoundedSemaphore) -> None:
+    while True:
+        conn = accepted.get()
+        try:
+            _serve_one(conn, slots)
+        except Exception:  # a bug costs neither the agent a worker nor the handler its key: it does the round
+            traceback.print_exc()
+
+
 def serve(socket_path: Path = Path(SOCKET)) -> int:
     import os
 
@@ -101,6 +112,9 @@ def serve(socket_path: Path = Path(SOCKET)) -> int:
     listener = activated[0] if activated else bind(socket_path)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     slots = threading.BoundedSemaphore(WORKERS)
+    accepted: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+    for _ in range(WORKERS):  # started once: starting a thread per request cost a quarter of the agent's time
+        threading.Thread(target=_worker, args=(accepted, slots), name="keybroker-agent", daemon=True).start()
     notify("READY=1", f"STATUS=obtaining keys for the request-key handler on {socket_path}")
     try:
         while True:
@@ -112,11 +126,7 @@ def serve(socket_path: Path = Path(SOCKET)) -> int:
             if not slots.acquire(blocking=False):
                 conn.close()  # all busy: the handler does the round itself, at once
                 continue
-            try:
-                threading.Thread(target=_serve_one, args=(conn, slots), daemon=True).start()
-            except RuntimeError:
-                conn.close()
-                slots.release()
+            accepted.put(conn)
     finally:
         listener.close()
         if not activated:
