@@ -151,12 +151,8 @@ def _describe_outcome(rejection: Rejection | None, size: int | None = None) -> s
 
 
 def load_config(path: str, *, code_checked: bool = False) -> ClientConfig:
-    """The client configuration, once it and what root runs for a request are found to be root's alone.
-
-    ``code_checked``: the caller (the agent, a long-lived process) checked the interpreter and the
-    code when it started; only the configuration and its CA bundle, which it reads again for each
-    request, are checked here. What is root's alone stays so unless root changes it.
-    """
+    """The client configuration, once it and what root runs for a request are found to be root's alone
+    (the code only unless ``code_checked``: the agent checks its code once, when it starts)."""
     from pathlib import Path
 
     from . import config, ownership
