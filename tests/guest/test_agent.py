@@ -153,6 +153,26 @@ def test_the_agent_answers_root_only(setup, running_agent):
     assert os.path.exists(SOCKET)
 
 
+def test_the_agent_refuses_to_start_on_code_others_can_change(tmp_path):
+    """It checks its interpreter and code once, when it starts (each request then checks the configuration)."""
+    import shutil
+
+    import keybroker
+
+    theirs = tmp_path / "site"
+    shutil.copytree(Path(keybroker.__file__).parent, theirs / "keybroker",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    planted = theirs / "keybroker" / "guest" / "broker.py"
+    os.chown(planted, 65534, -1)  # a module root would import, that nobody can now rewrite
+    sock = tmp_path / "agent.sock"
+    out = subprocess.run([sys.executable, "-c", "import sys; from keybroker.cli import main; sys.exit(main())",
+                          "agent", "--socket", str(sock)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(theirs)}, cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert f"refusing keybroker package {planted}: {planted} belongs to uid 65534" in out.stderr
+    assert not sock.exists()
+
+
 def test_agent_units_verify(tmp_path):
     import shutil
 
