@@ -19,6 +19,7 @@ sessions (their guests call /auth again), never a spent nonce or an audit record
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
@@ -115,7 +116,7 @@ class GroupCommit:
 
     When a shared transaction fails, its pieces are run again one transaction each, so that a
     failing piece fails alone. The writer thread is started on first use in each process (the
-    key server's workers are forked).
+    key server's workers are forked) and keeps its connection between transactions.
     """
 
     BATCH_MAX = 64
@@ -135,28 +136,42 @@ class GroupCommit:
         return done.result()
 
     def _writer(self, waiting: queue.SimpleQueue[tuple[Work, Future[Record | None]]]) -> None:
+        db: Connection | None = None  # this thread's own, kept between batches, replaced after a failure
         while True:
             batch = [waiting.get()]
             while len(batch) < self.BATCH_MAX and not waiting.empty():
                 batch.append(waiting.get())
             try:
-                results = self._commit([work for work, _ in batch])
+                db = db if db is not None else self.engine.connect()
+                results = self._commit(db, [work for work, _ in batch])
             except Exception:
+                _discard(db)
+                db = None
                 for work, done in batch:
                     try:
-                        done.set_result(self._commit([work])[0])
+                        db = db if db is not None else self.engine.connect()
+                        done.set_result(self._commit(db, [work])[0])
                     except Exception as exc:
+                        _discard(db)
+                        db = None
                         done.set_exception(exc)
                 continue
             for (_, done), result in zip(batch, results, strict=True):
                 done.set_result(result)
 
-    def _commit(self, works: list[Work]) -> list[Record | None]:
-        with self.lock, self.engine.connect() as db, db.begin():
+    def _commit(self, db: Connection, works: list[Work]) -> list[Record | None]:
+        with self.lock, db.begin():
             seq, prev = audit.lock_head(db)
             events = [work(db) for work in works]
             records = iter(audit.append(db, seq, prev, [event for event in events if event is not None]))
         return [None if event is None else next(records) for event in events]
+
+
+def _discard(db: Connection | None) -> None:
+    """Give back a connection whose transaction failed (the pool tests or replaces it)."""
+    if db is not None:
+        with contextlib.suppress(Exception):
+            db.close()
 
 
 class Store:

@@ -172,3 +172,24 @@ def test_database_errors_name_the_database_not_its_password():
     out = keybroker("audit", "verify", "--db", "postgresql://kb:hunter2@/kbs?host=/nonexistent&port=5432")
     assert out.returncode == 1 and b"hunter2" not in out.stderr
     assert b"database postgresql+psycopg://kb:***@/kbs" in out.stderr and b"/nonexistent/.s.PGSQL.5432" in out.stderr
+
+
+def test_an_audit_write_outlives_its_writers_connection(database):
+    """The audit writer keeps its connection between transactions; one the database dropped is replaced."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from keybroker.server import audit
+    from keybroker.server.audit import ADMIN, ALLOW, Event
+    from keybroker.server.store import Store
+
+    store = Store(database)
+    assert store.audit(Event(ADMIN, ALLOW, "before", "test")).seq == 1
+    name = make_url(database).database
+    with psycopg.connect(make_url(database).set(drivername="postgresql").render_as_string(hide_password=False),
+                         autocommit=True) as db:
+        killed = db.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()
+    assert killed and killed[0] >= 1  # the writer's connection among them
+    assert store.audit(Event(ADMIN, ALLOW, "after", "test")).seq == 2
+    assert audit.verify(store.engine).ok
