@@ -95,7 +95,7 @@ PURGE_INTERVAL = 60.0  # seconds between deletions of expired sessions (per proc
 
 # The statements of the protocol's steps, built once (building one costs more than running it).
 _RESOURCE = select(resources).where(resources.c.path == bindparam("path"))
-_NEWEST_POLICY = select(policies.c.version).order_by(policies.c.version.desc()).limit(1)
+_NEWEST_POLICY = select(policies.c.version, policies.c.digest).order_by(policies.c.version.desc()).limit(1)
 _POLICY = select(policies).where(policies.c.version == bindparam("wanted"))
 _SESSION = select(sessions).where(sessions.c.id == bindparam("session_id"))
 _NEW_SESSION = insert(sessions)
@@ -124,7 +124,7 @@ class GroupCommit:
     def __init__(self, engine: Any, lock: schema.WriterLock) -> None:
         self.engine, self.lock = engine, lock
         self._pid = 0
-        self._queue: queue.SimpleQueue[tuple[Work, Future[Record | None]]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Work | None, Future[Record | None]]] = queue.SimpleQueue()
 
     def run(self, work: Work) -> Record | None:
         if self._pid != os.getpid():
@@ -135,29 +135,49 @@ class GroupCommit:
         self._queue.put((work, done))
         return done.result()
 
-    def _writer(self, waiting: queue.SimpleQueue[tuple[Work, Future[Record | None]]]) -> None:
+    def close(self) -> None:
+        """Have this process's writer give its connection back (before a fork: none may cross it)."""
+        if self._pid == os.getpid():
+            done: Future[Record | None] = Future()
+            self._queue.put((None, done))
+            done.result()
+
+    def _writer(self, waiting: queue.SimpleQueue[tuple[Work | None, Future[Record | None]]]) -> None:
         db: Connection | None = None  # this thread's own, kept between batches, replaced after a failure
         while True:
             batch = [waiting.get()]
             while len(batch) < self.BATCH_MAX and not waiting.empty():
                 batch.append(waiting.get())
-            try:
-                db = db if db is not None else self.engine.connect()
-                results = self._commit(db, [work for work, _ in batch])
-            except Exception:
+            works = [(work, done) for work, done in batch if work is not None]
+            if works:
+                db = self._run(db, works)
+            if len(works) < len(batch):  # close(): the connection goes back to the pool
                 _discard(db)
                 db = None
                 for work, done in batch:
-                    try:
-                        db = db if db is not None else self.engine.connect()
-                        done.set_result(self._commit(db, [work])[0])
-                    except Exception as exc:
-                        _discard(db)
-                        db = None
-                        done.set_exception(exc)
-                continue
-            for (_, done), result in zip(batch, results, strict=True):
-                done.set_result(result)
+                    if work is None:
+                        done.set_result(None)
+
+    def _run(self, db: Connection | None, batch: list[tuple[Work, Future[Record | None]]]) -> Connection | None:
+        """Commit ``batch`` in one transaction, else each piece in its own; the connection to keep."""
+        try:
+            db = db if db is not None else self.engine.connect()
+            results = self._commit(db, [work for work, _ in batch])
+        except Exception:
+            _discard(db)
+            db = None
+            for work, done in batch:
+                try:
+                    db = db if db is not None else self.engine.connect()
+                    done.set_result(self._commit(db, [work])[0])
+                except Exception as exc:
+                    _discard(db)
+                    db = None
+                    done.set_exception(exc)
+            return db
+        for (_, done), result in zip(batch, results, strict=True):
+            done.set_result(result)
+        return db
 
     def _commit(self, db: Connection, works: list[Work]) -> list[Record | None]:
         with self.lock, db.begin():
@@ -168,7 +188,7 @@ class GroupCommit:
 
 
 def _discard(db: Connection | None) -> None:
-    """Give back a connection whose transaction failed (the pool tests or replaces it)."""
+    """Give a connection back to the pool (which tests or replaces one whose transaction failed)."""
     if db is not None:
         with contextlib.suppress(Exception):
             db.close()
@@ -185,6 +205,7 @@ class Store:
 
     def close_connections(self) -> None:
         """Close the pooled connections (before a fork: no connection may cross it)."""
+        self._commits.close()
         self.engine.dispose()
         self._sessions.dispose()
 
@@ -264,13 +285,14 @@ class Store:
             return self._active_policy(db)
 
     def _active_policy(self, db: Connection) -> PolicyVersion:
-        version = db.execute(_NEWEST_POLICY).scalar()
-        if version is None:
+        newest = db.execute(_NEWEST_POLICY).one_or_none()
+        if newest is None:
             return NO_POLICY
-        if self._policy.version != version:  # a new version: read and parse it once
-            row = db.execute(_POLICY, {"wanted": version}).one()
-            self._policy = _policy_version(row)
-        return self._policy
+        cached = self._policy  # one read: another thread may cache another version meanwhile
+        if (cached.version, cached.digest) != tuple(newest):  # a new version: read and parse it once
+            cached = _policy_version(db.execute(_POLICY, {"wanted": newest.version}).one())
+            self._policy = cached
+        return cached
 
     def put_policy(self, policy: Policy, event: Event) -> tuple[int, bool]:
         """Make ``policy`` the active one: (its version, whether that is a new version).

@@ -1,18 +1,24 @@
-"""The audit log's group commit: concurrent writes share one transaction; a failing one fails alone."""
+"""The audit log's group commit: concurrent writes share one transaction; a failing one fails alone;
+the writer keeps one connection, replaces it after a failure, and gives it back before a fork."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+from sqlalchemy import event
+
 from keybroker.server import audit
 from keybroker.server.audit import ADMIN, ALLOW, Event
 from keybroker.server.store import Store
 
 
-def write(store: Store, reason: str, *, fail: bool = False, hold: float = 0.0) -> audit.Record | None:
+def write(store: Store, reason: str, *, fail: bool = False, entered: threading.Event | None = None,
+          hold: threading.Event | None = None) -> audit.Record | None:
     def work(db) -> Event:
-        time.sleep(hold)  # keeps the writer busy while the others queue up for the next batch
+        if entered is not None and hold is not None:
+            entered.set()
+            hold.wait(10)  # keeps the writer inside this transaction while the others queue up
         if fail:
             raise RuntimeError(f"{reason}: refused by the work itself")
         return Event(ADMIN, ALLOW, reason, "test")
@@ -21,9 +27,12 @@ def write(store: Store, reason: str, *, fail: bool = False, hold: float = 0.0) -
 
 def test_a_failing_write_fails_alone_and_the_chain_holds(tmp_path):
     store = Store(f"sqlite:///{tmp_path}/kbs.db")
-    first = threading.Thread(target=write, args=(store, "first"), kwargs={"hold": 0.3})
+    checkouts: list[int] = []
+    event.listen(store.engine, "checkout", lambda *_: checkouts.append(1))
+    entered, release = threading.Event(), threading.Event()
+    first = threading.Thread(target=write, args=(store, "first"), kwargs={"entered": entered, "hold": release})
     first.start()
-    time.sleep(0.1)  # the writer is inside the first transaction: the writes below form one batch
+    assert entered.wait(10)
     records: dict[int, audit.Record | None] = {}
     errors: dict[int, str] = {}
 
@@ -35,12 +44,28 @@ def test_a_failing_write_fails_alone_and_the_chain_holds(tmp_path):
     threads = [threading.Thread(target=one, args=(n,)) for n in range(12)]
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + 10
+    while store._commits._queue.qsize() < 12 and time.monotonic() < deadline:  # all twelve wait: one batch
+        time.sleep(0.01)
+    assert store._commits._queue.qsize() == 12
+    before = len(checkouts)
+    release.set()
     for thread in (first, *threads):
         thread.join()
     assert errors == {7: "write 7: refused by the work itself"}
     assert sorted(r.seq for r in records.values() if r) == list(range(2, 13))  # after "first"; none lost
     assert all(r.event.reason == f"write {n}" for n, r in records.items() if r)
-    later = write(store, "after the failure")  # the writer goes on, on a fresh connection
+    assert len(checkouts) > before  # the failed batch's connection was given back, another taken
+    later = write(store, "after the failure")
     assert later is not None and later.seq == 13
     verdict = audit.verify(store.engine)
     assert verdict.ok and verdict.records == 13, verdict.problems
+
+
+def test_the_writer_gives_its_connection_back_before_a_fork(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/kbs.db")
+    write(store, "kept between transactions")
+    assert store.engine.pool.checkedout() == 1  # the writer's
+    store.close_connections()  # what serve does before it forks the workers
+    assert store.engine.pool.checkedout() == 0
+    assert write(store, "and taken again").seq == 2

@@ -177,6 +177,7 @@ def test_database_errors_name_the_database_not_its_password():
 def test_an_audit_write_outlives_its_writers_connection(database):
     """The audit writer keeps its connection between transactions; one the database dropped is replaced."""
     import psycopg
+    from sqlalchemy import text
     from sqlalchemy.engine import make_url
 
     from keybroker.server import audit
@@ -184,12 +185,17 @@ def test_an_audit_write_outlives_its_writers_connection(database):
     from keybroker.server.store import Store
 
     store = Store(database)
-    assert store.audit(Event(ADMIN, ALLOW, "before", "test")).seq == 1
-    name = make_url(database).database
-    with psycopg.connect(make_url(database).set(drivername="postgresql").render_as_string(hide_password=False),
-                         autocommit=True) as db:
-        killed = db.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                            "WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()
-    assert killed and killed[0] >= 1  # the writer's connection among them
-    assert store.audit(Event(ADMIN, ALLOW, "after", "test")).seq == 2
+    backends: list[int] = []
+
+    def noting_the_backend(db) -> Event:
+        backends.append(db.execute(text("SELECT pg_backend_pid()")).scalar())
+        return Event(ADMIN, ALLOW, f"write {len(backends)}", "test")
+    assert store.audited(noting_the_backend).seq == 1
+    assert store.audited(noting_the_backend).seq == 2
+    assert backends[0] == backends[1]  # one connection, kept
+    url = make_url(database).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as db:
+        assert db.execute("SELECT pg_terminate_backend(%s)", (backends[1],)).fetchone() == (True,)
+    assert store.audited(noting_the_backend).seq == 3  # the batch on the dead connection was run again
+    assert backends[-1] != backends[1]
     assert audit.verify(store.engine).ok
