@@ -45,6 +45,7 @@ from .agentsocket import (
     read_frame,
     text,
 )
+from .handler import answer_frame, load_config, obtain_for, rejection_header
 
 WORKERS = 16
 REQUEST_WAIT = 10.0  # seconds for a handler's request to arrive whole
@@ -56,8 +57,6 @@ def _peer_uid(conn: socket.socket) -> int:
 
 
 def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
-    from .handler import answer_frame, load_config, obtain_for, rejection_header
-
     value = bytearray()
     try:
         if _peer_uid(conn) != 0:
@@ -101,9 +100,11 @@ def _worker(accepted: queue.SimpleQueue[socket.socket], slots: threading.Bounded
 def serve(socket_path: Path = Path(SOCKET)) -> int:
     import os
 
-    from . import ownership
+    from . import broker, ownership  # noqa: F401  (the request path, imported before its code is checked)
     from .unlock.keyfile import bind
 
+    # The import path is checked once: what is not there now must not be planted there later.
+    sys.path[:] = [entry for entry in sys.path if entry and os.path.exists(entry)]
     if os.geteuid() == 0:
         ownership.check_code()  # once: each request then checks the configuration it reads
     activated = listen_fds()

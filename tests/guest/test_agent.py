@@ -157,6 +157,9 @@ def test_the_agent_refuses_to_start_on_code_others_can_change(tmp_path):
     """It checks its interpreter and code once, when it starts (each request then checks the configuration)."""
     import shutil
 
+    if os.geteuid() != 0:
+        pytest.skip("the agent checks ownership when it runs as root")
+
     import keybroker
 
     theirs = tmp_path / "site"
