@@ -22,10 +22,10 @@ systemd starts it on demand through ``keybroker-agent.socket``.
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -46,20 +46,16 @@ from .agentsocket import (
     text,
 )
 from .handler import answer_frame, load_config, obtain_for, rejection_header
+from .unlock.keyfile import bind, peer_uid
 
 WORKERS = 16
 REQUEST_WAIT = 10.0  # seconds for a handler's request to arrive whole
 
 
-def _peer_uid(conn: socket.socket) -> int:
-    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return int(uid)
-
-
 def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
     value = bytearray()
     try:
-        if _peer_uid(conn) != 0:
+        if peer_uid(conn) != 0:
             return  # only root's handler may ask
         _, config, key_type, description, callout, uid, gid, started = fields(
             read_frame(conn, REQUEST_MAX, time.monotonic() + REQUEST_WAIT), tag=b"request", count=8)
@@ -98,10 +94,7 @@ def _worker(accepted: queue.SimpleQueue[socket.socket], slots: threading.Bounded
 
 
 def serve(socket_path: Path = Path(SOCKET)) -> int:
-    import os
-
     from . import broker, ownership  # noqa: F401  (the request path, imported before its code is checked)
-    from .unlock.keyfile import bind
 
     # The import path is checked once: what is not there now must not be planted there later.
     sys.path[:] = [entry for entry in sys.path if entry and os.path.exists(entry)]
@@ -114,7 +107,7 @@ def serve(socket_path: Path = Path(SOCKET)) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     slots = threading.BoundedSemaphore(WORKERS)
     accepted: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
-    for _ in range(WORKERS):  # started once: starting a thread per request cost a quarter of the agent's time
+    for _ in range(WORKERS):  # started once, not a thread per request
         threading.Thread(target=_worker, args=(accepted, slots), name="keybroker-agent", daemon=True).start()
     notify("READY=1", f"STATUS=obtaining keys for the request-key handler on {socket_path}")
     try:

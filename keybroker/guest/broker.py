@@ -97,6 +97,7 @@ def _evidence_source(config: ClientConfig, request: KeyRequest,
 
         return PROVIDER, lambda inblob: broker.get_report(inblob, deadline=deadline)
     tsm = TsmClient(config.tsm_root)
+    provider = tsm.provider()
 
     def evidence(inblob: bytes) -> TsmReport:
         report_request = ReportRequest(inblob, privlevel=request.privlevel, service_provider=config.service_provider,
@@ -109,5 +110,4 @@ def _evidence_source(config: ClientConfig, request: KeyRequest,
             report = tsm.get_report(report_request, deadline=deadline)
             return dataclasses.replace(report, event_log=read_log())
 
-    provider = tsm.provider()
     return provider, evidence

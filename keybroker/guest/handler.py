@@ -194,8 +194,6 @@ def _groups(uid: int, gid: int) -> frozenset[int]:
         return frozenset({gid})
 
 
-
-
 def _outcome(obtain: Callable[[], ReleasedKey], key_type: str, resource: str) -> tuple[dict[str, object], bytearray]:
     """Run ``obtain``: the answer's header and the key (to wipe after use), or a rejection's header."""
     value = bytearray()
