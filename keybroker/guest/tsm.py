@@ -3,8 +3,8 @@
 The kernel ABI (Documentation/ABI/testing/configfs-tsm-report): mkdir an entry under
 ``/sys/kernel/config/tsm/report``, write ``inblob`` (and options), read ``outblob``,
 ``auxblob`` and ``manifestblob``, and check ``generation``: it counts the writes to the
-entry, so a count other than ours means another writer interfered (or one of our inblob
-commits, whose errors the kernel swallows at close, was lost). The entry is removed on
+entry from 0 at mkdir, so a count other than ours means another writer interfered (or one of
+our inblob commits, whose errors the kernel swallows at close, was lost). The entry is removed on
 every path.
 """
 
@@ -135,7 +135,10 @@ class _Session:
 
     def run(self, request: ReportRequest) -> TsmReport:
         self.provider = _parse_provider(self._read_text("provider"))
-        start = self._generation()
+        fresh = self._generation()
+        if fresh != 0:  # this entry is this request's own, made a moment ago: nobody else writes it
+            raise TsmError(f"another writer wrote to {self.entry} before this request did (generation "
+                           f"{fresh}, 0 on a fresh entry)", retryable=True)
 
         lo, hi = INBLOB_SIZES.get(self.provider, (1, INBLOB_MAX))
         if not lo <= len(request.inblob) <= hi:
@@ -143,7 +146,7 @@ class _Session:
             raise TsmError(f"{self.provider} needs an inblob of {size} bytes, got {len(request.inblob)}",
                            errno=E.EINVAL)
         self._write_inblob(request.inblob)
-        if self._generation() != start + self.writes:
+        if self._generation() != self.writes:
             raise TsmError(f"inblob write to {self.entry} was not committed or another writer "
                            "interfered (generation mismatch)", retryable=True)
 
@@ -172,9 +175,9 @@ class _Session:
         auxblob = self._read_blob("auxblob") if self._has("auxblob") else b""
         manifestblob = self._read_blob("manifestblob") if self._has("manifestblob") else b""
         generation = self._generation()
-        if generation != start + self.writes:
+        if generation != self.writes:
             raise TsmError(f"another writer changed {self.entry} while the report was generated "
-                           f"(generation {generation}, expected {start + self.writes})", retryable=True)
+                           f"(generation {generation}, expected {self.writes})", retryable=True)
         if not outblob:
             raise TsmError(f"{self.provider} returned an empty outblob: the report or quote was not "
                            "generated (older TDX kernels report a failed GetQuote this way)",
