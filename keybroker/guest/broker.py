@@ -48,7 +48,7 @@ def _obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Re
     resource = str(request.resource)
     if not TokenCache.available():
         return _attest(config, request, client, None, deadline)
-    cache = TokenCache(config.server_url, config.server_ca, request.privlevel)
+    cache = TokenCache(config, request.privlevel)
     released = _with_kept_token(client, cache, resource)
     if released is not None:
         return released
@@ -82,10 +82,7 @@ def _attest(config: ClientConfig, request: KeyRequest, client: RcarClient, cache
     if tee is None:
         raise TsmError(f"provider {provider!r} has no KBS tee type (known: {', '.join(p.TEE_BY_PROVIDER)})",
                        errno=E.ENODEV)
-    attested = client.fetch(str(request.resource), tee, evidence)
-    if cache is not None and attested.token is not None:
-        cache.store(attested.token, attested.key)
-    return attested.released
+    return client.fetch(str(request.resource), tee, evidence, keep=cache.store if cache is not None else None)
 
 
 def _evidence_source(config: ClientConfig, request: KeyRequest,

@@ -3,9 +3,10 @@
 
 One round: get a challenge, make an ephemeral EC P-256 key, let the caller produce
 evidence whose inblob binds the nonce and that key, attest, fetch the resource, and
-decrypt the JWE with the ephemeral key. The round also returns the attestation token and
-that key, with which further resources are fetched (``Authorization: Bearer``) without
-attesting again. The evidence goes as keybroker's envelope to a
+decrypt the JWE with the ephemeral key. The round hands the attestation token and that key
+to the caller as soon as /attest gives them; further resources are fetched with them
+(``Authorization: Bearer``) without attesting again, until the server says the token is no
+longer good (NotAttested). The evidence goes as keybroker's envelope to a
 server whose challenge says it reads it, and in Trustee's per-TEE form to any other (a
 Trustee KBS): no configuration tells the two apart. Every HTTP call has an explicit timeout bounded
 by the caller's deadline; unreachable servers and 5xx answers are retried a bounded
@@ -51,15 +52,6 @@ class ReleasedKey:
 
     value: bytearray
     lease: int | None
-
-
-@dataclass(frozen=True)
-class Attested:
-    """What an attestation round leaves: the resource, and the token and tee key for further ones."""
-
-    released: ReleasedKey
-    token: str | None
-    key: ec.EllipticCurvePrivateKey
 
 
 class TokenRefused(Exception):
@@ -119,9 +111,13 @@ class RcarClient:
         self.attempts = attempts
         self.backoff = backoff
 
-    def fetch(self, resource: str, tee: str, evidence: EvidenceSource) -> Attested:
-        """Run one attestation round, again after a failure that may clear (unreachable, HTTP 5xx)."""
-        return self._retried(lambda: self._round(resource, tee, evidence))
+    def fetch(self, resource: str, tee: str, evidence: EvidenceSource,
+              keep: Callable[[str, ec.EllipticCurvePrivateKey], None] | None = None) -> ReleasedKey:
+        """Run one attestation round, again after a failure that may clear (unreachable, HTTP 5xx).
+
+        ``keep`` gets the token and its tee key as soon as /attest gives them: they serve further
+        resources even when this one is refused."""
+        return self._retried(lambda: self._round(resource, tee, evidence, keep))
 
     def fetch_with_token(self, resource: str, token: str, key: ec.EllipticCurvePrivateKey) -> ReleasedKey:
         """Fetch ``resource`` under an attestation token (Bearer), unwrapping it with the key the token is
@@ -132,7 +128,8 @@ class RcarClient:
                     response = self._call(link, "GET", f"/resource/{resource}", None, raw=True,
                                           headers={"Authorization": f"Bearer {token}"})
                 except ServerError as exc:
-                    if exc.status == 401 and exc.problem != p.POLICY_DENIED:
+                    # Only a refusal of the token itself: a resource missing or denied leaves it good.
+                    if exc.problem == p.NOT_ATTESTED:
                         raise TokenRefused(str(exc)) from None
                     raise
                 return _released(response, key)
@@ -143,7 +140,8 @@ class RcarClient:
         return retry(work, transient=_transient, backoff=Backoff(first=self.backoff), deadline=self.deadline,
                      attempts=self.attempts)
 
-    def _round(self, resource: str, tee: str, evidence: EvidenceSource) -> Attested:
+    def _round(self, resource: str, tee: str, evidence: EvidenceSource,
+               keep: Callable[[str, ec.EllipticCurvePrivateKey], None] | None) -> ReleasedKey:
         with self._connection() as link:
             challenge = p.Challenge.from_json(self._call(link, "POST", "/auth", p.AuthRequest(tee).to_json()))
 
@@ -153,9 +151,11 @@ class RcarClient:
             attestation = p.Attestation(challenge.nonce, tee_pubkey, _primary_evidence(report, challenge))
             answer = self._call(link, "POST", "/attest", attestation.to_json())
             token = answer.get("token") if isinstance(answer, dict) else None
+            if keep is not None and isinstance(token, str):
+                keep(token, key)
 
             response = self._call(link, "GET", f"/resource/{resource}", None, raw=True)
-            return Attested(_released(response, key), token if isinstance(token, str) else None, key)
+            return _released(response, key)
 
     @contextmanager
     def _connection(self) -> Iterator[_Http]:

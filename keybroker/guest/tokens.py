@@ -5,7 +5,8 @@ ephemeral EC private key whose public half the token carries (the server wraps e
 resource to it). Further requests fetch with ``Authorization: Bearer`` and unwrap with that
 key, until the token expires or the server refuses it; then they attest again.
 
-Where they live: one ``user`` key per server (and privilege level), ``keybroker:token:<digest>``, in
+Where they live: one ``user`` key per server and way of making evidence (privilege level,
+configfs-tsm root, SVSM service, attestation broker), ``keybroker:token:<digest>``, in
 the keyring ``keybroker:tokens`` linked from root's user keyring. Only root (their owner)
 may view, read or change them; a requester that is not root cannot even see them. The
 kernel deletes each when its token expires (``exp``, less a margin). Nothing is written to
@@ -13,8 +14,9 @@ disk. To force a fresh attestation::
 
     keybroker forget-tokens        # or: keyctl unlink %keyring:keybroker:tokens @u (as root)
 
-A server's refusal of a kept token (401: expired, signed by a key it no longer has) drops
-it and the request attests again in the same run. Release decisions stay the server's: it
+A server's refusal of a kept token itself (NotAttested, Trustee's TokenNotFound or
+TokenVerifierError: expired, signed by a key it no longer has) drops it and the request attests
+again in the same run; a refusal of a resource (missing, denied) leaves it. Release decisions stay the server's: it
 applies its current policy to every request, token or not.
 
 Concurrent requests to one server share one attestation: the round that attests holds a
@@ -35,11 +37,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import KeyringError, ServerUnreachable
 from . import keyring
+
+if TYPE_CHECKING:
+    from .config import ClientConfig
 
 KEYRING = "keybroker:tokens"
 LOCK_DIR = Path("/run/keybroker")
@@ -58,11 +64,17 @@ class Held:
 
 
 class TokenCache:
-    """The kept token of one key server (``url`` and ``ca`` name it) for evidence at one privilege
-    level (a token attests the level its evidence was made at); usable by root only."""
+    """The kept token of one key server for evidence made one way; usable by root only.
 
-    def __init__(self, url: str, ca: Path | None, privlevel: int | None) -> None:
-        self.digest = hashlib.sha256(f"{url}\0{ca or ''}\0{privlevel}".encode()).hexdigest()[:32]
+    A token attests the evidence it came from: another server (``server_url``, ``server_ca``), another
+    privilege level, or evidence made another way (configfs-tsm root, SVSM service, SEV attestation
+    broker) needs a token of its own, so all of them name the cache.
+    """
+
+    def __init__(self, config: ClientConfig, privlevel: int | None) -> None:
+        attested = (config.server_url, config.server_ca, privlevel, config.tsm_root, config.service_provider,
+                    config.service_guid, config.aeb)
+        self.digest = hashlib.sha256(repr(attested).encode()).hexdigest()[:32]
         self.description = f"keybroker:token:{self.digest}"
 
     @staticmethod

@@ -77,6 +77,16 @@ def test_a_new_policy_applies_to_a_kept_token(broker, tmp_path):
     assert broker.requests_to("attest") == 1  # refused under the kept token, by the policy now in force
 
 
+def test_a_refused_resource_neither_wastes_nor_drops_the_token(broker):
+    """The token is kept at /attest, before the resource is fetched; a resource missing or denied is a
+    refusal of the resource, not of the token: the next key needs no attestation."""
+    missing = keyctl_session('keyctl request2 user keybroker:default/disk/none "" @s')
+    assert missing.returncode != 0 and broker.requests_to("attest") == 1
+    assert keyctl_session('keyctl request2 user keybroker:default/disk/gone "" @s').returncode != 0
+    assert released(request("k0"), "k0")
+    assert broker.requests_to("attest") == 1 and broker.requests_to("resource") == 3
+
+
 def test_a_token_the_server_refuses_is_replaced_transparently(tsm_sim, kbs, handler):
     """A server restarted with a new (ephemeral) token key refuses the kept token: attest again."""
     root = tsm_sim("sev_guest")

@@ -55,3 +55,18 @@ def test_evidence_trustee_refuses_is_a_rejected_key(tsm_sim, trustee_kbs, handle
     handler(trustee_kbs.url, root)
     out = keyctl_session('keyctl request2 user keybroker:default/disk/root "" @s')
     assert out.returncode != 0 and "Key was rejected by service" in out.stderr
+
+
+def test_a_resource_trustee_cannot_serve_leaves_the_kept_token_good(tsm_sim, trustee_kbs, handler):
+    """Trustee answers a missing resource with 401 PluginInternalError: a refusal of the resource, not
+    of the token (only TokenNotFound and TokenVerifierError are), so further keys need no attestation."""
+    root = tsm_sim("sev_guest")
+    trustee_kbs.resources["default/disk/root"] = SECRET
+    handler(trustee_kbs.url, root)
+    for name in ("none", "gone"):
+        out = keyctl_session(f'keyctl request2 user keybroker:default/disk/{name} "" @s')
+        assert out.returncode != 0
+    out = keyctl_session('id=$(keyctl request2 user keybroker:default/disk/root "" @s) && keyctl pipe $id | sha256sum')
+    assert out.returncode == 0, out.stderr
+    assert hashlib.sha256(SECRET).hexdigest() in out.stdout
+    assert sum("attest" in body for body in trustee_kbs.seen) == 1

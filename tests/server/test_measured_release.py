@@ -147,7 +147,7 @@ def test_trustee_form_carries_the_log_as_cc_eventlog(td):
 
     rcar.Challenge.from_json = trustee_challenge  # type: ignore[method-assign]
     try:
-        released = RcarClient(server.url).fetch("default/key/3", "tdx", evidence).released
+        released = RcarClient(server.url).fetch("default/key/3", "tdx", evidence)
     finally:
         rcar.Challenge.from_json = original  # type: ignore[method-assign]
     assert bytes(released.value) == SECRETS["default/key/3"]

@@ -29,7 +29,7 @@ def test_release_to_an_emulated_guest(tsm_sim, kbs, provider, tee):
     root = tsm_sim(provider)
     server = kbs()
     server.put("default/key/a", SECRET)
-    released = RcarClient(server.url).fetch("default/key/a", tee, evidence_from(root)).released
+    released = RcarClient(server.url).fetch("default/key/a", tee, evidence_from(root))
     assert bytes(released.value) == SECRET
 
 
@@ -75,7 +75,7 @@ def test_tdx_tcb_status_from_a_pccs(tsm_sim, kbs, sim_state, tmp_path):
         server = kbs("--pcs-url", pccs.url, "--cache-dir", str(tmp_path / "cache"))
         server.put("default/key/a", SECRET)
         for _ in range(2):
-            released = RcarClient(server.url).fetch("default/key/a", "tdx", evidence_from(root)).released
+            released = RcarClient(server.url).fetch("default/key/a", "tdx", evidence_from(root))
             assert bytes(released.value) == SECRET
         assert len(pccs.requests) == 4  # fetched once, then from the server's cache
         assert (tmp_path / "cache" / "pcs" / f"{fmspc.hex()}-platform" / "tcbinfo.json").read_bytes() == tcb_info
@@ -94,5 +94,5 @@ def test_tdx_tcb_status_from_an_offline_collateral_folder(tsm_sim, kbs, sim_stat
     assert error.problem == "PolicyDenied" and "claim tdx.tcb_status is absent" in str(error)
     server = kbs("--policy", str(policy), "--collateral", str(sim_state / "tdx" / "collateral"))
     server.put("default/key/a", SECRET)
-    released = RcarClient(server.url).fetch("default/key/a", "tdx", evidence_from(root)).released
+    released = RcarClient(server.url).fetch("default/key/a", "tdx", evidence_from(root))
     assert bytes(released.value) == SECRET

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from keybroker.errors import ServerError
-from keybroker.guest.client import RcarClient
+from keybroker.guest.client import RcarClient, TokenRefused
 from keybroker.guest.tsm import ReportRequest, TsmClient
 from keybroker.wire import envelope
 from keybroker.wire import rcar as p
@@ -27,11 +27,19 @@ def test_release_and_errors_through_the_client(tsm_sim, kbs):
     root = tsm_sim("sev_guest")
     server = kbs()
     server.put("default/key/a", SECRET)
-    released = RcarClient(server.url).fetch("default/key/a", "snp", evidence_from(root)).released
+    released = RcarClient(server.url).fetch("default/key/a", "snp", evidence_from(root))
     assert bytes(released.value) == SECRET and released.lease is None
+    kept = []
     with pytest.raises(ServerError) as info:
-        RcarClient(server.url).fetch("default/key/none", "snp", evidence_from(root))
+        RcarClient(server.url).fetch("default/key/none", "snp", evidence_from(root),
+                                     keep=lambda *held: kept.append(held))
     assert info.value.status == 404 and info.value.problem == "ResourceNotFound"
+    (token, key), = kept  # handed over at /attest, before the resource was refused: it serves the next one
+    again = RcarClient(server.url).fetch_with_token("default/key/a", token, key)
+    assert bytes(again.value) == SECRET
+    with pytest.raises(TokenRefused):
+        RcarClient(server.url).fetch_with_token("default/key/a", token[:-4] + "AAAA", key)
+
 
 
 def test_untrusted_roots_are_denied_with_the_failed_check(tsm_sim, kbs):

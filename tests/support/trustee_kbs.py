@@ -12,7 +12,8 @@ kbs/src/jwe, deps/verifier/src/{snp,tdx,cca}, kbs-types 0.18), not from keybroke
   do: SEV-SNP report version 3 to 5 at VMPL 0, REPORT_DATA and HOST_DATA (init-data)
   compared after zero-padding or cutting to size, TDX REPORTDATA and MRCONFIGID, CCA
   challenge and personalization value;
-* ``/resource/<repo>/<type>/<tag>`` answers a JWE as Trustee's kbs/src/jwe makes it
+* ``/resource/<repo>/<type>/<tag>``, for an attested session's cookie or the token /attest gave
+  (``Authorization: Bearer``), answers a JWE as Trustee's kbs/src/jwe makes it
   (tests/support/jose.py): RSA-OAEP-256, or ECDH-ES+A256KW on P-256 and P-521 only;
 * every error is 401 with ``{"type": "https://github.com/confidential-containers/kbs/errors/
   <Variant>", "detail": ...}``, except an invalid path (404).
@@ -79,6 +80,7 @@ class TrusteeKbs:
     resources: dict[str, bytes] = field(default_factory=dict)
     policy_allows: bool = True
     sessions: dict[str, Session] = field(default_factory=dict)
+    tokens: dict[str, str] = field(default_factory=dict)  # token -> the session it attested
     seen: list[dict[str, Any]] = field(default_factory=list)  # the /auth and /attest bodies received
     url: str = ""
 
@@ -119,7 +121,9 @@ class TrusteeKbs:
                 from None
         self._verify(session.tee, blobs, expected, init_digest)
         session.tee_pubkey = key
-        return {"token": _token(session.tee)}
+        token = _token(session.tee)
+        self.tokens[token] = session_id or ""
+        return {"token": token}
 
     def _verify(self, tee: str, blobs: trustee.Blobs, report_data: bytes, init_digest: bytes | None) -> None:
         """Trustee's checks: the vendor's signature and chain, then its own rules."""
@@ -138,7 +142,11 @@ class TrusteeKbs:
         if verdict.claims.get("debug"):
             raise Refusal("PolicyDeny", "Access denied by policy")
 
-    def resource(self, session_id: str | None, path: str) -> dict[str, Any]:
+    def resource(self, session_id: str | None, bearer: str | None, path: str) -> dict[str, Any]:
+        if bearer is not None:
+            if bearer not in self.tokens:
+                raise Refusal("TokenVerifierError", "Token Verifier error")
+            session_id = self.tokens[bearer]
         session = self.sessions.get(session_id or "")
         if session is None or session.tee_pubkey is None:
             raise Refusal("TokenNotFound", "Attestation Token not found")
@@ -178,7 +186,8 @@ def _token(tee: str) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
 
     now = int(dt.datetime.now(dt.UTC).timestamp())
-    return f"{part({'alg': 'ES256'})}.{part({'iat': now, 'exp': now + 300, 'tee': tee})}.c2ln"
+    claims = {"iat": now, "exp": now + 300, "tee": tee, "jti": uuid.uuid4().hex}
+    return f"{part({'alg': 'ES256'})}.{part(claims)}.c2ln"
 
 
 def _jwe(payload: bytes, key: dict[str, str]) -> dict[str, Any]:
@@ -263,7 +272,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not path.startswith("/kbs/v0/resource/"):
             self._answer(404, {"type": ERRORS + "InvalidRequestPath", "detail": f"Request path {path} is invalid"})
             return
-        self._run(lambda: self._answer(200, self.server.kbs.resource(self._session(), path[len("/kbs/v0/resource/"):])))
+        authorization = self.headers.get("Authorization", "")
+        bearer = authorization[7:] if authorization.startswith("Bearer ") else None
+        self._run(lambda: self._answer(200, self.server.kbs.resource(self._session(), bearer,
+                                                                     path[len("/kbs/v0/resource/"):])))
 
 
 class _Server(ThreadingHTTPServer):
