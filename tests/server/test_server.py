@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
 
 import pytest
 import requests
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from keybroker.errors import ServerError
+from keybroker.errors import ProtocolError, ServerError
+from keybroker.guest import client
 from keybroker.guest.client import RcarClient, TokenRefused
 from keybroker.guest.tsm import ReportRequest, TsmClient
 from keybroker.wire import envelope
@@ -40,6 +43,13 @@ def test_release_and_errors_through_the_client(tsm_sim, kbs):
     with pytest.raises(TokenRefused):
         RcarClient(server.url).fetch_with_token("default/key/a", token[:-4] + "AAAA", key)
 
+
+@pytest.mark.parametrize("lease", ["0", "4294967296", "9999999999", "60s", "-1"])
+def test_a_lease_the_keyring_cannot_hold_is_a_protocol_error(lease):
+    headers = http.client.HTTPMessage()
+    headers[p.LEASE_HEADER] = lease
+    with pytest.raises(ProtocolError, match="Keybroker-Lease"):
+        client._released(client._Response(200, "OK", headers, b"{}"), ec.generate_private_key(ec.SECP256R1()))
 
 
 def test_untrusted_roots_are_denied_with_the_failed_check(tsm_sim, kbs):
