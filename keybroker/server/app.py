@@ -117,20 +117,23 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
                 if refused is not None:
                     kbs.metrics.request(route, refused.status_code, time.perf_counter() - start)
                     return refused
+                refused_as = None
                 try:
                     response = await handler(request)
                 except Problem as problem:
                     log.warning("%s peer=%s status=%d problem=%s detail=%s", route, _peer(request), problem.status,
                                 problem.name, problem.detail)
-                    response = problem_response(problem)
+                    response, refused_as = problem_response(problem), problem.name
                 except (AdminError, PolicyError) as exc:
                     response = problem_response(Problem(p.BAD_REQUEST, str(exc)))
                 except Exception:
                     log.exception("%s peer=%s: internal error", route, _peer(request))
                     response = problem_response(Problem(p.INTERNAL, "internal error; see the server log"))
+                # A credential that proved nothing costs a token too; one the policy refuses did prove
+                # an attestation (else every guest behind an address would pay for one that asks a lot).
                 if route in LIMITED and route != "auth" and response.status_code in (400, 401) \
-                        and _has_credential(request):
-                    limiter.take(_peer(request))  # a credential that proved nothing costs a token too
+                        and refused_as != p.POLICY_DENIED and _has_credential(request):
+                    limiter.take(_peer(request))
                 kbs.metrics.request(route, response.status_code, time.perf_counter() - start)
                 return response
             return endpoint
