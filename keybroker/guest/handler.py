@@ -370,8 +370,10 @@ def run_kernel(serial: int, config_path: str, log: Journal) -> int:
             import signal
 
             cfg = load_config(config_path)
-            # Last resort: should anything below block past the deadline, SIGALRM ends the process.
-            signal.alarm(int(cfg.deadline) + 5)
+            # Last resort: should anything below (the group database, say) block past the deadline,
+            # counted from the kernel's call, SIGALRM ends the process; the kernel then negates the
+            # key (ENOKEY, 60 s). The agent may have had half the deadline already.
+            signal.alarm(max(1, int(start + cfg.deadline - time.monotonic()) + 2))
             via = "worker"
             request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
             released = obtain_within(cfg, request, start + cfg.deadline)
