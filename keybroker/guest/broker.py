@@ -35,7 +35,7 @@ def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Rel
 
         try:
             measure.measure(config.measure, measure.release_event(str(request.resource), config.server_url),
-                            once=True)
+                            once=True, deadline=deadline)
         except BaseException as exc:
             released.value[:] = bytes(len(released.value))
             raise TsmError(f"the key for {request.resource} was released but not measured, so it is not "
@@ -103,7 +103,7 @@ def _evidence_source(config: ClientConfig, request: KeyRequest,
             return tsm.get_report(report_request, deadline=deadline)
         from .measure import evidence_log
 
-        with evidence_log(config.measure) as read_log:  # no extend between the log and the quote
+        with evidence_log(config.measure, deadline) as read_log:  # no extend between the log and the quote
             report = tsm.get_report(report_request, deadline=deadline)
             return dataclasses.replace(report, event_log=read_log())
 

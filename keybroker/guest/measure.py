@@ -24,7 +24,6 @@ when it is there) cut at its end, then the runtime log. No CCEL, no log (not an 
 from __future__ import annotations
 
 import errno as E
-import fcntl
 import hashlib
 import os
 import stat
@@ -37,6 +36,7 @@ from ..errors import EventLogError, TsmError, UntrustedFile
 from ..wire import eventlog as wire
 from . import ownership
 from .config import MeasureConfig
+from .retry import lock_within
 
 SIZE = 48
 #: The RTMR runtime events extend: verifiers take them from RTMR3 only (0-2 are the firmware's and the
@@ -49,17 +49,19 @@ def register_path(cfg: MeasureConfig) -> Path:
     return cfg.root / f"rtmr{RTMR}:sha384"
 
 
-def measure(cfg: MeasureConfig, event: wire.RuntimeEvent, *, once: bool = False) -> bytes:
+def measure(cfg: MeasureConfig, event: wire.RuntimeEvent, *, once: bool = False,
+            deadline: float | None = None) -> bytes:
     """Append ``event`` to the runtime log, then extend the RTMR with its digest; the RTMR's new value.
 
     ``once``: not when the log already holds the same event (since boot): a measured release of
     a key already measured adds nothing a verifier does not know, and the log stays bounded by
-    the number of distinct releases, not by how often a user asks for a key.
+    the number of distinct releases, not by how often a user asks for a key. ``deadline``: how
+    long to wait for the log's lock (a quote in progress holds it).
     """
     record = event.encode(RTMR + 1)
     fd = _open_log(cfg.log)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock(fd, cfg, deadline)
         _repair(fd, cfg)
         if once and any(digest == event.digest() for _, mr_index, digest in _records(_read_fd(fd))[0]
                         if mr_index == RTMR + 1):
@@ -87,9 +89,10 @@ def release_event(resource: str, server_url: str) -> wire.RuntimeEvent:
 
 
 @contextmanager
-def evidence_log(cfg: MeasureConfig) -> Iterator[Callable[[], bytes]]:
+def evidence_log(cfg: MeasureConfig, deadline: float | None = None) -> Iterator[Callable[[], bytes]]:
     """Keep the runtime log and the register still while the caller quotes; the function given reads
-    the TD's event log (the CCEL log joined with the runtime log; b"" without a CCEL)."""
+    the TD's event log (the CCEL log joined with the runtime log; b"" without a CCEL). ``deadline``:
+    how long to wait for the log's lock."""
     if not cfg.ccel.exists():
         yield lambda: b""  # no firmware log, no event log sent: the runtime log is not even opened
         return
@@ -99,12 +102,18 @@ def evidence_log(cfg: MeasureConfig) -> Iterator[Callable[[], bytes]]:
         fd = None  # not root, or no place for a log: then no runtime event was measured by keybroker
     try:
         if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _lock(fd, cfg, deadline)
             _repair(fd, cfg)
         yield lambda: _joined(cfg, fd)
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _lock(fd: int, cfg: MeasureConfig, deadline: float | None) -> None:
+    if not lock_within(fd, deadline):
+        raise TsmError(f"the runtime log {cfg.log} stayed locked past the deadline (another measurement or "
+                       "quote did not end)", errno=E.ETIMEDOUT, transient=True)
 
 
 def _joined(cfg: MeasureConfig, fd: int | None) -> bytes:

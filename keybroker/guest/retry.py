@@ -5,10 +5,13 @@ there yet, the disk-unlock services a key request while the network comes up. Ea
 which failures are worth another try; this loop decides when to stop: after ``attempts``
 tries, when the next pause would pass the ``deadline`` (a ``time.monotonic()`` value), or
 when the caller's ``gone()`` says nobody waits any more. The last failure is re-raised.
+
+:func:`lock_within` waits for a file lock the same way: never past the deadline.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import random
 import time
@@ -71,3 +74,22 @@ def retry(attempt: Callable[[], T], *, transient: Callable[[Exception], bool], b
         while (left := end - time.monotonic()) > 0 and not gone():
             time.sleep(min(SLICE, left))
     raise AssertionError("unreachable")
+
+
+LOCK_POLL = 0.005  # seconds between two tries of a lock another process holds
+
+
+def lock_within(fd: int, deadline: float | None) -> bool:
+    """Take an exclusive ``flock`` on ``fd``, waiting at most until ``deadline`` (None: as long as it
+    takes); whether it was taken. A request must not wait on a lock whose holder is stuck."""
+    if deadline is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno as E
-import fcntl
 import hashlib
 import json
 import os
@@ -43,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import KeyringError, ServerUnreachable
 from . import keyring
+from .retry import lock_within
 
 if TYPE_CHECKING:
     from .config import ClientConfig
@@ -133,15 +133,9 @@ class TokenCache:
         LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(LOCK_DIR / f"attest-{self.digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise ServerUnreachable("another request's attestation to this key server did not end "
-                                                "in time", errno=E.ETIMEDOUT) from None
-                    time.sleep(0.005)
+            if not lock_within(fd, deadline):
+                raise ServerUnreachable("another request's attestation to this key server did not end in time",
+                                        errno=E.ETIMEDOUT)
             yield
         finally:
             os.close(fd)  # releases the lock (so does the process's death)

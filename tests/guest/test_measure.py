@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,30 @@ def test_keybroker_evidence_carries_the_log_and_keybroker_verify_replays_it(tsm_
     assert "tdx.runtime_events" in out.stdout and "example.org" in out.stdout
     bare = keybroker("evidence", "--nonce", NONCE.hex(), "--tsm-root", str(report_root), "--no-event-log")
     assert json.loads(bare.stdout)["version"] == 1
+
+
+def test_a_stuck_holder_of_the_log_does_not_hold_a_request_past_its_deadline(tsm_sim, tmp_path):
+    """Another process holds the runtime log's lock (a quote that never ends): a measurement and an
+    evidence log wait for it until their deadline, then fail as a transient timeout."""
+    _, cfg = td(tsm_sim, tmp_path)
+    event = RuntimeEvent("example.org", "image-pull", "registry/app@sha256:ab")
+    measure.measure(cfg, event)  # creates the log
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(cfg.log)!r}, os.O_RDWR)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        for attempt in (lambda deadline: measure.measure(cfg, event, deadline=deadline),
+                        lambda deadline: measure.evidence_log(cfg, deadline).__enter__()):
+            start = time.monotonic()
+            with pytest.raises(TsmError) as info:
+                attempt(start + 0.5)
+            assert info.value.errno == 110 and info.value.transient and "stayed locked" in str(info.value)
+            assert 0.5 <= time.monotonic() - start < 3
+    finally:
+        holder.kill()
+        holder.wait()
+    fd = os.open(cfg.log, os.O_RDWR)  # the holder's death released it
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(fd)
