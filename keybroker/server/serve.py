@@ -19,6 +19,8 @@ Hostile clients meet these limits, per worker:
 - a request must arrive whole (head and body) within ``REQUEST_TIMEOUT`` seconds of its first
   byte (of the connection, or of the end of the previous answer), else the connection is
   closed: slow senders (slowloris) hold a connection for that long at most;
+- a client that leaves answers unread (the worker has more than a transport buffer of them
+  to send) is disconnected after ``REQUEST_TIMEOUT`` seconds without reading;
 - an idle keep-alive connection is closed after ``KEEP_ALIVE`` seconds;
 - beyond ``CONNECTIONS_MAX`` open connections, requests are answered 503 until some close.
 """
@@ -34,6 +36,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import tempfile
 import time
 
@@ -59,12 +62,13 @@ class _HeadTooLarge(Exception):
 
 def guarded_protocol() -> type[asyncio.Protocol]:
     """uvicorn's httptools (llhttp) protocol with the limits above: the head's size, the deadline
-    for a request to arrive whole, and TCP_NODELAY."""
+    for a request to arrive whole, the one for answers to be read, and TCP_NODELAY."""
     import httptools
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class GuardedHttpTools(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
+        _unread: asyncio.TimerHandle | None = None  # armed while the client reads none of its answers
         _head = 0         # bytes of the current request's target and headers
         _raw = 0          # bytes received while a head is incomplete (httptools buffers a partial header)
         _in_head = True   # between requests or inside a head
@@ -82,7 +86,21 @@ def guarded_protocol() -> type[asyncio.Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._unread is not None:
+                self._unread.cancel()
+                self._unread = None
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._unread is None:
+                self._unread = self.loop.call_later(REQUEST_TIMEOUT, self._shed)
+
+        def resume_writing(self) -> None:
+            if self._unread is not None:
+                self._unread.cancel()
+                self._unread = None
+            super().resume_writing()
 
         def data_received(self, data: bytes) -> None:
             self._begun = False
@@ -145,9 +163,22 @@ def guarded_protocol() -> type[asyncio.Protocol]:
                 self._deadline.cancel()
                 self._deadline = None
 
+        def _shed(self) -> None:
+            """Drop a client that reads none of its answers: a reset, and what it did not read with it
+            (a close would wait, in the kernel, for it to read them)."""
+            self._unread = None
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+
         def _too_slow(self) -> None:
             self._deadline = None
-            if not self._whole and not self.transport.is_closing():
+            if self._whole and not self.transport.is_closing():
+                return  # a request is being answered
+            if self.transport.get_write_buffer_size():
+                self._shed()  # answers still unread after a close (keep-alive's too) would hold it open
+            elif not self.transport.is_closing():
                 self.transport.close()  # the request did not arrive in time: no answer is owed
 
     assert issubclass(httptools.HttpParserCallbackError, httptools.HttpParserError)

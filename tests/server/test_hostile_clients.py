@@ -13,6 +13,8 @@ import time
 from keybroker.server.serve import HEAD_MAX, REQUEST_TIMEOUT
 from support.kbs import attest, audit_records
 
+TCP_CLOSE = 7  # tcpi_state of a connection the peer reset
+
 SECRET = b"\x01hostile-proof key\xfe"
 
 
@@ -87,18 +89,23 @@ def test_a_huge_header_sent_in_pieces_is_cut_off(tsm_sim, kbs):
     still_releases(root, server)
 
 
-def test_a_request_must_arrive_whole_in_time(tsm_sim, kbs):
-    """Slowloris: a head sent a line every second is cut off after REQUEST_TIMEOUT; so is a body."""
+def test_a_request_must_arrive_whole_and_its_answer_be_read_in_time(tsm_sim, kbs):
+    """Slowloris: a head sent a line every second is cut off after REQUEST_TIMEOUT; so is a body; so
+    is a client that asks and asks and reads none of the answers (reset: a close would wait for it)."""
     root = tsm_sim("sev_guest")
     server = kbs()
     server.put("default/key/a", SECRET)
     slow_head = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     slow_body = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    unread = socket.socket()
+    unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    unread.connect(("127.0.0.1", server.port))
     slow_body.sendall(b"POST /kbs/v0/auth HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
     slow_head.sendall(b"GET /healthz HTTP/1.1\r\n")
+    unread.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 6000)  # more answers than buffers hold
     start = time.monotonic()
     closed: dict[str, float] = {}
-    while len(closed) < 2 and time.monotonic() - start < REQUEST_TIMEOUT + 10:
+    while len(closed) < 3 and time.monotonic() - start < REQUEST_TIMEOUT + 10:
         for name, sock in (("head", slow_head), ("body", slow_body)):
             if name in closed:
                 continue
@@ -106,11 +113,13 @@ def test_a_request_must_arrive_whole_in_time(tsm_sim, kbs):
                 sock.sendall(b"X-a: b\r\n" if name == "head" else b" ")
             except OSError:
                 closed[name] = time.monotonic() - start
+        if "unread" not in closed and unread.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE:
+            closed["unread"] = time.monotonic() - start
         still_releases(root, server)  # meanwhile, legitimate guests are served
         time.sleep(1)
-    slow_head.close()
-    slow_body.close()
-    assert set(closed) == {"head", "body"}, "a slow request kept its connection"
+    for sock in (slow_head, slow_body, unread):
+        sock.close()
+    assert set(closed) == {"head", "body", "unread"}, f"a slow client kept its connection: {closed}"
     assert all(REQUEST_TIMEOUT - 1 <= t <= REQUEST_TIMEOUT + 5 for t in closed.values()), closed
 
 
