@@ -64,8 +64,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def read_json(request: Request) -> Any:
     try:
         return parse_json(await read_body(request, p.BODY_MAX))
-    except (ValueError, UnicodeDecodeError):
-        raise Problem(p.BAD_REQUEST, "request body is not JSON") from None
+    except ValueError as exc:  # UnicodeDecodeError too; the messages name positions, never the content
+        raise Problem(p.BAD_REQUEST, f"request body is not JSON: {str(exc)[:200]}") from None
 
 
 def _peer(request: Request) -> str:

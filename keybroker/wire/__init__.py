@@ -22,12 +22,27 @@ def shown_names(names: list[str], count: int = 5) -> str:
     return listed + (f" and {len(names) - count} more" if len(names) > count else "")
 
 
+#: A \uD800-\uDFFF escape (JSON lets one stand alone; UTF-8 text cannot carry it).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json(text: str | bytes) -> Any:
-    """``json.loads`` for what others sent: nesting too deep for the parser is a ValueError like any bad JSON."""
+    """``json.loads`` for what others sent: nesting too deep for the parser, and a string holding a
+    lone UTF-16 surrogate (no UTF-8 text can carry it, so no hash, database or log could take
+    it), are ValueErrors like any bad JSON."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+    escaped = _SURROGATE_ESCAPE.search(text) if isinstance(text, str) else _SURROGATE_ESCAPE_BYTES.search(text)
+    if escaped:  # paired escapes make one character; a lone one stays a surrogate
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("JSON string with a lone UTF-16 surrogate (\\ud800-\\udfff unpaired): not text") \
+                from None
+    return value
 
 
 def decimal(text: str, digits: int = 20) -> int | None:

@@ -198,6 +198,19 @@ def test_pathological_json_is_a_400(server, body):
     assert answer.status_code == 400 and answer.json()["type"].endswith("BadRequest")
 
 
+@pytest.mark.parametrize("where", [("runtime-data", "nonce"), ("tee-evidence", "additional_evidence"),
+                                   ("tee-evidence", "primary_evidence", "provider")])
+def test_a_lone_surrogate_anywhere_is_a_400_that_spends_nothing(server, sim_state, where):
+    """JSON may escape half a UTF-16 pair (\\ud800); no text, hash or column can hold it."""
+    http, nonce = challenge(server.url)
+    _, body = genuine_body(sim_state, nonce)
+    hostile = json.dumps(replace_at(body, where, "\ud800 or " + str(nonce)))
+    answer = http.post(f"{server.url}/kbs/v0/attest", data=hostile, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and "surrogate" in answer.json()["detail"], answer.text
+    genuine = http.post(f"{server.url}/kbs/v0/attest", json=body)  # the nonce is still unspent
+    assert genuine.status_code == 200, genuine.text
+
+
 @pytest.mark.parametrize("coordinate, named", [
     ("AAAAA", "not a base64url P-256 coordinate"),              # a length base64 cannot have
     ("A" * 43, "not a point on P-256"),                         # 32 zero bytes
