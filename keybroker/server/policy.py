@@ -24,7 +24,9 @@ from ..errors import PolicyError
 from ..wire import parse_json
 
 VERSION = 1
-_VERSION_TEXT = re.compile(r"\d+(\.\d+)*")
+#: A version a condition compares part by part: each part at most 18 digits (a claim the host
+#: chooses, such as init-data's, could otherwise be a number int() refuses to read).
+_VERSION_TEXT = re.compile(r"[0-9]{1,18}(\.[0-9]{1,18})*")
 
 #: What a starting policy asks of the platform besides the guest's image (debug guests are
 #: refused by every rule anyway): on SEV-SNP, VMPL0 without a migration agent; on TDX, when

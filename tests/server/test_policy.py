@@ -56,6 +56,9 @@ def test_operators_name_the_failed_condition():
     assert "must not hold" in denied.reason
     denied = p.decide("x", {k: v for k, v in SNP.items() if k != "tee"})
     assert "claim tee is absent" in denied.reason
+    # A version the host chose (init-data's, say) too long to be a number: not comparable, denied.
+    denied = p.decide("x", SNP | {"snp.firmware.current": "1." + "9" * 5000})
+    assert not denied.allowed and "snp.firmware.current" in denied.reason
 
 
 def test_allow_debug_is_explicit():
