@@ -78,6 +78,8 @@ def recipient_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey | rsa.RSAPub
     if jwk.get("kty") != "RSA":
         return public_key(jwk)
     n, e = (int.from_bytes(unb64url(jwk.get(m, "")), "big") for m in ("n", "e"))
+    if n % 2 == 0:  # the public key would load, and every encryption to it fail
+        raise ProtocolError("not an RSA public key: its modulus is even")
     try:
         return rsa.RSAPublicNumbers(e, n).public_key()
     except ValueError as exc:

@@ -58,6 +58,8 @@ def test_tee_pubkey_ec_and_rsa_checked_and_normalized():
     rsa_key = json.loads(jwk.JWK.generate(kty="RSA", size=2048).export_public()) | {"alg": "RSA-OAEP-256"}
     assert p.check_tee_pubkey(rsa_key) == {m: rsa_key[m] for m in ("kty", "alg", "n", "e")}
     small = json.loads(jwk.JWK.generate(kty="RSA", size=1024).export_public()) | {"alg": "RSA-OAEP-256"}
+    n = base64.urlsafe_b64decode(rsa_key["n"] + "==")
+    even_modulus = base64.urlsafe_b64encode(n[:-1] + bytes([n[-1] & 0xFE])).decode().rstrip("=")
     for broken, reason in [(key | {"crv": "P-192"}, "P-256, P-384 or P-521"),
                            (key | {"alg": "RSA1_5"}, "must be ECDH-ES"),
                            ({k: v for k, v in key.items() if k != "alg"}, "missing 'alg'"),
@@ -68,7 +70,8 @@ def test_tee_pubkey_ec_and_rsa_checked_and_normalized():
                            (rsa_key | {"alg": "RSA1_5"}, "padding-oracle"),
                            (small, "2048-8192 bits"),
                            (rsa_key | {"e": "!"}, "2048-8192 bits"),
-                           (rsa_key | {"e": "AAE"}, "not an RSA public key")]:
+                           (rsa_key | {"e": "AAE"}, "not an RSA public key"),
+                           (rsa_key | {"n": even_modulus}, "modulus is even")]:
         with pytest.raises(ProtocolError, match=reason):
             p.check_tee_pubkey(broken)
 
