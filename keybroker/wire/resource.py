@@ -3,7 +3,7 @@
 A guest names a resource in its key description (``keybroker:<repo>/<type>/<tag>``); the
 key server stores and releases resources under the same path. Each segment is what Trustee's
 resource plugin accepts, ``[A-Za-z0-9_-][A-Za-z0-9_.-]*`` (never ``.`` or ``..``), and the
-whole path is at most 255 characters.
+whole path is at most 200 characters (what the key server's columns and audit records hold).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import DescriptionError
 
-PATH_MAX = 255
+PATH_MAX = 200
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from keybroker.wire.resource import PATH_MAX
 from support.kbs import attest, attestation, audit_records, challenge, keybroker
 from support.postgres import Unavailable, fresh_database, running_postgres
 from support.servers import KeyServerProcess, ServerSecrets
@@ -88,6 +89,12 @@ def test_any_replica_serves_any_step(tsm_sim, replicas):
     attests = [r for r in records if r["event"] == "attest"]
     assert len(attests) == 8 and {r["measurement"] for r in attests} == {releases[0]["measurement"]}
     assert keybroker("audit", "verify", "--db", a.db).returncode == 0
+
+    longest = "default/disk/" + "x" * (PATH_MAX - len("default/disk/"))  # fits every column, audit's too
+    put_remotely(a, longest, SECRET)
+    guest = attest(root, b.url)
+    assert guest.decrypt(guest.fetch(b.url, longest)) == SECRET
+    assert audit_records(a.db)[-1]["resource"] == longest
 
 
 def test_a_nonce_is_used_once_across_replicas(tsm_sim, replicas):
