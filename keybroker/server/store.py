@@ -314,7 +314,7 @@ class Store:
             outcome.append((version, True))
             return replace(event, policy_version=version)
         self.audited(work)
-        return outcome[0]
+        return outcome[-1]  # the committed run's: a batch that failed runs its work again
 
     def get_policy(self, version: int) -> PolicyVersion | None:
         if version == 0:
