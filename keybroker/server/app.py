@@ -129,10 +129,12 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
                 except Exception:
                     log.exception("%s peer=%s: internal error", route, _peer(request))
                     response = problem_response(Problem(p.INTERNAL, "internal error; see the server log"))
-                # A credential that proved nothing costs a token too; one the policy refuses did prove
-                # an attestation (else every guest behind an address would pay for one that asks a lot).
-                if route in LIMITED and route != "auth" and response.status_code in (400, 401) \
-                        and refused_as != p.POLICY_DENIED and _has_credential(request):
+                # A credential that proved nothing (a refusal: bad request, too large, not attested)
+                # costs a token too; a resource missing or denied by policy follows a proven
+                # attestation (else every guest behind an address would pay for one that asks a lot).
+                if route in LIMITED and route != "auth" and 400 <= response.status_code < 500 \
+                        and response.status_code != 404 and refused_as != p.POLICY_DENIED \
+                        and _has_credential(request):
                     limiter.take(_peer(request))
                 kbs.metrics.request(route, response.status_code, time.perf_counter() - start)
                 return response

@@ -7,6 +7,7 @@ import http.client
 import json
 import time
 
+from keybroker.wire import rcar as p
 from support import policies
 from support.kbs import attest, attestation, audit_records, challenge
 
@@ -117,3 +118,13 @@ def test_a_guest_the_policy_refuses_does_not_use_up_its_address(tsm_sim, kbs):
         assert denied.status_code == 401 and denied.json()["type"].endswith("PolicyDenied"), denied.text
     released = guest.fetch(server.url, "default/key/a")
     assert released.status_code == 200 and guest.decrypt(released) == SECRET
+
+
+def test_a_credential_that_sends_what_is_refused_pays_as_a_stranger_does(tsm_sim, kbs):
+    """A session cookie is no pass for bodies the server refuses (too large, say): each costs a token."""
+    tsm_sim("sev_guest")
+    tight = kbs("--rate-limit", "1", "--rate-burst", "3")
+    http, _ = challenge(tight.url)  # the cookie costs the first token
+    codes = [http.post(f"{tight.url}/kbs/v0/attest", data=b"[" * (p.BODY_MAX + 1),
+                       headers={"Content-Type": "application/json"}).status_code for _ in range(4)]
+    assert codes[:2] == [413, 413] and codes[2:] == [429, 429], codes
