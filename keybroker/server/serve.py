@@ -20,7 +20,8 @@ Hostile clients meet these limits, per worker:
   byte (of the connection, or of the end of the previous answer), else the connection is
   closed: slow senders (slowloris) hold a connection for that long at most;
 - a client that leaves answers unread (the worker has more than a transport buffer of them
-  to send) is disconnected after ``REQUEST_TIMEOUT`` seconds without reading;
+  to send) is disconnected after ``REQUEST_TIMEOUT`` seconds without reading; one that queues
+  more than ``PIPELINE_MAX`` requests behind the one being answered, at once;
 - an idle keep-alive connection is closed after ``KEEP_ALIVE`` seconds;
 - beyond ``CONNECTIONS_MAX`` open connections, requests are answered 503 until some close.
 """
@@ -52,11 +53,16 @@ HEAD_MAX = 16 * 1024
 REQUEST_TIMEOUT = 10.0
 KEEP_ALIVE = 5.0
 CONNECTIONS_MAX = 1000
+PIPELINE_MAX = 16  # requests a connection may queue (HTTP/1.1 pipelining) behind the one being answered
 _PR_SET_PDEATHSIG = 1
 _RESPAWN_PAUSE = 1.0
 
 
 class _HeadTooLarge(Exception):
+    pass
+
+
+class _PipelineTooDeep(Exception):
     pass
 
 
@@ -74,6 +80,7 @@ def guarded_protocol() -> type[asyncio.Protocol]:
         _in_head = True   # between requests or inside a head
         _begun = False    # a request began (or one ended) in the read being parsed
         _whole = False    # the current request has arrived whole
+        _too_deep = False  # the client queued more than PIPELINE_MAX requests
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -118,6 +125,11 @@ def guarded_protocol() -> type[asyncio.Protocol]:
             super().on_headers_complete()
 
         def on_message_begin(self) -> None:
+            # Each queued request holds its parsed state: without a bound, one read of 256 KiB of
+            # pipelined requests would hold thousands of them.
+            if len(self.pipeline) >= PIPELINE_MAX:
+                self._too_deep = True
+                raise _PipelineTooDeep  # the parser stops; send_400_response resets the connection
             super().on_message_begin()
             self._head, self._whole, self._begun = 0, False, True
 
@@ -140,6 +152,9 @@ def guarded_protocol() -> type[asyncio.Protocol]:
                 self._arm()
 
         def send_400_response(self, msg: str) -> None:
+            if self._too_deep:
+                self._shed()
+                return
             if self._head <= HEAD_MAX:
                 super().send_400_response(msg)
                 return
