@@ -95,7 +95,7 @@ def mutated_evidence(port: int, sim: SimState, statuses: dict[int, int]) -> None
     statuses[status] = statuses.get(status, 0) + 1
 
 
-def slowloris(port: int, stop: threading.Event) -> None:
+def slowloris(port: int, stop: threading.Event, report: list[str]) -> None:
     """Many connections, each sending a header byte now and then."""
     conns = []
     for _ in range(200):
@@ -113,10 +113,36 @@ def slowloris(port: int, stop: threading.Event) -> None:
             except OSError:
                 conns.remove(s)
         stop.wait(1)
-    print(f"slowloris: {opened} connections sending a header line a second; after {time.monotonic() - start:.0f} s "
-          f"{len(conns)} still open (the server closes requests that do not arrive whole in time)")
+    report.append(f"slowloris: {opened} connections sending a header line a second; after "
+                  f"{time.monotonic() - start:.0f} s {len(conns)} still open (the server closes requests that do "
+                  "not arrive whole in time)")
     for s in conns:
         s.close()
+
+
+def non_readers(port: int, stop: threading.Event, report: list[str]) -> None:
+    """Connections that pipeline requests and read none of the answers (a small receive buffer)."""
+    conns = []
+    for _ in range(20):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 6000)
+            conns.append(s)
+        except OSError:
+            s.close()
+    opened, start = len(conns), time.monotonic()
+    while not stop.is_set():
+        conns = [s for s in conns if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_CLOSE]
+        stop.wait(1)
+    report.append(f"non-readers: {opened} connections pipelining requests, reading no answer; after "
+                  f"{time.monotonic() - start:.0f} s {len(conns)} still open (the server resets them)")
+    for s in conns:
+        s.close()
+
+
+TCP_CLOSE = 7  # tcpi_state of a connection the peer reset
 
 
 def hostile(args, work: Path, sim: SimState, db: str) -> None:
@@ -135,8 +161,11 @@ def hostile(args, work: Path, sim: SimState, db: str) -> None:
         rss0 = rss_bytes(server.proc.pid)
         audit0 = server.metric("keybroker_http_requests_total")
         stop = threading.Event()
-        loris = threading.Thread(target=slowloris, args=(server.port, stop))
+        report: list[str] = []
+        loris = threading.Thread(target=slowloris, args=(server.port, stop, report))
         loris.start()
+        readers = threading.Thread(target=non_readers, args=(server.port, stop, report))
+        readers.start()
         legit: list = []
         background = threading.Thread(target=lambda: legit.append(
             load(sim.path, fleet, args.releases, 2, [next(iter(RESOURCES))])))
@@ -156,6 +185,8 @@ def hostile(args, work: Path, sim: SimState, db: str) -> None:
         background.join()
         stop.set()
         loris.join()
+        readers.join()
+        print("\n".join(report))
         run = legit[0]
         alive = server.proc.poll() is None
         fives = sum(server.metric("keybroker_http_requests_total", status=str(code)) for code in range(500, 505)) \
