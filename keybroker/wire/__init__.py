@@ -24,19 +24,21 @@ def shown_names(names: list[str], count: int = 5) -> str:
 
 #: A \uD800-\uDFFF escape (JSON lets one stand alone; UTF-8 text cannot carry it).
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def parse_json(text: str | bytes) -> Any:
-    """``json.loads`` for what others sent: nesting too deep for the parser, and a string holding a
-    lone UTF-16 surrogate (no UTF-8 text can carry it, so no hash, database or log could take
-    it), are ValueErrors like any bad JSON."""
+    """``json.loads`` for what others sent: bytes that are not UTF-8 (RFC 8259), nesting too deep
+    for the parser, and a string holding a lone UTF-16 surrogate (no UTF-8 text can carry it, so
+    no hash, database or log could take it), are ValueErrors like any bad JSON."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")  # strict: json.loads alone takes UTF-16 and encoded surrogates
+    else:
+        text.encode("utf-8")  # a str from within the process must be text too
     try:
         value = json.loads(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
-    escaped = _SURROGATE_ESCAPE.search(text) if isinstance(text, str) else _SURROGATE_ESCAPE_BYTES.search(text)
-    if escaped:  # paired escapes make one character; a lone one stays a surrogate
+    if _SURROGATE_ESCAPE.search(text):  # paired escapes make one character; a lone one stays a surrogate
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:

@@ -198,15 +198,20 @@ def test_pathological_json_is_a_400(server, body):
     assert answer.status_code == 400 and answer.json()["type"].endswith("BadRequest")
 
 
+@pytest.mark.parametrize("form", ["escaped", "encoded", "utf-16"])
 @pytest.mark.parametrize("where", [("runtime-data", "nonce"), ("tee-evidence", "additional_evidence"),
                                    ("tee-evidence", "primary_evidence", "provider")])
-def test_a_lone_surrogate_anywhere_is_a_400_that_spends_nothing(server, sim_state, where):
-    """JSON may escape half a UTF-16 pair (\\ud800); no text, hash or column can hold it."""
+def test_a_lone_surrogate_anywhere_is_a_400_that_spends_nothing(server, sim_state, where, form):
+    """JSON may escape half a UTF-16 pair (\\ud800), or carry it encoded (UTF-8's ED A0 80, or a
+    body in UTF-16); no text, hash or column can hold it."""
     http, nonce = challenge(server.url)
     _, body = genuine_body(sim_state, nonce)
-    hostile = json.dumps(replace_at(body, where, "\ud800 or " + str(nonce)))
+    text = json.dumps(replace_at(body, where, "\ud800 or " + str(nonce)))
+    hostile = {"escaped": text.encode(), "encoded": text.encode().replace(b"\\ud800", b"\xed\xa0\x80"),
+               "utf-16": text.replace("\\ud800", "x").encode("utf-16")}[form]
     answer = http.post(f"{server.url}/kbs/v0/attest", data=hostile, headers={"Content-Type": "application/json"})
-    assert answer.status_code == 400 and "surrogate" in answer.json()["detail"], answer.text
+    reason = {"escaped": "surrogate", "encoded": "codec can't decode", "utf-16": "codec can't decode"}[form]
+    assert answer.status_code == 400 and reason in answer.json()["detail"], answer.text
     genuine = http.post(f"{server.url}/kbs/v0/attest", json=body)  # the nonce is still unspent
     assert genuine.status_code == 200, genuine.text
 
