@@ -9,10 +9,10 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 
 from keybroker.server.serve import HEAD_MAX, PIPELINE_MAX, REQUEST_TIMEOUT
+from support import policies
 from support.kbs import attest, audit_records
 
 TCP_CLOSE = 7  # tcpi_state of a connection the peer reset
@@ -91,31 +91,18 @@ def test_a_huge_header_sent_in_pieces_is_cut_off(tsm_sim, kbs):
     still_releases(root, server)
 
 
-def test_a_request_must_arrive_whole_and_its_answer_be_read_in_time(tsm_sim, kbs):
-    """Slowloris: a head sent a line every second is cut off after REQUEST_TIMEOUT; so is a body; so
-    is a client that asks and asks and reads none of the answers (reset: a close would wait for it)."""
+def test_a_request_must_arrive_whole_in_time(tsm_sim, kbs):
+    """Slowloris: a head sent a line every second is cut off after REQUEST_TIMEOUT; so is a body."""
     root = tsm_sim("sev_guest")
     server = kbs()
     server.put("default/key/a", SECRET)
     slow_head = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     slow_body = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    unread = socket.socket()
-    unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    unread.connect(("127.0.0.1", server.port))
     slow_body.sendall(b"POST /kbs/v0/auth HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
     slow_head.sendall(b"GET /healthz HTTP/1.1\r\n")
-
-    def ask_without_reading() -> None:  # a few requests at a time (a shallow pipeline), for 3 s
-        until = time.monotonic() + 3
-        with contextlib.suppress(OSError):
-            while time.monotonic() < until:
-                unread.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
-                time.sleep(0.005)
-    asking = threading.Thread(target=ask_without_reading)
-    asking.start()
     start = time.monotonic()
     closed: dict[str, float] = {}
-    while len(closed) < 3 and time.monotonic() - start < REQUEST_TIMEOUT + 10:
+    while len(closed) < 2 and time.monotonic() - start < REQUEST_TIMEOUT + 10:
         for name, sock in (("head", slow_head), ("body", slow_body)):
             if name in closed:
                 continue
@@ -123,17 +110,43 @@ def test_a_request_must_arrive_whole_and_its_answer_be_read_in_time(tsm_sim, kbs
                 sock.sendall(b"X-a: b\r\n" if name == "head" else b" ")
             except OSError:
                 closed[name] = time.monotonic() - start
-        if "unread" not in closed and unread.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE:
-            closed["unread"] = time.monotonic() - start
         still_releases(root, server)  # meanwhile, legitimate guests are served
         time.sleep(1)
-    asking.join()
-    for sock in (slow_head, slow_body, unread):
-        sock.close()
-    assert set(closed) == {"head", "body", "unread"}, f"a slow client kept its connection: {closed}"
-    assert REQUEST_TIMEOUT - 1 <= closed["head"] <= REQUEST_TIMEOUT + 5, closed
-    assert REQUEST_TIMEOUT - 1 <= closed["body"] <= REQUEST_TIMEOUT + 5, closed
-    assert closed["unread"] <= REQUEST_TIMEOUT + 5, closed  # sooner if its pipeline grew too deep
+    slow_head.close()
+    slow_body.close()
+    assert set(closed) == {"head", "body"}, "a slow request kept its connection"
+    assert all(REQUEST_TIMEOUT - 1 <= t <= REQUEST_TIMEOUT + 5 for t in closed.values()), closed
+
+
+def test_a_client_that_reads_no_answer_is_reset_after_the_timeout(tsm_sim, kbs):
+    """Eight requests for a policy of a megabyte, none of the answers read: more than the socket
+    buffers hold, so answers wait in the worker; after REQUEST_TIMEOUT the connection is reset (a
+    close would wait for a reader that never comes). Eight: no pipeline limit is involved. (The
+    reset comes from the deadline after the last answer sent; an answer the kernel's buffers
+    cannot take whole, which pauses the worker's writes, has its own deadline of the same length,
+    which these buffers, autotuned to megabytes on loopback, do not let a test reach.)"""
+    root = tsm_sim("sev_guest")
+    rule = policies.ANY_GUEST_DOCUMENT["rules"][0]
+    big = {"version": 1, "rules": [rule | {"resources": [f"default/key/r{n:05d}" + "x" * 150]} for n in range(1500)]
+           + [rule]}
+    server = kbs(policy=big)
+    server.put("default/key/a", SECRET)
+    request = (b"GET /admin/v1/policy HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
+               % server.secrets.admin_token.encode())
+    unread = socket.socket()
+    unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    unread.connect(("127.0.0.1", server.port))
+    unread.sendall(request * 8)
+    assert PIPELINE_MAX >= 8
+    start = time.monotonic()
+    closed = None
+    while closed is None and time.monotonic() - start < REQUEST_TIMEOUT + 10:
+        if unread.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE:
+            closed = time.monotonic() - start
+        still_releases(root, server)  # meanwhile, legitimate guests are served
+        time.sleep(0.5)
+    unread.close()
+    assert closed is not None and REQUEST_TIMEOUT - 1 <= closed <= REQUEST_TIMEOUT + 5, closed
 
 
 def test_a_deep_pipeline_is_reset_before_it_is_parsed(tsm_sim, kbs):
