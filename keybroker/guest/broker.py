@@ -39,7 +39,8 @@ def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Rel
         except BaseException as exc:
             released.value[:] = bytes(len(released.value))
             raise TsmError(f"the key for {request.resource} was released but not measured, so it is not "
-                           f"instantiated ([measure] releases): {exc}", errno=getattr(exc, "errno", None)) from None
+                           f"instantiated ([measure] releases): {exc}", errno=getattr(exc, "errno", None),
+                           transient=getattr(exc, "transient", False)) from None
     return released
 
 
@@ -60,7 +61,7 @@ def _obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Re
     released = _with_kept_token(client, cache, resource)
     if released is not None:
         return released
-    with cache.attesting(deadline):  # the server refused that token (a new policy, a revocation)
+    with cache.attesting(deadline):  # the server refused that token itself (expired, its signing key gone)
         return _attest(config, request, client, cache, deadline)
 
 

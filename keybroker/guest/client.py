@@ -209,7 +209,7 @@ class RcarClient:
 
 
 #: The longest lease the keyring can set (KEYCTL_SET_TIMEOUT takes an unsigned int).
-LEASE_MAX = 2**32 - 1
+KEY_TIMEOUT_MAX = 2**32 - 1
 
 _UNREACHABLE = (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ETIMEDOUT, E.ECONNRESET)
 
@@ -219,8 +219,8 @@ def _released(response: _Response, key: ec.EllipticCurvePrivateKey) -> ReleasedK
     seconds = None
     if lease is not None:  # the key's expiry in the keyring: an unsigned 32-bit count of seconds
         seconds = int(lease) if re.fullmatch(r"[0-9]{1,10}", lease) else 0
-        if not 1 <= seconds <= LEASE_MAX:
-            raise ProtocolError(f"the server's {p.LEASE_HEADER} header {lease[:40]!r} is not 1 to {LEASE_MAX} "
+        if not 1 <= seconds <= KEY_TIMEOUT_MAX:
+            raise ProtocolError(f"the server's {p.LEASE_HEADER} header {lease[:40]!r} is not 1 to {KEY_TIMEOUT_MAX} "
                                 "seconds")
     return ReleasedKey(_decrypt(response, key), seconds)
 

@@ -1,6 +1,7 @@
 """Attest once, many keys: the attestation token and the tee key it is bound to, kept in the kernel.
 
-After an attestation the handler keeps, per key server, the token ``/attest`` answered and the
+After an attestation the handler keeps, per key server and way of making evidence, the token
+``/attest`` answered and the
 ephemeral EC private key whose public half the token carries (the server wraps every
 resource to it). Further requests fetch with ``Authorization: Bearer`` and unwrap with that
 key, until the token expires or the server refuses it; then they attest again.
@@ -19,7 +20,7 @@ TokenVerifierError: expired, signed by a key it no longer has) drops it and the 
 again in the same run; a refusal of a resource (missing, denied) leaves it. Release decisions stay the server's: it
 applies its current policy to every request, token or not.
 
-Concurrent requests to one server share one attestation: the round that attests holds a
+Concurrent requests that would keep the same token share one attestation: the round that attests holds a
 lock (``flock`` on ``/run/keybroker/attest-<digest>.lock``) and the others, waiting on it,
 find the token it kept.
 """
@@ -129,7 +130,7 @@ class TokenCache:
 
     @contextlib.contextmanager
     def attesting(self, deadline: float) -> Iterator[None]:
-        """Hold this server's attestation lock (waiting for it at most until ``deadline``)."""
+        """Hold this token's attestation lock (waiting for it at most until ``deadline``)."""
         LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(LOCK_DIR / f"attest-{self.digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
