@@ -133,8 +133,7 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
                 # costs a token too; a resource missing or denied by policy follows a proven
                 # attestation (else every guest behind an address would pay for one that asks a lot).
                 if route in LIMITED and route != "auth" and 400 <= response.status_code < 500 \
-                        and response.status_code != 404 and refused_as != p.POLICY_DENIED \
-                        and _has_credential(request):
+                        and refused_as not in (p.RESOURCE_NOT_FOUND, p.POLICY_DENIED) and _has_credential(request):
                     limiter.take(_peer(request))
                 kbs.metrics.request(route, response.status_code, time.perf_counter() - start)
                 return response

@@ -2,10 +2,11 @@
 
 A token bucket per peer address: every request that carries no credential (no session
 cookie, no Bearer token), every ``/auth`` (which creates a session), and every request
-whose credential turns out invalid takes a token; a peer with an empty bucket is answered
-429 at once, before its body is read, credential or not. Tokens come back at ``rate`` per
-second up to ``burst``. An attested guest fetching resources with its session or token
-takes no token, however often it asks.
+with a credential that is refused (invalid, not attested, a bad or too large body) takes a
+token; a peer with an empty bucket is answered 429 at once, before its body is read,
+credential or not. Tokens come back at ``rate`` per second up to ``burst``. An attested
+guest fetching resources with its session or token takes no token, however often it asks,
+even for resources that are missing or that the policy denies it.
 
 The table of peers is bounded (the least recently seen are forgotten first), so that many
 addresses cannot grow it. Behind a proxy every guest shares the proxy's address: raise the

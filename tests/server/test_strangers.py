@@ -105,10 +105,11 @@ def test_envelope_errors_quote_little_too():
 
 
 def test_a_guest_the_policy_refuses_does_not_use_up_its_address(tsm_sim, kbs):
-    """A policy denial follows a verified attestation: it is not a credential that proved nothing, so
-    a guest asking for what it may not have does not get every guest behind its address limited."""
+    """A policy denial, or a resource missing, follows a verified attestation: not a credential that
+    proved nothing, so a guest asking for what it may not have does not get every guest behind its
+    address limited."""
     root = tsm_sim("sev_guest")
-    only_a = {"version": 1, "rules": [{"resources": ["default/key/a"],
+    only_a = {"version": 1, "rules": [{"resources": ["default/key/a*"],
                                        "require": policies.ANY_GUEST_DOCUMENT["rules"][0]["require"]}]}
     server = kbs("--rate-limit", "1", "--rate-burst", "3", policy=only_a)
     server.put("default/key/a", SECRET)
@@ -116,6 +117,8 @@ def test_a_guest_the_policy_refuses_does_not_use_up_its_address(tsm_sim, kbs):
     for n in range(10):
         denied = guest.fetch(server.url, f"default/key/b{n}")
         assert denied.status_code == 401 and denied.json()["type"].endswith("PolicyDenied"), denied.text
+        missing = guest.fetch(server.url, f"default/key/a{n}")
+        assert missing.status_code == 404, missing.text
     released = guest.fetch(server.url, "default/key/a")
     assert released.status_code == 200 and guest.decrypt(released) == SECRET
 
