@@ -1,10 +1,10 @@
 """Attest once, many keys: the attestation token and the tee key it is bound to, kept in the kernel.
 
 After an attestation the handler keeps, per key server and way of making evidence, the token
-``/attest`` answered and the
-ephemeral EC private key whose public half the token carries (the server wraps every
-resource to it). Further requests fetch with ``Authorization: Bearer`` and unwrap with that
-key, until the token expires or the server refuses it; then they attest again.
+``/attest`` answered and the ephemeral EC private key whose public half the token carries
+(the server wraps every resource to it). Further requests fetch with ``Authorization:
+Bearer`` and unwrap with that key, until the token expires or the server refuses it; then
+they attest again.
 
 Where they live: one ``user`` key per server and way of making evidence (privilege level,
 configfs-tsm root, SVSM service, attestation broker), ``keybroker:token:<digest>``, in
@@ -16,13 +16,13 @@ disk. To force a fresh attestation::
     keybroker forget-tokens        # or: keyctl unlink %keyring:keybroker:tokens @u (as root)
 
 A server's refusal of a kept token itself (NotAttested, Trustee's TokenNotFound or
-TokenVerifierError: expired, signed by a key it no longer has) drops it and the request attests
-again in the same run; a refusal of a resource (missing, denied) leaves it. Release decisions stay the server's: it
-applies its current policy to every request, token or not.
+TokenVerifierError: expired, signed by a key it no longer has) drops it and the request
+attests again in the same run; a refusal of a resource (missing, denied) leaves it. Release
+decisions stay the server's: it applies its current policy to every request, token or not.
 
-Concurrent requests that would keep the same token share one attestation: the round that attests holds a
-lock (``flock`` on ``/run/keybroker/attest-<digest>.lock``) and the others, waiting on it,
-find the token it kept.
+Concurrent requests that would keep the same token share one attestation: the round that
+attests holds a lock (``flock`` on ``/run/keybroker/attest-<digest>.lock``) and the others,
+waiting on it, find the token it kept.
 """
 
 from __future__ import annotations

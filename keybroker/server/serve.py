@@ -93,9 +93,7 @@ def guarded_protocol() -> type[asyncio.Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
-            if self._unread is not None:
-                self._unread.cancel()
-                self._unread = None
+            self._reading_again()
             super().connection_lost(exc)
 
         def pause_writing(self) -> None:
@@ -104,10 +102,13 @@ def guarded_protocol() -> type[asyncio.Protocol]:
                 self._unread = self.loop.call_later(REQUEST_TIMEOUT, self._shed)
 
         def resume_writing(self) -> None:
+            self._reading_again()
+            super().resume_writing()
+
+        def _reading_again(self) -> None:
             if self._unread is not None:
                 self._unread.cancel()
                 self._unread = None
-            super().resume_writing()
 
         def data_received(self, data: bytes) -> None:
             self._begun = False
