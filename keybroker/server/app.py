@@ -145,7 +145,7 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
     @guarded("auth")
     async def auth(request: Request) -> Response:
         body = await read_json(request)
-        session_id, challenge = await run_in_threadpool(kbs.auth, body)
+        session_id, challenge = await kbs.auth(body)
         response = JSONResponse(challenge)
         response.set_cookie(p.SESSION_COOKIE, session_id, max_age=SESSION_LIFETIME, path=p.PREFIX, httponly=True,
                             secure=secure_cookies, samesite="strict")
@@ -154,15 +154,15 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
     @guarded("attest")
     async def attest(request: Request) -> Response:
         body = await read_json(request)
-        token = await run_in_threadpool(kbs.attest, request.cookies.get(p.SESSION_COOKIE), body, _peer(request))
+        token = await kbs.attest(request.cookies.get(p.SESSION_COOKIE), body, _peer(request))
         return JSONResponse(token)
 
     @guarded("resource")
     async def resource(request: Request) -> Response:
         authorization = request.headers.get("authorization", "")
         bearer = authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
-        released = await run_in_threadpool(kbs.release, request.path_params["path"],
-                                           request.cookies.get(p.SESSION_COOKIE), bearer, _peer(request))
+        released = await kbs.release(request.path_params["path"], request.cookies.get(p.SESSION_COOKIE), bearer,
+                                     _peer(request))
         headers = {"Cache-Control": "no-store", p.AUDIT_HEADER: released.audit}
         if released.lease is not None:
             headers[p.LEASE_HEADER] = str(released.lease)

@@ -6,10 +6,15 @@ the active release policy allowed the appraised claims that resource.
 
 Every attestation and every release or refusal is appended to the audit log before the
 answer is returned: when a guest holds a key, the log already says so.
+
+The steps are coroutines for the HTTP workers' event loops: they await their writes and make
+their short reads in place. Only the verification of evidence runs on a thread, since it may
+fetch collateral over the network (a VCEK from AMD's KDS, TDX collateral from Intel's PCS).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -112,7 +117,7 @@ class KeyServer:
 
     # -- POST /kbs/v0/auth ---------------------------------------------------------------
 
-    def auth(self, body: Any) -> tuple[str, dict[str, Any]]:
+    async def auth(self, body: Any) -> tuple[str, dict[str, Any]]:
         try:
             request = p.AuthRequest.from_json(body)
         except ProtocolError as exc:
@@ -125,39 +130,42 @@ class KeyServer:
                                          f"(supported: {', '.join(p.PROVIDER_BY_TEE)})")
         session_id = uuid.uuid4().hex
         nonce = base64.b64encode(secrets.token_bytes(32)).decode()
-        self.store.create_session(session_id, request.tee, nonce, SESSION_LIFETIME)
+        await self.store.create_session(session_id, request.tee, nonce, SESSION_LIFETIME)
         return session_id, p.Challenge(nonce, envelope=request.envelope).to_json()
 
     # -- POST /kbs/v0/attest -------------------------------------------------------------
 
-    def attest(self, session_id: str | None, body: Any, peer: str) -> dict[str, str]:
+    async def attest(self, session_id: str | None, body: Any, peer: str) -> dict[str, str]:
         # Until a session's nonce is spent the caller has proven nothing: refusals are counted,
         # not audited (the audit log is for what sessions did, not for what anybody sent).
         try:
             attestation = p.Attestation.from_json(body)
         except ProtocolError as exc:
             raise self._count(Problem(p.BAD_REQUEST, str(exc))) from None
-        session = self.store.get_session(session_id) if session_id else None
+        session = self.store.get_session(session_id, to_attest=True) if session_id else None
         if session is None or not session.awaits(attestation.nonce):
             raise self._count(_unknown_session())
         event = Event(ATTEST, DENY, "", self.name, peer=peer, session=session_ref(session_id), provider=session.tee)
         try:
-            claims = self._appraise(session.tee, attestation)
+            claims = await asyncio.to_thread(self._appraise, session.tee, attestation)
         except Problem as problem:
-            if self.store.end_attestation(session, attestation.nonce, replace(event, reason=problem.detail),
-                                          claims=None, tee_pubkey=None) is None:
+            if await self.store.end_attestation(session, attestation.nonce, replace(event, reason=problem.detail),
+                                                claims=None, tee_pubkey=None) is None:
                 raise self._count(_unknown_session()) from None
             self.metrics.attestation(session.tee, False)
             raise self._count(problem) from None
         except BaseException:
-            with contextlib.suppress(Exception):  # never left open to another try; the first error is the one
-                self.store.end_attestation(session, attestation.nonce, replace(event, reason="internal error"),
-                                           claims=None, tee_pubkey=None)
+            # Never left open to another try; the first error is the one. Shielded: this task
+            # may be being cancelled, the nonce is spent all the same.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.end_attestation(
+                    session, attestation.nonce, replace(event, reason="internal error"), claims=None,
+                    tee_pubkey=None))
             raise
         allowed = replace(event, decision=ALLOW, reason="evidence verified and bound to the session",
                           measurement=str(claims.get("measurement", "")))
-        if self.store.end_attestation(session, attestation.nonce, allowed, claims=claims,
-                                      tee_pubkey=attestation.tee_pubkey) is None:
+        if await self.store.end_attestation(session, attestation.nonce, allowed, claims=claims,
+                                            tee_pubkey=attestation.tee_pubkey) is None:
             raise self._count(_unknown_session())  # spent meanwhile by a concurrent /attest
         self.metrics.attestation(session.tee, True)
         log.info("attest peer=%s session=%s tee=%s form=%s result=verified measurement=%s", peer, event.session,
@@ -193,7 +201,7 @@ class KeyServer:
 
     # -- GET /kbs/v0/resource/<repo>/<type>/<tag> ----------------------------------------
 
-    def release(self, path: str, session_id: str | None, bearer: str | None, peer: str) -> ResourceAnswer:
+    async def release(self, path: str, session_id: str | None, bearer: str | None, peer: str) -> ResourceAnswer:
         """Release ``path`` to an attested session (cookie) or attestation token (Bearer)."""
         try:
             name = str(ResourcePath.parse(path))
@@ -206,18 +214,19 @@ class KeyServer:
                         measurement=str(claims.get("measurement", "")), policy_version=active.version)
         decision = active.policy.decide(name, claims)
         if not decision.allowed:
-            self._refuse(Problem(p.POLICY_DENIED, f"release of {name} denied by policy version {active.version}: "
-                                                  f"{decision.reason}", f"policy_{decision.cause}"), event)
+            await self._refuse(Problem(p.POLICY_DENIED, f"release of {name} denied by policy version "
+                                                        f"{active.version}: {decision.reason}",
+                                       f"policy_{decision.cause}"), event)
         if stored is None:
-            self._refuse(Problem(p.RESOURCE_NOT_FOUND, f"resource {name} does not exist"), event)
+            await self._refuse(Problem(p.RESOURCE_NOT_FOUND, f"resource {name} does not exist"), event)
         try:
             value = self.sealer.open(name, stored.sealed)
         except SealError as exc:
             log.error("resource %s: %s", name, exc)
-            self._refuse(Problem(p.INTERNAL, f"resource {name} cannot be unsealed on this server; see its log",
-                                 "unseal"), event)
+            await self._refuse(Problem(p.INTERNAL, f"resource {name} cannot be unsealed on this server; see its "
+                                                   "log", "unseal"), event)
         wrapped = jwe.wrap(value, tee_pubkey)
-        record = self.store.audit(replace(event, decision=ALLOW, reason=decision.reason))
+        record = await self.store.record(replace(event, decision=ALLOW, reason=decision.reason))
         self.metrics.release(event.provider)
         log.info("resource peer=%s session=%s path=%s result=released audit=%d", peer, session, name, record.seq)
         return ResourceAnswer(wrapped, stored.lease, record.hash)
@@ -237,9 +246,9 @@ class KeyServer:
         assert session.tee_pubkey is not None and session.claims is not None
         return session.tee_pubkey, session.claims, session_ref(session.id)
 
-    def _refuse(self, problem: Problem, event: Event) -> NoReturn:
+    async def _refuse(self, problem: Problem, event: Event) -> NoReturn:
         """Record the refusal of an authenticated session (durably), count it, and answer with ``problem``."""
-        self.store.audit(replace(event, decision=DENY, reason=problem.detail))
+        await self.store.record(replace(event, decision=DENY, reason=problem.detail))
         raise self._count(problem)
 
     def _count(self, problem: Problem) -> Problem:

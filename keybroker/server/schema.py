@@ -128,14 +128,9 @@ event.listen(audit, "after_create", DDL(
 ).execute_if(dialect="postgresql"))
 
 
-def open_engine(url: str, *, durable: bool = True) -> Engine:
-    """An engine for ``url`` with the schema in place (created on first use).
-
-    A commit through a ``durable`` engine is on disk when it returns. The other kind is for
-    what a crash may lose (sessions: a guest calls /auth again) and skips that wait: SQLite
-    ``synchronous=NORMAL`` (WAL: durable at the next full sync), PostgreSQL
-    ``synchronous_commit=off``. Neither can corrupt the database or reorder commits.
-    """
+def open_engine(url: str) -> Engine:
+    """An engine for ``url`` with the schema in place (created on first use); a commit is on disk
+    when it returns (SQLite ``synchronous=FULL``, PostgreSQL's default)."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -143,13 +138,12 @@ def open_engine(url: str, *, durable: bool = True) -> Engine:
                           "or postgresql://keybroker@db.example/keybroker)") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        engine = _sqlite(parsed, durable)
+        engine = _sqlite(parsed)
     elif backend == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         try:
-            options = {} if durable else {"options": "-c synchronous_commit=off"}
-            engine = create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10, **options})
+            engine = create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
         except ImportError:
             raise ConfigError("--db postgresql://… needs psycopg 3: pip install 'keybroker[postgresql]'") from None
     else:
@@ -202,7 +196,7 @@ def writer_lock(url: str) -> WriterLock:
     return WriterLock(Path(f"{parsed.database}-writer.lock"))
 
 
-def _sqlite(parsed: Any, durable: bool) -> Engine:
+def _sqlite(parsed: Any) -> Engine:
     if not parsed.database or parsed.database == ":memory:":
         raise ConfigError("--db needs a SQLite file (sqlite:///path), not an in-memory database")
     path = Path(parsed.database)
@@ -215,7 +209,7 @@ def _sqlite(parsed: Any, durable: bool) -> Engine:
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
     return engine

@@ -13,12 +13,19 @@ record. The writes of concurrent requests are committed together (group commit: 
 transaction and one fsync for every write waiting), and each request is answered only after
 its write is committed, so an acknowledged release is in the audit log even if the
 machine crashes right after. Expired sessions are deleted at most once a minute, through an
-index on their expiry. Creating a session does not wait for the disk: a crash may lose
-sessions (their guests call /auth again), never a spent nonce or an audit record.
+index on their expiry.
+
+The protocol's steps run on the HTTP workers' event loops: their writes are awaited
+(``async``), their reads are short indexed selects made in place, and the sessions a worker
+made or attested are remembered in a bounded cache, so that a guest's next step on the same
+connection reads nothing back. A session changes once (its nonce is spent by the UPDATE that
+attests it or fails it), so a cached attested or failed session cannot be stale; a cached
+fresh one is used for one attestation at most, whose UPDATE then decides.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -26,6 +33,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -126,14 +134,15 @@ class GroupCommit:
         self._pid = 0
         self._queue: queue.SimpleQueue[tuple[Work | None, Future[Record | None]]] = queue.SimpleQueue()
 
-    def run(self, work: Work) -> Record | None:
+    def submit(self, work: Work) -> Future[Record | None]:
+        """Queue ``work``: the future is done once its transaction is committed (or has failed)."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._queue = queue.SimpleQueue()
             threading.Thread(target=self._writer, args=(self._queue,), name="keybroker-audit", daemon=True).start()
         done: Future[Record | None] = Future()
         self._queue.put((work, done))
-        return done.result()
+        return done
 
     def close(self) -> None:
         """Have this process's writer give its connection back (before a fork: none may cross it)."""
@@ -194,20 +203,50 @@ def _discard(db: Connection | None) -> None:
             db.close()
 
 
+class SessionCache:
+    """The sessions this process made or attested lately, by id: at most ``size``, the oldest forgotten."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, session: Session) -> None:
+        with self._lock:
+            self._sessions[session.id] = session
+            self._sessions.move_to_end(session.id)
+            if len(self._sessions) > self.size:
+                self._sessions.popitem(last=False)
+
+    def get(self, session_id: str, *, to_attest: bool) -> Session | None:
+        """The cached session. A fresh one (nonce unspent) may have been attested elsewhere since:
+        it is handed out only ``to_attest``, and once, so that the UPDATE of that attestation decides."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and session.state == "authed":
+                if not to_attest:
+                    return None
+                del self._sessions[session_id]
+            return session
+
+    def forget(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.engine = open_engine(url)
-        self._sessions = open_engine(url, durable=False)  # /auth's inserts: a crash may lose them
         self._policy = NO_POLICY  # the last active policy read, parsed once per version
         self._writer = schema.writer_lock(url)
         self._commits = GroupCommit(self.engine, self._writer)
+        self._cached = SessionCache()
         self._next_purge = 0.0
 
     def close_connections(self) -> None:
         """Close the pooled connections (before a fork: no connection may cross it)."""
         self._commits.close()
         self.engine.dispose()
-        self._sessions.dispose()
 
     def ping(self) -> None:
         """Raise unless the database answers."""
@@ -219,11 +258,21 @@ class Store:
     def audited(self, work: Work) -> Record | None:
         """Run ``work`` in a transaction holding the audit lock; append the event it returns, and
         return its record once committed. ``work`` that returns None must have changed nothing."""
-        return self._commits.run(work)
+        return self._commits.submit(work).result()
+
+    async def committed(self, work: Work) -> Record | None:
+        """:meth:`audited`, awaited on an event loop."""
+        return await asyncio.wrap_future(self._commits.submit(work))
 
     def audit(self, event: Event) -> Record:
         """Append ``event`` durably: when this returns, the record is committed."""
         record = self.audited(lambda db: event)
+        assert record is not None
+        return record
+
+    async def record(self, event: Event) -> Record:
+        """:meth:`audit`, awaited on an event loop."""
+        record = await self.committed(lambda db: event)
         assert record is not None
         return record
 
@@ -331,17 +380,21 @@ class Store:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    def create_session(self, session_id: str, tee: str, nonce: str, lifetime: float) -> None:
+    async def create_session(self, session_id: str, tee: str, nonce: str, lifetime: float) -> None:
         now = time.time()
-        with self._writer, self._sessions.begin() as db:
+        session = Session(session_id, tee, nonce, "authed", now + lifetime, None, None)
+
+        def work(db: Connection) -> None:
             if now >= self._next_purge:
                 self._next_purge = now + PURGE_INTERVAL
                 db.execute(_PURGE_SESSIONS, {"now": now})
-            db.execute(_NEW_SESSION, {"id": session_id, "tee": tee, "nonce": nonce, "state": "authed",
-                                      "expires": now + lifetime})
+            db.execute(_NEW_SESSION, {"id": session.id, "tee": tee, "nonce": nonce, "state": session.state,
+                                      "expires": session.expires})
+        await self.committed(work)
+        self._cached.put(session)
 
-    def end_attestation(self, session: Session, nonce: str, event: Event, *, claims: dict[str, Any] | None,
-                        tee_pubkey: dict[str, str] | None) -> Record | None:
+    async def end_attestation(self, session: Session, nonce: str, event: Event, *, claims: dict[str, Any] | None,
+                              tee_pubkey: dict[str, str] | None) -> Record | None:
         """Spend ``nonce``: the session becomes attested (with ``claims``) or failed (claims None),
         with ``event`` recorded, in one transaction. None, and nothing changed, when the nonce was
         already spent (by a concurrent /attest, on any replica) or the session expired."""
@@ -353,9 +406,18 @@ class Store:
                 "new_claims": json.dumps(claims) if claims is not None else None,
                 "new_tee_pubkey": json.dumps(tee_pubkey) if tee_pubkey is not None else None})
             return event if spent.rowcount == 1 else None
-        return self.audited(work)
+        record = await self.committed(work)
+        if record is None:
+            self._cached.forget(session.id)
+        else:
+            self._cached.put(replace(session, state=state, claims=claims, tee_pubkey=tee_pubkey))
+        return record
 
-    def get_session(self, session_id: str) -> Session | None:
+    def get_session(self, session_id: str, *, to_attest: bool = False) -> Session | None:
+        """The session ``session_id``; ``to_attest``: a fresh session cached here may be the one read."""
+        cached = self._cached.get(session_id, to_attest=to_attest)
+        if cached is not None:
+            return cached
         with self.engine.connect() as db:
             row = db.execute(_SESSION, {"session_id": session_id}).first()
         if row is None:
