@@ -8,8 +8,10 @@ Every attestation and every release or refusal is appended to the audit log befo
 answer is returned: when a guest holds a key, the log already says so.
 
 The steps are coroutines for the HTTP workers' event loops: they await their writes and make
-their short reads in place. Only the verification of evidence runs on a thread, since it may
-fetch collateral over the network (a VCEK from AMD's KDS, TDX collateral from Intel's PCS).
+their short reads in place. Evidence is verified in place too, with collateral from the
+evidence, the operator's folders or the cache; evidence whose collateral must first be fetched
+(a VCEK from AMD's KDS, TDX collateral from Intel's PCS) is verified again on a thread, so
+that the loop never waits on the network.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any, NoReturn
 from ..errors import DescriptionError, EnvelopeError, EvidenceError, ProtocolError, SealError
 from ..verifier import Context, Evidence, Fetcher, TrustStore, verify
 from ..verifier.devices import appraise as appraise_devices
+from ..verifier.fetch import WouldFetch
 from ..wire import envelope, initdata, jwe, trustee
 from ..wire import rcar as p
 from ..wire.resource import ResourcePath
@@ -147,7 +150,7 @@ class KeyServer:
             raise self._count(_unknown_session())
         event = Event(ATTEST, DENY, "", self.name, peer=peer, session=session_ref(session_id), provider=session.tee)
         try:
-            claims = await asyncio.to_thread(self._appraise, session.tee, attestation)
+            claims = await self._appraised(session.tee, attestation)
         except Problem as problem:
             if await self.store.end_attestation(session, attestation.nonce, replace(event, reason=problem.detail),
                                                 claims=None, tee_pubkey=None) is None:
@@ -173,7 +176,13 @@ class KeyServer:
         return {"token": self.tokens.issue(session.tee, attestation.tee_pubkey, claims, event.session,
                                            session.expires)}
 
-    def _appraise(self, tee: str, attestation: p.Attestation) -> dict[str, Any]:
+    async def _appraised(self, tee: str, attestation: p.Attestation) -> dict[str, Any]:
+        try:
+            return self._appraise(tee, attestation, self.fetcher.offline())
+        except WouldFetch:
+            return await asyncio.to_thread(self._appraise, tee, attestation, self.fetcher)
+
+    def _appraise(self, tee: str, attestation: p.Attestation, fetcher: Fetcher) -> dict[str, Any]:
         """Verify the evidence and its binding to the session; its claims, with init-data's and devices'."""
         try:
             evidence = _evidence(tee, attestation.primary_evidence)
@@ -187,7 +196,7 @@ class KeyServer:
                                                 "session's nonce, tee-pubkey and device evidence", "binding")
         context = Context(self.trust, at=dt.datetime.now(dt.UTC), nonce=expected,
                           init_data=init_data.digest if init_data else None, certs=self.certs,
-                          kds_url=self.kds_url, fetcher=self.fetcher, pcs_url=self.pcs_url,
+                          kds_url=self.kds_url, fetcher=fetcher, pcs_url=self.pcs_url,
                           collateral=self.collateral)
         verdict = verify(evidence, context)
         if not verdict.ok:

@@ -13,11 +13,15 @@ hammer a vendor service or tie up its threads:
 - at most ``CONCURRENCY`` fetches run at once in a process; others wait within the budget.
 
 One :class:`Fetcher` per process (the key server's is shared by every request). Its
-``cache_dir`` is where the KDS and PCS modules keep what they fetched.
+``cache_dir`` is where the KDS and PCS modules keep what they fetched. Its :meth:`offline`
+view answers from what is remembered and raises :class:`WouldFetch` where it would go to
+the network: the key server verifies on its event loop with that view, and on a thread,
+online, only the evidence whose collateral is not at hand.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import OrderedDict
@@ -41,6 +45,11 @@ ERROR_TTL = 60.0        # seconds another failure is remembered
 FAILURES_MAX = 4096     # remembered failures, oldest forgotten first
 
 
+class WouldFetch(Exception):
+    """An offline :class:`Fetcher` was asked for something only the network has (not an
+    EvidenceError: no verifier takes it for a verdict)."""
+
+
 @dataclass(frozen=True)
 class Answer:
     body: bytes
@@ -55,6 +64,13 @@ class Fetcher:
         self._slots = threading.BoundedSemaphore(concurrency)
         self._failures: OrderedDict[str, tuple[float, str, bool]] = OrderedDict()
         self._lock = threading.Lock()
+        self.online = True
+
+    def offline(self) -> Fetcher:
+        """This fetcher (its cache, remembered failures and limits) without the network."""
+        view = copy.copy(self)
+        view.online = False
+        return view
 
     def get(self, url: str, *, service: str, limit: int, missing_ok: bool = False) -> Answer | None:
         """The 200 answer for ``url``; None for a 404 when ``missing_ok``; else EvidenceError."""
@@ -64,6 +80,8 @@ class Fetcher:
             if missing and missing_ok:
                 return None
             raise EvidenceError(f"{service}: {reason} (a recent failure; not asked again yet)")
+        if not self.online:
+            raise WouldFetch(url)
         deadline = time.monotonic() + self.budget
         if not self._slots.acquire(timeout=max(self.budget - REQUEST_TIME_MIN, 0)):
             raise EvidenceError(f"{service}: too many fetches in flight; {url} was not asked")

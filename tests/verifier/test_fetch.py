@@ -13,6 +13,7 @@ import time
 import pytest
 
 from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
+from keybroker.verifier.fetch import WouldFetch
 from support import snp as sb
 from support.stub import QuietHandler, StubServer
 
@@ -72,6 +73,22 @@ def test_a_failure_is_remembered_instead_of_asked_again(kds):
                                                                 fetcher=fetcher))
         assert verdict.failures[0].name == "certificates"
     assert len(kds.paths) == 1  # the VCEK's 404, once; the other four came from memory
+
+
+def test_the_offline_view_never_asks_but_knows_what_failed(kds):
+    """The key server's event loop verifies offline: WouldFetch, not a verdict, when the network is needed."""
+    fetcher = Fetcher()
+    nonce = b"\x03" * 64
+    report = random_chip_report(nonce)
+    context = Context(TrustStore.default(), nonce=nonce, kds_url=kds.url, fetcher=fetcher.offline())
+    with pytest.raises(WouldFetch):
+        verify(Evidence("sev_guest", report), context)
+    assert kds.paths == []
+    online = verify(Evidence("sev_guest", report), Context(TrustStore.default(), nonce=nonce, kds_url=kds.url,
+                                                           fetcher=fetcher))
+    assert online.failures[0].name == "certificates" and len(kds.paths) == 1
+    remembered = verify(Evidence("sev_guest", report), context)  # the 404 is remembered: a verdict, offline
+    assert remembered.failures[0].name == "certificates" and len(kds.paths) == 1
 
 
 def verify_many(stand_in: StandInKds, fetcher: Fetcher, count: int) -> list[tuple[float, str]]:
