@@ -116,15 +116,20 @@ _SPEND_NONCE = (update(sessions)
 
 #: A piece of work on the database that returns the event to record, or None when it changed nothing.
 Work = Callable[[Connection], Event | None]
+#: What the writer is handed: work and the future of its record (no work: give the connection back).
+Queued = tuple[Work | None, Future[Record | None]]
 
 
 class GroupCommit:
     """Runs audited work from many threads in shared transactions: one commit (one fsync) for all
     the work waiting, each caller answered after that commit.
 
-    When a shared transaction fails, its pieces are run again one transaction each, so that a
-    failing piece fails alone. The writer thread is started on first use in each process (the
-    key server's workers are forked) and keeps its connection between transactions.
+    A batch is what waits when the writer wakes, and what arrives while it waits for the
+    chain's lock (held by another worker's or replica's commit): the busier the database,
+    the larger the batches. When a shared transaction fails, its pieces are run again one
+    transaction each, so that a failing piece fails alone. The writer thread is started on
+    first use in each process (the key server's workers are forked) and keeps its connection
+    between transactions.
     """
 
     BATCH_MAX = 64
@@ -132,7 +137,7 @@ class GroupCommit:
     def __init__(self, engine: Any, lock: schema.WriterLock) -> None:
         self.engine, self.lock = engine, lock
         self._pid = 0
-        self._queue: queue.SimpleQueue[tuple[Work | None, Future[Record | None]]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Queued] = queue.SimpleQueue()
 
     def submit(self, work: Work) -> Future[Record | None]:
         """Queue ``work``: the future is done once its transaction is committed (or has failed)."""
@@ -151,47 +156,58 @@ class GroupCommit:
             self._queue.put((None, done))
             done.result()
 
-    def _writer(self, waiting: queue.SimpleQueue[tuple[Work | None, Future[Record | None]]]) -> None:
+    def _writer(self, waiting: queue.SimpleQueue[Queued]) -> None:
         db: Connection | None = None  # this thread's own, kept between batches, replaced after a failure
         while True:
             batch = [waiting.get()]
-            while len(batch) < self.BATCH_MAX and not waiting.empty():
-                batch.append(waiting.get())
-            works = [(work, done) for work, done in batch if work is not None]
-            if works:
-                db = self._run(db, works)
-            if len(works) < len(batch):  # close(): the connection goes back to the pool
+            self._take(waiting, batch)
+            db = self._run(db, batch, waiting)
+            if any(work is None for work, _ in batch):  # close(): the connection goes back to the pool
                 _discard(db)
                 db = None
                 for work, done in batch:
                     if work is None:
                         done.set_result(None)
 
-    def _run(self, db: Connection | None, batch: list[tuple[Work, Future[Record | None]]]) -> Connection | None:
-        """Commit ``batch`` in one transaction, else each piece in its own; the connection to keep."""
+    def _take(self, waiting: queue.SimpleQueue[Queued],
+              batch: list[Queued]) -> None:
+        while len(batch) < self.BATCH_MAX and not waiting.empty():
+            batch.append(waiting.get())
+
+    def _run(self, db: Connection | None, batch: list[Queued],
+             waiting: queue.SimpleQueue[Queued]) -> Connection | None:
+        """Commit ``batch`` (grown while waiting for the lock) in one transaction, else each piece
+        in its own; the connection to keep."""
         try:
             db = db if db is not None else self.engine.connect()
-            results = self._commit(db, [work for work, _ in batch])
+            results = self._commit(db, batch, waiting)
         except Exception:
             _discard(db)
             db = None
             for work, done in batch:
+                if work is None:
+                    continue
                 try:
                     db = db if db is not None else self.engine.connect()
-                    done.set_result(self._commit(db, [work])[0])
+                    done.set_result(self._commit(db, [(work, done)])[0])
                 except Exception as exc:
                     _discard(db)
                     db = None
                     done.set_exception(exc)
             return db
-        for (_, done), result in zip(batch, results, strict=True):
-            done.set_result(result)
+        for (work, done), result in zip(batch, results, strict=True):
+            if work is not None:
+                done.set_result(result)
         return db
 
-    def _commit(self, db: Connection, works: list[Work]) -> list[Record | None]:
+    def _commit(self, db: Connection, batch: list[Queued],
+                waiting: queue.SimpleQueue[Queued] | None = None
+                ) -> list[Record | None]:
         with self.lock, db.begin():
             seq, prev = audit.lock_head(db)
-            events = [work(db) for work in works]
+            if waiting is not None:
+                self._take(waiting, batch)  # what queued while the lock was awaited joins this transaction
+            events = [None if work is None else work(db) for work, _ in batch]
             records = iter(audit.append(db, seq, prev, [event for event in events if event is not None]))
         return [None if event is None else next(records) for event in events]
 

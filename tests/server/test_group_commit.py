@@ -69,3 +69,25 @@ def test_the_writer_gives_its_connection_back_before_a_fork(tmp_path):
     store.close_connections()  # what serve does before it forks the workers
     assert store.engine.pool.checkedout() == 0
     assert write(store, "and taken again").seq == 2
+
+
+def test_what_arrives_while_another_writer_holds_the_lock_joins_the_waiting_transaction(tmp_path):
+    """Another worker's commit holds the chain's lock: this worker's writer, blocked on it with one
+    write, takes every write that queued meanwhile into the same transaction."""
+    store = Store(f"sqlite:///{tmp_path}/kbs.db")
+    other = Store(f"sqlite:///{tmp_path}/kbs.db")  # another worker on the same database
+    write(store, "the writer's connection is open")
+    commits: list[int] = []
+    event.listen(store.engine, "commit", lambda *_: commits.append(1))
+    with other._writer:  # what another worker's commit holds
+        first = store._commits.submit(lambda db: Event(ADMIN, ALLOW, "first", "test"))
+        deadline = time.monotonic() + 10
+        while not store._commits._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the writer took the first write and waits for the lock
+        later = [store._commits.submit(lambda db, n=n: Event(ADMIN, ALLOW, f"later {n}", "test")) for n in range(5)]
+        time.sleep(0.2)
+        assert not first.done()
+    records = [first.result(10), *(f.result(10) for f in later)]
+    assert [r.event.reason for r in records if r] == ["first", *(f"later {n}" for n in range(5))]
+    assert commits == [1]  # one transaction for all six
+    assert audit.verify(store.engine).ok
