@@ -91,3 +91,27 @@ def test_what_arrives_while_another_writer_holds_the_lock_joins_the_waiting_tran
     assert [r.event.reason for r in records if r] == ["first", *(f"later {n}" for n in range(5))]
     assert commits == [1]  # one transaction for all six
     assert audit.verify(store.engine).ok
+
+
+def test_a_busy_writer_waits_briefly_for_more_work_and_an_idle_one_does_not(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/kbs.db")
+    store._commits.BATCH_DELAY, store._commits.BUSY = 0.5, 0.3  # wide margins: counts, not timings, are checked
+    commits: list[int] = []
+    event.listen(store.engine, "commit", lambda *_: commits.append(1))
+
+    def submit(reason: str):
+        return store._commits.submit(lambda db: Event(ADMIN, ALLOW, reason, "test"))
+
+    def two_writes_apart(first: str, second: str) -> None:
+        one = submit(first)
+        time.sleep(0.1)
+        other = submit(second)
+        assert (one.result(10).event.reason, other.result(10).event.reason) == (first, second)
+
+    submit("wakes the writer").result(10)
+    two_writes_apart("a", "b")  # within BUSY of the last commit: the writer waits, one transaction
+    assert len(commits) == 2
+    time.sleep(0.4)  # idle now: "c" is committed as it comes, "d" after it
+    two_writes_apart("c", "d")
+    assert len(commits) == 4
+    assert audit.verify(store.engine).ok
