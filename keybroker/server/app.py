@@ -145,9 +145,9 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
     @guarded("auth")
     async def auth(request: Request) -> Response:
         body = await read_json(request)
-        session_id, challenge = await kbs.auth(body)
+        cookie, challenge = await kbs.auth(body)
         response = JSONResponse(challenge)
-        response.set_cookie(p.SESSION_COOKIE, session_id, max_age=SESSION_LIFETIME, path=p.PREFIX, httponly=True,
+        response.set_cookie(p.SESSION_COOKIE, cookie, max_age=SESSION_LIFETIME, path=p.PREFIX, httponly=True,
                             secure=secure_cookies, samesite="strict")
         return response
 

@@ -23,8 +23,6 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
-import time
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -37,9 +35,10 @@ from ..wire import envelope, initdata, jwe, trustee
 from ..wire import rcar as p
 from ..wire.resource import ResourcePath
 from .audit import ALLOW, ATTEST, DENY, RELEASE, Event
+from .cookies import SessionCookies
 from .metrics import Metrics
 from .sealing import Sealer
-from .store import Store
+from .store import Session, Store
 from .tokens import TokenSigner
 
 log = logging.getLogger("keybroker.server")
@@ -100,7 +99,7 @@ def _evidence(tee: str, primary: Any) -> Evidence:
 
 
 def session_ref(session_id: str | None) -> str:
-    """How the audit log names a session: a digest, never the cookie itself."""
+    """How the audit log names a session: a digest of its id, never the id (it authenticates) itself."""
     return hashlib.sha256(session_id.encode(errors="replace")).hexdigest()[:16] if session_id else ""
 
 
@@ -117,10 +116,15 @@ class KeyServer:
     fetcher: Fetcher = field(default_factory=Fetcher)
     pcs_url: str | None = None
     collateral: Path | None = None
+    cookies: SessionCookies = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cookies = SessionCookies(self.sealer)
 
     # -- POST /kbs/v0/auth ---------------------------------------------------------------
 
     async def auth(self, body: Any) -> tuple[str, dict[str, Any]]:
+        """The session cookie and the challenge; nothing is stored (see cookies)."""
         try:
             request = p.AuthRequest.from_json(body)
         except ProtocolError as exc:
@@ -131,50 +135,47 @@ class KeyServer:
         if request.tee not in p.PROVIDER_BY_TEE:
             raise Problem(p.BAD_REQUEST, f"tee {request.tee[:32]!r} is not supported "
                                          f"(supported: {', '.join(p.PROVIDER_BY_TEE)})")
-        session_id = uuid.uuid4().hex
         nonce = base64.b64encode(secrets.token_bytes(32)).decode()
-        await self.store.create_session(session_id, request.tee, nonce, SESSION_LIFETIME)
-        return session_id, p.Challenge(nonce, envelope=request.envelope).to_json()
+        _, cookie = self.cookies.issue(request.tee, nonce, SESSION_LIFETIME)
+        return cookie, p.Challenge(nonce, envelope=request.envelope).to_json()
 
     # -- POST /kbs/v0/attest -------------------------------------------------------------
 
-    async def attest(self, session_id: str | None, body: Any, peer: str) -> dict[str, str]:
+    async def attest(self, cookie: str | None, body: Any, peer: str) -> dict[str, str]:
         # Until a session's nonce is spent the caller has proven nothing: refusals are counted,
         # not audited (the audit log is for what sessions did, not for what anybody sent).
         try:
             attestation = p.Attestation.from_json(body)
         except ProtocolError as exc:
             raise self._count(Problem(p.BAD_REQUEST, str(exc))) from None
-        session = self.store.get_session(session_id, to_attest=True) if session_id else None
-        if session is None or not session.awaits(attestation.nonce):
+        fresh = self.cookies.open(cookie, attestation.nonce) if cookie else None
+        if fresh is None or self.store.stored_here(fresh.id):
             raise self._count(_unknown_session())
-        event = Event(ATTEST, DENY, "", self.name, peer=peer, session=session_ref(session_id), provider=session.tee)
+        failed = Session(fresh.id, fresh.tee, fresh.nonce, "failed", fresh.expires, None, None)
+        event = Event(ATTEST, DENY, "", self.name, peer=peer, session=session_ref(fresh.id), provider=fresh.tee)
         try:
-            claims = await self._appraised(session.tee, attestation)
+            claims = await self._appraised(fresh.tee, attestation)
         except Problem as problem:
-            if await self.store.end_attestation(session, attestation.nonce, replace(event, reason=problem.detail),
-                                                claims=None, tee_pubkey=None) is None:
+            if await self.store.end_attestation(failed, replace(event, reason=problem.detail)) is None:
                 raise self._count(_unknown_session()) from None
-            self.metrics.attestation(session.tee, False)
+            self.metrics.attestation(fresh.tee, False)
             raise self._count(problem) from None
         except BaseException:
             # Never left open to another try; the first error is the one. Shielded: this task
             # may be being cancelled, the nonce is spent all the same.
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.end_attestation(
-                    session, attestation.nonce, replace(event, reason="internal error"), claims=None,
-                    tee_pubkey=None))
+                await asyncio.shield(self.store.end_attestation(failed, replace(event, reason="internal error")))
             raise
         allowed = replace(event, decision=ALLOW, reason="evidence verified and bound to the session",
                           measurement=str(claims.get("measurement", "")))
-        if await self.store.end_attestation(session, attestation.nonce, allowed, claims=claims,
-                                            tee_pubkey=attestation.tee_pubkey) is None:
-            raise self._count(_unknown_session())  # spent meanwhile by a concurrent /attest
-        self.metrics.attestation(session.tee, True)
+        attested = replace(failed, state="attested", claims=claims, tee_pubkey=attestation.tee_pubkey)
+        if await self.store.end_attestation(attested, allowed) is None:
+            raise self._count(_unknown_session())  # spent already, or meanwhile by a concurrent /attest
+        self.metrics.attestation(fresh.tee, True)
         log.info("attest peer=%s session=%s tee=%s form=%s result=verified measurement=%s", peer, event.session,
-                 session.tee, evidence_form(attestation.primary_evidence), claims.get("measurement", "?"))
-        return {"token": self.tokens.issue(session.tee, attestation.tee_pubkey, claims, event.session,
-                                           session.expires)}
+                 fresh.tee, evidence_form(attestation.primary_evidence), claims.get("measurement", "?"))
+        return {"token": self.tokens.issue(fresh.tee, attestation.tee_pubkey, claims, event.session,
+                                           fresh.expires)}
 
     async def _appraised(self, tee: str, attestation: p.Attestation) -> dict[str, Any]:
         try:
@@ -210,13 +211,13 @@ class KeyServer:
 
     # -- GET /kbs/v0/resource/<repo>/<type>/<tag> ----------------------------------------
 
-    async def release(self, path: str, session_id: str | None, bearer: str | None, peer: str) -> ResourceAnswer:
+    async def release(self, path: str, cookie: str | None, bearer: str | None, peer: str) -> ResourceAnswer:
         """Release ``path`` to an attested session (cookie) or attestation token (Bearer)."""
         try:
             name = str(ResourcePath.parse(path))
         except DescriptionError as exc:
             raise self._count(Problem(p.BAD_REQUEST, str(exc))) from None
-        tee_pubkey, claims, session = self._authenticate(session_id, bearer)
+        tee_pubkey, claims, session = self._authenticate(cookie, bearer)
         event = Event(RELEASE, DENY, "", self.name, peer=peer, resource=name)
         active, stored = self.store.for_release(name)
         event = replace(event, session=session, provider=str(claims.get("tee", "")),
@@ -240,7 +241,7 @@ class KeyServer:
         log.info("resource peer=%s session=%s path=%s result=released audit=%d", peer, session, name, record.seq)
         return ResourceAnswer(wrapped, stored.lease, record.hash)
 
-    def _authenticate(self, session_id: str | None,
+    def _authenticate(self, cookie: str | None,
                       bearer: str | None) -> tuple[dict[str, str], dict[str, Any], str]:
         """The (tee-pubkey, claims, session reference) of an attestation token or attested session."""
         if bearer is not None:
@@ -248,8 +249,9 @@ class KeyServer:
             if token is None:
                 raise self._count(Problem(p.NOT_ATTESTED, "the Bearer token is invalid or expired: attest again"))
             return token["tee-pubkey"], token["claims"], str(token.get("sid", ""))
+        session_id = self.cookies.session_id(cookie) if cookie else None
         session = self.store.get_session(session_id) if session_id else None
-        if session is None or session.state != "attested" or session.expires < time.time():
+        if session is None or session.state != "attested" or self.cookies.open(cookie or "", session.nonce) is None:
             raise self._count(Problem(p.NOT_ATTESTED, "this session is not attested (or expired): call /auth and "
                                                       "/attest"))
         assert session.tee_pubkey is not None and session.claims is not None

@@ -70,6 +70,11 @@ class Sealer:
         self.current = current
         self._keks = {kek.id: kek for kek in (*previous, current)}
 
+    @property
+    def keks(self) -> tuple[Kek, ...]:
+        """Every KEK this sealer opens with, the current one among them."""
+        return tuple(self._keks.values())
+
     def seal(self, path: str, value: bytes) -> Sealed:
         nonce = os.urandom(NONCE_SIZE)
         return Sealed(self.current.id, nonce + AESGCM(self.current.key).encrypt(nonce, value, _aad(path)))

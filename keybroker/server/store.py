@@ -4,30 +4,27 @@ and the audit log that every change goes through.
 Every write that changes what may be released (a resource, the policy, a KEK rotation)
 or spends a nonce appends its audit record in the same transaction, after taking the audit
 chain's lock: there is no change without its record, and concurrent writers from any worker
-or replica are serialised. Sessions live in the database too, so a nonce is spent by one
-atomic UPDATE however many replicas share it.
+or replica are serialised. A session enters the database when it attests (or fails to):
+under that lock its row is inserted only if its id is not there yet, so a nonce is spent
+once however many replicas share the database (/auth wrote nothing: see cookies).
 
-Each protocol step writes at most once: /auth inserts its session, /attest spends the
-nonce, stores the claims and appends its record in one transaction, a release appends its
-record. The writes of concurrent requests are committed together (group commit: one
-transaction and one fsync for every write waiting), and each request is answered only after
-its write is committed, so an acknowledged release is in the audit log even if the
-machine crashes right after. Expired sessions are deleted at most once a minute, through an
-index on their expiry.
+Each protocol step writes at most once: /attest spends the nonce, stores the claims and
+appends its record in one transaction, a release appends its record. The writes of
+concurrent requests are committed together (group commit: one transaction and one fsync for
+every write waiting), and each request is answered only after its write is committed, so an
+acknowledged release is in the audit log even if the machine crashes right after. Expired
+sessions are deleted at most once a minute, through an index on their expiry.
 
 The protocol's steps run on the HTTP workers' event loops: their writes are awaited
 (``async``), their reads are short indexed selects made in place, and the sessions a worker
-made or attested are remembered in a bounded cache, so that a guest's next step on the same
-connection reads nothing back. A session changes once (its nonce is spent by the UPDATE that
-attests it or fails it), so a cached attested or failed session cannot be stale; a cached
-fresh one is used for one attestation at most, whose UPDATE then decides.
+attested are remembered in a bounded cache, so that a guest's next step on the same
+connection reads nothing back. A stored session never changes, so a cached one is never stale.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import os
 import queue
@@ -90,11 +87,6 @@ class Session:
     tee_pubkey: dict[str, str] | None
     claims: dict[str, Any] | None
 
-    def awaits(self, nonce: str) -> bool:
-        """Whether this session's nonce is ``nonce``, unspent and unexpired."""
-        return self.state == "authed" and self.expires > time.time() and \
-            hmac.compare_digest(self.nonce.encode(), nonce.encode())
-
 
 #: Version 0: no policy has been set, nothing is released.
 NO_POLICY = PolicyVersion(0, NONE.digest, 0.0, "none", NONE)
@@ -106,13 +98,9 @@ _RESOURCE = select(resources).where(resources.c.path == bindparam("path"))
 _NEWEST_POLICY = select(policies.c.version, policies.c.digest).order_by(policies.c.version.desc()).limit(1)
 _POLICY = select(policies).where(policies.c.version == bindparam("wanted"))
 _SESSION = select(sessions).where(sessions.c.id == bindparam("session_id"))
+_SESSION_EXISTS = select(sessions.c.id).where(sessions.c.id == bindparam("session_id"))
 _NEW_SESSION = insert(sessions)
 _PURGE_SESSIONS = delete(sessions).where(sessions.c.expires < bindparam("now"))
-_SPEND_NONCE = (update(sessions)
-                .where(sessions.c.id == bindparam("session_id"), sessions.c.nonce == bindparam("spent_nonce"),
-                       sessions.c.state == "authed", sessions.c.expires > bindparam("now"))
-                .values(state=bindparam("new_state"), claims=bindparam("new_claims"),
-                        tee_pubkey=bindparam("new_tee_pubkey")))
 
 #: A piece of work on the database that returns the event to record, or None when it changed nothing.
 Work = Callable[[Connection], Event | None]
@@ -236,7 +224,7 @@ def _discard(db: Connection | None) -> None:
 
 
 class SessionCache:
-    """The sessions this process made or attested lately, by id: at most ``size``, the oldest forgotten."""
+    """The sessions this process stored lately, by id: at most ``size``, the oldest forgotten."""
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
@@ -250,20 +238,9 @@ class SessionCache:
             if len(self._sessions) > self.size:
                 self._sessions.popitem(last=False)
 
-    def get(self, session_id: str, *, to_attest: bool) -> Session | None:
-        """The cached session. A fresh one (nonce unspent) may have been attested elsewhere since:
-        it is handed out only ``to_attest``, and once, so that the UPDATE of that attestation decides."""
+    def get(self, session_id: str) -> Session | None:
         with self._lock:
-            session = self._sessions.get(session_id)
-            if session is not None and session.state == "authed":
-                if not to_attest:
-                    return None
-                del self._sessions[session_id]
-            return session
-
-    def forget(self, session_id: str) -> None:
-        with self._lock:
-            self._sessions.pop(session_id, None)
+            return self._sessions.get(session_id)
 
 
 class Store:
@@ -412,42 +389,36 @@ class Store:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    async def create_session(self, session_id: str, tee: str, nonce: str, lifetime: float) -> None:
-        now = time.time()
-        session = Session(session_id, tee, nonce, "authed", now + lifetime, None, None)
-
-        def work(db: Connection) -> None:
+    async def end_attestation(self, session: Session, event: Event) -> Record | None:
+        """Store ``session``, attested (it has claims) or failed, spending its nonce, with ``event``
+        recorded, in one transaction. None, and nothing changed, when the session is stored
+        already: its nonce was spent (by a concurrent /attest, on any replica)."""
+        def work(db: Connection) -> Event | None:
+            now = time.time()
             if now >= self._next_purge:
                 self._next_purge = now + PURGE_INTERVAL
                 db.execute(_PURGE_SESSIONS, {"now": now})
-            db.execute(_NEW_SESSION, {"id": session.id, "tee": tee, "nonce": nonce, "state": session.state,
-                                      "expires": session.expires})
-        await self.committed(work)
-        self._cached.put(session)
-
-    async def end_attestation(self, session: Session, nonce: str, event: Event, *, claims: dict[str, Any] | None,
-                              tee_pubkey: dict[str, str] | None) -> Record | None:
-        """Spend ``nonce``: the session becomes attested (with ``claims``) or failed (claims None),
-        with ``event`` recorded, in one transaction. None, and nothing changed, when the nonce was
-        already spent (by a concurrent /attest, on any replica) or the session expired."""
-        state = "attested" if claims is not None else "failed"
-
-        def work(db: Connection) -> Event | None:
-            spent = db.execute(_SPEND_NONCE, {
-                "session_id": session.id, "spent_nonce": nonce, "now": time.time(), "new_state": state,
-                "new_claims": json.dumps(claims) if claims is not None else None,
-                "new_tee_pubkey": json.dumps(tee_pubkey) if tee_pubkey is not None else None})
-            return event if spent.rowcount == 1 else None
+            if db.execute(_SESSION_EXISTS, {"session_id": session.id}).first() is not None:
+                return None  # read under the chain's lock: no other writer can insert it meanwhile
+            db.execute(_NEW_SESSION, {
+                "id": session.id, "tee": session.tee, "nonce": session.nonce, "state": session.state,
+                "expires": session.expires,
+                "claims": json.dumps(session.claims) if session.claims is not None else None,
+                "tee_pubkey": json.dumps(session.tee_pubkey) if session.tee_pubkey is not None else None})
+            return event
         record = await self.committed(work)
-        if record is None:
-            self._cached.forget(session.id)
-        else:
-            self._cached.put(replace(session, state=state, claims=claims, tee_pubkey=tee_pubkey))
+        if record is not None:
+            self._cached.put(session)
         return record
 
-    def get_session(self, session_id: str, *, to_attest: bool = False) -> Session | None:
-        """The session ``session_id``; ``to_attest``: a fresh session cached here may be the one read."""
-        cached = self._cached.get(session_id, to_attest=to_attest)
+    def stored_here(self, session_id: str) -> bool:
+        """Whether this process stored ``session_id`` lately (a replay is then refused before its
+        evidence is verified; the attestation's transaction decides in any case)."""
+        return self._cached.get(session_id) is not None
+
+    def get_session(self, session_id: str) -> Session | None:
+        """The stored (attested or failed) session ``session_id``."""
+        cached = self._cached.get(session_id)
         if cached is not None:
             return cached
         with self.engine.connect() as db:

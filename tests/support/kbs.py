@@ -32,7 +32,8 @@ class Attested:
 
     @property
     def session_ref(self) -> str:
-        return hashlib.sha256(self.session.encode()).hexdigest()[:16]
+        """How the audit log names the session: a digest of its id (the cookie's first part)."""
+        return hashlib.sha256(self.session.split(".")[0].encode()).hexdigest()[:16]
 
     def fetch(self, url: str, path: str, *, bearer: bool = False, timeout: float = 30) -> requests.Response:
         if bearer:

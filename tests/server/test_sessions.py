@@ -1,0 +1,109 @@
+"""RCAR sessions: the cookie /auth gives proves its nonce; the session is stored once, when it attests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from keybroker.server.audit import ALLOW, ATTEST, Event
+from keybroker.server.cookies import SessionCookies
+from keybroker.server.sealing import Kek, Sealer
+from keybroker.server.store import Session, SessionCache, Store
+
+KEK = Kek.from_bytes(bytes(range(32)), "test")
+NEXT_KEK = Kek.from_bytes(bytes(range(1, 33)), "test")
+
+
+def test_a_cookie_opens_with_its_own_nonce_only():
+    cookies = SessionCookies(Sealer(KEK))
+    fresh, cookie = cookies.issue("snp", "the-nonce", 300)
+    opened = cookies.open(cookie, "the-nonce")
+    assert opened == fresh and opened.tee == "snp" and opened.expires > time.time()
+    assert cookies.open(cookie, "another-nonce") is None
+    assert cookies.session_id(cookie) == fresh.id
+
+
+@pytest.mark.parametrize("change", [
+    lambda c: c.replace(".snp.", ".tdx."),                                    # another TEE
+    lambda c: ".".join([c.split(".")[0], "snp", "9999999999", c.split(".")[3]]),  # a later end
+    lambda c: "f" * 32 + c[32:],                                              # another session
+    lambda c: c[:-1] + ("A" if c[-1] != "A" else "B"),                         # another MAC
+    lambda c: c + ".x", lambda c: c.upper(), lambda c: "", lambda c: c * 1000,  # not a cookie
+    lambda c: c.replace(".", "\u2024"),
+])
+def test_an_altered_or_malformed_cookie_opens_nothing(change):
+    cookies = SessionCookies(Sealer(KEK))
+    _, cookie = cookies.issue("snp", "n", 300)
+    assert cookies.open(change(cookie), "n") is None
+
+
+def test_an_expired_cookie_opens_nothing():
+    cookies = SessionCookies(Sealer(KEK))
+    _, cookie = cookies.issue("snp", "n", -1)
+    assert cookies.open(cookie, "n") is None
+
+
+def test_replicas_check_each_others_cookies_through_a_kek_rotation():
+    old_replica, rotated = SessionCookies(Sealer(KEK)), SessionCookies(Sealer(NEXT_KEK, [KEK]))
+    _, old = old_replica.issue("snp", "n", 300)
+    assert rotated.open(old, "n") is not None  # made under the previous KEK
+    _, new = rotated.issue("snp", "n", 300)
+    assert rotated.open(new, "n") is not None and old_replica.open(new, "n") is None
+    assert SessionCookies(Sealer(Kek.from_bytes(bytes(32), "other"))).open(old, "n") is None  # another KEK
+
+
+def attested(session_id: str) -> Session:
+    return Session(session_id, "snp", "n", "attested", time.time() + 300, {"kty": "EC"}, {"tee": "snp"})
+
+
+def test_a_session_is_stored_once_however_many_replicas_try(tmp_path):
+    a = Store(f"sqlite:///{tmp_path}/kbs.db")
+    b = Store(f"sqlite:///{tmp_path}/kbs.db")  # another worker or replica on the same database
+    event = Event(ATTEST, ALLOW, "test", "a")
+
+    async def attest_twice() -> None:
+        record = await a.end_attestation(attested("s1"), event)
+        assert record is not None and a.stored_here("s1") and not b.stored_here("s1")
+        assert await b.end_attestation(attested("s1"), event) is None  # the nonce is spent
+        assert await a.end_attestation(attested("s1"), event) is None
+        both = await asyncio.gather(*(store.end_attestation(attested("s2"), event) for store in (a, b, a, b)))
+        assert sum(record is not None for record in both) == 1
+
+    asyncio.run(attest_twice())
+    stored = b.get_session("s1")  # read from the database: b stored nothing
+    assert stored is not None and stored.state == "attested" and stored.claims == {"tee": "snp"}
+
+
+def test_the_cache_keeps_the_newest_sessions_only():
+    cache = SessionCache(size=3)
+    for n in range(5):
+        cache.put(attested(f"s{n}"))
+    assert [cache.get(f"s{n}") is not None for n in range(5)] == [False, False, True, True, True]
+
+
+def test_auth_writes_nothing(tmp_path):
+    """A flood of /auth costs CPU only: no session, no audit record, until one attests."""
+    from sqlalchemy import func, select
+
+    from keybroker.server import schema
+    from keybroker.server.kbs import KeyServer
+    from keybroker.server.metrics import Metrics
+    from keybroker.server.tokens import TokenSigner
+    from keybroker.verifier import TrustStore
+    from keybroker.wire import rcar as p
+
+    store = Store(f"sqlite:///{tmp_path}/kbs.db")
+    kbs = KeyServer(store=store, sealer=Sealer(KEK), trust=TrustStore.default(), tokens=TokenSigner(),
+                    metrics=Metrics(), name="test")
+
+    async def flood() -> list[tuple[str, dict]]:
+        return [await kbs.auth(p.AuthRequest("snp").to_json()) for _ in range(200)]
+
+    challenges = asyncio.run(flood())
+    assert len({cookie for cookie, _ in challenges}) == 200
+    assert all(kbs.cookies.open(cookie, challenge["nonce"]) for cookie, challenge in challenges)
+    with store.engine.connect() as db:
+        assert db.execute(select(func.count()).select_from(schema.sessions)).scalar() == 0
+        assert db.execute(select(func.count()).select_from(schema.audit)).scalar() == 0
