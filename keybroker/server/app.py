@@ -61,9 +61,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def read_json(request: Request) -> Any:
+def json_of(body: bytes) -> Any:
     try:
-        return parse_json(await read_body(request, p.BODY_MAX))
+        return parse_json(body)
     except ValueError as exc:  # UnicodeDecodeError too; the messages name positions, never the content
         raise Problem(p.BAD_REQUEST, f"request body is not JSON: {str(exc)[:200]}") from None
 
@@ -144,8 +144,7 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
 
     @guarded("auth")
     async def auth(request: Request) -> Response:
-        body = await read_json(request)
-        cookie, challenge = await kbs.auth(body)
+        cookie, challenge = await kbs.auth(json_of(await read_body(request, p.BODY_MAX)))
         response = JSONResponse(challenge)
         response.set_cookie(p.SESSION_COOKIE, cookie, max_age=SESSION_LIFETIME, path=p.PREFIX, httponly=True,
                             secure=secure_cookies, samesite="strict")
@@ -153,8 +152,9 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
 
     @guarded("attest")
     async def attest(request: Request) -> Response:
-        body = await read_json(request)
-        token = await kbs.attest(request.cookies.get(p.SESSION_COOKIE), body, _peer(request))
+        body = await read_body(request, p.BODY_MAX)
+        token = await kbs.attest(request.cookies.get(p.SESSION_COOKIE), json_of(body), _peer(request),
+                                 size=len(body))
         return JSONResponse(token)
 
     @guarded("resource")

@@ -7,10 +7,12 @@ names: the cookie proves that this server issued that nonce to that session unti
 does not prove that the nonce is unspent: the attestation's transaction does, by inserting
 the session (its id is the key) only if it is not there yet.
 
-The MAC key is derived (HKDF-SHA-256) from the KEK, which every replica has: any replica
-checks any replica's cookies. Cookies are made under the current KEK and checked under it
-and the previous ones (a rotation in progress). A flood of /auth costs CPU only: nothing is
-written for a session until it attests.
+The MAC key is derived (HKDF-SHA-256, its own label) from the KEK, which every replica has:
+any replica checks the cookies of the replicas with the same KEK. Cookies are made under
+the current KEK and checked under it and the previous ones: after a rotation, cookies made
+before it still open; during a rolling restart, a replica not yet given the new KEK refuses
+the cookies made under it (their guests call /auth again). A flood of /auth costs CPU only:
+nothing is written for a session until it attests.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .sealing import Sealer
 
-_COOKIE = re.compile(r"([0-9a-f]{32})\.([a-z]{1,16})\.([0-9]{1,12})\.([A-Za-z0-9_-]{22})")
+_COOKIE = re.compile(r"([0-9a-f]{32})\.([a-z]{1,16})\.(0|[1-9][0-9]{0,11})\.([A-Za-z0-9_-]{22})")  # one spelling each
 _INFO = b"keybroker rcar session cookie v1"
 
 

@@ -9,9 +9,10 @@ answer is returned: when a guest holds a key, the log already says so.
 
 The steps are coroutines for the HTTP workers' event loops: they await their writes and make
 their short reads in place. Evidence is verified in place too, with collateral from the
-evidence, the operator's folders or the cache; evidence whose collateral must first be fetched
-(a VCEK from AMD's KDS, TDX collateral from Intel's PCS) is verified again on a thread, so
-that the loop never waits on the network.
+evidence, the operator's folders or the cache; a large attestation (event logs, long
+certificate chains: more than ``INLINE_MAX`` bytes), and evidence whose collateral must
+first be fetched (a VCEK from AMD's KDS, TDX collateral from Intel's PCS), is verified on a
+thread instead, so that the loop waits neither on the network nor on a long replay.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .tokens import TokenSigner
 log = logging.getLogger("keybroker.server")
 
 SESSION_LIFETIME = 300  # seconds, as Trustee's default
+INLINE_MAX = 32 * 1024  # bytes of an attestation verified on the event loop; larger ones on a thread
 
 
 DETAIL_MAX = 1024  # characters of a problem's detail: what an answer or a log line says at most
@@ -141,7 +143,8 @@ class KeyServer:
 
     # -- POST /kbs/v0/attest -------------------------------------------------------------
 
-    async def attest(self, cookie: str | None, body: Any, peer: str) -> dict[str, str]:
+    async def attest(self, cookie: str | None, body: Any, peer: str, *, size: int) -> dict[str, str]:
+        """The attestation token for ``body`` (``size`` bytes as sent) under the session of ``cookie``."""
         # Until a session's nonce is spent the caller has proven nothing: refusals are counted,
         # not audited (the audit log is for what sessions did, not for what anybody sent).
         try:
@@ -154,7 +157,7 @@ class KeyServer:
         failed = Session(fresh.id, fresh.tee, fresh.nonce, "failed", fresh.expires, None, None)
         event = Event(ATTEST, DENY, "", self.name, peer=peer, session=session_ref(fresh.id), provider=fresh.tee)
         try:
-            claims = await self._appraised(fresh.tee, attestation)
+            claims = await self._appraised(fresh.tee, attestation, size)
         except Problem as problem:
             if await self.store.end_attestation(failed, replace(event, reason=problem.detail)) is None:
                 raise self._count(_unknown_session()) from None
@@ -177,11 +180,13 @@ class KeyServer:
         return {"token": self.tokens.issue(fresh.tee, attestation.tee_pubkey, claims, event.session,
                                            fresh.expires)}
 
-    async def _appraised(self, tee: str, attestation: p.Attestation) -> dict[str, Any]:
-        try:
-            return self._appraise(tee, attestation, self.fetcher.offline())
-        except WouldFetch:
-            return await asyncio.to_thread(self._appraise, tee, attestation, self.fetcher)
+    async def _appraised(self, tee: str, attestation: p.Attestation, size: int) -> dict[str, Any]:
+        if size <= INLINE_MAX:
+            try:
+                return self._appraise(tee, attestation, self.fetcher.offline())
+            except WouldFetch:
+                pass
+        return await asyncio.to_thread(self._appraise, tee, attestation, self.fetcher)
 
     def _appraise(self, tee: str, attestation: p.Attestation, fetcher: Fetcher) -> dict[str, Any]:
         """Verify the evidence and its binding to the session; its claims, with init-data's and devices'."""

@@ -18,7 +18,8 @@ sessions are deleted at most once a minute, through an index on their expiry.
 The protocol's steps run on the HTTP workers' event loops: their writes are awaited
 (``async``), their reads are short indexed selects made in place, and the sessions a worker
 attested are remembered in a bounded cache, so that a guest's next step on the same
-connection reads nothing back. A stored session never changes, so a cached one is never stale.
+connection reads nothing back. A stored session never changes, so a cached one is never stale
+(its row may be purged first; the cookie's end is checked on every use).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -92,6 +93,9 @@ class Session:
 NO_POLICY = PolicyVersion(0, NONE.digest, 0.0, "none", NONE)
 
 PURGE_INTERVAL = 60.0  # seconds between deletions of expired sessions (per process)
+#: Seconds a stored session is kept after its end: it spends its nonce for that long after
+#: the nonce expired too, on a replica whose clock is behind by less than that.
+PURGE_MARGIN = 600.0
 
 # The statements of the protocol's steps, built once (building one costs more than running it).
 _RESOURCE = select(resources).where(resources.c.path == bindparam("path"))
@@ -146,7 +150,7 @@ class GroupCommit:
         if self._pid == os.getpid():
             done: Future[Record | None] = Future()
             self._queue.put((None, done))
-            done.result()
+            done.result(timeout=60)
 
     def _writer(self, waiting: queue.SimpleQueue[Queued]) -> None:
         db: Connection | None = None  # this thread's own, kept between batches, replaced after a failure
@@ -157,14 +161,20 @@ class GroupCommit:
                 self._gather(waiting, batch, time.monotonic() + self.BATCH_DELAY)
             else:
                 self._take(waiting, batch)
-            db = self._run(db, batch, waiting)
+            try:
+                db = self._run(db, batch, waiting)
+            except Exception as exc:  # a bug, not a database failure (those fail their pieces): nobody waits forever
+                _discard(db)
+                db = None
+                for _, done in batch:
+                    _settle(done, error=exc)
             last_commit = time.monotonic()
             if any(work is None for work, _ in batch):  # close(): the connection goes back to the pool
                 _discard(db)
                 db = None
                 for work, done in batch:
                     if work is None:
-                        done.set_result(None)
+                        _settle(done, None)
 
     def _take(self, waiting: queue.SimpleQueue[Queued],
               batch: list[Queued]) -> None:
@@ -193,15 +203,15 @@ class GroupCommit:
                     continue
                 try:
                     db = db if db is not None else self.engine.connect()
-                    done.set_result(self._commit(db, [(work, done)])[0])
+                    _settle(done, self._commit(db, [(work, done)])[0])
                 except Exception as exc:
                     _discard(db)
                     db = None
-                    done.set_exception(exc)
+                    _settle(done, error=exc)
             return db
         for (work, done), result in zip(batch, results, strict=True):
             if work is not None:
-                done.set_result(result)
+                _settle(done, result)
         return db
 
     def _commit(self, db: Connection, batch: list[Queued],
@@ -214,6 +224,15 @@ class GroupCommit:
             events = [None if work is None else work(db) for work, _ in batch]
             records = iter(audit.append(db, seq, prev, [event for event in events if event is not None]))
         return [None if event is None else next(records) for event in events]
+
+
+def _settle(done: Future[Record | None], result: Record | None = None, *, error: Exception | None = None) -> None:
+    """Resolve ``done`` unless it is already (resolved by a failed batch, or cancelled by a caller that left)."""
+    with contextlib.suppress(InvalidStateError):
+        if error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error)
 
 
 def _discard(db: Connection | None) -> None:
@@ -270,8 +289,9 @@ class Store:
         return self._commits.submit(work).result()
 
     async def committed(self, work: Work) -> Record | None:
-        """:meth:`audited`, awaited on an event loop."""
-        return await asyncio.wrap_future(self._commits.submit(work))
+        """:meth:`audited`, awaited on an event loop. Shielded: a caller cancelled meanwhile
+        leaves the write to be committed all the same."""
+        return await asyncio.shield(asyncio.wrap_future(self._commits.submit(work)))
 
     def audit(self, event: Event) -> Record:
         """Append ``event`` durably: when this returns, the record is committed."""
@@ -392,12 +412,14 @@ class Store:
     async def end_attestation(self, session: Session, event: Event) -> Record | None:
         """Store ``session``, attested (it has claims) or failed, spending its nonce, with ``event``
         recorded, in one transaction. None, and nothing changed, when the session is stored
-        already: its nonce was spent (by a concurrent /attest, on any replica)."""
+        already (its nonce was spent, by a concurrent /attest on any replica) or has ended."""
         def work(db: Connection) -> Event | None:
             now = time.time()
             if now >= self._next_purge:
                 self._next_purge = now + PURGE_INTERVAL
-                db.execute(_PURGE_SESSIONS, {"now": now})
+                db.execute(_PURGE_SESSIONS, {"now": now - PURGE_MARGIN})
+            if session.expires <= now:
+                return None  # expired while its evidence was verified: its nonce is spent anyway
             if db.execute(_SESSION_EXISTS, {"session_id": session.id}).first() is not None:
                 return None  # read under the chain's lock: no other writer can insert it meanwhile
             db.execute(_NEW_SESSION, {

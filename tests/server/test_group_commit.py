@@ -115,3 +115,28 @@ def test_a_busy_writer_waits_briefly_for_more_work_and_an_idle_one_does_not(tmp_
     two_writes_apart("c", "d")
     assert len(commits) == 4
     assert audit.verify(store.engine).ok
+
+
+def test_a_caller_that_leaves_does_not_stop_the_writer(tmp_path):
+    """A request cancelled while it awaits its write: the write is committed all the same, and
+    the writer goes on serving the others (a cancelled future once killed its thread)."""
+    import asyncio
+
+    store = Store(f"sqlite:///{tmp_path}/kbs.db")
+    entered, release = threading.Event(), threading.Event()
+
+    async def scenario() -> None:
+        holder = asyncio.get_running_loop().run_in_executor(
+            None, lambda: write(store, "holds the writer", entered=entered, hold=release))
+        await asyncio.to_thread(entered.wait, 10)
+        leaving = asyncio.create_task(store.record(Event(ADMIN, ALLOW, "left before its answer", "test")))
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        release.set()
+        await holder
+        later = await asyncio.wait_for(store.record(Event(ADMIN, ALLOW, "after", "test")), 10)
+        assert later.seq == 3
+
+    asyncio.run(scenario())
+    reasons = [record.event.reason for record in audit.records(store.engine)]
+    assert reasons == ["holds the writer", "left before its answer", "after"]

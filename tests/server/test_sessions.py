@@ -32,6 +32,7 @@ def test_a_cookie_opens_with_its_own_nonce_only():
     lambda c: c[:-1] + ("A" if c[-1] != "A" else "B"),                         # another MAC
     lambda c: c + ".x", lambda c: c.upper(), lambda c: "", lambda c: c * 1000,  # not a cookie
     lambda c: c.replace(".", "\u2024"),
+    lambda c: c.replace(".snp.", ".snp.0"),                                    # the same end, spelt otherwise
 ])
 def test_an_altered_or_malformed_cookie_opens_nothing(change):
     cookies = SessionCookies(Sealer(KEK))
@@ -74,6 +75,13 @@ def test_a_session_is_stored_once_however_many_replicas_try(tmp_path):
     asyncio.run(attest_twice())
     stored = b.get_session("s1")  # read from the database: b stored nothing
     assert stored is not None and stored.state == "attested" and stored.claims == {"tee": "snp"}
+
+
+def test_a_session_that_ended_while_its_evidence_was_verified_is_not_stored(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/kbs.db")
+    ended = Session("s1", "snp", "n", "attested", time.time() - 1, {"kty": "EC"}, {"tee": "snp"})
+    assert asyncio.run(store.end_attestation(ended, Event(ATTEST, ALLOW, "test", "a"))) is None
+    assert store.get_session("s1") is None
 
 
 def test_the_cache_keeps_the_newest_sessions_only():
