@@ -101,6 +101,11 @@ PURGE_MARGIN = 600.0
 _RESOURCE = select(resources).where(resources.c.path == bindparam("path"))
 _NEWEST_POLICY = select(policies.c.version, policies.c.digest).order_by(policies.c.version.desc()).limit(1)
 _POLICY = select(policies).where(policies.c.version == bindparam("wanted"))
+_NEWEST = _NEWEST_POLICY.subquery()
+#: A release's one read: the newest policy's version and digest, and the resource if there is one.
+_FOR_RELEASE = (select(_NEWEST.c.version, _NEWEST.c.digest, resources.c.path, resources.c.kek_id,
+                       resources.c.sealed, resources.c.lease)
+                .select_from(_NEWEST.outerjoin(resources, resources.c.path == bindparam("path"))))
 _SESSION = select(sessions).where(sessions.c.id == bindparam("session_id"))
 _SESSION_EXISTS = select(sessions.c.id).where(sessions.c.id == bindparam("session_id"))
 _NEW_SESSION = insert(sessions)
@@ -331,7 +336,11 @@ class Store:
     def for_release(self, path: str) -> tuple[PolicyVersion, StoredResource | None]:
         """The active policy and the resource ``path`` (None when there is none), read together."""
         with self.engine.connect() as db:
-            return self._active_policy(db), _resource(db, path)
+            row = db.execute(_FOR_RELEASE, {"path": path}).first()
+            if row is None:  # no policy stored: nothing is released
+                return NO_POLICY, _resource(db, path)
+            stored = None if row.path is None else StoredResource(row.path, Sealed(row.kek_id, row.sealed), row.lease)
+            return self._policy_version(db, row.version, row.digest), stored
 
     def list_resources(self) -> list[ResourceInfo]:
         """Every resource's path, size and lease; the values stay in the database."""
@@ -364,11 +373,13 @@ class Store:
 
     def _active_policy(self, db: Connection) -> PolicyVersion:
         newest = db.execute(_NEWEST_POLICY).one_or_none()
-        if newest is None:
-            return NO_POLICY
+        return NO_POLICY if newest is None else self._policy_version(db, newest.version, newest.digest)
+
+    def _policy_version(self, db: Connection, version: int, digest: str) -> PolicyVersion:
+        """The stored policy ``version`` (of ``digest``): read and parsed once, then remembered."""
         cached = self._policy  # one read: another thread may cache another version meanwhile
-        if (cached.version, cached.digest) != tuple(newest):  # a new version: read and parse it once
-            cached = _policy_version(db.execute(_POLICY, {"wanted": newest.version}).one())
+        if (cached.version, cached.digest) != (version, digest):
+            cached = _policy_version(db.execute(_POLICY, {"wanted": version}).one())
             self._policy = cached
         return cached
 
