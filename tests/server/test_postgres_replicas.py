@@ -132,8 +132,8 @@ def test_sigkill_during_a_burst_loses_no_audit_record(tsm_sim, replicas):
         guest = guests[i % len(guests)]
         try:
             response = guest.fetch(server.url, "default/disk/root", bearer=i % 3 == 0, timeout=10)
-        except requests.ConnectionError:
-            return  # the killed replica: no response, no promise
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+            return  # the killed replica: no response (or its head only, the body cut off), no promise
         assert response.status_code == 200, response.text
         with lock:
             completed.append(response.headers["Keybroker-Audit"])
