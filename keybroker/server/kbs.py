@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -46,6 +47,11 @@ log = logging.getLogger("keybroker.server")
 
 SESSION_LIFETIME = 300  # seconds, as Trustee's default
 INLINE_MAX = 32 * 1024  # bytes of an attestation verified on the event loop; larger ones on a thread
+#: Refusals of one attested session (or token) a worker audits; beyond, it answers 429 and
+#: writes nothing: a guest that asks again and again for what it may not have costs the audit
+#: log at most this many records per attestation.
+REFUSALS_MAX = 64
+_REFUSALS_TRACKED = 4096  # sessions whose refusals a worker counts, the least recent forgotten
 
 
 DETAIL_MAX = 1024  # characters of a problem's detail: what an answer or a log line says at most
@@ -119,6 +125,7 @@ class KeyServer:
     pcs_url: str | None = None
     collateral: Path | None = None
     cookies: SessionCookies = field(init=False)
+    _refusals: OrderedDict[str, int] = field(init=False, default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.cookies = SessionCookies(self.sealer)
@@ -263,7 +270,16 @@ class KeyServer:
         return session.tee_pubkey, session.claims, session_ref(session.id)
 
     async def _refuse(self, problem: Problem, event: Event) -> NoReturn:
-        """Record the refusal of an authenticated session (durably), count it, and answer with ``problem``."""
+        """Record the refusal of an authenticated session (durably), count it, and answer with
+        ``problem``; past the session's REFUSALS_MAX, answer 429 and record nothing."""
+        refused = self._refusals.pop(event.session, 0) + 1
+        self._refusals[event.session] = refused
+        if len(self._refusals) > _REFUSALS_TRACKED:
+            self._refusals.popitem(last=False)
+        if refused > REFUSALS_MAX:
+            raise self._count(Problem(p.TOO_MANY_REQUESTS, f"this session was refused {REFUSALS_MAX} times; its "
+                                                           "further refusals are neither explained nor audited",
+                                      "session_refusals"))
         await self.store.record(replace(event, decision=DENY, reason=problem.detail))
         raise self._count(problem)
 
