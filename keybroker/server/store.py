@@ -430,7 +430,7 @@ class Store:
                 self._next_purge = now + PURGE_INTERVAL
                 db.execute(_PURGE_SESSIONS, {"now": now - PURGE_MARGIN})
             if session.expires <= now:
-                return None  # expired while its evidence was verified: its nonce is spent anyway
+                return None  # ended while its evidence was verified: its cookie opens no more, nothing to spend
             if db.execute(_SESSION_EXISTS, {"session_id": session.id}).first() is not None:
                 return None  # read under the chain's lock: no other writer can insert it meanwhile
             db.execute(_NEW_SESSION, {
