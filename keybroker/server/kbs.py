@@ -4,8 +4,9 @@ A key is released only after the evidence's signature and chain verified under t
 trusted roots, REPORT_DATA bound the session's single-use nonce and the tee-pubkey, and
 the active release policy allowed the appraised claims that resource.
 
-Every attestation and every release or refusal is appended to the audit log before the
-answer is returned: when a guest holds a key, the log already says so.
+Every attestation, every release and every refusal (but a session's refusals past
+``REFUSALS_MAX``) is appended to the audit log before the answer is returned: when a guest
+holds a key, the log already says so.
 
 The steps are coroutines for the HTTP workers' event loops: they await their writes and make
 their short reads in place. Evidence is verified in place too, with collateral from the
@@ -22,9 +23,10 @@ import base64
 import contextlib
 import datetime as dt
 import hashlib
+import itertools
 import logging
 import secrets
-from collections import OrderedDict
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
@@ -47,11 +49,15 @@ log = logging.getLogger("keybroker.server")
 
 SESSION_LIFETIME = 300  # seconds, as Trustee's default
 INLINE_MAX = 32 * 1024  # bytes of an attestation verified on the event loop; larger ones on a thread
-#: Refusals of one attested session (or token) a worker audits; beyond, it answers 429 and
-#: writes nothing: a guest that asks again and again for what it may not have costs the audit
-#: log at most this many records per attestation.
+#: Refusals of one attested session (its cookie or its token) a worker audits; beyond, they
+#: are answered as before and counted, not recorded: a guest that asks again and again for
+#: what it may not have costs the audit log at most this many records per attestation, worker
+#: and replica. A server fault (a resource that does not unseal) is always recorded.
 REFUSALS_MAX = 64
-_REFUSALS_TRACKED = 4096  # sessions whose refusals a worker counts, the least recent forgotten
+#: Sessions whose refusals a worker counts, each for SESSION_LIFETIME from its first refusal
+#: (it has ended by then). When as many live sessions were refused, the refusals of others are
+#: not recorded: filling the table takes that many genuine attestations, each one recorded.
+REFUSALS_TRACKED = 65536
 
 
 DETAIL_MAX = 1024  # characters of a problem's detail: what an answer or a log line says at most
@@ -125,7 +131,7 @@ class KeyServer:
     pcs_url: str | None = None
     collateral: Path | None = None
     cookies: SessionCookies = field(init=False)
-    _refusals: OrderedDict[str, int] = field(init=False, default_factory=OrderedDict)
+    _refusals: dict[str, tuple[float, int]] = field(init=False, default_factory=dict)  # (forget at, count)
 
     def __post_init__(self) -> None:
         self.cookies = SessionCookies(self.sealer)
@@ -270,18 +276,25 @@ class KeyServer:
         return session.tee_pubkey, session.claims, session_ref(session.id)
 
     async def _refuse(self, problem: Problem, event: Event) -> NoReturn:
-        """Record the refusal of an authenticated session (durably), count it, and answer with
-        ``problem``; past the session's REFUSALS_MAX, answer 429 and record nothing."""
-        refused = self._refusals.pop(event.session, 0) + 1
-        self._refusals[event.session] = refused
-        if len(self._refusals) > _REFUSALS_TRACKED:
-            self._refusals.popitem(last=False)
-        if refused > REFUSALS_MAX:
-            raise self._count(Problem(p.TOO_MANY_REQUESTS, f"this session was refused {REFUSALS_MAX} times; its "
-                                                           "further refusals are neither explained nor audited",
-                                      "session_refusals"))
-        await self.store.record(replace(event, decision=DENY, reason=problem.detail))
+        """Record the refusal of an authenticated session (durably; past the session's
+        REFUSALS_MAX it is counted only), count it, and answer with ``problem``."""
+        if problem.name == p.INTERNAL or self._refusal_recorded(event.session):
+            await self.store.record(replace(event, decision=DENY, reason=problem.detail))
+        else:
+            self.metrics.denial("refusal_unrecorded")
         raise self._count(problem)
+
+    def _refusal_recorded(self, session: str) -> bool:
+        """Count a refusal of ``session``: whether it is one of its first REFUSALS_MAX."""
+        now = time.monotonic()
+        refusals = self._refusals  # in the order of first refusals: the first to forget come first
+        for ended in [key for key in itertools.islice(refusals, 16) if refusals[key][0] <= now]:
+            del refusals[ended]  # a few at a time (each call adds at most one)
+        forget_at, count = refusals.get(session, (now + SESSION_LIFETIME, 0))
+        if count == 0 and len(refusals) >= REFUSALS_TRACKED:
+            return False
+        refusals[session] = (forget_at, count + 1)  # an existing key keeps its place
+        return count < REFUSALS_MAX
 
     def _count(self, problem: Problem) -> Problem:
         self.metrics.denial(problem.cause)

@@ -1,7 +1,7 @@
 """Per-peer limits on unauthenticated work: what a client that proves nothing may cost the server.
 
 A token bucket per peer address: every request that carries no credential (no session
-cookie, no Bearer token), every ``/auth`` (which creates a session), and every request
+cookie, no Bearer token), every ``/auth`` (which hands out a nonce), and every request
 with a credential that is refused (invalid, not attested, a bad or too large body) takes a
 token; a peer with an empty bucket is answered 429 at once, before its body is read,
 credential or not. Tokens come back at ``rate`` per second up to ``burst``. An attested
