@@ -391,8 +391,7 @@ class Store:
         outcome: list[tuple[int, bool]] = []
 
         def work(db: Connection) -> Event | None:
-            latest = db.execute(select(policies.c.version, policies.c.digest)
-                                .order_by(policies.c.version.desc()).limit(1)).first()
+            latest = db.execute(_NEWEST_POLICY).first()
             active = (latest.version, latest.digest) if latest else (NO_POLICY.version, NO_POLICY.digest)
             if active[1] == policy.digest:
                 outcome.append((active[0], False))
