@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import AdminError, PolicyError
+from ..errors import AdminError, PolicyError, StoreError
 from ..wire import decimal, parse_json
 from ..wire import rcar as p
 from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
@@ -39,8 +39,13 @@ log = logging.getLogger("keybroker.server")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+#: Seconds a client is asked to wait before it tries again, when the database does not answer.
+UNAVAILABLE_RETRY = 5
+
+
 def problem_response(problem: Problem) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="keybroker-admin"'} if problem.name == p.UNAUTHORIZED else None
+    headers = ({"WWW-Authenticate": 'Bearer realm="keybroker-admin"'} if problem.name == p.UNAUTHORIZED else
+               {"Retry-After": str(UNAVAILABLE_RETRY)} if problem.name == p.UNAVAILABLE else None)
     return JSONResponse(p.problem(problem.name, problem.detail), status_code=problem.status,
                         media_type="application/problem+json", headers=headers)
 
@@ -126,6 +131,10 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
                     response, refused_as = problem_response(problem), problem.name
                 except (AdminError, PolicyError) as exc:
                     response = problem_response(Problem(p.BAD_REQUEST, str(exc)))
+                except StoreError as exc:
+                    log.error("%s peer=%s: %s", route, _peer(request), exc)
+                    response = problem_response(Problem(p.UNAVAILABLE, "the key server's database does not "
+                                                                       "answer; try again later"))
                 except Exception:
                     log.exception("%s peer=%s: internal error", route, _peer(request))
                     response = problem_response(Problem(p.INTERNAL, "internal error; see the server log"))
@@ -255,7 +264,7 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
     @guarded("readyz")
     async def readyz(request: Request) -> Response:
         try:
-            await run_in_threadpool(kbs.store.ping)
+            await kbs.store.ping()
         except Exception as exc:  # any database failure means: do not send traffic here
             log.warning("readyz: the database does not answer: %s", exc)
             return JSONResponse({"status": "unavailable", "detail": "the database does not answer"},

@@ -235,9 +235,9 @@ class KeyServer:
             name = str(ResourcePath.parse(path))
         except DescriptionError as exc:
             raise self._count(Problem(p.BAD_REQUEST, str(exc))) from None
-        tee_pubkey, claims, session = self._authenticate(cookie, bearer)
+        tee_pubkey, claims, session = await self._authenticate(cookie, bearer)
         event = Event(RELEASE, DENY, "", self.name, peer=peer, resource=name)
-        active, stored = self.store.for_release(name)
+        active, stored = await self.store.for_release(name)
         event = replace(event, session=session, provider=str(claims.get("tee", "")),
                         measurement=str(claims.get("measurement", "")), policy_version=active.version)
         decision = active.policy.decide(name, claims)
@@ -259,8 +259,8 @@ class KeyServer:
         log.info("resource peer=%s session=%s path=%s result=released audit=%d", peer, session, name, record.seq)
         return ResourceAnswer(wrapped, stored.lease, record.hash)
 
-    def _authenticate(self, cookie: str | None,
-                      bearer: str | None) -> tuple[dict[str, str], dict[str, Any], str]:
+    async def _authenticate(self, cookie: str | None,
+                            bearer: str | None) -> tuple[dict[str, str], dict[str, Any], str]:
         """The (tee-pubkey, claims, session reference) of an attestation token or attested session."""
         if bearer is not None:
             token = self.tokens.verify(bearer)
@@ -268,7 +268,7 @@ class KeyServer:
                 raise self._count(Problem(p.NOT_ATTESTED, "the Bearer token is invalid or expired: attest again"))
             return token["tee-pubkey"], token["claims"], str(token.get("sid", ""))
         session_id = self.cookies.session_id(cookie) if cookie else None
-        session = self.store.get_session(session_id) if session_id else None
+        session = await self.store.get_session(session_id) if session_id else None
         if session is None or session.state != "attested" or self.cookies.open(cookie or "", session.nonce) is None:
             raise self._count(Problem(p.NOT_ATTESTED, "this session is not attested (or expired): call /auth and "
                                                       "/attest"))

@@ -16,7 +16,9 @@ acknowledged release is in the audit log even if the machine crashes right after
 sessions are deleted at most once a minute, through an index on their expiry.
 
 The protocol's steps run on the HTTP workers' event loops: their writes are awaited
-(``async``), their reads are short indexed selects made in place, and the sessions a worker
+(``async``), and so are their reads, short indexed selects: made in place on SQLite (a local
+file), on a thread with a database server, whose stall must not stall the loop (a request
+waits ``READ_WAIT`` for one, then fails with :class:`StoreError`). The sessions a worker
 attested are remembered in a bounded cache, so that a guest's next step on the same
 connection reads nothing back. A stored session never changes, so a cached one is never stale
 (its row may be purged first; the cookie's end is checked on every use).
@@ -35,11 +37,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
+from ..errors import StoreError
 from . import audit, schema
 from .audit import Event, Record
 from .policy import NONE, Policy
@@ -110,6 +113,10 @@ _SESSION = select(sessions).where(sessions.c.id == bindparam("session_id"))
 _SESSION_EXISTS = select(sessions.c.id).where(sessions.c.id == bindparam("session_id"))
 _NEW_SESSION = insert(sessions)
 _PURGE_SESSIONS = delete(sessions).where(sessions.c.expires < bindparam("now"))
+
+#: Seconds a protocol step waits for a read from a database server before it gives up.
+READ_WAIT = 5.0
+T = TypeVar("T")
 
 #: A piece of work on the database that returns the event to record, or None when it changed nothing.
 Work = Callable[[Connection], Event | None]
@@ -275,16 +282,30 @@ class Store:
         self._commits = GroupCommit(self.engine, self._writer)
         self._cached = SessionCache()
         self._next_purge = 0.0
+        self._on_loop = self.engine.dialect.name == "sqlite"  # reads of a local file: see _read
 
     def close_connections(self) -> None:
         """Close the pooled connections (before a fork: no connection may cross it)."""
         self._commits.close()
         self.engine.dispose()
 
-    def ping(self) -> None:
+    async def _read(self, read: Callable[[Connection], T]) -> T:
+        """``read`` on a connection: in place with SQLite; on a thread with a database server, so
+        that one that stops answering stalls this request (StoreError after READ_WAIT), not the
+        event loop and every request on it."""
+        def run() -> T:
+            with self.engine.connect() as db:
+                return read(db)
+        if self._on_loop:
+            return run()
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(run), READ_WAIT)
+        except TimeoutError:
+            raise StoreError(f"the database did not answer within {READ_WAIT:g} s") from None
+
+    async def ping(self) -> None:
         """Raise unless the database answers."""
-        with self.engine.connect() as db:
-            db.execute(select(schema.audit_head.c.seq)).one()
+        await self._read(lambda db: db.execute(select(schema.audit_head.c.seq)).one())
 
     # -- the audit log ---------------------------------------------------------------------
 
@@ -333,14 +354,15 @@ class Store:
         with self.engine.connect() as db:
             return _resource(db, path)
 
-    def for_release(self, path: str) -> tuple[PolicyVersion, StoredResource | None]:
+    async def for_release(self, path: str) -> tuple[PolicyVersion, StoredResource | None]:
         """The active policy and the resource ``path`` (None when there is none), read together."""
-        with self.engine.connect() as db:
+        def read(db: Connection) -> tuple[PolicyVersion, StoredResource | None]:
             row = db.execute(_FOR_RELEASE, {"path": path}).first()
             if row is None:  # no policy stored: nothing is released
                 return NO_POLICY, _resource(db, path)
             stored = None if row.path is None else StoredResource(row.path, Sealed(row.kek_id, row.sealed), row.lease)
             return self._policy_version(db, row.version, row.digest), stored
+        return await self._read(read)
 
     def list_resources(self) -> list[ResourceInfo]:
         """Every resource's path, size and lease; the values stay in the database."""
@@ -448,13 +470,12 @@ class Store:
         evidence is verified; the attestation's transaction decides in any case)."""
         return self._cached.get(session_id) is not None
 
-    def get_session(self, session_id: str) -> Session | None:
+    async def get_session(self, session_id: str) -> Session | None:
         """The stored (attested or failed) session ``session_id``."""
         cached = self._cached.get(session_id)
         if cached is not None:
             return cached
-        with self.engine.connect() as db:
-            row = db.execute(_SESSION, {"session_id": session_id}).first()
+        row = await self._read(lambda db: db.execute(_SESSION, {"session_id": session_id}).first())
         if row is None:
             return None
         return Session(row.id, row.tee, row.nonce, row.state, row.expires,

@@ -9,15 +9,22 @@ The tests start their own PostgreSQL server (initdb in a temporary folder, as th
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 
+from keybroker.server.store import READ_WAIT
+from keybroker.wire import rcar as p
 from keybroker.wire.resource import PATH_MAX
 from support.kbs import attest, attestation, audit_records, challenge, keybroker
 from support.postgres import Unavailable, fresh_database, running_postgres
@@ -206,3 +213,49 @@ def test_an_audit_write_outlives_its_writers_connection(database):
     assert store.audited(noting_the_backend).seq == 3  # the batch on the dead connection was run again
     assert backends[-1] != backends[1]
     assert audit.verify(store.engine).ok
+
+
+@contextmanager
+def stopped(postgres: str) -> Iterator[None]:
+    """The PostgreSQL server of ``postgres`` (its postmaster and every backend) stopped with
+    SIGSTOP: connections stay open and nothing answers, as with a database host that hangs."""
+    sockets = Path(parse_qs(urlsplit(postgres).query)["host"][0])
+    postmaster = int((sockets.parent / "data" / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+    pids = [postmaster, *map(int, children)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_a_stalled_database_stalls_requests_not_the_worker(tsm_sim, postgres, database, sim_state, tmp_path):
+    root = tsm_sim("sev_guest")
+    server = KeyServerProcess(tmp_path, sim_state / "trust", "--workers", "1", db=database).start()
+    try:
+        put_remotely(server, "default/disk/root", SECRET)
+        guest = attest(root, server.url)
+        assert guest.decrypt(guest.fetch(server.url, "default/disk/root")) == SECRET
+        with stopped(postgres), ThreadPoolExecutor(1) as pool:
+            started = time.monotonic()
+            pending = pool.submit(guest.fetch, server.url, "default/disk/root")
+            time.sleep(0.5)  # the release is waiting for its read
+            # The one worker's event loop still answers what needs no database, at once.
+            auth = requests.post(f"{server.url}/kbs/v0/auth", json=p.AuthRequest("snp").to_json(), timeout=2)
+            assert auth.status_code == 200 and time.monotonic() - started < READ_WAIT
+            ready = requests.get(f"{server.url}/readyz", timeout=READ_WAIT + 5)
+            assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+            release = pending.result(timeout=READ_WAIT + 5)
+            assert release.status_code == 503, release.text
+            assert release.json()["type"].endswith(p.UNAVAILABLE) and release.headers["Retry-After"] == "5"
+            assert READ_WAIT <= time.monotonic() - started < READ_WAIT + 5
+        # Answering again, the database serves the next release; the refused one left no record.
+        assert guest.decrypt(guest.fetch(server.url, "default/disk/root")) == SECRET
+        releases = [r for r in audit_records(database) if r["event"] == "release"]
+        assert [r["decision"] for r in releases] == ["allow", "allow"]
+        assert "the database did not answer within 5 s" in server.log_path.read_text()
+    finally:
+        server.stop()

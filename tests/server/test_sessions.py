@@ -73,7 +73,7 @@ def test_a_session_is_stored_once_however_many_replicas_try(tmp_path):
         assert sum(record is not None for record in both) == 1
 
     asyncio.run(attest_twice())
-    stored = b.get_session("s1")  # read from the database: b stored nothing
+    stored = asyncio.run(b.get_session("s1"))  # read from the database: b stored nothing
     assert stored is not None and stored.state == "attested" and stored.claims == {"tee": "snp"}
 
 
@@ -81,7 +81,7 @@ def test_a_session_that_ended_while_its_evidence_was_verified_is_not_stored(tmp_
     store = Store(f"sqlite:///{tmp_path}/kbs.db")
     ended = Session("s1", "snp", "n", "attested", time.time() - 1, {"kty": "EC"}, {"tee": "snp"})
     assert asyncio.run(store.end_attestation(ended, Event(ATTEST, ALLOW, "test", "a"))) is None
-    assert store.get_session("s1") is None
+    assert asyncio.run(store.get_session("s1")) is None
 
 
 def test_the_cache_keeps_the_newest_sessions_only():
