@@ -198,6 +198,14 @@ def test_pathological_json_is_a_400(server, body):
     assert answer.status_code == 400 and answer.json()["type"].endswith("BadRequest")
 
 
+@pytest.mark.parametrize("nested", ["[" * 3000 + "]" * 3000, "{a=" * 3000 + "1" + "}" * 3000])
+def test_init_data_nested_too_deeply_is_refused_not_a_500(server, sim_state, nested):
+    init_data = {"format": "toml", "body": f'version = "0.1.0"\nalgorithm = "sha384"\nx = {nested}\n'}
+    attested, fetched, _ = attest_and_fetch(server, sim_state, lambda body: body | {"init-data": init_data})
+    assert (attested, fetched) == (401, 401)
+    assert "init-data nests arrays or tables too deeply" in server.log_path.read_text()
+
+
 @pytest.mark.parametrize("form", ["escaped", "encoded", "utf-16"])
 @pytest.mark.parametrize("where", [("runtime-data", "nonce"), ("tee-evidence", "additional_evidence"),
                                    ("tee-evidence", "primary_evidence", "provider")])
