@@ -35,7 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -116,6 +116,9 @@ _PURGE_SESSIONS = delete(sessions).where(sessions.c.expires < bindparam("now"))
 
 #: Seconds a protocol step waits for a read from a database server before it gives up.
 READ_WAIT = 5.0
+#: Threads of a worker that read from a database server: reads stuck on one that stopped
+#: answering take these, not the threads large attestations and collateral fetches need.
+READERS = 4
 T = TypeVar("T")
 
 #: A piece of work on the database that returns the event to record, or None when it changed nothing.
@@ -283,6 +286,7 @@ class Store:
         self._cached = SessionCache()
         self._next_purge = 0.0
         self._on_loop = self.engine.dialect.name == "sqlite"  # reads of a local file: see _read
+        self._readers: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): workers are forked
 
     def close_connections(self) -> None:
         """Close the pooled connections (before a fork: no connection may cross it)."""
@@ -298,8 +302,11 @@ class Store:
                 return read(db)
         if self._on_loop:
             return run()
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(run), READ_WAIT)
+        if self._readers is None or self._readers[0] != os.getpid():
+            self._readers = os.getpid(), ThreadPoolExecutor(READERS, thread_name_prefix="keybroker-read")
+        try:  # a read still queued when its request gives up is dropped
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._readers[1], run),
+                                          READ_WAIT)
         except TimeoutError:
             raise StoreError(f"the database did not answer within {READ_WAIT:g} s") from None
 

@@ -8,6 +8,7 @@ The tests start their own PostgreSQL server (initdb in a temporary folder, as th
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import signal
@@ -23,7 +24,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from keybroker.server.store import READ_WAIT
+from keybroker.errors import StoreError
+from keybroker.server.store import READ_WAIT, READERS, Store
 from keybroker.wire import rcar as p
 from keybroker.wire.resource import PATH_MAX
 from support.kbs import attest, attestation, audit_records, challenge, keybroker
@@ -259,3 +261,39 @@ def test_a_stalled_database_stalls_requests_not_the_worker(tsm_sim, postgres, da
         assert "the database did not answer within 5 s" in server.log_path.read_text()
     finally:
         server.stop()
+
+
+def test_reads_stuck_on_a_stalled_database_keep_to_their_threads(postgres, database):
+    store = Store(database)
+
+    async def stalled() -> None:
+        started = time.monotonic()
+        reads = [asyncio.ensure_future(store.for_release("default/disk/root")) for _ in range(3 * READERS)]
+        await asyncio.sleep(0.2)
+        # Work that needs a thread (a large attestation, a collateral fetch) still gets one at once.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "verified"), 1) == "verified"
+        outcomes = await asyncio.gather(*reads, return_exceptions=True)
+        assert all(isinstance(o, StoreError) and "did not answer within 5 s" in str(o) for o in outcomes), outcomes
+        assert time.monotonic() - started < READ_WAIT + 2  # the queued reads were given up with the rest
+
+    def run() -> None:
+        try:
+            asyncio.run(stalled())
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            failure.append(None)
+
+    failure: list[BaseException | None] = []
+    try:
+        with stopped(postgres):  # on a thread: a loop whose default executor is stuck never closes
+            threading.Thread(target=run, daemon=True).start()
+            deadline = time.monotonic() + READ_WAIT + 10
+            while not failure and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert failure, "the event loop could not close: its default executor's threads were stuck on the reads"
+        assert failure[0] is None, failure[0]
+        active, _ = asyncio.run(store.for_release("default/disk/root"))
+        assert active.version == 0  # answering again: no policy stored in this fresh database
+    finally:
+        store.close_connections()
