@@ -87,11 +87,13 @@ class Journal:
 
 
 def _send(address: str, datagram: bytes) -> bool:
-    """One datagram to an AF_UNIX socket (``\0``-prefixed: abstract); False when nobody listens there."""
+    """One datagram to an AF_UNIX socket (``\0``-prefixed: abstract); False when nobody listens there,
+    or when its queue is full: the sender never waits (the kernel holds a key's requester until the
+    request-key handler exits, so a syslog daemon that stalls must not hold the handler)."""
     if not address.startswith("\0") and not os.path.exists(address):
         return False
     try:
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC | _socket.SOCK_NONBLOCK)
     except OSError:
         return False
     try:

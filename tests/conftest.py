@@ -6,6 +6,7 @@ failure. The helpers behind them live in ``support/``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -220,4 +221,26 @@ def syslog(system_lock: None) -> Iterator[list[str]]:
     finally:
         os.unlink("/dev/log")
         sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+
+@pytest.fixture
+def stalled_syslog(system_lock: None) -> Iterator[int]:
+    """A /dev/log whose daemon has stopped reading: its queue is full (yields how many datagrams filled it)."""
+    import socket
+
+    if os.path.exists("/dev/log"):
+        pytest.skip("/dev/log belongs to a syslog daemon here")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("/dev/log")
+    try:
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        queued = 0
+        with contextlib.suppress(BlockingIOError), filler:
+            while True:
+                filler.sendto(b"x" * 100, "/dev/log")
+                queued += 1
+        yield queued
+    finally:
+        os.unlink("/dev/log")
         sock.close()

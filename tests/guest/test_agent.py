@@ -86,6 +86,16 @@ def test_access_rules_hold_through_the_agent(tsm_sim, kbs, handler, running_agen
     assert header["size"] == 32 and bytes(value) == SECRETS["default/disk/k0"]
 
 
+@pytest.mark.parametrize("agent", [True, False], ids=["agent", "handler"])
+def test_a_stalled_syslog_does_not_hold_the_requester(setup, stalled_syslog, agent, request):
+    # The kernel holds the requester until the handler exits, and the handler logs last.
+    if agent:
+        request.getfixturevalue("running_agent")
+    started = time.monotonic()
+    assert stalled_syslog > 0 and got(fetch("k0"), "k0")
+    assert time.monotonic() - started < 5  # the deadline is 10 s; once, the handler waited until then, or forever
+
+
 def test_without_an_agent_the_handler_does_the_round(setup, syslog):
     assert not SOCKET.exists()
     assert got(fetch("k0"), "k0")
