@@ -119,11 +119,12 @@ class Construction:
     def instantiate(self, payload: bytearray, lease: int | None) -> None:
         from . import keyring
 
-        # While the authority gives us possession: the lease first, then permissions that take
-        # SETATTR away (after them, nobody could set the lease, nor lift it).
+        # Permissions that take SETATTR away first: until then the requester, who possesses the
+        # key under construction, could lift a lease set before them. The lease after them: the
+        # authority to instantiate the key lets this process set it still.
+        keyring.setperm(self.serial, keyring.POSSESSOR_ONLY)
         if lease:
             keyring.set_timeout(self.serial, lease)
-        keyring.setperm(self.serial, keyring.POSSESSOR_ONLY)
         keyring.instantiate(self.serial, payload, 0)
         self.done = True
 

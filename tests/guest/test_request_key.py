@@ -10,13 +10,16 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from keybroker.errors import KeyringError
+from keybroker.guest import install as installer
 from keybroker.guest import keyring
 from support.keyctl import keyctl_session
 from support.stub import QuietHandler, StubServer
@@ -244,6 +247,28 @@ def test_lease_becomes_the_key_expiry(tsm_sim, kbs, handler):
     assert len(lines) == 2 and all(re.search(r" (9m|10m) ", line) for line in lines), out.stdout  # still expires
     assert out.stderr.count("Permission denied") == 2, out.stderr
     assert re.search(r"^ *\d+: -ls-rv-{18} ", out.stdout, re.M), out.stdout  # unchanged: possessor-only
+
+
+def test_the_lease_is_set_only_once_the_requester_cannot_lift_it(tsm_sim, kbs, handler, tmp_path):
+    # The requester possesses the key under construction, with SETATTR, until the handler's
+    # setperm: a lease set before it could be lifted in between (a racing keyctl_set_timeout).
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed (.ci/setup installs it)")
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/disk/lease", SECRET, "--lease", "600")
+    config = handler(server.url, root)
+    traced = tmp_path / "traced-handler"
+    trace = tmp_path / "keyctl.trace"
+    real = Path(sys.executable).parent / "keybroker-request-key"
+    traced.write_text(f'#!/bin/sh\nexec strace -qq -e trace=keyctl -o {trace} {real} "$@"\n')
+    traced.chmod(0o755)
+    installer.install(config, installer.CONF_DIR, traced)  # the handler fixture puts its own drop-in back
+    out = keyctl_session('keyctl request2 user keybroker:default/disk/lease "" @s')
+    assert out.returncode == 0, out.stderr
+    calls = [op for op in re.findall(r"keyctl\((KEYCTL_\w+)", trace.read_text())
+             if op in ("KEYCTL_SETPERM", "KEYCTL_SET_TIMEOUT", "KEYCTL_INSTANTIATE")]
+    assert calls == ["KEYCTL_SETPERM", "KEYCTL_SET_TIMEOUT", "KEYCTL_INSTANTIATE"], trace.read_text()
 
 
 def test_debug_mode_prints_the_outcome_not_the_secret(broker, handler, tsm_sim):
