@@ -1,4 +1,5 @@
-"""What keybroker speaks to systemd and syslog: sd_notify, socket activation, log lines.
+"""What keybroker speaks to systemd and syslog: sd_notify, socket activation, log lines; and the
+one process setting a unit cannot make for every way a program is started: no core dumps.
 
 All three are small, stable wire protocols (sd_notify(3), sd_listen_fds(3), syslog(3) and
 the journal's native socket); implementing them here keeps the initramfs free of
@@ -36,6 +37,17 @@ def notify(*assignments: str) -> bool:
     target = "\0" + address[1:] if address.startswith("@") else address
     message = "\n".join(line.replace("\n", " ") for line in assignments).encode("utf-8", "replace")
     return _send(target, message)
+
+
+def no_core_dumps() -> None:
+    """This process (and what it forks: the flag is kept) may neither dump core nor be traced by
+    non-root users: the handler, the agent, the unlock services and the key server hold keys in
+    memory, and a core file would put them on disk."""
+    import ctypes
+
+    pr_set_dumpable = 4
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
 def listen_fds() -> list[Socket]:

@@ -33,7 +33,7 @@ import traceback
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..systemd import listen_fds, notify
+from ..systemd import listen_fds, no_core_dumps, notify
 from .agentsocket import (
     DEADLINE_MAX,
     REQUEST_MAX,
@@ -95,6 +95,8 @@ def _worker(accepted: queue.SimpleQueue[socket.socket], slots: threading.Bounded
 
 def serve(socket_path: Path = Path(SOCKET)) -> int:
     from . import broker, ownership  # noqa: F401  (the request path, imported before its code is checked)
+
+    no_core_dumps()  # it holds released keys, kept tokens and their tee keys
 
     # The import path is checked once: what is not there now must not be planted there later.
     sys.path[:] = [entry for entry in sys.path if entry and os.path.exists(entry)]

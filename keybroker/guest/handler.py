@@ -31,7 +31,7 @@ import os
 import sys
 import time
 
-from ..systemd import ERROR, INFO, Journal
+from ..systemd import ERROR, INFO, Journal, no_core_dumps
 
 # What a request that the agent answers needs is imported here; the rest (configuration,
 # argument parsing, the attestation round) when a request needs it. Not even typing or
@@ -424,18 +424,6 @@ def run_debug(key_type: str, description: str, callout: str, config_path: str,
     return 0
 
 
-def _no_core_dumps() -> None:
-    """Neither this process nor its worker (fork keeps the flag) may dump core or be traced by non-root.
-
-    They hold released keys in memory: a core file would put one on disk.
-    """
-    import ctypes
-
-    pr_set_dumpable = 4
-    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
-
-
 def _requester(text: str) -> tuple[int, int]:
     import argparse
     import re
@@ -461,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config_path, serial = _parse(args)
     os.umask(0o077)
-    _no_core_dumps()
+    no_core_dumps()
     code = run_kernel(serial, config_path, Journal("keybroker-request-key", stream=False, facility=10))
     # The construction is ended and logged: the kernel waits for this process to exit, so skip
     # the interpreter's tear-down (tens of milliseconds of freeing what the exit frees anyway).
@@ -487,7 +475,7 @@ def _parse(argv: list[str]) -> tuple[str, int]:
         parser.error("--requester is only for --debug")
     if args.debug:
         os.umask(0o077)
-        _no_core_dumps()
+        no_core_dumps()
         key_type, description, callout = args.debug
         sys.exit(run_debug(key_type, description, callout, args.config, args.requester))
     serial = _serial(args.serial or "")

@@ -42,7 +42,7 @@ import tempfile
 import time
 
 from ..errors import ConfigError
-from ..systemd import notify
+from ..systemd import no_core_dumps, notify
 from ..wire import rcar as p
 from ..wire.transport import is_loopback
 from .config import ServerConfig
@@ -208,6 +208,7 @@ def _die_with_parent() -> None:
 
 def run(config: ServerConfig) -> None:
     """Check the configuration, load the secrets, open the database, and serve until SIGTERM/SIGINT."""
+    no_core_dumps()  # the KEKs, the token key and unsealed resources are in its memory
     host = config.listen[0]
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")

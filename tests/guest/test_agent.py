@@ -163,6 +163,33 @@ def test_the_agent_answers_root_only(setup, running_agent):
     assert os.path.exists(SOCKET)
 
 
+def test_the_agent_cannot_dump_core():
+    """It holds keys in memory: a core file would put them on disk, so it makes itself non-dumpable."""
+    if os.geteuid() != 0:
+        pytest.skip("starting the agent as another user needs root")
+    import shutil
+    import tempfile
+
+    # Run as nobody, where it shows: the /proc files of a process that may not dump core are root's.
+    folder = Path(tempfile.mkdtemp(prefix="keybroker-agent-"))
+    shutil.chown(folder, "nobody")
+    sock = folder / "agent.sock"
+    proc = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m",
+                             "keybroker", "agent", "--socket", str(sock)], cwd="/", stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+            time.sleep(0.05)
+        assert os.stat(f"/proc/{proc.pid}").st_uid == 65534  # it is nobody's process
+        assert os.stat(f"/proc/{proc.pid}/status").st_uid == 0  # and not dumpable
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(folder)
+
+
 def test_the_agent_refuses_to_start_on_code_others_can_change(tmp_path):
     """It checks its interpreter and code once, when it starts (each request then checks the configuration)."""
     import shutil

@@ -33,7 +33,7 @@ from pathlib import Path
 from inotify_simple import INotify, flags
 
 from ...errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
-from ...systemd import SUN_PATH_MAX
+from ...systemd import SUN_PATH_MAX, no_core_dumps
 from ...wire import decimal
 from .. import keyring
 from ..config import ClientConfig, Volume
@@ -310,6 +310,7 @@ class PasswordAgent:
 
 def run(config: ClientConfig, ask_dir: Path, linger: float, reporter: Reporter) -> int:
     """Watch ``ask_dir`` until it stays empty; keys live in a session keyring of the agent's own."""
+    no_core_dumps()
     ask_dir = Path(os.path.abspath(ask_dir))
     if not ask_dir.is_dir():
         raise ConfigError(f"the ask-password directory {ask_dir} does not exist")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import ConfigError, KeyringError, UnlockGaveUp, UnlockRefused
-from ...systemd import SUN_PATH_MAX, listen_fds
+from ...systemd import SUN_PATH_MAX, listen_fds, no_core_dumps
 from .. import keyring
 from ..config import ClientConfig, Volume
 from .keys import KeySource
@@ -164,6 +164,7 @@ def run(config: ClientConfig, socket_path: Path, reporter: Reporter) -> int:
 
     Released keys live in a session keyring of the server's own, and die with it.
     """
+    no_core_dumps()
     source = KeySource(keyring.join_session_keyring(None))
     activated = listen_fds()
     if len(activated) > 1:
