@@ -3,6 +3,8 @@
 Parsed certificates and verified certificate signatures are remembered (by the
 certificate's bytes, at most ``CACHE_MAX`` of each, least recently used first out): a key
 server sees the same few chains again and again, and both are pure functions of those bytes.
+What is remembered is bounded in bytes too, as evidence is hostile: a certificate is at most
+``CERT_MAX`` bytes, and only inputs of at most ``CACHED_INPUT_MAX`` are remembered.
 """
 
 from __future__ import annotations
@@ -24,14 +26,22 @@ from ..errors import EvidenceError
 CERT_FILE_SUFFIXES = (".pem", ".crt", ".cer", ".der")
 CERT_FILE_MAX = 1024 * 1024
 CACHE_MAX = 512
+#: Bytes of one certificate (DER) at most: AMD's and Intel's are under 2 KiB.
+CERT_MAX = 16 * 1024
+#: Bytes of an input whose certificates are remembered (one certificate, a short chain).
+CACHED_INPUT_MAX = 16 * 1024
 
 
-def load_certs(data: bytes) -> list[x509.Certificate]:
-    """Certificates from a PEM bundle (any number) or one DER certificate, parsed whole (see ``_parse``)."""
-    return list(_parse(bytes(data)))
+def load_certs(data: bytes, *, most: int | None = None) -> list[x509.Certificate]:
+    """Certificates from a PEM bundle (at most ``most`` of them) or one DER certificate, parsed
+    whole (see ``_parse``); remembered when the input is small."""
+    data = bytes(data)
+    if most is not None and data.count(b"-----BEGIN CERTIFICATE-----") > most:
+        raise EvidenceError(f"more than {most} certificate{'s' if most > 1 else ''} where "
+                            f"{'they belong' if most > 1 else 'one belongs'}")
+    return list(_parse_cached(data) if len(data) <= CACHED_INPUT_MAX else _parse(data))
 
 
-@functools.lru_cache(maxsize=CACHE_MAX)
 def _parse(data: bytes) -> tuple[x509.Certificate, ...]:
     """Certificates from a PEM bundle (any number) or one DER certificate, parsed whole.
 
@@ -48,12 +58,17 @@ def _parse(data: bytes) -> tuple[x509.Certificate, ...]:
             certs = (x509.load_pem_x509_certificates(data) if b"-----BEGIN CERTIFICATE-----" in data
                      else [x509.load_der_x509_certificate(data)])
             for cert in certs:
+                if len(cert.public_bytes(serialization.Encoding.DER)) > CERT_MAX:
+                    raise ValueError(f"a certificate of more than {CERT_MAX} bytes")
                 _ = (cert.extensions, cert.public_key(), cert.subject, cert.issuer, cert.serial_number,
                      cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm,
                      cert.signature_algorithm_parameters, cert.tbs_certificate_bytes)
             return tuple(certs)
         except Exception as exc:  # whatever the X.509 library rejects a hostile certificate with
             raise EvidenceError(f"cannot parse certificate: {type(exc).__name__}: {exc}"[:300]) from None
+
+
+_parse_cached = functools.lru_cache(maxsize=CACHE_MAX)(_parse)
 
 
 def load_cert_dir(folder: Path) -> list[x509.Certificate]:

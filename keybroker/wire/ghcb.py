@@ -8,6 +8,7 @@ thing, and this module turns either into the other.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import uuid
 
@@ -55,6 +56,11 @@ def parse(blob: bytes) -> list[tuple[uuid.UUID, bytes]]:
             raise EvidenceError(f"certificate table entry {guid} points outside the table "
                                 f"(offset {offset}, length {length}, table {len(blob)} bytes)")
         out.append((guid, blob[offset:offset + length]))
+    # Each byte is one entry's: entries that share bytes would have the same bytes parsed again
+    # and again (64 entries over one large region), for nothing a table needs.
+    spans = sorted((offset, offset + length) for _, offset, length in entries)
+    if any(end > next_start for (_, end), (next_start, _) in itertools.pairwise(spans)):
+        raise EvidenceError("certificate table entries overlap")
     return out
 
 

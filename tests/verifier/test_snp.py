@@ -9,16 +9,22 @@ import hashlib
 import http.server
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
+from keybroker.errors import EvidenceError
+from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, certs, verify
 from keybroker.verifier.certs import fingerprint
 from support import VECTORS as ALL_VECTORS
 from support import snp as sb
@@ -103,6 +109,47 @@ def test_certificates_from_the_auxblob_table():
     assert verdict.ok, verdict.reason()
     without = run((folder / "report.bin").read_bytes())
     assert not without.ok and without.failures[0].name == "certificates"
+
+
+def test_a_table_of_overlapping_or_bundled_entries_is_refused_before_it_is_parsed_again_and_again():
+    # A hostile host (or guest: the table is unsigned) once had one large PEM bundle parsed once
+    # per entry pointing at it, and each remembered: gigabytes for a few attestations.
+    folder = vector("virtee-sev")
+    raw = (folder / "report.bin").read_bytes()
+    ders = [_der(folder / "vcek.der"), _der(folder / "ask.pem"), _der(folder / "ark.pem")]
+    bundle = b"".join((folder / f).read_bytes() for f in ("ask.pem", "ark.pem")) * 20
+    head = struct.pack("<16sII", uuid.UUID(GUID["ask"]).bytes, 24 * 65, len(bundle))
+    overlapping = head * 64 + bytes(24) + bundle
+    verdict = run(raw, evidence={"auxblob": overlapping})
+    assert verdict.failures[0].name == "format" and "entries overlap" in verdict.reason()
+    bundled = sb.cert_table([(GUID["vcek"], ders[0]), (GUID["ask"], bundle)])
+    verdict = run(raw, evidence={"auxblob": bundled})
+    assert verdict.failures[0].name == "format" and "more than 1 certificate where one belongs" in verdict.reason()
+    assert run(raw, evidence={"auxblob": sb.cert_table(list(zip(
+        (GUID["vcek"], GUID["ask"], GUID["ark"]), ders, strict=True)))}).ok
+
+
+def test_what_is_remembered_of_certificates_is_bounded_in_bytes():
+    def certificate(extension: bytes = b"") -> bytes:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keybroker test")])
+        builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(1).not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW))
+        if extension:
+            builder = builder.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), extension),
+                                            critical=False)
+        return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    one = certificate()
+    before = certs._parse_cached.cache_info().currsize
+    assert len(certs.load_certs(one)) == 1 and certs._parse_cached.cache_info().currsize == before + 1
+    large = b"".join(certificate() for _ in range(40))  # over CACHED_INPUT_MAX: parsed, not remembered
+    assert len(large) > certs.CACHED_INPUT_MAX
+    assert len(certs.load_certs(large)) == 40 and certs._parse_cached.cache_info().currsize == before + 1
+    with pytest.raises(EvidenceError, match="more than 8 certificates"):
+        certs.load_certs(large, most=8)
+    with pytest.raises(EvidenceError, match=f"a certificate of more than {certs.CERT_MAX} bytes"):
+        certs.load_certs(certificate(bytes(certs.CERT_MAX)))
 
 
 def _der(path: Path) -> bytes:

@@ -62,7 +62,7 @@ def _product_of(cn: str, prefix: str) -> str | None:
 
 def _candidates(evidence: Evidence, context: Context) -> list[x509.Certificate]:
     """Certificates from the host's auxblob table, then the operator's folders and anchors."""
-    certs = [cert for _, der in ghcb.parse(evidence.auxblob) for cert in load_certs(der)]
+    certs = [cert for _, der in ghcb.parse(evidence.auxblob) for cert in load_certs(der, most=1)]
     for folder in context.certs:
         certs.extend(load_cert_dir(folder))
     certs.extend(context.trust.anchors())
