@@ -23,7 +23,11 @@ Hostile clients meet these limits, per worker:
   to send) is disconnected after ``REQUEST_TIMEOUT`` seconds without reading; one that queues
   more than ``PIPELINE_MAX`` requests behind the one being answered, at once;
 - an idle keep-alive connection is closed after ``KEEP_ALIVE`` seconds;
-- beyond ``CONNECTIONS_MAX`` open connections, requests are answered 503 until some close.
+- a TLS handshake must end within ``REQUEST_TIMEOUT`` seconds of the connection (asyncio's
+  default is 60 s, and until its handshake ends a connection is under none of these limits);
+- beyond ``CONNECTIONS_MAX`` open connections, requests are answered 503 until some close;
+  the server raises its open-file limit to the hard limit when it starts, so that connections
+  waiting for their handshake or their deadline do not take the last descriptors.
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ import ctypes
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
 import struct
 import tempfile
 import time
+from typing import Any
 
 from ..errors import ConfigError
 from ..systemd import no_core_dumps, notify
@@ -201,6 +207,24 @@ def guarded_protocol() -> type[asyncio.Protocol]:
     return GuardedHttpTools
 
 
+class GuardedLoop(asyncio.SelectorEventLoop):
+    """The workers' event loop (uvicorn's ``loop``): a server's TLS handshakes end within
+    REQUEST_TIMEOUT, as the protocol's limits only start once the handshake is done."""
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", REQUEST_TIMEOUT)
+        return await super().create_server(*args, **kwargs)
+
+
+def _raise_file_limit() -> None:
+    """Raise the soft limit of open files to the hard one (systemd's default soft limit, 1024, is
+    for programs that still use select(); this one uses epoll)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -209,6 +233,7 @@ def _die_with_parent() -> None:
 def run(config: ServerConfig) -> None:
     """Check the configuration, load the secrets, open the database, and serve until SIGTERM/SIGINT."""
     no_core_dumps()  # the KEKs, the token key and unsealed resources are in its memory
+    _raise_file_limit()
     host = config.listen[0]
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
@@ -231,6 +256,7 @@ def _supervise(config: ServerConfig, metrics_dir: str) -> None:
     kbs, admin_auth, limiter = key_server(config)
     app = create_app(kbs, admin_auth, limiter, secure_cookies=bool(config.tls_cert))
     server_config = uvicorn.Config(app, host=host, port=port, http=guarded_protocol(), ws="none",
+                                   loop=f"{__name__}:{GuardedLoop.__name__}",
                                    ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
                                    ssl_keyfile=str(config.tls_key) if config.tls_key else None,
                                    timeout_keep_alive=int(KEEP_ALIVE),

@@ -7,13 +7,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
+import ssl
 import time
+
+import requests
 
 from keybroker.server.serve import HEAD_MAX, PIPELINE_MAX, REQUEST_TIMEOUT
 from support import policies
 from support.kbs import attest, audit_records
+from support.pki import authority, server_files
 
 TCP_CLOSE = 7  # tcpi_state of a connection the peer reset
 
@@ -233,3 +238,35 @@ def test_workers_end_with_their_supervisor(kbs):
               for pid in workers):
         assert time.monotonic() < deadline, "a worker outlived its supervisor"
         time.sleep(0.1)
+
+
+def test_tls_connections_that_never_shake_hands_are_closed_in_time(kbs, tmp_path):
+    """A TLS connection is under the protocol's limits only once its handshake is done: the
+    handshake itself must end within REQUEST_TIMEOUT too (asyncio's default was 60 s)."""
+    ca_key, ca_cert = authority(tmp_path, "ca")
+    cert, key = server_files(tmp_path, ca_key, ca_cert)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))  # systemd's default soft limit
+    try:
+        server = kbs("--workers", "1", "--tls-cert", cert, "--tls-key", key, trust=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    [worker] = server.workers()
+    limits = next(line for line in open(f"/proc/{worker}/limits") if line.startswith("Max open files")).split()
+    assert limits[3] == limits[4] == str(hard), limits  # the soft limit raised to the hard one
+    silent = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(300)]
+    try:
+        start = time.monotonic()
+        tls = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        assert requests.get(f"{server.url}/healthz", verify=str(tmp_path / "ca.pem"), timeout=5).ok  # served meanwhile
+        for sock in silent:
+            sock.settimeout(max(0.1, start + REQUEST_TIMEOUT + 5 - time.monotonic()))
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b"", "the server sent something to a client that said nothing"
+        assert time.monotonic() - start < REQUEST_TIMEOUT + 5
+    finally:
+        for sock in silent:
+            sock.close()
+    with socket.create_connection(("127.0.0.1", server.port)) as raw, tls.wrap_socket(raw, server_hostname="127.0.0.1"):
+        pass  # a handshake that is made still is
+
