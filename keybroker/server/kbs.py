@@ -4,9 +4,9 @@ A key is released only after the evidence's signature and chain verified under t
 trusted roots, REPORT_DATA bound the session's single-use nonce and the tee-pubkey, and
 the active release policy allowed the appraised claims that resource.
 
-Every attestation, every release and every refusal (but a session's refusals past
-``REFUSALS_MAX``) is appended to the audit log before the answer is returned: when a guest
-holds a key, the log already says so.
+Every attestation but those whose evidence proved nothing (see ``Verdict.proven``), every
+release and every refusal (but a session's refusals past ``REFUSALS_MAX``) is appended to the
+audit log before the answer is returned: when a guest holds a key, the log already says so.
 
 The steps are coroutines for the HTTP workers' event loops: they await their writes and make
 their short reads in place. Evidence is verified in place too, with collateral from the
@@ -64,14 +64,17 @@ DETAIL_MAX = 1024  # characters of a problem's detail: what an answer or a log l
 
 
 class Problem(Exception):
-    """An RFC 7807 problem to answer with; ``cause`` is its short name for metrics."""
+    """An RFC 7807 problem to answer with; ``cause`` is its short name for metrics. ``proven``: the
+    refusal of an attestation whose evidence came from a trusted TEE for its session (see
+    ``Verdict.proven``), which is recorded; any other refused attestation proves nothing."""
 
-    def __init__(self, name: str, detail: str, cause: str | None = None) -> None:
+    def __init__(self, name: str, detail: str, cause: str | None = None, *, proven: bool = False) -> None:
         detail = detail if len(detail) <= DETAIL_MAX else detail[:DETAIL_MAX] + "..."
         super().__init__(detail)
         self.name = name
         self.detail = detail
         self.cause = cause or "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+        self.proven = proven
 
     @property
     def status(self) -> int:
@@ -172,7 +175,11 @@ class KeyServer:
         try:
             claims = await self._appraised(fresh.tee, attestation, size)
         except Problem as problem:
-            if await self.store.end_attestation(failed, replace(event, reason=problem.detail)) is None:
+            # A genuine TEE refused (its TCB, its devices) is on the record, and its nonce spent.
+            # Evidence that proved nothing costs no write: the audit log is not a stranger's to
+            # grow, and the nonce stays unspent for as long as its cookie lasts.
+            if problem.proven and await self.store.end_attestation(failed, replace(event, reason=problem.detail)) \
+                    is None:
                 raise self._count(_unknown_session()) from None
             self.metrics.attestation(fresh.tee, False)
             raise self._count(problem) from None
@@ -220,11 +227,12 @@ class KeyServer:
         verdict = verify(evidence, context)
         if not verdict.ok:
             failed = verdict.failures[0].name if verdict.failures else "no_check"
-            raise Problem(p.ATTESTATION_DENIED, f"evidence did not verify: {verdict.reason()}", f"evidence_{failed}")
+            raise Problem(p.ATTESTATION_DENIED, f"evidence did not verify: {verdict.reason()}", f"evidence_{failed}",
+                          proven=verdict.proven)
         try:
             device_claims = appraise_devices(devices, p.device_report_data(attestation.nonce, attestation.tee_pubkey))
         except EvidenceError as exc:
-            raise Problem(p.ATTESTATION_DENIED, f"device evidence: {exc}", "device_evidence") from None
+            raise Problem(p.ATTESTATION_DENIED, f"device evidence: {exc}", "device_evidence", proven=True) from None
         return verdict.claims | device_claims | (init_data.claims() if init_data else {})
 
     # -- GET /kbs/v0/resource/<repo>/<type>/<tag> ----------------------------------------

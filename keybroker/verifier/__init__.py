@@ -57,7 +57,7 @@ def verify(evidence: Evidence, context: Context) -> Verdict:
         checks.items.append(Check("format", False, str(exc)))
     except Stop:
         pass
-    return Verdict(evidence.provider, tuple(checks.items), claims)
+    return Verdict(evidence.provider, tuple(checks.items), claims, checks.proven)
 
 
 def guess_provider(blob: bytes) -> str | None:

@@ -62,6 +62,10 @@ class Verdict:
     provider: str
     checks: tuple[Check, ...]
     claims: dict[str, Any]
+    #: The evidence was shown to come from a trusted TEE for this verification: its signature,
+    #: its chain to a pinned root and its binding to the nonce (when one was expected) all held. A failure after that is
+    #: a genuine guest refused; one before it proves nothing about who sent the evidence.
+    proven: bool = False
 
     @property
     def ok(self) -> bool:
@@ -108,6 +112,11 @@ class Checks:
 
     def __init__(self) -> None:
         self.items: list[Check] = []
+        self.proven = False
+
+    def genuine_and_bound(self) -> None:
+        """Mark the point past which the evidence is proven (see :attr:`Verdict.proven`)."""
+        self.proven = True
 
     def passed(self, name: str, detail: str = "") -> None:
         self.items.append(Check(name, True, detail))

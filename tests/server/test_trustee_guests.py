@@ -10,6 +10,7 @@ import pytest
 
 from keybroker.wire import initdata
 from support.gc_client import GuestComponents, InternalFailure, Refused
+from support.kbs import audit_records
 from support.policies import ANY_GUEST_DOCUMENT
 
 SECRET = b"released to a confidential container"
@@ -81,6 +82,9 @@ def test_device_evidence_bound_to_something_else_is_refused(serve):
         guest.get_resource("default/cc/secret")
     assert refused.value.where == "attest" and refused.value.type.endswith("AttestationDenied")
     assert "device evidence: sampledevice report_data is not SHA-384" in refused.value.detail
+    # A genuine TEE, for this session, refused: on the record (a stranger's evidence is not).
+    [record] = [r for r in audit_records(server.db) if r["event"] == "attest"]
+    assert record["decision"] == "deny" and "device evidence" in record["reason"]
 
 
 @pytest.mark.parametrize("tee, field", [("snp", "HOST_DATA"), ("tdx", "MRCONFIGID"),

@@ -106,9 +106,10 @@ def test_certificates_from_the_auxblob_table():
     table = sb.cert_table([(GUID["vcek"], der("vcek.der")), (GUID["ask"], der("ask.pem")),
                            (GUID["ark"], der("ark.pem"))])
     verdict = run((folder / "report.bin").read_bytes(), evidence={"auxblob": table})
-    assert verdict.ok, verdict.reason()
+    assert verdict.ok and verdict.proven, verdict.reason()
     without = run((folder / "report.bin").read_bytes())
     assert not without.ok and without.failures[0].name == "certificates"
+    assert not without.proven  # nothing says who made the report: a refusal of it is nobody's on the record
 
 
 def test_a_table_of_overlapping_or_bundled_entries_is_refused_before_it_is_parsed_again_and_again():

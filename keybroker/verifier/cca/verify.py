@@ -76,4 +76,5 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     # The driver zero-pads a 32-63 byte inblob to the 64-byte challenge.
     check_freshness(r.challenge, evidence, context, checks, what="the realm challenge",
                     derive=lambda nonce: nonce.ljust(64, b"\0"), rule="the nonce (inblob) zero-padded to 64 bytes")
+    checks.genuine_and_bound()
     check_init_data(r.personalization, context, checks, what="the realm personalization value")

@@ -189,6 +189,7 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     check_freshness(report.mnonce, evidence, context, checks, what="MNONCE", derive=lambda nonce: nonce[:16],
                     rule="the first 16 bytes of the nonce", name="mnonce",
                     consequence="the broker did not use the requested MNONCE: freshness not shown")
+    checks.genuine_and_bound()
     if context.init_data is not None:  # else its claims would be the requester's word alone
         checks.failed("init_data", "SEV/SEV-ES evidence has no field the host binds at launch: the init-data the "
                                    "guest presented cannot be verified")

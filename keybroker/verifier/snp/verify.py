@@ -189,3 +189,4 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     except InvalidSignature:
         checks.failed("report_signature", f"the report signature does not verify under the "
                                           f"{kind.upper()}")
+    checks.genuine_and_bound()  # REPORT_DATA's binding was checked first

@@ -148,6 +148,7 @@ def _check_chain(chain: PckChain, context: Context, checks: Checks) -> None:
     checks.require(not problems, "pck_chain",
                    f"{common_name(leaf.subject)} -> {common_name(ca.subject)} -> {common_name(root.subject)}, "
                    f"valid at {context.at:%Y-%m-%dT%H:%M:%SZ}", "; ".join(problems))
+    checks.genuine_and_bound()  # the quote's signature, the QE's binding and REPORTDATA's were checked first
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
