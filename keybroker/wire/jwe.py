@@ -60,7 +60,8 @@ def public_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, str]:
 
 def public_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
     """The EC public key of a JWK; ProtocolError unless it is a point on P-256, P-384 or P-521."""
-    curve = _CURVES.get(jwk.get("crv", "")) if jwk.get("kty") == "EC" else None
+    crv = jwk.get("crv")
+    curve = _CURVES.get(crv) if jwk.get("kty") == "EC" and isinstance(crv, str) else None
     if curve is None:
         raise ProtocolError("the key is not an EC key on P-256, P-384 or P-521")
     x, y = (unb64url(jwk.get(c, "")) for c in ("x", "y"))

@@ -28,4 +28,8 @@ def server_url_problem(url: str) -> str | None:
         return "may use plain http only for a loopback address; use https"
     if parts.query or parts.fragment:
         return "must not carry a query or fragment"
+    try:
+        parts.port  # noqa: B018  (parsed when read: a port past 65535 or not a number raises)
+    except ValueError:
+        return f"has no valid port: {parts.netloc[:100]!r}"
     return None

@@ -148,6 +148,10 @@ def test_a_changed_or_foreign_jwe_does_not_open():
         raw[0] ^= 1
         with pytest.raises(ProtocolError):
             keybroker_jwe.unwrap(body | {member: keybroker_jwe.b64url(bytes(raw))}, mine)
-    for broken in ({}, body | {"protected": "x"}, body | {"protected": keybroker_jwe.b64url(b"[]")}):
+    header = json.loads(keybroker_jwe.unb64url(body["protected"]))
+    odd_keys = [keybroker_jwe.b64url(json.dumps(header | {"epk": header["epk"] | {"crv": odd}}).encode())
+                for odd in (["P-256"], {"a": 1}, 256, None)]  # a hostile server's JWE: a refusal, not a TypeError
+    for broken in ({}, body | {"protected": "x"}, body | {"protected": keybroker_jwe.b64url(b"[]")},
+                   *(body | {"protected": protected} for protected in odd_keys)):
         with pytest.raises(ProtocolError):
             keybroker_jwe.unwrap(broken, mine)
