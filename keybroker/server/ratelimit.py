@@ -8,13 +8,16 @@ credential or not. Tokens come back at ``rate`` per second up to ``burst``. An a
 guest fetching resources with its session or token takes no token, however often it asks,
 even for resources that are missing or that the policy denies it.
 
-The table of peers is bounded (the least recently seen are forgotten first), so that many
-addresses cannot grow it. Behind a proxy every guest shares the proxy's address: raise the
-limits there, or set the rate to 0 to turn the limiter off.
+A peer is an IPv4 address, or an IPv6 /64 network: one host is usually given a whole /64,
+and could otherwise take a fresh bucket for every request. The table of peers is bounded
+(the least recently seen are forgotten first), so that many addresses cannot grow it.
+Behind a proxy every guest shares the proxy's address: raise the limits there, or set the
+rate to 0 to turn the limiter off.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import OrderedDict
@@ -23,6 +26,19 @@ from dataclasses import dataclass
 DEFAULT_RATE = 20.0   # tokens per second and peer
 DEFAULT_BURST = 200   # tokens a peer can spend at once
 PEERS_MAX = 65536
+
+
+def peer_of(address: str) -> str:
+    """The peer an address counts as: itself (IPv4, or what is no IP address), or its IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
 
 
 @dataclass
@@ -54,7 +70,7 @@ class RateLimiter:
         if not self.enabled:
             return None
         with self._lock:
-            bucket = self._refill(peer)
+            bucket = self._refill(peer_of(peer))
             if bucket.tokens >= 1:
                 if take:
                     bucket.tokens -= 1
@@ -65,7 +81,7 @@ class RateLimiter:
     def newly_limited(self, peer: str) -> bool:
         """True once each time ``peer`` starts being refused (for one log line, not one per request)."""
         with self._lock:
-            bucket = self._buckets.get(peer)
+            bucket = self._buckets.get(peer_of(peer))
             if bucket is None or bucket.limited_since is not None:
                 return False
             bucket.limited_since = time.monotonic()

@@ -7,6 +7,7 @@ import http.client
 import json
 import time
 
+from keybroker.server.ratelimit import RateLimiter
 from keybroker.wire import rcar as p
 from support import policies
 from support.kbs import attest, attestation, audit_records, challenge
@@ -131,3 +132,14 @@ def test_a_credential_that_sends_what_is_refused_pays_as_a_stranger_does(tsm_sim
     codes = [http.post(f"{tight.url}/kbs/v0/attest", data=b"[" * (p.BODY_MAX + 1),
                        headers={"Content-Type": "application/json"}).status_code for _ in range(4)]
     assert codes[:2] == [413, 413] and codes[2:] == [429, 429], codes
+
+
+def test_an_ipv6_host_cannot_rotate_through_its_network_for_fresh_tokens():
+    limiter = RateLimiter(rate=1, burst=3)
+    taken = [limiter.take(f"2001:db8:1:2::{n:x}") for n in range(1, 5)]  # one /64: one bucket
+    assert taken[:3] == [None] * 3 and taken[3] is not None
+    assert limiter.wait("2001:db8:1:2:ffff::1") is not None and limiter.newly_limited("2001:db8:1:2::99")
+    assert limiter.take("2001:db8:1:3::1") is None  # the next /64 is another peer
+    assert limiter.take("::ffff:192.0.2.1") is None and limiter.take("192.0.2.1") is None  # one IPv4 host
+    assert limiter.take("192.0.2.1") is None and limiter.take("192.0.2.1") is not None
+    assert limiter.take("192.0.2.2") is None and limiter.take("?") is None  # what is no address counts as itself
