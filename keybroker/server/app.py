@@ -18,6 +18,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -271,8 +272,17 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
                                 status_code=503)
         return JSONResponse({"status": "ready"})
 
+    async def no_route(request: Request, exc: Exception) -> Response:
+        """What routing refuses (no such endpoint, another method) is a problem document too."""
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        name = p.METHOD_NOT_ALLOWED if status == 405 else p.NOT_FOUND
+        response = problem_response(Problem(name, f"no {request.method[:16]} {request.url.path[:64]} here"))
+        if isinstance(exc, HTTPException) and exc.headers and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+
     resource_path = "/resources/{path:path}"
-    return Starlette(routes=[
+    return Starlette(exception_handlers={HTTPException: no_route}, routes=[
         Route(f"{p.PREFIX}/auth", auth, methods=["POST"]),
         Route(f"{p.PREFIX}/attest", attest, methods=["POST"]),
         Route(f"{p.PREFIX}/resource/{{path:path}}", resource, methods=["GET"]),

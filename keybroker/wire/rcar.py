@@ -78,11 +78,13 @@ TOO_MANY_REQUESTS = "TooManyRequests"
 UNAUTHORIZED = "Unauthorized"
 INTERNAL = "InternalError"
 UNAVAILABLE = "Unavailable"
+NOT_FOUND = "NotFound"  # no such endpoint
+METHOD_NOT_ALLOWED = "MethodNotAllowed"
 #: Refusals of attestation and release are 401, as guest-components reads an error body only then.
 STATUS = {BAD_REQUEST: 400, PROTOCOL_VERSION: 400, UNKNOWN_SESSION: 401, NOT_ATTESTED: 401,
           UNAUTHORIZED: 401, ATTESTATION_DENIED: 401, POLICY_DENIED: 401, RESOURCE_NOT_FOUND: 404,
           PAYLOAD_TOO_LARGE: 413, TOO_MANY_REQUESTS: 429, HEADERS_TOO_LARGE: 431, INTERNAL: 500,
-          UNAVAILABLE: 503}
+          UNAVAILABLE: 503, NOT_FOUND: 404, METHOD_NOT_ALLOWED: 405}
 #: Trustee's error types (``…/kbs/errors/<Variant>``) and what they mean in keybroker's terms.
 TRUSTEE_ERROR_TYPE = "https://github.com/confidential-containers/kbs/errors/"
 _TRUSTEE_ERRORS = {"AttestationError": ATTESTATION_DENIED, "PolicyDeny": POLICY_DENIED,

@@ -133,6 +133,17 @@ def test_oversized_and_malformed_bodies(kbs):
     assert bad_path.status_code in (400, 401, 404)
 
 
+def test_what_no_route_serves_is_a_problem_document(kbs):
+    server = kbs(trust=False)
+    for method, path, status, problem in (("GET", "/kbs/v0/auth", 405, "MethodNotAllowed"),
+                                          ("GET", "/nope", 404, "NotFound"),
+                                          ("POST", "/kbs/v0/nothing", 404, "NotFound")):
+        answer = requests.request(method, f"{server.url}{path}", timeout=10)
+        assert answer.status_code == status and answer.json()["type"] == f"urn:keybroker:error:{problem}"
+        assert answer.headers["content-type"] == "application/problem+json" and path in answer.json()["detail"]
+    assert requests.get(f"{server.url}/kbs/v0/attest", timeout=10).headers["Allow"] == "POST"
+
+
 def test_plain_http_only_on_loopback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "keybroker", "serve", "--listen", "0.0.0.0:18999",
                           "--db", f"sqlite:///{tmp_path}/x.db"], capture_output=True, text=True, timeout=30)
