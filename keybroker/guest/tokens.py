@@ -32,6 +32,7 @@ import contextlib
 import errno as E
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 KEYRING = "keybroker:tokens"
 LOCK_DIR = Path("/run/keybroker")
 MARGIN = 10  # seconds before a token's exp that it is no longer used
+LIFETIME_MAX = 24 * 3600  # seconds a token is kept at most, whatever exp it claims
 _FORMAT = b"keybroker-token-1\n"
 #: Root (the owner) may do everything, a possessor too; group and others nothing.
 _OWNER_ONLY = 0x3F3F0000
@@ -96,6 +98,8 @@ class TokenCache:
             if not payload.startswith(_FORMAT) or len(payload) < len(_FORMAT) + 33:
                 return None
             token = bytes(payload[len(_FORMAT):-33]).decode("ascii")
+            if _expires(token) - MARGIN <= time.time():
+                return None  # its expiry, not only the key's timeout, says whether it is still of use
             scalar = int.from_bytes(payload[-32:], "big")
             return Held(token, ec.derive_private_key(scalar, ec.SECP256R1()))
         except (UnicodeDecodeError, ValueError):
@@ -104,20 +108,24 @@ class TokenCache:
             payload[:] = bytes(len(payload))
 
     def store(self, token: str, key: ec.EllipticCurvePrivateKey) -> None:
-        """Keep ``token`` and ``key`` until the token's exp (less MARGIN); nothing if it has none."""
-        lifetime = _expires(token) - time.time() - MARGIN
+        """Keep ``token`` and ``key`` until the token's exp (less MARGIN, at most LIFETIME_MAX); nothing
+        if it has none."""
+        lifetime = min(_expires(token) - time.time() - MARGIN, LIFETIME_MAX)
         if lifetime < 1 or not token.isascii():
             return
         payload = bytearray(_FORMAT + token.encode("ascii") + b"\n")
         payload += key.private_numbers().private_value.to_bytes(32, "big")
+        serial = ring = None
         try:
             ring = _keyring(create=True)
             assert ring is not None
             serial = keyring.add_key("user", self.description, payload, ring)
             keyring.setperm(serial, _OWNER_ONLY)
             keyring.set_timeout(serial, int(lifetime))
-        except KeyringError:
-            pass  # a token not kept costs the next request an attestation, nothing else
+        except KeyringError:  # a token not kept costs the next request an attestation, nothing else
+            if serial is not None and ring is not None:
+                with contextlib.suppress(KeyringError):
+                    keyring.unlink(serial, ring)  # never kept without its expiry
         finally:
             payload[:] = bytes(len(payload))
 
@@ -178,4 +186,10 @@ def _expires(token: str) -> float:
     except (ValueError, RecursionError):
         return 0
     exp = claims.get("exp") if isinstance(claims, dict) else None
-    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else 0
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return 0
+    try:
+        value = float(exp)
+    except OverflowError:  # an integer past any float
+        return 0
+    return value if math.isfinite(value) else 0  # NaN and infinities are no time

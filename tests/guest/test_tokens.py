@@ -130,3 +130,51 @@ def test_concurrent_requests_share_one_attestation(tsm_sim, kbs, handler):
     assert server.requests_to("attest") == 1 and server.requests_to("resource") == 6
     # One report for six keys: serialised reports would take 6 x 2 s.
     assert took < 3 * slow, f"{took:.1f} s for six keys"
+
+
+def test_a_token_s_claimed_expiry_is_bounded_whatever_the_server_wrote(tmp_path, system_lock):
+    """The exp of a token is the server's word, unverified by the guest: NaN, infinities and
+    huge numbers keep nothing (and raise nothing), a far one is cut to LIFETIME_MAX, and a kept
+    token whose exp has passed is not used, whatever the key's own timeout says."""
+    import base64
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.guest import config, keyring
+
+    if os.geteuid() != 0:
+        pytest.skip("tokens are kept in root's keyring")
+    path = tmp_path / "client.toml"
+    path.write_text('[server]\nurl = "http://127.0.0.1:1"\n')
+    cache = tokens.TokenCache(config.load(path), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    def token(exp: str) -> str:
+        body = base64.urlsafe_b64encode(f'{{"exp": {exp}}}'.encode()).decode().rstrip("=")
+        return f"e30.{body}.c2ln"
+
+    def expiry() -> str:
+        serial = keyring.search(keyring.search(keyring.USER_KEYRING, "keyring", tokens.KEYRING), "user",
+                                cache.description)
+        return next(line.split()[3] for line in open("/proc/keys") if int(line.split()[0], 16) == serial)
+
+    tokens.forget_all()
+    try:
+        for exp in ("1e400", "-1e400", "NaN", "1" + "0" * 400, "true", '"soon"'):
+            cache.store(token(exp), key)
+            assert cache.load() is None, exp
+        cache.store(token(str(2**40)), key)  # past what the kernel's unsigned timeout holds
+        assert cache.load() is not None and expiry() in ("1d", "23h"), expiry()
+        tokens.forget_all()
+        fresh = token(str(int(time.time()) + 100))
+        cache.store(fresh, key)
+        held = cache.load()
+        assert held is not None and held.token == fresh
+        stale = token(str(int(time.time()) + tokens.MARGIN - 1))  # as if kept, then its exp came near
+        ring = keyring.search(keyring.USER_KEYRING, "keyring", tokens.KEYRING)
+        payload = tokens._FORMAT + stale.encode() + b"\n" + key.private_numbers().private_value.to_bytes(32, "big")
+        keyring.add_key("user", cache.description, payload, ring)
+        assert cache.load() is None
+    finally:
+        tokens.forget_all()
