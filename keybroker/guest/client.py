@@ -9,8 +9,9 @@ to the caller as soon as /attest gives them; further resources are fetched with 
 longer good (NotAttested). The evidence goes as keybroker's envelope to a
 server whose challenge says it reads it, and in Trustee's per-TEE form to any other (a
 Trustee KBS): no configuration tells the two apart. Every HTTP call has an explicit timeout bounded
-by the caller's deadline; unreachable servers and 5xx answers are retried a bounded
-number of times while the deadline allows. TLS verifies the server against ``ca`` (or the
+by the caller's deadline, for the whole exchange (a server that trickles its answer a byte at a
+time is cut off when it passes, not only one that goes silent); unreachable servers and 5xx
+answers are retried a bounded number of times while the deadline allows. TLS verifies the server against ``ca`` (or the
 system's roots); no proxy, no redirect, no environment variable is followed.
 """
 
@@ -20,10 +21,12 @@ import errno as E
 import http.client
 import json
 import re
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -79,6 +82,7 @@ class _Http:
         else:
             self.conn = http.client.HTTPConnection(host, port)
         self.cookie: str | None = None
+        self._cut_off = False
 
     def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str],
                 timeout: float) -> _Response:
@@ -90,16 +94,38 @@ class _Http:
         self.conn.timeout = timeout
         if self.conn.sock is not None:
             self.conn.sock.settimeout(timeout)
-        self.conn.request(method, self.prefix + path, body=body, headers=headers)
-        response = self.conn.getresponse()
-        content = response.read(RESPONSE_MAX + 1)
+        # The socket's timeout bounds each read; the watchdog, the whole exchange.
+        watchdog = threading.Timer(timeout, self._cut)
+        watchdog.daemon = True
+        self._cut_off = False
+        watchdog.start()
+        try:
+            self.conn.request(method, self.prefix + path, body=body, headers=headers)
+            response = self.conn.getresponse()
+            content = response.read(RESPONSE_MAX + 1)
+            if len(content) <= RESPONSE_MAX and response.will_close is False:
+                response.read()  # nothing left: the connection stays usable
+        except (OSError, http.client.HTTPException):
+            if self._cut_off:
+                raise TimeoutError from None
+            raise
+        finally:
+            watchdog.cancel()
+        if self._cut_off:  # what a cut connection left may look whole (an answer read to its end)
+            raise TimeoutError
         for value in response.headers.get_all("Set-Cookie") or ():
             name, _, rest = value.partition("=")
             if name.strip() == p.SESSION_COOKIE:
                 self.cookie = rest.split(";", 1)[0].strip()
-        if len(content) <= RESPONSE_MAX and response.will_close is False:
-            response.read()  # nothing left: the connection stays usable
         return _Response(response.status, response.reason, response.headers, content)
+
+    def _cut(self) -> None:
+        """The exchange's time is up: shut its socket down, which ends any read blocked on it."""
+        self._cut_off = True
+        sock = self.conn.sock
+        if sock is not None:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class RcarClient:

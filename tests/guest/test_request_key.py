@@ -6,6 +6,7 @@ session), against the configfs-tsm emulator and a key server on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -304,6 +305,43 @@ class ProblemServer(StubServer):
 
         super().__init__(Handler)
 
+
+
+def test_a_server_that_trickles_its_answer_is_cut_off_at_the_deadline():
+    """A read's timeout is no bound on an answer sent a byte every 0.2 s: the exchange's is."""
+    import socket
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.errors import ServerUnreachable
+    from keybroker.guest.client import RcarClient
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"y" * 200:
+                if stop.is_set():
+                    return
+                with contextlib.suppress(OSError):
+                    conn.sendall(bytes([byte]))
+                time.sleep(0.2)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    started = time.monotonic()
+    client = RcarClient(f"http://127.0.0.1:{listener.getsockname()[1]}", deadline=started + 2)
+    try:
+        with pytest.raises(ServerUnreachable) as failed:
+            client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
+    finally:
+        stop.set()
+        listener.close()
+    assert failed.value.errno == errno.ETIMEDOUT and "did not answer within" in str(failed.value)
+    assert time.monotonic() - started < 3  # not the 40 s the trickle would last
 
 
 def test_a_long_non_ascii_reason_arrives_whole_from_the_worker(tsm_sim, handler):
