@@ -50,7 +50,7 @@ def _obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Re
     if not TokenCache.available():
         return _attest(config, request, client, None, deadline)
     cache = TokenCache(config, request.privlevel)
-    released = _with_kept_token(client, cache, resource)
+    released = _with_kept_token(client, cache, resource, deadline)
     if released is not None:
         return released
     with cache.attesting(deadline):  # concurrent requests wait here for one attestation
@@ -58,21 +58,26 @@ def _obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Re
             return _attest(config, request, client, cache, deadline)
     # Kept by the request that attested: used outside the lock, so that the requests that waited
     # for it fetch their keys side by side, not one after another.
-    released = _with_kept_token(client, cache, resource)
+    released = _with_kept_token(client, cache, resource, deadline)
     if released is not None:
         return released
     with cache.attesting(deadline):  # the server refused that token itself (expired, its signing key gone)
         return _attest(config, request, client, cache, deadline)
 
 
-def _with_kept_token(client: RcarClient, cache: TokenCache, resource: str) -> ReleasedKey | None:
+def _with_kept_token(client: RcarClient, cache: TokenCache, resource: str, deadline: float) -> ReleasedKey | None:
     held = cache.load()
     if held is None:
         return None
     try:
         return client.fetch_with_token(resource, held.token, held.key)
     except TokenRefused:
-        cache.drop()
+        # Dropped only if it is still the one refused: meanwhile another request, refused too,
+        # may have attested and kept a fresh token (under the lock), which serves this one.
+        with cache.attesting(deadline):
+            kept = cache.load()
+            if kept is not None and kept.token == held.token:
+                cache.drop()
         return None
 
 

@@ -178,3 +178,19 @@ def test_a_token_s_claimed_expiry_is_bounded_whatever_the_server_wrote(tmp_path,
         assert cache.load() is None
     finally:
         tokens.forget_all()
+
+
+def test_requests_refused_their_token_together_share_one_attestation_again(tsm_sim, kbs, handler):
+    """Each drops the refused token only if it is still the one kept: a late refusal does not
+    throw away the fresh token another request attested for."""
+    root = tsm_sim("sev_guest", "slow=1")
+    server = kbs("--rate-limit", "0")
+    for path, value in SECRETS.items():
+        server.put(path, value)
+    handler(server.url, root, deadline=30)
+    assert released(request("k0"), "k0")
+    server.stop()
+    server.start()  # another token-signing key: the kept token is refused by every request
+    names = [f"k{i}" for i in range(1, 7)]
+    assert released(request(*names), *names)
+    assert server.requests_to("attest") == 1  # (a refusal that arrived late used to cost a second one)
