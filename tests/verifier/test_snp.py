@@ -110,6 +110,9 @@ def test_certificates_from_the_auxblob_table():
     without = run((folder / "report.bin").read_bytes())
     assert not without.ok and without.failures[0].name == "certificates"
     assert not without.proven  # nothing says who made the report: a refusal of it is nobody's on the record
+    # A genuine guest launched with other init-data is refused on the record.
+    refused = run((folder / "report.bin").read_bytes(), evidence={"auxblob": table}, init_data=b"\x07" * 48)
+    assert refused.failures[0].name == "init_data" and refused.proven
 
 
 def test_a_table_of_overlapping_or_bundled_entries_is_refused_before_it_is_parsed_again_and_again():

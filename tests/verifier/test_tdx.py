@@ -216,6 +216,19 @@ def test_nonce_and_report_data_binding():
     assert check(exact, "report_data").ok and exact.ok
 
 
+def test_only_a_genuine_quote_bound_to_the_nonce_is_proven():
+    """What a refusal of it puts on the record (see Verdict.proven): a public quote replayed, or
+    any quote changed, proves nothing; one genuine and bound does, whatever fails after."""
+    p = tb.platform()
+    nonce = hashlib.sha512(b"nonce").digest()
+    raw = tb.quote(p, tb.Td(report_data=nonce))
+    assert run(raw, trust=trusting(p), inblob=nonce).proven
+    assert not run(raw, trust=trusting(p), nonce=bytes(64)).proven  # replayed for another session
+    assert not run(flip(raw, 54 + 136), trust=trusting(p), inblob=nonce).proven  # the quote signature fails
+    refused = run(raw, trust=trusting(p), inblob=nonce, init_data=bytes(48))  # genuine, bound, then refused
+    assert first_failure(refused) == "init_data" and refused.proven
+
+
 # -- quotes built to the spec: versions, bodies, layouts beyond the samples ---------------------
 
 @pytest.mark.parametrize("version, body_type, trailing, ca", [

@@ -86,6 +86,7 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
                    "QE REPORTDATA is not SHA-256(attestation key || QE auth data) || 0^32: the attestation key "
                    "or the QE authentication data is not the one the quoting enclave reported")
     check_freshness(quote.body.report_data, evidence, context, checks, what="REPORTDATA")
+    checks.genuine_and_bound()  # the PCK chain, the QE report's and the quote's signatures, both bindings
     check_init_data(quote.body.mrconfigid, context, checks, what="MRCONFIGID")
     if evidence.event_log:
         _check_event_log(evidence.event_log, quote, checks, claims_out)
@@ -148,7 +149,6 @@ def _check_chain(chain: PckChain, context: Context, checks: Checks) -> None:
     checks.require(not problems, "pck_chain",
                    f"{common_name(leaf.subject)} -> {common_name(ca.subject)} -> {common_name(root.subject)}, "
                    f"valid at {context.at:%Y-%m-%dT%H:%M:%SZ}", "; ".join(problems))
-    checks.genuine_and_bound()  # the quote's signature, the QE's binding and REPORTDATA's were checked first
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
