@@ -36,10 +36,11 @@ def load_certs(data: bytes, *, most: int | None = None) -> list[x509.Certificate
     """Certificates from a PEM bundle (at most ``most`` of them) or one DER certificate, parsed
     whole (see ``_parse``); remembered when the input is small."""
     data = bytes(data)
-    if most is not None and data.count(b"-----BEGIN CERTIFICATE-----") > most:
+    certs = _parse_cached(data) if len(data) <= CACHED_INPUT_MAX else _parse(data)
+    if most is not None and len(certs) > most:  # counted parsed: a PEM block has more labels than one
         raise EvidenceError(f"more than {most} certificate{'s' if most > 1 else ''} where "
                             f"{'they belong' if most > 1 else 'one belongs'}")
-    return list(_parse_cached(data) if len(data) <= CACHED_INPUT_MAX else _parse(data))
+    return list(certs)
 
 
 def _parse(data: bytes) -> tuple[x509.Certificate, ...]:

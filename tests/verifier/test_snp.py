@@ -152,6 +152,10 @@ def test_what_is_remembered_of_certificates_is_bounded_in_bytes():
     assert len(certs.load_certs(large)) == 40 and certs._parse_cached.cache_info().currsize == before + 1
     with pytest.raises(EvidenceError, match="more than 8 certificates"):
         certs.load_certs(large, most=8)
+    relabelled = large.replace(b"BEGIN CERTIFICATE", b"BEGIN X509 CERTIFICATE").replace(
+        b"END CERTIFICATE", b"END X509 CERTIFICATE")  # a label the PEM parser reads as well
+    with pytest.raises(EvidenceError, match="more than 1 certificate where one belongs"):
+        certs.load_certs(one + relabelled, most=1)
     with pytest.raises(EvidenceError, match=f"a certificate of more than {certs.CERT_MAX} bytes"):
         certs.load_certs(certificate(bytes(certs.CERT_MAX)))
 
