@@ -36,7 +36,7 @@ def notify(*assignments: str) -> bool:
         return False
     target = "\0" + address[1:] if address.startswith("@") else address
     message = "\n".join(line.replace("\n", " ") for line in assignments).encode("utf-8", "replace")
-    return _send(target, message)
+    return _send(target, message, wait=True)
 
 
 def no_core_dumps() -> None:
@@ -82,8 +82,8 @@ class Journal:
 
     def line(self, priority: int, message: str) -> None:
         text = " ".join(message.split())  # one line, whatever a peer or a file put in it
-        if not self.stream and (_send(SYSLOG_SOCKET, self._syslog(priority, text))
-                                or _send(JOURNAL_SOCKET, self._native(priority, text))):
+        if not self.stream and (_send(SYSLOG_SOCKET, self._syslog(priority, text), wait=False)
+                                or _send(JOURNAL_SOCKET, self._native(priority, text), wait=False)):
             return
         prefix = f"<{priority}>" if self.journal_stream else ("" if self.stream else f"{self.ident}[{os.getpid()}]: ")
         with self._lock:
@@ -98,14 +98,16 @@ class Journal:
                 f"SYSLOG_FACILITY={self.facility}\n").encode("utf-8", "replace")
 
 
-def _send(address: str, datagram: bytes) -> bool:
+def _send(address: str, datagram: bytes, *, wait: bool) -> bool:
     """One datagram to an AF_UNIX socket (``\0``-prefixed: abstract); False when nobody listens there,
-    or when its queue is full: the sender never waits (the kernel holds a key's requester until the
-    request-key handler exits, so a syslog daemon that stalls must not hold the handler)."""
+    or, unless ``wait``, when its queue is full. Log lines do not wait: the kernel holds a key's
+    requester until the request-key handler exits, so a syslog daemon that stalls must not hold
+    the handler. sd_notify does (a READY=1 lost would fail the unit's start)."""
     if not address.startswith("\0") and not os.path.exists(address):
         return False
     try:
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC | _socket.SOCK_NONBLOCK)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC |
+                              (0 if wait else _socket.SOCK_NONBLOCK))
     except OSError:
         return False
     try:
