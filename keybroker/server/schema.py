@@ -143,7 +143,12 @@ def open_engine(url: str) -> Engine:
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
         try:
-            engine = create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+            # A host that stops answering (a partition, not a refusal) ends a connection within
+            # 20 s, not after TCP's retransmissions (15 min): the reads that wait on it give up
+            # after store.READ_WAIT, and their threads come back soon after.
+            engine = create_engine(parsed, pool_pre_ping=True, connect_args={
+                "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                "keepalives_count": 2, "tcp_user_timeout": 20000})
         except ImportError:
             raise ConfigError("--db postgresql://… needs psycopg 3: pip install 'keybroker[postgresql]'") from None
     else:
