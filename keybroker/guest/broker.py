@@ -50,18 +50,17 @@ def _obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Re
     if not TokenCache.available():
         return _attest(config, request, client, None, deadline)
     cache = TokenCache(config, request.privlevel)
-    released = _with_kept_token(client, cache, resource, deadline)
-    if released is not None:
-        return released
-    with cache.attesting(deadline):  # concurrent requests wait here for one attestation
-        if cache.load() is None:  # none kept meanwhile by another request: this one attests
-            return _attest(config, request, client, cache, deadline)
-    # Kept by the request that attested: used outside the lock, so that the requests that waited
-    # for it fetch their keys side by side, not one after another.
-    released = _with_kept_token(client, cache, resource, deadline)
-    if released is not None:
-        return released
-    with cache.attesting(deadline):  # the server refused that token itself (expired, its signing key gone)
+    # The kept token; else one attestation, shared: concurrent requests wait on the lock and use
+    # what the one that attested kept, outside the lock, so that they fetch their keys side by
+    # side. Twice: the token kept meanwhile may be refused too (expired, its signing key gone).
+    for _ in range(2):
+        released = _with_kept_token(client, cache, resource, deadline)
+        if released is not None:
+            return released
+        with cache.attesting(deadline):
+            if cache.load() is None:  # none kept meanwhile by another request: this one attests
+                return _attest(config, request, client, cache, deadline)
+    with cache.attesting(deadline):
         return _attest(config, request, client, cache, deadline)
 
 
