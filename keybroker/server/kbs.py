@@ -8,8 +8,9 @@ Every attestation but those whose evidence proved nothing (see ``Verdict.proven`
 release and every refusal (but a session's refusals past ``REFUSALS_MAX``) is appended to the
 audit log before the answer is returned: when a guest holds a key, the log already says so.
 
-The steps are coroutines for the HTTP workers' event loops: they await their writes and make
-their short reads in place. Evidence is verified in place too, with collateral from the
+The steps are coroutines for the HTTP workers' event loops: they await their writes and their
+short reads (made in place with SQLite, on the store's threads with PostgreSQL: see store).
+Evidence is verified in place, with collateral from the
 evidence, the operator's folders or the cache; a large attestation (event logs, long
 certificate chains: more than ``INLINE_MAX`` bytes), and evidence whose collateral must
 first be fetched (a VCEK from AMD's KDS, TDX collateral from Intel's PCS), is verified on a
