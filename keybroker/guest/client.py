@@ -8,11 +8,12 @@ to the caller as soon as /attest gives them; further resources are fetched with 
 (``Authorization: Bearer``) without attesting again, until the server says the token is no
 longer good (NotAttested). The evidence goes as keybroker's envelope to a
 server whose challenge says it reads it, and in Trustee's per-TEE form to any other (a
-Trustee KBS): no configuration tells the two apart. Every HTTP call has an explicit timeout bounded
-by the caller's deadline, for the whole exchange (a server that trickles its answer a byte at a
-time is cut off when it passes, not only one that goes silent); unreachable servers and 5xx
-answers are retried a bounded number of times while the deadline allows. TLS verifies the server against ``ca`` (or the
-system's roots); no proxy, no redirect, no environment variable is followed.
+Trustee KBS): no configuration tells the two apart. Every HTTP call has an explicit timeout
+bounded by the caller's deadline, for the whole exchange (a server that trickles its answer a
+byte at a time is cut off when it passes, not only one that goes silent); unreachable servers
+and 5xx answers are retried a bounded number of times while the deadline allows. TLS verifies
+the server against ``ca`` (or the system's roots); no proxy, no redirect, no environment
+variable is followed.
 """
 
 from __future__ import annotations
