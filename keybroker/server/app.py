@@ -274,10 +274,10 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
 
     async def no_route(request: Request, exc: Exception) -> Response:
         """What routing refuses (no such endpoint, another method) is a problem document too."""
-        status = exc.status_code if isinstance(exc, HTTPException) else 404
-        name = {404: p.NOT_FOUND, 405: p.METHOD_NOT_ALLOWED}.get(status, p.BAD_REQUEST)
+        assert isinstance(exc, HTTPException)  # the one exception this handles
+        name = {404: p.NOT_FOUND, 405: p.METHOD_NOT_ALLOWED}.get(exc.status_code, p.BAD_REQUEST)
         response = problem_response(Problem(name, f"no {request.method[:16]} {request.url.path[:64]} here"))
-        if isinstance(exc, HTTPException) and exc.headers and "Allow" in exc.headers:
+        if exc.headers and "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
 

@@ -179,9 +179,10 @@ class KeyServer:
             # A genuine TEE refused (its TCB, its devices) is on the record, and its nonce spent.
             # Evidence that proved nothing costs no write: the audit log is not a stranger's to
             # grow, and the nonce stays unspent for as long as its cookie lasts.
-            if problem.proven and await self.store.end_attestation(failed, replace(event, reason=problem.detail)) \
-                    is None:
-                raise self._count(_unknown_session()) from None
+            if problem.proven:
+                recorded = await self.store.end_attestation(failed, replace(event, reason=problem.detail))
+                if recorded is None:
+                    raise self._count(_unknown_session()) from None
             self.metrics.attestation(fresh.tee, False)
             raise self._count(problem) from None
         except BaseException:
