@@ -62,6 +62,8 @@ def parse(body: str) -> InitData:
         doc = tomllib.loads(body)
     except tomllib.TOMLDecodeError as exc:
         raise EvidenceError(f"init-data is not TOML: {exc}") from None
+    except ValueError as exc:  # an integer past Python's 4300 digits raises plain ValueError
+        raise EvidenceError(f"init-data holds a value TOML cannot read: {str(exc)[:80]}") from None
     except RecursionError:  # tomllib descends once per nested array or inline table
         raise EvidenceError("init-data nests arrays or tables too deeply") from None
     version, algorithm, data = doc.get("version"), doc.get("algorithm"), doc.get("data")

@@ -206,6 +206,13 @@ def test_init_data_nested_too_deeply_is_refused_not_a_500(server, sim_state, nes
     assert "init-data nests arrays or tables too deeply" in server.log_path.read_text()
 
 
+def test_init_data_with_an_integer_python_will_not_read_is_refused_not_a_500(server, sim_state):
+    init_data = {"format": "toml", "body": f'version = "0.1.0"\nalgorithm = "sha384"\nx = {"9" * 4400}\n'}
+    attested, fetched, _ = attest_and_fetch(server, sim_state, lambda body: body | {"init-data": init_data})
+    assert (attested, fetched) == (401, 401)
+    assert "init-data holds a value TOML cannot read" in server.log_path.read_text()
+
+
 @pytest.mark.parametrize("form", ["escaped", "encoded", "utf-16"])
 @pytest.mark.parametrize("where", [("runtime-data", "nonce"), ("tee-evidence", "additional_evidence"),
                                    ("tee-evidence", "primary_evidence", "provider")])
