@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import queue
 import threading
@@ -45,10 +46,12 @@ from sqlalchemy.engine import Connection
 from ..errors import StoreError
 from . import audit, schema
 from .audit import Event, Record
+from .cookies import SessionRows
 from .policy import NONE, Policy
 from .schema import open_engine, policies, resources, sessions
 from .sealing import Sealed, Sealer
 
+log = logging.getLogger("keybroker.server")
 
 @dataclass(frozen=True)
 class StoredResource:
@@ -278,8 +281,12 @@ class SessionCache:
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    """The database of a key server (``url``). ``sessions`` makes and checks the MACs of stored
+    sessions: a store without it (the administrative commands') keeps no sessions."""
+
+    def __init__(self, url: str, sessions: SessionRows | None = None) -> None:
         self.engine = open_engine(url)
+        self._sessions = sessions
         self._policy = NO_POLICY  # the last active policy read, parsed once per version
         self._writer = schema.writer_lock(url)
         self._commits = GroupCommit(self.engine, self._writer)
@@ -452,6 +459,8 @@ class Store:
         """Store ``session``, attested (it has claims) or failed, spending its nonce, with ``event``
         recorded, in one transaction. None, and nothing changed, when the session is stored
         already (its nonce was spent, by a concurrent /attest on any replica) or has ended."""
+        rows = self._session_rows()
+
         def work(db: Connection) -> Event | None:
             now = time.time()
             if now >= self._next_purge:
@@ -461,16 +470,21 @@ class Store:
                 return None  # ended while its evidence was verified: its cookie opens no more, nothing to spend
             if db.execute(_SESSION_EXISTS, {"session_id": session.id}).first() is not None:
                 return None  # read under the chain's lock: no other writer can insert it meanwhile
-            db.execute(_NEW_SESSION, {
-                "id": session.id, "tee": session.tee, "nonce": session.nonce, "state": session.state,
-                "expires": session.expires,
-                "claims": json.dumps(session.claims) if session.claims is not None else None,
-                "tee_pubkey": json.dumps(session.tee_pubkey) if session.tee_pubkey is not None else None})
+            row = {"id": session.id, "tee": session.tee, "nonce": session.nonce, "state": session.state,
+                   "expires": float(session.expires),
+                   "claims": json.dumps(session.claims) if session.claims is not None else None,
+                   "tee_pubkey": json.dumps(session.tee_pubkey) if session.tee_pubkey is not None else None}
+            db.execute(_NEW_SESSION, row | {"mac": rows.mac(_session_columns(row))})
             return event
         record = await self.committed(work)
         if record is not None:
             self._cached.put(session)
         return record
+
+    def _session_rows(self) -> SessionRows:
+        if self._sessions is None:
+            raise TypeError("this Store was opened without SessionRows: it keeps no sessions")
+        return self._sessions
 
     def stored_here(self, session_id: str) -> bool:
         """Whether this process stored ``session_id`` lately (a replay is then refused before its
@@ -482,12 +496,23 @@ class Store:
         cached = self._cached.get(session_id)
         if cached is not None:
             return cached
+        rows = self._session_rows()
         row = await self._read(lambda db: db.execute(_SESSION, {"session_id": session_id}).first())
         if row is None:
+            return None
+        if not rows.verify(_session_columns(row._mapping), row.mac):
+            log.error("stored session %s... fails its MAC: its row was not written by a server with this "
+                      "KEK; it is not believed", session_id[:8])
             return None
         return Session(row.id, row.tee, row.nonce, row.state, row.expires,
                        json.loads(row.tee_pubkey) if row.tee_pubkey else None,
                        json.loads(row.claims) if row.claims else None)
+
+
+def _session_columns(row: Any) -> tuple[str, ...]:
+    """What a stored session's MAC covers: every column but the MAC, as stored."""
+    return tuple("" if row[name] is None else str(row[name])
+                 for name in ("id", "tee", "nonce", "state", "expires", "tee_pubkey", "claims"))
 
 
 def _resource(db: Connection, path: str) -> StoredResource | None:

@@ -8,12 +8,13 @@ import time
 import pytest
 
 from keybroker.server.audit import ALLOW, ATTEST, Event
-from keybroker.server.cookies import SessionCookies
+from keybroker.server.cookies import SessionCookies, SessionRows
 from keybroker.server.sealing import Kek, Sealer
 from keybroker.server.store import Session, SessionCache, Store
 
 KEK = Kek.from_bytes(bytes(range(32)), "test")
 NEXT_KEK = Kek.from_bytes(bytes(range(1, 33)), "test")
+ROWS = SessionRows(Sealer(KEK))
 
 
 def test_a_cookie_opens_with_its_own_nonce_only():
@@ -60,8 +61,8 @@ def attested(session_id: str) -> Session:
 
 
 def test_a_session_is_stored_once_however_many_replicas_try(tmp_path):
-    a = Store(f"sqlite:///{tmp_path}/kbs.db")
-    b = Store(f"sqlite:///{tmp_path}/kbs.db")  # another worker or replica on the same database
+    a = Store(f"sqlite:///{tmp_path}/kbs.db", ROWS)
+    b = Store(f"sqlite:///{tmp_path}/kbs.db", ROWS)  # another worker or replica on the same database
     event = Event(ATTEST, ALLOW, "test", "a")
 
     async def attest_twice() -> None:
@@ -78,10 +79,63 @@ def test_a_session_is_stored_once_however_many_replicas_try(tmp_path):
 
 
 def test_a_session_that_ended_while_its_evidence_was_verified_is_not_stored(tmp_path):
-    store = Store(f"sqlite:///{tmp_path}/kbs.db")
+    store = Store(f"sqlite:///{tmp_path}/kbs.db", ROWS)
     ended = Session("s1", "snp", "n", "attested", time.time() - 1, {"kty": "EC"}, {"tee": "snp"})
     assert asyncio.run(store.end_attestation(ended, Event(ATTEST, ALLOW, "test", "a"))) is None
     assert asyncio.run(store.get_session("s1")) is None
+
+
+@pytest.mark.parametrize("forge", [
+    {"state": "attested"},                                       # a failed attestation made good
+    {"claims": '{"tee": "snp", "debug": false}'},                # claims of the writer's choosing
+    {"tee_pubkey": '{"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}'},  # the writer's key
+    {"expires": 9999999999.0},                                   # a longer life
+])
+def test_a_session_row_changed_in_the_database_is_not_believed(tmp_path, forge):
+    """Someone who can write the database but has no KEK cannot make a session attested (the
+    cookie /auth gives anyone names its id and nonce), nor change its claims, key or end."""
+    from sqlalchemy import update
+
+    from keybroker.server import schema
+
+    failed = Session("s1", "snp", "n", "failed", time.time() + 300, None, None)
+    writer, reader = Store(f"sqlite:///{tmp_path}/kbs.db", ROWS), Store(f"sqlite:///{tmp_path}/kbs.db", ROWS)
+    assert asyncio.run(writer.end_attestation(failed if "state" in forge else attested("s1"),
+                                              Event(ATTEST, ALLOW, "test", "a"))) is not None
+    assert asyncio.run(reader.get_session("s1")) is not None  # as stored, it reads back
+    with reader.engine.begin() as db:
+        db.execute(update(schema.sessions).where(schema.sessions.c.id == "s1").values(**forge))
+    assert asyncio.run(reader.get_session("s1")) is None
+    expires = time.time() + 300
+    columns = ("s2", "snp", "n", "attested", str(expires), "{}", "{}")
+    for key, believed in ((NEXT_KEK, False), (KEK, True)):  # a row inserted whole, with a MAC under another KEK
+        with reader.engine.begin() as db:
+            db.execute(schema.sessions.delete())
+            db.execute(schema.sessions.insert().values(id="s2", tee="snp", nonce="n", state="attested",
+                                                       expires=expires, tee_pubkey="{}", claims="{}",
+                                                       mac=SessionRows(Sealer(key)).mac(columns)))
+        assert (asyncio.run(reader.get_session("s2")) is not None) is believed
+
+
+def test_a_session_row_stays_good_across_a_kek_rotation(tmp_path):
+    stored = Store(f"sqlite:///{tmp_path}/kbs.db", ROWS)
+    asyncio.run(stored.end_attestation(attested("s1"), Event(ATTEST, ALLOW, "test", "a")))
+    rotated = Store(f"sqlite:///{tmp_path}/kbs.db", SessionRows(Sealer(NEXT_KEK, [KEK])))
+    assert asyncio.run(rotated.get_session("s1")) is not None
+
+
+def test_a_database_made_before_the_sessions_mac_gains_it_and_believes_none_of_its_old_rows(tmp_path):
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path}/kbs.db"
+    with Store(url, ROWS).engine.begin() as db:
+        db.execute(text("ALTER TABLE sessions DROP COLUMN mac"))
+        db.execute(text("INSERT INTO sessions (id, tee, nonce, state, expires, tee_pubkey, claims) "
+                        f"VALUES ('s1', 'snp', 'n', 'attested', {time.time() + 300}, '{{}}', '{{}}')"))
+    store = Store(url, ROWS)
+    assert asyncio.run(store.get_session("s1")) is None
+    assert asyncio.run(store.end_attestation(attested("s2"), Event(ATTEST, ALLOW, "test", "a"))) is not None
+    assert asyncio.run(Store(url, ROWS).get_session("s2")) is not None
 
 
 def test_the_cache_keeps_the_newest_sessions_only():
@@ -102,7 +156,7 @@ def test_auth_writes_nothing(tmp_path):
     from keybroker.verifier import TrustStore
     from keybroker.wire import rcar as p
 
-    store = Store(f"sqlite:///{tmp_path}/kbs.db")
+    store = Store(f"sqlite:///{tmp_path}/kbs.db", ROWS)
     kbs = KeyServer(store=store, sealer=Sealer(KEK), trust=TrustStore.default(), tokens=TokenSigner(),
                     metrics=Metrics(), name="test")
 
