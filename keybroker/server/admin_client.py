@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import requests
 
@@ -18,7 +17,7 @@ from ..errors import ConfigError, ServerError
 from ..wire import rcar as p
 from ..wire.transport import server_url_problem
 from . import secretfile
-from .admin import ADMIN_PREFIX
+from .admin import ADMIN_PREFIX, resource_name
 from .policy import Policy
 from .store import PolicyInfo, PolicyVersion, ResourceInfo
 
@@ -40,11 +39,15 @@ class AdminClient:
         self.http.verify = str(ca) if ca else True
         self.http.headers["Authorization"] = f"Bearer {token}"
 
+    # A resource's name is checked here, as the database's commands check it: its segments need no
+    # quoting then, and none is '..' (which the URL's normalisation would resolve: x/../../policy
+    # would reach /policy).
     def put_resource(self, path: str, value: bytes, lease: int | None = None) -> None:
-        self._call("PUT", f"/resources/{quote(path)}", data=value, params={"lease": lease} if lease else None)
+        self._call("PUT", f"/resources/{resource_name(path)}", data=value,
+                   params={"lease": lease} if lease is not None else None)
 
     def delete_resource(self, path: str) -> bool:
-        response = self._call("DELETE", f"/resources/{quote(path)}", missing_ok=True)
+        response = self._call("DELETE", f"/resources/{resource_name(path)}", missing_ok=True)
         return response is not None
 
     def list_resources(self) -> list[ResourceInfo]:

@@ -182,8 +182,15 @@ def test_admin_api_remote_commands_and_refusals(tsm_sim, kbs, tmp_path):
     assert json.loads(keybroker("policy", "get", "--version", "0", *remote).stdout)["rules"] == []
     assert keybroker("resource", "rm", "default/key/r", *remote).returncode == 0
     assert keybroker("resource", "rm", "default/key/r", *remote).returncode != 0
-    bad = keybroker("resource", "put", "default/../r", *remote, data=b"x")
-    assert bad.returncode != 0 and b"HTTP 400 BadRequest" in bad.stderr
+    # A name that is not a resource's is refused before it is sent: 'x/../../policy' would reach /policy.
+    for command in (("put", "x/../../policy", "--file", str(value)), ("rm", "x/../../policy"),
+                    ("put", "default/../r", "--file", str(value))):
+        bad = keybroker("resource", *command, *remote)
+        assert bad.returncode != 0 and b"keybroker resource: resource " in bad.stderr, bad.stderr
+    zero = keybroker("resource", "put", "default/key/z", "--file", str(value), "--lease", "0", *remote)
+    assert zero.returncode != 0 and b"HTTP 400" in zero.stderr  # as --db refuses it; not 'no lease'
+    assert [line.split("\t")[0] for line in keybroker("policy", "list", *remote).stdout.decode().splitlines()] \
+        == ["0", "1", "2", "3"]
 
     wrong = write_secret(tmp_path / "wrong-token", b"w" * 64)
     for headers in ({}, {"Authorization": "Bearer " + "w" * 64}, {"Authorization": f"Basic {'x' * 40}"}):
