@@ -286,10 +286,15 @@ def from_appraisals(appraisals: list[dict[str, Any]], resources: list[str], comm
 
 
 def _same(a: Any, b: Any) -> bool:
+    """JSON equality, where true is not 1 and hex digits are compared without case, at every level."""
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
     if isinstance(a, str) and isinstance(b, str):
         return a.lower() == b.lower() if _is_hex(a) and _is_hex(b) else a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
     return a == b
 
 
@@ -316,11 +321,16 @@ def _show(value: Any) -> str:
 
 _OPERATORS = ("equals", "in", "atLeast", "atMost", "exists", "contains")
 _DEPTH_MAX = 16
+#: How deep any value in a policy may nest (comments and compared values too): conditions at
+#: _DEPTH_MAX take about twice that, and formatting and comparing recurse over it.
+_NESTING_MAX = 64
 
 
 def _check_document(doc: Any) -> None:
     if not isinstance(doc, dict):
         raise PolicyError("policy must be a JSON object")
+    if _nesting(doc) > _NESTING_MAX:
+        raise PolicyError(f"policy nests objects and arrays deeper than {_NESTING_MAX} levels")
     unknown = set(doc) - {"version", "rules"}
     if unknown:
         raise PolicyError(f"policy has unknown member(s): {', '.join(sorted(unknown))}")
@@ -346,6 +356,17 @@ def _check_document(doc: Any) -> None:
             _check_condition(rule["require"], f"{where}.require")
         if rule.get("allow_unbound", False):
             _check_unbound_rule(rule, where)
+
+
+def _nesting(value: Any) -> int:
+    """How deep ``value`` nests objects and arrays (counted without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def _check_unbound_rule(rule: dict[str, Any], where: str) -> None:

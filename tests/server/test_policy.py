@@ -132,6 +132,25 @@ def test_digest_ignores_layout_and_nesting_is_bounded():
         policy({"resources": ["*"], "require": deep})
 
 
+@pytest.mark.parametrize("where", ["comment", "equals"])
+def test_a_value_nested_too_deeply_anywhere_is_refused_not_a_crash(where):
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    rule = ({"resources": ["*"], "comment": deep} if where == "comment"
+            else {"resources": ["*"], "require": {"claim": "x", "equals": deep}})
+    with pytest.raises(PolicyError, match="deeper than 64 levels"):
+        policy(rule)
+
+
+def test_true_is_not_1_inside_arrays_and_objects_either():
+    rule = policy({"resources": ["*"], "require": {"claim": "x", "equals": [1, {"a": 0}]}})
+    assert not rule.decide("a/b/c", {"debug": False, "x": [True, {"a": False}]}).allowed
+    assert rule.decide("a/b/c", {"debug": False, "x": [1, {"a": 0}]}).allowed
+    hex_rule = policy({"resources": ["*"], "require": {"claim": "x", "equals": {"m": ["ABCD"]}}})
+    assert hex_rule.decide("a/b/c", {"debug": False, "x": {"m": ["abcd"]}}).allowed
+
+
 def test_not_over_an_absent_claim_does_not_pass():
     policy = Policy({"version": 1, "rules": [{"resources": ["*"], "require": {"allOf": [
         {"claim": "tee", "equals": "snp"},
