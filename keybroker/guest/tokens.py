@@ -1,8 +1,8 @@
 """Attest once, many keys: the attestation token and the tee key it is bound to, kept in the kernel.
 
 After an attestation the handler keeps, per key server and way of making evidence, the token
-``/attest`` answered and the ephemeral EC private key whose public half the token carries
-(the server wraps every resource to it). Further requests fetch with ``Authorization:
+``/attest`` answered and the ephemeral EC private key whose public half the attestation
+bound (the server wraps every resource to it). Further requests fetch with ``Authorization:
 Bearer`` and unwrap with that key, until the token expires or the server refuses it; then
 they attest again.
 

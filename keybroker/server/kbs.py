@@ -199,8 +199,7 @@ class KeyServer:
         self.metrics.attestation(fresh.tee, True)
         log.info("attest peer=%s session=%s tee=%s form=%s result=verified measurement=%s", peer, event.session,
                  fresh.tee, evidence_form(attestation.primary_evidence), claims.get("measurement", "?"))
-        return {"token": self.tokens.issue(fresh.tee, attestation.tee_pubkey, claims, event.session,
-                                           fresh.expires)}
+        return {"token": self.tokens.issue(fresh.tee, fresh.id, fresh.expires)}
 
     async def _appraised(self, tee: str, attestation: p.Attestation, size: int) -> dict[str, Any]:
         if size <= INLINE_MAX:
@@ -274,14 +273,16 @@ class KeyServer:
         """The (tee-pubkey, claims, session reference) of an attestation token or attested session."""
         if bearer is not None:
             token = self.tokens.verify(bearer)
-            if token is None:
+            session_id = token.get("sid") if token is not None else None
+            session = await self.store.get_session(session_id) if isinstance(session_id, str) else None
+            if session is None or session.state != "attested":
                 raise self._count(Problem(p.NOT_ATTESTED, "the Bearer token is invalid or expired: attest again"))
-            return token["tee-pubkey"], token["claims"], str(token.get("sid", ""))
-        session_id = self.cookies.session_id(cookie) if cookie else None
-        session = await self.store.get_session(session_id) if session_id else None
-        if session is None or session.state != "attested" or self.cookies.open(cookie or "", session.nonce) is None:
-            raise self._count(Problem(p.NOT_ATTESTED, "this session is not attested (or expired): call /auth and "
-                                                      "/attest"))
+        else:
+            session_id = self.cookies.session_id(cookie) if cookie else None
+            session = await self.store.get_session(session_id) if session_id else None
+            if session is None or session.state != "attested" or self.cookies.open(cookie or "", session.nonce) is None:
+                raise self._count(Problem(p.NOT_ATTESTED, "this session is not attested (or expired): call /auth "
+                                                          "and /attest"))
         assert session.tee_pubkey is not None and session.claims is not None
         return session.tee_pubkey, session.claims, session_ref(session.id)
 

@@ -1,10 +1,12 @@
 """Attestation result tokens: ES256 JWTs the key server issues after a successful /attest.
 
-The token carries the appraised claims, the attested tee-pubkey and a reference to its
-RCAR session; presented as a Bearer token it lets the guest fetch resources without the
-session cookie (Trustee's passport mode). The released key is still wrapped to the
-tee-pubkey inside the token, so only the holder of the matching private key can use what
-it fetches.
+The token names its RCAR session and when it ends; presented as a Bearer token it lets the
+guest fetch resources without the session cookie. What the session proved (the appraised
+claims, the attested tee-pubkey) stays in the session the server stored, which a release
+reads back: a token stays a few hundred bytes however large the claims (a TDX event log
+makes tens of kilobytes of them, more than a request head may carry). The released key is
+still wrapped to the session's tee-pubkey, so only the holder of the matching private key
+can use what it fetches.
 
 Replicas accept each other's tokens when they share the signing key: an EC P-256 private
 key in PEM (``openssl ecparam -name prime256v1 -genkey -noout -out token-key.pem``) from
@@ -35,7 +37,7 @@ from . import secretfile
 
 ISSUER = "keybroker"
 TOKEN_KEY_CREDENTIAL = "token-key"
-TOKEN_MAX = 64 * 1024
+TOKEN_MAX = 4096  # what this server issues is about 450 characters
 _ES256 = ec.ECDSA(hashes.SHA256())
 
 
@@ -66,12 +68,12 @@ class TokenSigner:
             raise ConfigError(f"token signing key {located} must be an EC P-256 private key (ES256)")
         return cls(key)
 
-    def issue(self, tee: str, tee_pubkey: dict[str, str], claims: dict[str, Any], session: str,
-              expires: float) -> str:
-        """A token for an attested session; it expires with the session (``expires``), never later."""
+    def issue(self, tee: str, session: str, expires: float) -> str:
+        """A token for the attested session ``session`` (its id); it expires with the session
+        (``expires``), never later."""
         now = int(time.time())
         body = {"iss": ISSUER, "iat": now, "exp": min(now + self.lifetime, int(expires)),
-                "jti": secrets.token_hex(16), "sid": session, "tee": tee, "tee-pubkey": tee_pubkey, "claims": claims}
+                "jti": secrets.token_hex(16), "sid": session, "tee": tee}
         signing_input = f"{self._header}.{b64url(json.dumps(body, separators=(',', ':')).encode())}"
         r, s = decode_dss_signature(self.key.sign(signing_input.encode("ascii"), _ES256))
         return f"{signing_input}.{b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"

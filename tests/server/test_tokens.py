@@ -15,12 +15,9 @@ from keybroker.errors import ConfigError
 from keybroker.server.tokens import TokenSigner
 from support.servers import write_secret
 
-PUBKEY = {"kty": "EC", "crv": "P-256", "x": "A" * 43, "y": "B" * 43}
-
 
 def issue(signer: TokenSigner, expires: float | None = None) -> str:
-    return signer.issue("snp", PUBKEY, {"tee": "snp", "measurement": "ab" * 48}, "0123456789abcdef",
-                        expires or time.time() + 300)
+    return signer.issue("snp", "0123456789abcdef", expires or time.time() + 300)
 
 
 def b64(data: dict) -> str:
@@ -31,7 +28,7 @@ def test_round_trip_and_a_standard_jwt():
     signer = TokenSigner()
     token = issue(signer)
     claims = signer.verify(token)
-    assert claims["tee-pubkey"] == PUBKEY and claims["claims"]["measurement"] == "ab" * 48
+    assert claims["sid"] == "0123456789abcdef" and claims["tee"] == "snp" and claims["exp"] > time.time()
     # Any JOSE library verifies it with the public key, and finds the kid as RFC 7638 thumbprint.
     public = jwk.JWK.from_pyca(signer.public)
     parsed = jwt.JWT(key=public, jwt=token, algs=["ES256"])
@@ -49,7 +46,7 @@ def test_tampered_foreign_expired_and_malformed_tokens_are_refused():
     assert signer.verify(issue(signer, expires=time.time() - 1)) is None
     assert signer.verify(f"{b64({'alg': 'none', 'typ': 'JWT', 'kid': signer.kid})}.{body}.") is None
     for junk in ("", "a.b", "a.b.c.d", token + "x", "é.é.é", "." * 2, token.replace(".", ".[", 1),
-                 "x" * 70_000):
+                 "x" * 5000):
         assert signer.verify(junk) is None
 
 
