@@ -258,8 +258,10 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
 
     A provider or a FUSE file can block a read uninterruptibly, even for fatal signals; the
     kernel waits for this process, so the blocking work happens in a child this process
-    can abandon: on the deadline it kills the worker and returns at once. The answer is read
-    into one buffer, wiped before return; the key leaves it only into the bytearray returned.
+    can abandon: on the deadline it kills the worker and returns at once. The report entry a
+    killed worker holds is removed by the next configfs-tsm client (see :mod:`.tsm`): an rmdir
+    can block too, and there it blocks a worker, not this process. The answer is read into one
+    buffer, wiped before return; the key leaves it only into the bytearray returned.
     """
     import select
     import signal

@@ -5,7 +5,9 @@ The kernel ABI (Documentation/ABI/testing/configfs-tsm-report): mkdir an entry u
 ``auxblob`` and ``manifestblob``, and check ``generation``: it counts the writes to the
 entry from 0 at mkdir, so a count other than ours means another writer interfered (or one of
 our inblob commits, whose errors the kernel swallows at close, was lost). The entry is removed on
-every path.
+every path the process lives through. One killed while it holds an entry (the request-key handler
+SIGKILLs its worker at the deadline, and the host decides how long a report takes) cannot: each
+client, before it makes its own, removes the ``keybroker-<pid>-*`` entries whose process is gone.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ CONFIGFS = Path("/sys/kernel/config")
 INBLOB_SIZES = {"sev_guest": (64, 64), "tdx_guest": (64, 64), "arm_cca_guest": (32, 64)}
 
 _TEXT_MAX = 4096
+#: The name ``_make_entry`` gives an entry (pid_max is at most 2**22: seven digits).
+_OUR_ENTRY = re.compile(r"keybroker-([1-9][0-9]{0,6})-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,14 @@ class TsmClient:
 
     def get_report(self, request: ReportRequest, *, deadline: float | None = None) -> TsmReport:
         self._ensure_configfs()
+        self._remove_abandoned()
         return retry(lambda: self._attempt(request), transient=lambda exc: isinstance(exc, TsmError) and exc.retryable,
                      backoff=Backoff(first=self.backoff), deadline=deadline, attempts=self.attempts)
 
     def provider(self) -> str:
         """The registered provider's name, read from a short-lived probe entry."""
         self._ensure_configfs()
+        self._remove_abandoned()
         entry = self._make_entry()
         try:
             return _parse_provider(_Session(entry)._read_text("provider"))
@@ -95,6 +101,27 @@ class TsmClient:
                 pass  # removed by someone else; the report was checked against generation
             except OSError as exc:
                 raise _error(exc, f"remove report entry {entry}") from None
+
+    def _remove_abandoned(self) -> None:
+        """Remove the entries keybroker processes that no longer exist left behind.
+
+        Each entry holds kernel memory until it is removed, and a killed process removes
+        nothing. Its pid is in the entry's name: listed first, then found gone (a pid is not
+        reused before its process is reaped), the entry is nobody's. Best effort: an entry
+        another client removes first, or one that cannot be removed, is left alone.
+        """
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return
+        for name in names:
+            match = _OUR_ENTRY.fullmatch(name)
+            if match is None or _alive(int(match[1])):
+                continue
+            try:
+                os.rmdir(self.root / name)
+            except OSError:
+                pass
 
     def _make_entry(self) -> Path:
         for _ in range(8):
@@ -289,6 +316,25 @@ class _Session:
 
 def _error(exc: OSError, what: str) -> TsmError:
     return TsmError(f"cannot {what}: {os.strerror(exc.errno or 0)}", errno=exc.errno)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` may still use its entries: it exists and is not a zombie.
+
+    A zombie runs no more; its pid is not reused before it is reaped, which a parent that gave
+    up on it (or an init that reaps nothing) may never do. Unsure (no /proc): alive.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # EPERM: it exists, someone else's
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2][:2] != b" Z"
+    except OSError:
+        return True
 
 
 def _parse_provider(text: str) -> str:

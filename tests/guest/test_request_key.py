@@ -233,6 +233,47 @@ def test_slow_provider_never_hangs_the_requester(tsm_sim, kbs, handler, syslog):
     assert any("errno=ETIMEDOUT" in line and "deadline of 5 s passed" in line for line in syslog)
 
 
+def test_entries_of_killed_workers_do_not_pile_up(tsm_sim, kbs, tmp_path, system_lock):
+    # The host makes every report outlast the deadline: each worker is killed holding its report
+    # entry, kernel memory a killed process never frees. The next request's worker removes them.
+    root = tsm_sim("sev_guest", "slow=5")
+    server = kbs()
+    server.put("default/disk/root", SECRET)
+    config = tmp_path / "client.toml"
+    config.write_text(f'[server]\nurl = "{server.url}"\n[tsm]\nroot = "{root}"\n[handler]\ndeadline = 2\n')
+    command = [os.path.join(os.path.dirname(sys.executable), "keybroker-request-key"), "--config", str(config),
+               "--debug", "user", "keybroker:default/disk/root", ""]
+
+    def request() -> None:
+        start = time.monotonic()
+        with open(tmp_path / "out", "w+") as out:  # not a pipe: a killed worker holds it until it ends
+            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=60).returncode
+            out.seek(0)
+            said = out.read()
+        assert code == 1 and "errno=ETIMEDOUT" in said, said
+        assert time.monotonic() - start < 4.5  # the handler does not wait for what it left behind
+
+    def owners() -> dict[str, int]:
+        return {name: int(name.split("-")[1]) for name in os.listdir(root)}
+
+    def running(pid: int) -> bool:
+        try:
+            return " Z" not in open(f"/proc/{pid}/stat").read().rpartition(")")[2][:2]
+        except FileNotFoundError:
+            return False
+
+    for _ in range(3):
+        request()
+    deadline = time.monotonic() + 30
+    while any(running(pid) for pid in owners().values()):  # the killed workers end when the host answers
+        assert time.monotonic() < deadline, owners()
+        time.sleep(0.2)
+    assert owners()  # what they left
+    request()
+    left = owners()
+    assert len(left) <= 1 and all(running(pid) for pid in left.values()), left  # only the latest worker's
+
+
 def test_lease_becomes_the_key_expiry(tsm_sim, kbs, handler):
     root = tsm_sim("sev_guest")
     server = kbs()

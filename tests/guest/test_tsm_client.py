@@ -166,3 +166,25 @@ def test_missing_interface_is_explained(tmp_path):
         TsmClient(tmp_path / "absent").get_report(ReportRequest(NONCE))
     with pytest.raises(TsmError, match="inblob is 65 bytes, more than the limit of 64"):
         ReportRequest(bytes(65))
+
+
+def test_entries_of_processes_that_are_gone_are_removed(tsm_sim):
+    # A process killed while it holds an entry (the handler's worker at the deadline) never
+    # removes it: the next client does, and only what a keybroker process that is gone left.
+    root = tsm_sim("sev_guest")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    living = subprocess.Popen(["sleep", "60"])
+    try:
+        names = [f"keybroker-{gone.pid}-0123456789ab", f"keybroker-{gone.pid}-ba9876543210",
+                 f"keybroker-{living.pid}-0123456789ab", f"keybroker-{os.getpid()}-0123456789ab",
+                 f"other-{gone.pid}-0123456789ab", f"keybroker-{gone.pid}-not-ours"]
+        for name in names:
+            os.mkdir(root / name)
+        TsmClient(root).get_report(ReportRequest(NONCE))
+        assert sorted(os.listdir(root)) == sorted(names[2:])
+    finally:
+        living.kill()
+        living.wait()
+        for name in os.listdir(root):
+            os.rmdir(root / name)
