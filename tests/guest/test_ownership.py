@@ -124,3 +124,71 @@ def test_install_writes_through_no_planted_link(folder):
     (conf_dir / ".keybroker.conf.tmp").symlink_to(victim)  # where a fixed temporary name would be written
     install.install(config_file(folder), conf_dir, HANDLER)
     assert victim.read_text() == "precious\n" and (conf_dir / "keybroker.conf").read_text().startswith("# keybroker")
+
+
+@pytest.fixture
+def planted(folder):
+    """``own`` root's, ``evil`` another user's; ``own/cfgdir`` a root-owned link into ``evil``."""
+    own, evil = folder / "own", folder / "evil"
+    own.mkdir()
+    evil.mkdir()
+    (evil / "sub").mkdir()
+    config_file(evil)  # where the kernel goes for own/cfgdir/../client.toml
+    for path in (evil, evil / "sub", evil / "client.toml"):
+        os.chown(path, NOBODY, -1)
+    config_file(own)  # what a textual normalisation would look at instead
+    (own / "cfgdir").symlink_to(evil / "sub")
+    return own, evil
+
+
+def test_dot_dot_after_a_link_is_the_parent_of_its_target(planted, monkeypatch):
+    own, evil = planted
+    assert (own / "cfgdir/../client.toml").samefile(evil / "client.toml")  # what the kernel opens
+    with pytest.raises(UntrustedFile, match=f"{evil} belongs to uid 65534"):
+        ownership.check(own / "cfgdir/../client.toml", "client configuration")
+    (own / "client2.toml").symlink_to("cfgdir/../client.toml")
+    with pytest.raises(UntrustedFile, match=f"{evil} belongs to uid 65534"):
+        ownership.check(own / "client2.toml", "client configuration")
+    monkeypatch.chdir(own)  # a relative path goes the same way
+    with pytest.raises(UntrustedFile, match=f"{evil} belongs to uid 65534"):
+        ownership.check(Path("cfgdir/../client.toml"), "client configuration")
+    # Without a link, .. is as written; a link within root's folders is fine.
+    (own / "sub").mkdir()
+    ownership.check(own / "sub/../client.toml", "client configuration")
+    (own / "mine").symlink_to(".")
+    ownership.check(own / "mine/mine/../own/client.toml", "client configuration")
+
+
+def test_a_loop_of_links_is_refused(folder):
+    (folder / "a").symlink_to("b")
+    (folder / "b").symlink_to("a")
+    with pytest.raises(UntrustedFile, match="more than 40 symbolic links"):
+        ownership.check(folder / "a", "client configuration")
+
+
+def test_a_tree_checks_where_its_links_lead(planted):
+    own, evil = planted
+    package = own / "pkg"
+    (package / "mod").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "mod" / "helper.py").write_text("")
+    ownership.check_tree(package, "keybroker package")
+    (package / "lib").symlink_to("mod")  # a link within the tree, as a venv's lib64 -> lib: fine
+    (package / "python").symlink_to(sys.executable)
+    ownership.check_tree(package, "keybroker package")
+    (evil / "evil.py").write_text("")
+    os.chown(evil / "evil.py", NOBODY, -1)
+    (package / "mod" / "evil.py").symlink_to(evil / "evil.py")  # root's link to a file another user owns
+    with pytest.raises(UntrustedFile, match=f"{evil} belongs to uid 65534"):
+        ownership.check_tree(package, "keybroker package")
+    (package / "mod" / "evil.py").unlink()
+    theirs = own / "theirs"
+    theirs.mkdir()
+    (theirs / "helper.py").write_text("")
+    os.chown(theirs / "helper.py", NOBODY, -1)
+    (package / "more").symlink_to(theirs)  # a root-owned folder, by a link, holding another user's file
+    with pytest.raises(UntrustedFile, match=re.escape("more/helper.py belongs to uid 65534")):
+        ownership.check_tree(package, "keybroker package")
+    (package / "more").unlink()
+    (package / "mod" / "loop").symlink_to("..")  # a cycle is walked once
+    ownership.check_tree(package, "keybroker package")
