@@ -7,9 +7,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from keybroker.server.policy import Policy
 from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
 from keybroker.verifier.certs import fingerprint
+from keybroker.verifier.fetch import WouldFetch
+from keybroker.verifier.tdx import pcs as pcs_module
 from support import VECTORS as ALL_VECTORS
 from support import tdx as tb
 from support.pcs import PcsServer
@@ -471,6 +475,92 @@ def test_collateral_from_a_pcs_is_cached(tmp_path, pcs):
     assert sorted(f.name for f in (tmp_path / "pcs" / f"{p.fmspc.hex()}-platform").iterdir()) == [
         "pck_crl.der", "pck_crl_issuer_chain.pem", "qe_identity.json", "qe_identity_issuer_chain.pem",
         "root_crl.der", "tcb_info_issuer_chain.pem", "tcbinfo.json"]
+
+
+def verify_at_once(raw: bytes, p: tb.Platform, server: PcsServer, fetcher: Fetcher, at: dt.datetime,
+                   threads: int = 4, each: int = 4) -> tuple[list, list[BaseException]]:
+    """``threads`` x ``each`` verifications at once with one fetcher: (verdicts, exceptions raised)."""
+    verdicts: list = []
+    raised: list[BaseException] = []
+
+    def one() -> None:
+        for _ in range(each):
+            try:
+                verdicts.append(run(raw, trust=trusting(p), pcs_url=server.url, fetcher=fetcher, at=at))
+            except Exception as exc:  # what escapes verify() is a 500 in the key server
+                raised.append(exc)
+
+    running = [threading.Thread(target=one) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join(60)
+    return verdicts, raised
+
+
+def test_a_stale_cache_refreshed_by_many_at_once_gives_each_a_verdict(tmp_path, pcs):
+    """Concurrent attestations that all find the cached collateral stale (threads here; forked
+    workers sharing --cache-dir alike) must not trip over one another's refresh: no OSError
+    from renaming onto a folder another one published, none from reading a folder being replaced."""
+    p = tb.platform()
+    server = pcs(p)
+    raw = tb.quote(p)
+    fetcher = Fetcher(tmp_path)
+    assert run(raw, trust=trusting(p), pcs_url=server.url, fetcher=fetcher, at=tb.AT).ok
+    verdicts, raised = verify_at_once(raw, p, server, fetcher, tb.NEXT_UPDATE + dt.timedelta(1))
+    assert raised == [] and len(verdicts) == 16 and all(v.ok for v in verdicts), raised
+    assert [f.name for f in (tmp_path / "pcs").iterdir()] == [f"{p.fmspc.hex()}-platform"]  # no leftovers
+
+
+def in_processes(count: int, work) -> list[int]:
+    """Run ``work`` in ``count`` forked processes at once: their exit codes (``work``'s return value)."""
+    pids = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            code = 99
+            try:
+                code = work()
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Python 3.12+ warns of fork() beside threads
+def test_a_stale_cache_shared_by_forked_workers_gives_each_a_verdict(tmp_path, pcs):
+    """The server's forked workers share --cache-dir but not the refresh lock: each publishes its
+    refresh over the others' and reads folders the others replace, and still gets verdicts."""
+    p = tb.platform()
+    server = pcs(p)
+    raw = tb.quote(p)
+    assert run(raw, trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path), at=tb.AT).ok
+
+    def worker() -> int:
+        verdicts, raised = verify_at_once(raw, p, server, Fetcher(tmp_path), tb.NEXT_UPDATE + dt.timedelta(1),
+                                          threads=2, each=6)
+        return len(raised) + sum(not v.ok for v in verdicts)
+
+    assert in_processes(3, worker) == [0, 0, 0]
+    assert [f.name for f in (tmp_path / "pcs").iterdir()] == [f"{p.fmspc.hex()}-platform"]
+
+
+def test_the_offline_view_does_not_wait_for_a_refresh(tmp_path, pcs):
+    """The key server verifies offline on its event loop: a refresh running on a thread makes it
+    WouldFetch (verify on a thread too), never a wait that stalls the loop."""
+    p = tb.platform()
+    server = pcs(p)
+    with pcs_module._refresh_lock(tmp_path / "pcs" / f"{p.fmspc.hex()}-platform"), pytest.raises(WouldFetch):
+        run(tb.quote(p), trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path).offline(), at=tb.AT)
+    assert server.requests == []
+
+
+def test_a_cache_that_cannot_be_written_is_a_verdict(tmp_path, pcs):
+    p = tb.platform()
+    server = pcs(p)
+    (tmp_path / "pcs").write_bytes(b"")  # not a folder: nothing can be cached under it
+    verdict = run(tb.quote(p), trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path), at=tb.AT)
+    assert first_failure(verdict) == "collateral" and f"cannot keep TDX collateral in {tmp_path}" in verdict.reason()
 
 
 def test_pcs_without_cache_or_root_crl_and_unknown_platforms(pcs):

@@ -15,12 +15,25 @@ Answers are written as a collateral folder (``cache_dir/pcs/<fmspc>-<ca>/``) and
 with ``collateral.load_folder``, so fetched and offline collateral take one path. A cached
 folder is reused until one of its documents passes its ``nextUpdate``. Nothing fetched is
 trusted for being fetched: the signature checks under the pinned root decide.
+
+Concurrent attestations (threads, and forked server workers sharing the cache) refresh a
+stale folder without tripping over one another: in a process one refresh per folder runs at
+a time (the others wait, then read what it published); a refresh is fetched into a private
+folder and loaded from there before it is published, with renames only (as the KDS cache
+publishes its files); a cached folder that cannot be read (replaced under the reader by
+another process, or damaged) is fetched again, and a cache that cannot be written is an
+EvidenceError naming it, a verdict rather than a crash.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import errno
+import os
 import shutil
 import tempfile
+import threading
 import urllib.parse
 from pathlib import Path
 
@@ -28,7 +41,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from ...errors import EvidenceError
 from ..core import Context
-from ..fetch import Fetcher
+from ..fetch import Fetcher, WouldFetch
 from .collateral import Collateral, load_crl, load_folder
 
 RESPONSE_MAX = 1024 * 1024
@@ -43,18 +56,89 @@ def fetch_collateral(context: Context, fmspc: bytes, ca: str) -> Collateral:
             _fetch_into(fetcher, context.pcs_url, fmspc, ca, Path(scratch))
             return load_folder(Path(scratch))
     folder = fetcher.cache_dir / "pcs" / f"{fmspc.hex()}-{ca}"
-    if folder.is_dir():
+    try:
+        return _cached_or_refreshed(fetcher, context.pcs_url, fmspc, ca, folder, context.at)
+    except OSError as exc:  # what escaped verify() would be a 500, not a verdict
+        raise EvidenceError(f"cannot keep TDX collateral in {folder}: {exc.strerror or exc}") from None
+
+
+def _cached_or_refreshed(fetcher: Fetcher, base: str, fmspc: bytes, ca: str, folder: Path,
+                         at: dt.datetime) -> Collateral:
+    cached = _cached(folder, at)
+    if cached is not None:
+        return cached
+    lock = _refresh_lock(folder)
+    # The offline view runs on the key server's event loop: it must not wait for a refresh, and
+    # it never publishes one (its first fetch raises WouldFetch or a remembered failure).
+    if not lock.acquire(blocking=fetcher.online):
+        raise WouldFetch(str(folder))
+    try:
+        cached = _cached(folder, at)  # another thread may have refreshed it while this one waited
+        return cached if cached is not None else _refresh(fetcher, base, fmspc, ca, folder)
+    finally:
+        lock.release()
+
+
+_refresh_locks: dict[Path, threading.Lock] = {}
+_refresh_locks_guard = threading.Lock()
+
+
+def _refresh_lock(folder: Path) -> threading.Lock:
+    """The lock that serialises this process's refreshes of ``folder``: without it, every
+    attestation that finds the folder stale fetches it again at the same moment. The folders
+    are few (one per platform type and CA, named by PCK certificates already checked against
+    the pinned root), so the locks are kept."""
+    with _refresh_locks_guard:
+        return _refresh_locks.setdefault(folder, threading.Lock())
+
+
+def _cached(folder: Path, at: dt.datetime) -> Collateral | None:
+    """The cached collateral if every document in it is still current at ``at``; None when it
+    is missing, stale or cannot be read. Another process may be replacing the folder while it is
+    read, and a damaged folder would otherwise fail every attestation until someone removes it:
+    either way the collateral is fetched again, and its signatures decide as always."""
+    if not folder.is_dir():
+        return None
+    try:
         cached = load_folder(folder)
-        if all(when is not None and when > context.at for _, when in cached.next_updates()):
-            return cached
+    except (OSError, EvidenceError):
+        return None
+    if all(when is not None and when > at for _, when in cached.next_updates()):
+        return cached
+    return None
+
+
+def _refresh(fetcher: Fetcher, base: str, fmspc: bytes, ca: str, folder: Path) -> Collateral:
+    """Fetch into a private folder, load it, then publish it as ``folder``. What is returned was
+    loaded before publishing, so it does not depend on a folder another process may replace."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=_mkdirs(folder.parent)))
     try:
-        _fetch_into(fetcher, context.pcs_url, fmspc, ca, tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        _fetch_into(fetcher, base, fmspc, ca, tmp)
+        fetched = load_folder(tmp)
+        _publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_folder(folder)
+    return dataclasses.replace(fetched, source=str(folder))
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Put the complete folder ``tmp`` in place of ``folder`` with renames, each atomic, so that
+    ``folder`` never names a half-written or half-deleted folder. The old folder is first moved
+    aside (a rename cannot replace a folder that has files; a reader in the middle of it may miss
+    a file, and fetches again). When another process publishes its own in between, the rename
+    fails with ENOTEMPTY or EEXIST: that folder, as fresh as this one, is kept."""
+    aside = tmp.with_name(f"{tmp.name}.old")
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:
+        pass
+    try:
+        os.rename(tmp, folder)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _mkdirs(path: Path) -> Path:
