@@ -6,7 +6,9 @@ hammer a vendor service or tie up its threads:
 
 - an answer larger than the caller's limit is refused;
 - HTTP 429 and 503 are waited out (``Retry-After``, at most ``RETRY_AFTER_MAX`` each) within
-  the fetch's time budget, and every fetch ends within ``BUDGET`` seconds;
+  the fetch's time budget, and every fetch ends within ``BUDGET`` seconds, the last socket
+  read (at most ``TIMEOUT``) aside: requests' timeout bounds each read, not the answer, so
+  the body is read chunk by chunk under the deadline and a service that drips it is cut off;
 - a URL that failed is not asked again for a while: a 404 for ``FAILURE_TTL`` seconds,
   other failures for ``ERROR_TTL`` (a report with a random CHIP_ID costs one request, not
   one per attestation);
@@ -38,6 +40,7 @@ TIMEOUT = 10.0          # seconds per HTTP request
 BUDGET = 20.0           # seconds for one get(), retries and waits included
 RETRY_AFTER_MAX = 5.0   # seconds: a verifier must not stall a key request for long
 ATTEMPTS = 3
+CHUNK = 64 * 1024       # bytes asked of one read of an answer's body
 REQUEST_TIME_MIN = 1.0  # seconds: a request with less time than this left is not sent
 CONCURRENCY = 4
 FAILURE_TTL = 600.0     # seconds a 404 is remembered
@@ -97,9 +100,11 @@ class Fetcher:
                 break
             try:
                 with requests.get(url, timeout=timeout, stream=True, allow_redirects=False) as response:
-                    body = response.raw.read(limit + 1, decode_content=True)
+                    body = _read(response.raw, limit, deadline)
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 raise self._fail(url, f"{service}: cannot fetch {url}: {exc}") from None
+            if body is None:
+                break
             if len(body) > limit:
                 raise self._fail(url, f"{service}: the answer for {url} is larger than {limit} bytes")
             if response.status_code in (429, 503) and attempt < ATTEMPTS:
@@ -141,6 +146,25 @@ class Fetcher:
                 del self._failures[url]
                 return None
             return reason, missing
+
+
+def _read(raw: urllib3.BaseHTTPResponse, limit: int, deadline: float) -> bytes | None:
+    """At most ``limit + 1`` bytes of the body; None when ``deadline`` passes first.
+
+    ``read1`` returns what one socket read brings, so the deadline is checked between reads:
+    a whole-body read (or a fixed-size chunk) would wait for bytes that a hostile or broken
+    service may drip for as long as it likes, holding one of the ``CONCURRENCY`` slots. One
+    read still waits at most the request's timeout, never more than the budget it was sent with.
+    """
+    body = bytearray()
+    while len(body) <= limit:
+        if time.monotonic() >= deadline:
+            return None
+        chunk = raw.read1(CHUNK, decode_content=True)
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
 
 
 def _retry_after(header: str | None, attempt: int) -> float:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from keybroker.errors import EvidenceError
 from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
 from keybroker.verifier.fetch import WouldFetch
 from support import snp as sb
@@ -42,6 +43,26 @@ class StandInKds(StubServer):
 
         super().__init__(Handler)
 
+
+class DrippingServer(StubServer):
+    """Answers 200 with a ``size``-byte body sent one byte every ``pause`` seconds: each socket
+    read gets something long before its timeout, the whole answer arrives only at the end."""
+
+    def __init__(self, size: int, pause: float) -> None:
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                try:
+                    for _ in range(size):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except OSError:  # the fetcher gave up and hung up
+                    pass
+
+        super().__init__(Handler)
 
 
 @pytest.fixture
@@ -129,3 +150,16 @@ def test_a_stalling_service_costs_each_verification_its_budget_at_most():
     assert len(results) == 6 and max(seconds for seconds, _ in results) < 2.0 + 1.0
     assert all("AMD KDS" in reason for _, reason in results)
     assert len(stand_in.paths) <= 4  # those that got no slot within the budget gave up without asking
+
+
+def test_a_dripping_answer_is_cut_off_at_the_budget():
+    """requests' timeout is per socket read: a body sent a byte at a time must not hold a fetch
+    (and its slot) past its budget. This one would take 5 s; the budget is 1.5 s."""
+    dripping = DrippingServer(size=100, pause=0.05)
+    try:
+        start = time.monotonic()
+        with pytest.raises(EvidenceError, match=r"gave no answer .* within 1.5 s"):
+            Fetcher(budget=1.5).get(dripping.url, service="Intel PCS", limit=1024)
+        assert time.monotonic() - start < 1.5 + 0.5
+    finally:
+        dripping.close()
