@@ -55,8 +55,15 @@ class WouldFetch(Exception):
 
 @dataclass(frozen=True)
 class Answer:
+    """A 200 answer. Its header names are lower-cased: HTTP names are case-insensitive, and
+    HTTP/2 (a PCCS behind a gateway) sends them in lower case; look them up with :meth:`header`."""
+
     body: bytes
     headers: dict[str, str]
+
+    def header(self, name: str) -> str | None:
+        """The value of the header ``name``, whatever the case of either."""
+        return self.headers.get(name.lower())
 
 
 class Fetcher:
@@ -121,7 +128,7 @@ class Fetcher:
                 raise EvidenceError(reason)
             if response.status_code != 200:
                 raise self._fail(url, f"{service} answered HTTP {response.status_code} for {url}")
-            return Answer(body, dict(response.headers))
+            return Answer(body, {name.lower(): value for name, value in response.headers.items()})
         raise self._fail(url, f"{service} gave no answer for {url} within {self.budget:g} s (busy or slow)")
 
     def _fail(self, url: str, reason: str) -> EvidenceError:

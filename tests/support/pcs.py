@@ -1,5 +1,6 @@
 """A loopback stand-in for Intel's PCS / a PCCS: the v4 collateral paths, issuer chains in
-headers (URL-encoded PEM), a request log. Never the internet."""
+headers (URL-encoded PEM; their names in lower case, as HTTP/2 sends them, when asked), a
+request log. Never the internet."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from support.stub import QuietHandler, StubServer
 
 class PcsServer(StubServer):
     def __init__(self, *, fmspc: bytes, tcb_info: bytes, qe_identity: bytes, signing_chain: bytes, pck_crl: bytes,
-                 pck_crl_chain: bytes, root_crl: bytes | None) -> None:
+                 pck_crl_chain: bytes, root_crl: bytes | None, lower_case_headers: bool = False) -> None:
         quote = urllib.parse.quote
         self.routes: dict[str, tuple[bytes, dict[str, str]]] = {
             f"/tdx/certification/v4/tcb?fmspc={fmspc.hex()}":
@@ -31,7 +32,7 @@ class PcsServer(StubServer):
                 body, headers = server.routes.get(self.path, (b"", {}))
                 self.send_response(200 if self.path in server.routes else 404)
                 for name, value in headers.items():
-                    self.send_header(name, value)
+                    self.send_header(name.lower() if lower_case_headers else name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

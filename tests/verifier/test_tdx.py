@@ -444,14 +444,15 @@ def test_dcap_qvl_bundle_and_partial_collateral(tmp_path):
 def pcs():
     servers: list[PcsServer] = []
 
-    def start(p: tb.Platform, *, root_crl: bool = True) -> PcsServer:
+    def start(p: tb.Platform, *, root_crl: bool = True, lower_case_headers: bool = False) -> PcsServer:
         der = serialization.Encoding.DER
         servers.append(PcsServer(
             fmspc=p.fmspc, tcb_info=tb.signed_json("tcbInfo", tb.tcb_info(p), p.signing_key),
             qe_identity=tb.signed_json("enclaveIdentity", tb.qe_identity(), p.signing_key),
             signing_chain=tb.pem(p.signing, p.root), pck_crl=tb.crl(p.ca, p.ca_key).public_bytes(der),
             pck_crl_chain=tb.pem(p.ca, p.root),
-            root_crl=tb.crl(p.root, p.root_key).public_bytes(der) if root_crl else None))
+            root_crl=tb.crl(p.root, p.root_key).public_bytes(der) if root_crl else None,
+            lower_case_headers=lower_case_headers))
         return servers[-1]
 
     yield start
@@ -475,6 +476,15 @@ def test_collateral_from_a_pcs_is_cached(tmp_path, pcs):
     assert sorted(f.name for f in (tmp_path / "pcs" / f"{p.fmspc.hex()}-platform").iterdir()) == [
         "pck_crl.der", "pck_crl_issuer_chain.pem", "qe_identity.json", "qe_identity_issuer_chain.pem",
         "root_crl.der", "tcb_info_issuer_chain.pem", "tcbinfo.json"]
+
+
+def test_issuer_chain_headers_in_lower_case_are_found(pcs):
+    """A PCCS behind an HTTP/2 gateway sends header names in lower case: tcb-info-issuer-chain."""
+    p = tb.platform()
+    server = pcs(p, lower_case_headers=True)
+    verdict = run(tb.quote(p), trust=trusting(p), pcs_url=server.url, at=tb.AT)
+    assert verdict.ok and verdict.claims["tdx.tcb_status"] == "UpToDate", verdict.reason()
+    assert check(verdict, "collateral_signatures").ok and check(verdict, "crl").ok
 
 
 def verify_at_once(raw: bytes, p: tb.Platform, server: PcsServer, fetcher: Fetcher, at: dt.datetime,

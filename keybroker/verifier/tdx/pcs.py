@@ -3,7 +3,7 @@
 Used only when no collateral folder is given, through the fetcher (``..fetch``). Intel's
 Provisioning Certification Service (``https://api.trustedservices.intel.com``) and a local
 caching service (PCCS) share the v4 paths; the issuer chains travel in HTTP headers
-(URL-encoded PEM):
+(URL-encoded PEM; their names are matched in any case, as HTTP/2 sends them in lower case):
 
     {pcs}/tdx/certification/v4/tcb?fmspc=<hex>                TCB-Info-Issuer-Chain
     {pcs}/tdx/certification/v4/qe/identity                    SGX-Enclave-Identity-Issuer-Chain
@@ -170,7 +170,7 @@ def _der_crl(data: bytes) -> bytes:
 def _get(fetcher: Fetcher, url: str, chain_header: str) -> tuple[bytes, bytes]:
     answer = fetcher.get(url, service="Intel PCS", limit=RESPONSE_MAX)
     assert answer is not None
-    chain = answer.headers.get(chain_header)
+    chain = answer.header(chain_header)
     if not chain:
         raise EvidenceError(f"Intel PCS answer for {url} lacks the {chain_header} header")
     return answer.body, urllib.parse.unquote(chain).encode()
