@@ -334,6 +334,23 @@ def test_certificates_from_kds_with_cache_and_back_off(kds, tmp_path):
     assert sorted(p.name for p in (tmp_path / "kds" / "vcek" / "v1" / "Milan").iterdir())
 
 
+def test_kds_answers_fetched_side_by_side_or_not_kept_still_verify(kds, tmp_path):
+    """Threads (and workers) fetching the same certificates each keep a file of their own; a cache
+    that cannot be written costs a fetch later, not the verdict."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _, _ = kds
+    raw = (vector("oak-milan") / "report.bin").read_bytes()
+    fetchers = [Fetcher(tmp_path / "shared") for _ in range(8)]  # no shared memory: only the folder
+    with ThreadPoolExecutor(8) as pool:
+        verdicts = list(pool.map(lambda fetcher: run(raw, kds_url=url, fetcher=fetcher), fetchers * 3))
+    assert all(verdict.ok for verdict in verdicts), [v.reason() for v in verdicts if not v.ok]
+    assert not list((tmp_path / "shared").rglob(".*"))  # no temporary file left
+    (tmp_path / "unwritable").mkdir()
+    (tmp_path / "unwritable" / "kds").write_bytes(b"")  # a file where the cache's folder would be
+    assert run(raw, kds_url=url, fetcher=Fetcher(tmp_path / "unwritable")).ok
+
+
 def test_kds_unreachable_is_named(tmp_path):
     raw = (vector("oak-milan") / "report.bin").read_bytes()
     verdict = run(raw, kds_url="http://127.0.0.1:9", fetcher=Fetcher(tmp_path))

@@ -13,7 +13,10 @@ A VLEK cannot be fetched by chip: it must come from the host or the operator.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -21,6 +24,8 @@ from cryptography import x509
 from ..certs import load_certs
 from ..core import Context
 from .abi import Report
+
+log = logging.getLogger("keybroker.verifier")
 
 AMD_KDS = "https://kdsintf.amd.com"
 RESPONSE_MAX = 64 * 1024
@@ -64,11 +69,25 @@ def _get(context: Context, path: str) -> list[x509.Certificate]:
         return []
     certs = load_certs(answer.body)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_bytes(answer.body)
-        tmp.replace(cache)
+        _keep(cache, answer.body)
     return certs
+
+
+def _keep(cache: Path, body: bytes) -> None:
+    """Remember what KDS answered, whole or not at all (a file of its own, renamed into place: threads
+    and workers fetch side by side). Best effort: a cache that cannot be written costs a fetch later."""
+    tmp = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.")
+        with os.fdopen(fd, "wb") as out:
+            out.write(body)
+        os.replace(tmp, cache)
+    except OSError as exc:
+        log.warning("cannot keep %s in the cache: %s", cache.name, exc)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _cache_file(cache_dir: Path | None, path: str) -> Path | None:
