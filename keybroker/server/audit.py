@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -140,12 +141,34 @@ def append(db: Connection, seq: int, prev: str, events: list[Event]) -> list[Rec
 
 def records(engine: Engine, *, after: int = 0, limit: int | None = None) -> Iterator[Record]:
     """Records with ``seq > after`` in order (at most ``limit``), read in batches."""
+    with engine.connect() as db:
+        yield from _records(db, after=after, limit=limit)
+
+
+def _records(db: Connection, *, after: int = 0, limit: int | None = None) -> Iterator[Record]:
     query = select(schema.audit).where(schema.audit.c.seq > after).order_by(schema.audit.c.seq)
     if limit is not None:
         query = query.limit(limit)
+    for row in db.execution_options(yield_per=1000).execute(query):
+        yield _record(row)
+
+
+@contextmanager
+def _snapshot(engine: Engine) -> Iterator[Connection]:
+    """A connection whose reads all see one state of the log, whatever is committed meanwhile.
+
+    The head and the records it vouches for must be read together: read apart, every append
+    in between looks like records cut off the end. PostgreSQL gives one snapshot to a
+    REPEATABLE READ transaction; SQLite (WAL) to a read transaction, which pysqlite does not
+    begin before a SELECT, so it is begun here.
+    """
     with engine.connect() as db:
-        for row in db.execution_options(yield_per=1000).execute(query):
-            yield _record(row)
+        if db.dialect.name == "postgresql":
+            db.execution_options(isolation_level="REPEATABLE READ")
+        with db.begin():
+            if db.dialect.name == "sqlite" and not db.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+                db.exec_driver_sql("BEGIN")
+            yield db
 
 
 def head(engine: Engine) -> tuple[int, str]:
@@ -156,11 +179,21 @@ def head(engine: Engine) -> tuple[int, str]:
 
 
 def verify(engine: Engine, known: tuple[int, str] | None = None) -> Verification:
-    """Recompute the chain; with ``known`` (a head exported earlier), that record must still be in it."""
+    """Recompute the chain; with ``known`` (a head exported earlier), that record must still be in it.
+
+    The head and the records are read in one snapshot (see ``_snapshot``), so that appends
+    committed while a live server's log is verified are neither seen nor taken for tampering.
+    """
+    with _snapshot(engine) as db:
+        head_seq, head_hash = db.execute(select(schema.audit_head.c.seq, schema.audit_head.c.hash)).one()
+        return _verify(_records(db), head_seq, head_hash, known)
+
+
+def _verify(chain: Iterator[Record], head_seq: int, head_hash: str, known: tuple[int, str] | None) -> Verification:
     problems: list[str] = []
     expected, prev, count = 1, schema.GENESIS, 0
     seen_known = False
-    for record in records(engine):
+    for record in chain:
         count += 1
         if known is not None and record.seq == known[0]:
             seen_known = True
@@ -176,8 +209,6 @@ def verify(engine: Engine, known: tuple[int, str] | None = None) -> Verification
         if digest(record.seq, record.time, record.event, record.prev) != record.hash:
             problems.append(f"record {record.seq}: its content does not match its hash (edited)")
         expected, prev = record.seq + 1, record.hash
-    with engine.connect() as db:
-        head_seq, head_hash = db.execute(select(schema.audit_head.c.seq, schema.audit_head.c.hash)).one()
     if head_seq != expected - 1:
         problems.append(f"the log ends at record {expected - 1} but the head says {head_seq} were written "
                         "(records removed from the end, or the head edited)")

@@ -28,6 +28,7 @@ from keybroker.errors import StoreError
 from keybroker.server.store import READ_WAIT, READERS, Store
 from keybroker.wire import rcar as p
 from keybroker.wire.resource import PATH_MAX
+from support.appender import appending
 from support.kbs import attest, attestation, audit_records, challenge, keybroker
 from support.postgres import Unavailable, fresh_database, running_postgres
 from support.servers import KeyServerProcess, ServerSecrets
@@ -215,6 +216,23 @@ def test_an_audit_write_outlives_its_writers_connection(database):
     assert store.audited(noting_the_backend).seq == 3  # the batch on the dead connection was run again
     assert backends[-1] != backends[1]
     assert audit.verify(store.engine).ok
+
+
+def test_verify_while_appends_go_on_reports_an_intact_log(database):
+    """Verify reads the head and the records in one snapshot: appends meanwhile are no alarm."""
+    from keybroker.server import audit, schema
+
+    engine = schema.open_engine(database)
+    with appending(database, batch=50) as committed:
+        while len(committed) < 3:
+            time.sleep(0.01)
+        verdicts = [audit.verify(engine) for _ in range(20)]
+        cli = keybroker("audit", "verify", "--db", database)
+        assert len(committed) > 20  # the appends went on meanwhile
+    assert [v.problems for v in verdicts if not v.ok] == []
+    assert all(v.records == v.head_seq for v in verdicts)
+    assert cli.returncode == 0 and b"audit log intact" in cli.stdout, cli.stdout + cli.stderr
+    engine.dispose()
 
 
 @contextmanager
