@@ -277,21 +277,21 @@ def _audit(args: argparse.Namespace) -> int:
     import json
 
     from ..server import audit
-    from ..server.store import Store
+    from ..server.schema import open_existing
 
-    store = Store(args.db)
+    engine = open_existing(args.db)  # read-only: checking a log must not create or mend one
     if args.action == "head":
-        seq, digest = audit.head(store.engine)
+        seq, digest = audit.head(engine)
         print(f"{seq}:{digest}")
         return 0
     if args.action == "verify":
-        result = audit.verify(store.engine, args.known_head)
+        result = audit.verify(engine, args.known_head)
         for problem in result.problems:
             print(f"BROKEN: {problem}")
         print(f"{'audit log intact' if result.ok else 'audit log BROKEN'}: {result.records} records; head "
               f"{result.head_seq}:{result.head_hash} (keep it elsewhere; --known-head detects a rewrite later)")
         return 0 if result.ok else 1
-    for record in audit.records(store.engine, after=args.after, limit=args.limit):
+    for record in audit.records(engine, after=args.after, limit=args.limit):
         print(json.dumps(record.to_json(), sort_keys=True) if args.json else record.line())
     return 0
 

@@ -29,6 +29,7 @@ import rfc8785
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
+from ..errors import StoreError
 from . import schema
 
 ATTEST, RELEASE, ADMIN = "attest", "release", "admin"
@@ -174,8 +175,19 @@ def _snapshot(engine: Engine) -> Iterator[Connection]:
 def head(engine: Engine) -> tuple[int, str]:
     """The last record's seq and hash: keep them outside the database to detect a rewrite of the whole chain."""
     with engine.connect() as db:
-        seq, digest_ = db.execute(select(schema.audit_head.c.seq, schema.audit_head.c.hash)).one()
-    return int(seq), str(digest_)
+        found = _head(db)
+    if found is None:
+        raise StoreError(f"the audit log has no head row: {_NO_HEAD}")
+    return found
+
+
+_NO_HEAD = "it was deleted, or this is not a keybroker database"
+
+
+def _head(db: Connection) -> tuple[int, str] | None:
+    """The head row's seq and hash; None when the row is gone (reading never puts one back)."""
+    row = db.execute(select(schema.audit_head.c.seq, schema.audit_head.c.hash)).first()
+    return None if row is None else (int(row.seq), str(row.hash))
 
 
 def verify(engine: Engine, known: tuple[int, str] | None = None) -> Verification:
@@ -185,11 +197,11 @@ def verify(engine: Engine, known: tuple[int, str] | None = None) -> Verification
     committed while a live server's log is verified are neither seen nor taken for tampering.
     """
     with _snapshot(engine) as db:
-        head_seq, head_hash = db.execute(select(schema.audit_head.c.seq, schema.audit_head.c.hash)).one()
-        return _verify(_records(db), head_seq, head_hash, known)
+        found = _head(db)
+        return _verify(_records(db), found, known)
 
 
-def _verify(chain: Iterator[Record], head_seq: int, head_hash: str, known: tuple[int, str] | None) -> Verification:
+def _verify(chain: Iterator[Record], head: tuple[int, str] | None, known: tuple[int, str] | None) -> Verification:
     problems: list[str] = []
     expected, prev, count = 1, schema.GENESIS, 0
     seen_known = False
@@ -209,7 +221,10 @@ def _verify(chain: Iterator[Record], head_seq: int, head_hash: str, known: tuple
         if digest(record.seq, record.time, record.event, record.prev) != record.hash:
             problems.append(f"record {record.seq}: its content does not match its hash (edited)")
         expected, prev = record.seq + 1, record.hash
-    if head_seq != expected - 1:
+    head_seq, head_hash = head or (0, "")
+    if head is None:  # the end of the chain cannot be checked: a problem, not a head to assume
+        problems.append(f"the head row is missing ({_NO_HEAD}): records cut off the end cannot be told")
+    elif head_seq != expected - 1:
         problems.append(f"the log ends at record {expected - 1} but the head says {head_seq} were written "
                         "(records removed from the end, or the head edited)")
     elif head_hash != prev:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from ..errors import ConfigError, StoreError
 
@@ -133,29 +135,9 @@ event.listen(audit, "after_create", DDL(
 def open_engine(url: str) -> Engine:
     """An engine for ``url`` with the schema in place (created on first use); a commit is on disk
     when it returns (SQLite ``synchronous=FULL``, PostgreSQL's default)."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigError(f"--db {url!r} is not a database URL (e.g. sqlite:////var/lib/keybroker/kbs.db "
-                          "or postgresql://keybroker@db.example/keybroker)") from None
+    parsed = _parse(url)
     backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        engine = _sqlite(parsed)
-    elif backend == "postgresql":
-        if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")
-        try:
-            # A host that stops answering (a partition, not a refusal) ends a connection within
-            # 20 s, not after TCP's retransmissions (15 min): the reads that wait on it give up
-            # after store.READ_WAIT, and their threads come back soon after.
-            engine = create_engine(parsed, pool_pre_ping=True, connect_args={
-                "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-                "keepalives_count": 2, "tcp_user_timeout": 20000})
-        except ImportError:
-            raise ConfigError("--db postgresql://… needs psycopg 3: pip install 'keybroker[postgresql]'") from None
-    else:
-        raise ConfigError(f"--db {parsed.drivername}: keybroker stores in SQLite (sqlite:///PATH) or "
-                          "PostgreSQL (postgresql://…)")
+    engine = _sqlite(parsed) if backend == "sqlite" else _postgresql(parsed)
     try:
         with engine.begin() as db:
             if backend == "postgresql":  # replicas starting together create the schema once
@@ -163,10 +145,65 @@ def open_engine(url: str) -> Engine:
             metadata.create_all(db)
             _initialise(db)
     except SQLAlchemyError as exc:
-        cause = getattr(exc, "orig", None) or exc
-        raise StoreError(f"database {parsed.render_as_string(hide_password=True)}: "
-                         f"{str(cause).strip().splitlines()[0]}") from None
+        raise _store_error(parsed, exc) from None
     return engine
+
+
+def open_existing(url: str) -> Engine:
+    """A read-only engine for the keybroker database at ``url``, which must exist whole.
+
+    What inspects a database (``keybroker audit``) must not make or mend it: a mistyped
+    SQLite path would become an empty log reported intact, and dropped audit tables would
+    come back empty and intact. So nothing is created: SQLite opens an existing file
+    read-only, PostgreSQL sessions are read-only, and a missing table is an error.
+    """
+    parsed = _parse(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = _sqlite_read_only(parsed)
+    else:
+        engine = _postgresql(parsed, options="-c default_transaction_read_only=on")
+    try:
+        with engine.connect() as db:
+            _check_existing(db, parsed)
+    except SQLAlchemyError as exc:
+        raise _store_error(parsed, exc) from None
+    return engine
+
+
+def _parse(url: str) -> Any:
+    """The URL of a database keybroker can store in, else a ConfigError saying what it takes."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--db {url!r} is not a database URL (e.g. sqlite:////var/lib/keybroker/kbs.db "
+                          "or postgresql://keybroker@db.example/keybroker)") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(f"--db {parsed.drivername}: keybroker stores in SQLite (sqlite:///PATH) or "
+                          "PostgreSQL (postgresql://…)")
+    if parsed.get_backend_name() == "sqlite" and (not parsed.database or parsed.database == ":memory:"):
+        raise ConfigError("--db needs a SQLite file (sqlite:///path), not an in-memory database")
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _postgresql(parsed: Any, **connect_args: Any) -> Engine:
+    try:
+        # A host that stops answering (a partition, not a refusal) ends a connection within
+        # 20 s, not after TCP's retransmissions (15 min): the reads that wait on it give up
+        # after store.READ_WAIT, and their threads come back soon after.
+        return create_engine(parsed, pool_pre_ping=True, connect_args={
+            "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+            "keepalives_count": 2, "tcp_user_timeout": 20000, **connect_args})
+    except ImportError:
+        raise ConfigError("--db postgresql://… needs psycopg 3: pip install 'keybroker[postgresql]'") from None
+
+
+def _store_error(parsed: Any, exc: SQLAlchemyError) -> StoreError:
+    """The driver's first line of ``exc``, naming the database but not its password."""
+    cause = getattr(exc, "orig", None) or exc
+    return StoreError(f"database {parsed.render_as_string(hide_password=True)}: "
+                      f"{str(cause).strip().splitlines()[0]}")
 
 
 class WriterLock:
@@ -204,8 +241,6 @@ def writer_lock(url: str) -> WriterLock:
 
 
 def _sqlite(parsed: Any) -> Engine:
-    if not parsed.database or parsed.database == ":memory:":
-        raise ConfigError("--db needs a SQLite file (sqlite:///path), not an in-memory database")
     path = Path(parsed.database)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
@@ -220,6 +255,29 @@ def _sqlite(parsed: Any) -> Engine:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
     return engine
+
+
+def _sqlite_read_only(parsed: Any) -> Engine:
+    """An engine that opens the existing file of ``parsed`` read-only (SQLite's ``mode=ro``)."""
+    path = Path(parsed.database).absolute()
+    if not path.is_file():
+        raise StoreError(f"database {parsed.render_as_string()}: there is no file {path} (is --db right? "
+                         "nothing is created to be read)")
+    uri = f"{path.as_uri()}?mode=ro"
+    return create_engine("sqlite://", poolclass=NullPool,
+                         creator=lambda: sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False))
+
+
+def _check_existing(db: Connection, parsed: Any) -> None:
+    """Refuse a database without keybroker's schema of this version or without its audit tables."""
+    missing = [table.name for table in (meta, audit, audit_head) if not inspect(db).has_table(table.name)]
+    if missing:
+        raise StoreError(f"database {parsed.render_as_string(hide_password=True)} has no table "
+                         f"{', '.join(missing)}: not a keybroker database, or its tables were dropped")
+    version = db.execute(select(meta.c.value).where(meta.c.name == "schema")).scalar()
+    if version != SCHEMA_VERSION:
+        raise ConfigError(f"the database has keybroker schema {version or 'none'}; this keybroker uses "
+                          f"{SCHEMA_VERSION}")
 
 
 def _initialise(db: Connection) -> None:

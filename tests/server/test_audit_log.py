@@ -1,7 +1,9 @@
-"""``keybroker audit`` on a live log: a verify while the server appends is not a tamper alarm."""
+"""``keybroker audit`` on a live log (a verify while the server appends is not a tamper alarm),
+and on a database that is not there or not whole (reported, never created or mended)."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 from keybroker.server import audit, schema
@@ -35,3 +37,36 @@ def test_verify_while_appends_go_on_reports_an_intact_log(tmp_path):
     assert all(b"audit log intact" in out.stdout for out in cli)
     final = audit.verify(engine)
     assert final.ok and final.records > max(v.records for v in verdicts)
+
+
+def test_audit_commands_do_not_create_a_database_they_are_given(tmp_path):
+    """A mistyped --db is an error, not a new empty log reported intact."""
+    url = f"sqlite:///{tmp_path}/typo/kbs.db"
+    for action in ("verify", "list", "head"):
+        out = keybroker("audit", action, "--db", url)
+        assert out.returncode == 1 and b"intact" not in out.stdout, out.stdout
+        assert f"there is no file {tmp_path}/typo/kbs.db".encode() in out.stderr, out.stderr
+    assert not (tmp_path / "typo").exists()
+
+
+def test_audit_commands_do_not_recreate_dropped_tables_or_head(tmp_path):
+    """The audit tables dropped, or the head row deleted, is reported, and stays so."""
+    url = f"sqlite:///{tmp_path}/kbs.db"
+    fill(url, 3)
+    with sqlite3.connect(tmp_path / "kbs.db") as db:
+        db.execute("DELETE FROM audit_head")
+    verified = keybroker("audit", "verify", "--db", url)
+    assert verified.returncode == 1 and b"BROKEN: the head row is missing" in verified.stdout, verified.stdout
+    head = keybroker("audit", "head", "--db", url)
+    assert head.returncode == 1 and b"the audit log has no head row" in head.stderr, head.stderr
+    with sqlite3.connect(tmp_path / "kbs.db") as db:
+        assert db.execute("SELECT count(*) FROM audit_head").fetchone() == (0,)
+        db.execute("DROP TABLE audit")
+        db.execute("DROP TABLE audit_head")
+    for action in ("verify", "list", "head"):
+        out = keybroker("audit", action, "--db", url)
+        assert out.returncode == 1 and b"intact" not in out.stdout, out.stdout
+        assert b"has no table audit, audit_head: not a keybroker database, or its tables were dropped" in out.stderr
+    with sqlite3.connect(tmp_path / "kbs.db") as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "audit" not in tables and "audit_head" not in tables
