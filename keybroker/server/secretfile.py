@@ -1,20 +1,29 @@
-"""Secrets the key server reads from files: the KEK, admin tokens, the token-signing key.
+"""Secrets the key server reads from files: the KEK, admin tokens, the token-signing key, and
+(checked, then read by the TLS stack) the TLS private key.
 
 Each comes from the file the configuration names or, when it names none, from the systemd
 credential of the same name (``$CREDENTIALS_DIRECTORY/<name>``, set by ``LoadCredential=``
-or ``LoadCredentialEncrypted=``). A secret file that its group or others may access is
-refused, as ssh refuses such private keys.
+or ``LoadCredentialEncrypted=``). As ssh does with private keys, a secret file is refused
+when its group or others may access it, or when it is owned by anyone but root or the user
+the process runs as: whoever owns it can rewrite it (a KEK of their choosing, an admin
+token of their own) or open it up to anyone.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import ConfigError
 
 SECRET_MAX = 64 * 1024
+#: The group-read bit a systemd credential shows: systemd writes it 0400, owned by root, and
+#: grants the service's user read access with an ACL, whose mask ``stat`` reports as the group
+#: bits (0440) although no group may read it.
+_CREDENTIAL_ACL_MASK = 0o040
 
 
 def locate(path: Path | None, credential: str) -> Path | None:
@@ -29,18 +38,55 @@ def locate(path: Path | None, credential: str) -> Path | None:
 
 def read(path: Path, what: str) -> bytes:
     """The bytes of secret file ``path`` (``what`` names it in errors)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot open it: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{what} {path} is not a regular file")
-        if info.st_mode & 0o077:
-            raise ConfigError(f"{what} {path} is accessible to group or others "
-                              f"(mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 {path}")
+    with _open(path, what) as f:
         data = f.read(SECRET_MAX + 1)
     if len(data) > SECRET_MAX:
         raise ConfigError(f"{what} {path} is larger than {SECRET_MAX} bytes")
     return data
+
+
+def check(path: Path, what: str) -> None:
+    """Refuse secret file ``path`` as ``read`` would, for a secret that another library opens."""
+    with _open(path, what):
+        pass
+
+
+def _open(path: Path, what: str) -> BinaryIO:
+    """``path`` opened for reading, once its type, mode and owner are those of a secret."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot open it: {exc.strerror}") from None
+    f = os.fdopen(fd, "rb")
+    try:
+        _check(os.fstat(f.fileno()), path, what)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _check(info: os.stat_result, path: Path, what: str) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{what} {path} is not a regular file")
+    allowed = _CREDENTIAL_ACL_MASK if _is_credential(path) else 0
+    if info.st_mode & 0o077 & ~allowed:
+        raise ConfigError(f"{what} {path} is accessible to group or others "
+                          f"(mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 {path}")
+    me = os.geteuid()
+    if info.st_uid not in (me, 0):
+        raise ConfigError(f"{what} {path} is owned by {_user(info.st_uid)}, who can rewrite it; a secret must "
+                          f"be owned by root or {_user(me)}, the user this runs as: chown {_user(me)} {path}")
+
+
+def _is_credential(path: Path) -> bool:
+    """Whether ``path`` is a systemd credential: a file directly in ``$CREDENTIALS_DIRECTORY``."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    return directory is not None and directory != "" and path.absolute().parent == Path(directory).absolute()
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

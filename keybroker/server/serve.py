@@ -51,6 +51,7 @@ from ..errors import ConfigError
 from ..systemd import no_core_dumps, notify
 from ..wire import rcar as p
 from ..wire.transport import is_loopback
+from . import secretfile
 from .config import ServerConfig
 
 log = logging.getLogger("keybroker.server")
@@ -239,6 +240,8 @@ def run(config: ServerConfig) -> None:
         raise ConfigError("--tls-cert and --tls-key go together")
     if not config.tls_cert and not is_loopback(host):
         raise ConfigError(f"refusing plain HTTP on {host}: give --tls-cert and --tls-key, or listen on loopback")
+    if config.tls_key:  # the TLS stack reads it unchecked: held to the rules of every other secret here first
+        secretfile.check(config.tls_key, "TLS private key")
     metrics_dir = tempfile.mkdtemp(prefix="keybroker-metrics-")  # 0700; before prometheus-client is imported
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:

@@ -306,6 +306,75 @@ def test_kek_from_a_systemd_credential(tmp_path):
     assert keybroker("resource", "get", "a/b/c", "--db", db, env=env).stdout == b"value"
 
 
+def user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+STRANGER = 65534  # nobody
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")
+
+
+@needs_root
+def test_secret_files_owned_by_another_user_are_refused(tmp_path):
+    """A 0600 secret owned by someone else is theirs to rewrite (a KEK, an admin token of theirs): refused."""
+    me, owner, stranger = user_name(0), user_name(STRANGER), STRANGER
+    kek = write_secret(tmp_path / "kek", os.urandom(32))
+    os.chown(kek, stranger, -1)
+    out = keybroker("resource", "put", "a/b/c", "--db", f"sqlite:///{tmp_path}/x.db", "--kek-file", str(kek),
+                    data=b"v")
+    assert out.returncode == 1 and "Traceback" not in out.stderr.decode()
+    assert f"key-encryption key {kek} is owned by {owner}, who can rewrite it; a secret must be owned by root " \
+           f"or {me}, the user this runs as: chown {me} {kek}" in out.stderr.decode(), out.stderr
+    tokens = write_secret(tmp_path / "admin-token", b"x" * 64 + b"\n")
+    os.chown(tokens, stranger, -1)
+    out = keybroker("serve", "--listen", f"127.0.0.1:{free_port()}", "--db", f"sqlite:///{tmp_path}/x.db",
+                    "--kek-file", str(write_secret(tmp_path / "kek2", os.urandom(32))),
+                    "--admin-token-file", str(tokens))
+    assert out.returncode == 1 and f"admin token file {tokens} is owned by {owner}" in out.stderr.decode()
+
+
+@needs_root
+def test_the_tls_key_is_held_to_the_rules_of_secrets(tmp_path):
+    from support.pki import authority, server_files
+
+    ca_key, ca_cert = authority(tmp_path, "ca")
+    cert, key = server_files(tmp_path, ca_key, ca_cert)
+    kek = write_secret(tmp_path / "kek", os.urandom(32))
+
+    def serve() -> subprocess.CompletedProcess:
+        return keybroker("serve", "--listen", f"127.0.0.1:{free_port()}", "--db", f"sqlite:///{tmp_path}/x.db",
+                         "--kek-file", str(kek), "--tls-cert", cert, "--tls-key", key)
+    os.chmod(key, 0o644)
+    out = serve()
+    assert out.returncode == 1 and f"TLS private key {key} is accessible to group or others (mode 0644): " \
+        f"chmod 600 {key}" in out.stderr.decode(), out.stderr
+    os.chmod(key, 0o600)
+    os.chown(key, STRANGER, -1)
+    out = serve()
+    assert out.returncode == 1 and f"TLS private key {key} is owned by {user_name(STRANGER)}" in out.stderr.decode()
+
+
+def test_a_systemd_credential_readable_through_its_acl_is_accepted(tmp_path):
+    """systemd writes a credential 0400, owned by root, and lets the service's user read it with an
+    ACL, whose mask stat shows as mode 0440: accepted there, and only there."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    kek = write_secret(credentials / "kek", os.urandom(32))
+    kek.chmod(0o440)
+    env = os.environ | {"CREDENTIALS_DIRECTORY": str(credentials)}
+    db = f"sqlite:///{tmp_path}/x.db"
+    assert keybroker("resource", "put", "a/b/c", "--db", db, data=b"value", env=env).returncode == 0
+    assert keybroker("resource", "get", "a/b/c", "--db", db, env=env).stdout == b"value"
+    elsewhere = keybroker("resource", "get", "a/b/c", "--db", db, "--kek-file", str(kek),
+                          env={k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"})
+    assert elsewhere.returncode == 1 and "accessible to group or others (mode 0440)" in elsewhere.stderr.decode()
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     want = ",".join(f'{key}="{value}"' for key, value in labels.items())
     for line in text.splitlines():
