@@ -97,7 +97,9 @@ def run() -> int:
         _wait("the key server", lambda: _healthy(url), server)
 
         secret = secrets.token_bytes(32)
-        Admin(Store(db), load_sealer(kek), "local:demo", "demo").put_resource(RESOURCE, secret)
+        sealer = load_sealer(kek)
+        admin = Admin(Store(db, sealer), sealer, "local:demo", "demo")
+        admin.put_resource(RESOURCE, secret)
         digest = hashlib.sha256(secret).hexdigest()
         del secret
         _step(f"stored a random 32-byte resource {RESOURCE} (sha256 {digest})")
@@ -128,7 +130,7 @@ def run() -> int:
         policy = keybroker("policy", "from-evidence", str(evidence), "--resources", "default/*",
                            "--trust-roots", str(SIM_STATE / "trust"))
         print(policy, end="", flush=True)
-        version, _ = Admin(Store(db), None, "local:demo", "demo").put_policy(policy)
+        version, _ = admin.put_policy(policy)
         _step(f"made it the active release policy (version {version}): this guest's image may obtain default/*")
 
         _step(f'keyctl request2 user keybroker:{RESOURCE} "" @s   (in a fresh session keyring)')

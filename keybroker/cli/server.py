@@ -83,7 +83,8 @@ def _add_store_options(p: argparse.ArgumentParser, *, remote: bool) -> None:
 
     p.add_argument("--db", default=DEFAULT_DB, help=f"database URL (default {DEFAULT_DB})")
     p.add_argument("--kek-file", type=Path, metavar="FILE",
-                   help="key-encryption key (for values: put, get; default: the systemd credential kek)")
+                   help="key-encryption key (resources: put, get; policies: put, rm; default: the systemd "
+                        "credential kek)")
     p.add_argument("--old-kek-file", type=Path, action="append", default=[], metavar="FILE",
                    help="a previous KEK (repeatable)")
     if remote:
@@ -109,7 +110,7 @@ def _administrator(args: argparse.Namespace, *, values: bool = False) -> Any:
     from ..server.store import Store
 
     sealer = load_sealer(args.kek_file, args.old_kek_file) if values else None
-    return Admin(Store(args.db), sealer, f"local:{getpass.getuser()}", f"cli@{socket.gethostname()}")
+    return Admin(Store(args.db, sealer), sealer, f"local:{getpass.getuser()}", f"cli@{socket.gethostname()}")
 
 
 def _resource(args: argparse.Namespace) -> int:
@@ -168,7 +169,7 @@ def _policy(args: argparse.Namespace) -> int:
         return _policy_check(args)
     if args.action == "from-evidence":
         return _policy_from_evidence(args)
-    admin = _administrator(args)
+    admin = _administrator(args, values=args.action in ("put", "rm"))  # a policy is stored with a MAC under the KEK
     if args.action == "put":
         text = args.file.read_bytes()
         _warn_unpinned(Policy.loads(text))

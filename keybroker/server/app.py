@@ -28,7 +28,6 @@ from ..wire import decimal, parse_json
 from ..wire import rcar as p
 from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
 from .config import ServerConfig
-from .cookies import SessionRows
 from .kbs import SESSION_LIFETIME, KeyServer, Problem
 from .metrics import CONTENT_TYPE, Metrics
 from .ratelimit import RateLimiter
@@ -308,7 +307,7 @@ def key_server(config: ServerConfig) -> tuple[KeyServer, AdminAuth | None, RateL
     admin_auth = AdminAuth.load(config.admin_token_file)
     tokens = TokenSigner.load(config.token_key_file)
     name = config.name or f"{socket.gethostname()}:{config.listen[1]}"
-    store = Store(config.db, SessionRows(sealer))
+    store = Store(config.db, sealer)
     if config.policy:
         policy_text = config.policy.read_text()
         Admin(store, sealer, f"config:{config.policy}", name).put_policy(policy_text)

@@ -15,9 +15,9 @@ the cookies made under it (their guests call /auth again). A flood of /auth cost
 nothing is written for a session until it attests.
 
 A session that attested is stored, and another worker or replica may read it back to
-release under its cookie: its row carries a MAC too (:class:`SessionRows`, its own label),
-over every column, so that someone who can write the database but has no KEK cannot make
-a session attested, nor change its claims or its key.
+release under its cookie: its row carries a MAC too (see :class:`.sealing.RowMac`), so that
+someone who can write the database but has no KEK cannot make a session attested, nor
+change its claims or its key.
 """
 
 from __future__ import annotations
@@ -30,14 +30,10 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from .sealing import Sealer
 
 _COOKIE = re.compile(r"([0-9a-f]{32})\.([a-z]{1,16})\.(0|[1-9][0-9]{0,11})\.([A-Za-z0-9_-]{22})")  # one spelling each
 _INFO = b"keybroker rcar session cookie v1"
-_ROW_INFO = b"keybroker stored session v1"
 
 
 @dataclass(frozen=True)
@@ -50,15 +46,9 @@ class Fresh:
     expires: int
 
 
-def _derive(sealer: Sealer, info: bytes) -> list[bytes]:
-    """A MAC key per KEK the server knows, the current KEK's first."""
-    keks = (sealer.current, *(kek for kek in sealer.keks if kek is not sealer.current))
-    return [HKDF(hashes.SHA256(), 32, None, info).derive(kek.key) for kek in keks]
-
-
 class SessionCookies:
     def __init__(self, sealer: Sealer) -> None:
-        self._keys = _derive(sealer, _INFO)
+        self._keys = sealer.derived_keys(_INFO)
 
     def issue(self, tee: str, nonce: str, lifetime: int) -> tuple[Fresh, str]:
         """A new session for ``tee`` and ``nonce``, and its cookie."""
@@ -87,21 +77,3 @@ def _mac(key: bytes, fresh: Fresh) -> str:
     message = "\0".join((fresh.id, fresh.tee, str(fresh.expires), fresh.nonce)).encode()
     return base64.urlsafe_b64encode(hmac.digest(key, message, hashlib.sha256)[:16]).rstrip(b"=").decode()
 
-
-class SessionRows:
-    """The MAC of a stored session's columns (as stored: the JSON texts, not what they decode to),
-    made under the current KEK and checked under it and the previous ones, as cookies are."""
-
-    def __init__(self, sealer: Sealer) -> None:
-        self._keys = _derive(sealer, _ROW_INFO)
-
-    def mac(self, columns: tuple[str, ...]) -> str:
-        return _row_mac(self._keys[0], columns)
-
-    def verify(self, columns: tuple[str, ...], mac: str | None) -> bool:
-        return mac is not None and any(hmac.compare_digest(_row_mac(key, columns), mac) for key in self._keys)
-
-
-def _row_mac(key: bytes, columns: tuple[str, ...]) -> str:
-    message = b"".join(len(data).to_bytes(4, "big") + data for data in (column.encode() for column in columns))
-    return base64.urlsafe_b64encode(hmac.digest(key, message, hashlib.sha256)).rstrip(b"=").decode()

@@ -73,7 +73,7 @@ sessions = Table(
     Column("expires", Float, nullable=False),
     Column("tee_pubkey", Text, nullable=True),
     Column("claims", Text, nullable=True),
-    Column("mac", String(43), nullable=True),  # cookies.SessionRows over the others (old databases: none)
+    Column("mac", String(43), nullable=True),  # sealing.RowMac over the others (old databases: none)
 )
 # Expired sessions are deleted through it: no request scans the table.
 sessions_expires = Index("sessions_expires", sessions.c.expires)
@@ -85,6 +85,7 @@ policies = Table(
     Column("document", Text, nullable=False),
     Column("created", Float, nullable=False),
     Column("actor", String(200), nullable=False),
+    Column("mac", String(43), nullable=True),  # sealing.RowMac over the others (old databases: none)
 )
 
 audit = Table(
@@ -287,9 +288,10 @@ def _initialise(db: Connection) -> None:
     elif version != SCHEMA_VERSION:
         raise ConfigError(f"the database has keybroker schema {version}; this keybroker uses {SCHEMA_VERSION}")
     sessions_expires.create(db, checkfirst=True)  # databases made before the index
-    if "mac" not in {column["name"] for column in inspect(db).get_columns("sessions")}:
-        # Databases made before the sessions' MAC: their rows (an hour's sessions at most) have none, and
-        # are not believed; their guests attest again.
-        db.execute(text("ALTER TABLE sessions ADD COLUMN mac VARCHAR(43)"))
+    for table in ("sessions", "policies"):
+        if "mac" not in {column["name"] for column in inspect(db).get_columns(table)}:
+            # Databases made before rows carried a MAC: their rows have none and are not believed (a
+            # session's guest attests again; a policy is put again).
+            db.execute(text(f"ALTER TABLE {table} ADD COLUMN mac VARCHAR(43)"))
     if db.execute(select(audit_head.c.seq)).first() is None:
         db.execute(insert(audit_head).values(id=1, seq=0, hash=GENESIS))

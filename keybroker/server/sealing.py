@@ -12,7 +12,9 @@ credential ``kek``; it is never stored in the database.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import os
 import re
 from collections.abc import Iterable
@@ -20,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import ConfigError, SealError
 from . import secretfile
@@ -95,6 +99,37 @@ class Sealer:
         if sealed.kek_id == self.current.id:
             return None
         return self.seal(path, self.open(path, sealed))
+
+
+    def derived_keys(self, label: bytes) -> list[bytes]:
+        """A key per KEK for the use ``label`` names (HKDF-SHA-256), the current KEK's first."""
+        keks = (self.current, *(kek for kek in self._keks.values() if kek is not self.current))
+        return [HKDF(hashes.SHA256(), 32, None, label).derive(kek.key) for kek in keks]
+
+
+class RowMac:
+    """The MAC that makes a row of the database this server's own: HMAC-SHA-256 over its columns as
+    stored (length-prefixed), under a key derived from the KEK for that table (``label``); made
+    under the current KEK, checked under it and the previous ones. Someone who can write the
+    database but has no KEK cannot make a row that passes, nor change one."""
+
+    def __init__(self, sealer: Sealer, label: bytes) -> None:
+        self._keys = sealer.derived_keys(label)
+
+    def mac(self, columns: tuple[str, ...]) -> str:
+        return _row_mac(self._keys[0], columns)
+
+    def verify(self, columns: tuple[str, ...], mac: str | None) -> bool:
+        return mac is not None and any(hmac.compare_digest(_row_mac(key, columns), mac) for key in self._keys)
+
+    def current(self, columns: tuple[str, ...], mac: str | None) -> bool:
+        """Whether ``mac`` is the current KEK's."""
+        return mac is not None and hmac.compare_digest(_row_mac(self._keys[0], columns), mac)
+
+
+def _row_mac(key: bytes, columns: tuple[str, ...]) -> str:
+    message = b"".join(len(data).to_bytes(4, "big") + data for data in (column.encode() for column in columns))
+    return base64.urlsafe_b64encode(hmac.digest(key, message, hashlib.sha256)).rstrip(b"=").decode()
 
 
 def load_sealer(kek_file: Path | None, old_kek_files: Iterable[Path] = ()) -> Sealer:

@@ -27,29 +27,27 @@ connection reads nothing back. A stored session never changes, so a cached one i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
-from ..errors import StoreError
-from . import audit, schema
+from ..errors import ConfigError, StoreError
+from . import schema
 from .audit import Event, Record
-from .cookies import SessionRows
+from .groupcommit import GroupCommit, Work
 from .policy import NONE, Policy
 from .schema import open_engine, policies, resources, sessions
-from .sealing import Sealed, Sealer
+from .sealing import RowMac, Sealed, Sealer
 
 log = logging.getLogger("keybroker.server")
 
@@ -124,142 +122,6 @@ READ_WAIT = 5.0
 READERS = 4
 T = TypeVar("T")
 
-#: A piece of work on the database that returns the event to record, or None when it changed nothing.
-Work = Callable[[Connection], Event | None]
-#: What the writer is handed: work and the future of its record (no work: give the connection back).
-Queued = tuple[Work | None, Future[Record | None]]
-
-
-class GroupCommit:
-    """Runs audited work from many threads in shared transactions: one commit (one fsync) for all
-    the work waiting, each caller answered after that commit.
-
-    A batch is what waits when the writer wakes, and what arrives while it waits for the
-    chain's lock (held by another worker's or replica's commit). A busy writer (its last
-    commit ended less than ``BUSY`` seconds ago) also waits up to ``BATCH_DELAY`` for more
-    work before it commits, as PostgreSQL's ``commit_delay`` does: each transaction's fixed
-    cost (the fsync, the chain's head) is then shared, while a lone write is not delayed.
-    When a shared transaction fails, its pieces are run again one transaction each, so that
-    a failing piece fails alone. The writer thread is started on first use in each process
-    (the key server's workers are forked) and keeps its connection between transactions.
-    """
-
-    BATCH_MAX = 64
-    BATCH_DELAY = 0.001  # seconds
-    BUSY = 0.005  # seconds
-
-    def __init__(self, engine: Any, lock: schema.WriterLock) -> None:
-        self.engine, self.lock = engine, lock
-        self._pid = 0
-        self._queue: queue.SimpleQueue[Queued] = queue.SimpleQueue()
-
-    def submit(self, work: Work) -> Future[Record | None]:
-        """Queue ``work``: the future is done once its transaction is committed (or has failed)."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._queue = queue.SimpleQueue()
-            threading.Thread(target=self._writer, args=(self._queue,), name="keybroker-audit", daemon=True).start()
-        done: Future[Record | None] = Future()
-        self._queue.put((work, done))
-        return done
-
-    def close(self) -> None:
-        """Have this process's writer give its connection back (before a fork: none may cross it)."""
-        if self._pid == os.getpid():
-            done: Future[Record | None] = Future()
-            self._queue.put((None, done))
-            done.result(timeout=60)
-
-    def _writer(self, waiting: queue.SimpleQueue[Queued]) -> None:
-        db: Connection | None = None  # this thread's own, kept between batches, replaced after a failure
-        last_commit = 0.0
-        while True:
-            batch = [waiting.get()]
-            if time.monotonic() - last_commit < self.BUSY:
-                self._gather(waiting, batch, time.monotonic() + self.BATCH_DELAY)
-            else:
-                self._take(waiting, batch)
-            try:
-                db = self._run(db, batch, waiting)
-            except Exception as exc:  # a bug, not a database failure (those fail their pieces): nobody waits forever
-                _discard(db)
-                db = None
-                for _, done in batch:
-                    _settle(done, error=exc)
-            last_commit = time.monotonic()
-            if any(work is None for work, _ in batch):  # close(): the connection goes back to the pool
-                _discard(db)
-                db = None
-                for work, done in batch:
-                    if work is None:
-                        _settle(done, None)
-
-    def _take(self, waiting: queue.SimpleQueue[Queued],
-              batch: list[Queued]) -> None:
-        while len(batch) < self.BATCH_MAX and not waiting.empty():
-            batch.append(waiting.get())
-
-    def _gather(self, waiting: queue.SimpleQueue[Queued], batch: list[Queued], deadline: float) -> None:
-        while len(batch) < self.BATCH_MAX and (left := deadline - time.monotonic()) > 0:
-            try:
-                batch.append(waiting.get(timeout=left))
-            except queue.Empty:
-                return
-
-    def _run(self, db: Connection | None, batch: list[Queued],
-             waiting: queue.SimpleQueue[Queued]) -> Connection | None:
-        """Commit ``batch`` (grown while waiting for the lock) in one transaction, else each piece
-        in its own; the connection to keep."""
-        try:
-            db = db if db is not None else self.engine.connect()
-            results = self._commit(db, batch, waiting)
-        except Exception:
-            _discard(db)
-            db = None
-            for work, done in batch:
-                if work is None:
-                    continue
-                try:
-                    db = db if db is not None else self.engine.connect()
-                    _settle(done, self._commit(db, [(work, done)])[0])
-                except Exception as exc:
-                    _discard(db)
-                    db = None
-                    _settle(done, error=exc)
-            return db
-        for (work, done), result in zip(batch, results, strict=True):
-            if work is not None:
-                _settle(done, result)
-        return db
-
-    def _commit(self, db: Connection, batch: list[Queued],
-                waiting: queue.SimpleQueue[Queued] | None = None
-                ) -> list[Record | None]:
-        with self.lock, db.begin():
-            seq, prev = audit.lock_head(db)
-            if waiting is not None:
-                self._take(waiting, batch)  # what queued while the lock was awaited joins this transaction
-            events = [None if work is None else work(db) for work, _ in batch]
-            records = iter(audit.append(db, seq, prev, [event for event in events if event is not None]))
-        return [None if event is None else next(records) for event in events]
-
-
-def _settle(done: Future[Record | None], result: Record | None = None, *, error: Exception | None = None) -> None:
-    """Resolve ``done`` unless it is already (resolved by a failed batch, or cancelled by a caller that left)."""
-    with contextlib.suppress(InvalidStateError):
-        if error is None:
-            done.set_result(result)
-        else:
-            done.set_exception(error)
-
-
-def _discard(db: Connection | None) -> None:
-    """Give a connection back to the pool (which tests or replaces one whose transaction failed)."""
-    if db is not None:
-        with contextlib.suppress(Exception):
-            db.close()
-
-
 class SessionCache:
     """The sessions this process stored lately, by id: at most ``size``, the oldest forgotten."""
 
@@ -280,13 +142,20 @@ class SessionCache:
             return self._sessions.get(session_id)
 
 
-class Store:
-    """The database of a key server (``url``). ``sessions`` makes and checks the MACs of stored
-    sessions: a store without it (the administrative commands') keeps no sessions."""
+#: What the MACs of the rows that decide a release are derived for (see sealing.RowMac).
+SESSION_MAC = b"keybroker stored session v1"
+POLICY_MAC = b"keybroker release policy v1"
 
-    def __init__(self, url: str, sessions: SessionRows | None = None) -> None:
+
+class Store:
+    """The database of a key server (``url``). With the ``sealer`` (its KEKs) it makes and checks
+    the MACs of the rows that decide releases: sessions and policies. Without it (commands that
+    list, or manage resources' metadata) it can store neither, and reads policies unchecked."""
+
+    def __init__(self, url: str, sealer: Sealer | None = None) -> None:
         self.engine = open_engine(url)
-        self._sessions = sessions
+        self._sessions = RowMac(sealer, SESSION_MAC) if sealer else None
+        self._policies = RowMac(sealer, POLICY_MAC) if sealer else None
         self._policy = NO_POLICY  # the last active policy read, parsed once per version
         self._writer = schema.writer_lock(url)
         self._commits = GroupCommit(self.engine, self._writer)
@@ -386,7 +255,10 @@ class Store:
                 for row in rows]
 
     def rewrap_resources(self, sealer: Sealer, event: Callable[[int], Event]) -> Record:
-        """Re-seal every resource not under ``sealer``'s current KEK, in one transaction."""
+        """Re-seal every resource not under ``sealer``'s current KEK, and MAC again under it every
+        policy whose MAC holds under an older one, in one transaction."""
+        macs = RowMac(sealer, POLICY_MAC)
+
         def work(db: Connection) -> Event:
             count = 0
             for row in db.execute(select(resources).where(resources.c.kek_id != sealer.current.id)).all():
@@ -395,6 +267,11 @@ class Store:
                 db.execute(update(resources).where(resources.c.path == row.path)
                            .values(kek_id=fresh.kek_id, sealed=fresh.blob))
                 count += 1
+            for row in db.execute(select(policies)).all():  # one not believed stays so: see _believed
+                columns = _policy_columns(row._mapping)
+                if macs.verify(columns, row.mac) and not macs.current(columns, row.mac):
+                    db.execute(update(policies).where(policies.c.version == row.version)
+                               .values(mac=macs.mac(columns)))
             return event(count)
         record = self.audited(work)
         assert record is not None
@@ -415,26 +292,46 @@ class Store:
         """The stored policy ``version`` (of ``digest``): read and parsed once, then remembered."""
         cached = self._policy  # one read: another thread may cache another version meanwhile
         if (cached.version, cached.digest) != (version, digest):
-            cached = _policy_version(db.execute(_POLICY, {"wanted": version}).one())
+            cached = self._believed(db.execute(_POLICY, {"wanted": version}).one())
             self._policy = cached
         return cached
+
+    def _believed(self, row: Any) -> PolicyVersion:
+        """The policy of a stored row, once its MAC shows this server's KEK wrote it (unchecked
+        without the KEK: the commands that only show policies)."""
+        if self._policies is not None and not self._policies.verify(_policy_columns(row._mapping), row.mac):
+            raise StoreError(f"release policy version {row.version} fails its MAC: it was not written with this "
+                             "server's KEK (by a keybroker before policies carried one, or by someone who "
+                             "can write the database): nothing is released until the policy is put again "
+                             "(keybroker policy put FILE --db URL --kek-file KEK, or serve --policy FILE)")
+        return PolicyVersion(row.version, row.digest, row.created, row.actor, Policy.loads(row.document))
 
     def put_policy(self, policy: Policy, event: Event) -> tuple[int, bool]:
         """Make ``policy`` the active one: (its version, whether that is a new version).
 
         A policy identical to the active one changes nothing and records nothing.
         """
+        if self._policies is None:
+            raise ConfigError("storing a release policy needs the key-encryption key (--kek-file, or the "
+                              "systemd credential kek): the policy is stored with a MAC under it")
+        macs = self._policies
         outcome: list[tuple[int, bool]] = []
 
         def work(db: Connection) -> Event | None:
-            latest = db.execute(_NEWEST_POLICY).first()
-            active = (latest.version, latest.digest) if latest else (NO_POLICY.version, NO_POLICY.digest)
-            if active[1] == policy.digest:
-                outcome.append((active[0], False))
+            latest = db.execute(select(policies).order_by(policies.c.version.desc()).limit(1)).first()
+            if latest is None and policy.digest == NO_POLICY.digest:
+                outcome.append((NO_POLICY.version, False))
+                return None
+            # The same document again is no change, unless the active row is not believed (put again
+            # after an upgrade, or over a row someone else wrote): then it becomes a new version.
+            if (latest is not None and latest.digest == policy.digest
+                    and macs.verify(_policy_columns(latest._mapping), latest.mac)):
+                outcome.append((latest.version, False))
                 return None
             version = (latest.version if latest else 0) + 1
-            db.execute(insert(policies).values(version=version, digest=policy.digest, document=policy.dumps(),
-                                               created=time.time(), actor=event.actor))
+            row = {"version": version, "digest": policy.digest, "document": policy.dumps(), "created": time.time(),
+                   "actor": event.actor}
+            db.execute(insert(policies).values(**row, mac=macs.mac(_policy_columns(row))))
             outcome.append((version, True))
             return replace(event, policy_version=version)
         self.audited(work)
@@ -445,7 +342,7 @@ class Store:
             return NO_POLICY
         with self.engine.connect() as db:
             row = db.execute(select(policies).where(policies.c.version == version)).first()
-        return None if row is None else _policy_version(row)
+        return None if row is None else self._believed(row)
 
     def list_policies(self) -> list[PolicyInfo]:
         columns = (policies.c.version, policies.c.digest, policies.c.created, policies.c.actor)
@@ -481,9 +378,9 @@ class Store:
             self._cached.put(session)
         return record
 
-    def _session_rows(self) -> SessionRows:
+    def _session_rows(self) -> RowMac:
         if self._sessions is None:
-            raise TypeError("this Store was opened without SessionRows: it keeps no sessions")
+            raise TypeError("this Store was opened without the KEK: it keeps no sessions")
         return self._sessions
 
     def stored_here(self, session_id: str) -> bool:
@@ -520,5 +417,6 @@ def _resource(db: Connection, path: str) -> StoredResource | None:
     return None if row is None else StoredResource(row.path, Sealed(row.kek_id, row.sealed), row.lease)
 
 
-def _policy_version(row: Any) -> PolicyVersion:
-    return PolicyVersion(row.version, row.digest, row.created, row.actor, Policy.loads(row.document))
+def _policy_columns(row: Any) -> tuple[str, ...]:
+    """What a stored policy's MAC covers: every column but the MAC, as stored."""
+    return tuple(str(row[name]) for name in ("version", "digest", "document", "created", "actor"))

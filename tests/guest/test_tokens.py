@@ -70,7 +70,8 @@ def test_a_new_policy_applies_to_a_kept_token(broker, tmp_path):
     denying = tmp_path / "deny.json"
     denying.write_text('{"version": 1, "rules": [{"resources": ["default/disk/k0"], "require": '
                        '{"claim": "tee", "equals": "snp"}}]}')
-    subprocess.run([sys.executable, "-m", "keybroker", "policy", "put", str(denying), "--db", broker.db],
+    subprocess.run([sys.executable, "-m", "keybroker", "policy", "put", str(denying), "--db", broker.db,
+                    "--kek-file", str(broker.secrets.kek)],
                    check=True, capture_output=True)
     out = request("k1")
     assert not released(out, "k1") and "Key was rejected by service" in out.stderr

@@ -31,7 +31,8 @@ IMAGE = {"domain": "example.org", "operation": "image-pull", "content": "registr
 def put_policy(server, tmp_path: Path, rules: list[dict]) -> None:
     path = tmp_path / "policy.json"
     path.write_text(json.dumps({"version": 1, "rules": rules}))
-    subprocess.run([sys.executable, "-m", "keybroker", "policy", "put", str(path), "--db", server.db],
+    subprocess.run([sys.executable, "-m", "keybroker", "policy", "put", str(path), "--db", server.db,
+                    "--kek-file", str(server.secrets.kek)],
                    check=True, capture_output=True, timeout=60)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -12,6 +13,7 @@ from keybroker.errors import PolicyError
 from keybroker.server.policy import Policy, from_appraisals
 from support.kbs import attest, keybroker
 from support.policies import ANY_GUEST
+from support.servers import write_secret
 
 SECRET = b"released only under a policy"
 
@@ -90,7 +92,11 @@ def test_policy_check_and_put_warn_about_rules_that_pin_no_measurement(tsm_sim, 
     check = keybroker("policy", "check", str(loose), str(evidence), "--resource", "a/b/c",
                       "--trust-roots", str(sim_state / "trust"))
     assert check.returncode == 0 and b"warning: rule 0 (*) pins no measurement" in check.stderr
-    put = keybroker("policy", "put", str(loose), "--db", f"sqlite:///{tmp_path / 'db'}")
+    db = f"sqlite:///{tmp_path / 'db'}"
+    refused = keybroker("policy", "put", str(loose), "--db", db)  # stored with a MAC under the KEK: it needs it
+    assert refused.returncode != 0 and b"no key-encryption key: give --kek-file" in refused.stderr
+    kek = write_secret(tmp_path / "kek", os.urandom(32))
+    put = keybroker("policy", "put", str(loose), "--db", db, "--kek-file", str(kek))
     assert put.returncode == 0 and b"pins no measurement" in put.stderr
 
 

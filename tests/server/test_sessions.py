@@ -8,13 +8,13 @@ import time
 import pytest
 
 from keybroker.server.audit import ALLOW, ATTEST, Event
-from keybroker.server.cookies import SessionCookies, SessionRows
-from keybroker.server.sealing import Kek, Sealer
-from keybroker.server.store import Session, SessionCache, Store
+from keybroker.server.cookies import SessionCookies
+from keybroker.server.sealing import Kek, RowMac, Sealer
+from keybroker.server.store import SESSION_MAC, Session, SessionCache, Store
 
 KEK = Kek.from_bytes(bytes(range(32)), "test")
 NEXT_KEK = Kek.from_bytes(bytes(range(1, 33)), "test")
-ROWS = SessionRows(Sealer(KEK))
+ROWS = Sealer(KEK)  # the KEK a store makes and checks its rows with
 
 
 def test_a_cookie_opens_with_its_own_nonce_only():
@@ -113,14 +113,14 @@ def test_a_session_row_changed_in_the_database_is_not_believed(tmp_path, forge):
             db.execute(schema.sessions.delete())
             db.execute(schema.sessions.insert().values(id="s2", tee="snp", nonce="n", state="attested",
                                                        expires=expires, tee_pubkey="{}", claims="{}",
-                                                       mac=SessionRows(Sealer(key)).mac(columns)))
+                                                       mac=RowMac(Sealer(key), SESSION_MAC).mac(columns)))
         assert (asyncio.run(reader.get_session("s2")) is not None) is believed
 
 
 def test_a_session_row_stays_good_across_a_kek_rotation(tmp_path):
     stored = Store(f"sqlite:///{tmp_path}/kbs.db", ROWS)
     asyncio.run(stored.end_attestation(attested("s1"), Event(ATTEST, ALLOW, "test", "a")))
-    rotated = Store(f"sqlite:///{tmp_path}/kbs.db", SessionRows(Sealer(NEXT_KEK, [KEK])))
+    rotated = Store(f"sqlite:///{tmp_path}/kbs.db", Sealer(NEXT_KEK, [KEK]))
     assert asyncio.run(rotated.get_session("s1")) is not None
 
 

@@ -1,0 +1,80 @@
+"""Stored release policies carry a MAC under the KEK: someone who can write the database but has no
+KEK cannot make the server apply a policy of theirs (a permissive one would release keys to any
+genuine guest, their own rented one included)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text, update
+
+from keybroker.errors import ConfigError, StoreError
+from keybroker.server import schema
+from keybroker.server.admin import Admin
+from keybroker.server.policy import Policy
+from keybroker.server.sealing import Kek, Sealer
+from keybroker.server.store import Store
+from support.policies import ANY_GUEST
+
+KEK = Kek.from_bytes(bytes(range(32)), "test")
+NEXT_KEK = Kek.from_bytes(bytes(range(1, 33)), "test")
+PINNED = Policy({"version": 1, "rules": [{"resources": ["*"], "require": {"claim": "snp.measurement",
+                                                                          "equals": "ab" * 48}}]})
+
+
+SEALER = Sealer(KEK)
+
+
+def admin(url: str, sealer: Sealer | None = SEALER) -> Admin:
+    return Admin(Store(url, sealer), sealer, "local:test", "test")
+
+
+@pytest.fixture
+def url(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path}/kbs.db"
+    assert admin(url).put_policy(PINNED.dumps()) == (1, True)
+    return url
+
+
+@pytest.mark.parametrize("forge", ["insert", "edit", "edit_and_digest"])
+def test_a_policy_row_written_without_the_kek_is_not_applied(url, forge):
+    store = Store(url, Sealer(KEK))
+    with store.engine.begin() as db:
+        if forge == "insert":  # a newer version, with a MAC of its own making
+            db.execute(schema.policies.insert().values(version=2, digest=ANY_GUEST.digest, document=ANY_GUEST.dumps(),
+                                                       created=0.0, actor="local:root", mac="A" * 43))
+        else:
+            values = {"document": ANY_GUEST.dumps()} | ({"digest": ANY_GUEST.digest} if forge == "edit_and_digest"
+                                                        else {})
+            db.execute(update(schema.policies).where(schema.policies.c.version == 1).values(**values))
+    with pytest.raises(StoreError, match="fails its MAC"):
+        Store(url, Sealer(KEK)).active_policy()
+    with pytest.raises(StoreError, match="fails its MAC"):
+        Store(url, Sealer(Kek.from_bytes(bytes(32), "another"))).get_policy(1)  # another KEK believes none
+    # Put again, the operator's policy is a new version, believed.
+    version, changed = admin(url).put_policy(PINNED.dumps())
+    assert changed and Store(url, Sealer(KEK)).active_policy().version == version
+
+
+def test_a_policy_is_stored_only_with_the_kek(url):
+    with pytest.raises(ConfigError, match="needs the key-encryption key"):
+        admin(url, None).put_policy(ANY_GUEST.dumps())
+    assert Store(url).active_policy().digest == PINNED.digest  # shown, unchecked, without it
+
+
+def test_policies_stay_believed_across_a_kek_rotation(url):
+    rotating = Sealer(NEXT_KEK, [KEK])
+    assert Store(url, rotating).active_policy().digest == PINNED.digest  # the old KEK's MAC, during it
+    admin(url, rotating).rotate_kek()
+    assert Store(url, Sealer(NEXT_KEK)).active_policy().digest == PINNED.digest  # the old KEK dropped
+
+
+def test_a_database_made_before_policies_carried_a_mac_applies_none_of_them(tmp_path):
+    url = f"sqlite:///{tmp_path}/kbs.db"
+    with Store(url).engine.begin() as db:
+        db.execute(text("ALTER TABLE policies DROP COLUMN mac"))
+        db.execute(schema.policies.insert().values(version=1, digest=ANY_GUEST.digest, document=ANY_GUEST.dumps(),
+                                                   created=0.0, actor="local:root"))
+    with pytest.raises(StoreError, match="fails its MAC"):
+        Store(url, Sealer(KEK)).active_policy()
+    assert admin(url).put_policy(ANY_GUEST.dumps()) == (2, True)  # the same document, now believed
+    assert Store(url, Sealer(KEK)).active_policy().version == 2
