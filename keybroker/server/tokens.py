@@ -38,6 +38,10 @@ from . import secretfile
 ISSUER = "keybroker"
 TOKEN_KEY_CREDENTIAL = "token-key"
 TOKEN_MAX = 4096  # what this server issues is about 450 characters
+#: The tokens' explicit type (RFC 8725 3.11): a token that names its session, not one that carries
+#: claims (as tokens did before, typ JWT): a server of either kind refuses the other's (401: the
+#: guest attests again) rather than misreading it, during a rolling upgrade of replicas too.
+TOKEN_TYPE = "keybroker-session+jwt"
 _ES256 = ec.ECDSA(hashes.SHA256())
 
 
@@ -51,7 +55,7 @@ class TokenSigner:
         self.shared = key is not None
         self.kid = _thumbprint(self.public)
         self.lifetime = lifetime
-        self._header = b64url(json.dumps({"alg": "ES256", "typ": "JWT", "kid": self.kid},
+        self._header = b64url(json.dumps({"alg": "ES256", "typ": TOKEN_TYPE, "kid": self.kid},
                                          separators=(",", ":")).encode())
 
     @classmethod
@@ -85,7 +89,8 @@ class TokenSigner:
         header, body, signature = token.split(".")
         try:
             raw = _unb64url(signature)
-            if len(raw) != 64 or json.loads(_unb64url(header)) != {"alg": "ES256", "typ": "JWT", "kid": self.kid}:
+            if len(raw) != 64 or json.loads(_unb64url(header)) != {"alg": "ES256", "typ": TOKEN_TYPE,
+                                                                    "kid": self.kid}:
                 return None
             self.public.verify(encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")),
                                f"{header}.{body}".encode("ascii"), _ES256)

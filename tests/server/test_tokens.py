@@ -7,8 +7,9 @@ import json
 import time
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwcrypto import jwk, jwt
 
 from keybroker.errors import ConfigError
@@ -34,6 +35,18 @@ def test_round_trip_and_a_standard_jwt():
     parsed = jwt.JWT(key=public, jwt=token, algs=["ES256"])
     assert json.loads(parsed.claims)["sid"] == "0123456789abcdef"
     assert json.loads(parsed.header)["kid"] == public.thumbprint()
+
+
+def test_a_token_of_the_kind_that_carried_claims_is_refused_not_misread():
+    """Tokens were JWTs (typ JWT) carrying the claims; a replica not yet upgraded took a newer token
+    for one and failed on it (a 500): the type tells them apart, both ways."""
+    signer = TokenSigner()
+    header, body, _ = issue(signer).split(".")
+    assert json.loads(base64.urlsafe_b64decode(header + "=="))["typ"] == "keybroker-session+jwt"
+    old_header = b64({"alg": "ES256", "typ": "JWT", "kid": signer.kid})
+    r, s = decode_dss_signature(signer.key.sign(f"{old_header}.{body}".encode(), ec.ECDSA(hashes.SHA256())))
+    signature = base64.urlsafe_b64encode(r.to_bytes(32, "big") + s.to_bytes(32, "big")).rstrip(b"=").decode()
+    assert signer.verify(f"{old_header}.{body}.{signature}") is None
 
 
 def test_tampered_foreign_expired_and_malformed_tokens_are_refused():
