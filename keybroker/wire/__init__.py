@@ -11,8 +11,15 @@ QUOTE_MAX = 64
 
 
 def shown(value: object, limit: int = QUOTE_MAX) -> str:
-    """``repr(value)``, cut to ``limit`` characters: an error never echoes a client's megabyte back."""
-    text = repr(value)
+    """``repr(value)``, cut to ``limit`` characters: an error never echoes a client's megabyte back.
+    What has no repr (an integer past Python's 4300 decimal digits, which TOML's hexadecimal
+    makes; a value nested too deeply) is named by its kind."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"<a {type(value).__name__} that cannot be shown>"
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -206,11 +206,17 @@ def test_init_data_nested_too_deeply_is_refused_not_a_500(server, sim_state, nes
     assert "init-data nests arrays or tables too deeply" in server.log_path.read_text()
 
 
-def test_init_data_with_an_integer_python_will_not_read_is_refused_not_a_500(server, sim_state):
-    init_data = {"format": "toml", "body": f'version = "0.1.0"\nalgorithm = "sha384"\nx = {"9" * 4400}\n'}
+@pytest.mark.parametrize("line, logged", [
+    (f'x = {"9" * 4400}', "init-data holds a value TOML cannot read"),  # past Python's 4300 digits
+    (f'algorithm = 0x{"f" * 20000}', "init-data algorithm <an integer of 80000 bits> is not one of"),  # read, not shown
+])
+def test_init_data_with_an_integer_python_will_not_read_is_refused_not_a_500(server, sim_state, line, logged):
+    body = f'version = "0.1.0"\n{line}\n' if line.startswith("algorithm") else \
+        f'version = "0.1.0"\nalgorithm = "sha384"\n{line}\n'
+    init_data = {"format": "toml", "body": body}
     attested, fetched, _ = attest_and_fetch(server, sim_state, lambda body: body | {"init-data": init_data})
     assert (attested, fetched) == (401, 401)
-    assert "init-data holds a value TOML cannot read" in server.log_path.read_text()
+    assert logged in server.log_path.read_text()
 
 
 @pytest.mark.parametrize("form", ["escaped", "encoded", "utf-16"])
