@@ -138,6 +138,23 @@ def test_a_database_made_before_the_sessions_mac_gains_it_and_believes_none_of_i
     assert asyncio.run(Store(url, ROWS).get_session("s2")) is not None
 
 
+def test_processes_opening_an_old_database_together_change_its_schema_once(tmp_path):
+    import subprocess
+    import sys
+
+    from sqlalchemy import text
+
+    for n in range(4):
+        url = f"sqlite:///{tmp_path}/kbs{n}.db"
+        with Store(url).engine.begin() as db:
+            db.execute(text("ALTER TABLE sessions DROP COLUMN mac"))
+            db.execute(text("ALTER TABLE policies DROP COLUMN mac"))
+        code = f"from keybroker.server.store import Store; Store({url!r})"
+        opening = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(4)]
+        failed = [p.stderr.read() for p in opening if p.wait(timeout=60) != 0]  # type: ignore[union-attr]
+        assert not failed
+
+
 def test_the_cache_keeps_the_newest_sessions_only():
     cache = SessionCache(size=3)
     for n in range(5):
