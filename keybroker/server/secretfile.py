@@ -45,13 +45,15 @@ def read(path: Path, what: str) -> bytes:
     return data
 
 
-def check(path: Path, what: str) -> None:
-    """Refuse secret file ``path`` as ``read`` would, for a secret that another library opens."""
-    with _open(path, what):
+def check(path: Path, what: str, *, group_may_read: bool = False) -> None:
+    """Refuse secret file ``path`` as ``read`` would, for a secret that another library opens;
+    ``group_may_read`` for a TLS key (Debian keeps them 0640 in group ssl-cert, for the services
+    that serve TLS)."""
+    with _open(path, what, group_may_read=group_may_read):
         pass
 
 
-def _open(path: Path, what: str) -> BinaryIO:
+def _open(path: Path, what: str, *, group_may_read: bool = False) -> BinaryIO:
     """``path`` opened for reading, once its type, mode and owner are those of a secret."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -59,17 +61,17 @@ def _open(path: Path, what: str) -> BinaryIO:
         raise ConfigError(f"{what} {path}: cannot open it: {exc.strerror}") from None
     f = os.fdopen(fd, "rb")
     try:
-        _check(os.fstat(f.fileno()), path, what)
+        _check(os.fstat(f.fileno()), path, what, group_may_read)
     except BaseException:
         f.close()
         raise
     return f
 
 
-def _check(info: os.stat_result, path: Path, what: str) -> None:
+def _check(info: os.stat_result, path: Path, what: str, group_may_read: bool) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"{what} {path} is not a regular file")
-    allowed = _CREDENTIAL_ACL_MASK if _is_credential(path) else 0
+    allowed = _CREDENTIAL_ACL_MASK if _is_credential(path) or group_may_read else 0
     if info.st_mode & 0o077 & ~allowed:
         raise ConfigError(f"{what} {path} is accessible to group or others "
                           f"(mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 {path}")

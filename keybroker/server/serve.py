@@ -241,7 +241,7 @@ def run(config: ServerConfig) -> None:
     if not config.tls_cert and not is_loopback(host):
         raise ConfigError(f"refusing plain HTTP on {host}: give --tls-cert and --tls-key, or listen on loopback")
     if config.tls_key:  # the TLS stack reads it unchecked: held to the rules of every other secret here first
-        secretfile.check(config.tls_key, "TLS private key")
+        secretfile.check(config.tls_key, "TLS private key", group_may_read=True)
     metrics_dir = tempfile.mkdtemp(prefix="keybroker-metrics-")  # 0700; before prometheus-client is imported
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from keybroker.errors import ConfigError
 from support import REPO
 from support.kbs import attest, attestation, audit_records, challenge, keybroker
 from support.servers import free_port, write_secret
@@ -357,6 +358,16 @@ def test_the_tls_key_is_held_to_the_rules_of_secrets(tmp_path):
     os.chown(key, STRANGER, -1)
     out = serve()
     assert out.returncode == 1 and f"TLS private key {key} is owned by {user_name(STRANGER)}" in out.stderr.decode()
+    # Debian keeps TLS keys 0640 in group ssl-cert, for the services that serve TLS: the group may read
+    # one (what serve checks), never write it.
+    from keybroker.server import secretfile
+
+    os.chown(key, 0, -1)
+    os.chmod(key, 0o640)
+    secretfile.check(Path(key), "TLS private key", group_may_read=True)
+    os.chmod(key, 0o660)
+    with pytest.raises(ConfigError, match="accessible to group or others"):
+        secretfile.check(Path(key), "TLS private key", group_may_read=True)
 
 
 def test_a_systemd_credential_readable_through_its_acl_is_accepted(tmp_path):
