@@ -6,9 +6,10 @@ hammer a vendor service or tie up its threads:
 
 - an answer larger than the caller's limit is refused;
 - HTTP 429 and 503 are waited out (``Retry-After``, at most ``RETRY_AFTER_MAX`` each) within
-  the fetch's time budget, and every fetch ends within ``BUDGET`` seconds, the last socket
-  read (at most ``TIMEOUT``) aside: requests' timeout bounds each read, not the answer, so
-  the body is read chunk by chunk under the deadline and a service that drips it is cut off;
+  the fetch's time budget, and every fetch ends within ``BUDGET`` seconds: requests' timeout
+  bounds each socket read, not the exchange, so a watchdog shuts the fetch's sockets at its
+  deadline (a service that drips its headers, a chunk's size line or its body is cut off);
+- answers are asked for, and taken, uncompressed (no decompression to bound);
 - a URL that failed is not asked again for a while: a 404 for ``FAILURE_TTL`` seconds,
   other failures for ``ERROR_TTL`` (a report with a random CHIP_ID costs one request, not
   one per attestation);
@@ -23,12 +24,15 @@ online, only the evidence whose collateral is not at hand.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import socket
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 import urllib3
@@ -106,12 +110,22 @@ class Fetcher:
             if timeout < REQUEST_TIME_MIN:
                 break
             try:
-                with requests.get(url, timeout=timeout, stream=True, allow_redirects=False) as response:
-                    body = _read(response.raw, limit, deadline)
+                with _Watchdog(deadline) as watchdog, requests.Session() as http:
+                    http.mount("http://", _WatchedAdapter())
+                    http.mount("https://", _WatchedAdapter())
+                    with http.get(url, timeout=timeout, stream=True, allow_redirects=False,
+                                  headers={"Accept-Encoding": "identity"}) as response:
+                        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+                        body = _read(response.raw, limit, deadline) if encoding == "identity" else b""
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                if watchdog.fired:
+                    break
                 raise self._fail(url, f"{service}: cannot fetch {url}: {exc}") from None
             if body is None:
                 break
+            if encoding != "identity":
+                raise self._fail(url, f"{service}: the answer for {url} is compressed ({encoding[:20]}), "
+                                      "though it was asked for as is")
             if len(body) > limit:
                 raise self._fail(url, f"{service}: the answer for {url} is larger than {limit} bytes")
             if response.status_code in (429, 503) and attempt < ATTEMPTS:
@@ -156,22 +170,102 @@ class Fetcher:
 
 
 def _read(raw: urllib3.BaseHTTPResponse, limit: int, deadline: float) -> bytes | None:
-    """At most ``limit + 1`` bytes of the body; None when ``deadline`` passes first.
+    """At most ``limit + 1`` bytes of the body, as sent; None when ``deadline`` passes first.
 
-    ``read1`` returns what one socket read brings, so the deadline is checked between reads:
-    a whole-body read (or a fixed-size chunk) would wait for bytes that a hostile or broken
-    service may drip for as long as it likes, holding one of the ``CONCURRENCY`` slots. One
-    read still waits at most the request's timeout, never more than the budget it was sent with.
+    ``read1`` returns what one socket read brings, so the deadline is checked between reads (a
+    read blocked past it ends when the watchdog shuts the socket).
     """
     body = bytearray()
     while len(body) <= limit:
         if time.monotonic() >= deadline:
             return None
-        chunk = raw.read1(CHUNK, decode_content=True)
+        chunk = raw.read1(CHUNK, decode_content=False)
         if not chunk:
             break
         body += chunk
     return bytes(body)
+
+
+class _Watchdog:
+    """Shuts the sockets one fetch opens (in this thread) when its deadline passes, so that a read
+    blocked on a service that drips bytes ends then."""
+
+    _current = threading.local()
+
+    def __init__(self, deadline: float) -> None:
+        self.fired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        _Watchdog._current.watchdog = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._timer.cancel()
+        _Watchdog._current.watchdog = None
+
+    @classmethod
+    def watch(cls, sock: socket.socket) -> None:
+        """Put ``sock``, just connected by this thread, under its fetch's watchdog (if any)."""
+        watchdog = getattr(cls._current, "watchdog", None)
+        if watchdog is not None:
+            with watchdog._lock:
+                watchdog._sockets.append(sock)
+                if watchdog.fired:
+                    _shut(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _WatchedHTTPConnection(urllib3.connection.HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _Watchdog.watch(sock)
+        return sock
+
+
+class _WatchedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _Watchdog.watch(sock)
+        return sock
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter, whose connections (to the service, or to a proxy) are watched."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
 
 
 def _retry_after(header: str | None, attempt: int) -> float:

@@ -152,6 +152,56 @@ def test_a_stalling_service_costs_each_verification_its_budget_at_most():
     assert len(stand_in.paths) <= 4  # those that got no slot within the budget gave up without asking
 
 
+class RawServer:
+    """Answers every connection with ``head`` at once, then ``drip`` a byte every ``pause`` seconds."""
+
+    def __init__(self, head: bytes, drip: bytes, pause: float) -> None:
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/x"
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = self.listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    try:
+                        conn.recv(65536)
+                        conn.sendall(head)
+                        for byte in drip:
+                            conn.sendall(bytes([byte]))
+                            time.sleep(pause)
+                    except OSError:  # the fetcher gave up and hung up
+                        pass
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("head, drip", [
+    (b"", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nX-Padding: " + b"y" * 100),  # headers dripped
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;", b"e" * 200),  # a chunk's size line
+    (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 100000\r\n\r\n\x1f\x8b\x08\x00\x00\x00"
+     b"\x00\x00\x00\xff", b"\x00\x00\x00\xff\xff" * 40),  # gzip that decodes to nothing, dripped
+])
+def test_an_exchange_dripped_anywhere_is_cut_off_at_the_budget(head, drip):
+    """A service (or whoever is in the path to a plain-HTTP PCCS) that sends a byte now and then
+    holds no fetch, nor its slot, past the budget: not in its headers, a chunk's size line, or a
+    compressed body that decodes to nothing."""
+    server = RawServer(head, drip, pause=0.1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(EvidenceError):
+            Fetcher(budget=1.5).get(server.url, service="Intel PCS", limit=1024)
+        assert time.monotonic() - start < 1.5 + 0.5
+    finally:
+        server.close()
+
+
 def test_a_dripping_answer_is_cut_off_at_the_budget():
     """requests' timeout is per socket read: a body sent a byte at a time must not hold a fetch
     (and its slot) past its budget. This one would take 5 s; the budget is 1.5 s."""
