@@ -121,7 +121,7 @@ class Fetcher:
                 if watchdog.fired:
                     break
                 raise self._fail(url, f"{service}: cannot fetch {url}: {exc}") from None
-            if body is None:
+            if body is None or watchdog.fired:  # cut off: a body that ends with its connection is not whole
                 break
             if encoding != "identity":
                 raise self._fail(url, f"{service}: the answer for {url} is compressed ({encoding[:20]}), "
@@ -194,6 +194,7 @@ class _Watchdog:
 
     def __init__(self, deadline: float) -> None:
         self.fired = False
+        self._over = False  # the fetch ended: its descriptors are closed, a late timer shuts nothing
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._fire)
@@ -207,19 +208,31 @@ class _Watchdog:
     def __exit__(self, *_: object) -> None:
         self._timer.cancel()
         _Watchdog._current.watchdog = None
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+            self._over = True
 
     @classmethod
     def watch(cls, sock: socket.socket) -> None:
-        """Put ``sock``, just connected by this thread, under its fetch's watchdog (if any)."""
+        """Put the connection of ``sock``, just made by this thread, under its fetch's watchdog (if any).
+
+        The watchdog keeps a descriptor of its own (a duplicate): TLS takes the connection over
+        from ``sock`` (whose descriptor it detaches), and a shutdown through any descriptor ends
+        the connection, handshake and tunnel included."""
         watchdog = getattr(cls._current, "watchdog", None)
         if watchdog is not None:
             with watchdog._lock:
-                watchdog._sockets.append(sock)
+                own = sock.dup()
+                watchdog._sockets.append(own)
                 if watchdog.fired:
-                    _shut(sock)
+                    _shut(own)
 
     def _fire(self) -> None:
         with self._lock:
+            if self._over:
+                return
             self.fired = True
             for sock in self._sockets:
                 _shut(sock)

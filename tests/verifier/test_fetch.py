@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -153,18 +154,21 @@ def test_a_stalling_service_costs_each_verification_its_budget_at_most():
 
 
 class RawServer:
-    """Answers every connection with ``head`` at once, then ``drip`` a byte every ``pause`` seconds."""
+    """Answers every connection with ``head`` at once, then ``drip`` a byte every ``pause`` seconds
+    (over TLS with ``tls``: an ssl.SSLContext)."""
 
-    def __init__(self, head: bytes, drip: bytes, pause: float) -> None:
+    def __init__(self, head: bytes, drip: bytes, pause: float, tls: Any = None) -> None:
         import socket
 
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/x"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.listener.getsockname()[1]}/x"
 
         def serve() -> None:
             while True:
                 try:
                     conn, _ = self.listener.accept()
+                    if tls is not None:
+                        conn = tls.wrap_socket(conn, server_side=True)
                 except OSError:
                     return
                 with conn:
@@ -198,6 +202,39 @@ def test_an_exchange_dripped_anywhere_is_cut_off_at_the_budget(head, drip):
         with pytest.raises(EvidenceError):
             Fetcher(budget=1.5).get(server.url, service="Intel PCS", limit=1024)
         assert time.monotonic() - start < 1.5 + 0.5
+    finally:
+        server.close()
+
+
+def test_an_https_exchange_dripped_is_cut_off_at_the_budget(tmp_path, monkeypatch):
+    """TLS takes the connection over from the socket first made (detaching its descriptor): the
+    watchdog must still reach it."""
+    import ssl
+
+    from support.pki import authority, server_files
+
+    ca_key, ca_cert = authority(tmp_path, "ca")
+    cert, key = server_files(tmp_path, ca_key, ca_cert)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server = RawServer(b"", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nX-Padding: " + b"y" * 100, 0.1, tls)
+    try:
+        start = time.monotonic()
+        with pytest.raises(EvidenceError, match=r"gave no answer .* within 1.5 s"):
+            Fetcher(budget=1.5).get(server.url, service="Intel PCS", limit=1024)
+        assert time.monotonic() - start < 1.5 + 0.5
+    finally:
+        server.close()
+
+
+def test_a_body_cut_off_at_the_budget_is_no_answer():
+    """A body that ends with its connection (no length, not chunked) looks whole when the watchdog
+    shuts the connection: it is a timeout all the same, not a shorter answer."""
+    server = RawServer(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"0123456789" * 10, 0.1)
+    try:
+        with pytest.raises(EvidenceError, match=r"gave no answer .* within 1.5 s"):
+            Fetcher(budget=1.5).get(server.url, service="Intel PCS", limit=1024)
     finally:
         server.close()
 
