@@ -69,7 +69,7 @@ def parse(body: str) -> InitData:
     version, algorithm, data = doc.get("version"), doc.get("algorithm"), doc.get("data")
     if not isinstance(version, str):
         raise EvidenceError("init-data needs a string 'version'")
-    if algorithm not in ALGORITHMS:
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         raise EvidenceError(f"init-data algorithm {shown(algorithm)} is not one of {', '.join(ALGORITHMS)}")
     if not isinstance(data, dict) or not all(isinstance(value, str) for value in data.values()):
         raise EvidenceError("init-data needs a [data] table of strings")

@@ -209,8 +209,10 @@ def test_init_data_nested_too_deeply_is_refused_not_a_500(server, sim_state, nes
 @pytest.mark.parametrize("line, logged", [
     (f'x = {"9" * 4400}', "init-data holds a value TOML cannot read"),  # past Python's 4300 digits
     (f'algorithm = 0x{"f" * 20000}', "init-data algorithm <an integer of 80000 bits> is not one of"),  # read, not shown
+    ("algorithm = [1]", "init-data algorithm [1] is not one of"),  # no key of a table
+    ("algorithm = {a = 1}", "init-data algorithm {'a': 1} is not one of"),
 ])
-def test_init_data_with_an_integer_python_will_not_read_is_refused_not_a_500(server, sim_state, line, logged):
+def test_init_data_with_a_value_python_will_not_read_or_look_up_is_refused_not_a_500(server, sim_state, line, logged):
     body = f'version = "0.1.0"\n{line}\n' if line.startswith("algorithm") else \
         f'version = "0.1.0"\nalgorithm = "sha384"\n{line}\n'
     init_data = {"format": "toml", "body": body}
