@@ -145,6 +145,7 @@ class SessionCache:
 #: What the MACs of the rows that decide a release are derived for (see sealing.RowMac).
 SESSION_MAC = b"keybroker stored session v1"
 POLICY_MAC = b"keybroker release policy v1"
+POLICY_VERSION_MAX = 2**31 - 1  # the column is an INTEGER: 32 bits on PostgreSQL
 
 
 class Store:
@@ -328,9 +329,12 @@ class Store:
                     and macs.verify(_policy_columns(latest._mapping), latest.mac)):
                 outcome.append((latest.version, False))
                 return None
+            if latest is not None and latest.version >= POLICY_VERSION_MAX:
+                raise StoreError(f"the newest release policy is version {latest.version}, the last there can be: "
+                                 "a row nobody put here with keybroker? (see keybroker policy list)")
             version = (latest.version if latest else 0) + 1
-            row = {"version": version, "digest": policy.digest, "document": policy.dumps(), "created": time.time(),
-                   "actor": event.actor}
+            row = {"version": version, "digest": policy.digest, "document": policy.dumps(),
+                   "created": float(int(time.time())), "actor": event.actor}  # whole seconds: see _policy_columns
             db.execute(insert(policies).values(**row, mac=macs.mac(_policy_columns(row))))
             outcome.append((version, True))
             return replace(event, policy_version=version)
@@ -418,5 +422,6 @@ def _resource(db: Connection, path: str) -> StoredResource | None:
 
 
 def _policy_columns(row: Any) -> tuple[str, ...]:
-    """What a stored policy's MAC covers: every column but the MAC, as stored."""
-    return tuple(str(row[name]) for name in ("version", "digest", "document", "created", "actor"))
+    """What a stored policy's MAC covers: every column but the MAC, as stored; its time in whole
+    seconds, as a database may give a float back with fewer digits (PostgreSQL, extra_float_digits 0)."""
+    return (str(row["version"]), row["digest"], row["document"], str(int(row["created"])), row["actor"])

@@ -5,7 +5,7 @@ genuine guest, their own rented one included)."""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import select, text, update
 
 from keybroker.errors import ConfigError, StoreError
 from keybroker.server import schema
@@ -78,3 +78,20 @@ def test_a_database_made_before_policies_carried_a_mac_applies_none_of_them(tmp_
         Store(url, Sealer(KEK)).active_policy()
     assert admin(url).put_policy(ANY_GUEST.dumps()) == (2, True)  # the same document, now believed
     assert Store(url, Sealer(KEK)).active_policy().version == 2
+
+
+def test_a_policy_read_back_with_fewer_digits_is_still_believed(url):
+    """PostgreSQL with extra_float_digits 0 gives a float back with 15 significant digits."""
+    store = Store(url, SEALER)
+    with store.engine.begin() as db:
+        created = db.execute(select(schema.policies.c.created)).scalar()
+        db.execute(update(schema.policies).values(created=float(f"{created + 0.123456:.15g}")))
+    assert Store(url, SEALER).active_policy().digest == PINNED.digest
+
+
+def test_a_forged_last_version_is_named_not_a_crash(url):
+    with Store(url).engine.begin() as db:
+        db.execute(schema.policies.insert().values(version=2**31 - 1, digest=ANY_GUEST.digest,
+                                                   document=ANY_GUEST.dumps(), created=0.0, actor="x", mac=""))
+    with pytest.raises(StoreError, match="version 2147483647, the last there can be"):
+        admin(url).put_policy(PINNED.dumps())
