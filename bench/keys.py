@@ -154,8 +154,10 @@ def measure(args, names: list[str], server: KeyServerProcess, tang_jwe, mode: st
     out: dict[str, list[float]] = {"cold": [], "warm": [], "many": [], "attests": [], "clevis": []}
     agent = None
     if mode == "agent":
-        agent = subprocess.Popen([*KEYBROKER, "agent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        agent = subprocess.Popen([*KEYBROKER, "agent"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         while not Path(AGENT_SOCKET).exists():
+            if agent.poll() is not None:  # it refused to start (run from a folder root must not import from?)
+                raise SystemExit(f"keybroker agent ended: {agent.stderr.read().decode().strip()}")  # type: ignore[union-attr]
             time.sleep(0.05)
     try:
         for _ in range(args.rounds):
