@@ -144,7 +144,7 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
                 # attestation (else every guest behind an address would pay for one that asks a lot).
                 if route in LIMITED and route != "auth" and 400 <= response.status_code < 500 \
                         and refused_as not in (p.RESOURCE_NOT_FOUND, p.POLICY_DENIED) and _has_credential(request):
-                    limiter.take(_peer(request))
+                    limiter.charge(_peer(request))
                 kbs.metrics.request(route, response.status_code, time.perf_counter() - start)
                 return response
             return endpoint

@@ -4,7 +4,9 @@ A token bucket per peer address: every request that carries no credential (no se
 cookie, no Bearer token), every ``/auth`` (which hands out a nonce), and every request
 with a credential that is refused (invalid, not attested, a bad or too large body) takes a
 token; a peer with an empty bucket is answered 429 at once, before its body is read,
-credential or not. Tokens come back at ``rate`` per second up to ``burst``. An attested
+credential or not. Tokens come back at ``rate`` per second up to ``burst``. A credential is
+charged after its answer, when it proved nothing: many sent at once are let in while one
+token is left, and each is charged, into debt, which the peer then waits out. An attested
 guest fetching resources with its session or token takes no token, however often it asks,
 even for resources that are missing or that the policy denies it.
 
@@ -65,6 +67,16 @@ class RateLimiter:
     def wait(self, peer: str) -> float | None:
         """Whether ``peer`` has a token left (None), without taking it; else the seconds until it will."""
         return self._check(peer, take=False)
+
+    def charge(self, peer: str) -> None:
+        """Take a token for work ``peer`` was let in for and that proved nothing (a refused credential),
+        into debt if need be (at most a burst's worth): requests that were let in together, each
+        while a token was left, are each paid for, and the peer waits for all of them."""
+        if not self.enabled:
+            return
+        with self._lock:
+            bucket = self._refill(peer_of(peer))
+            bucket.tokens = max(bucket.tokens - 1, -float(self.burst))
 
     def _check(self, peer: str, *, take: bool) -> float | None:
         if not self.enabled:

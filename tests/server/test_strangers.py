@@ -134,6 +134,18 @@ def test_a_credential_that_sends_what_is_refused_pays_as_a_stranger_does(tsm_sim
     assert codes[:2] == [413, 413] and codes[2:] == [429, 429], codes
 
 
+def test_refused_credentials_sent_together_are_each_paid_for():
+    """Credentials are let in while a token is left and charged once refused: forty sent at once
+    all get in on the last token, and their peer then waits for all forty (up to a burst's debt)."""
+    limiter = RateLimiter(rate=1, burst=2)
+    assert limiter.take("192.0.2.1") is None  # one token left
+    assert all(limiter.wait("192.0.2.1") is None for _ in range(40))  # all in flight at once
+    for _ in range(40):
+        limiter.charge("192.0.2.1")
+    waited = limiter.wait("192.0.2.1")
+    assert waited is not None and waited > 2.9  # a debt of a whole burst: 3 s before the next
+
+
 def test_an_ipv6_host_cannot_rotate_through_its_network_for_fresh_tokens():
     limiter = RateLimiter(rate=1, burst=3)
     taken = [limiter.take(f"2001:db8:1:2::{n:x}") for n in range(1, 5)]  # one /64: one bucket
