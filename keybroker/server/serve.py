@@ -25,6 +25,9 @@ Hostile clients meet these limits, per worker:
 - an idle keep-alive connection is closed after ``KEEP_ALIVE`` seconds;
 - a TLS handshake must end within ``REQUEST_TIMEOUT`` seconds of the connection (asyncio's
   default is 60 s, and until its handshake ends a connection is under none of these limits);
+- a peer is the address of the connection: X-Forwarded-For and Forwarded are not believed,
+  from loopback either (uvicorn's default), where a local process or a proxy that passes the
+  client's header on would choose its own rate-limit bucket and audit record;
 - beyond ``CONNECTIONS_MAX`` open connections, requests are answered 503 until some close;
   the server raises its open-file limit to the hard limit when it starts, so that connections
   waiting for their handshake or their deadline do not take the last descriptors.
@@ -262,7 +265,7 @@ def _supervise(config: ServerConfig, metrics_dir: str) -> None:
                                    loop=f"{__name__}:{GuardedLoop.__name__}",
                                    ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
                                    ssl_keyfile=str(config.tls_key) if config.tls_key else None,
-                                   timeout_keep_alive=int(KEEP_ALIVE),
+                                   timeout_keep_alive=int(KEEP_ALIVE), proxy_headers=False,
                                    limit_concurrency=CONNECTIONS_MAX, backlog=2048, log_level="info",
                                    access_log=False, server_header=False, date_header=False, lifespan="off")
     sock = server_config.bind_socket()

@@ -7,6 +7,8 @@ import http.client
 import json
 import time
 
+import requests
+
 from keybroker.server.ratelimit import RateLimiter
 from keybroker.wire import rcar as p
 from support import policies
@@ -132,6 +134,23 @@ def test_a_credential_that_sends_what_is_refused_pays_as_a_stranger_does(tsm_sim
     codes = [http.post(f"{tight.url}/kbs/v0/attest", data=b"[" * (p.BODY_MAX + 1),
                        headers={"Content-Type": "application/json"}).status_code for _ in range(4)]
     assert codes[:2] == [413, 413] and codes[2:] == [429, 429], codes
+
+
+def test_a_forwarded_address_chooses_no_bucket_and_no_audit_peer(tsm_sim, kbs):
+    """From loopback too (uvicorn believes X-Forwarded-For from 127.0.0.1 by default), a client
+    cannot name its own address: not for the limiter, not for the audit log."""
+    root = tsm_sim("sev_guest")
+    tight = kbs("--rate-limit", "0.01", "--rate-burst", "3", "--workers", "1")  # one bucket per worker
+    codes = [requests.post(f"{tight.url}/kbs/v0/auth", json=p.AuthRequest("snp").to_json(),
+                           headers={"X-Forwarded-For": f"203.0.113.{n}"}).status_code for n in range(5)]
+    assert codes == [200, 200, 200, 429, 429], codes
+    roomy = kbs()
+    http = requests.Session()
+    http.headers["X-Forwarded-For"] = "203.0.113.66"
+    nonce = http.post(f"{roomy.url}/kbs/v0/auth", json=p.AuthRequest("snp").to_json()).json()["nonce"]
+    _, body = attestation(root, nonce)
+    assert http.post(f"{roomy.url}/kbs/v0/attest", json=body).status_code == 200
+    assert [r["peer"] for r in audit_records(roomy.db) if r["event"] == "attest"] == ["127.0.0.1"]
 
 
 def test_refused_credentials_sent_together_are_each_paid_for():
