@@ -8,7 +8,9 @@ hammer a vendor service or tie up its threads:
 - HTTP 429 and 503 are waited out (``Retry-After``, at most ``RETRY_AFTER_MAX`` each) within
   the fetch's time budget, and every fetch ends within ``BUDGET`` seconds: requests' timeout
   bounds each socket read, not the exchange, so a watchdog shuts the fetch's sockets at its
-  deadline (a service that drips its headers, a chunk's size line or its body is cut off);
+  deadline (a service that drips its headers, a chunk's size line or its body is cut off).
+  Not under it: resolving the service's name, and connecting, where each address the name
+  has is tried for up to the request's timeout;
 - answers are asked for, and taken, uncompressed (no decompression to bound);
 - a URL that failed is not asked again for a while: a 404 for ``FAILURE_TTL`` seconds,
   other failures for ``ERROR_TTL`` (a report with a random CHIP_ID costs one request, not
