@@ -288,6 +288,20 @@ def test_full_collateral_up_to_date(tmp_path):
     assert late.ok and late.claims["tdx.collateral_expired"] is True and "EXPIRED" in check(late, "tcb_status").detail
 
 
+def test_a_collateral_file_that_cannot_be_read_fails_the_load_not_the_document(tmp_path):
+    """A file listed but gone (a cache folder replaced while it is read; here a dangling link) is no
+    document skipped, which would leave collateral without its TCB info: the load fails, and the
+    cache fetches again."""
+    from keybroker.errors import EvidenceError
+    from keybroker.verifier.tdx.collateral import load_folder
+
+    folder = tb.collateral(tmp_path / "collateral", tb.platform())
+    (folder / "tcbinfo.json").unlink()
+    (folder / "tcbinfo.json").symlink_to(folder / "gone.json")
+    with pytest.raises(EvidenceError, match=r"tcbinfo\.json"):
+        load_folder(folder)
+
+
 def _levels(p, *specs):
     return [tb.level(p.components if sgx is None else sgx, p.pcesvn if pce is None else pce, tdx, status,
                      advisories=adv) for sgx, pce, tdx, status, adv in specs]

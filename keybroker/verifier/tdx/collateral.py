@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,16 @@ def load_folder(folder: Path) -> Collateral:
     """Everything a collateral folder holds (see the module documentation)."""
     if not folder.is_dir():
         raise EvidenceError(f"collateral folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.is_file())
+    try:
+        return _load_folder(folder)
+    except OSError as exc:  # a file gone since the folder was listed (the cache being replaced), say
+        raise EvidenceError(f"collateral folder {folder}: {exc.strerror or exc}: {exc.filename}") from None
+
+
+def _load_folder(folder: Path) -> Collateral:
+    # Every file listed is read, or the load fails: a file that vanished is not skipped (a folder
+    # replaced while it is read must not give collateral with documents missing).
+    files = sorted(p for p in folder.iterdir() if stat.S_ISREG(p.stat().st_mode))
     if len(files) > FOLDER_FILES_MAX:
         raise EvidenceError(f"collateral folder {folder} has more than {FOLDER_FILES_MAX} files")
     tcb_infos: list[Signed] = []
