@@ -6,7 +6,9 @@ or spends a nonce appends its audit record in the same transaction, after taking
 chain's lock: there is no change without its record, and concurrent writers from any worker
 or replica are serialised. A session enters the database when it attests (or fails to):
 under that lock its row is inserted only if its id is not there yet, so a nonce is spent
-once however many replicas share the database (/auth wrote nothing: see cookies).
+once however many replicas share the database (/auth wrote nothing: see cookies). The rows
+that decide a release, sessions and policies, carry a MAC under the KEK (sealing.RowMac):
+one that someone without the KEK wrote or changed is not believed.
 
 Each protocol step writes at most once: /attest spends the nonce, stores the claims and
 appends its record in one transaction, a release appends its record. The writes of
@@ -50,6 +52,7 @@ from .schema import open_engine, policies, resources, sessions
 from .sealing import RowMac, Sealed, Sealer
 
 log = logging.getLogger("keybroker.server")
+
 
 @dataclass(frozen=True)
 class StoredResource:
