@@ -7,7 +7,8 @@ entry from 0 at mkdir, so a count other than ours means another writer interfere
 our inblob commits, whose errors the kernel swallows at close, was lost). The entry is removed on
 every path the process lives through. One killed while it holds an entry (the request-key handler
 SIGKILLs its worker at the deadline, and the host decides how long a report takes) cannot: each
-client, before it makes its own, removes the ``keybroker-<pid>-*`` entries whose process is gone.
+report request, before it makes its entry, removes the ``keybroker-<pid>-*`` entries whose
+process is gone.
 """
 
 from __future__ import annotations
@@ -78,7 +79,6 @@ class TsmClient:
     def provider(self) -> str:
         """The registered provider's name, read from a short-lived probe entry."""
         self._ensure_configfs()
-        self._remove_abandoned()
         entry = self._make_entry()
         try:
             return _parse_provider(_Session(entry)._read_text("provider"))
