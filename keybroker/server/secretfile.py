@@ -20,10 +20,10 @@ from typing import BinaryIO
 from ..errors import ConfigError
 
 SECRET_MAX = 64 * 1024
-#: The group-read bit a systemd credential shows: systemd writes it 0400, owned by root, and
-#: grants the service's user read access with an ACL, whose mask ``stat`` reports as the group
-#: bits (0440) although no group may read it.
-_CREDENTIAL_ACL_MASK = 0o040
+#: The group-read bit, allowed in two cases: a systemd credential (systemd writes it 0400, owned
+#: by root, and grants the service's user read access with an ACL, whose mask ``stat`` reports as
+#: the group bits, 0440, although no group may read it), and a TLS key (``group_may_read``).
+_GROUP_READ = 0o040
 
 
 def locate(path: Path | None, credential: str) -> Path | None:
@@ -71,7 +71,7 @@ def _open(path: Path, what: str, *, group_may_read: bool = False) -> BinaryIO:
 def _check(info: os.stat_result, path: Path, what: str, group_may_read: bool) -> None:
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"{what} {path} is not a regular file")
-    allowed = _CREDENTIAL_ACL_MASK if _is_credential(path) or group_may_read else 0
+    allowed = _GROUP_READ if _is_credential(path) or group_may_read else 0
     if info.st_mode & 0o077 & ~allowed:
         raise ConfigError(f"{what} {path} is accessible to group or others "
                           f"(mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 {path}")
