@@ -141,9 +141,8 @@ def open_engine(url: str) -> Engine:
     engine = _sqlite(parsed) if backend == "sqlite" else _postgresql(parsed)
     # Processes opening the database together create or change the schema once: SQLite's
     # inspect-then-ALTER is no transaction the others wait for, so they take the writers' lock.
-    lock = WriterLock(Path(f"{parsed.database}-writer.lock") if backend == "sqlite" else None)
     try:
-        with lock, engine.begin() as db:
+        with writer_lock(url), engine.begin() as db:
             if backend == "postgresql":  # replicas starting together create the schema once
                 db.execute(text("SELECT pg_advisory_xact_lock(7190542273413361729)"))
             metadata.create_all(db)
