@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -331,6 +332,9 @@ def _check_document(doc: Any) -> None:
         raise PolicyError("policy must be a JSON object")
     if _nesting(doc) > _NESTING_MAX:
         raise PolicyError(f"policy nests objects and arrays deeper than {_NESTING_MAX} levels")
+    if _non_finite(doc):
+        raise PolicyError("policy holds a number JSON cannot carry (NaN, Infinity, or one too large for a "
+                          "double such as 1e400)")
     unknown = set(doc) - {"version", "rules"}
     if unknown:
         raise PolicyError(f"policy has unknown member(s): {', '.join(sorted(unknown))}")
@@ -367,6 +371,19 @@ def _nesting(value: Any) -> int:
             deepest = max(deepest, depth)
             stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
     return deepest
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` holds NaN or an infinity anywhere (Python's JSON reader takes them; no
+    JSON text carries them, so the admin API could not show the policy back)."""
+    stack = [value]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return True
+        if isinstance(value, (dict, list)):
+            stack.extend(value.values() if isinstance(value, dict) else value)
+    return False
 
 
 def _check_unbound_rule(rule: dict[str, Any], where: str) -> None:

@@ -143,6 +143,17 @@ def test_a_value_nested_too_deeply_anywhere_is_refused_not_a_crash(where):
         policy(rule)
 
 
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+@pytest.mark.parametrize("where", ["equals", "comment"])
+def test_a_number_json_cannot_carry_is_refused(number, where):
+    # Python's JSON reader takes these; the admin API's answer (strict JSON) could not carry the
+    # stored policy back: GET /admin/v1/policy was a 500 for ever after.
+    rule = ('{"resources": ["*"], "comment": [%s]}' if where == "comment"
+            else '{"resources": ["*"], "require": {"claim": "x", "equals": %s}}') % number
+    with pytest.raises(PolicyError, match="NaN, Infinity"):
+        Policy.loads('{"version": 1, "rules": [%s]}' % rule)
+
+
 def test_true_is_not_1_inside_arrays_and_objects_either():
     rule = policy({"resources": ["*"], "require": {"claim": "x", "equals": [1, {"a": 0}]}})
     assert not rule.decide("a/b/c", {"debug": False, "x": [True, {"a": False}]}).allowed
