@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -31,6 +32,7 @@ from .config import ServerConfig
 from .kbs import SESSION_LIFETIME, KeyServer, Problem
 from .metrics import CONTENT_TYPE, Metrics
 from .ratelimit import RateLimiter
+from .schema import store_error
 from .sealing import load_sealer
 from .store import PolicyInfo, PolicyVersion, Store
 from .tokens import TokenSigner
@@ -132,7 +134,9 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
                     response, refused_as = problem_response(problem), problem.name
                 except (AdminError, PolicyError) as exc:
                     response = problem_response(Problem(p.BAD_REQUEST, str(exc)))
-                except StoreError as exc:
+                except (StoreError, SQLAlchemyError) as exc:  # the driver's errors too: a database refusing
+                    if isinstance(exc, SQLAlchemyError):  # one line, without statement, values or password
+                        exc = store_error(kbs.store.engine.url, exc)
                     log.error("%s peer=%s: %s", route, _peer(request), exc)
                     response = problem_response(Problem(p.UNAVAILABLE, "the key server's database does not "
                                                                        "answer; try again later"))

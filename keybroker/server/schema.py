@@ -148,7 +148,7 @@ def open_engine(url: str) -> Engine:
             metadata.create_all(db)
             _initialise(db)
     except SQLAlchemyError as exc:
-        raise _store_error(parsed, exc) from None
+        raise store_error(parsed, exc) from None
     return engine
 
 
@@ -169,7 +169,7 @@ def open_existing(url: str) -> Engine:
         with engine.connect() as db:
             _check_existing(db, parsed)
     except SQLAlchemyError as exc:
-        raise _store_error(parsed, exc) from None
+        raise store_error(parsed, exc) from None
     return engine
 
 
@@ -202,7 +202,7 @@ def _postgresql(parsed: Any, **connect_args: Any) -> Engine:
         raise ConfigError("--db postgresql://… needs psycopg 3: pip install 'keybroker[postgresql]'") from None
 
 
-def _store_error(parsed: Any, exc: SQLAlchemyError) -> StoreError:
+def store_error(parsed: Any, exc: SQLAlchemyError) -> StoreError:
     """The driver's first line of ``exc``, naming the database but not its password."""
     cause = getattr(exc, "orig", None) or exc
     return StoreError(f"database {parsed.render_as_string(hide_password=True)}: "

@@ -315,3 +315,32 @@ def test_reads_stuck_on_a_stalled_database_keep_to_their_threads(postgres, datab
         assert active.version == 0  # answering again: no policy stored in this fresh database
     finally:
         store.close_connections()
+
+
+def test_a_database_that_refuses_is_a_503_to_guests_and_admins_not_a_500(tsm_sim, postgres, database, sim_state,
+                                                                          tmp_path):
+    """Errors of the database (here: it is gone, so every connection is refused) are the same 503
+    with Retry-After as one that does not answer, for a release and for the admin API alike."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    root = tsm_sim("sev_guest")
+    server = KeyServerProcess(tmp_path, sim_state / "trust", "--workers", "1", db=database).start()
+    try:
+        put_remotely(server, "default/disk/root", SECRET)
+        guest = attest(root, server.url)
+        with psycopg.connect(postgres, autocommit=True) as db:
+            db.execute(f"DROP DATABASE {make_url(database).database} WITH (FORCE)")
+        admin = {"Authorization": f"Bearer {server.secrets.admin_token}"}
+        answers = [guest.fetch(server.url, "default/disk/root")]
+        answers += [requests.request(method, f"{server.url}/admin/v1/{path}", headers=admin, data=b"v", timeout=30)
+                    for method, path in [("GET", "resources"), ("GET", "policies"), ("GET", "policy"),
+                                         ("PUT", "resources/default/disk/new"), ("DELETE", "policy")]]
+        for answer in answers:
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["type"].endswith(p.UNAVAILABLE) and answer.headers["Retry-After"] == "5"
+        log = server.log_path.read_text()
+        assert "internal error" not in log and "Traceback" not in log
+        assert f'database "{make_url(database).database}" does not exist' in log
+    finally:
+        server.stop()
