@@ -14,11 +14,11 @@ import math
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -202,7 +202,7 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
     @guarded("admin")
     async def list_resources(request: Request) -> Response:
         admin = await administrator(request)
-        listing = await run_in_threadpool(admin.list_resources)
+        listing = await kbs.store.admin(admin.list_resources)
         return JSONResponse({"resources": [{"path": r.path, "size": r.size, "lease": r.lease, "kek": r.kek_id,
                                             "updated": r.updated} for r in listing]})
 
@@ -214,14 +214,14 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
         if lease is not None and seconds is None:
             raise Problem(p.BAD_REQUEST, "lease must be a number of seconds")
         value = await read_body(request, RESOURCE_MAX)
-        record = await run_in_threadpool(admin.put_resource, request.path_params["path"], value, seconds)
+        record = await kbs.store.admin(partial(admin.put_resource, request.path_params["path"], value, seconds))
         return JSONResponse({"path": record.event.resource, "size": len(value), "audit": record.hash})
 
     @guarded("admin")
     async def delete_resource(request: Request) -> Response:
         admin = await administrator(request)
         path = request.path_params["path"]
-        if not await run_in_threadpool(admin.delete_resource, path):
+        if not await kbs.store.admin(partial(admin.delete_resource, path)):
             raise Problem(p.RESOURCE_NOT_FOUND, f"resource {path[:200]} does not exist")
         return JSONResponse({"deleted": path})
 
@@ -232,7 +232,7 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
         number = None if wanted is None else decimal(wanted, 9)
         if wanted is not None and number is None:
             raise Problem(p.BAD_REQUEST, "version must be a number")
-        version = await run_in_threadpool(admin.get_policy, number)
+        version = await kbs.store.admin(partial(admin.get_policy, number))
         if version is None:
             raise Problem(p.RESOURCE_NOT_FOUND, f"there is no policy version {wanted}")
         return JSONResponse(_policy_json(version))
@@ -240,20 +240,20 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
     @guarded("admin")
     async def list_policies(request: Request) -> Response:
         admin = await administrator(request)
-        versions = await run_in_threadpool(admin.list_policies)
+        versions = await kbs.store.admin(admin.list_policies)
         return JSONResponse({"policies": [_policy_json(v) for v in versions]})
 
     @guarded("admin")
     async def put_policy(request: Request) -> Response:
         admin = await administrator(request)
         body = await read_body(request, p.BODY_MAX)
-        version, changed = await run_in_threadpool(admin.put_policy, body)
+        version, changed = await kbs.store.admin(partial(admin.put_policy, body))
         return JSONResponse({"version": version, "changed": changed})
 
     @guarded("admin")
     async def reset_policy(request: Request) -> Response:
         admin = await administrator(request)
-        version, changed = await run_in_threadpool(admin.reset_policy)
+        version, changed = await kbs.store.admin(admin.reset_policy)
         return JSONResponse({"version": version, "changed": changed})
 
     # -- operations ----------------------------------------------------------------------

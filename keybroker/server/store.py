@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+import anyio
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
@@ -123,6 +124,10 @@ READ_WAIT = 5.0
 #: Threads of a worker that read from a database server: reads stuck on one that stopped
 #: answering take these, not the threads large attestations and collateral fetches need.
 READERS = 4
+#: Seconds an admin call (a read, or a change waiting for its commit) waits for a database
+#: server before it gives up, and the threads of a worker such calls run on.
+ADMIN_WAIT = 10.0
+ADMINS = 2
 T = TypeVar("T")
 
 class SessionCache:
@@ -166,7 +171,7 @@ class Store:
         self._cached = SessionCache()
         self._next_purge = 0.0
         self._on_loop = self.engine.dialect.name == "sqlite"  # reads of a local file: see _read
-        self._readers: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): workers are forked
+        self._pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}  # name -> (pid, pool): workers are forked
 
     def close_connections(self) -> None:
         """Close the pooled connections (before a fork: no connection may cross it)."""
@@ -182,13 +187,26 @@ class Store:
                 return read(db)
         if self._on_loop:
             return run()
-        if self._readers is None or self._readers[0] != os.getpid():
-            self._readers = os.getpid(), ThreadPoolExecutor(READERS, thread_name_prefix="keybroker-read")
-        try:  # a read still queued when its request gives up is dropped
-            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._readers[1], run),
-                                          READ_WAIT)
+        return await self._bounded(run, "read", READERS, READ_WAIT)
+
+    async def admin(self, call: Callable[[], T]) -> T:
+        """``call``, an admin operation of this store (blocking), on a thread. With a database
+        server it is given up after ADMIN_WAIT (StoreError): the thread may stay stuck on one that
+        stopped answering, the request does not. A change given up may still be made, once the
+        database answers again (its audit record says so)."""
+        if self._on_loop:
+            return await anyio.to_thread.run_sync(call)  # the threads the admin API always had
+        return await self._bounded(call, "admin", ADMINS, ADMIN_WAIT)
+
+    async def _bounded(self, call: Callable[[], T], name: str, threads: int, wait: float) -> T:
+        pid, pool = self._pools.get(name, (0, None))
+        if pool is None or pid != os.getpid():
+            pool = ThreadPoolExecutor(threads, thread_name_prefix=f"keybroker-{name}")
+            self._pools[name] = os.getpid(), pool
+        try:  # a call still queued when its request gives up is dropped
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(pool, call), wait)
         except TimeoutError:
-            raise StoreError(f"the database did not answer within {READ_WAIT:g} s") from None
+            raise StoreError(f"the database did not answer within {wait:g} s") from None
 
     async def ping(self) -> None:
         """Raise unless the database answers."""

@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from keybroker.errors import StoreError
-from keybroker.server.store import READ_WAIT, READERS, Store
+from keybroker.server.store import ADMIN_WAIT, READ_WAIT, READERS, Store
 from keybroker.wire import rcar as p
 from keybroker.wire.resource import PATH_MAX
 from support.appender import appending
@@ -342,5 +342,26 @@ def test_a_database_that_refuses_is_a_503_to_guests_and_admins_not_a_500(tsm_sim
         log = server.log_path.read_text()
         assert "internal error" not in log and "Traceback" not in log
         assert f'database "{make_url(database).database}" does not exist' in log
+    finally:
+        server.stop()
+
+
+def test_admin_calls_on_a_stalled_database_are_given_up(postgres, database, tmp_path):
+    """An admin call waits ADMIN_WAIT for a database that stopped answering, then is a 503: it
+    does not hang until the database answers again (or for ever)."""
+    server = KeyServerProcess(tmp_path, None, "--workers", "1", db=database).start()
+    admin = {"Authorization": f"Bearer {server.secrets.admin_token}"}
+    try:
+        put_remotely(server, "default/disk/root", SECRET)
+        with stopped(postgres):
+            for method, path in [("GET", "resources"), ("PUT", "resources/default/disk/new"), ("GET", "policies")]:
+                started = time.monotonic()
+                answer = requests.request(method, f"{server.url}/admin/v1/{path}", headers=admin, data=b"v",
+                                          timeout=ADMIN_WAIT + 10)
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["type"].endswith(p.UNAVAILABLE) and answer.headers["Retry-After"] == "5"
+                assert time.monotonic() - started < ADMIN_WAIT + 5
+        listing = requests.get(f"{server.url}/admin/v1/resources", headers=admin, timeout=30)
+        assert listing.status_code == 200 and "default/disk/root" in listing.text
     finally:
         server.stop()
