@@ -10,7 +10,8 @@ reproduces (configfs-tsm.md §7), in the kernel's terms:
 * Modes 0444/0200; opening in the wrong direction is EACCES, for root too.
 * Text attributes: a read fills one page per fd; each write() is one store, immediately.
 * Binary attributes: writes accumulate per fd (EFBIG past 64 inblob bytes) and commit at
-  close; the first read of an fd takes a snapshot that serves every later read.
+  close, also after an EFBIG (configfs marks the write in progress first); the first read
+  of an fd takes a snapshot that serves every later read.
 * The generation counter with its wrap guard; one provider call fills every blob and is
   cached until the next write; EINVAL for a blob read before any inblob.
 * One lock across all entries: report generation holds it exclusively, everything else
@@ -322,10 +323,10 @@ class ReportFs(mfusepy.Operations):
         of = self._file(fh)
         if not of.binary:
             return self._store(of.entry, of.name, data[:TEXT_PAGE - 1])
+        if of.buffer is None:
+            of.buffer = bytearray()  # a write was tried: close commits, even what EFBIG left empty
         if offset + len(data) > INBLOB_MAX:
             raise _err(E.EFBIG)
-        if of.buffer is None:
-            of.buffer = bytearray()
         if len(of.buffer) < offset:
             of.buffer.extend(bytes(offset - len(of.buffer)))
         of.buffer[offset:offset + len(data)] = data
