@@ -121,6 +121,9 @@ _PURGE_SESSIONS = delete(sessions).where(sessions.c.expires < bindparam("now"))
 
 #: Seconds a protocol step waits for a read from a database server before it gives up.
 READ_WAIT = 5.0
+#: Seconds a request waits for its write to be committed (a database server that stopped
+#: answering holds the writer, and every write queued behind it): then 503, the write still queued.
+WRITE_WAIT = 10.0
 #: Threads of a worker that read from a database server: reads stuck on one that stopped
 #: answering take these, not the threads large attestations and collateral fetches need.
 READERS = 4
@@ -220,9 +223,12 @@ class Store:
         return self._commits.submit(work).result()
 
     async def committed(self, work: Work) -> Record | None:
-        """:meth:`audited`, awaited on an event loop. Shielded: a caller cancelled meanwhile
-        leaves the write to be committed all the same."""
-        return await asyncio.shield(asyncio.wrap_future(self._commits.submit(work)))
+        """:meth:`audited`, awaited on an event loop, for WRITE_WAIT at most (StoreError). Shielded:
+        a caller cancelled or given up meanwhile leaves the write to be committed all the same."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._commits.submit(work))), WRITE_WAIT)
+        except TimeoutError:
+            raise StoreError(f"the database did not commit within {WRITE_WAIT:g} s") from None
 
     def audit(self, event: Event) -> Record:
         """Append ``event`` durably: when this returns, the record is committed."""

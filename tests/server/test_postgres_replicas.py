@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from keybroker.errors import StoreError
-from keybroker.server.store import ADMIN_WAIT, READ_WAIT, READERS, Store
+from keybroker.server.store import ADMIN_WAIT, READ_WAIT, READERS, WRITE_WAIT, Store
 from keybroker.wire import rcar as p
 from keybroker.wire.resource import PATH_MAX
 from support.appender import appending
@@ -363,5 +363,25 @@ def test_admin_calls_on_a_stalled_database_are_given_up(postgres, database, tmp_
                 assert time.monotonic() - started < ADMIN_WAIT + 5
         listing = requests.get(f"{server.url}/admin/v1/resources", headers=admin, timeout=30)
         assert listing.status_code == 200 and "default/disk/root" in listing.text
+    finally:
+        server.stop()
+
+
+def test_an_attestation_on_a_stalled_database_is_given_up(tsm_sim, postgres, database, sim_state, tmp_path):
+    """/attest waits WRITE_WAIT for its write (the spent nonce, the session) to a database that stopped
+    answering, then is a 503: it does not hang until the database answers again (or for ever)."""
+    root = tsm_sim("sev_guest")
+    server = KeyServerProcess(tmp_path, sim_state / "trust", "--workers", "1", db=database).start()
+    try:
+        http, nonce = challenge(server.url)
+        _, body = attestation(root, nonce)
+        with stopped(postgres):
+            started = time.monotonic()
+            answer = http.post(f"{server.url}/kbs/v0/attest", json=body, timeout=WRITE_WAIT + 10)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["type"].endswith(p.UNAVAILABLE) and answer.headers["Retry-After"] == "5"
+            assert WRITE_WAIT <= time.monotonic() - started < WRITE_WAIT + 5
+        assert f"the database did not commit within {WRITE_WAIT:g} s" in server.log_path.read_text()
+        assert attest(root, server.url).token  # answering again, the database serves the next guest
     finally:
         server.stop()
