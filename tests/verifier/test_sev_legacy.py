@@ -175,6 +175,14 @@ def test_the_ask_ark_may_come_from_auxblob_or_a_certs_folder(sim, tmp_path):
     assert run(sim, trust=pinned_only, certs=(tmp_path,)).ok
 
 
+def test_auxblob_holds_at_most_the_ask_and_the_ark(sim):
+    platform, _ = sim
+    pinned_only = TrustStore({}, sev_arks={hashlib.sha256(platform.ark).hexdigest(): "simulated"})
+    verdict = run(sim, auxblob=platform.ask * 3 + platform.ark, trust=pinned_only)  # each ASK: an RSA verification
+    assert not verdict.ok and verdict.failures[0].name == "format"
+    assert "more than 2 AMD CA certificates" in verdict.failures[0].detail
+
+
 def test_refusals(sim):
     platform, _ = sim
     cases = {

@@ -138,12 +138,15 @@ def parse_ca_cert(raw: bytes) -> CaCert:
     return cert
 
 
-def parse_ca_certs(data: bytes) -> list[CaCert]:
-    """Concatenated CA certificates, as AMD publishes ask_ark_<product>.cert (ASK, then ARK)."""
-    certs, pos = [], 0
+def parse_ca_certs(data: bytes, most: int | None = None) -> list[CaCert]:
+    """Concatenated CA certificates, as AMD publishes ask_ark_<product>.cert (ASK, then ARK); at most ``most``."""
+    certs: list[CaCert] = []
+    pos = 0
     if not data:
         raise EvidenceError("no AMD CA certificate: the data is empty")
     while pos < len(data):
+        if most is not None and len(certs) == most:
+            raise EvidenceError(f"more than {most} AMD CA certificates")
         size = ca_cert_size(data, pos)
         if pos + size > len(data):
             raise EvidenceError(f"AMD CA certificate at byte {pos} is truncated: {len(data) - pos} of {size} bytes")

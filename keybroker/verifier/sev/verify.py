@@ -49,6 +49,10 @@ from .abi import (
 from .claims import claims
 
 CA_FILE_SUFFIX = ".cert"
+#: CA certificates a guest may send in auxblob: AMD's ask_ark file holds two. Each ASK sent costs an RSA
+#: verification of the CEK, with an exponent the sender chooses (up to 2048 bits: 1.3 ms each, so that a
+#: megabyte of them held a worker for over a second).
+SENT_MAX = 2
 WHERE = "give AMD's ask_ark_<product>.cert in auxblob, in a --certs folder or in --trust-roots"
 
 
@@ -110,7 +114,7 @@ def load_ca_dir(folder: Path) -> list[CaCert]:
 def parse_auxblob(auxblob: bytes) -> list[CaCert]:
     """The ASK and ARK a guest sent along (AMD's ask_ark file), if any."""
     try:
-        return parse_ca_certs(auxblob) if auxblob else []
+        return parse_ca_certs(auxblob, most=SENT_MAX) if auxblob else []
     except EvidenceError as exc:
         raise EvidenceError(f"auxblob is not AMD's ASK/ARK certificates: {exc}") from None
 
