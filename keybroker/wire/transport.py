@@ -21,7 +21,10 @@ def server_url_problem(url: str) -> str | None:
 
     https://, or http:// to a loopback address; no query and no fragment.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a "[" without its "]", or the reverse
+        return f"is not a URL: {url[:200]!r}"
     if parts.scheme not in ("https", "http") or not parts.hostname:
         return f"must be an https:// URL, got {url[:200]!r}"
     if parts.scheme == "http" and not is_loopback(parts.hostname):

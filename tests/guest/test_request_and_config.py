@@ -107,6 +107,7 @@ def test_no_rules_means_root_only(tmp_path):
     ("[server]\nurl = 'ftp://x'\n", "must be an https:// URL"),
     ("[server]\nurl = 'https://kbs.example:99999'\n", "has no valid port: 'kbs.example:99999'"),
     ("[server]\nurl = 'https://kbs.example:http'\n", "has no valid port"),
+    ("[server]\nurl = 'https://[::1'\n", "is not a URL: 'https://[::1'"),
     ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/*'\nuids = ['root']\n", "'access[0].uids' must be a list"),
     ("[server]\nurl = 'https://x'\n[[access]]\nuids = [0]\n", "missing required key 'access[0].resource'"),
     ("[server]\nurl = 'https://x'\n[tsm]\nroot = true\n", "'tsm.root' must be a string, not a boolean"),
