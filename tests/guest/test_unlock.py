@@ -513,7 +513,9 @@ def test_askpass_agent_answers_only_live_prompts_for_mapped_devices(disk, servic
                              ("no-socket", "no Socket=")]:
             assert f"ignoring {prompts[name].path.name}: {reason}" in log, log
             assert prompts[name].reply() is None
-        late = Prompt(ask_dir, str(disk.image))  # a prompt that comes while the agent runs
+        # A prompt that comes while the agent runs, from another systemd-cryptsetup (the same one asking
+        # again would mean the key was refused).
+        late = Prompt(ask_dir, str(disk.image), PID=str(os.getppid()))
         prompts["late"] = late
         data, _ = wait_for("the second answer", late.reply, timeout=60)
         assert opens(disk.image, data[1:])
@@ -528,7 +530,8 @@ def test_askpass_agent_answers_only_live_prompts_for_mapped_devices(disk, servic
 def test_askpass_agent_survives_prompts_that_go_away(disk, services, tmp_path):
     ask_dir = tmp_path / "ask"
     ask_dir.mkdir()
-    first = Prompt(ask_dir, str(disk.image))
+    # From another asker than the prompts below: an asker answered once is left to the console after.
+    first = Prompt(ask_dir, str(disk.image), PID=str(os.getppid()))
     agent = services("askpass-agent", "--config", str(disk.config), "--ask-dir", str(ask_dir), "--linger", "30")
     try:
         wait_for("the first answer", first.reply, timeout=60)  # the key is in the agent's keyring now
@@ -551,6 +554,31 @@ def test_askpass_agent_survives_prompts_that_go_away(disk, services, tmp_path):
         for path in ask_dir.iterdir():
             path.unlink()
         first.sock.close()
+
+
+def test_askpass_agent_leaves_the_retries_of_a_refused_key_to_the_console(disk, services, tmp_path):
+    # systemd-cryptsetup asks again (tries=, 3 by default) when the answer opened no key slot: answering
+    # each try with the same key would use them all up before anyone could type the passphrase.
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    agent = services("askpass-agent", "--config", str(disk.config), "--ask-dir", str(ask_dir), "--linger", "30")
+    first = Prompt(ask_dir, str(disk.image))
+    try:
+        wait_for("the first answer", first.reply, timeout=60)
+        first.close()  # as systemd-cryptsetup does, before it tries the key
+        retry = Prompt(ask_dir, str(disk.image))  # the same process asks again: the key was not taken
+        other = Prompt(ask_dir, str(disk.image), PID=str(os.getppid()))  # another asker still gets an answer
+        try:
+            wait_for("the other answer", other.reply, timeout=60)
+            wait_for("the agent's note", lambda: f"leaving {retry.path.name} to the console prompt" in agent.log())
+            time.sleep(1)
+            assert retry.reply() is None, agent.log()
+        finally:
+            retry.close()
+            other.close()
+    finally:
+        first.close()
+    assert f"PID {os.getpid()} asks again" in agent.log()
 
 
 def test_askpass_agent_answers_the_real_systemd_ask_password(disk, tmp_path):

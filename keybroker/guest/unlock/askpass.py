@@ -8,7 +8,9 @@ and the first answer wins (https://systemd.io/PASSWORD_AGENTS/). The console pro
 such an agent too, so this one never holds anything back: it answers only prompts whose
 device a ``[volumes.<name>]`` table maps, only while the prompt is live (the file exists,
 ``NotAfter`` has not passed, ``PID`` runs), never answers "cancel", and leaves a prompt
-to the console when the key cannot be obtained in time.
+to the console when the key cannot be obtained in time, or when the process it answered
+asks again for the same device: systemd-cryptsetup asks once per try (``tries=``, 3 by
+default) when the answer opened no key slot, and the same key would use up every try.
 
 Files and sockets are hostile input: an ask file must be a regular file of at most 16 KiB
 owned by root (or this agent's user) with a well-formed ``[Ask]`` section, and its socket
@@ -209,6 +211,7 @@ class PasswordAgent:
     reporter: Reporter
     seen: set[str] = field(default_factory=set)
     workers: dict[str, threading.Thread] = field(default_factory=dict)
+    answered: set[tuple[str, int]] = field(default_factory=set)  # (volume, PID of the asker)
 
     def watch(self, linger: float) -> int:
         """Answer prompts until the directory has been empty for ``linger`` seconds."""
@@ -268,6 +271,9 @@ class PasswordAgent:
             self.reporter.log(INFO, f"password agent: ignoring {path.name}: NotAfter has passed")
         elif ask.querier_gone():
             self.reporter.log(INFO, f"password agent: ignoring {path.name}: its PID {ask.pid} is gone")
+        elif (volume.name, ask.pid) in self.answered:
+            self.reporter.status(f"volume {volume.name}: PID {ask.pid} asks again after an answer, so the key "
+                                 f"opened no key slot; leaving {path.name} to the console prompt", WARNING)
         else:
             worker = threading.Thread(target=self.answer, args=(ask, volume), daemon=True)
             self.workers[path.name] = worker
@@ -301,6 +307,7 @@ class PasswordAgent:
                 self.reporter.log(INFO, f"volume {volume.name}: {ask.path.name} went away before the key came")
                 return
             send_reply(ask, key)
+            self.answered.add((volume.name, ask.pid))
             self.reporter.status(f"volume {volume.name}: answered {ask.path.name}")
         except (UnlockRefused, OSError) as exc:
             self.reporter.log(WARNING, f"volume {volume.name}: cannot answer {ask.path.name}: {exc}")
