@@ -93,8 +93,11 @@ def load_evidence(path: Path, provider: str | None = None) -> Evidence:
     from ..verifier import Evidence, guess_provider
     from ..wire import envelope, parse_json, trustee
 
-    with open(path, "rb") as file:
-        data = file.read(EVIDENCE_FILE_MAX + 1)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(EVIDENCE_FILE_MAX + 1)
+    except OSError as exc:
+        raise EvidenceError(f"cannot read the evidence {path}: {exc.strerror}") from None
     if len(data) > EVIDENCE_FILE_MAX:
         raise EvidenceError(f"{path} is larger than {EVIDENCE_FILE_MAX} bytes: not evidence")
     if data[:1] == b"{":

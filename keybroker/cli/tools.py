@@ -23,7 +23,7 @@ def _tsm_sim(args: argparse.Namespace) -> int:
         digest = initdata.parse(args.init_data.read_text()).digest if args.init_data else None
         provider = providers.make_provider(args.provider, roots.SimState(args.state), faults, svsm=args.svsm,
                                            launch_digest=digest)
-    except (ValueError, EvidenceError) as exc:
+    except (ValueError, EvidenceError, OSError) as exc:
         print(f"keybroker tsm-sim: {exc}", file=sys.stderr)
         return 2
     extra = (f", measurement registers at {args.mountpoint}{sysfs.MEASUREMENTS}, CCEL at "
@@ -58,8 +58,11 @@ def _add_tsm_sim(sub: argparse._SubParsersAction) -> None:
 def _read_log(path: Path) -> bytes:
     from ..wire.eventlog import LOG_MAX
 
-    with open(path, "rb") as file:
-        data = file.read(LOG_MAX + 1)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(LOG_MAX + 1)
+    except OSError as exc:
+        raise EvidenceError(f"cannot read the event log {path}: {exc.strerror}") from None
     if len(data) > LOG_MAX:
         raise EvidenceError(f"{path} is larger than {LOG_MAX} bytes: not an event log")
     return data

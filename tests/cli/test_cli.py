@@ -65,3 +65,18 @@ def test_commands_with_positionals_are_covered():
     names = {" ".join(path) for path, _ in COMMANDS}
     assert {"resource put", "resource get", "resource rm", "policy check", "policy put", "verify", "tsm-sim",
             "place-key"} <= names
+
+
+@pytest.mark.parametrize("argv", [
+    ["verify", "{missing}"],
+    ["verify", "{folder}"],
+    ["verify", "--event-log", "{missing}"],
+    ["verify", "--event-log", "{folder}"],
+    ["tsm-sim", "{folder}/mnt", "--provider", "sev_guest", "--init-data", "{missing}"],
+])
+def test_files_that_cannot_be_read_are_named_not_tracebacks(argv, tmp_path, capsys):
+    missing = tmp_path / "absent"
+    status = cli.main([arg.format(missing=missing, folder=tmp_path) for arg in argv])
+    err = capsys.readouterr().err
+    assert status in (1, 2) and "Traceback" not in err
+    assert str(missing if "{missing}" in argv else tmp_path) in err, err
