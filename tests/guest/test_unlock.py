@@ -28,6 +28,7 @@ import pytest
 
 from keybroker.errors import ConfigError, KeyringError, UnlockRefused
 from keybroker.guest import config, keyring
+from keybroker.guest.unlock import keyfile
 from keybroker.guest.unlock.askpass import Ask, cunescape
 from keybroker.guest.unlock.keyfile import volume_of_peer
 from keybroker.guest.unlock.keys import KeySource
@@ -70,6 +71,15 @@ def test_peer_addresses_name_the_volume(address, volume):
 def test_other_peer_addresses_are_refused(address, reason):
     with pytest.raises(UnlockRefused, match=reason):
         volume_of_peer(address)
+
+
+def test_a_socket_path_the_server_cannot_use_is_a_config_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "sock").mkdir()
+    for path, reason in [(tmp_path / "file/cs.sock", "cannot create"), (tmp_path / "sock", "is not a socket"),
+                         (Path("/proc/cs.sock"), "cannot listen")]:
+        with pytest.raises(ConfigError, match=reason):
+            keyfile.bind(path)
 
 
 def test_cunescape_undoes_systemd_cescape():

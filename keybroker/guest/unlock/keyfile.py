@@ -137,11 +137,13 @@ def bind(path: Path) -> socket.socket:
     """A listening socket at ``path`` (mode 0600), replacing only a stale socket left there."""
     if len(os.fsencode(path)) > SUN_PATH_MAX or not path.is_absolute():
         raise ConfigError(f"socket path {str(path)[:120]!r} must be absolute and at most {SUN_PATH_MAX} bytes")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         mode = path.lstat().st_mode
     except FileNotFoundError:
         mode = None
+    except OSError as exc:
+        raise ConfigError(f"cannot create the socket {path}: {exc.strerror}") from None
     if mode is not None:
         if not stat.S_ISSOCK(mode):
             raise ConfigError(f"{path} exists and is not a socket")
@@ -153,9 +155,12 @@ def bind(path: Path) -> socket.socket:
     old = os.umask(0o177)
     try:
         listener.bind(str(path))
+        listener.listen(16)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from None
     finally:
         os.umask(old)
-    listener.listen(16)
     return listener
 
 
