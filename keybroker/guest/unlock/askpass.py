@@ -306,10 +306,12 @@ class PasswordAgent:
             if ask.withdrawn():
                 self.reporter.log(INFO, f"volume {volume.name}: {ask.path.name} went away before the key came")
                 return
-            send_reply(ask, key)
+            # Noted before the reply: the asker may try the key and ask again before this thread runs on.
             self.answered.add((volume.name, ask.pid))
+            send_reply(ask, key)
             self.reporter.status(f"volume {volume.name}: answered {ask.path.name}")
         except (UnlockRefused, OSError) as exc:
+            self.answered.discard((volume.name, ask.pid))
             self.reporter.log(WARNING, f"volume {volume.name}: cannot answer {ask.path.name}: {exc}")
         finally:
             key[:] = bytes(len(key))
