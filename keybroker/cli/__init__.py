@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         # that connection instead of dying.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # A file an argument names that cannot be read or written (a typo, a folder, no right).
+        print(f"keybroker {args.command}: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

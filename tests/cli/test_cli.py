@@ -73,6 +73,8 @@ def test_commands_with_positionals_are_covered():
     ["verify", "--event-log", "{missing}"],
     ["verify", "--event-log", "{folder}"],
     ["tsm-sim", "{folder}/mnt", "--provider", "sev_guest", "--init-data", "{missing}"],
+    ["resource", "put", "default/disk/root", "--file", "{missing}", "--db", "sqlite:///{folder}/kbs.db"],
+    ["policy", "check", "{missing}", "{missing}", "--resource", "default/disk/root"],
 ])
 def test_files_that_cannot_be_read_are_named_not_tracebacks(argv, tmp_path, capsys):
     missing = tmp_path / "absent"
