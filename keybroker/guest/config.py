@@ -197,10 +197,12 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
     server.only("url", "ca")
     url = _server_url(server, server.get("url", str, required=True))
     ca = server.get("ca", str)
+    if ca is not None:
+        _absolute(server, "ca", ca)  # the handler runs from /, an operator's command from anywhere
 
     tsm = _Table(path, "tsm", top.get("tsm", dict, {}))
     tsm.only("root", "service_provider", "service_guid")
-    root = tsm.get("root", str, str(DEFAULT_TSM_ROOT))
+    root = _absolute(tsm, "root", tsm.get("root", str, str(DEFAULT_TSM_ROOT)))
     service_provider = tsm.get("service_provider", str)
     if service_provider not in (None, "svsm"):
         raise tsm.error("'tsm.service_provider' must be \"svsm\" (the only service provider Linux knows)")
@@ -247,11 +249,14 @@ def _measure(path: Path, raw: dict[str, Any]) -> MeasureConfig:
     paths = {}
     for key, default in (("root", DEFAULT_MR_ROOT), ("log", DEFAULT_RUNTIME_LOG), ("ccel", DEFAULT_CCEL),
                          ("ccel_table", DEFAULT_CCEL_TABLE)):
-        value = table.get(key, str, str(default))
-        if not value.startswith("/") or "\0" in value:
-            raise table.error(f"{table.key(key)!r} must be an absolute path")
-        paths[key] = Path(value)
+        paths[key] = Path(_absolute(table, key, table.get(key, str, str(default))))
     return MeasureConfig(releases=table.get("releases", bool, False), **paths)
+
+
+def _absolute(table: _Table, key: str, value: str) -> str:
+    if not value.startswith("/") or "\0" in value:
+        raise table.error(f"{table.key(key)!r} must be an absolute path")
+    return value
 
 
 def _broker(path: Path, top: _Table) -> Broker:

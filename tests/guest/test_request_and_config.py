@@ -112,6 +112,8 @@ def test_no_rules_means_root_only(tmp_path):
     ("[server]\nurl = 'https://x'\n[[access]]\nuids = [0]\n", "missing required key 'access[0].resource'"),
     ("[server]\nurl = 'https://x'\n[tsm]\nroot = true\n", "'tsm.root' must be a string, not a boolean"),
     ("[server\n", "not valid TOML"),
+    ("[server]\nurl = 'https://x'\nca = 'ca.pem'\n", "'server.ca' must be an absolute path"),
+    ("[server]\nurl = 'https://x'\n[tsm]\nroot = 'tsm'\n", "'tsm.root' must be an absolute path"),
     ("[server]\nurl = 'https://x'\n[tsm]\nservice_provider = 'tdx'\n", "must be \"svsm\""),
     ("[server]\nurl = 'https://x'\n[tsm]\nservice_guid = 'c476f1eb-0123-45a5-9641-b4e7dde5bfe3'\n",
      "needs 'tsm.service_provider'"),
