@@ -338,7 +338,7 @@ def _check_document(doc: Any) -> None:
     unknown = set(doc) - {"version", "rules"}
     if unknown:
         raise PolicyError(f"policy has unknown member(s): {', '.join(sorted(unknown))}")
-    if doc.get("version") != VERSION:
+    if type(doc.get("version")) is not int or doc["version"] != VERSION:  # not true, nor 1.0: another digest
         raise PolicyError(f"policy version must be {VERSION}")
     rules = doc.get("rules")
     if not isinstance(rules, list):

@@ -154,6 +154,14 @@ def test_a_number_json_cannot_carry_is_refused(number, where):
         Policy.loads('{"version": 1, "rules": [%s]}' % rule)
 
 
+@pytest.mark.parametrize("version", ["true", "1.0", '"1"'])
+def test_the_policy_version_is_the_integer_1(version):
+    # true and 1.0 equal 1 in Python: such a policy would be stored under another digest than
+    # the same policy written with 1.
+    with pytest.raises(PolicyError, match="policy version must be 1"):
+        Policy.loads('{"version": %s, "rules": []}' % version)
+
+
 def test_true_is_not_1_inside_arrays_and_objects_either():
     rule = policy({"resources": ["*"], "require": {"claim": "x", "equals": [1, {"a": 0}]}})
     assert not rule.decide("a/b/c", {"debug": False, "x": [True, {"a": False}]}).allowed
