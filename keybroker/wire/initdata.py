@@ -17,6 +17,7 @@ launch-time choice and not something the guest made up afterwards.
 from __future__ import annotations
 
 import hashlib
+import re
 import tomllib
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,32 @@ def from_json(obj: Any) -> InitData:
     return parse(obj["body"])
 
 
+def _deepest_line(body: str) -> int:
+    """The most dots outside strings and comments on one line of ``body``: a bound on the parts of any
+    key or table header, which may be quoted (``"a"."b"``) but hold their separators outside quotes.
+
+    Strings are read as TOML reads them, closers included (a multi-line string's ends with up to two
+    of its quotes as content), so that no key hides in what only looks like a string here; where this
+    and TOML disagree (not TOML), dots count. Lines end at "\n" only, as TOML's do (not at U+2028)."""
+    deepest = dots = 0
+    for token in _TOKENS.finditer(body):
+        if token.group() == ".":
+            dots += 1
+            deepest = max(deepest, dots)
+        elif token.group() == "\n":
+            dots = 0
+    return deepest
+
+
+_TOKENS = re.compile(r"""
+    "{3}(?:[^"\\]|\\[\s\S]|"(?!""))*"{3,5}  # multi-line basic string
+  | '{3}[\s\S]*?'{3,5}                        # multi-line literal string
+  | "(?:[^"\\\n]|\\.)*"                      # basic string
+  | '[^'\n]*'                                 # literal string
+  | \#[^\n]*                                  # comment
+  | [.\n]""", re.VERBOSE)
+
+
 def parse(body: str) -> InitData:
     """An init-data document, checked as guest-components and Trustee read it, with its digest."""
     try:
@@ -62,11 +89,9 @@ def parse(body: str) -> InitData:
         raise EvidenceError("init-data is not valid Unicode (a lone surrogate)") from None
     if len(raw) > BODY_MAX:
         raise EvidenceError(f"init-data is {len(raw)} bytes, more than {BODY_MAX}")
-    # Lines as TOML ends them (only "\n"): str.splitlines() would also cut at U+2028 and others, which a
-    # quoted part of a key may hold, and so count a deep key as several shallow lines.
-    if any(line.count(".") > LINE_DOTS_MAX for line in body.split("\n")):
-        raise EvidenceError(f"init-data has a line with more than {LINE_DOTS_MAX} dots: TOML keys or table "
-                            "headers that deep are refused (they cost quadratic time to parse)")
+    if _deepest_line(body) > LINE_DOTS_MAX:
+        raise EvidenceError(f"init-data has a line with more than {LINE_DOTS_MAX} dots outside strings: TOML "
+                            "keys or table headers that deep are refused (they cost quadratic time to parse)")
     try:
         doc = tomllib.loads(body)
     except tomllib.TOMLDecodeError as exc:
