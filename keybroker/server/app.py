@@ -160,7 +160,9 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
     async def auth(request: Request) -> Response:
         cookie, challenge = await kbs.auth(json_of(await read_body(request, p.BODY_MAX)))
         response = JSONResponse(challenge)
-        response.set_cookie(p.SESSION_COOKIE, cookie, max_age=SESSION_LIFETIME, path=p.PREFIX, httponly=True,
+        # No Path, as Trustee's has none: a guest's cookie store scopes it to where it called /auth,
+        # which is <its URL's path>/kbs/v0 also when a reverse proxy serves this server under a prefix.
+        response.set_cookie(p.SESSION_COOKIE, cookie, max_age=SESSION_LIFETIME, path=None, httponly=True,
                             secure=secure_cookies, samesite="strict")
         return response
 

@@ -4,7 +4,13 @@ attesters, over real HTTP to ``keybroker serve``, evidence from the configfs-tsm
 
 from __future__ import annotations
 
+import http.client
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -163,3 +169,52 @@ def test_an_unknown_tee_name_is_not_an_internal_error_and_says_why(serve):
     server, root = serve("snp")
     with pytest.raises(InternalFailure, match="tee 'az-snp-vtpm' is not supported"):
         GuestComponents(server.url, "az-snp-vtpm", root).rcar_handshake()
+
+
+@contextmanager
+def _prefix_stripping_proxy(upstream: str, prefix: str) -> Iterator[str]:
+    """A reverse proxy that serves ``upstream`` under ``prefix`` (it strips it from each path)."""
+    target = urlsplit(upstream)
+
+    class Forward(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _forward(self) -> None:
+            assert self.path.startswith(prefix + "/"), self.path
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            conn.request(self.command, self.path[len(prefix):], body=body or None,
+                         headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+            answer = conn.getresponse()
+            data = answer.read()
+            self.send_response(answer.status)
+            for name, value in answer.getheaders():
+                if name.lower() not in ("content-length", "connection", "date", "server"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_POST = _forward
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}{prefix}"
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_guest_behind_a_path_prefix_keeps_its_session(serve):
+    """The guest is given the server's URL with a path (a reverse proxy that strips it; keybroker's
+    client takes such URLs too). Trustee's session cookie has no Path, so a cookie store scopes
+    it to where /auth was called and sends it back to /attest; a Path=/kbs/v0 of the server's
+    own would keep it from every request the guest makes."""
+    server, root = serve("snp")
+    with _prefix_stripping_proxy(server.url, "/keybroker") as url:
+        assert GuestComponents(url, "snp", root).get_resource("default/cc/secret") == SECRET
