@@ -100,12 +100,18 @@ class _Http:
         watchdog.daemon = True
         self._cut_off = False
         watchdog.start()
+        kept = self.conn.sock is not None
         try:
-            self.conn.request(method, self.prefix + path, body=body, headers=headers)
-            response = self.conn.getresponse()
-            content = response.read(RESPONSE_MAX + 1)
-            if len(content) <= RESPONSE_MAX and response.will_close is False:
-                response.read()  # nothing left: the connection stays usable
+            try:
+                response, content = self._exchange(method, path, body, headers)
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+                if not kept or self._cut_off:
+                    raise
+                # The server closed the kept-alive connection while it was idle (keybroker's and
+                # Trustee's both do after 5 s; making evidence may take longer): it never read this
+                # request. Once more, on a new connection (a resent /attest finds its nonce spent).
+                self.conn.close()
+                response, content = self._exchange(method, path, body, headers)
         except (OSError, http.client.HTTPException):
             if self._cut_off:
                 raise TimeoutError from None
@@ -119,6 +125,15 @@ class _Http:
             if name.strip() == p.SESSION_COOKIE:
                 self.cookie = rest.split(";", 1)[0].strip()
         return _Response(response.status, response.reason, response.headers, content)
+
+    def _exchange(self, method: str, path: str, body: bytes | None,
+                  headers: dict[str, str]) -> tuple[http.client.HTTPResponse, bytes]:
+        self.conn.request(method, self.prefix + path, body=body, headers=headers)
+        response = self.conn.getresponse()
+        content = response.read(RESPONSE_MAX + 1)
+        if len(content) <= RESPONSE_MAX and response.will_close is False:
+            response.read()  # nothing left: the connection stays usable
+        return response, content
 
     def _cut(self) -> None:
         """The exchange's time is up: shut its socket down, which ends any read blocked on it."""

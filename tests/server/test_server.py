@@ -186,3 +186,23 @@ def test_resource_command(tmp_path):
     assert run("get", "default/key/one").returncode != 0
     assert b"must be <repo>/<type>/<tag>" in run("put", "bad", data=b"x").stderr
     assert oct((tmp_path / "r.db").stat().st_mode & 0o777) == "0o600"
+
+
+def test_evidence_slower_than_the_servers_keep_alive(tsm_sim, kbs):
+    """The round's connection idles while the guest makes its evidence; the server closes it after
+    KEEP_ALIVE seconds (Trustee's actix after 5 s too), and /attest goes on a new one."""
+    import time
+
+    from keybroker.server.serve import KEEP_ALIVE
+
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    quick = evidence_from(root)
+
+    def slow(inblob):
+        time.sleep(KEEP_ALIVE + 1)
+        return quick(inblob)
+
+    released = RcarClient(server.url, attempts=1).fetch("default/key/a", "snp", slow)
+    assert bytes(released.value) == SECRET
