@@ -10,7 +10,9 @@ longer good (NotAttested). The evidence goes as keybroker's envelope to a
 server whose challenge says it reads it, and in Trustee's per-TEE form to any other (a
 Trustee KBS): no configuration tells the two apart. Every HTTP call has an explicit timeout
 bounded by the caller's deadline, for the whole exchange (a server that trickles its answer a
-byte at a time is cut off when it passes, not only one that goes silent); unreachable servers
+byte at a time is cut off when it passes, not only one that goes silent; resolving its name and
+connecting are bounded by the resolver's and the socket's timeouts, and an exchange whose time
+passed meanwhile ends there); unreachable servers
 and 5xx answers are retried a bounded number of times while the deadline allows. TLS verifies
 the server against ``ca`` (or the system's roots); no proxy, no redirect, no environment
 variable is followed.
@@ -128,6 +130,13 @@ class _Http:
 
     def _exchange(self, method: str, path: str, body: bytes | None,
                   headers: dict[str, str]) -> tuple[http.client.HTTPResponse, bytes]:
+        if self.conn.sock is None:
+            # Resolving and connecting (TLS handshake included) happen before there is a socket
+            # the watchdog can shut: when it fired meanwhile, the exchange ends here, or the
+            # reads after it would be bounded one by one only.
+            self.conn.connect()
+        if self._cut_off:
+            raise TimeoutError
         self.conn.request(method, self.prefix + path, body=body, headers=headers)
         response = self.conn.getresponse()
         content = response.read(RESPONSE_MAX + 1)

@@ -348,15 +348,11 @@ class ProblemServer(StubServer):
 
 
 
-def test_a_server_that_trickles_its_answer_is_cut_off_at_the_deadline():
-    """A read's timeout is no bound on an answer sent a byte every 0.2 s: the exchange's is."""
+@contextlib.contextmanager
+def trickling_server():
+    """A server that answers a byte every 0.2 s (40 s in all), whatever it was asked; yields its port."""
     import socket
     import threading
-
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from keybroker.errors import ServerUnreachable
-    from keybroker.guest.client import RcarClient
 
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
@@ -373,15 +369,52 @@ def test_a_server_that_trickles_its_answer_is_cut_off_at_the_deadline():
                 time.sleep(0.2)
 
     threading.Thread(target=trickle, daemon=True).start()
-    started = time.monotonic()
-    client = RcarClient(f"http://127.0.0.1:{listener.getsockname()[1]}", deadline=started + 2)
     try:
-        with pytest.raises(ServerUnreachable) as failed:
-            client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
+        yield listener.getsockname()[1]
     finally:
         stop.set()
         listener.close()
+
+
+def test_a_server_that_trickles_its_answer_is_cut_off_at_the_deadline():
+    """A read's timeout is no bound on an answer sent a byte every 0.2 s: the exchange's is."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.errors import ServerUnreachable
+    from keybroker.guest.client import RcarClient
+
+    with trickling_server() as port:
+        started = time.monotonic()
+        client = RcarClient(f"http://127.0.0.1:{port}", deadline=started + 2)
+        with pytest.raises(ServerUnreachable) as failed:
+            client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
     assert failed.value.errno == errno.ETIMEDOUT and "did not answer within" in str(failed.value)
+    assert time.monotonic() - started < 3  # not the 40 s the trickle would last
+
+
+def test_an_exchange_whose_time_passed_while_connecting_ends_there(monkeypatch):
+    """The watchdog has no socket to shut while the name resolves (or the connection is made): when it
+    fires then, the exchange must end once connected, not go on with only each read bounded."""
+    import socket
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.errors import ServerUnreachable
+    from keybroker.guest.client import RcarClient
+
+    resolve = socket.getaddrinfo
+
+    def late(*args, **kwargs):  # a resolver that answers after the exchange's time
+        time.sleep(1.2)
+        return resolve(*args, **kwargs)
+
+    with trickling_server() as port:
+        monkeypatch.setattr(socket, "getaddrinfo", late)
+        started = time.monotonic()
+        client = RcarClient(f"http://127.0.0.1:{port}", deadline=started + 1, attempts=1)
+        with pytest.raises(ServerUnreachable) as failed:
+            client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
+    assert failed.value.errno == errno.ETIMEDOUT
     assert time.monotonic() - started < 3  # not the 40 s the trickle would last
 
 
