@@ -10,8 +10,9 @@ Where they live: one ``user`` key per server and way of making evidence (privile
 configfs-tsm root, SVSM service, attestation broker), ``keybroker:token:<digest>``, in
 the keyring ``keybroker:tokens`` linked from root's user keyring. Only root (their owner)
 may view, read or change them; a requester that is not root cannot even see them. The
-kernel deletes each when its token expires (``exp``, less a margin). Nothing is written to
-disk. To force a fresh attestation::
+kernel deletes each when its token expires (``exp``, less a margin). Only a token of a JWT's
+form (three base64url parts) is kept: it goes back in a header. Nothing is written to disk.
+To force a fresh attestation::
 
     keybroker forget-tokens        # or: keyctl unlink %keyring:keybroker:tokens @u (as root)
 
@@ -34,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ LOCK_DIR = Path("/run/keybroker")
 MARGIN = 10  # seconds before a token's exp that it is no longer used
 LIFETIME_MAX = 24 * 3600  # seconds a token is kept at most, whatever exp it claims
 _FORMAT = b"keybroker-token-1\n"
+_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 #: Root (the owner) may do everything, a possessor too; group and others nothing.
 _OWNER_ONLY = 0x3F3F0000
 
@@ -111,7 +114,7 @@ class TokenCache:
         """Keep ``token`` and ``key`` until the token's exp (less MARGIN, at most LIFETIME_MAX); nothing
         if it has none."""
         lifetime = min(_expires(token) - time.time() - MARGIN, LIFETIME_MAX)
-        if lifetime < 1 or not token.isascii():
+        if lifetime < 1 or not _JWS.fullmatch(token):  # sent back in a header: a JWT's characters only
             return
         payload = bytearray(_FORMAT + token.encode("ascii") + b"\n")
         payload += key.private_numbers().private_value.to_bytes(32, "big")

@@ -195,3 +195,43 @@ def test_requests_refused_their_token_together_share_one_attestation_again(tsm_s
     names = [f"k{i}" for i in range(1, 7)]
     assert released(request(*names), *names)
     assert server.requests_to("attest") == 1  # (a refusal that arrived late used to cost a second one)
+
+
+def test_a_token_that_cannot_go_back_in_a_header_is_not_kept(tmp_path, system_lock):
+    """The server's token goes back in ``Authorization: Bearer``: one with a line break (or anything
+    but a JWT's characters) made http.client raise a ValueError that named it, in every request
+    for as long as it was kept (a day), instead of attesting again."""
+    import base64
+    import os
+    import socket
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.guest import client, config
+
+    if os.geteuid() != 0:
+        pytest.skip("tokens are kept in root's keyring")
+    path = tmp_path / "client.toml"
+    path.write_text('[server]\nurl = "http://127.0.0.1:1"\n')
+    cache = tokens.TokenCache(config.load(path), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    claims = base64.urlsafe_b64encode(b'{"exp": %d}' % (time.time() + 3600)).decode().rstrip("=")
+    good = f"e30.{claims}.c2ln"
+    listener = socket.create_server(("127.0.0.1", 0))  # connections are taken, never answered
+    tokens.forget_all()
+    try:
+        for bad in (good + "\nX-Injected: 1", good + "\r\n", good + " x", good + "=", f"e30.{claims}.c2ln\x00"):
+            cache.store(bad, key)
+            held = cache.load()
+            if held is not None:  # what the next request would do with it
+                rcar = client.RcarClient(f"http://127.0.0.1:{listener.getsockname()[1]}",
+                                         deadline=time.monotonic() + 1, attempts=1)
+                with pytest.raises(Exception) as failed:
+                    rcar.fetch_with_token("default/disk/k0", held.token, held.key)
+                pytest.fail(f"{bad!r} was kept, and then: {failed.value!r}")
+        cache.store(good, key)
+        held = cache.load()
+        assert held is not None and held.token == good
+    finally:
+        tokens.forget_all()
+        listener.close()
