@@ -72,6 +72,17 @@ class _Response:
     content: bytes
 
 
+class _StrictResponse(http.client.HTTPResponse):
+    """http.client's response, whose chunk sizes are never negative: it reads them with int(line, 16),
+    which takes "-1", and a negative size reads the connection to its end, into memory."""
+
+    def _read_next_chunk_size(self) -> int:
+        size: int = super()._read_next_chunk_size()  # type: ignore[misc]
+        if size < 0:
+            raise ValueError("negative chunk size")  # as any bad size: the body is cut short (IncompleteRead)
+        return size
+
+
 class _Http:
     """One keep-alive connection to the key server, and the RCAR session cookie it was given."""
 
@@ -84,6 +95,7 @@ class _Http:
             self.conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, port, context=context)
         else:
             self.conn = http.client.HTTPConnection(host, port)
+        self.conn.response_class = _StrictResponse
         self.cookie: str | None = None
         self._cut_off = False
 

@@ -418,6 +418,42 @@ def test_an_exchange_whose_time_passed_while_connecting_ends_there(monkeypatch):
     assert time.monotonic() - started < 3  # not the 40 s the trickle would last
 
 
+def test_a_negative_chunk_size_does_not_read_the_connection_into_memory():
+    """http.client reads a chunk size with int(line, 16), "-1" too; a negative size read the
+    connection to its end, a body as large as the server liked, past RESPONSE_MAX."""
+    import socket
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.errors import ServerUnreachable
+    from keybroker.guest.client import RcarClient
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    sent = []
+
+    def flood() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            with contextlib.suppress(OSError):
+                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n")
+                for _ in range(48):
+                    conn.sendall(b"x" * (1 << 20))
+                    sent.append(1 << 20)
+
+    server = threading.Thread(target=flood, daemon=True)
+    server.start()
+    client = RcarClient(f"http://127.0.0.1:{listener.getsockname()[1]}", deadline=time.monotonic() + 10, attempts=1)
+    try:
+        with pytest.raises(ServerUnreachable):
+            client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
+        server.join(10)
+    finally:
+        listener.close()
+    assert sum(sent) < 48 << 20  # what the sockets' buffers hold, not all the server had
+
+
 def test_a_long_non_ascii_reason_arrives_whole_from_the_worker(tsm_sim, handler):
     server = ProblemServer(401, {"type": "urn:keybroker:error:" + "é" * 300, "detail": "ü" * 2000})
     try:
