@@ -37,7 +37,15 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..errors import EvidenceError, ProtocolError, ReleaseRefused, ResourceMissing, ServerError, ServerUnreachable
+from ..errors import (
+    ConfigError,
+    EvidenceError,
+    ProtocolError,
+    ReleaseRefused,
+    ResourceMissing,
+    ServerError,
+    ServerUnreachable,
+)
 from ..wire import envelope, jwe, parse_json, trustee
 from ..wire import rcar as p
 from ..wire.envelope import TsmReport
@@ -91,7 +99,10 @@ class _Http:
         self.prefix = parts.path.rstrip("/")
         host, port = parts.hostname or "", parts.port
         if parts.scheme == "https":
-            context = ssl.create_default_context(cafile=str(ca) if ca else None)
+            try:
+                context = ssl.create_default_context(cafile=str(ca) if ca else None)
+            except OSError as exc:  # no such file, a folder, no certificate in it (ssl.SSLError)
+                raise ConfigError(f"the CA bundle {ca} (server.ca) cannot be loaded: {exc}") from None
             self.conn: http.client.HTTPConnection = http.client.HTTPSConnection(host, port, context=context)
         else:
             self.conn = http.client.HTTPConnection(host, port)

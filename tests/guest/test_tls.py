@@ -29,3 +29,20 @@ def test_release_over_tls_and_refusal_of_an_unknown_server(tsm_sim, kbs, handler
     out = keyctl_session('keyctl request2 user keybroker:default/disk/root "" @s')
     assert out.returncode != 0 and "Protocol error" in out.stderr  # EPROTO: TLS with the server failed
     assert server.requests_to("auth") == 1
+
+
+def test_a_ca_bundle_that_cannot_be_loaded_is_named(tmp_path):
+    """server.ca is a file the operator points at: one with no certificate, or a folder, is a
+    configuration error naming it, not ssl's exception escaping as an internal error."""
+    import pytest
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.errors import ConfigError
+    from keybroker.guest.client import RcarClient
+
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    for ca in (garbage, tmp_path):
+        client = RcarClient("https://127.0.0.1:1", ca=ca, attempts=1)
+        with pytest.raises(ConfigError, match=f"CA bundle {ca} "):
+            client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
