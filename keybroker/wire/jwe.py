@@ -139,6 +139,8 @@ def unwrap(token: Any, private: ec.EllipticCurvePrivateKey) -> bytearray:
     plaintext = bytearray(len(ciphertext))
     try:
         cek = aes_key_unwrap(_kek(private.exchange(ec.ECDH(), sender)), unb64url(token["encrypted_key"]))
+        if len(cek) != 32:  # A256GCM's key: AESGCM would take a 128- or 192-bit one as well
+            raise ValueError("not a 256-bit content key")
         AESGCM(cek).decrypt_into(iv, ciphertext + tag, token["protected"].encode("ascii"), plaintext)
     except (InvalidUnwrap, InvalidTag, ValueError):
         plaintext[:] = bytes(len(plaintext))

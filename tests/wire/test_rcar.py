@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 
 import pytest
 import rfc8785
+from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwe, jwk
 
 from keybroker.errors import ProtocolError
@@ -155,3 +157,13 @@ def test_a_changed_or_foreign_jwe_does_not_open():
                    *(body | {"protected": protected} for protected in odd_keys)):
         with pytest.raises(ProtocolError):
             keybroker_jwe.unwrap(broken, mine)
+
+
+@pytest.mark.parametrize("bits", [128, 192])
+def test_a_content_key_shorter_than_a256gcm_is_refused(bits, monkeypatch):
+    private = ec.generate_private_key(ec.SECP256R1())
+    public = keybroker_jwe.public_jwk(private.public_key()) | {"alg": keybroker_jwe.ALGORITHM}
+    monkeypatch.setattr(keybroker_jwe.AESGCM, "generate_key", staticmethod(lambda _: os.urandom(bits // 8)))
+    body = keybroker_jwe.wrap(b"the key", public)  # says A256GCM, holds a shorter key
+    with pytest.raises(ProtocolError, match="does not decrypt with our key"):
+        keybroker_jwe.unwrap(body, private)
