@@ -59,6 +59,9 @@ REFUSALS_MAX = 64
 #: (it has ended by then). When as many live sessions were refused, the refusals of others are
 #: not recorded: filling the table takes that many genuine attestations, each one recorded.
 REFUSALS_TRACKED = 65536
+#: Times a release is decided again when the policy or the resource changed before its record
+#: was committed (each change committed meanwhile makes one more try).
+RELEASE_TRIES = 3
 
 
 DETAIL_MAX = 1024  # characters of a problem's detail: what an answer or a log line says at most
@@ -245,6 +248,17 @@ class KeyServer:
         except DescriptionError as exc:
             raise self._count(Problem(p.BAD_REQUEST, str(exc))) from None
         tee_pubkey, claims, session = await self._authenticate(cookie, bearer)
+        for _ in range(RELEASE_TRIES):
+            answer = await self._release(name, tee_pubkey, claims, session, peer)
+            if answer is not None:
+                return answer
+        raise self._count(Problem(p.UNAVAILABLE, f"the release policy or resource {name} changed while it was "
+                                                 f"being released, {RELEASE_TRIES} times; try again"))
+
+    async def _release(self, name: str, tee_pubkey: dict[str, str], claims: dict[str, Any], session: str,
+                       peer: str) -> ResourceAnswer | None:
+        """Release ``name`` under the active policy; None when that policy or the resource changed
+        before the release was recorded (what a newer version or a deletion refuses is never sent)."""
         event = Event(RELEASE, DENY, "", self.name, peer=peer, resource=name)
         active, stored = await self.store.for_release(name)
         event = replace(event, session=session, provider=str(claims.get("tee", "")),
@@ -263,7 +277,9 @@ class KeyServer:
             await self._refuse(Problem(p.INTERNAL, f"resource {name} cannot be unsealed on this server; see its "
                                                    "log", "unseal"), event)
         wrapped = jwe.wrap(value, tee_pubkey)
-        record = await self.store.record(replace(event, decision=ALLOW, reason=decision.reason))
+        record = await self.store.released(active, stored, replace(event, decision=ALLOW, reason=decision.reason))
+        if record is None:
+            return None
         self.metrics.release(event.provider)
         log.info("resource peer=%s session=%s path=%s result=released audit=%d", peer, session, name, record.seq)
         return ResourceAnswer(wrapped, stored.lease, record.hash)

@@ -11,7 +11,9 @@ that decide a release, sessions and policies, carry a MAC under the KEK (sealing
 one that someone without the KEK wrote or changed is not believed.
 
 Each protocol step writes at most once: /attest spends the nonce, stores the claims and
-appends its record in one transaction, a release appends its record. The writes of
+appends its record in one transaction, a release appends its record (unless, under that
+lock, the policy it was decided on is no longer the newest or its resource changed: a change an
+administrator saw committed applies to every release not yet answered). The writes of
 concurrent requests are committed together (group commit: one transaction and one fsync for
 every write waiting), and each request is answered only after its write is committed, so an
 acknowledged release is in the audit log even if the machine crashes right after. Expired
@@ -274,6 +276,19 @@ class Store:
             stored = None if row.path is None else StoredResource(row.path, Sealed(row.kek_id, row.sealed), row.lease)
             return self._policy_version(db, row.version, row.digest), stored
         return await self._read(read)
+
+    async def released(self, decided: PolicyVersion, stored: StoredResource, event: Event) -> Record | None:
+        """Append the release ``event`` of ``stored`` under the policy ``decided``, unless under the
+        chain's lock either is no longer what the database holds (a newer policy, the resource put
+        again, deleted or re-wrapped meanwhile): then None, nothing recorded, nothing to release."""
+        def work(db: Connection) -> Event | None:
+            newest = db.execute(_NEWEST_POLICY).first() or NO_POLICY
+            row = db.execute(_RESOURCE, {"path": stored.path}).first()
+            if ((newest.version, newest.digest) != (decided.version, decided.digest) or row is None
+                    or (row.kek_id, bytes(row.sealed)) != (stored.sealed.kek_id, stored.sealed.blob)):
+                return None
+            return event
+        return await self.committed(work)
 
     def list_resources(self) -> list[ResourceInfo]:
         """Every resource's path, size and lease; the values stay in the database."""
