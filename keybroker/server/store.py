@@ -136,23 +136,33 @@ ADMINS = 2
 T = TypeVar("T")
 
 class SessionCache:
-    """The sessions this process stored lately, by id: at most ``size``, the oldest forgotten."""
+    """The sessions this process stored lately, by id: at most ``size``, and at most ``budget``
+    characters of their claims and keys as stored (JSON), the oldest forgotten first. A session's
+    claims may be megabytes (a TDX event log's events): a count alone would let a guest that
+    attests again and again with long event logs fill the worker's memory."""
 
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+    def __init__(self, size: int = 4096, budget: int = 32 * 1024 * 1024) -> None:
+        self.size, self.budget = size, budget
+        self._sessions: OrderedDict[str, tuple[Session, int]] = OrderedDict()
+        self._cost = 0
         self._lock = threading.Lock()
 
-    def put(self, session: Session) -> None:
+    def put(self, session: Session, cost: int = 0) -> None:
+        """Remember ``session``, ``cost`` characters long as stored (one larger than the budget is not kept)."""
         with self._lock:
-            self._sessions[session.id] = session
-            self._sessions.move_to_end(session.id)
-            if len(self._sessions) > self.size:
-                self._sessions.popitem(last=False)
+            _, old = self._sessions.pop(session.id, (None, 0))
+            self._cost -= old
+            if cost > self.budget:
+                return
+            self._sessions[session.id] = session, cost
+            self._cost += cost
+            while len(self._sessions) > self.size or self._cost > self.budget:
+                self._cost -= self._sessions.popitem(last=False)[1][1]
 
     def get(self, session_id: str) -> Session | None:
         with self._lock:
-            return self._sessions.get(session_id)
+            found = self._sessions.get(session_id)
+            return None if found is None else found[0]
 
 
 #: What the MACs of the rows that decide a release are derived for (see sealing.RowMac).
@@ -403,6 +413,8 @@ class Store:
         recorded, in one transaction. None, and nothing changed, when the session is stored
         already (its nonce was spent, by a concurrent /attest on any replica) or has ended."""
         rows = self._session_rows()
+        claims = json.dumps(session.claims) if session.claims is not None else None
+        tee_pubkey = json.dumps(session.tee_pubkey) if session.tee_pubkey is not None else None
 
         def work(db: Connection) -> Event | None:
             now = time.time()
@@ -415,13 +427,12 @@ class Store:
                 return None  # read under the chain's lock: no other writer can insert it meanwhile
             row = {"id": session.id, "tee": session.tee, "nonce": session.nonce, "state": session.state,
                    "expires": float(session.expires),
-                   "claims": json.dumps(session.claims) if session.claims is not None else None,
-                   "tee_pubkey": json.dumps(session.tee_pubkey) if session.tee_pubkey is not None else None}
+                   "claims": claims, "tee_pubkey": tee_pubkey}
             db.execute(_NEW_SESSION, row | {"mac": rows.mac(_session_columns(row))})
             return event
         record = await self.committed(work)
         if record is not None:
-            self._cached.put(session)
+            self._cached.put(session, len(claims or "") + len(tee_pubkey or ""))
         return record
 
     def _session_rows(self) -> RowMac:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -160,6 +162,26 @@ def test_the_cache_keeps_the_newest_sessions_only():
     for n in range(5):
         cache.put(attested(f"s{n}"))
     assert [cache.get(f"s{n}") is not None for n in range(5)] == [False, False, True, True, True]
+
+
+def test_the_cache_keeps_no_more_than_its_budget_of_claims(tmp_path):
+    """A genuine guest attesting again and again with a long event log (megabytes of claims per
+    session) fills the cache up to its budget, not 4096 times that."""
+    store = Store(f"sqlite:///{tmp_path}/kbs.db", ROWS)
+    events = [{"rtmr": 1, "type": "EV_IPL", "digest": f"{n:096x}"} for n in range(8000)]  # about 1 MB as JSON
+    event = Event(ATTEST, ALLOW, "test", "a")
+
+    async def attest_many() -> None:
+        for n in range(48):
+            session = replace(attested(f"big{n}"), claims={"tee": "tdx", "tdx.events": events})
+            assert await store.end_attestation(session, event) is not None
+
+    asyncio.run(attest_many())
+    cache = store._cached
+    kept = [sid for sid in (f"big{n}" for n in range(48)) if store.stored_here(sid)]
+    assert kept and kept[-1] == "big47" and "big0" not in kept
+    assert sum(len(json.dumps(cache.get(sid).claims)) for sid in kept) <= cache.budget
+    assert asyncio.run(store.get_session("big0")).claims["tdx.events"] == events  # read back from the database
 
 
 def test_auth_writes_nothing(tmp_path):
