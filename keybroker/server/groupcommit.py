@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
+from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection
 
 from . import audit, schema
@@ -18,6 +19,7 @@ from .audit import Event, Record
 
 #: A piece of work on the database that returns the event to record, or None when it changed nothing.
 Work = Callable[[Connection], Event | None]
+_HASH_AT = select(schema.audit.c.hash).where(schema.audit.c.seq == bindparam("seq"))
 #: What the writer is handed: work and the future of its record (no work: give the connection back).
 Queued = tuple[Work | None, Future[Record | None]]
 
@@ -127,13 +129,29 @@ class GroupCommit:
     def _commit(self, db: Connection, batch: list[Queued],
                 waiting: queue.SimpleQueue[Queued] | None = None
                 ) -> list[Record | None]:
-        with self.lock, db.begin():
-            seq, prev = audit.lock_head(db)
-            if waiting is not None:
-                self._take(waiting, batch)  # what queued while the lock was awaited joins this transaction
-            events = [None if work is None else work(db) for work, _ in batch]
-            records = iter(audit.append(db, seq, prev, [event for event in events if event is not None]))
+        appended: list[Record] = []
+        try:
+            with self.lock, db.begin():
+                seq, prev = audit.lock_head(db)
+                if waiting is not None:
+                    self._take(waiting, batch)  # what queued while the lock was awaited joins this transaction
+                events = [None if work is None else work(db) for work, _ in batch]
+                appended = audit.append(db, seq, prev, [event for event in events if event is not None])
+        except Exception:
+            # A connection lost during COMMIT leaves its outcome unknown: when the last record is in
+            # the log (its hash covers the chain before it), the batch committed and must not run again.
+            if not appended or not self._landed(appended[-1]):
+                raise
+        records = iter(appended)
         return [None if event is None else next(records) for event in events]
+
+    def _landed(self, record: Record) -> bool:
+        """Whether ``record`` is in the log, read on a new connection (False when that fails too)."""
+        try:
+            with self.engine.connect() as db:
+                return db.execute(_HASH_AT, {"seq": record.seq}).scalar() == record.hash
+        except Exception:
+            return False
 
 
 def _settle(done: Future[Record | None], result: Record | None = None, *, error: Exception | None = None) -> None:

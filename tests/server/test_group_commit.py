@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from sqlalchemy import event
 
 from keybroker.server import audit
@@ -140,3 +141,25 @@ def test_a_caller_that_leaves_does_not_stop_the_writer(tmp_path):
     asyncio.run(scenario())
     reasons = [record.event.reason for record in audit.records(store.engine)]
     assert reasons == ["holds the writer", "left before its answer", "after"]
+
+
+@pytest.mark.filterwarnings("ignore:transaction already deassociated")  # what the stand-in for a lost answer leaves
+def test_a_commit_whose_answer_was_lost_is_not_run_again(tmp_path, monkeypatch):
+    """The connection lost while COMMIT was answered (the database committed; the driver raised): the
+    batch landed, so its records are what its callers get, not a second run that records it twice."""
+    from sqlalchemy.engine.base import RootTransaction
+    from sqlalchemy.exc import OperationalError
+
+    store = Store(f"sqlite:///{tmp_path}/kbs.db")
+    commit, lost = RootTransaction._do_commit, []
+
+    def commit_then_lose_the_answer(self) -> None:
+        commit(self)
+        if not lost:
+            lost.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+    monkeypatch.setattr(RootTransaction, "_do_commit", commit_then_lose_the_answer)
+    record = write(store, "released once")
+    assert lost and record is not None and record.seq == 1
+    assert [r.event.reason for r in audit.records(store.engine)] == ["released once"]
+    assert write(store, "next").seq == 2 and audit.verify(store.engine).ok
