@@ -455,8 +455,9 @@ class Store:
         if row is None:
             return None
         if not rows.verify(_session_columns(row._mapping), row.mac):
-            log.error("stored session %s... fails its MAC: its row was not written by a server with this "
-                      "KEK; it is not believed", session_id[:8])
+            log.error("stored session %s... fails its MAC: its row was written under a KEK this server no "
+                      "longer has (dropped after a rotation: its guest attests again) or by someone without "
+                      "the KEK; it is not believed", session_id[:8])
             return None
         return Session(row.id, row.tee, row.nonce, row.state, row.expires,
                        json.loads(row.tee_pubkey) if row.tee_pubkey else None,
