@@ -30,11 +30,13 @@ CASES = {
         ResourceMissing("absent", status=404, problem=p.RESOURCE_NOT_FOUND), DescriptionError("bad")],
     "requester not allowed by `[[access]]`": [AccessDenied("no")],
     "server unreachable, deadline passed": [ServerUnreachable("down", errno=code) for code in
-                                            (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ETIMEDOUT)],
+                                            (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ETIMEDOUT,
+                                                                     E.ECONNRESET)],
     "server error (HTTP 5xx)": [ServerError("oops", status=code, problem=None) for code in (500, 502, 503)],
     "server limiting this address (HTTP 429)": [ServerError("slow down", status=429, problem=p.TOO_MANY_REQUESTS)],
-    "protocol error (a malformed answer, another HTTP error)": [
+    "protocol error (a malformed answer, another HTTP error, a failed TLS handshake)": [
         ProtocolError("garbled"), ServerError("bad", status=400, problem=p.BAD_REQUEST),
+        ServerError("TLS with the server failed", status=0, problem=None),  # what the client raises for TLS
         ServerError("session", status=401, problem=p.UNKNOWN_SESSION)],
     "evidence unavailable, provider busy": [TsmError("busy", errno=E.EBUSY, transient=True),
                                             TsmError("slow", errno=E.ETIMEDOUT, transient=True)],
