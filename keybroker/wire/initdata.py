@@ -61,7 +61,10 @@ def _deepest_line(body: str) -> int:
 
     Strings are read as TOML reads them, closers included (a multi-line string's ends with up to two
     of its quotes as content), so that no key hides in what only looks like a string here; where this
-    and TOML disagree (not TOML), dots count. Lines end at "\n" only, as TOML's do (not at U+2028)."""
+    and TOML disagree (not TOML), dots count. A string left open runs to the end of the document (of
+    its line if single-line), as TOML fails there and reads nothing after it; were it no string here,
+    each of its quotes would open one that scans to that end again (time quadratic in its length:
+    minutes for 256 KiB of ``"\\"\\"…``). Lines end at "\n" only, as TOML's do (not at U+2028)."""
     deepest = dots = 0
     for token in _TOKENS.finditer(body):
         if token.group() == ".":
@@ -73,11 +76,11 @@ def _deepest_line(body: str) -> int:
 
 
 _TOKENS = re.compile(r"""
-    "{3}(?:[^"\\]|\\[\s\S]|"(?!""))*"{3,5}  # multi-line basic string
-  | '{3}[\s\S]*?'{3,5}                        # multi-line literal string
-  | "(?:[^"\\\n]|\\.)*"                      # basic string
-  | '[^'\n]*'                                 # literal string
-  | \#[^\n]*                                  # comment
+    "{3}(?:[^"\\]|\\[\s\S]|"(?!""))*(?:"{3,5}|\\?\Z)  # multi-line basic string
+  | '{3}[\s\S]*?(?:'{3,5}|\Z)                      # multi-line literal string
+  | "(?:[^"\\\n]|\\.)*(?:"|\\?(?=\n)|\\?\Z)     # basic string
+  | '[^'\n]*'                                    # literal string
+  | \#[^\n]*                                     # comment
   | [.\n]""", re.VERBOSE)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 
@@ -49,3 +50,21 @@ def test_dots_in_strings_and_comments_are_not_keys():
     parsed = initdata.parse(body)
     assert set(parsed.files) == {"aa.toml", "policy.rego", "lit", "ml"}
     assert parsed.digest == hashlib.sha384(body.encode()).digest()
+
+
+@pytest.mark.parametrize("unclosed", [
+    '"' + '\\"' * 32768,              # a basic string never closed: each of its quotes opens one again
+    '"""\n' + '\\"""\n' * 13107,     # a multi-line one: each line's quotes open one (after an unread "\")
+])
+def test_strings_left_open_are_read_once(unclosed):
+    """Each quote of a string left open opened one more that scanned to the end again: 64 KiB took
+    10 s (on the event loop for an attestation up to 32 KiB), 256 KiB minutes, before any check."""
+    started = time.monotonic()
+    with pytest.raises(EvidenceError, match="not TOML"):
+        initdata.parse(unclosed)
+    assert time.monotonic() - started < 1
+
+
+def test_a_string_left_open_hides_no_key_before_it():
+    with pytest.raises(EvidenceError, match="more than 64 dots"):
+        initdata.parse("a" + ".a" * 100 + ' = "' + "x.y" * 10 + "\n")
