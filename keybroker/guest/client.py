@@ -78,6 +78,7 @@ class _Response:
     reason: str
     headers: http.client.HTTPMessage
     content: bytes
+    resent: bool = False  # sent once more on a new connection: the first sending may have been read
 
 
 class _StrictResponse(http.client.HTTPResponse):
@@ -126,6 +127,7 @@ class _Http:
         self._cut_off = False
         watchdog.start()
         kept = self.conn.sock is not None
+        resent = False
         try:
             try:
                 response, content = self._exchange(method, path, body, headers)
@@ -134,8 +136,10 @@ class _Http:
                     raise
                 # The server closed the kept-alive connection while it was idle (keybroker's and
                 # Trustee's both do after 5 s; making evidence may take longer): it never read this
-                # request. Once more, on a new connection (a resent /attest finds its nonce spent).
+                # request. Once more, on a new connection (a resent /attest that finds its nonce spent
+                # was read the first time: the round is made again, see _call).
                 self.conn.close()
+                resent = True
                 response, content = self._exchange(method, path, body, headers)
         except (OSError, http.client.HTTPException):
             if self._cut_off:
@@ -149,7 +153,7 @@ class _Http:
             name, _, rest = value.partition("=")
             if name.strip() == p.SESSION_COOKIE:
                 self.cookie = rest.split(";", 1)[0].strip()
-        return _Response(response.status, response.reason, response.headers, content)
+        return _Response(response.status, response.reason, response.headers, content, resent)
 
     def _exchange(self, method: str, path: str, body: bytes | None,
                   headers: dict[str, str]) -> tuple[http.client.HTTPResponse, bytes]:
@@ -270,6 +274,10 @@ class RcarClient:
             except ValueError:
                 problem = None
             name = p.problem_name(problem)
+            if response.resent and name == p.UNKNOWN_SESSION:
+                # The connection was reset after the server read the first sending (a worker that
+                # died, a proxy that cut it), which spent the session's nonce: a new round, as before.
+                raise ServerUnreachable(f"cannot reach the key server {self.url}: ECONNRESET", errno=E.ECONNRESET)
             detail = problem.get("detail") if isinstance(problem, dict) else None
             kind = _REFUSALS.get(name or "", ServerError)
             raise kind(f"{method} {path}: HTTP {response.status} {(name or '')[:200]}: "

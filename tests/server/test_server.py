@@ -206,3 +206,57 @@ def test_evidence_slower_than_the_servers_keep_alive(tsm_sim, kbs):
 
     released = RcarClient(server.url, attempts=1).fetch("default/key/a", "snp", slow)
     assert bytes(released.value) == SECRET
+
+
+def test_an_attest_answered_then_cut_is_a_new_round(tsm_sim, kbs):
+    """A connection reset after the server read /attest (and spent its nonce), as a worker that died
+    before it answered or a proxy that cut it: the round is made again, as for any reset. Sent once
+    more on the same session, /attest can only find its nonce spent (401 UnknownSession, final)."""
+    import contextlib
+    import socket
+    import struct
+    import threading
+
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    upstream = server.url.removeprefix("http://").split(":")
+    listener = socket.create_server(("127.0.0.1", 0))
+    cut: list[bool] = []
+
+    def relay(guest: socket.socket) -> None:
+        kbs_side = socket.create_connection((upstream[0], int(upstream[1])))
+        attesting = threading.Event()
+
+        def ask() -> None:  # the guest's requests, whole, to the server
+            with contextlib.suppress(OSError):
+                while data := guest.recv(1 << 16):
+                    if b"POST /kbs/v0/attest " in data:
+                        attesting.set()
+                    kbs_side.sendall(data)
+
+        threading.Thread(target=ask, daemon=True).start()
+        with guest, kbs_side, contextlib.suppress(OSError):
+            while answer := kbs_side.recv(1 << 16):
+                if attesting.is_set() and not cut:  # the server answered /attest; the guest is reset instead
+                    cut.append(True)
+                    guest.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    guest.shutdown(socket.SHUT_RD)  # ends ask()'s recv: the close is then a reset
+                    return
+                guest.sendall(answer)
+
+    def accept() -> None:
+        while True:
+            try:
+                guest, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=relay, args=(guest,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        released = RcarClient(f"http://127.0.0.1:{listener.getsockname()[1]}", backoff=0.1).fetch(
+            "default/key/a", "snp", evidence_from(root))
+    finally:
+        listener.close()
+    assert cut and bytes(released.value) == SECRET
