@@ -66,19 +66,31 @@ class Platform:
     vek_key: ec.EllipticCurvePrivateKey
     chip_id: bytes
     tcb: Tcb
+    intermediate_key: rsa.RSAPrivateKey | None = None
 
 
 def platform(product: str = "Milan", kind: str = "vcek", tcb: Tcb | None = None,
              ark_cn: str | None = None) -> Platform:
-    tcb = tcb or Tcb()
     ark_key, inter_key = rsa.generate_private_key(65537, 2048), rsa.generate_private_key(65537, 2048)
-    vek_key = ec.generate_private_key(ec.SECP384R1())
     ark_name = ark_cn or f"ARK-{product}"
     inter_name = f"SEV-{product}" if kind == "vcek" else f"SEV-VLEK-{product}"
     ark = _cert(ark_name, ark_name, ark_key, ark_key, ca=True)
     inter = _cert(inter_name, ark_name, inter_key, ark_key, ca=True)
+    chip_id = bytes(range(1, 9)) + bytes(56) if product == "Turin" else bytes(range(1, 65))
+    return _issue(product, kind, ark, inter, inter_key, tcb or Tcb(), chip_id if kind == "vcek" else bytes(64))
+
+
+def issue_vek(p: Platform, tcb: Tcb, chip_id: bytes | None = None) -> Platform:
+    """``p`` with a new VEK (fresh key) for ``tcb`` (and ``chip_id``), issued by ``p``'s intermediate."""
+    assert p.intermediate_key is not None
+    return _issue(p.product, p.kind, p.ark, p.intermediate, p.intermediate_key, tcb,
+                  p.chip_id if chip_id is None else chip_id)
+
+
+def _issue(product: str, kind: str, ark: x509.Certificate, inter: x509.Certificate, inter_key: rsa.RSAPrivateKey,
+           tcb: Tcb, chip_id: bytes) -> Platform:
     turin = product == "Turin"
-    chip_id = bytes(range(1, 9)) + bytes(56) if turin else bytes(range(1, 65))
+    vek_key = ec.generate_private_key(ec.SECP384R1())
     ext = [(f"{AMD_OID}.1", _der_int(1 if turin else 0)),
            (f"{AMD_OID}.2", bytes([0x16, len(product)]) + product.encode()),
            (f"{AMD_OID}.3.1", _der_int(tcb.bootloader)), (f"{AMD_OID}.3.2", _der_int(tcb.tee)),
@@ -89,9 +101,10 @@ def platform(product: str = "Milan", kind: str = "vcek", tcb: Tcb | None = None,
         ext.append((f"{AMD_OID}.4", chip_id[:8] if turin else chip_id))
     else:
         ext.append((f"{AMD_OID}.5", bytes([0x16, 9]) + b"csp.cloud"))
+    inter_name = str(inter.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
     vek = _cert("SEV-VCEK" if kind == "vcek" else "SEV-VLEK", inter_name, vek_key, inter_key,
                 extensions=ext, ca=False)
-    return Platform(product, kind, ark, inter, vek, vek_key, chip_id if kind == "vcek" else bytes(64), tcb)
+    return Platform(product, kind, ark, inter, vek, vek_key, chip_id, tcb, inter_key)
 
 
 def report(p: Platform, *, version: int = 5, report_data: bytes = bytes(64), vmpl: int = 0,

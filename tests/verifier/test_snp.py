@@ -232,6 +232,20 @@ def test_chain_under_an_unpinned_lookalike_ark(tmp_path):
     assert trusted.ok, trusted.reason()  # everything else about the forgery is self-consistent
 
 
+@pytest.mark.parametrize("kind", ["vcek", "vlek"])
+def test_a_folder_of_veks_for_several_tcbs_gives_the_one_for_the_reported_tcb(tmp_path, kind):
+    """A firmware update raises the SNP SPL and leaves the microcode's: the folder that keeps the
+    chip's VEKs across updates holds two with the same microcode SPL (the VLEK's CSP, one per TCB)."""
+    old = sb.platform("Genoa", kind, tcb=sb.Tcb(snp=20))
+    new = sb.issue_vek(old, sb.Tcb(snp=22))
+    for name, cert in (("ark", old.ark), ("ask", old.intermediate), ("a-vek-old", old.vek), ("b-vek-new", new.vek)):
+        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    trust = TrustStore({fingerprint(old.ark): old.ark})
+    for platform in (old, new):
+        verdict = run(sb.report(platform), certs=[tmp_path], trust=trust)
+        assert verdict.ok, verdict.reason()
+
+
 # -- reports built to the spec: products and versions beyond the samples ------------------
 
 @pytest.mark.parametrize("product, version, kind", [

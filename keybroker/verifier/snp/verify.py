@@ -69,14 +69,23 @@ def _candidates(evidence: Evidence, context: Context) -> list[x509.Certificate]:
     return certs
 
 
+def _mismatch(vek: x509.Certificate, report: Report, kind: str) -> tuple[bool, bool]:
+    """How ``vek`` fails to be the one that signed ``report``: another chip, another TCB (the chosen
+    VEK's extensions are checked in full later; one that cannot be read matches nothing)."""
+    try:
+        other_chip = kind == "vcek" and vek_hwid(vek) != report.significant_chip_id
+        tcb = report.reported_tcb.as_dict()
+        return other_chip, any(vek_spl(vek, part) != value for part, value in tcb.items())
+    except EvidenceError:
+        return True, True
+
+
 def find_chain(report: Report, certs: list[x509.Certificate], kind: str, trust: TrustStore) -> Chain | str:
     """Pick VEK, intermediate and ARK among ``certs``; a string says what is missing."""
     vek_cn = "SEV-VCEK" if kind == "vcek" else "SEV-VLEK"
-    veks = [c for c in certs if common_name(c.subject) == vek_cn]
-    if kind == "vcek":
-        # Prefer the VCEK of this chip and this TCB (a folder may hold many).
-        veks.sort(key=lambda c: (vek_hwid(c) != report.significant_chip_id,
-                                 vek_spl(c, "microcode") != report.reported_tcb.microcode))
+    # Prefer the VEK of this chip and this TCB, all of it: a folder may hold many, and a firmware
+    # update raises the SNP SPL and leaves the microcode's.
+    veks = sorted((c for c in certs if common_name(c.subject) == vek_cn), key=lambda c: _mismatch(c, report, kind))
     if not veks:
         return (f"no {kind.upper()} certificate: the host supplied none in auxblob and none was found "
                 "in the certificate folders or AMD's KDS")
