@@ -371,6 +371,22 @@ def test_kds_unreachable_is_named(tmp_path):
     assert verdict.failures[0].name == "certificates" and "cannot fetch" in verdict.failures[0].detail
 
 
+def test_a_stale_vcek_from_the_host_is_replaced_from_kds(kds, tmp_path):
+    """A host whose certificate table was not refreshed after a TCB update (or that gives another
+    chip's VCEK) offers a VCEK that cannot have signed the report: KDS has the one that did."""
+    url, hits, _ = kds
+    oak, other = vector("oak-milan"), vector("virtee-sev")
+    table = sb.cert_table([(GUID["vcek"], _der(other / "vcek.der")), (GUID["ask"], _der(oak / "ask.pem")),
+                           (GUID["ark"], _der(oak / "ark.pem"))])
+    raw = (oak / "report.bin").read_bytes()
+    verdict = run(raw, kds_url=url, fetcher=Fetcher(tmp_path), evidence={"auxblob": table})
+    assert verdict.ok, verdict.reason()
+    assert any("blSPL=" in hit for hit in hits)
+    # KDS away: the verdict names what is wrong with the host's VCEK.
+    verdict = run(raw, kds_url="http://127.0.0.1:9", fetcher=Fetcher(tmp_path / "other"), evidence={"auxblob": table})
+    assert verdict.failures[0].name in ("tcb_matches_vek", "chip_id_matches"), verdict.reason()
+
+
 # -- SVSM service attestation through the emulator -------------------------------------------
 
 def test_svsm_manifest_is_bound_and_exposed(tsm_sim, sim_state):

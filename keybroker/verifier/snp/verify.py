@@ -3,8 +3,8 @@
 The chain is RSASSA-PSS SHA-384 (salt 48) with the ARK pinned by fingerprint; the VEK's SPL
 and hwID extensions must match REPORTED_TCB and CHIP_ID; the report's ECDSA P-384 signature
 covers bytes 0x000-0x29F. Certificates come from the host's table in ``auxblob``, the
-operator's folders, or AMD's KDS (``kds``) when neither has them; the binding to the nonce
-is checked before anything is fetched.
+operator's folders, or AMD's KDS (``kds``) when neither has them (or only a VCEK for another
+chip or TCB); the binding to the nonce is checked before anything is fetched.
 """
 
 from __future__ import annotations
@@ -126,11 +126,15 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
                                            "by a VCEK or VLEK")
     certs = _candidates(evidence, context)
     chain = find_chain(report, certs, kind, context.trust)
-    if isinstance(chain, str) and context.kds_url is not None:
+    # A VCEK that cannot have signed the report (a host's table not refreshed after a TCB update)
+    # is as good as none: KDS has the one that did. (A VLEK cannot be fetched.)
+    stale = isinstance(chain, Chain) and kind == "vcek" and any(_mismatch(chain.vek, report, kind))
+    if (isinstance(chain, str) or stale) and context.kds_url is not None:
         try:
             certs += fetch_chain(report, kind, context)
         except EvidenceError as exc:
-            checks.failed("certificates", f"{chain}; {exc}")
+            if isinstance(chain, str):
+                checks.failed("certificates", f"{chain}; {exc}")
         chain = find_chain(report, certs, kind, context.trust)
     if isinstance(chain, str):
         checks.failed("certificates", chain)
