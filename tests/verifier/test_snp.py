@@ -408,6 +408,25 @@ def test_svsm_manifest_is_bound_and_exposed(tsm_sim, sim_state):
     assert verify(tampered, Context(trust, nonce=nonce)).failures[0].name == "svsm_manifest_binding"
 
 
+def test_an_svsm_manifest_not_shown_bound_is_no_claim(tsm_sim, sim_state):
+    """With REPORT_DATA given exactly (--report-data) or no nonce at all, nothing shows that the
+    manifest is the one REPORT_DATA binds: its bytes, which anyone can change, make no claim."""
+    from keybroker.guest.tsm import ReportRequest, TsmClient
+
+    root = tsm_sim("sev_guest", svsm=True)
+    nonce = hashlib.sha512(b"svsm exact").digest()
+    report = TsmClient(root).get_report(ReportRequest(nonce, service_provider="svsm"))
+    trust = TrustStore.default().with_dirs([sim_state / "trust"])
+    manifest = bytearray(report.manifestblob)
+    manifest[-1] ^= 1  # another vTPM EK
+    report_data = hashlib.sha512(nonce + report.manifestblob).digest()
+    evidence = Evidence("sev_guest", report.outblob, report.auxblob, bytes(manifest))
+    for context in (Context(trust, report_data=report_data), Context(trust)):
+        verdict = verify(evidence, context)
+        assert not any(name.startswith("snp.svsm.") for name in verdict.claims), verdict.claims
+        assert check(verdict, "svsm_manifest_binding").ok is None
+
+
 def test_emulator_reports_verify_under_the_simulated_roots_only(tsm_sim, sim_state):
     from keybroker.guest.tsm import ReportRequest, TsmClient
 

@@ -117,6 +117,12 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
         check_freshness(report.report_data, evidence, context, checks, what="REPORT_DATA",
                         derive=lambda nonce: hashlib.sha512(nonce + manifest).digest(),
                         rule="SHA-512(nonce || manifest)", name="svsm_manifest_binding")
+        if context.report_data is not None:
+            checks.skipped("svsm_manifest_binding", "REPORT_DATA was given exactly, not the nonce: whether it "
+                                                    "binds the manifest is unknown, so the manifest is no claim")
+        if checks.items[-1].name == "svsm_manifest_binding" and not checks.items[-1].ok:
+            for claim in [claim for claim in claims_out if claim.startswith("snp.svsm.")]:
+                del claims_out[claim]  # unsigned bytes that nothing bound
     else:
         check_freshness(report.report_data, evidence, context, checks, what="REPORT_DATA")
 
