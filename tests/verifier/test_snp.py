@@ -246,6 +246,19 @@ def test_a_folder_of_veks_for_several_tcbs_gives_the_one_for_the_reported_tcb(tm
         assert verdict.ok, verdict.reason()
 
 
+def test_a_folder_of_vleks_of_several_regions_gives_the_one_that_signed(tmp_path):
+    """A VLEK cannot be fetched, so an operator's folder holds one per CSP region (csp_id), all for
+    the same TCB and under the same ASVK: only the report's signature tells which signed it."""
+    east = sb.platform("Milan", "vlek")
+    west = sb.issue_vek(east, east.tcb)
+    for name, cert in (("ark", east.ark), ("asvk", east.intermediate), ("a-east", east.vek), ("b-west", west.vek)):
+        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    trust = TrustStore({fingerprint(east.ark): east.ark})
+    for platform in (east, west):
+        verdict = run(sb.report(platform), certs=[tmp_path], trust=trust)
+        assert verdict.ok, verdict.reason()
+
+
 # -- reports built to the spec: products and versions beyond the samples ------------------
 
 @pytest.mark.parametrize("product, version, kind", [

@@ -80,12 +80,29 @@ def _mismatch(vek: x509.Certificate, report: Report, kind: str) -> tuple[bool, b
         return True, True
 
 
+def _signs(vek: x509.Certificate, report: Report) -> bool:
+    """``vek``'s key verifies the report's signature."""
+    key = vek.public_key()
+    if not is_ec_key(vek, ec.SECP384R1):
+        return False
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    try:
+        key.verify(encode_dss_signature(report.signature_r, report.signature_s), report.raw[:SIGNED_SIZE],
+                   ec.ECDSA(hashes.SHA384()))
+        return True
+    except InvalidSignature:
+        return False
+
+
 def find_chain(report: Report, certs: list[x509.Certificate], kind: str, trust: TrustStore) -> Chain | str:
     """Pick VEK, intermediate and ARK among ``certs``; a string says what is missing."""
     vek_cn = "SEV-VCEK" if kind == "vcek" else "SEV-VLEK"
-    # Prefer the VEK of this chip and this TCB, all of it: a folder may hold many, and a firmware
-    # update raises the SNP SPL and leaves the microcode's.
-    veks = sorted((c for c in certs if common_name(c.subject) == vek_cn), key=lambda c: _mismatch(c, report, kind))
+    # Prefer the VEK of this chip and this TCB, all of it (a folder may hold many, and a firmware
+    # update raises the SNP SPL and leaves the microcode's), then the one that signed the report
+    # (VLEKs of a CSP's regions share a TCB).
+    veks = [c for c in certs if common_name(c.subject) == vek_cn]
+    if len(veks) > 1:
+        veks.sort(key=lambda c: (*_mismatch(c, report, kind), not _signs(c, report)))
     if not veks:
         return (f"no {kind.upper()} certificate: the host supplied none in auxblob and none was found "
                 "in the certificate folders or AMD's KDS")
@@ -198,14 +215,9 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
         checks.require(vek_hwid(vek) is None, "chip_id_matches", "VLEK: not bound to a chip",
                        "a VLEK must not carry a hwID")
 
-    key = vek.public_key()
-    assert isinstance(key, ec.EllipticCurvePublicKey)  # vek_key passed
-    try:
-        key.verify(encode_dss_signature(report.signature_r, report.signature_s), report.raw[:SIGNED_SIZE],
-                   ec.ECDSA(hashes.SHA384()))
+    if _signs(vek, report):
         checks.passed("report_signature", "ECDSA P-384 SHA-384 over 0x000-0x29F")
-    except InvalidSignature:
-        checks.failed("report_signature", f"the report signature does not verify under the "
-                                          f"{kind.upper()}")
+    else:
+        checks.failed("report_signature", f"the report signature does not verify under the {kind.upper()}")
     checks.genuine_and_bound()  # REPORT_DATA's binding was checked first
     check_init_data(report.host_data, context, checks, what="HOST_DATA")  # a genuine guest's, on the record
