@@ -115,6 +115,26 @@ def test_certificates_from_the_auxblob_table():
     assert refused.failures[0].name == "init_data" and refused.proven
 
 
+def test_a_table_with_a_crl_or_an_entry_of_another_kind_still_verifies():
+    """The table may carry AMD's CRL (GUID CRL, virtee/sev's CertType::CRL; Trustee's cert_type "CRL")
+    and entries of GUIDs keybroker does not know: they are not certificates of the chain."""
+    from keybroker.wire import trustee
+
+    folder = vector("virtee-sev")
+    der = lambda f: _der(folder / f)  # noqa: E731
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(x509.Name([]))
+           .last_update(dt.datetime(2025, 1, 1)).next_update(dt.datetime(2026, 1, 1))
+           .sign(ec.generate_private_key(ec.SECP384R1()), hashes.SHA384())).public_bytes(serialization.Encoding.DER)
+    table = sb.cert_table([(GUID["vcek"], der("vcek.der")), (GUID["ask"], der("ask.pem")),
+                           (GUID["ark"], der("ark.pem")), ("92f81bc3-5811-4d3d-97ff-d19f88dc67ea", crl),
+                           (str(uuid.uuid4()), b"opaque bytes of another kind")])
+    raw = (folder / "report.bin").read_bytes()
+    verdict = run(raw, evidence={"auxblob": table})
+    assert verdict.ok, verdict.reason()
+    blobs = trustee.from_json("snp", trustee.to_json("sev_guest", raw, table))  # as guest-components sends it
+    assert run(blobs.outblob, evidence={"auxblob": blobs.auxblob}).ok
+
+
 def test_a_table_of_overlapping_or_bundled_entries_is_refused_before_it_is_parsed_again_and_again():
     # A hostile host (or guest: the table is unsigned) once had one large PEM bundle parsed once
     # per entry pointing at it, and each remembered: gigabytes for a few attestations.

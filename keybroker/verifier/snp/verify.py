@@ -61,8 +61,19 @@ def _product_of(cn: str, prefix: str) -> str | None:
 
 
 def _candidates(evidence: Evidence, context: Context) -> list[x509.Certificate]:
-    """Certificates from the host's auxblob table, then the operator's folders and anchors."""
-    certs = [cert for _, der in ghcb.parse(evidence.auxblob) for cert in load_certs(der, most=1)]
+    """Certificates from the host's auxblob table, then the operator's folders and anchors.
+
+    The table's CRL entry (AMD's revocation list) is no certificate, nor need an entry of a GUID
+    keybroker does not know be one (go-sev-guest keeps them as extras, Trustee passes them over)."""
+    certs = []
+    for guid, der in ghcb.parse(evidence.auxblob):
+        if ghcb.KINDS.get(guid) == "CRL":
+            continue
+        try:
+            certs += load_certs(der, most=1)
+        except EvidenceError:
+            if guid in ghcb.KINDS:
+                raise
     for folder in context.certs:
         certs.extend(load_cert_dir(folder))
     certs.extend(context.trust.anchors())
