@@ -236,8 +236,14 @@ def obtain_for(cfg: ClientConfig, key_type: str, description: str, callout: byte
     return _outcome(obtain, key_type, description)
 
 
-def _worker(cfg: ClientConfig, request: KeyRequest, deadline: float, out: int) -> None:
+def _worker(cfg: ClientConfig, request: KeyRequest, deadline: float, out: int, parent: int) -> None:
     """In the forked worker: obtain the key, then send the outcome (and key) to the parent."""
+    import ctypes
+
+    # Dies with the handler (killed, or its alarm): nobody would receive the key it fetched.
+    ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != parent:
+        return  # the handler died before that
     from ..errors import KeybrokerError
     from . import broker, keyring
 
@@ -270,11 +276,12 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
     from .broker import ReleasedKey
 
     read_end, write_end = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
         try:
-            _worker(cfg, request, deadline - 0.5, write_end)
+            _worker(cfg, request, deadline - 0.5, write_end, parent)
         finally:
             os._exit(0)
     os.close(write_end)

@@ -274,6 +274,55 @@ def test_entries_of_killed_workers_do_not_pile_up(tsm_sim, kbs, tmp_path, system
     assert len(left) <= 1 and all(running(pid) for pid in left.values()), left  # only the latest worker's
 
 
+def _handlers_of(config: Path) -> list[tuple[int, int]]:
+    """(pid, parent pid) of each running process of the handler installed with ``config`` (it and its worker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text().rpartition(")")[2].split()
+        except (OSError, ValueError):
+            continue
+        if str(config).encode() in argv and any(arg.endswith(b"keybroker-request-key") for arg in argv) \
+                and stat[0] != "Z":
+            found.append((int(entry.name), int(stat[1])))
+    return found
+
+
+def _handler_and_worker(config: Path) -> tuple[int, int]:
+    deadline = time.monotonic() + 20
+    while True:
+        found = _handlers_of(config)
+        pids = {pid for pid, _ in found}
+        pairs = [(parent, pid) for pid, parent in found if parent in pids]
+        if pairs:
+            return pairs[0]
+        assert time.monotonic() < deadline, found
+        time.sleep(0.02)
+
+
+def test_a_killed_handler_takes_its_worker_with_it(tsm_sim, kbs, handler):
+    """SIGKILL ends the handler at once (the kernel negates the key); its worker, orphaned, went on to
+    attest and have the server release a key that nobody would receive, holding the attestation lock."""
+    import signal
+
+    root = tsm_sim("sev_guest", "slow=2")
+    server = kbs()
+    server.put("default/disk/root", SECRET)
+    config = handler(server.url, root)
+    requester = subprocess.Popen(["keyctl", "session", "-", "keyctl", "request2", "user",
+                                  "keybroker:default/disk/root", "", "@s"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    parent, _ = _handler_and_worker(config)
+    time.sleep(0.3)  # the worker is in the provider's read now
+    os.kill(parent, signal.SIGKILL)
+    _, err = requester.communicate(timeout=30)
+    assert "Required key not available" in err  # the kernel's negation
+    time.sleep(4)  # the report, had the worker lived, and the round
+    assert not _handlers_of(config)
+    assert server.requests_to("attest") == 0 and "released" not in server.log()
+
+
 def test_lease_becomes_the_key_expiry(tsm_sim, kbs, handler):
     root = tsm_sim("sev_guest")
     server = kbs()
