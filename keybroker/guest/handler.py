@@ -26,6 +26,7 @@ it runs once per key request, at boot too.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # not signal: its enums cost milliseconds
 import errno as E
 import os
 import sys
@@ -67,58 +68,61 @@ class Rejection:
 
 def classify(exc: BaseException) -> Rejection:
     """The errno and negative-cache timeout a failure deserves."""
-    from ..errors import (
-        AccessDenied,
-        ConfigError,
-        DescriptionError,
-        KeyringError,
-        ProtocolError,
-        ReleaseRefused,
-        ResourceMissing,
-        ServerError,
-        ServerUnreachable,
-        TsmError,
-    )
+    from .. import errors as err
 
     reason = str(exc) or type(exc).__name__
-    if isinstance(exc, DescriptionError):
+    if isinstance(exc, Stopped):
+        return Rejection(E.ECANCELED, TRANSIENT, reason)
+    if isinstance(exc, err.DescriptionError):
         return Rejection(E.ENOKEY, DENIED, reason)
-    if isinstance(exc, AccessDenied):
+    if isinstance(exc, err.AccessDenied):
         return Rejection(E.EACCES, DENIED, reason)
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, err.ConfigError):
         return Rejection(E.ENOKEY, FAILED, reason)
-    if isinstance(exc, ServerUnreachable):
+    if isinstance(exc, err.ServerUnreachable):
         return Rejection(exc.errno, TRANSIENT, reason)
-    if isinstance(exc, ResourceMissing):
+    if isinstance(exc, err.ResourceMissing):
         return Rejection(E.ENOKEY, DENIED, reason)
-    if isinstance(exc, ReleaseRefused):
+    if isinstance(exc, err.ReleaseRefused):
         return Rejection(E.EKEYREJECTED, DENIED, reason)
-    if isinstance(exc, ServerError) and exc.status == 429:
+    if isinstance(exc, err.ServerError) and exc.status == 429:
         return Rejection(E.EBUSY, TRANSIENT, reason)
-    if isinstance(exc, ServerError):
+    if isinstance(exc, err.ServerError):
         return Rejection(E.EIO if exc.status >= 500 else E.EPROTO, TRANSIENT if exc.status >= 500 else FAILED, reason)
-    if isinstance(exc, ProtocolError):
+    if isinstance(exc, err.ProtocolError):
         return Rejection(E.EPROTO, FAILED, reason)
-    if isinstance(exc, TsmError):
+    if isinstance(exc, err.TsmError):
         code = exc.errno if exc.errno and exc.errno not in _FORBIDDEN_ERRNOS else E.EIO
         if code == E.EINTR:
             code = E.EBUSY
         return Rejection(code, TRANSIENT if exc.transient else UNAVAILABLE, reason)
-    if isinstance(exc, KeyringError):
+    if isinstance(exc, err.KeyringError):
         return Rejection(exc.errno if exc.errno not in _FORBIDDEN_ERRNOS else E.EIO, FAILED, reason)
     return Rejection(E.EIO, FAILED, f"internal error: {type(exc).__name__}: {exc}")
 
 
+class Stopped(BaseException):
+    """A signal stopped the handler (SIGTERM, SIGHUP, SIGINT): the construction is rejected at once."""
+
+
 class Construction:
-    """Ends one key construction exactly once: instantiate or reject."""
+    """Ends one key construction exactly once: instantiate or reject; a stopping signal rejects it."""
 
     def __init__(self, serial: int) -> None:
         self.serial = serial
-        self.done = False
+        self.done = self.ending = False
+        for signum, name in ((_signal.SIGTERM, "SIGTERM"), (_signal.SIGHUP, "SIGHUP"), (_signal.SIGINT, "SIGINT")):
+            _signal.signal(signum, lambda *_, name=name: self._stop(name))
+
+    def _stop(self, name: str) -> None:
+        if not self.ending:  # once, and never while the construction is being ended
+            self.ending = True
+            raise Stopped(f"the handler was stopped by {name}")
 
     def instantiate(self, payload: bytearray, lease: int | None) -> None:
         from . import keyring
 
+        self.ending = True  # with the key in hand, a stopping signal waits for the end of this
         # Permissions that take SETATTR away first: until then the requester, who possesses the
         # key under construction, could lift a lease set before them. The lease after them: the
         # authority to instantiate the key lets this process set it still.
@@ -131,6 +135,7 @@ class Construction:
     def reject(self, rejection: Rejection) -> None:
         from . import keyring
 
+        self.ending = True
         if not self.done:
             self.done = True
             keyring.reject(self.serial, max(rejection.timeout, 1), rejection.errno, 0)
@@ -270,7 +275,6 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
     buffer, wiped before return; the key leaves it only into the bytearray returned.
     """
     import select
-    import signal
 
     from .agentsocket import ANSWER_HEADER_MAX, decode_answer
     from .broker import ReleasedKey
@@ -293,7 +297,6 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
         while filled < len(buffer):
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(left * 1000):
-                os.kill(pid, signal.SIGKILL)
                 raise Failed(Rejection(E.ETIMEDOUT, TRANSIENT, f"deadline of {cfg.deadline:g} s passed"))
             got = os.readv(read_end, [view[filled:]])
             if not got:
@@ -312,8 +315,9 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
         view.release()
         buffer[:] = bytes(len(buffer))
         os.close(read_end)
-        try:
-            os.waitpid(pid, os.WNOHANG)  # never block on a worker stuck in the kernel
+        try:  # never waited for (it may be stuck in the kernel); killed when given up on (deadline, signal)
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                os.kill(pid, _signal.SIGKILL)
         except ChildProcessError:
             pass
 
@@ -377,13 +381,11 @@ def run_kernel(serial: int, config_path: str, log: Journal) -> int:
         answer = _from_agent(config_path, key.type, key.description, callout, key.uid, key.gid, start)
         if answer is None:  # no agent answered: do the round here
             via = "handler"
-            import signal
-
             cfg = load_config(config_path)
             # Last resort: should anything below (the group database, say) block past the deadline,
             # counted from the kernel's call, SIGALRM ends the process; the kernel then negates the
             # key (ENOKEY, 60 s). The agent may have had half the deadline already.
-            signal.alarm(max(1, int(start + cfg.deadline - time.monotonic()) + 2))
+            _signal.alarm(max(1, int(start + cfg.deadline - time.monotonic()) + 2))
             via = "worker"
             request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
             released = obtain_within(cfg, request, start + cfg.deadline)

@@ -16,7 +16,7 @@ from keybroker.errors import (
     ServerUnreachable,
     TsmError,
 )
-from keybroker.guest.handler import classify
+from keybroker.guest.handler import Stopped, classify
 from keybroker.wire import rcar as p
 from support import REPO
 
@@ -43,6 +43,7 @@ CASES = {
     "evidence unavailable, provider failed": [TsmError("gone", errno=E.ENXIO), TsmError("none", errno=E.ENODEV),
                                               TsmError("failed", errno=E.EIO)],
     "client configuration missing or invalid": [ConfigError("no file")],
+    "handler stopped (SIGTERM, SIGHUP, SIGINT; its worker with it)": [Stopped("the handler was stopped by SIGTERM")],
 }
 
 

@@ -323,6 +323,62 @@ def test_a_killed_handler_takes_its_worker_with_it(tsm_sim, kbs, handler):
     assert server.requests_to("attest") == 0 and "released" not in server.log()
 
 
+@pytest.mark.parametrize("agent", [False, True], ids=["worker", "agent"])
+def test_a_stopped_handler_rejects_the_key_at_once(tsm_sim, kbs, handler, syslog, agent):
+    """SIGTERM (a shutdown, an operator) ends the handler: it rejects the key (ECANCELED, 5 s) and logs
+    it, where the kernel's negation said "Required key not available" for 60 s, the word for a key that
+    does not exist, and nothing was logged; the worker does not go on."""
+    import signal
+
+    root = tsm_sim("sev_guest", "slow=3")
+    server = kbs()
+    server.put("default/disk/root", SECRET)
+    config = handler(server.url, root)
+    if agent:  # a socket that takes the request and says nothing more: the handler waits on the agent
+        import socket
+        import threading
+
+        from keybroker.guest import agentsocket
+
+        path = Path(agentsocket.SOCKET)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.bind(str(path))
+        silent.listen(1)
+        held: list[socket.socket] = []
+
+        def hold() -> None:
+            conn = silent.accept()[0]
+            held.append(conn)
+            conn.sendall(agentsocket.frame("deadline", 10000))
+        threading.Thread(target=hold, daemon=True).start()
+    try:
+        started = time.monotonic()
+        requester = subprocess.Popen(["keyctl", "session", "-", "sh", "-c", 'keyctl request2 user '
+                                      'keybroker:default/disk/root "" @s; grep " keybroker:default/disk/root" '
+                                      '/proc/keys'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if agent:
+            while not held:
+                assert time.monotonic() - started < 10
+                time.sleep(0.02)
+            parent = next(pid for pid, _ in _handlers_of(config))
+        else:
+            parent, _ = _handler_and_worker(config)
+        time.sleep(0.3)
+        os.kill(parent, signal.SIGTERM)
+        out, err = requester.communicate(timeout=30)
+    finally:
+        if agent:
+            silent.close()
+            path.unlink(missing_ok=True)
+    assert "Operation canceled" in err and time.monotonic() - started < 3, err
+    assert re.search(r" [1-5]s +3f010000 ", out), out  # negative for 5 s at most
+    line = next(entry for entry in syslog if "keybroker:default/disk/root" in entry)
+    assert "errno=ECANCELED timeout=5s" in line and "stopped by SIGTERM" in line, line
+    time.sleep(4)
+    assert not _handlers_of(config) and server.requests_to("attest") == 0
+
+
 def test_lease_becomes_the_key_expiry(tsm_sim, kbs, handler):
     root = tsm_sim("sev_guest")
     server = kbs()
