@@ -421,7 +421,7 @@ def run_debug(key_type: str, description: str, callout: str, config_path: str,
     start = time.monotonic()
     try:
         cfg = load_config(config_path)
-        request = _authorise(cfg, key_type, description, callout.encode(), uid, gid)
+        request = _authorise(cfg, key_type, description, os.fsencode(callout), uid, gid)  # argv's bytes
         released = obtain_within(cfg, request, start + cfg.deadline)
     except Exception as exc:
         rejection = exc.rejection if isinstance(exc, Failed) else classify(exc)

@@ -48,6 +48,20 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def test_debug_refuses_a_callout_that_is_not_utf8_as_the_kernel_path_does(tmp_path, capsys):
+    """argv holds the bytes undecoded (surrogateescape): the callout is the bytes the kernel would pass,
+    refused as not ASCII (ENOKEY), not an internal error from encoding them back."""
+    import os
+
+    from keybroker.guest import handler
+
+    path = tmp_path / "client.toml"
+    path.write_text('[server]\nurl = "http://127.0.0.1:9"\n')
+    code = handler.run_debug("user", "keybroker:default/disk/root", os.fsdecode(b"privlevel=1\xff"), str(path))
+    out = capsys.readouterr().out
+    assert code == 1 and "errno=ENOKEY" in out and "callout is not ASCII" in out, out
+
+
 def test_config_defaults_and_access(tmp_path):
     cfg = config.load(write(tmp_path, """
         [server]
