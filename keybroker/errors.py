@@ -83,6 +83,10 @@ class ResourceMissing(ServerError):
     """The key server has no resource at that path."""
 
 
+class ResourceUnfit(KeybrokerError):
+    """A released resource cannot be a key of the type asked for (user and logon keys hold 1 to 32767 bytes)."""
+
+
 class ServerUnreachable(KeybrokerError):
     """The key server could not be reached or did not answer in time; ``errno`` says how."""
 

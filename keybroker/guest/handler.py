@@ -73,7 +73,7 @@ def classify(exc: BaseException) -> Rejection:
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, Stopped):
         return Rejection(E.ECANCELED, TRANSIENT, reason)
-    if isinstance(exc, err.DescriptionError):
+    if isinstance(exc, (err.DescriptionError, err.ResourceMissing)):
         return Rejection(E.ENOKEY, DENIED, reason)
     if isinstance(exc, err.AccessDenied):
         return Rejection(E.EACCES, DENIED, reason)
@@ -81,8 +81,8 @@ def classify(exc: BaseException) -> Rejection:
         return Rejection(E.ENOKEY, FAILED, reason)
     if isinstance(exc, err.ServerUnreachable):
         return Rejection(exc.errno, TRANSIENT, reason)
-    if isinstance(exc, err.ResourceMissing):
-        return Rejection(E.ENOKEY, DENIED, reason)
+    if isinstance(exc, err.ResourceUnfit):
+        return Rejection(E.EMSGSIZE, DENIED, reason)
     if isinstance(exc, err.ReleaseRefused):
         return Rejection(E.EKEYREJECTED, DENIED, reason)
     if isinstance(exc, err.ServerError) and exc.status == 429:
@@ -207,9 +207,9 @@ def _outcome(obtain: Callable[[], ReleasedKey], key_type: str, resource: str) ->
         released = obtain()
         value = released.value
         if not 1 <= len(value) <= USER_PAYLOAD_MAX:
-            from ..errors import KeybrokerError
+            from ..errors import ResourceUnfit
 
-            raise KeybrokerError(f"resource {resource} is {len(value)} bytes; {key_type} keys hold 1 to "
+            raise ResourceUnfit(f"resource {resource} is {len(value)} bytes; {key_type} keys hold 1 to "
                                  f"{USER_PAYLOAD_MAX}")
         return {"size": len(value), "lease": released.lease}, value
     except BaseException as exc:

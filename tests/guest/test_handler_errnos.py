@@ -12,11 +12,13 @@ from keybroker.errors import (
     ProtocolError,
     ReleaseRefused,
     ResourceMissing,
+    ResourceUnfit,
     ServerError,
     ServerUnreachable,
     TsmError,
 )
-from keybroker.guest.handler import Stopped, classify
+from keybroker.guest.client import ReleasedKey
+from keybroker.guest.handler import USER_PAYLOAD_MAX, Stopped, _outcome, classify
 from keybroker.wire import rcar as p
 from support import REPO
 
@@ -28,6 +30,7 @@ CASES = {
                                      ReleaseRefused("denied", status=401, problem=p.POLICY_DENIED)],
     "unknown resource, description or callout outside the grammar": [
         ResourceMissing("absent", status=404, problem=p.RESOURCE_NOT_FOUND), DescriptionError("bad")],
+    "resource larger than a key holds (32767 bytes), or empty": [ResourceUnfit("resource x is 40000 bytes")],
     "requester not allowed by `[[access]]`": [AccessDenied("no")],
     "server unreachable, deadline passed": [ServerUnreachable("down", errno=code) for code in
                                             (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ETIMEDOUT,
@@ -63,3 +66,15 @@ def test_every_row_of_the_documented_table_is_what_the_handler_does():
             outcome = classify(failure)
             assert E.errorcode[outcome.errno] in named, (cause, failure, outcome)
             assert cached == f"{outcome.timeout} s", (cause, failure, outcome)
+
+
+def test_a_released_resource_no_key_can_hold_is_refused_as_too_long_and_wiped():
+    """A Trustee KBS may hold resources of any size; a user or logon key holds 1 to 32767 bytes."""
+    for size in (0, USER_PAYLOAD_MAX + 1):
+        released = ReleasedKey(bytearray(b"k" * size), None)
+        header, value = _outcome(lambda released=released: released, "user", "default/big/one")
+        assert (header["errno"], header["timeout"]) == (E.EMSGSIZE, 60), header
+        assert f"resource default/big/one is {size} bytes" in str(header["reason"])
+        assert not value and released.value == bytearray(size)
+    header, value = _outcome(lambda: ReleasedKey(bytearray(b"k" * USER_PAYLOAD_MAX), 30), "logon", "default/big/one")
+    assert header == {"size": USER_PAYLOAD_MAX, "lease": 30} and len(value) == USER_PAYLOAD_MAX
