@@ -57,7 +57,7 @@ def add_evidence_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-cpak", type=Path, metavar="FILE", help="a CCA platform key to trust (PEM or JWK)")
     p.add_argument("--certs", type=Path, action="append", default=[], metavar="DIR",
                    help="folder of PEM/DER certificates to use (VCEK/VLEK, ASK/ASVK, ARK; PCK chains; "
-                        "legacy SEV ask_ark .cert files)")
+                        "legacy SEV ask_ark .cert files) and AMD's CRLs (.crl)")
     p.add_argument("--collateral", type=Path, metavar="DIR",
                    help="TDX collateral folder: TCB info, QE identity, CRLs, TCB signing chain")
     p.add_argument("--at", type=rfc3339, metavar="RFC3339", help="check certificate validity at this time")

@@ -44,7 +44,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-roots", type=Path, action="append", metavar="DIR",
                    help="extra trust anchors: root certificates and CCA platform keys (repeatable)")
     p.add_argument("--certs", type=Path, action="append", metavar="DIR",
-                   help="folder of vendor certificates (VCEK/VLEK, ASK, ARK) to use when evidence lacks them")
+                   help="folder of vendor certificates (VCEK/VLEK, ASK, ARK) to use when evidence lacks them, "
+                        "and AMD's CRLs (.crl files) to check")
     p.add_argument("--kds-url", help=f"AMD KDS for VCEKs and chains the evidence lacks (default {DEFAULT_KDS}; "
                                      "'' to never fetch)")
     p.add_argument("--cache-dir", type=Path, help=f"cache for KDS certificates and PCS collateral (default "

@@ -15,6 +15,7 @@ fail (``Fault``) the way real hosts fail.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import errno as E
 import hashlib
 import struct
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import cbor2
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from ..wire import ghcb
@@ -283,6 +285,19 @@ def snp_cert_table(ident: SnpIdentity) -> bytes:
     """The GHCB certificate table the host hands over with an extended report: VCEK, ASK, ARK."""
     return ghcb.build([(ghcb.GUIDS[name], cert.public_bytes(serialization.Encoding.DER))
                        for name, cert in (("VCEK", ident.vcek), ("ASK", ident.ask), ("ARK", ident.ark))])
+
+
+def snp_crl(ident: SnpIdentity, revoked: tuple[int, ...] = (), *, days: int = 7) -> bytes:
+    """AMD's CRL as KDS serves it (DER, signed by the ARK), revoking the certificates of ``revoked`` serials."""
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ident.ark.subject)
+               .last_update(now - dt.timedelta(days=1)).next_update(now + dt.timedelta(days=days)))
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - dt.timedelta(days=1)).build())
+    crl = builder.sign(ident.ark_key, hashes.SHA384(),
+                       rsa_padding=padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48))
+    return crl.public_bytes(serialization.Encoding.DER)
 
 
 def svsm_services_manifest(services: dict[uuid.UUID, bytes]) -> bytes:

@@ -59,6 +59,7 @@ class SnpTcb:
 @dataclass(frozen=True)
 class SnpIdentity:
     ark: x509.Certificate
+    ark_key: rsa.RSAPrivateKey  # signs the simulated CRL
     ask: x509.Certificate
     vcek: x509.Certificate
     vcek_key: ec.EllipticCurvePrivateKey
@@ -110,8 +111,8 @@ class SimState:
 
     def snp(self) -> SnpIdentity:
         with self.locked():
-            if not (self.path / "snp" / "values.json").exists():
-                self._create_snp()
+            if not (self.path / "snp" / "values.json").exists() or not (self.path / "snp" / "ark.key").exists():
+                self._create_snp()  # (states made before the ARK's key was kept are renewed)
             return self._load_snp()
 
     def tdx(self) -> TdxIdentity:
@@ -182,6 +183,7 @@ class SimState:
         vcek = vcek_builder.sign(ask_key, hashes.SHA384(), rsa_padding=pss)
 
         _save_key(d / "vcek.key", vcek_key)
+        _save_key(d / "ark.key", ark_key)
         for name, cert in (("ark", ark), ("ask", ask), ("vcek", vcek)):
             _save_cert(d / f"{name}.pem", cert)
         ek = ec.generate_private_key(ec.SECP256R1())
@@ -194,7 +196,8 @@ class SimState:
     def _load_snp(self) -> SnpIdentity:
         d = self.path / "snp"
         v = json.loads((d / "values.json").read_text())
-        return SnpIdentity(ark=_load_cert(d / "ark.pem"), ask=_load_cert(d / "ask.pem"),
+        return SnpIdentity(ark=_load_cert(d / "ark.pem"), ark_key=_load_key(d / "ark.key"),
+                           ask=_load_cert(d / "ask.pem"),
                            vcek=_load_cert(d / "vcek.pem"), vcek_key=_load_key(d / "vcek.key"),
                            chip_id=bytes.fromhex(v["chip_id"]), tcb=SnpTcb(**v["tcb"]),
                            measurement=bytes.fromhex(v["measurement"]),

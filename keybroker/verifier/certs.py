@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import re
 import warnings
 from pathlib import Path
 
@@ -88,6 +89,39 @@ def load_cert_dir(folder: Path) -> list[x509.Certificate]:
     return certs
 
 
+def load_crl(data: bytes) -> x509.CertificateRevocationList:
+    """A CRL as DER, PEM, or hex-encoded DER (as some PCCS versions serve it), parsed whole: every
+    part a verifier reads, each revoked entry's serial included, is read here (see ``_parse``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if b"-----BEGIN X509 CRL-----" in data:
+                crl = x509.load_pem_x509_crl(data)
+            elif re.fullmatch(rb"\s*([0-9a-fA-F]{2})+\s*", data):
+                crl = x509.load_der_x509_crl(bytes.fromhex(data.decode().strip()))
+            else:
+                crl = x509.load_der_x509_crl(data)
+            _ = (crl.issuer, crl.last_update_utc, crl.next_update_utc, crl.signature, crl.tbs_certlist_bytes,
+                 [entry.serial_number for entry in crl])
+            return crl
+        except Exception as exc:  # whatever the X.509 library rejects a hostile CRL with
+            raise EvidenceError(f"cannot parse CRL: {type(exc).__name__}: {exc}"[:300]) from None
+
+
+def load_crl_dir(folder: Path) -> list[x509.CertificateRevocationList]:
+    """Every CRL in the ``.crl`` files (DER or PEM, as AMD's KDS and Intel's PCS serve them) of ``folder``."""
+    crls = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() == ".crl" and path.is_file():
+            if path.stat().st_size > CERT_FILE_MAX:
+                raise EvidenceError(f"{path} is larger than {CERT_FILE_MAX} bytes")
+            try:
+                crls.append(load_crl(path.read_bytes()))
+            except EvidenceError as exc:
+                raise EvidenceError(f"{path}: {exc}") from None
+    return crls
+
+
 def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
@@ -100,12 +134,20 @@ def common_name(name: x509.Name) -> str:
 @functools.lru_cache(maxsize=CACHE_MAX)
 def signed_by_rsa_pss_sha384(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     """AMD's certificate signatures: RSASSA-PSS, SHA-384, MGF1-SHA-384, salt 48, issuer name matches."""
+    return child.issuer == issuer.subject and _pss_sha384(issuer, child.signature, child.tbs_certificate_bytes)
+
+
+def crl_signed_by_rsa_pss_sha384(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    """An AMD CRL's signature (as its certificates'), issuer name matching (not remembered: CRLs are rare)."""
+    return crl.issuer == issuer.subject and _pss_sha384(issuer, crl.signature, crl.tbs_certlist_bytes)
+
+
+def _pss_sha384(issuer: x509.Certificate, signature: bytes, signed: bytes) -> bool:
     key = issuer.public_key()
-    if not isinstance(key, rsa.RSAPublicKey) or child.issuer != issuer.subject:
+    if not isinstance(key, rsa.RSAPublicKey):
         return False
     try:
-        key.verify(child.signature, child.tbs_certificate_bytes,
-                   padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48), hashes.SHA384())
+        key.verify(signature, signed, padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48), hashes.SHA384())
         return True
     except InvalidSignature:
         return False

@@ -6,6 +6,7 @@ algorithms are AMD's), reports follow the ABI table field by field.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import struct
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class Platform:
     chip_id: bytes
     tcb: Tcb
     intermediate_key: rsa.RSAPrivateKey | None = None
+    ark_key: rsa.RSAPrivateKey | None = None
 
 
 def platform(product: str = "Milan", kind: str = "vcek", tcb: Tcb | None = None,
@@ -77,14 +79,29 @@ def platform(product: str = "Milan", kind: str = "vcek", tcb: Tcb | None = None,
     ark = _cert(ark_name, ark_name, ark_key, ark_key, ca=True)
     inter = _cert(inter_name, ark_name, inter_key, ark_key, ca=True)
     chip_id = bytes(range(1, 9)) + bytes(56) if product == "Turin" else bytes(range(1, 65))
-    return _issue(product, kind, ark, inter, inter_key, tcb or Tcb(), chip_id if kind == "vcek" else bytes(64))
+    made = _issue(product, kind, ark, inter, inter_key, tcb or Tcb(), chip_id if kind == "vcek" else bytes(64))
+    return dataclasses.replace(made, ark_key=ark_key)
+
+
+def crl(p: Platform, revoked: tuple[int, ...] = (), *, signer: rsa.RSAPrivateKey | None = None,
+        next_update: dt.datetime | None = None) -> x509.CertificateRevocationList:
+    """The CRL of ``p``'s ARK (as AMD's KDS serves it, RSA-PSS SHA-384), revoking the ``revoked`` serials."""
+    issued = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(p.ark.subject).last_update(issued)
+               .next_update(next_update or dt.datetime(2100, 1, 1, tzinfo=dt.UTC)))
+    for serial in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build())
+    key = signer or p.ark_key
+    assert key is not None
+    return builder.sign(key, hashes.SHA384(), rsa_padding=PSS)
 
 
 def issue_vek(p: Platform, tcb: Tcb, chip_id: bytes | None = None) -> Platform:
     """``p`` with a new VEK (fresh key) for ``tcb`` (and ``chip_id``), issued by ``p``'s intermediate."""
     assert p.intermediate_key is not None
-    return _issue(p.product, p.kind, p.ark, p.intermediate, p.intermediate_key, tcb,
-                  p.chip_id if chip_id is None else chip_id)
+    return dataclasses.replace(_issue(p.product, p.kind, p.ark, p.intermediate, p.intermediate_key, tcb,
+                                      p.chip_id if chip_id is None else chip_id), ark_key=p.ark_key)
 
 
 def _issue(product: str, kind: str, ark: x509.Certificate, inter: x509.Certificate, inter_key: rsa.RSAPrivateKey,

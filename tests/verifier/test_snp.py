@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from keybroker.errors import EvidenceError
@@ -277,6 +277,84 @@ def test_a_folder_of_vleks_of_several_regions_gives_the_one_that_signed(tmp_path
     for platform in (east, west):
         verdict = run(sb.report(platform), certs=[tmp_path], trust=trust)
         assert verdict.ok, verdict.reason()
+
+
+# -- revocation: the ARK's CRL -----------------------------------------------------------
+
+CRL_GUID = "92f81bc3-5811-4d3d-97ff-d19f88dc67ea"
+
+
+def _table(p, *extra):
+    return sb.cert_table([(GUID[p.kind], p.vek.public_bytes(serialization.Encoding.DER)),
+                          (GUID["ask"], p.intermediate.public_bytes(serialization.Encoding.DER)),
+                          (GUID["ark"], p.ark.public_bytes(serialization.Encoding.DER)), *extra])
+
+
+@pytest.mark.parametrize("kind", ["vcek", "vlek"])
+def test_an_intermediate_the_arks_crl_revokes_is_refused_from_the_host_or_a_folder(tmp_path, kind):
+    """AMD revokes an ASK or ASVK on the CRL its ARK signs (KDS /vcek|vlek/v1/{product}/crl); the
+    host's table may carry it (GUID CRL) and an operator keeps it in a --certs folder."""
+    p = sb.platform("Genoa", kind)
+    trust = TrustStore({fingerprint(p.ark): p.ark})
+    revoking = sb.crl(p, (7, p.intermediate.serial_number)).public_bytes(serialization.Encoding.DER)
+    refused = run(sb.report(p), trust=trust, evidence={"auxblob": _table(p, (CRL_GUID, revoking))})
+    assert refused.failures[0].name == "crl" and "is revoked" in refused.failures[0].detail, refused.reason()
+    assert refused.proven is False  # the chain is not AMD's word any more: nobody's refusal on the record
+
+    (tmp_path / "genoa.crl").write_bytes(sb.crl(p, (p.intermediate.serial_number,)).public_bytes(
+        serialization.Encoding.PEM))
+    from_folder = run(sb.report(p), trust=trust, certs=[tmp_path], evidence={"auxblob": _table(p)})
+    assert from_folder.failures[0].name == "crl", from_folder.reason()
+
+    (tmp_path / "genoa.crl").write_bytes(sb.crl(p, (7,)).public_bytes(serialization.Encoding.DER))
+    current = run(sb.report(p), trust=trust, certs=[tmp_path], evidence={"auxblob": _table(p)})
+    assert current.ok and check(current, "crl").ok and "is not on the CRL" in check(current, "crl").detail
+
+
+def test_a_crl_not_signed_by_the_ark_checks_nothing_and_an_operators_damaged_one_is_an_error(tmp_path):
+    p = sb.platform("Milan")
+    trust = TrustStore({fingerprint(p.ark): p.ark})
+    forged = sb.crl(p, (p.intermediate.serial_number,), signer=rsa.generate_private_key(65537, 2048))
+    for table in (_table(p), _table(p, (CRL_GUID, forged.public_bytes(serialization.Encoding.DER))),
+                  _table(p, (CRL_GUID, b"not a CRL"))):
+        verdict = run(sb.report(p), trust=trust, evidence={"auxblob": table})
+        assert verdict.ok and check(verdict, "crl").ok is None, verdict.reason()  # N/A: as if none were sent
+    assert "1 offered, none signed by it" in check(
+        run(sb.report(p), trust=trust, evidence={"auxblob": _table(p, (CRL_GUID, forged.public_bytes(
+            serialization.Encoding.DER)))}), "crl").detail
+
+    stale = sb.crl(p, (), next_update=dt.datetime(2025, 2, 1, tzinfo=dt.UTC))
+    (tmp_path / "milan.crl").write_bytes(stale.public_bytes(serialization.Encoding.DER))
+    verdict = run(sb.report(p), trust=trust, certs=[tmp_path], evidence={"auxblob": _table(p)})
+    assert verdict.ok and "its next update was due 2025-02-01" in check(verdict, "crl").detail
+
+    (tmp_path / "milan.crl").write_bytes(b"-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n")
+    with pytest.raises(EvidenceError, match=r"milan\.crl: cannot parse CRL"):
+        certs.load_crl_dir(tmp_path)
+    assert not run(sb.report(p), trust=trust, certs=[tmp_path], evidence={"auxblob": _table(p)}).ok
+
+
+def test_key_server_refuses_a_guest_whose_ask_its_certs_folder_crl_revokes(tsm_sim, sim_state, kbs, tmp_path):
+    from keybroker.errors import ReleaseRefused
+    from keybroker.guest.client import RcarClient
+    from keybroker.guest.tsm import ReportRequest, TsmClient
+    from keybroker.sim.providers import snp_crl
+    from keybroker.sim.roots import SimState
+
+    root = tsm_sim("sev_guest")
+    ident = SimState(sim_state).snp()
+    (tmp_path / "revoking").mkdir()
+    (tmp_path / "revoking" / "genoa.crl").write_bytes(snp_crl(ident, (ident.ask.serial_number,)))
+    (tmp_path / "current").mkdir()
+    (tmp_path / "current" / "genoa.crl").write_bytes(snp_crl(ident, (ident.ask.serial_number + 1,)))
+    revoking, current = kbs("--certs", str(tmp_path / "revoking")), kbs("--certs", str(tmp_path / "current"))
+    for server in (revoking, current):
+        server.put("default/key/a", b"released")
+    tsm = TsmClient(root)
+    report = lambda inblob: tsm.get_report(ReportRequest(inblob))  # noqa: E731
+    with pytest.raises(ReleaseRefused, match="revoked"):
+        RcarClient(revoking.url).fetch("default/key/a", "snp", report)
+    assert bytes(RcarClient(current.url).fetch("default/key/a", "snp", report).value) == b"released"
 
 
 # -- reports built to the spec: products and versions beyond the samples ------------------

@@ -9,6 +9,7 @@ chip or TCB); the binding to the nonce is checked before anything is fetched.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +24,13 @@ from ...errors import EvidenceError
 from ...wire import ghcb
 from ..certs import (
     common_name,
+    crl_signed_by_rsa_pss_sha384,
     fingerprint,
     is_ec_key,
     load_cert_dir,
     load_certs,
+    load_crl,
+    load_crl_dir,
     signed_by_rsa_pss_sha384,
     valid_at,
     validity,
@@ -78,6 +82,41 @@ def _candidates(evidence: Evidence, context: Context) -> list[x509.Certificate]:
         certs.extend(load_cert_dir(folder))
     certs.extend(context.trust.anchors())
     return certs
+
+
+def _crls(evidence: Evidence, context: Context) -> list[x509.CertificateRevocationList]:
+    """AMD's CRLs at hand: the host table's CRL entry and the ``.crl`` files of the operator's folders.
+    A host's entry that does not parse is passed over, as a host could as well leave it out; an
+    operator's file that does not parse is an error: it must not quietly turn the check off."""
+    crls = []
+    for guid, der in ghcb.parse(evidence.auxblob):
+        if ghcb.KINDS.get(guid) == "CRL":
+            try:
+                crls.append(load_crl(der))
+            except EvidenceError:
+                pass
+    for folder in context.certs:
+        crls.extend(load_crl_dir(folder))
+    return crls
+
+
+def _check_revocation(chain: Chain, crls: list[x509.CertificateRevocationList], checks: Checks,
+                      at: dt.datetime) -> None:
+    """The ARK's CRLs must not revoke the ASK or ASVK (the certificates the ARK issues)."""
+    ark, inter = common_name(chain.ark.subject), chain.intermediate
+    signed = [crl for crl in crls if crl_signed_by_rsa_pss_sha384(crl, chain.ark)]
+    if not signed:
+        offered = f"{len(crls)} offered, none signed by it" if crls else "none from the host or the --certs folders"
+        checks.skipped("crl", f"no CRL of {ark} ({offered}): revocation not checked")
+        return
+    named = f"{common_name(inter.subject)} (serial {inter.serial_number})"
+    for crl in signed:
+        if crl.get_revoked_certificate_by_serial_number(inter.serial_number) is not None:
+            checks.failed("crl", f"{named} is revoked: it is on the CRL {ark} issued {crl.last_update_utc:%Y-%m-%d}")
+    newest = max(signed, key=lambda crl: crl.last_update_utc)
+    due = newest.next_update_utc
+    checks.passed("crl", f"{named} is not on the CRL {ark} issued {newest.last_update_utc:%Y-%m-%d}"
+                         + (f" (its next update was due {due:%Y-%m-%d})" if due is not None and due < at else ""))
 
 
 def _mismatch(vek: x509.Certificate, report: Report, kind: str) -> tuple[bool, bool]:
@@ -186,6 +225,7 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     checks.require(signed_by_rsa_pss_sha384(vek, inter), "vek_signed_by_ask",
                    f"{common_name(vek.subject)} by {common_name(inter.subject)}",
                    f"{common_name(vek.subject)} is not signed by {common_name(inter.subject)}")
+    _check_revocation(chain, _crls(evidence, context), checks, context.at)
 
     inter_cn = common_name(inter.subject)
     want_prefix = "SEV-" if kind == "vcek" else "SEV-VLEK-"

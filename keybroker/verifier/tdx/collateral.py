@@ -28,7 +28,7 @@ from typing import Any
 from cryptography import x509
 
 from ...errors import EvidenceError
-from ..certs import CERT_FILE_MAX, load_certs
+from ..certs import CERT_FILE_MAX, load_certs, load_crl
 
 FOLDER_FILES_MAX = 256
 TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
@@ -186,18 +186,6 @@ def _load_der(data: bytes, certs: list[x509.Certificate], crls: list[x509.Certif
         crls.append(load_crl(data))
     except EvidenceError:
         certs.extend(load_certs(data))
-
-
-def load_crl(data: bytes) -> x509.CertificateRevocationList:
-    """A CRL as DER, PEM, or hex-encoded DER (as some PCCS versions serve it)."""
-    try:
-        if b"-----BEGIN X509 CRL-----" in data:
-            return x509.load_pem_x509_crl(data)
-        if re.fullmatch(rb"\s*([0-9a-fA-F]{2})+\s*", data):
-            return x509.load_der_x509_crl(bytes.fromhex(data.decode().strip()))
-        return x509.load_der_x509_crl(data)
-    except ValueError as exc:
-        raise EvidenceError(f"cannot parse CRL: {exc}") from None
 
 
 def _load_json(data: bytes, source: str, tcb_infos: list[Signed], qe_identities: list[Signed],

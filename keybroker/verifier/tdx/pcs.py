@@ -40,9 +40,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ...errors import EvidenceError
+from ..certs import load_crl
 from ..core import Context
 from ..fetch import Fetcher, WouldFetch
-from .collateral import Collateral, load_crl, load_folder
+from .collateral import Collateral, load_folder
 
 RESPONSE_MAX = 1024 * 1024
 
