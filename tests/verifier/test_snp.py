@@ -357,6 +357,24 @@ def test_key_server_refuses_a_guest_whose_ask_its_certs_folder_crl_revokes(tsm_s
     assert bytes(RcarClient(current.url).fetch("default/key/a", "snp", report).value) == b"released"
 
 
+def test_a_look_alike_intermediate_before_the_real_one_does_not_refuse_the_guest(tmp_path):
+    """Same subject, another key (a host's table, or a folder that kept an ASK AMD reissued): the
+    intermediate that signs the VEK is the one taken, whichever comes first."""
+    p = sb.platform("Genoa")
+    other = sb.platform("Genoa")  # the same names, other keys
+    look_alike = other.intermediate.public_bytes(serialization.Encoding.DER)
+    trust = TrustStore({fingerprint(p.ark): p.ark})
+    table = sb.cert_table([(GUID["vcek"], p.vek.public_bytes(serialization.Encoding.DER)), (GUID["ask"], look_alike),
+                           (GUID["ask"], p.intermediate.public_bytes(serialization.Encoding.DER)),
+                           (GUID["ark"], p.ark.public_bytes(serialization.Encoding.DER))])
+    verdict = run(sb.report(p), trust=trust, evidence={"auxblob": table})
+    assert verdict.ok, verdict.reason()
+    for name, cert in (("a-ask-old", other.intermediate), ("b-ask", p.intermediate), ("ark", p.ark), ("vcek", p.vek)):
+        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    verdict = run(sb.report(p), trust=trust, certs=[tmp_path])
+    assert verdict.ok, verdict.reason()
+
+
 # -- reports built to the spec: products and versions beyond the samples ------------------
 
 @pytest.mark.parametrize("product, version, kind", [

@@ -157,9 +157,11 @@ def find_chain(report: Report, certs: list[x509.Certificate], kind: str, trust: 
         return (f"no {kind.upper()} certificate: the host supplied none in auxblob and none was found "
                 "in the certificate folders or AMD's KDS")
     vek = veks[0]
-    # The VEK's own issuer; failing that, any AMD intermediate offered, so that the signature
-    # check can say which certificate does not sign the VEK.
-    intermediates = [c for c in certs if c.subject == vek.issuer] or \
+    # The VEK's own issuer, the one that signs it first (a host's table or a folder may hold a
+    # look-alike, or an ASK AMD reissued); failing that, any AMD intermediate offered, so that
+    # the signature check can say which certificate does not sign the VEK.
+    intermediates = sorted((c for c in certs if c.subject == vek.issuer),
+                           key=lambda c: not signed_by_rsa_pss_sha384(vek, c)) or \
         [c for c in certs if _product_of(common_name(c.subject), "SEV-") or
          _product_of(common_name(c.subject), "SEV-VLEK-")]
     if not intermediates:
