@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from typing import Any
@@ -52,6 +54,22 @@ def parse_json(text: str | bytes) -> Any:
             raise ValueError("JSON string with a lone UTF-16 surrogate (\\ud800-\\udfff unpaired): not text") \
                 from None
     return value
+
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def b64url_decode(text: object) -> bytes | None:
+    """Unpadded base64url (RFC 7515 section 2), canonical, as the base64 crate's URL_SAFE_NO_PAD reads it
+    (Trustee, kbs-types, guest-components); None for anything else: padding, the standard alphabet, other
+    characters, or unused trailing bits that are not zero (a second spelling of the same bytes)."""
+    if not isinstance(text, str) or not _B64URL.fullmatch(text) or len(text) % 4 == 1:
+        return None
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    return data if base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii") == text else None
 
 
 def decimal(text: str, digits: int = 20) -> int | None:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from ..errors import ProtocolError
+from . import b64url_decode
 
 ALGORITHM = "ECDH-ES+A256KW"
 RSA_ALGORITHM = "RSA-OAEP-256"
@@ -41,12 +42,11 @@ def b64url(data: bytes) -> str:
 
 
 def unb64url(text: str) -> bytes:
-    if not isinstance(text, str) or len(text) % 4 == 1:
-        raise ProtocolError("JWE member is not base64url")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except ValueError:
-        raise ProtocolError("JWE member is not base64url") from None
+    """Unpadded canonical base64url, as kbs-types reads a JWE's members (see wire.b64url_decode)."""
+    data = b64url_decode(text)
+    if data is None:
+        raise ProtocolError("JWE member is not unpadded canonical base64url")
+    return data
 
 
 def public_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, str]:

@@ -28,7 +28,6 @@ or mistyped ones refused. Errors are RFC 7807 bodies ``{"type": â€¦, "detail": â
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import Any
 import rfc8785
 
 from ..errors import ProtocolError
-from . import shown
+from . import b64url_decode, shown
 
 VERSION = "0.4.0"
 #: What Trustee's ``=0.4.0`` semver requirement accepts: 0.4.0, with build metadata or not.
@@ -92,7 +91,6 @@ _TRUSTEE_ERRORS = {"AttestationError": ATTESTATION_DENIED, "PolicyDeny": POLICY_
                    "InvalidRequestPath": BAD_REQUEST, "PluginNotFound": RESOURCE_NOT_FOUND}
 
 _TEE_KEY_MEMBERS = {"EC": ("crv", "alg", "x", "y"), "RSA": ("alg", "n", "e")}
-_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 _EC_SIZES = {"P-256": 32, "P-384": 48, "P-521": 66}
 
 
@@ -238,10 +236,8 @@ def device_report_data(nonce: str, tee_pubkey: dict[str, str]) -> bytes:
 
 
 def _b64url_decode(text: str) -> bytes | None:
-    """Unpadded base64url, strictly; None when ``text`` is not that."""
-    if not _B64URL.fullmatch(text) or len(text) % 4 == 1:
-        return None
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Unpadded canonical base64url of at least one byte; None when ``text`` is not that."""
+    return b64url_decode(text) or None
 
 
 def _object(obj: Any, what: str, *, required: tuple[str, ...]) -> None:

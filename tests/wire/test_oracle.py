@@ -135,3 +135,19 @@ def test_the_jwe_header_is_the_aad_guest_components_computes(oracle, kind):
     key = jwk.JWK.generate(kty="RSA", size=2048) if kind == "RSA" else jwk.JWK.generate(kty="EC", crv=kind)
     body = jwe.wrap(b"k" * 32, json.loads(key.export_public()))
     assert oracle.ask("kbs", {"response": body})["response"] == {"aad": body["protected"]}
+
+
+def test_a_jwe_member_kbs_types_refuses_keybroker_refuses(oracle):
+    """Padding or set unused bits: guest-components' base64 (URL_SAFE_NO_PAD) refuses them, and so does keybroker."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.errors import ProtocolError
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    body = jwe.wrap(b"k" * 32, jwe.public_jwk(private.public_key()))
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    respelled = body["tag"][:-1] + alphabet[alphabet.index(body["tag"][-1]) | 0b1111]  # 16 bytes: 4 bits unused
+    for broken in (body | {"tag": respelled}, body | {"iv": body["iv"] + "=="}):
+        assert "error" in oracle.ask("kbs", {"response": broken})["response"]
+        with pytest.raises(ProtocolError, match="canonical base64url"):
+            jwe.unwrap(broken, private)

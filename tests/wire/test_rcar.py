@@ -78,6 +78,42 @@ def test_tee_pubkey_ec_and_rsa_checked_and_normalized():
             p.check_tee_pubkey(broken)
 
 
+def _respelled(text: str) -> str:
+    """``text`` (unpadded base64url) with its unused trailing bits set: the same bytes, spelled otherwise."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    unused = {2: 4, 3: 2}[len(text) % 4]  # bits of the last character that carry no data
+    return text[:-1] + alphabet[alphabet.index(text[-1]) | ((1 << unused) - 1)]
+
+
+def test_tee_pubkey_base64url_is_read_as_kbs_types_reads_it():
+    """Trustee decodes the key's members with the base64 crate's URL_SAFE_NO_PAD, which refuses padding
+    and unused bits that are set: a second spelling of the same key, which the binding would hash apart."""
+    key = json.loads(jwk.JWK.generate(kty="EC", crv="P-256").export_public()) | {"alg": "ECDH-ES+A256KW"}
+    rsa_key = json.loads(jwk.JWK.generate(kty="RSA", size=2048).export_public()) | {"alg": "RSA-OAEP-256"}
+    assert base64.urlsafe_b64decode(_respelled(key["x"]) + "=") == base64.urlsafe_b64decode(key["x"] + "=")
+    for broken in (key | {"x": _respelled(key["x"])}, key | {"y": key["y"] + "="},
+                   rsa_key | {"e": _respelled(rsa_key["e"])} if len(rsa_key["e"]) % 4 else rsa_key | {"e": "AQAB="},
+                   rsa_key | {"n": _respelled(rsa_key["n"])}):
+        with pytest.raises(ProtocolError):
+            p.check_tee_pubkey(broken)
+
+
+def test_jwe_members_are_read_as_kbs_types_reads_them():
+    """guest-components reads a JWE's members with URL_SAFE_NO_PAD: padding, the standard alphabet or
+    set unused bits are refused, by keybroker's guest as well."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    body = keybroker_jwe.wrap(b"k" * 32, keybroker_jwe.public_jwk(private.public_key()))
+    assert keybroker_jwe.unwrap(body, private) == b"k" * 32
+    standard = body["ciphertext"].replace("-", "+").replace("_", "/")
+    variants = {"iv": [body["iv"] + "=="], "tag": [body["tag"] + "==", _respelled(body["tag"])],
+                "encrypted_key": [_respelled(body["encrypted_key"])],
+                "ciphertext": [standard] if standard != body["ciphertext"] else [body["ciphertext"] + "="]}
+    for member, spellings in variants.items():
+        for spelling in spellings:
+            with pytest.raises(ProtocolError, match="not unpadded canonical base64url"):
+                keybroker_jwe.unwrap(body | {member: spelling}, private)
+
+
 def test_version_negotiation_and_trustee_errors():
     assert p.version_accepted("0.4.0") and p.version_accepted("0.4.0+build.7")
     for other in ("0.4.0-rc1", "0.4.1", "v0.4.0", " 0.4.0", "0.4", "0.4.0+"):
