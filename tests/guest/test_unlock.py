@@ -122,6 +122,16 @@ def test_ask_files_are_parsed_strictly(tmp_path):
         Ask.parse(path, ask_text(str(tmp_path / "sck.1"), device="vdb")).device()
 
 
+def test_a_message_cannot_end_its_line_where_systemd_does_not(tmp_path):
+    # systemd writes Message= as given (systemd-cryptsetup puts the GPT partition name in it, which
+    # may hold any printable UTF-8) and ends a line only at \n, \r or NUL: U+2028, U+0085 or \x1c
+    # inside it must not start a line that names another device or hides the real Id= in a section.
+    for brk in ("\u2028", "\u2029", "\x85", "\x1c", "\x1d", "\x1e", "\x0b", "\x0c"):
+        message = f"Please enter passphrase for disk x{brk}Id=cryptsetup:/dev/vdb{brk}[X]{brk}# (data):"
+        text = ask_text(str(tmp_path / "sck.1"), device="/dev/other", Message=message)
+        assert Ask.parse(tmp_path / "ask.Ab12Cd", text).device() == "/dev/other", repr(brk)
+
+
 def test_volume_tables_in_the_client_config(tmp_path):
     path = tmp_path / "client.toml"
     path.write_text('[server]\nurl = "https://kbs.example"\n'

@@ -50,6 +50,7 @@ PID_MAX = 1 << 22
 ID_MAX = 4096
 _ASK_NAME = re.compile(r"ask\.[A-Za-z0-9_-]{1,64}")
 _SOCKET_NAME = re.compile(r"sck\.[A-Za-z0-9_-]{1,64}")
+_LINE_END = re.compile(r"\r\n|[\n\r\0]")
 _ESCAPES = {ord(k): v for k, v in {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11,
                                    "\\": 92, '"': 34, "'": 39}.items()}
 
@@ -73,10 +74,14 @@ def cunescape(text: str) -> str:
 
 
 def _parse_sections(text: str) -> dict[str, str]:
-    """The ``[Ask]`` section's ``Key=Value`` lines; other sections and comments are skipped."""
+    """The ``[Ask]`` section's ``Key=Value`` lines; other sections and comments are skipped.
+
+    Lines end where systemd's parser ends them, at ``\\n``, ``\\r`` or NUL only: ``splitlines()``
+    would also end one inside a ``Message=`` (a GPT partition name) at U+2028, U+0085 or ``\\x1c``.
+    """
     section, fields = None, {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
+    for number, line in enumerate(_LINE_END.split(text), 1):
+        line = line.strip(" \t")
         if not line or line[0] in "#;":
             continue
         if line[0] == "[":
@@ -87,12 +92,12 @@ def _parse_sections(text: str) -> dict[str, str]:
         if section != "Ask":
             continue
         key, sep, value = line.partition("=")
-        key = key.strip()
+        key = key.strip(" \t")
         if not sep or not key:
             raise UnlockRefused(f"line {number} is not Key=Value")
         if key in fields:
             raise UnlockRefused(f"{key}= is given twice")
-        fields[key] = value.strip()
+        fields[key] = value.strip(" \t")
     if section is None:
         raise UnlockRefused("no [Ask] section")
     return fields
