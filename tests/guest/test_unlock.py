@@ -28,10 +28,13 @@ import pytest
 
 from keybroker.errors import ConfigError, KeyringError, UnlockRefused
 from keybroker.guest import config, keyring
+from keybroker.guest.retry import Backoff
 from keybroker.guest.unlock import keyfile
 from keybroker.guest.unlock.askpass import Ask, cunescape
 from keybroker.guest.unlock.keyfile import volume_of_peer
 from keybroker.guest.unlock.keys import KeySource
+from keybroker.guest.unlock.progress import Reporter
+from keybroker.guest.unlock.retry import Retry
 from support import REPO
 
 UNITS = ("keybroker-keyfile.socket", "keybroker-keyfile.service", "keybroker-askpass.path",
@@ -424,6 +427,43 @@ def test_a_refused_key_is_not_retried(disk, services, tmp_path):
         assert "attempt" not in out.stderr
     finally:  # the refusal is cached as a negative key in root's user keyring
         KeySource(keyring.USER_KEYRING).forget("logon", "keybroker:default/luks/absent")
+
+
+def test_an_evidence_source_that_comes_up_late_is_retried(tsm_sim, kbs, handler, tmp_path):
+    # At boot the guest driver (sev-guest, tdx-guest) and the configfs-tsm module it pulls in may load
+    # after the unlock starts: the handler then fails with ENOENT (no tsm/report yet) or ENXIO (no
+    # provider registered yet), which a moment later would not happen.
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/luks/late-tsm", secrets.token_bytes(32))
+    late = tmp_path / "config/tsm/report"
+    cfg = handler(server.url, late, extra='[volumes.late]\nresource = "default/luks/late-tsm"\n'
+                                          'key_type = "user"\ndeadline = 60\n')
+    proc = subprocess.Popen([sys.executable, "-m", "keybroker", "place-key", "--config", str(cfg), "late"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        late.parent.mkdir(parents=True)
+        late.symlink_to(root)  # the module is loaded
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "waiting for key server" in err and "No such file or directory" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+        KeySource(keyring.USER_KEYRING).forget("user", "keybroker:default/luks/late-tsm")
+
+
+@pytest.mark.parametrize("code", [errno.ENXIO, errno.ENODEV])
+def test_a_guest_driver_not_loaded_yet_is_retried(code):
+    failures = [KeyringError("request_key", code)]
+
+    def attempt() -> int:
+        if failures:
+            raise failures.pop()
+        return 42
+
+    retry = Retry("volume data", "https://kbs.example", 10, Reporter(), backoff=Backoff(first=0.01))
+    assert retry.run(attempt) == 42
 
 
 def test_transient_failures_leave_no_negative_key_behind(disk):
