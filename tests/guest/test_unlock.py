@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import errno
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -698,6 +699,36 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     out = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "--man=no", *names],
                          capture_output=True, text=True, timeout=60, cwd=unit_dir)
     assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
+
+
+def test_the_documented_enable_places_keys_for_volume_names_with_a_dash(tmp_path):
+    # Fedora and RHEL name crypttab volumes luks-<uuid>: the generator's unit is then
+    # systemd-cryptsetup@luks\x2d<uuid>.service, and %I of keybroker-unlock@luks-<uuid> is luks/<uuid>.
+    generator = Path("/usr/lib/systemd/system-generators/systemd-cryptsetup-generator")
+    if not (generator.exists() and shutil.which("systemctl") and shutil.which("systemd-escape")):
+        pytest.skip("needs systemctl, systemd-escape and systemd-cryptsetup-generator")
+    volume = "luks-0b9e4f27-7c4e-4a55-9a8c-3a1e0c9d2f11"
+    crypttab, generated = tmp_path / "crypttab", tmp_path / "generated"
+    crypttab.write_text(f"{volume}  UUID=0b9e4f27-7c4e-4a55-9a8c-3a1e0c9d2f11  none  luks\n")
+    generated.mkdir()
+    subprocess.run([str(generator), *[str(generated)] * 3], check=True, timeout=30,
+                   env={**os.environ, "SYSTEMD_CRYPTTAB": str(crypttab)})
+    cryptsetup_unit = next(p.name for p in generated.glob("systemd-cryptsetup@*.service"))
+    root = tmp_path / "root"
+    unit_dir = root / "etc/systemd/system"
+    unit_dir.mkdir(parents=True)
+    shutil.copy(REPO / "systemd/keybroker-unlock@.service", unit_dir)
+    doc = (REPO / "docs/disk-unlock.md").read_text()
+    command = re.search(r"`(systemctl enable [^`]*keybroker-unlock@[^`]*)`", doc)
+    assert command, "docs/disk-unlock.md shows no systemctl enable for keybroker-unlock@"
+    script = command.group(1).replace("systemctl enable", f"systemctl --root={root} enable").replace("data", volume)
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    links = list(unit_dir.glob("*.wants/keybroker-unlock@*"))
+    assert [link.parent.name for link in links] == [f"{cryptsetup_unit}.wants"], (script, links)
+    instance = links[0].name.removeprefix("keybroker-unlock@").removesuffix(".service")
+    unescaped = subprocess.run(["systemd-escape", "--unescape", instance], capture_output=True, text=True)
+    assert unescaped.stdout.strip() == volume  # %I: what place-key is given
 
 
 def test_dracut_module_builds_an_initramfs_with_the_pieces(handler, tmp_path):
