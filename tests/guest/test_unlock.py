@@ -515,6 +515,23 @@ def test_place_key_feeds_dm_crypt_and_luks2_keyring_tokens(disk):
             KeySource(keyring.USER_KEYRING).forget(key_type, f"keybroker:{disk.resource}")
 
 
+def test_place_key_works_from_a_session_that_does_not_reach_roots_user_keyring(tsm_sim, kbs, handler):
+    # su or sudo without pam_keyinit keep the caller's session keyring, which links the
+    # caller's user keyring, not root's: the key under construction in root's was then not possessed,
+    # and the handler could not restrict its permissions (EACCES, "not retrying").
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/luks/by-hand", secrets.token_bytes(32))
+    cfg = handler(server.url, root, extra='[volumes.hand]\nresource = "default/luks/by-hand"\nkey_type = "user"\n')
+    try:
+        out = subprocess.run(["keyctl", "session", "-", sys.executable, "-m", "keybroker", "place-key", "--config",
+                              str(cfg), "hand"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "is in the user keyring" in out.stderr, out.stderr
+        keyring.search(keyring.USER_KEYRING, "user", "keybroker:default/luks/by-hand")
+    finally:
+        KeySource(keyring.USER_KEYRING).forget("user", "keybroker:default/luks/by-hand")
+
+
 # -- the password agent ----------------------------------------------------------------------
 
 class Prompt:

@@ -26,6 +26,11 @@ def place(config: ClientConfig, name: str, reporter: Reporter) -> int:
     volume = config.volume(name)
     if volume is None:
         raise UnlockRefused(f"volume {name[:80]!r} is not mapped in {config.path} (add [volumes.{name[:80]}])")
+    # As KeyringMode=shared: a session keyring of its own that links root's user keyring, so that the
+    # key under construction there is possessed (the handler restricts its permissions, which needs
+    # that), whatever session the caller had (su or sudo without pam_keyinit keep the caller's).
+    keyring.join_session_keyring(None)
+    keyring.link(keyring.USER_KEYRING, keyring.SESSION_KEYRING)
     retry = Retry(f"volume {volume.name}", config.server_url, volume.deadline, reporter)
     serial = retry.run(lambda: KeySource(keyring.USER_KEYRING).request(volume, volume.key_type))
     reporter.status(f"volume {volume.name}: {volume.key_type} key {volume.description} is in the user keyring "
