@@ -288,10 +288,12 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
         return response
 
     resource_path = "/resources/{path:path}"
+    release = Route(f"{p.PREFIX}/resource/{{path:path}}", resource, methods=["GET"])
+    release.methods = {"GET"}  # not the HEAD Starlette adds: it would release (and record) a key it never sends
     return Starlette(exception_handlers={HTTPException: no_route}, routes=[
         Route(f"{p.PREFIX}/auth", auth, methods=["POST"]),
         Route(f"{p.PREFIX}/attest", attest, methods=["POST"]),
-        Route(f"{p.PREFIX}/resource/{{path:path}}", resource, methods=["GET"]),
+        release,
         Route(f"{ADMIN_PREFIX}/resources", list_resources, methods=["GET"]),
         Route(f"{ADMIN_PREFIX}{resource_path}", put_resource, methods=["PUT"]),
         Route(f"{ADMIN_PREFIX}{resource_path}", delete_resource, methods=["DELETE"]),

@@ -113,6 +113,19 @@ def test_bearer_token_and_cookie(tsm_sim, kbs):
     assert anonymous.status_code == 401
 
 
+def test_a_head_request_for_a_resource_releases_nothing(tsm_sim, kbs):
+    """Starlette answers HEAD on GET routes by running them: a release recorded, its key never sent."""
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    http, _, _ = rcar(server, root)
+    head = http.head(f"{server.url}/kbs/v0/resource/default/key/a")
+    assert head.status_code == 405 and head.headers["Allow"] == "GET"
+    assert "result=released" not in server.log()
+    assert http.get(f"{server.url}/kbs/v0/resource/default/key/a").status_code == 200
+    assert server.log().count("result=released") == 1
+
+
 @pytest.mark.parametrize("body, status, problem", [
     ({"version": "0.1.1", "tee": "snp", "extra-params": {}}, 400, "ProtocolVersion"),
     ({"version": "0.4.0", "tee": "sgx"}, 400, "BadRequest"),
