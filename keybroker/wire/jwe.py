@@ -129,6 +129,11 @@ def unwrap(token: Any, private: ec.EllipticCurvePrivateKey) -> bytearray:
     if not isinstance(header, dict) or (header.get("alg"), header.get("enc")) != (ALGORITHM, ENCRYPTION):
         shown = (header.get("alg"), header.get("enc")) if isinstance(header, dict) else None
         raise ProtocolError(f"the JWE uses {shown}, expected {ALGORITHM}/{ENCRYPTION}")
+    # RFC 7516: with zip the plaintext is not the key; an extension named in crit must be understood.
+    unsupported = sorted({"zip", "crit"} & set(header))
+    if unsupported:
+        raise ProtocolError(f"the JWE's protected header has {', '.join(unsupported)}, which keybroker does "
+                            "not support")
     epk = header.get("epk")
     sender = public_key(epk if isinstance(epk, dict) else {})
     if not isinstance(sender.curve, type(private.curve)):

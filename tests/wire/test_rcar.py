@@ -203,3 +203,17 @@ def test_a_content_key_shorter_than_a256gcm_is_refused(bits, monkeypatch):
     body = keybroker_jwe.wrap(b"the key", public)  # says A256GCM, holds a shorter key
     with pytest.raises(ProtocolError, match="does not decrypt with our key"):
         keybroker_jwe.unwrap(body, private)
+
+
+@pytest.mark.parametrize("extra", [{"zip": "DEF"}, {"crit": ["urn:example:must-understand"],
+                                                    "urn:example:must-understand": True}])
+def test_a_jwe_compressed_or_with_critical_extensions_is_refused_not_opened_into_another_key(extra):
+    """RFC 7516: with zip the plaintext is compressed (opened as is, it would be the wrong key); a
+    crit extension must be understood. Trustee sends neither; another server might."""
+    private = jwk.JWK.generate(kty="EC", crv="P-256")
+    public = json.loads(private.export_public()) | {"alg": "ECDH-ES+A256KW"}
+    theirs = jwe.JWE(b"their key" * 8, protected=json.dumps({"alg": "ECDH-ES+A256KW", "enc": "A256GCM"} | extra))
+    theirs.add_recipient(jwk.JWK(**public))
+    body = dict(zip(keybroker_jwe.MEMBERS, theirs.serialize(compact=True).split("."), strict=True))
+    with pytest.raises(ProtocolError, match=f"protected header has {next(iter(extra))}"):
+        keybroker_jwe.unwrap(body, private.get_op_key("unwrapKey"))
