@@ -86,9 +86,21 @@ def test_vector_sets_get_their_verdicts(name):
     c = verdict.claims
     body = 48 if c["tdx.quote_version"] == 4 else 54
     assert c["tee"] == "tdx" and c["measurement"] == c["tdx.mrtd"] == raw[body + 136:body + 184].hex()
-    assert c["tdx.report_data"] == raw[body + 520:body + 584].hex() and c["tdx.advisory_ids"] == []
+    assert c["tdx.report_data"] == raw[body + 520:body + 584].hex()
     if name == "trustee/quote4-debug-v4":
         assert c["debug"] is True and c["tdx.tdattributes.debug"] is True and "debug guest" in decision.reason
+
+
+def test_without_collateral_no_advisory_is_claimed_absent():
+    # The advisories are known only from collateral, as the TCB status is: [] said "none apply" for a
+    # TD whose TCB nobody evaluated, and a policy refusing an advisory ("not" contains it) let it in.
+    _, raw = vector("trustee/quote5-v5")
+    claims = run(raw).claims
+    assert "tdx.advisory_ids" not in claims and "tdx.tcb_status" not in claims
+    refuses = Policy({"version": 1, "rules": [{"resources": ["*"], "require": {
+        "not": {"claim": "tdx.advisory_ids", "contains": "INTEL-SA-00837"}}}]})
+    decision = refuses.decide("default/disk/root", claims)
+    assert not decision.allowed and "tdx.advisory_ids is absent" in decision.reason, decision
 
 
 def test_v5_td15_claims_come_from_their_offsets():

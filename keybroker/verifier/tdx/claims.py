@@ -34,7 +34,6 @@ def claims(quote: Quote) -> dict[str, Any]:
         "tdx.seamattributes": b.seam_attributes.hex(),
         "tdx.report_data": b.report_data.hex(),
         "tdx.qe.isvsvn": quote.qe_report.isvsvn,
-        "tdx.advisory_ids": [],
     }
     for i, rtmr in enumerate(b.rtmrs):
         c[f"tdx.rtmr{i}"] = rtmr.hex()
