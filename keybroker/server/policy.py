@@ -36,13 +36,14 @@ PLATFORM_REQUIREMENTS: dict[str, list[dict[str, Any]]] = {
     "snp": [{"claim": "snp.vmpl", "equals": 0}, {"claim": "snp.policy.migrate_ma", "equals": False}],
     "tdx": [{"anyOf": [{"claim": "tdx.tcb_status", "exists": False},
                        {"claim": "tdx.tcb_status", "in": ["UpToDate", "SWHardeningNeeded", "ConfigurationNeeded",
-                                                          "ConfigurationAndSWHardeningNeeded"]}]}],
+                                                          "ConfigurationAndSWHardeningNeeded"]}]},
+            {"claim": "tdx.tdattributes.migratable", "equals": False}],
     "cca": [],
 }
 #: The claims that identify what a guest runs, by TEE: its launch measurement first.
 IMAGE_CLAIMS = {"snp": ("snp.measurement", "snp.host_data"),
                 "tdx": ("tdx.mrtd", "tdx.mrconfigid", "tdx.rtmr0", "tdx.rtmr1", "tdx.rtmr2"),
-                "cca": ("cca.rim",)}
+                "cca": ("cca.rim", "cca.personalization")}
 #: A rule pins a measurement when it requires one of these claims to equal (or be one of) values.
 MEASUREMENT_CLAIMS = frozenset({"measurement", "snp.measurement", "tdx.mrtd", "cca.rim", "sev.launch_digest"})
 #: What a rule that accepts unbound evidence must pin besides the image: the platforms.

@@ -22,7 +22,7 @@ def test_default_policy():
     assert not denied.allowed and "debug guest" in denied.reason
     denied = ANY_GUEST.decide("default/disk/root", SNP | {"snp.vmpl": 2})
     assert not denied.allowed and "claim snp.vmpl is 2, not 0" in denied.reason
-    tdx = {"tee": "tdx", "debug": False}
+    tdx = {"tee": "tdx", "debug": False, "tdx.tdattributes.migratable": False}
     assert ANY_GUEST.decide("a/b/c", tdx).allowed  # TCB not evaluated: no collateral
     assert ANY_GUEST.decide("a/b/c", tdx | {"tdx.tcb_status": "UpToDate"}).allowed
     denied = ANY_GUEST.decide("a/b/c", tdx | {"tdx.tcb_status": "OutOfDate"})

@@ -101,8 +101,8 @@ def test_policy_check_and_put_warn_about_rules_that_pin_no_measurement(tsm_sim, 
 
 
 TDX = {"tee": "tdx", "debug": False, "tdx.mrtd": "aa" * 48, "tdx.mrconfigid": "00" * 48, "tdx.rtmr0": "01" * 48,
-       "tdx.rtmr1": "02" * 48, "tdx.rtmr2": "03" * 48, "tdx.rtmr3": "04" * 48}
-CCA = {"tee": "cca", "debug": False, "cca.rim": "bb" * 32, "cca.rem0": "cc" * 32}
+       "tdx.rtmr1": "02" * 48, "tdx.rtmr2": "03" * 48, "tdx.rtmr3": "04" * 48, "tdx.tdattributes.migratable": False}
+CCA = {"tee": "cca", "debug": False, "cca.rim": "bb" * 32, "cca.rem0": "cc" * 32, "cca.personalization": "dd" * 64}
 
 
 def test_starting_policies_pin_each_tees_image():
@@ -113,6 +113,10 @@ def test_starting_policies_pin_each_tees_image():
     assert policy.decide("default/x", TDX | {"tdx.rtmr3": "ff" * 48}).allowed      # RTMR3 (runtime) is not
     assert not policy.decide("default/x", TDX | {"tdx.tcb_status": "OutOfDate"}).allowed
     assert not policy.decide("default/x", CCA | {"cca.rim": "00" * 32}).allowed
+    # Like SEV-SNP's HOST_DATA and TDX's MRCONFIGID, the realm's personalization value (its init-data)
+    # is pinned; a TD that can be migrated is not asked for, as an SNP guest with a migration agent is not.
+    assert not policy.decide("default/x", CCA | {"cca.personalization": "00" * 64}).allowed
+    assert not policy.decide("default/x", TDX | {"tdx.tdattributes.migratable": True}).allowed
     assert not policy.decide("other/x", CCA).allowed
 
 
