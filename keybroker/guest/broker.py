@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import errno as E
+import time
 from collections.abc import Callable
 
-from ..errors import TsmError
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ..errors import KeybrokerError, TsmError
 from ..wire import rcar as p
 from ..wire.envelope import TsmReport
 from .client import RcarClient, ReleasedKey, TokenRefused
 from .config import ClientConfig
 from .request import KeyRequest
-from .tokens import TokenCache
+from .tokens import AttestationLock, TokenCache
 from .tsm import ReportRequest, TsmClient
 
 __all__ = ["ReleasedKey", "obtain"]
@@ -53,15 +56,22 @@ def _obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Re
     # The kept token; else one attestation, shared: concurrent requests wait on the lock and use
     # what the one that attested kept, outside the lock, so that they fetch their keys side by
     # side. Twice: the token kept meanwhile may be refused too (expired, its signing key gone).
+    # An attestation that failed while a request waited for it fails that request too (as it failed):
+    # the same evidence to the same server, again and again, one at a time, cost each waiting
+    # request a report, and the last ones their deadline (ETIMEDOUT for a refusal).
     for _ in range(2):
         released = _with_kept_token(client, cache, resource, deadline)
         if released is not None:
             return released
-        with cache.attesting(deadline):
+        arrived = time.monotonic()
+        with cache.attesting(deadline) as lock:
             if cache.load() is None:  # none kept meanwhile by another request: this one attests
-                return _attest(config, request, client, cache, deadline)
-    with cache.attesting(deadline):
-        return _attest(config, request, client, cache, deadline)
+                failure = lock.failure_since(arrived)
+                if failure is not None:
+                    raise failure
+                return _attest(config, request, client, cache, deadline, lock)
+    with cache.attesting(deadline) as lock:
+        return _attest(config, request, client, cache, deadline, lock)
 
 
 def _with_kept_token(client: RcarClient, cache: TokenCache, resource: str, deadline: float) -> ReleasedKey | None:
@@ -81,13 +91,28 @@ def _with_kept_token(client: RcarClient, cache: TokenCache, resource: str, deadl
 
 
 def _attest(config: ClientConfig, request: KeyRequest, client: RcarClient, cache: TokenCache | None,
-            deadline: float) -> ReleasedKey:
-    provider, evidence = _evidence_source(config, request, deadline)
-    tee = p.TEE_BY_PROVIDER.get(provider)
-    if tee is None:
-        raise TsmError(f"provider {provider!r} has no KBS tee type (known: {', '.join(p.TEE_BY_PROVIDER)})",
-                       errno=E.ENODEV)
-    return client.fetch(str(request.resource), tee, evidence, keep=cache.store if cache is not None else None)
+            deadline: float, lock: AttestationLock | None = None) -> ReleasedKey:
+    attested = False
+
+    def keep(token: str, key: ec.EllipticCurvePrivateKey) -> None:
+        nonlocal attested
+        attested = True
+        if cache is not None:
+            cache.store(token, key)
+
+    try:
+        provider, evidence = _evidence_source(config, request, deadline)
+        tee = p.TEE_BY_PROVIDER.get(provider)
+        if tee is None:
+            raise TsmError(f"provider {provider!r} has no KBS tee type (known: {', '.join(p.TEE_BY_PROVIDER)})",
+                           errno=E.ENODEV)
+        return client.fetch(str(request.resource), tee, evidence, keep=keep)
+    except KeybrokerError as exc:
+        # Shared only if the attestation failed (not this resource once it passed), and not for want of
+        # this request's own time: a request with time left may still succeed.
+        if lock is not None and not attested and time.monotonic() < deadline:
+            lock.record(exc)
+        raise
 
 
 def _evidence_source(config: ClientConfig, request: KeyRequest,

@@ -193,7 +193,7 @@ class RcarClient:
               keep: Callable[[str, ec.EllipticCurvePrivateKey], None] | None = None) -> ReleasedKey:
         """Run one attestation round, again after a failure that may clear (unreachable, HTTP 5xx).
 
-        ``keep`` gets the token and its tee key as soon as /attest gives them: they serve further
+        ``keep`` gets the token ('' if none) and its tee key as soon as /attest passes: they serve further
         resources even when this one is refused."""
         return self._retried(lambda: self._round(resource, tee, evidence, keep))
 
@@ -229,8 +229,8 @@ class RcarClient:
             attestation = p.Attestation(challenge.nonce, tee_pubkey, _primary_evidence(report, challenge))
             answer = self._call(link, "POST", "/attest", attestation.to_json())
             token = answer.get("token") if isinstance(answer, dict) else None
-            if keep is not None and isinstance(token, str):
-                keep(token, key)
+            if keep is not None:  # '' when /attest gave none (nothing is kept): the attestation passed
+                keep(token if isinstance(token, str) else "", key)
 
             response = self._call(link, "GET", f"/resource/{resource}", None, raw=True)
             return _released(response, key)

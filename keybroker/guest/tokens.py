@@ -23,7 +23,8 @@ decisions stay the server's: it applies its current policy to every request, tok
 
 Concurrent requests that would keep the same token share one attestation: the round that
 attests holds a lock (``flock`` on ``/run/keybroker/attest-<digest>.lock``) and the others,
-waiting on it, find the token it kept.
+waiting on it, find the token it kept; or, when it failed before /attest passed, fail as it did
+(its failure is written in the lock file).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..errors import KeyringError, ServerUnreachable
+from .. import errors
+from ..errors import KeybrokerError, KeyringError, ServerUnreachable
 from . import keyring
 from .retry import lock_within
 
@@ -140,7 +142,7 @@ class TokenCache:
             keyring.unlink(keyring.search(ring, "user", self.description), ring)
 
     @contextlib.contextmanager
-    def attesting(self, deadline: float) -> Iterator[None]:
+    def attesting(self, deadline: float) -> Iterator[AttestationLock]:
         """Hold this token's attestation lock (waiting for it at most until ``deadline``)."""
         LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(LOCK_DIR / f"attest-{self.digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -148,9 +150,39 @@ class TokenCache:
             if not lock_within(fd, deadline):
                 raise ServerUnreachable("another request's attestation to this key server did not end in time",
                                         errno=E.ETIMEDOUT)
-            yield
+            yield AttestationLock(fd)
         finally:
             os.close(fd)  # releases the lock (so does the process's death)
+
+
+class AttestationLock:
+    """The held attestation lock, whose file says how the last attestation that failed failed (and when,
+    in CLOCK_MONOTONIC time): requests that waited for it fail as it did, without attesting one by one."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def record(self, exc: KeybrokerError) -> None:
+        attrs = {name: value for name, value in vars(exc).items() if isinstance(value, int | str | None)}
+        data = json.dumps({"at": time.monotonic(), "type": type(exc).__name__, "message": str(exc)[:2000],
+                           "attrs": attrs}).encode()
+        with contextlib.suppress(OSError):  # not recorded: the waiting requests attest themselves
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, data, 0)
+
+    def failure_since(self, since: float) -> KeybrokerError | None:
+        """The failure of an attestation that ended after ``since``, as its request saw it; None if none did."""
+        try:
+            record = json.loads(os.pread(self.fd, 8192, 0))
+            kind = getattr(errors, record["type"])
+            if record["at"] < since or not (isinstance(kind, type) and issubclass(kind, KeybrokerError)):
+                return None
+            exc = kind.__new__(kind)
+            Exception.__init__(exc, f"the attestation this request waited for failed: {record['message']}")
+            exc.__dict__.update(record["attrs"])
+            return exc
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # none recorded (an empty file), or not by this code
 
 
 def forget_all() -> bool:

@@ -235,3 +235,18 @@ def test_a_token_that_cannot_go_back_in_a_header_is_not_kept(tmp_path, system_lo
     finally:
         tokens.forget_all()
         listener.close()
+
+
+def test_requests_that_waited_for_a_failed_attestation_fail_as_it_did(tsm_sim, kbs, handler):
+    """The attestation that others waited for is refused: they are refused with it (EKEYREJECTED, 60 s), at
+    once. They used to attest one after another with the same evidence, a report each, and the last
+    ones ran out of time waiting (ETIMEDOUT, 5 s: asked again at once)."""
+    root = tsm_sim("sev_guest", "slow=2")
+    server = kbs("--rate-limit", "0", trust=False)  # the simulated AMD root is not trusted: attestation denied
+    server.put("default/disk/k0", SECRETS["default/disk/k0"])
+    handler(server.url, root, deadline=6)
+    names = [f"k{i}" for i in range(5)]
+    out = keyctl_session(" & ".join(f'keyctl request2 user keybroker:default/disk/{n} "" @s' for n in names)
+                         + " & wait")
+    assert out.stderr.count("Key was rejected by service") == len(names), out.stderr
+    assert server.requests_to("attest") == 1
