@@ -27,7 +27,7 @@ from typing import Protocol
 import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from ..wire import ghcb
@@ -287,15 +287,15 @@ def snp_cert_table(ident: SnpIdentity) -> bytes:
                        for name, cert in (("VCEK", ident.vcek), ("ASK", ident.ask), ("ARK", ident.ark))])
 
 
-def snp_crl(ident: SnpIdentity, revoked: tuple[int, ...] = (), *, days: int = 7) -> bytes:
-    """AMD's CRL as KDS serves it (DER, signed by the ARK), revoking the certificates of ``revoked`` serials."""
+def snp_crl(ident: SnpIdentity, ark_key: rsa.RSAPrivateKey, revoked: tuple[int, ...] = (), *, days: int = 7) -> bytes:
+    """AMD's CRL as KDS serves it (DER, signed by the ARK's ``ark_key``), revoking the ``revoked`` serials."""
     now = dt.datetime.now(dt.UTC)
     builder = (x509.CertificateRevocationListBuilder().issuer_name(ident.ark.subject)
                .last_update(now - dt.timedelta(days=1)).next_update(now + dt.timedelta(days=days)))
     for serial in revoked:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - dt.timedelta(days=1)).build())
-    crl = builder.sign(ident.ark_key, hashes.SHA384(),
+    crl = builder.sign(ark_key, hashes.SHA384(),
                        rsa_padding=padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48))
     return crl.public_bytes(serialization.Encoding.DER)
 

@@ -59,7 +59,6 @@ class SnpTcb:
 @dataclass(frozen=True)
 class SnpIdentity:
     ark: x509.Certificate
-    ark_key: rsa.RSAPrivateKey  # signs the simulated CRL
     ask: x509.Certificate
     vcek: x509.Certificate
     vcek_key: ec.EllipticCurvePrivateKey
@@ -114,6 +113,14 @@ class SimState:
             if not (self.path / "snp" / "values.json").exists() or not (self.path / "snp" / "ark.key").exists():
                 self._create_snp()  # (states made before the ARK's key was kept are renewed)
             return self._load_snp()
+
+    def snp_ark_key(self) -> rsa.RSAPrivateKey:
+        """The simulated ARK's private key, which signs its CRL (loaded apart: an RSA-4096 key takes
+        tens of milliseconds to load, and the identity is loaded for every report)."""
+        self.snp()
+        key = _load_key(self.path / "snp" / "ark.key")
+        assert isinstance(key, rsa.RSAPrivateKey)
+        return key
 
     def tdx(self) -> TdxIdentity:
         with self.locked():
@@ -196,8 +203,7 @@ class SimState:
     def _load_snp(self) -> SnpIdentity:
         d = self.path / "snp"
         v = json.loads((d / "values.json").read_text())
-        return SnpIdentity(ark=_load_cert(d / "ark.pem"), ark_key=_load_key(d / "ark.key"),
-                           ask=_load_cert(d / "ask.pem"),
+        return SnpIdentity(ark=_load_cert(d / "ark.pem"), ask=_load_cert(d / "ask.pem"),
                            vcek=_load_cert(d / "vcek.pem"), vcek_key=_load_key(d / "vcek.key"),
                            chip_id=bytes.fromhex(v["chip_id"]), tcb=SnpTcb(**v["tcb"]),
                            measurement=bytes.fromhex(v["measurement"]),

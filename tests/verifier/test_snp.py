@@ -342,11 +342,12 @@ def test_key_server_refuses_a_guest_whose_ask_its_certs_folder_crl_revokes(tsm_s
     from keybroker.sim.roots import SimState
 
     root = tsm_sim("sev_guest")
-    ident = SimState(sim_state).snp()
+    state = SimState(sim_state)
+    ident, ark_key = state.snp(), state.snp_ark_key()
     (tmp_path / "revoking").mkdir()
-    (tmp_path / "revoking" / "genoa.crl").write_bytes(snp_crl(ident, (ident.ask.serial_number,)))
+    (tmp_path / "revoking" / "genoa.crl").write_bytes(snp_crl(ident, ark_key, (ident.ask.serial_number,)))
     (tmp_path / "current").mkdir()
-    (tmp_path / "current" / "genoa.crl").write_bytes(snp_crl(ident, (ident.ask.serial_number + 1,)))
+    (tmp_path / "current" / "genoa.crl").write_bytes(snp_crl(ident, ark_key, (ident.ask.serial_number + 1,)))
     revoking, current = kbs("--certs", str(tmp_path / "revoking")), kbs("--certs", str(tmp_path / "current"))
     for server in (revoking, current):
         server.put("default/key/a", b"released")
