@@ -443,11 +443,16 @@ def test_an_evidence_source_that_comes_up_late_is_retried(tsm_sim, kbs, handler,
     proc = subprocess.Popen([sys.executable, "-m", "keybroker", "place-key", "--config", str(cfg), "late"],
                             stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(2)
+        said = []  # until place-key has been refused for want of the interface (not a fixed wait: it may start slowly)
+        while not said or "No such file or directory" not in said[-1]:
+            line = proc.stderr.readline()
+            assert line, f"place-key ended before it was refused: {''.join(said)}"
+            said.append(line)
         late.parent.mkdir(parents=True)
         late.symlink_to(root)  # the module is loaded
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0 and "waiting for key server" in err and "No such file or directory" in err, err
+        _, rest = proc.communicate(timeout=60)
+        err = "".join(said) + rest
+        assert proc.returncode == 0 and "waiting for key server" in err and "is in the user keyring" in rest, err
     finally:
         proc.kill()
         proc.wait()
