@@ -10,7 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from keybroker.guest import agentsocket as agent
+from support.agent import silent_agent
 from support.keyctl import keyctl_session
 
 SOCKET = Path(agent.SOCKET)
@@ -107,31 +107,10 @@ def test_an_agent_that_never_answers_is_not_a_dependency(setup, handler, tsm_sim
     """A socket that accepts and stays silent: the handler does the round itself, at once when not even
     the agent's first frame comes (within ACK_WAIT), after half its deadline when only that frame came."""
     handler(setup.url, tsm_sim("sev_guest"), deadline=6)
-    SOCKET.parent.mkdir(mode=0o700, exist_ok=True)
-    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    silent.bind(str(SOCKET))
-    silent.listen(8)
-    held: list[socket.socket] = []
-
-    def hold() -> None:
-        try:
-            while True:
-                held.append(silent.accept()[0])
-                if first_frame is not None:
-                    held[-1].sendall(agent.frame(*first_frame))
-        except OSError:
-            return  # the test closed the socket
-
-    threading.Thread(target=hold, daemon=True).start()
-    try:
+    with silent_agent(first_frame):
         start = time.monotonic()
         out = fetch("k0")
         took = time.monotonic() - start
-    finally:
-        silent.close()
-        for conn in held:
-            conn.close()
-        SOCKET.unlink(missing_ok=True)
     if first_frame is None:
         assert got(out, "k0") and took < 3, (took, out.stderr)
     else:

@@ -22,6 +22,7 @@ import pytest
 from keybroker.errors import KeyringError
 from keybroker.guest import install as installer
 from keybroker.guest import keyring
+from support.agent import silent_agent
 from support.keyctl import keyctl_session
 from support.stub import QuietHandler, StubServer
 
@@ -334,25 +335,8 @@ def test_a_stopped_handler_rejects_the_key_at_once(tsm_sim, kbs, handler, syslog
     server = kbs()
     server.put("default/disk/root", SECRET)
     config = handler(server.url, root)
-    if agent:  # a socket that takes the request and says nothing more: the handler waits on the agent
-        import socket
-        import threading
-
-        from keybroker.guest import agentsocket
-
-        path = Path(agentsocket.SOCKET)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        silent.bind(str(path))
-        silent.listen(1)
-        held: list[socket.socket] = []
-
-        def hold() -> None:
-            conn = silent.accept()[0]
-            held.append(conn)
-            conn.sendall(agentsocket.frame("deadline", 10000))
-        threading.Thread(target=hold, daemon=True).start()
-    try:
+    # With the agent: a socket that takes the request and says nothing more, so the handler waits on it.
+    with silent_agent(("deadline", 10000)) if agent else contextlib.nullcontext([]) as held:
         started = time.monotonic()
         requester = subprocess.Popen(["keyctl", "session", "-", "sh", "-c", 'keyctl request2 user '
                                       'keybroker:default/disk/root "" @s; grep " keybroker:default/disk/root" '
@@ -367,10 +351,6 @@ def test_a_stopped_handler_rejects_the_key_at_once(tsm_sim, kbs, handler, syslog
         time.sleep(0.3)
         os.kill(parent, signal.SIGTERM)
         out, err = requester.communicate(timeout=30)
-    finally:
-        if agent:
-            silent.close()
-            path.unlink(missing_ok=True)
     assert "Operation canceled" in err and time.monotonic() - started < 3, err
     assert re.search(r" [1-5]s +3f010000 ", out), out  # negative for 5 s at most
     line = next(entry for entry in syslog if "keybroker:default/disk/root" in entry)
