@@ -14,7 +14,9 @@ import functools
 import hashlib
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -24,6 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import EvidenceError
 
+T = TypeVar("T")
 CERT_FILE_SUFFIXES = (".pem", ".crt", ".cer", ".der")
 CERT_FILE_MAX = 1024 * 1024
 CACHE_MAX = 512
@@ -77,16 +80,22 @@ def load_cert_dir(folder: Path) -> list[x509.Certificate]:
     """Every certificate in the PEM/DER files of ``folder`` (not recursive)."""
     if not folder.is_dir():
         raise EvidenceError(f"certificate folder {folder} does not exist")
-    certs = []
+    return _load_files(folder, CERT_FILE_SUFFIXES, load_certs)
+
+
+def _load_files(folder: Path, suffixes: tuple[str, ...], load: Callable[[bytes], list[T]]) -> list[T]:
+    """What ``load`` makes of each file of ``folder`` named with one of ``suffixes``, the file named
+    in its failure; a file larger than CERT_FILE_MAX is refused."""
+    loaded: list[T] = []
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in CERT_FILE_SUFFIXES and path.is_file():
+        if path.suffix.lower() in suffixes and path.is_file():
             if path.stat().st_size > CERT_FILE_MAX:
                 raise EvidenceError(f"{path} is larger than {CERT_FILE_MAX} bytes")
             try:
-                certs.extend(load_certs(path.read_bytes()))
+                loaded.extend(load(path.read_bytes()))
             except EvidenceError as exc:
                 raise EvidenceError(f"{path}: {exc}") from None
-    return certs
+    return loaded
 
 
 def load_crl(data: bytes) -> x509.CertificateRevocationList:
@@ -110,16 +119,7 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
 
 def load_crl_dir(folder: Path) -> list[x509.CertificateRevocationList]:
     """Every CRL in the ``.crl`` files (DER or PEM, as AMD's KDS and Intel's PCS serve them) of ``folder``."""
-    crls = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() == ".crl" and path.is_file():
-            if path.stat().st_size > CERT_FILE_MAX:
-                raise EvidenceError(f"{path} is larger than {CERT_FILE_MAX} bytes")
-            try:
-                crls.append(load_crl(path.read_bytes()))
-            except EvidenceError as exc:
-                raise EvidenceError(f"{path}: {exc}") from None
-    return crls
+    return _load_files(folder, (".crl",), lambda data: [load_crl(data)])
 
 
 def fingerprint(cert: x509.Certificate) -> str:
