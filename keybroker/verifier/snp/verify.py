@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,13 +65,13 @@ def _product_of(cn: str, prefix: str) -> str | None:
     return None
 
 
-def _candidates(evidence: Evidence, context: Context) -> list[x509.Certificate]:
-    """Certificates from the host's auxblob table, then the operator's folders and anchors.
+def _candidates(table: list[tuple[uuid.UUID, bytes]], context: Context) -> list[x509.Certificate]:
+    """Certificates from the host's certificate table (auxblob), then the operator's folders and anchors.
 
     The table's CRL entry (AMD's revocation list) is no certificate, nor need an entry of a GUID
     keybroker does not know be one (go-sev-guest keeps them as extras, Trustee passes them over)."""
     certs = []
-    for guid, der in ghcb.parse(evidence.auxblob):
+    for guid, der in table:
         if ghcb.KINDS.get(guid) == "CRL":
             continue
         try:
@@ -84,12 +85,12 @@ def _candidates(evidence: Evidence, context: Context) -> list[x509.Certificate]:
     return certs
 
 
-def _crls(evidence: Evidence, context: Context) -> list[x509.CertificateRevocationList]:
+def _crls(table: list[tuple[uuid.UUID, bytes]], context: Context) -> list[x509.CertificateRevocationList]:
     """AMD's CRLs at hand: the host table's CRL entry and the ``.crl`` files of the operator's folders.
     A host's entry that does not parse is passed over, as a host could as well leave it out; an
     operator's file that does not parse is an error: it must not quietly turn the check off."""
     crls = []
-    for guid, der in ghcb.parse(evidence.auxblob):
+    for guid, der in table:
         if ghcb.KINDS.get(guid) == "CRL":
             try:
                 crls.append(load_crl(der))
@@ -199,7 +200,8 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     if kind is None:
         checks.failed("signer_consistent", f"SIGNING_KEY is {report.signing_key}: the report is not signed "
                                            "by a VCEK or VLEK")
-    certs = _candidates(evidence, context)
+    table = ghcb.parse(evidence.auxblob)
+    certs = _candidates(table, context)
     chain = find_chain(report, certs, kind, context.trust)
     # A VCEK that cannot have signed the report (a host's table not refreshed after a TCB update)
     # is as good as none: KDS has the one that did. (A VLEK cannot be fetched.)
@@ -227,7 +229,7 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     checks.require(signed_by_rsa_pss_sha384(vek, inter), "vek_signed_by_ask",
                    f"{common_name(vek.subject)} by {common_name(inter.subject)}",
                    f"{common_name(vek.subject)} is not signed by {common_name(inter.subject)}")
-    _check_revocation(chain, _crls(evidence, context), checks, context.at)
+    _check_revocation(chain, _crls(table, context), checks, context.at)
 
     inter_cn = common_name(inter.subject)
     want_prefix = "SEV-" if kind == "vcek" else "SEV-VLEK-"
