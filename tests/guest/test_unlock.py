@@ -37,6 +37,7 @@ from keybroker.guest.unlock.keys import KeySource
 from keybroker.guest.unlock.progress import Reporter
 from keybroker.guest.unlock.retry import Retry
 from support import REPO
+from support.keyctl import forget_in_user_keyring
 
 UNITS = ("keybroker-keyfile.socket", "keybroker-keyfile.service", "keybroker-askpass.path",
          "keybroker-askpass.service", "keybroker-unlock@.service")
@@ -427,7 +428,7 @@ def test_a_refused_key_is_not_retried(disk, services, tmp_path):
         assert out.returncode == 1 and "the key was refused (Required key not available); not retrying" in out.stderr
         assert "attempt" not in out.stderr
     finally:  # the refusal is cached as a negative key in root's user keyring
-        KeySource(keyring.USER_KEYRING).forget("logon", "keybroker:default/luks/absent")
+        forget_in_user_keyring("logon", "keybroker:default/luks/absent")
 
 
 def test_an_evidence_source_that_comes_up_late_is_retried(tsm_sim, kbs, handler, tmp_path):
@@ -456,7 +457,7 @@ def test_an_evidence_source_that_comes_up_late_is_retried(tsm_sim, kbs, handler,
     finally:
         proc.kill()
         proc.wait()
-        KeySource(keyring.USER_KEYRING).forget("user", "keybroker:default/luks/late-tsm")
+        forget_in_user_keyring("user", "keybroker:default/luks/late-tsm")
 
 
 @pytest.mark.parametrize("code", [errno.ENXIO, errno.ENODEV])
@@ -517,7 +518,7 @@ def test_place_key_feeds_dm_crypt_and_luks2_keyring_tokens(disk):
         assert disk.releases() == 3  # the image's, then one per key type
     finally:
         for key_type in ("user", "logon"):  # out of root's user keyring, which outlives the test
-            KeySource(keyring.USER_KEYRING).forget(key_type, f"keybroker:{disk.resource}")
+            forget_in_user_keyring(key_type, f"keybroker:{disk.resource}")
 
 
 def test_place_key_works_from_a_session_that_does_not_reach_roots_user_keyring(tsm_sim, kbs, handler):
@@ -534,7 +535,7 @@ def test_place_key_works_from_a_session_that_does_not_reach_roots_user_keyring(t
         assert out.returncode == 0 and "is in the user keyring" in out.stderr, out.stderr
         keyring.search(keyring.USER_KEYRING, "user", "keybroker:default/luks/by-hand")
     finally:
-        KeySource(keyring.USER_KEYRING).forget("user", "keybroker:default/luks/by-hand")
+        forget_in_user_keyring("user", "keybroker:default/luks/by-hand")
 
 
 # -- the password agent ----------------------------------------------------------------------

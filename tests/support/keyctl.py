@@ -11,3 +11,17 @@ def keyctl_session(script: str, *, user: str | None = None, timeout: float = 90)
     if user:
         cmd = ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def forget_in_user_keyring(key_type: str, description: str) -> None:
+    """Unlink the keys of that type and description from root's user keyring, which outlives a test.
+
+    In a process of its own whose process keyring links that keyring: what the handler puts there is
+    for its possessors alone, and pytest's process must not get a process keyring (a negative key in
+    its session keyring would then be passed over; see docs/guest.md)."""
+    import sys
+
+    script = ("import sys\nfrom keybroker.guest import keyring\nfrom keybroker.guest.unlock.keys import KeySource\n"
+              "keyring.link(keyring.USER_KEYRING, keyring.PROCESS_KEYRING)\n"
+              "KeySource(keyring.USER_KEYRING).forget(sys.argv[1], sys.argv[2])\n")
+    subprocess.run([sys.executable, "-c", script, key_type, description], check=True, timeout=30)
