@@ -99,6 +99,8 @@ def _attest(config: ClientConfig, request: KeyRequest, client: RcarClient, cache
         attested = True
         if cache is not None:
             cache.store(token, key)
+        if lock is not None:
+            lock.release()  # the requests waiting for this attestation fetch under its token meanwhile
 
     try:
         provider, evidence = _evidence_source(config, request, deadline)

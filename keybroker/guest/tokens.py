@@ -22,9 +22,10 @@ attests again in the same run; a refusal of a resource (missing, denied) leaves 
 decisions stay the server's: it applies its current policy to every request, token or not.
 
 Concurrent requests that would keep the same token share one attestation: the round that
-attests holds a lock (``flock`` on ``/run/keybroker/attest-<digest>.lock``) and the others,
-waiting on it, find the token it kept; or, when it failed before /attest passed, fail as it did
-(its failure is written in the lock file).
+attests holds a lock (``flock`` on ``/run/keybroker/attest-<digest>.lock``) until /attest has
+answered and the token is kept; the others, waiting on it, then find the token and fetch their
+keys beside its own; or, when it failed before /attest passed, fail as it did (its failure is
+written in the lock file).
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno as E
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +62,9 @@ MARGIN = 10  # seconds before a token's exp that it is no longer used
 LIFETIME_MAX = 24 * 3600  # seconds a token is kept at most, whatever exp it claims
 _FORMAT = b"keybroker-token-1\n"
 _JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+#: One attestation lock per token among the threads of this process (the agent's), by digest.
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+os.register_at_fork(after_in_child=_THREAD_LOCKS.clear)  # a child has none of its parent's threads
 #: Root (the owner) may do everything, a possessor too; group and others nothing.
 _OWNER_ONLY = 0x3F3F0000
 
@@ -143,24 +149,44 @@ class TokenCache:
 
     @contextlib.contextmanager
     def attesting(self, deadline: float) -> Iterator[AttestationLock]:
-        """Hold this token's attestation lock (waiting for it at most until ``deadline``)."""
-        LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(LOCK_DIR / f"attest-{self.digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Hold this token's attestation lock (waiting for it at most until ``deadline``) until the
+        block ends or :meth:`AttestationLock.release`.
+
+        Between processes it is a file lock, which a waiter polls; the agent's threads first take
+        a thread lock of the process's, which wakes a waiting thread as soon as it is released."""
+        threads = _THREAD_LOCKS.setdefault(self.digest, threading.Lock())
+        if not threads.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise _not_in_time()
+        lock = None
         try:
-            if not lock_within(fd, deadline):
-                raise ServerUnreachable("another request's attestation to this key server did not end in time",
-                                        errno=E.ETIMEDOUT)
-            yield AttestationLock(fd)
+            LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(LOCK_DIR / f"attest-{self.digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                if not lock_within(fd, deadline):
+                    raise _not_in_time()
+                lock = AttestationLock(fd, threads)
+                yield lock
+            finally:
+                os.close(fd)  # releases the file lock (so does the process's death)
         finally:
-            os.close(fd)  # releases the lock (so does the process's death)
+            if lock is None or not lock.released:
+                threads.release()
 
 
 class AttestationLock:
     """The held attestation lock, whose file says how the last attestation that failed failed (and when,
     in CLOCK_MONOTONIC time): requests that waited for it fail as it did, without attesting one by one."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, fd: int, threads: threading.Lock) -> None:
+        self.fd, self._threads = fd, threads
+        self.released = False
+
+    def release(self) -> None:
+        """Let the requests waiting for this attestation go on (its token is kept): before the block ends."""
+        if not self.released:
+            self.released = True
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self._threads.release()
 
     def record(self, exc: KeybrokerError) -> None:
         attrs = {name: value for name, value in vars(exc).items() if isinstance(value, int | str | None)}
@@ -183,6 +209,10 @@ class AttestationLock:
             return exc
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None  # none recorded (an empty file), or not by this code
+
+
+def _not_in_time() -> ServerUnreachable:
+    return ServerUnreachable("another request's attestation to this key server did not end in time", errno=E.ETIMEDOUT)
 
 
 def forget_all() -> bool:

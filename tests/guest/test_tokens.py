@@ -282,3 +282,45 @@ def test_requests_that_waited_for_a_failed_attestation_fail_as_it_did(tsm_sim, k
                          + " & wait")
     assert out.stderr.count("Key was rejected by service") == len(names), out.stderr
     assert server.requests_to("attest") == 1
+
+
+def test_waiting_requests_go_on_once_the_attesting_one_has_kept_its_token(tmp_path):
+    """The request that attests releases the others when its token is kept, not when its own key has
+    been fetched too; a waiting thread of the same process (the agent's) and a waiting process both
+    take the lock while the attesting request is still in its block."""
+    import threading
+
+    from keybroker.guest import config
+
+    path = tmp_path / "client.toml"
+    path.write_text(f'[server]\nurl = "http://127.0.0.1:1/{tmp_path.name}"\n')
+    cache = tokens.TokenCache(config.load(path), None)
+    took: list[str] = []
+    ready = threading.Event()
+
+    def thread() -> None:
+        ready.wait()
+        with cache.attesting(time.monotonic() + 10):
+            took.append("thread")
+
+    waiter = threading.Thread(target=thread)
+    waiter.start()
+    with cache.attesting(time.monotonic() + 10) as lock:
+        child = os.fork()
+        if child == 0:
+            code = 1
+            try:
+                with cache.attesting(time.monotonic() + 10):
+                    code = 0
+            finally:
+                os._exit(code)
+        ready.set()
+        waiter.join(timeout=0.5)
+        assert waiter.is_alive() and not took, "the lock was not held"
+        assert os.waitpid(child, os.WNOHANG) == (0, 0), "the lock was not held"
+        lock.release()
+        waiter.join(timeout=10)
+        _, status = os.waitpid(child, 0)
+        assert took == ["thread"] and os.waitstatus_to_exitcode(status) == 0
+    with cache.attesting(time.monotonic() + 1):  # released once, free again
+        pass
