@@ -5,8 +5,9 @@ before any work. The agent keeps that work warm: the handler (still the one that
 request, ends the construction and keeps its deadline) hands the request to the agent over
 ``/run/keybroker/agent.sock`` and gets the outcome back; the agent loads the configuration
 (with the same ownership checks: its own code once when it starts, the configuration and its CA
-for each request), decides access, and obtains the key (under a kept token,
-else one attestation) exactly as the handler's own worker would. When no agent answers, the
+for each request), decides access, and obtains the key (under a kept token, else one
+attestation) exactly as the handler's own worker would. A configuration it cannot load it
+leaves to the handler, whose view its unit does not narrow (ProtectHome=, PrivateTmp=). When no agent answers, the
 handler does the round itself: the agent is an accelerator, never a dependency.
 
 The socket is 0600 in a 0700 folder, and the agent answers only peers whose credentials
@@ -38,14 +39,13 @@ from .agentsocket import (
     DEADLINE_MAX,
     REQUEST_MAX,
     SOCKET,
-    encode_answer,
     fields,
     frame,
     number,
     read_frame,
     text,
 )
-from .handler import answer_frame, load_config, obtain_for, rejection_header
+from .handler import answer_frame, load_config, obtain_for
 from .unlock.keyfile import bind, peer_uid
 
 WORKERS = 16
@@ -64,8 +64,9 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
             return  # not a time this handler can have started at (nor a number)
         try:
             cfg = load_config(text(config), code_checked=True)
-        except Exception as exc:
-            conn.sendall(encode_answer(rejection_header(exc)))
+        except Exception:
+            # Left to the handler, which loads it itself and rejects it if it must: the agent's view
+            # may lack what the handler's has (its unit hides /root, /home and /tmp).
             return
         deadline = start + cfg.deadline / 2
         if not deadline > time.monotonic():

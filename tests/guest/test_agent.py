@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -28,8 +29,11 @@ SECRETS = {f"default/disk/k{i}": hashlib.sha256(b"agent key %d" % i).digest() fo
 @pytest.fixture
 def running_agent(handler) -> Iterator[subprocess.Popen]:
     """``keybroker agent`` on /run/keybroker/agent.sock (the handler's fixture holds the machine lock)."""
-    proc = subprocess.Popen([sys.executable, "-m", "keybroker", "agent"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    yield from _agent([sys.executable, "-m", "keybroker", "agent"])
+
+
+def _agent(command: list[str]) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
     while not SOCKET.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
@@ -94,6 +98,20 @@ def test_a_stalled_syslog_does_not_hold_the_requester(setup, stalled_syslog, age
     started = time.monotonic()
     assert stalled_syslog > 0 and got(fetch("k0"), "k0")
     assert time.monotonic() - started < 5  # the deadline is 10 s; once, the handler waited until then, or forever
+
+
+def test_a_configuration_the_agent_cannot_see_is_left_to_the_handler(setup, syslog, tmp_path):
+    """The agent's unit hides /root, /home and /tmp from it (ProtectHome=, PrivateTmp=): for a
+    configuration there, which the handler reads, it used to answer ENOKEY (configuration not found).
+    It now leaves a configuration it cannot load to the handler, which fetches the key."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to give the agent a view of its own")
+    hidden = ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+              'mount -t tmpfs none "$1"; exec "$2" -m keybroker agent', "sh", str(tmp_path), sys.executable]
+    for _ in _agent(hidden):
+        assert got(fetch("k0"), "k0")
+    lines = [line for line in syslog if "outcome=" in line]
+    assert len(lines) == 1 and "outcome=instantiated" in lines[0] and "via=worker" in lines[0], lines
 
 
 def test_without_an_agent_the_handler_does_the_round(setup, syslog):
