@@ -33,8 +33,8 @@
     deadline = 120                         # seconds of retrying before the passphrase prompt takes over
 
 Access: root (uid 0) may obtain every resource; any other requester only what an
-``[[access]]`` rule whose ``resource`` pattern (``*`` matches anything, ``/`` included)
-matches grants to its uid or one of its groups (the key's gid and the user's supplementary
+``[[access]]`` rule whose ``resource`` pattern (``*`` matches anything, ``/`` included;
+the only wildcard) matches grants to its uid or one of its groups (the key's gid and the user's supplementary
 groups in the group database), as one of the rule's ``key_types``: ``logon`` alone keeps
 a secret out of user space. Unknown keys and bad values are errors that name the key and
 the file.
@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DescriptionError
-from ..wire.resource import ResourcePath
+from ..wire.resource import ResourcePath, check_pattern
 from ..wire.transport import server_url_problem
 from .request import DESCRIPTION_PREFIX, KEY_TYPES
 
@@ -225,6 +225,10 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
         rule = _Table(path, f"access[{i}]", raw)
         rule.only("resource", "uids", "gids", "key_types")
         pattern = rule.get("resource", str, required=True)
+        try:
+            check_pattern(pattern)
+        except DescriptionError as exc:
+            raise rule.error(f"{rule.key('resource')!r}: {exc}") from None
         ids = {}
         for key in ("uids", "gids"):
             values = rule.get(key, list, [])

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from ..errors import PolicyError
+from ..errors import DescriptionError, PolicyError
 from ..wire import parse_json
+from ..wire.resource import check_pattern
 
 VERSION = 1
 #: A version a condition compares part by part: each part at most 18 digits (a claim the host
@@ -354,6 +355,11 @@ def _check_document(doc: Any) -> None:
         patterns = rule.get("resources")
         if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
             raise PolicyError(f"{where}.resources must be a non-empty list of patterns")
+        for pattern in patterns:
+            try:
+                check_pattern(pattern)
+            except DescriptionError as exc:
+                raise PolicyError(f"{where}.resources: {exc}") from None
         for flag in ("allow_debug", "allow_unbound"):
             if not isinstance(rule.get(flag, False), bool):
                 raise PolicyError(f"{where}.{flag} must be true or false")

@@ -4,6 +4,9 @@ A guest names a resource in its key description (``keybroker:<repo>/<type>/<tag>
 key server stores and releases resources under the same path. Each segment is what Trustee's
 resource plugin accepts, ``[A-Za-z0-9_-][A-Za-z0-9_.-]*`` (never ``.`` or ``..``), and the
 whole path is at most 200 characters (what the key server's columns and audit records hold).
+
+Release policies and the guest's access rules name resources by pattern: those characters,
+``/`` and ``*``, which matches any run of characters, ``/`` included (nothing else is a wildcard).
 """
 
 from __future__ import annotations
@@ -15,6 +18,16 @@ from ..errors import DescriptionError
 
 PATH_MAX = 200
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+_PATTERN = re.compile(r"[A-Za-z0-9_.*/-]+")
+
+
+def check_pattern(text: str) -> str:
+    """``text`` if it is a resource pattern (see above; matched with ``fnmatchcase``, which then
+    knows no wildcard but ``*``), else DescriptionError."""
+    if len(text) > PATH_MAX or not _PATTERN.fullmatch(text):
+        raise DescriptionError(f"resource pattern {text[:80]!r} must be at most {PATH_MAX} characters of "
+                               "[A-Za-z0-9_.-], '/' and '*' (the only wildcard)")
+    return text
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,10 @@ def test_no_rules_means_root_only(tmp_path):
     ("[server]\nurl = 'https://[::1'\n", "is not a URL: 'https://[::1'"),
     ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/*'\nuids = ['root']\n", "'access[0].uids' must be a list"),
     ("[server]\nurl = 'https://x'\n[[access]]\nuids = [0]\n", "missing required key 'access[0].resource'"),
+    # ? and [...] are fnmatch's wildcards too: a rule written with them granted what its text did not say.
+    ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/disk/k?'\nuids = [1]\n",
+     "'access[0].resource': resource pattern 'a/disk/k?' must be"),
+    ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/[!b]*'\nuids = [1]\n", "(the only wildcard)"),
     ("[server]\nurl = 'https://x'\n[tsm]\nroot = true\n", "'tsm.root' must be a string, not a boolean"),
     ("[server\n", "not valid TOML"),
     ("[server]\nurl = 'https://x'\nca = 'ca.pem'\n", "'server.ca' must be an absolute path"),

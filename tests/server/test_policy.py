@@ -71,6 +71,8 @@ def test_allow_debug_is_explicit():
     ([], "must be a JSON object"),
     ({"version": 2, "rules": []}, "version must be 1"),
     ({"version": 1, "rules": [{"resources": []}]}, "non-empty list of patterns"),
+    ({"version": 1, "rules": [{"resources": ["default/disk/k?"]}]}, "rules[0].resources: resource pattern"),
+    ({"version": 1, "rules": [{"resources": ["default/[a-c]*"]}]}, "'*' (the only wildcard)"),
     ({"version": 1, "rules": [{"resources": ["*"], "require": {"claim": "x"}}]}, "exactly one of"),
     ({"version": 1, "rules": [{"resources": ["*"], "require": {"claim": "x", "atLeast": "new"}}]},
      "dotted version"),
