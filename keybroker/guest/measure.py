@@ -63,9 +63,11 @@ def measure(cfg: MeasureConfig, event: wire.RuntimeEvent, *, once: bool = False,
     try:
         _lock(fd, cfg, deadline)
         _repair(fd, cfg)
-        if once and any(digest == event.digest() for _, mr_index, digest in _records(_read_fd(fd))[0]
+        raw = _read_fd(fd)
+        if once and any(digest == event.digest() for _, mr_index, digest in _records(raw)[0]
                         if mr_index == RTMR + 1):
             return _read_register(cfg)
+        _check_room(cfg, raw, record)
         size = os.lseek(fd, 0, os.SEEK_END)
         try:
             _write_all(fd, record)
@@ -128,6 +130,24 @@ def _joined(cfg: MeasureConfig, fd: int | None) -> bytes:
         return wire.join_logs(area, runtime)
     except EventLogError as exc:
         raise TsmError(f"the TD's event log ({cfg.ccel}, {cfg.log}) cannot be sent: {exc}", errno=E.EIO) from None
+
+
+def _check_room(cfg: MeasureConfig, raw: bytes, record: bytes) -> None:
+    """TsmError (EFBIG) unless the log evidence carries (the CCEL log, then the runtime log ``raw``) stays
+    within the event log's limits of size and events with ``record`` appended: extended past them, RTMR3
+    would hold an event that no log can be sent with, and every attestation would fail until the next boot."""
+    area = _read_file(cfg.ccel)
+    if area is None:
+        return  # no CCEL, no log sent
+    try:
+        wire.join_logs(area, raw + record)
+    except EventLogError as exc:
+        try:
+            wire.join_logs(area, raw)
+        except EventLogError:
+            return  # not sendable as it is: the evidence names why, this event changes nothing
+        raise TsmError(f"the runtime log {cfg.log} cannot take this event: with it the TD's event log could not be "
+                       f"sent ({exc}); the event is neither logged nor extended", errno=E.EFBIG) from None
 
 
 # -- the register ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -19,6 +20,7 @@ from keybroker.guest import config, measure
 from keybroker.guest.tsm import ReportRequest, TsmClient
 from keybroker.verifier.tdx.abi import parse_quote
 from keybroker.verifier.tdx.eventlog import claims, replay
+from keybroker.wire import eventlog as wire
 from keybroker.wire.eventlog import RuntimeEvent, parse_event_log
 
 NONCE = bytes(range(64))
@@ -196,3 +198,28 @@ def test_a_stuck_holder_of_the_log_does_not_hold_a_request_past_its_deadline(tsm
     fd = os.open(cfg.log, os.O_RDWR)  # the holder's death released it
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.close(fd)
+
+
+def test_an_event_the_log_sent_with_evidence_could_not_hold_is_neither_logged_nor_extended(tsm_sim, tmp_path):
+    """The CCEL log and the runtime log are sent joined, within the event log's size and event limits:
+    an event past them is refused before the extend, which would leave every later attestation with
+    a log that cannot be sent (EIO) until the next boot."""
+    report_root, cfg = td(tsm_sim, tmp_path)
+    measure.measure(cfg, RuntimeEvent("a.example", "first", "1"))  # creates the log
+    ccel = len(wire.join_logs(cfg.ccel.read_bytes()))
+    big = [RuntimeEvent("a.example", "config", f"{i:04d}" + "x" * (wire.RUNTIME_TEXT_MAX - 30)) for i in range(300)]
+    fits = (wire.LOG_MAX - ccel - len(cfg.log.read_bytes())) // len(big[0].encode())
+    register = os.open(measure.register_path(cfg), os.O_WRONLY)
+    with open(cfg.log, "ab") as log:
+        for event in big[:fits]:  # measured one by one, as measure() does (with fewer reads of the log)
+            log.write(event.encode())
+            log.flush()
+            os.pwrite(register, event.digest(), 0)
+    os.close(register)
+    before, value = cfg.log.read_bytes(), measure._read_register(cfg)
+    with pytest.raises(TsmError, match="could not be sent") as info:
+        measure.measure(cfg, big[fits])
+    assert info.value.errno == errno.EFBIG
+    assert cfg.log.read_bytes() == before and measure._read_register(cfg) == value
+    rtmrs, log = quote_with_log(report_root, cfg)  # still sendable, and it replays
+    assert replay(parse_event_log(log)).rtmrs == rtmrs
