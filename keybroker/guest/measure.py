@@ -101,7 +101,9 @@ def evidence_log(cfg: MeasureConfig, deadline: float | None = None) -> Iterator[
     try:
         fd: int | None = _open_log(cfg.log)
     except TsmError:
-        fd = None  # not root, or no place for a log: then no runtime event was measured by keybroker
+        if os.path.lexists(cfg.log):
+            raise  # it may hold events: a log sent without them would not replay RTMR3
+        fd = None  # no place for a log: then no runtime event was measured by keybroker
     try:
         if fd is not None:
             _lock(fd, cfg, deadline)

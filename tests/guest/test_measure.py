@@ -223,3 +223,18 @@ def test_an_event_the_log_sent_with_evidence_could_not_hold_is_neither_logged_no
     assert cfg.log.read_bytes() == before and measure._read_register(cfg) == value
     rtmrs, log = quote_with_log(report_root, cfg)  # still sendable, and it replays
     assert replay(parse_event_log(log)).rtmrs == rtmrs
+
+
+def test_a_runtime_log_that_is_there_but_refused_fails_the_evidence_rather_than_leaving_its_events_out(
+        tsm_sim, tmp_path):
+    """Without the runtime log's events the log sent cannot replay RTMR3: the server would refuse the
+    guest for a mismatch, and nobody would learn that the guest's own log was refused."""
+    _, cfg = td(tsm_sim, tmp_path)
+    measure.measure(cfg, RuntimeEvent("a.example", "one", "1"))
+    os.chmod(cfg.log.parent, 0o770)
+    with pytest.raises(TsmError, match="writable by group or others") as info, measure.evidence_log(cfg):
+        pass
+    assert info.value.errno == errno.EPERM
+    nowhere = dataclasses.replace(cfg, log=Path("/proc/no-such-folder/runtime-eventlog"))
+    with measure.evidence_log(nowhere) as read_log:  # no log could ever be kept there: nothing was measured
+        assert parse_event_log(read_log()).events
