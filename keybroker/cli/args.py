@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..verifier import Context, Evidence  # imported by the functions too: only commands that verify load it
+    from ..wire.initdata import InitData
 
 EVIDENCE_FILE_MAX = 16 * 1024 * 1024
 
@@ -77,14 +78,30 @@ def verification_context(args: argparse.Namespace, report_data: bytes | None = N
     trust = TrustStore.default().with_dirs(args.trust_roots)
     if args.trust_cpak:
         trust = trust.with_cpak_file(args.trust_cpak)
-    init_data = None
-    if args.init_data:
-        from ..wire import initdata
-
-        init_data = initdata.parse(args.init_data.read_text()).digest
+    init_data = read_init_data(args.init_data).digest if args.init_data else None
     return Context(trust=trust, at=args.at or dt.datetime.now(dt.UTC), report_data=report_data, init_data=init_data,
                    certs=tuple(args.certs), collateral=args.collateral, kds_url=args.kds_url, pcs_url=args.pcs_url,
                    fetcher=Fetcher(args.cache_dir))
+
+
+def read_init_data(path: Path) -> InitData:
+    """The init-data document in ``path``, hashed over its bytes as they are in the file: the host
+    hashed those (a text read would turn CRLF line ends into LF, and the digest into another)."""
+    from ..errors import EvidenceError
+    from ..wire import initdata
+
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(initdata.BODY_MAX + 1)
+    except OSError as exc:
+        raise EvidenceError(f"cannot read the init-data {path}: {exc.strerror}") from None
+    if len(raw) > initdata.BODY_MAX:
+        raise EvidenceError(f"init-data {path} is larger than {initdata.BODY_MAX} bytes")
+    try:
+        body = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvidenceError(f"init-data {path} is not UTF-8 text (byte {exc.start}); TOML is") from None
+    return initdata.parse(body)
 
 
 def load_evidence(path: Path, provider: str | None = None) -> Evidence:

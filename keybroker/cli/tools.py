@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import EvidenceError
 from ..verifier.core import PROVIDERS, TSM_PROVIDERS
-from .args import add_evidence_options, hex_bytes, load_evidence, verification_context
+from .args import add_evidence_options, hex_bytes, load_evidence, read_init_data, verification_context
 from .show import check_lines, claim_lines, verdict_json
 
 DEFAULT_SIM_STATE = Path("/var/lib/keybroker/tsm-sim")
@@ -16,11 +16,10 @@ DEFAULT_SIM_STATE = Path("/var/lib/keybroker/tsm-sim")
 
 def _tsm_sim(args: argparse.Namespace) -> int:
     from ..sim import fs, providers, roots, sysfs
-    from ..wire import initdata
 
     try:
         faults = providers.Faults.parse(args.fault)
-        digest = initdata.parse(args.init_data.read_text()).digest if args.init_data else None
+        digest = read_init_data(args.init_data).digest if args.init_data else None
         provider = providers.make_provider(args.provider, roots.SimState(args.state), faults, svsm=args.svsm,
                                            launch_digest=digest)
     except (ValueError, EvidenceError, OSError) as exc:

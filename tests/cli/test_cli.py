@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from keybroker import cli
 from keybroker.cli import args
+from support import VECTORS
 
 SAMPLES = {Path: "/tmp/x", int: "1", float: "1.5", args.hex_bytes: "00ff", args.rfc3339: "2025-01-01T00:00:00Z",
            args.listen: "127.0.0.1:1", args.audit_head: "1:" + "ab" * 32}
@@ -82,3 +84,24 @@ def test_files_that_cannot_be_read_are_named_not_tracebacks(argv, tmp_path, caps
     err = capsys.readouterr().err
     assert status in (1, 2) and "Traceback" not in err
     assert str(missing if "{missing}" in argv else tmp_path) in err, err
+
+
+INIT_DATA = b'version = "0.1.0"\r\nalgorithm = "sha384"\r\n[data]\r\n"aa.toml" = "x"\r\n'
+
+
+def test_init_data_is_hashed_as_the_bytes_of_its_file(tmp_path):
+    # The host hashed the file as it is: CRLF line ends are part of the digest it bound at launch.
+    path = tmp_path / "init-data.toml"
+    path.write_bytes(INIT_DATA)
+    parsed = cli.build_parser().parse_args(["verify", str(tmp_path / "evidence"), "--init-data", str(path)])
+    assert args.verification_context(parsed).init_data == hashlib.sha384(INIT_DATA).digest()
+
+
+@pytest.mark.parametrize("command", [["verify", str(VECTORS / "snp" / "virtee-sev" / "report.bin")],
+                                     ["tsm-sim", "{folder}/mnt", "--provider", "sev_guest"]])
+def test_init_data_that_is_not_text_is_named_not_a_traceback(command, tmp_path, capsys):
+    path = tmp_path / "init-data.toml"
+    path.write_bytes(b"\xff" + INIT_DATA)
+    status = cli.main([arg.format(folder=tmp_path) for arg in command] + ["--init-data", str(path)])
+    err = capsys.readouterr().err
+    assert status in (1, 2) and "Traceback" not in err and f"init-data {path} is not UTF-8" in err, err
