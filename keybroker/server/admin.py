@@ -114,6 +114,15 @@ def resource_name(path: str) -> str:
         raise AdminError(str(exc)) from None
 
 
+TOKEN_GRAMMAR = (f"a token is {TOKEN_MIN} to {TOKEN_MAX} printable ASCII characters without spaces (make one with: "
+                 "openssl rand -hex 32)")
+
+
+def is_token(text: str) -> bool:
+    """Whether ``text`` is an admin token (``TOKEN_GRAMMAR``): what a server accepts, and a header carries."""
+    return TOKEN_MIN <= len(text) <= TOKEN_MAX and _TOKEN.fullmatch(text) is not None
+
+
 @dataclass(frozen=True)
 class AdminAuth:
     """The admin tokens a server accepts, kept as SHA-256 digests."""
@@ -132,9 +141,8 @@ class AdminAuth:
             token = line.strip()
             if not token:
                 continue
-            if not TOKEN_MIN <= len(token) <= TOKEN_MAX or not _TOKEN.fullmatch(token):
-                raise ConfigError(f"admin token file {located}, line {number}: a token is {TOKEN_MIN} to {TOKEN_MAX} "
-                                  "printable characters without spaces (make one with: openssl rand -hex 32)")
+            if not is_token(token):
+                raise ConfigError(f"admin token file {located}, line {number}: {TOKEN_GRAMMAR}")
             digests.append(hashlib.sha256(token.encode()).digest())
         if not digests:
             raise ConfigError(f"admin token file {located} holds no token")

@@ -17,7 +17,7 @@ from ..errors import ConfigError, ServerError
 from ..wire import rcar as p
 from ..wire.transport import server_url_problem
 from . import secretfile
-from .admin import ADMIN_PREFIX, resource_name
+from .admin import ADMIN_PREFIX, TOKEN_GRAMMAR, is_token, resource_name
 from .policy import Policy
 from .store import PolicyInfo, PolicyVersion, ResourceInfo
 
@@ -29,10 +29,12 @@ class AdminClient:
         problem = server_url_problem(url)
         if problem:
             raise ConfigError(f"--server {problem} (the admin token goes only over https, or http to loopback)")
-        lines = [line.strip() for line in secretfile.read(token_file, "admin token file").decode().splitlines()]
-        token = next((line for line in lines if line), None)
-        if token is None:
+        lines = secretfile.read(token_file, "admin token file").decode(errors="replace").splitlines()
+        number, token = next(((n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()), (0, ""))
+        if not token:
             raise ConfigError(f"admin token file {token_file} holds no token")
+        if not is_token(token):  # not one a server takes, nor one a header can carry
+            raise ConfigError(f"admin token file {token_file}, line {number}: {TOKEN_GRAMMAR}")
         self.url = url.rstrip("/") + ADMIN_PREFIX
         self.http = requests.Session()
         self.http.trust_env = False
