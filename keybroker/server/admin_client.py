@@ -8,12 +8,13 @@ environment) and sent only over HTTPS, or plain HTTP to loopback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from ..errors import ConfigError, ServerError
+from ..errors import ConfigError, PolicyError, ServerError
 from ..wire import rcar as p
 from ..wire.transport import server_url_problem
 from . import secretfile
@@ -53,44 +54,70 @@ class AdminClient:
         return response is not None
 
     def list_resources(self) -> list[ResourceInfo]:
-        body = self._call("GET", "/resources")
-        return [ResourceInfo(r["path"], r["size"], r["lease"], r["kek"], r["updated"]) for r in body["resources"]]
+        return self._call("GET", "/resources", read=lambda body: [
+            ResourceInfo(_of(r, "path", str), _of(r, "size", int), _of(r, "lease", int, None), _of(r, "kek", str),
+                         _of(r, "updated", int, float)) for r in _of(body, "resources", list)])
 
     def put_policy(self, text: str | bytes) -> tuple[int, bool]:
-        body = self._call("PUT", "/policy", data=text.encode() if isinstance(text, str) else text)
-        return body["version"], body["changed"]
+        return self._call("PUT", "/policy", data=text.encode() if isinstance(text, str) else text, read=_version)
 
     def reset_policy(self) -> tuple[int, bool]:
-        body = self._call("DELETE", "/policy")
-        return body["version"], body["changed"]
+        return self._call("DELETE", "/policy", read=_version)
 
     def get_policy(self, version: int | None = None) -> PolicyVersion | None:
-        body = self._call("GET", "/policy", params={"version": version} if version is not None else None,
-                          missing_ok=True)
-        if body is None:
-            return None
-        return PolicyVersion(body["version"], body["digest"], body["created"], body["actor"], Policy(body["policy"]))
+        return self._call("GET", "/policy", params={"version": version} if version is not None else None,
+                          missing_ok=True, read=lambda body: PolicyVersion(*_policy_info(body), Policy(body["policy"])))
 
     def list_policies(self) -> list[PolicyInfo]:
-        body = self._call("GET", "/policies")
-        return [PolicyInfo(v["version"], v["digest"], v["created"], v["actor"]) for v in body["policies"]]
+        return self._call("GET", "/policies", read=lambda body: [
+            PolicyInfo(*_policy_info(v)) for v in _of(body, "policies", list)])
 
     def _call(self, method: str, path: str, *, data: bytes | None = None, params: dict[str, Any] | None = None,
-              missing_ok: bool = False) -> Any:
+              missing_ok: bool = False, read: Callable[[Any], Any] | None = None) -> Any:
+        """``read`` of the JSON answer; None for a thing the server says it does not have, when ``missing_ok``."""
         try:
             response = self.http.request(method, self.url + path, data=data, params=params, timeout=TIMEOUT,
                                          allow_redirects=False)
         except requests.RequestException as exc:
             raise ServerError(f"cannot reach the key server: {exc}", status=0, problem=None) from None
-        if response.status_code == 404 and missing_ok:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        name = p.problem_name(body) if response.status_code != 200 else None
+        if response.status_code == 404 and missing_ok and name == p.RESOURCE_NOT_FOUND:
             return None
         if response.status_code != 200:
-            try:
-                body = response.json()
-            except ValueError:
-                body = None
-            name = p.problem_name(body)
             detail = body.get("detail") if isinstance(body, dict) else response.reason
             raise ServerError(f"{method} {path}: HTTP {response.status_code} {name or ''}: {str(detail)[:500]}",
                               status=response.status_code, problem=name)
-        return response.json()
+        try:
+            return (read or _object)(body)
+        except (KeyError, IndexError, TypeError, ValueError, PolicyError):  # ``body`` None (not JSON) too
+            raise ServerError(f"{method} {path}: HTTP 200, but the answer is not the admin API's: is {self.url[:200]} "
+                              "a keybroker key server?", status=200, problem=None) from None
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):  # None too: not JSON
+        raise TypeError("not a JSON object")
+    return body
+
+
+def _of(body: Any, name: str, *kinds: type | None) -> Any:
+    """Member ``name`` of the JSON object ``body``, of one of ``kinds`` exactly (None: null; a bool is no int)."""
+    value = _object(body)[name]
+    if any(value is None if kind is None else type(value) is kind for kind in kinds):
+        return value
+    raise TypeError(f"{name} is a {type(value).__name__}")
+
+
+def _version(body: Any) -> tuple[int, bool]:
+    return _of(body, "version", int), _of(body, "changed", bool)
+
+
+def _policy_info(body: Any) -> tuple[int, str, float, str]:
+    created = _of(body, "created", int, float)
+    if not 0 <= created < 2**37:  # a time the commands can print
+        raise ValueError(f"created {created} is no time")
+    return _of(body, "version", int), _of(body, "digest", str), created, _of(body, "actor", str)
