@@ -119,7 +119,7 @@ def _resource(args: argparse.Namespace) -> int:
         for info in _administrator(args).list_resources():
             print(f"{info.path}\t{info.size} bytes" + (f"\tlease {info.lease} s" if info.lease else ""))
     elif args.action == "put":
-        value = args.file.read_bytes() if args.file else sys.stdin.buffer.read()
+        value = _read_value(args.file)
         _administrator(args, values=True).put_resource(args.path, value, args.lease)
     elif args.action == "get":
         if args.server:
@@ -140,6 +140,23 @@ def _resource(args: argparse.Namespace) -> int:
     elif not _administrator(args).delete_resource(args.path):
         raise SystemExit(f"keybroker resource rm: no resource {args.path}")
     return 0
+
+
+def _read_value(path: Path | None) -> bytes:
+    """A resource's value from ``path`` (else stdin), read no further than a resource may be: /dev/zero, or
+    a pipe that does not end, is refused, not read until memory runs out."""
+    from ..errors import AdminError
+    from ..server.admin import RESOURCE_MAX
+
+    if path is None:
+        value = sys.stdin.buffer.read(RESOURCE_MAX + 1)
+    else:
+        with open(path, "rb") as file:
+            value = file.read(RESOURCE_MAX + 1)
+    if len(value) > RESOURCE_MAX:
+        raise AdminError(f"{path or 'standard input'} holds more than {RESOURCE_MAX} bytes: a resource is 1 to "
+                         f"{RESOURCE_MAX} bytes (the kernel's limit for a key)")
+    return value
 
 
 def _add_resource(sub: argparse._SubParsersAction) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ import pytest
 from keybroker import cli
 from keybroker.cli import args
 from support import VECTORS
+from support.servers import write_secret
 
 SAMPLES = {Path: "/tmp/x", int: "1", float: "1.5", args.hex_bytes: "00ff", args.rfc3339: "2025-01-01T00:00:00Z",
            args.listen: "127.0.0.1:1", args.audit_head: "1:" + "ab" * 32}
@@ -105,3 +110,19 @@ def test_init_data_that_is_not_text_is_named_not_a_traceback(command, tmp_path, 
     status = cli.main([arg.format(folder=tmp_path) for arg in command] + ["--init-data", str(path)])
     err = capsys.readouterr().err
     assert status in (1, 2) and "Traceback" not in err and f"init-data {path} is not UTF-8" in err, err
+
+
+def _memory_limited() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # so that the unbounded read ends in MemoryError
+
+
+@pytest.mark.parametrize("source", ["--file", "stdin"])
+def test_a_resource_value_is_read_no_further_than_a_resource_may_be(source, tmp_path):
+    kek = write_secret(tmp_path / "kek", os.urandom(32))
+    file = ["--file", "/dev/zero"] if source == "--file" else []
+    argv = [sys.executable, "-m", "keybroker", "resource", "put", "default/key/a", "--db",
+            f"sqlite:///{tmp_path}/kbs.db", "--kek-file", str(kek), *file]
+    with open("/dev/zero", "rb") as zero:
+        out = subprocess.run(argv, stdin=zero, capture_output=True, text=True, timeout=60, preexec_fn=_memory_limited)
+    named = "/dev/zero" if source == "--file" else "standard input"
+    assert out.returncode == 1 and f"{named} holds more than 32767 bytes" in out.stderr, out.stderr[-500:]
