@@ -192,3 +192,38 @@ def test_a_tree_checks_where_its_links_lead(planted):
     (package / "more").unlink()
     (package / "mod" / "loop").symlink_to("..")  # a cycle is walked once
     ownership.check_tree(package, "keybroker package")
+
+
+def test_install_makes_its_folder_root_s_alone_whatever_the_umask(folder):
+    conf_dir = folder / "request-key.d"
+    old = os.umask(0)
+    try:
+        install.install(config_file(folder), conf_dir, HANDLER)
+    finally:
+        os.umask(old)
+    assert conf_dir.stat().st_mode & 0o022 == 0  # others cannot swap the drop-in for one that runs their program
+    assert (conf_dir / "keybroker.conf").stat().st_mode & 0o022 == 0
+
+
+@pytest.mark.parametrize("spoil, named", [
+    (lambda d: os.chown(d, NOBODY, -1), "belongs to uid 65534"),
+    (lambda d: d.chmod(0o777), "writable by group or others (mode 0777)"),
+    (lambda d: d.chmod(0o1777), "writable by group or others (mode 1777)"),
+])
+def test_install_refuses_a_folder_others_can_write(folder, spoil, named):
+    conf_dir = folder / "request-key.d"
+    conf_dir.mkdir()
+    spoil(conf_dir)
+    with pytest.raises(UntrustedFile, match=re.escape(named)):
+        install.install(config_file(folder), conf_dir, HANDLER)
+    assert not (conf_dir / "keybroker.conf").exists()
+
+
+def test_install_refuses_a_link_to_a_folder_others_can_write(folder):
+    theirs = folder / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, -1)
+    (folder / "request-key.d").symlink_to(theirs)
+    with pytest.raises(UntrustedFile, match=f"{theirs} belongs to uid 65534"):
+        install.install(config_file(folder), folder / "request-key.d", HANDLER)
+    assert not (theirs / "keybroker.conf").exists()
