@@ -55,13 +55,14 @@ def check(path: Path, what: str, *, group_may_read: bool = False) -> None:
 
 def _open(path: Path, what: str, *, group_may_read: bool = False) -> BinaryIO:
     """``path`` opened for reading, once its type, mode and owner are those of a secret."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # not blocking: a FIFO nobody writes to would hold the open forever (it is refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot open it: {exc.strerror}") from None
     f = os.fdopen(fd, "rb")
     try:
         _check(os.fstat(f.fileno()), path, what, group_may_read)
+        os.set_blocking(fd, True)
     except BaseException:
         f.close()
         raise
