@@ -23,9 +23,10 @@ ALLOWED = {
     "wire": {"errors"},
     "guest": {"wire", "errors", "systemd"},
     "verifier": {"wire", "errors"},
-    "server": {"wire", "verifier", "errors", "systemd"},
+    "server": {"wire", "verifier", "errors", "systemd", "files"},
     "sim": {"wire", "errors"},
     "systemd": set(),
+    "files": {"errors"},
     "errors": set(),
 }
 

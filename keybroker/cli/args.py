@@ -88,15 +88,10 @@ def read_init_data(path: Path) -> InitData:
     """The init-data document in ``path``, hashed over its bytes as they are in the file: the host
     hashed those (a text read would turn CRLF line ends into LF, and the digest into another)."""
     from ..errors import EvidenceError
+    from ..files import read_bounded
     from ..wire import initdata
 
-    try:
-        with open(path, "rb") as file:
-            raw = file.read(initdata.BODY_MAX + 1)
-    except OSError as exc:
-        raise EvidenceError(f"cannot read the init-data {path}: {exc.strerror}") from None
-    if len(raw) > initdata.BODY_MAX:
-        raise EvidenceError(f"init-data {path} is larger than {initdata.BODY_MAX} bytes")
+    raw = read_bounded(path, initdata.BODY_MAX, "init-data", EvidenceError)
     try:
         body = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -107,16 +102,11 @@ def read_init_data(path: Path) -> InitData:
 def load_evidence(path: Path, provider: str | None = None) -> Evidence:
     """Evidence from a file: an envelope, Trustee's evidence form (JSON), or a raw report, quote or token."""
     from ..errors import EvidenceError
+    from ..files import read_bounded
     from ..verifier import Evidence, guess_provider
     from ..wire import envelope, parse_json, trustee
 
-    try:
-        with open(path, "rb") as file:
-            data = file.read(EVIDENCE_FILE_MAX + 1)
-    except OSError as exc:
-        raise EvidenceError(f"cannot read the evidence {path}: {exc.strerror}") from None
-    if len(data) > EVIDENCE_FILE_MAX:
-        raise EvidenceError(f"{path} is larger than {EVIDENCE_FILE_MAX} bytes: not evidence")
+    data = read_bounded(path, EVIDENCE_FILE_MAX, "evidence", EvidenceError)
     if data[:1] == b"{":
         try:
             obj = parse_json(data)

@@ -146,15 +146,14 @@ def _read_value(path: Path | None) -> bytes:
     """A resource's value from ``path`` (else stdin), read no further than a resource may be: /dev/zero, or
     a pipe that does not end, is refused, not read until memory runs out."""
     from ..errors import AdminError
+    from ..files import read_bounded
     from ..server.admin import RESOURCE_MAX
 
-    if path is None:
-        value = sys.stdin.buffer.read(RESOURCE_MAX + 1)
-    else:
-        with open(path, "rb") as file:
-            value = file.read(RESOURCE_MAX + 1)
+    if path is not None:
+        return read_bounded(path, RESOURCE_MAX, "resource value", AdminError)
+    value = sys.stdin.buffer.read(RESOURCE_MAX + 1)
     if len(value) > RESOURCE_MAX:
-        raise AdminError(f"{path or 'standard input'} holds more than {RESOURCE_MAX} bytes: a resource is 1 to "
+        raise AdminError(f"standard input holds more than {RESOURCE_MAX} bytes: a resource is 1 to "
                          f"{RESOURCE_MAX} bytes (the kernel's limit for a key)")
     return value
 
@@ -189,7 +188,7 @@ def _policy(args: argparse.Namespace) -> int:
         return _policy_from_evidence(args)
     admin = _administrator(args, values=args.action in ("put", "rm"))  # a policy is stored with a MAC under the KEK
     if args.action == "put":
-        text = args.file.read_bytes()
+        text = _read_policy(args.file)
         _warn_unpinned(Policy.loads(text))
         version, changed = admin.put_policy(text)
         print(f"policy version {version} is active" + ("" if changed else " (unchanged)"))
@@ -237,13 +236,21 @@ def _policy_from_evidence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_policy(path: Path) -> bytes:
+    from ..errors import PolicyError
+    from ..files import read_bounded
+    from ..server.policy import POLICY_MAX
+
+    return read_bounded(path, POLICY_MAX, "policy", PolicyError)
+
+
 def _policy_check(args: argparse.Namespace) -> int:
     import json
 
     from ..server.policy import Policy
     from ..verifier import verify
 
-    policy = Policy.loads(args.policy.read_bytes())
+    policy = Policy.loads(_read_policy(args.policy))
     _warn_unpinned(policy)
     verdict = verify(load_evidence(args.evidence), verification_context(args))
     print("evidence (the binding to a session's nonce is the server's to check):")

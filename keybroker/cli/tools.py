@@ -54,28 +54,16 @@ def _add_tsm_sim(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_tsm_sim)
 
 
-def _read_log(path: Path) -> bytes:
-    from ..wire.eventlog import LOG_MAX
-
-    try:
-        with open(path, "rb") as file:
-            data = file.read(LOG_MAX + 1)
-    except OSError as exc:
-        raise EvidenceError(f"cannot read the event log {path}: {exc.strerror}") from None
-    if len(data) > LOG_MAX:
-        raise EvidenceError(f"{path} is larger than {LOG_MAX} bytes: not an event log")
-    return data
-
-
 def _event_log(args: argparse.Namespace) -> bytes:
     """The --event-log files joined in order (the CCEL log, then runtime logs), checked against --ccel-table."""
+    from ..files import read_bounded
     from ..wire import eventlog
 
     if args.ccel_table and not args.event_log:
         raise EvidenceError("--ccel-table describes an event log: give the log with --event-log")
-    parts = [_read_log(path) for path in args.event_log]
+    parts = [read_bounded(path, eventlog.LOG_MAX, "event log", EvidenceError) for path in args.event_log]
     if args.ccel_table:
-        table = eventlog.parse_ccel_table(_read_log(args.ccel_table))
+        table = eventlog.parse_ccel_table(read_bounded(args.ccel_table, 4096, "CCEL table", EvidenceError))
         table.check_area(parts[0])
         print(f"CCEL table: {table.cc_name}, log area {table.laml} bytes at 0x{table.lasa:x}; "
               f"{args.event_log[0]} is {len(parts[0])} bytes")

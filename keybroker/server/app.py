@@ -25,12 +25,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import AdminError, PolicyError, StoreError
+from ..files import read_bounded
 from ..wire import decimal, parse_json
 from ..wire import rcar as p
 from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
 from .config import ServerConfig
 from .kbs import SESSION_LIFETIME, KeyServer, Problem
 from .metrics import CONTENT_TYPE, Metrics
+from .policy import POLICY_MAX
 from .ratelimit import RateLimiter
 from .schema import store_error
 from .sealing import load_sealer
@@ -317,7 +319,7 @@ def key_server(config: ServerConfig) -> tuple[KeyServer, AdminAuth | None, RateL
     name = config.name or f"{socket.gethostname()}:{config.listen[1]}"
     store = Store(config.db, sealer)
     if config.policy:
-        policy_text = config.policy.read_text()
+        policy_text = read_bounded(config.policy, POLICY_MAX, "policy", PolicyError)
         Admin(store, sealer, f"config:{config.policy}", name).put_policy(policy_text)
     active = store.active_policy()
     log.info("replica %s: release policy version %d (sha256 %s); KEK %s; admin API %s; token key %s", name,

@@ -34,9 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..files import read_bounded
 from ..verifier.snp.kds import AMD_KDS
 from ..wire import decimal
 from .ratelimit import DEFAULT_BURST, DEFAULT_RATE
+
+CONFIG_MAX = 1024 * 1024  # bytes of a configuration file
 
 DEFAULT_DB = "sqlite:////var/lib/keybroker/kbs.db"
 DEFAULT_KDS = AMD_KDS
@@ -88,9 +91,7 @@ def load(path: Path | None, flags: dict[str, Any]) -> ServerConfig:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        document = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"server configuration {path}: {exc.strerror}") from None
+        document = tomllib.loads(read_bounded(path, CONFIG_MAX, "server configuration", ConfigError).decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"server configuration {path} is not valid TOML: {exc}") from None
     known = {f.name.replace("_", "-"): f.name for f in fields(ServerConfig)}

@@ -26,6 +26,7 @@ from ..wire import parse_json
 from ..wire.resource import check_pattern
 
 VERSION = 1
+POLICY_MAX = 1024 * 1024  # bytes of a policy document, as of any body the admin API takes (rcar.BODY_MAX)
 #: A version a condition compares part by part: each part at most 18 digits (a claim the host
 #: chooses, such as init-data's, could otherwise be a number int() refuses to read).
 _VERSION_TEXT = re.compile(r"[0-9]{1,18}(\.[0-9]{1,18})*")

@@ -124,5 +124,20 @@ def test_a_resource_value_is_read_no_further_than_a_resource_may_be(source, tmp_
             f"sqlite:///{tmp_path}/kbs.db", "--kek-file", str(kek), *file]
     with open("/dev/zero", "rb") as zero:
         out = subprocess.run(argv, stdin=zero, capture_output=True, text=True, timeout=60, preexec_fn=_memory_limited)
-    named = "/dev/zero" if source == "--file" else "standard input"
-    assert out.returncode == 1 and f"{named} holds more than 32767 bytes" in out.stderr, out.stderr[-500:]
+    said = "/dev/zero is larger than 32767 bytes" if source == "--file" else "standard input holds more than 32767"
+    assert out.returncode == 1 and said in out.stderr, out.stderr[-500:]
+
+
+@pytest.mark.parametrize("command", [["policy", "put", "/dev/zero", "--db", "sqlite:///{tmp}/kbs.db", "--kek-file",
+                                      "{tmp}/kek"],
+                                     ["policy", "check", "/dev/zero", str(VECTORS / "snp/virtee-sev/report.bin"),
+                                      "--resource", "default/key/a"],
+                                     ["serve", "--policy", "/dev/zero", "--db", "sqlite:///{tmp}/kbs.db", "--kek-file",
+                                      "{tmp}/kek", "--listen", "127.0.0.1:1"],
+                                     ["serve", "--config", "/dev/zero"]])
+def test_a_policy_or_configuration_file_is_read_no_further_than_one_may_be(command, tmp_path):
+    """/dev/zero as a policy or the server's configuration grew until memory ran out (MemoryError)."""
+    write_secret(tmp_path / "kek", os.urandom(32))
+    argv = [sys.executable, "-m", "keybroker", *(arg.format(tmp=tmp_path) for arg in command)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, preexec_fn=_memory_limited)
+    assert out.returncode == 1 and "/dev/zero is larger than 1048576 bytes" in out.stderr, out.stderr[-500:]
