@@ -122,6 +122,18 @@ def test_text_is_claimed_only_when_the_digest_covers_it():
     assert "tdx.kernel_cmdline" not in events  # no claim says which measured string is the command line
 
 
+def test_text_is_not_claimed_for_data_the_digest_covers_past_its_first_nul():
+    """The text of an event is read up to its first NUL: when the digest covers more than that text and
+    its padding, the claim named only the text, and two events measuring different data claimed the same."""
+    for encoding in ("utf-8", "utf-16-le"):
+        data, pad = "console=ttyS0\0 init=/bin/sh".encode(encoding), "console=ttyS0\0\0".encode(encoding)
+        hidden = eb.record(2, el.EV_IPL, data, {eb.SHA384: hashlib.sha384(data).digest()})
+        padded = eb.record(2, el.EV_IPL, pad, {eb.SHA384: hashlib.sha384(pad).digest()})
+        events = ve.claims(replayed(eb.header() + hidden + padded))["tdx.events"]
+        assert [{k: v for k, v in e.items() if k in ("label", "text")} for e in events] == [
+            {"label": "console=ttyS0"}, {"text": "console=ttyS0"}], encoding
+
+
 @pytest.mark.parametrize("disguise", ["type", "tag"])
 def test_rtmr3_holds_runtime_events_only(disguise):
     """A runtime event whose type or tag was changed (neither is measured) still replays: it must not

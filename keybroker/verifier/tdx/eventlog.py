@@ -62,7 +62,7 @@ def replay(log: EventLog) -> Replay:
 
 def _text(data: bytes) -> str | None:
     """The event data as text (UTF-8, or UTF-16 as UEFI writes it, up to the first NUL), or None."""
-    utf16 = len(data) >= 4 and data[1] == data[3] == 0 and data[0] != 0
+    utf16 = _utf16(data)
     cut = data.decode("utf-16-le", "replace").split("\0", 1)[0].encode() if utf16 else data.split(b"\0", 1)[0]
     if not cut or len(cut) > TEXT_MAX:
         return None
@@ -80,13 +80,27 @@ def _measured(event: Event, digest: bytes) -> dict[str, str]:
     text = _text(event.data)
     if text is None:
         return {}
-    covers = [event.data, text.encode(), text.encode() + b"\0"]
+    covers = [text.encode(), text.encode() + b"\0"]
+    if _only_padding_after(event.data, text):  # the text is all the data says: a digest over the data covers it
+        covers.append(event.data)
     if any(hashlib.sha384(c).digest() == digest for c in covers):
         return {"text": text}
     label, sep, rest = text.partition(" ")
     if sep and any(hashlib.sha384(c).digest() == digest for c in (rest.encode(), rest.encode() + b"\0")):
         return {"label": label, "text": rest}  # grub: "grub_cmd: CMD", the digest over CMD
     return {"label": text}
+
+
+def _only_padding_after(data: bytes, text: str) -> bool:
+    """Whether ``data`` is ``text`` (as :func:`_text` read it) and NULs only."""
+    rest = data.decode("utf-16-le", "replace").rstrip("\0") if _utf16(data) else \
+        data.rstrip(b"\0").decode("utf-8", "replace")
+    return rest == text
+
+
+def _utf16(data: bytes) -> bool:
+    """Whether text event data looks like UTF-16 (as UEFI writes it) rather than UTF-8."""
+    return len(data) >= 4 and data[1] == data[3] == 0 and data[0] != 0
 
 
 def _image_path(data: bytes) -> str | None:
