@@ -183,3 +183,26 @@ def test_verify_command_with_a_jwk_cpak(tmp_path):
     assert out.returncode == 0 and json.loads(out.stdout)["claims"]["tee"] == "cca", out.stdout + out.stderr
     untrusted = keybroker()
     assert untrusted.returncode == 1 and "FAIL  cpak_trusted" in untrusted.stdout
+
+
+def shared_dag(depth: int) -> bytes:
+    """CBOR for a pair of pairs ... of pairs, ``depth`` deep, each pair one item shared twice (tags 28, 29):
+    a few bytes a level, 2**depth items to hash or print."""
+    inner = b"\xd8\x1c\x80" + b"".join(cbor2.dumps(cbor2.CBORTag(29, depth - i)) for i in range(depth))
+    return b"\xd8\x1c\x82" * depth + inner
+
+
+@pytest.mark.parametrize("header", [
+    b"\xa2" + shared_dag(16) + b"\x01\x01\x38\x22",  # {dag: 1, 1: -35}: the key is hashed as it is decoded
+    b"\xa1\x01" + shared_dag(16),  # {1: dag}: the algorithm is named in the failure
+])
+def test_shared_references_are_refused(header):
+    """Value sharing lets a few hundred bytes stand for 2**depth items, which Python hashes or prints in full."""
+    cca = cb.Cca()
+    collection = cbor2.loads(cca.token())
+    parts = list(cbor2.loads(collection.value[44241]).value)
+    parts[0] = header
+    token = cbor2.dumps(cbor2.CBORTag(399, {**collection.value, 44241: cbor2.dumps(cbor2.CBORTag(18, parts))}))
+    verdict = run(token, trusting(cca.cpak))
+    assert [c.name for c in verdict.checks] == ["format"] and "shared value" in verdict.reason(), verdict.reason()[:300]
+    assert len(verdict.reason()) < 1000

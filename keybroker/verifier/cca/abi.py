@@ -26,6 +26,7 @@ from ...errors import EvidenceError
 TOKEN_MAX = 256 * 1024
 TAG_EAT_COLLECTION, TAG_CMW_COLLECTION, TAG_COSE_SIGN1 = 399, 907, 18
 PLATFORM_TOKEN, REALM_TOKEN = 44234, 44241
+REFERENCE_TAGS = (25, 28, 29, 256)  # stringref and value sharing (IANA CBOR tags registry)
 PLATFORM_PROFILES = ("http://arm.com/CCA-SSD/1.0.0", "tag:arm.com,2023:cca_platform#1.0.0",
                      "tag:arm.com,2024:cca_platform#2.0.0")
 REALM_PROFILES = ("tag:arm.com,2023:realm#1.0.0", "tag:arm.com,2024:realm#2.0.0")
@@ -108,13 +109,27 @@ class Token:
     rak: ec.EllipticCurvePublicKey
 
 
+class _Reference(Exception):
+    """A reference tag, refused while decoding."""
+
+
+def _refuse_reference(decoder: cbor2.CBORDecoder, *_: Any) -> Any:
+    raise _Reference("a shared value or string reference (tags 25, 28, 29, 256), which a CCA token does not use")
+
+
+#: Reference tags make one item stand for many: a few hundred bytes then decode to a structure whose
+#: hash (as a map key) or text (in an error message) costs 2**depth.
+NO_REFERENCES = dict.fromkeys(REFERENCE_TAGS, _refuse_reference)
+
+
 def _decode(data: bytes, what: str) -> Any:
-    """One CBOR item filling ``data`` exactly."""
+    """One CBOR item filling ``data`` exactly, without references."""
     fp = io.BytesIO(data)
     try:
-        item = cbor2.CBORDecoder(fp).decode()
+        item = cbor2.CBORDecoder(fp, semantic_decoders=NO_REFERENCES).decode()
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise EvidenceError(f"{what} is not valid CBOR: {exc}") from None
+        cause = f": {exc.__cause__}" if isinstance(exc.__cause__, _Reference) else ""
+        raise EvidenceError(f"{what} is not valid CBOR: {exc}{cause}") from None
     if fp.tell() != len(data):
         raise EvidenceError(f"{what} has {len(data) - fp.tell()} bytes after its CBOR item")
     return item
