@@ -185,6 +185,13 @@ def test_verify_command_with_a_jwk_cpak(tmp_path):
     assert untrusted.returncode == 1 and "FAIL  cpak_trusted" in untrusted.stdout
 
 
+def with_realm_header(cca: cb.Cca, header: bytes) -> bytes:
+    collection = cbor2.loads(cca.token())
+    parts = list(cbor2.loads(collection.value[44241]).value)
+    parts[0] = header
+    return cbor2.dumps(cbor2.CBORTag(399, {**collection.value, 44241: cbor2.dumps(cbor2.CBORTag(18, parts))}))
+
+
 def shared_dag(depth: int) -> bytes:
     """CBOR for a pair of pairs ... of pairs, ``depth`` deep, each pair one item shared twice (tags 28, 29):
     a few bytes a level, 2**depth items to hash or print."""
@@ -199,10 +206,18 @@ def shared_dag(depth: int) -> bytes:
 def test_shared_references_are_refused(header):
     """Value sharing lets a few hundred bytes stand for 2**depth items, which Python hashes or prints in full."""
     cca = cb.Cca()
-    collection = cbor2.loads(cca.token())
-    parts = list(cbor2.loads(collection.value[44241]).value)
-    parts[0] = header
-    token = cbor2.dumps(cbor2.CBORTag(399, {**collection.value, 44241: cbor2.dumps(cbor2.CBORTag(18, parts))}))
-    verdict = run(token, trusting(cca.cpak))
+    verdict = run(with_realm_header(cca, header), trusting(cca.cpak))
     assert [c.name for c in verdict.checks] == ["format"] and "shared value" in verdict.reason(), verdict.reason()[:300]
     assert len(verdict.reason()) < 1000
+
+
+@pytest.mark.parametrize("where", ["lifecycle", "alg", "alg in a list"])
+def test_integers_too_long_to_print_are_format_failures(where):
+    """A bignum (tag 2) of over 4300 digits, which Python will not turn into text, named in a failure."""
+    big = 2**20000
+    cca = cb.Cca(lifecycle=big if where == "lifecycle" else 0x3000)
+    token = cca.token() if where == "lifecycle" else with_realm_header(cca, cbor2.dumps({1: big if where == "alg"
+                                                                                        else [big]}))
+    verdict = run(token, trusting(cca.cpak))
+    assert [c.name for c in verdict.checks] == ["format"], verdict.reason()[:300]
+    assert ("a 20001-bit integer" if where != "alg in a list" else "a list") in verdict.reason()

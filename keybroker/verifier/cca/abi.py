@@ -135,6 +135,16 @@ def _decode(data: bytes, what: str) -> Any:
     return item
 
 
+def _shown(value: Any) -> str:
+    """A value from a token, for a failure: an integer too long to print (Python refuses over 4300 digits)
+    by its size, a container by its type."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if value.bit_length() <= 64 else f"a {value.bit_length()}-bit integer"
+    if value is None or isinstance(value, (bool, float, str, bytes)):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def _get(claims: Mapping[Any, Any], key: int, kind: type[Any] | tuple[type[Any], ...], what: str, *,
          sizes: tuple[int, ...] = (), optional: bool = False) -> Any:
     if key not in claims:
@@ -169,7 +179,8 @@ def _sign1(item: Any, what: str) -> Sign1:
     header = _decode(protected, f"the {what}'s protected header") if protected else {}
     alg = header.get(1) if isinstance(header, Mapping) else None
     if not isinstance(alg, int) or alg not in COSE_ALGS:
-        raise EvidenceError(f"the {what}'s protected header has algorithm {alg!r}; known: ES256, ES384, ES512")
+        raise EvidenceError(f"the {what}'s protected header has algorithm {_shown(alg)}; known: ES256, ES384, "
+                            "ES512")
     if len(signature) != 2 * COSE_ALGS[alg][2]:
         raise EvidenceError(f"the {what}'s {COSE_ALGS[alg][3]} signature is {len(signature)} bytes, "
                             f"expected {2 * COSE_ALGS[alg][2]}")
@@ -190,7 +201,7 @@ def _platform_claims(c: Mapping) -> PlatformClaims:
         raise EvidenceError(f"unknown CCA platform profile {profile!r} (known: {', '.join(PLATFORM_PROFILES)})")
     lifecycle = _get(c, 2395, int, w)
     if not 0 <= lifecycle <= 0xFFFF:
-        raise EvidenceError(f"platform security lifecycle {lifecycle} is not a 16-bit value")
+        raise EvidenceError(f"platform security lifecycle {_shown(lifecycle)} is not a 16-bit value")
     components = _get(c, 2399, (list, tuple), w)
     if not components:
         raise EvidenceError("the platform token has no software components")
