@@ -24,9 +24,9 @@ IMPLEMENTATION_ID = bytes(range(32))
 INSTANCE_ID = b"\x01" + bytes(range(32, 64))
 
 
-def sign1(key: ec.EllipticCurvePrivateKey, payload: bytes) -> bytes:
+def sign1(key: ec.EllipticCurvePrivateKey, payload: bytes, header: dict | None = None) -> bytes:
     alg, digest, size = ALGS[type(key.curve)]
-    protected = cbor2.dumps({1: alg})
+    protected = cbor2.dumps({1: alg, **(header or {})})
     r, s = decode_dss_signature(key.sign(cbor2.dumps(["Signature1", protected, b"", payload]), ec.ECDSA(digest())))
     return cbor2.dumps(cbor2.CBORTag(18, [protected, {}, payload, r.to_bytes(size, "big") + s.to_bytes(size, "big")]))
 
@@ -56,6 +56,7 @@ class Cca:
     measurement: bytes = field(default_factory=lambda: hashlib.sha256(b"rmm").digest())
     collection: int = 399
     binder: bytes | None = None  # the platform challenge; default: the hash of the RAK claim
+    realm_header: dict = field(default_factory=dict)  # more protected header parameters of the realm token
 
     def realm_claims(self) -> dict:
         claims = {10: self.challenge, 44235: bytes(64), 44236: "sha-256", 44238: self.rim,
@@ -75,7 +76,7 @@ class Cca:
     def token(self) -> bytes:
         realm = self.realm_claims()
         platform = sign1(self.cpak, cbor2.dumps(self.platform_claims(realm[44237])))
-        realm_token = sign1(self.rak, cbor2.dumps(realm))
+        realm_token = sign1(self.rak, cbor2.dumps(realm), self.realm_header)
         if self.collection == 907:
             return cbor2.dumps(cbor2.CBORTag(907, {44234: [263, platform], 44241: [263, realm_token]}))
         return cbor2.dumps(cbor2.CBORTag(399, {44234: platform, 44241: realm_token}))

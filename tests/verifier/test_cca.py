@@ -221,3 +221,14 @@ def test_integers_too_long_to_print_are_format_failures(where):
     verdict = run(token, trusting(cca.cpak))
     assert [c.name for c in verdict.checks] == ["format"], verdict.reason()[:300]
     assert ("a 20001-bit integer" if where != "alg in a list" else "a list") in verdict.reason()
+
+
+def test_critical_header_parameters_are_refused():
+    """RFC 9052: a parameter the signer lists in crit changes what the message means; one not understood
+    refuses it (keybroker understands none)."""
+    cca = cb.Cca(realm_header={2: [-65537], -65537: "sealed"})
+    verdict = run(cca.token(), trusting(cca.cpak))
+    assert [c.name for c in verdict.checks] == ["format"] and "critical parameters" in verdict.reason(), \
+        verdict.reason()
+    plain = cb.Cca(realm_header={4: b"kid"})  # a parameter not marked critical
+    assert run(plain.token(), trusting(plain.cpak)).ok

@@ -26,6 +26,7 @@ from ...errors import EvidenceError
 TOKEN_MAX = 256 * 1024
 TAG_EAT_COLLECTION, TAG_CMW_COLLECTION, TAG_COSE_SIGN1 = 399, 907, 18
 PLATFORM_TOKEN, REALM_TOKEN = 44234, 44241
+COSE_CRIT = 2  # the protected header parameter listing those a verifier must understand (RFC 9052)
 REFERENCE_TAGS = (25, 28, 29, 256)  # stringref and value sharing (IANA CBOR tags registry)
 PLATFORM_PROFILES = ("http://arm.com/CCA-SSD/1.0.0", "tag:arm.com,2023:cca_platform#1.0.0",
                      "tag:arm.com,2024:cca_platform#2.0.0")
@@ -181,6 +182,8 @@ def _sign1(item: Any, what: str) -> Sign1:
     if not isinstance(alg, int) or alg not in COSE_ALGS:
         raise EvidenceError(f"the {what}'s protected header has algorithm {_shown(alg)}; known: ES256, ES384, "
                             "ES512")
+    if COSE_CRIT in header:  # RFC 9052 3.1: each one listed must be understood, and none is
+        raise EvidenceError(f"the {what}'s protected header has critical parameters (crit): not understood")
     if len(signature) != 2 * COSE_ALGS[alg][2]:
         raise EvidenceError(f"the {what}'s {COSE_ALGS[alg][3]} signature is {len(signature)} bytes, "
                             f"expected {2 * COSE_ALGS[alg][2]}")
