@@ -27,7 +27,6 @@ TOKEN_MAX = 256 * 1024
 TAG_EAT_COLLECTION, TAG_CMW_COLLECTION, TAG_COSE_SIGN1 = 399, 907, 18
 PLATFORM_TOKEN, REALM_TOKEN = 44234, 44241
 COSE_CRIT = 2  # the protected header parameter listing those a verifier must understand (RFC 9052)
-REFERENCE_TAGS = (25, 28, 29, 256)  # stringref and value sharing (IANA CBOR tags registry)
 PLATFORM_PROFILES = ("http://arm.com/CCA-SSD/1.0.0", "tag:arm.com,2023:cca_platform#1.0.0",
                      "tag:arm.com,2024:cca_platform#2.0.0")
 REALM_PROFILES = ("tag:arm.com,2023:realm#1.0.0", "tag:arm.com,2024:realm#2.0.0")
@@ -110,26 +109,30 @@ class Token:
     rak: ec.EllipticCurvePublicKey
 
 
-class _Reference(Exception):
-    """A reference tag, refused while decoding."""
+class _Refused(Exception):
+    """A tag cbor2 would interpret, refused while decoding."""
 
 
-def _refuse_reference(decoder: cbor2.CBORDecoder, *_: Any) -> Any:
-    raise _Reference("a shared value or string reference (tags 25, 28, 29, 256), which a CCA token does not use")
+def _refuse_tag(decoder: cbor2.CBORDecoder, *_: Any) -> Any:
+    raise _Refused("a CCA token uses no standard CBOR tag but bignums (2, 3), so none other is interpreted")
 
 
-#: Reference tags make one item stand for many: a few hundred bytes then decode to a structure whose
-#: hash (as a map key) or text (in an error message) costs 2**depth.
-NO_REFERENCES = dict.fromkeys(REFERENCE_TAGS, _refuse_reference)
+#: What cbor2 would make of these tags costs more than their bytes: a reference (25, 28, 29, 256)
+#: makes one item stand for many, so that a few hundred bytes decode to a structure whose hash (as a map
+#: key) or text (in an error message) costs 2**depth; a decimal fraction (4) or bigfloat (5) converts a
+#: bignum to a Decimal in time quadratic in its size (5 s for 250 KB, holding the GIL); a rational (30)
+#: takes a gcd. Every tag cbor2 6 interprets (tests/verifier/test_cca.py lists them) but the bignums.
+REFUSED_TAGS = dict.fromkeys((0, 1, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004,
+                              43000, 55799), _refuse_tag)
 
 
 def _decode(data: bytes, what: str) -> Any:
-    """One CBOR item filling ``data`` exactly, without references."""
+    """One CBOR item filling ``data`` exactly, no tag interpreted but bignums."""
     fp = io.BytesIO(data)
     try:
-        item = cbor2.CBORDecoder(fp, semantic_decoders=NO_REFERENCES).decode()
+        item = cbor2.CBORDecoder(fp, semantic_decoders=REFUSED_TAGS).decode()
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        cause = f": {exc.__cause__}" if isinstance(exc.__cause__, _Reference) else ""
+        cause = f": {exc.__cause__}" if isinstance(exc.__cause__, _Refused) else ""
         raise EvidenceError(f"{what} is not valid CBOR: {exc}{cause}") from None
     if fp.tell() != len(data):
         raise EvidenceError(f"{what} has {len(data) - fp.tell()} bytes after its CBOR item")
