@@ -119,7 +119,7 @@ def _load_anchor(path: Path, roots: dict[str, x509.Certificate | None], cpaks: l
         else:
             for cert in load_certs(data):
                 roots[fingerprint(cert)] = cert
-    except (ValueError, KeyError, TypeError, EvidenceError, JWException) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError, EvidenceError, JWException) as exc:
         raise ConfigError(f"trust anchor {path} is not {ANCHOR_KINDS}: {exc or type(exc).__name__}") from None
 
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk
 
-from keybroker.errors import EvidenceError
+from keybroker.errors import ConfigError, EvidenceError
 from keybroker.verifier import Context, Evidence, TrustStore, verify
 from keybroker.verifier.cca import abi
 from keybroker.verifier.trust import Cpak
@@ -96,6 +96,14 @@ def test_trust_anchor_ids_must_match_the_platform(tmp_path):
     (tmp_path / "ta.json").write_text(json.dumps(entries))
     verdict = run(raw, TrustStore.default().with_cpak_file(tmp_path / "ta.json"))
     assert first_failure(verdict) == "cpak_trusted" and "implementation-id 7f454c46" in verdict.reason()
+
+
+def test_a_cpak_file_nested_too_deep_is_a_config_error(tmp_path):
+    (tmp_path / "cpak.json").write_text("[" * 50000 + "]" * 50000)  # under the 1 MiB a trust anchor may be
+    with pytest.raises(ConfigError, match=r"cpak\.json is not a root certificate"):
+        TrustStore.default().with_cpak_file(tmp_path / "cpak.json")
+    with pytest.raises(ConfigError, match=r"cpak\.json is not a root certificate"):
+        TrustStore.default().with_dirs([tmp_path])
 
 
 @pytest.mark.parametrize("what, claim, failed", [
