@@ -11,6 +11,7 @@ uses is checked for its type and size here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ from ...errors import EvidenceError
 TOKEN_MAX = 256 * 1024
 TAG_EAT_COLLECTION, TAG_CMW_COLLECTION, TAG_COSE_SIGN1 = 399, 907, 18
 PLATFORM_TOKEN, REALM_TOKEN = 44234, 44241
+NESTING_MAX = 64  # a CCA token nests 5 deep
 COSE_CRIT = 2  # the protected header parameter listing those a verifier must understand (RFC 9052)
 PLATFORM_PROFILES = ("http://arm.com/CCA-SSD/1.0.0", "tag:arm.com,2023:cca_platform#1.0.0",
                      "tag:arm.com,2024:cca_platform#2.0.0")
@@ -126,8 +128,39 @@ REFUSED_TAGS = dict.fromkeys((0, 1, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 10
                               43000, 55799), _refuse_tag)
 
 
+def _check_keys(data: bytes, what: str) -> None:
+    """Every map key in ``data`` is an integer of at most 64 bits or a text string, as COSE labels and CCA claim
+    keys are (RFC 9052 section 1.4), checked before cbor2 decodes it: Python hashes a key as it is put in its
+    map, and bignums (or arrays, or floats) whose hashes collide made that quadratic, 2 s holding the GIL for
+    the 19000 keys of a 245 KB token. Malformed CBOR is left for cbor2 to name."""
+
+    def item(pos: int, depth: int) -> int:
+        if depth > NESTING_MAX:
+            raise EvidenceError(f"{what} is CBOR nested more than {NESTING_MAX} deep")
+        major, info = data[pos] >> 5, data[pos] & 0x1F
+        size = 1 << (info - 24) if 24 <= info < 28 else 0
+        count, pos = (info if info < 24 else int.from_bytes(data[pos + 1:pos + 1 + size], "big")), pos + 1 + size
+        indefinite = info == 31 and major in (2, 3, 4, 5)
+        if major in (2, 3) and not indefinite:
+            return pos + count
+        if major == 6:
+            return item(pos, depth + 1)
+        if major not in (2, 3, 4, 5):
+            return pos
+        done = 0
+        while data[pos] != 0xFF if indefinite else done < count * (2 if major == 5 else 1):
+            if major == 5 and done % 2 == 0 and data[pos] >> 5 not in (0, 1, 3):
+                raise EvidenceError(f"{what} has a map key that is neither an integer nor a text string")
+            pos, done = item(pos, depth + 1), done + 1
+        return pos + indefinite
+
+    with contextlib.suppress(IndexError):
+        item(0, 0)
+
+
 def _decode(data: bytes, what: str) -> Any:
-    """One CBOR item filling ``data`` exactly, no tag interpreted but bignums."""
+    """One CBOR item filling ``data`` exactly, no tag interpreted but bignums, every map key an integer or text."""
+    _check_keys(data, what)
     fp = io.BytesIO(data)
     try:
         item = cbor2.CBORDecoder(fp, semantic_decoders=REFUSED_TAGS).decode()
