@@ -7,8 +7,9 @@ request, ends the construction and keeps its deadline) hands the request to the 
 (with the same ownership checks: its own code once when it starts, the configuration and its CA
 for each request), decides access, and obtains the key (under a kept token, else one
 attestation) exactly as the handler's own worker would. A configuration it cannot load it
-leaves to the handler, whose view its unit does not narrow (ProtectHome=, PrivateTmp=). When no agent answers, the
-handler does the round itself: the agent is an accelerator, never a dependency.
+leaves to the handler, whose view its unit does not narrow (ProtectHome=, PrivateTmp=). When
+no agent answers, the handler does the round itself: the agent is an accelerator, never a
+dependency.
 
 The socket is 0600 in a 0700 folder, and the agent answers only peers whose credentials
 (SO_PEERCRED) say uid 0. Requests are bounded in size; ``WORKERS`` threads, started once,
