@@ -42,7 +42,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-import anyio
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
@@ -205,12 +204,11 @@ class Store:
         return await self._bounded(run, "read", READERS, READ_WAIT)
 
     async def admin(self, call: Callable[[], T]) -> T:
-        """``call``, an admin operation of this store (blocking), on a thread. With a database
-        server it is given up after ADMIN_WAIT (StoreError): the thread may stay stuck on one that
-        stopped answering, the request does not. A change given up may still be made, once the
-        database answers again (its audit record says so)."""
-        if self._on_loop:
-            return await anyio.to_thread.run_sync(call)  # the threads the admin API always had
+        """``call``, an admin operation of this store (blocking), on a thread, given up after
+        ADMIN_WAIT (StoreError): the thread may stay stuck on a database server that stopped
+        answering, or on a SQLite file whose writers' lock another process holds, the request does
+        not. A change given up may still be made, once the database answers again (its audit
+        record says so)."""
         return await self._bounded(call, "admin", ADMINS, ADMIN_WAIT)
 
     async def _bounded(self, call: Callable[[], T], name: str, threads: int, wait: float) -> T:

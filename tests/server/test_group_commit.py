@@ -163,3 +163,30 @@ def test_a_commit_whose_answer_was_lost_is_not_run_again(tmp_path, monkeypatch):
     assert lost and record is not None and record.seq == 1
     assert [r.event.reason for r in audit.records(store.engine)] == ["released once"]
     assert write(store, "next").seq == 2 and audit.verify(store.engine).ok
+
+
+def test_an_admin_change_on_sqlite_whose_writers_lock_is_held_is_given_up(tmp_path, monkeypatch):
+    """Another process holds the SQLite writers' lock (a stopped `keybroker resource put`, a long
+    rotate-kek): an admin call is a StoreError (503) after ADMIN_WAIT, as on PostgreSQL, not a request
+    that hangs until the lock is let go; the change is made once it is."""
+    import asyncio
+
+    from keybroker.errors import StoreError
+    from keybroker.server import store as store_module
+    from keybroker.server.admin import Admin
+    from keybroker.server.sealing import Kek, Sealer
+
+    monkeypatch.setattr(store_module, "ADMIN_WAIT", 0.5)
+    sealer = Sealer(Kek.from_bytes(bytes(32), "test"))
+    store = Store(f"sqlite:///{tmp_path}/kbs.db", sealer)
+    other = Store(f"sqlite:///{tmp_path}/kbs.db")  # another process on the same database
+    admin = Admin(store, sealer, "local:test", "test")
+    with other._writer:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=r"did not answer within 0\.5 s"):
+            asyncio.run(asyncio.wait_for(store.admin(lambda: admin.put_resource("default/key/a", b"v")), 10))
+        assert time.monotonic() - started < 5
+    deadline = time.monotonic() + 10
+    while store.get_resource("default/key/a") is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.get_resource("default/key/a") is not None and audit.verify(store.engine).ok
