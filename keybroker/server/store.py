@@ -384,7 +384,8 @@ class Store:
                                  "a row nobody put here with keybroker? (see keybroker policy list)")
             version = (latest.version if latest else 0) + 1
             row = {"version": version, "digest": policy.digest, "document": policy.dumps(),
-                   "created": float(int(time.time())), "actor": event.actor}  # whole seconds: see _policy_columns
+                   "created": float(int(time.time())),  # whole seconds: see _policy_columns
+                   "actor": event.clipped().actor}  # as long as its column takes, as in the audit record
             db.execute(insert(policies).values(**row, mac=macs.mac(_policy_columns(row))))
             outcome.append((version, True))
             return replace(event, policy_version=version)

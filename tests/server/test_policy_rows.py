@@ -95,3 +95,29 @@ def test_a_forged_last_version_is_named_not_a_crash(url):
                                                    document=ANY_GUEST.dumps(), created=0.0, actor="x", mac=""))
     with pytest.raises(StoreError, match="version 2147483647, the last there can be"):
         admin(url).put_policy(PINNED.dumps())
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    from support.postgres import Unavailable, running_postgres
+
+    try:
+        with running_postgres() as found:
+            yield found
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+def test_a_policy_put_by_an_actor_with_a_long_name_is_stored(postgres):
+    """`serve --policy` names its file as the actor (config:PATH), `policy put --db` the login name
+    ($USER): longer than the column (200 characters), PostgreSQL refused the row, and the server did
+    not start (a DataError traceback). The row keeps what the audit record keeps: the name, cut."""
+    from support.postgres import fresh_database
+
+    actor = "config:/" + "d" * 250 + "/policy.json"
+    with fresh_database(postgres) as url:
+        store = Store(url, SEALER)
+        assert Admin(store, SEALER, actor, "test").put_policy(PINNED.dumps()) == (1, True)
+        stored = Store(url, SEALER).active_policy()
+        assert stored.digest == PINNED.digest and stored.actor == actor[:200]
+        store.close_connections()
