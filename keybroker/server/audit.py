@@ -204,7 +204,10 @@ def verify(engine: Engine, known: tuple[int, str] | None = None) -> Verification
 def _verify(chain: Iterator[Record], head: tuple[int, str] | None, known: tuple[int, str] | None) -> Verification:
     problems: list[str] = []
     expected, prev, count = 1, schema.GENESIS, 0
-    seen_known = False
+    # Record 0 is the empty log, whose head `audit head` prints as 0:GENESIS: every chain starts there.
+    seen_known = known is not None and known[0] == 0
+    if seen_known and known is not None and known[1] != schema.GENESIS:
+        problems.append(f"the kept head 0:{known[1][:16]}... is not the empty log's (0:{schema.GENESIS[:16]}...)")
     for record in chain:
         count += 1
         if known is not None and record.seq == known[0]:

@@ -70,3 +70,21 @@ def test_audit_commands_do_not_recreate_dropped_tables_or_head(tmp_path):
     with sqlite3.connect(tmp_path / "kbs.db") as db:
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "audit" not in tables and "audit_head" not in tables
+
+
+def test_the_head_of_an_empty_log_is_a_known_head_that_holds(tmp_path):
+    """`audit head` of a log without records (a server just installed) prints 0:GENESIS; kept and
+    given back to `verify --known-head`, it was 'gone: the chain was cut or rewritten', on that same
+    log and on every later one: a tamper alarm for an intact log."""
+    url = f"sqlite:///{tmp_path}/kbs.db"
+    schema.open_engine(url).dispose()
+    head = keybroker("audit", "head", "--db", url)
+    assert head.returncode == 0 and head.stdout.decode().strip() == f"0:{schema.GENESIS}"
+    kept = head.stdout.decode().strip()
+    assert keybroker("audit", "verify", "--db", url, "--known-head", kept).returncode == 0
+    fill(url, 3)
+    verified = keybroker("audit", "verify", "--db", url, "--known-head", kept)
+    assert verified.returncode == 0 and b"audit log intact: 3 records" in verified.stdout, verified.stdout
+    other = keybroker("audit", "verify", "--db", url, "--known-head", "0:" + "ab" * 32)
+    assert other.returncode == 1 and b"BROKEN: the kept head 0:abababababababab... is not the empty log's" \
+        in other.stdout, other.stdout
