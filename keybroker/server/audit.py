@@ -202,7 +202,16 @@ def verify(engine: Engine, known: tuple[int, str] | None = None) -> Verification
 
 
 def _verify(chain: Iterator[Record], head: tuple[int, str] | None, known: tuple[int, str] | None) -> Verification:
-    problems: list[str] = []
+    problems: list[str] = []  # what the kept head and the head row show, and the first records' problems
+    unshown = 0  # the records' problems past _VERIFY_PROBLEMS_MAX: counted, not kept (every record may have one)
+
+    def problem(text: str) -> None:
+        nonlocal unshown
+        if len(problems) < _VERIFY_PROBLEMS_MAX:
+            problems.append(text)
+        else:
+            unshown += 1
+
     expected, prev, count = 1, schema.GENESIS, 0
     # Record 0 is the empty log, whose head `audit head` prints as 0:GENESIS: every chain starts there.
     seen_known = known is not None and known[0] == 0
@@ -217,12 +226,11 @@ def _verify(chain: Iterator[Record], head: tuple[int, str] | None, known: tuple[
                                 "the chain was rewritten since")
         if record.seq != expected:
             gap = f"{expected}" if record.seq == expected + 1 else f"{expected} to {record.seq - 1}"
-            problems.append(f"record {gap} missing (removed from the log)")
+            problem(f"record {gap} missing (removed from the log)")
         if record.prev != prev:
-            problems.append(f"record {record.seq}: its prev link does not match the hash of the record "
-                            f"before it")
+            problem(f"record {record.seq}: its prev link does not match the hash of the record before it")
         if digest(record.seq, record.time, record.event, record.prev) != record.hash:
-            problems.append(f"record {record.seq}: its content does not match its hash (edited)")
+            problem(f"record {record.seq}: its content does not match its hash (edited)")
         expected, prev = record.seq + 1, record.hash
     head_seq, head_hash = head or (0, "")
     if head is None:  # the end of the chain cannot be checked: a problem, not a head to assume
@@ -235,8 +243,8 @@ def _verify(chain: Iterator[Record], head: tuple[int, str] | None, known: tuple[
                         "was edited)")
     if known is not None and not seen_known:
         problems.append(f"record {known[0]}, whose hash was kept, is gone: the chain was cut or rewritten since")
-    if len(problems) > _VERIFY_PROBLEMS_MAX:
-        problems[_VERIFY_PROBLEMS_MAX:] = [f"... and {len(problems) - _VERIFY_PROBLEMS_MAX} more problems"]
+    if unshown:
+        problems.append(f"... and {unshown} more problems")
     return Verification(count, head_seq, head_hash, tuple(problems))
 
 

@@ -88,3 +88,26 @@ def test_the_head_of_an_empty_log_is_a_known_head_that_holds(tmp_path):
     other = keybroker("audit", "verify", "--db", url, "--known-head", "0:" + "ab" * 32)
     assert other.returncode == 1 and b"BROKEN: the kept head 0:abababababababab... is not the empty log's" \
         in other.stdout, other.stdout
+
+
+def test_verify_of_a_log_whose_every_record_was_edited_keeps_a_bounded_list_of_problems():
+    """A problem per record was kept until the end (then all but 20 dropped): a log of millions of
+    edited records filled the memory of `audit verify` before it could say BROKEN. The head's own
+    problem, found last, is shown too."""
+    import tracemalloc
+
+    def edited(count: int):
+        for seq in range(1, count + 1):
+            yield audit.Record(seq, "2025-01-01T00:00:00.000000Z", Event(ADMIN, ALLOW, "x", "test"), "0" * 64,
+                               "f" * 64)
+
+    tracemalloc.start()
+    try:
+        verdict = audit._verify(edited(40000), (39999, "f" * 64), None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert verdict.records == 40000 and len(verdict.problems) == 22
+    assert verdict.problems[-2].startswith("the log ends at record 40000 but the head says 39999")
+    assert verdict.problems[-1] == f"... and {1 + 2 * 39999 - 20} more problems"  # record 1 links to GENESIS
+    assert peak < 1024 * 1024, peak
