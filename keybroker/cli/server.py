@@ -318,7 +318,8 @@ def _audit(args: argparse.Namespace) -> int:
               f"{result.head_seq}:{result.head_hash} (keep it elsewhere; --known-head detects a rewrite later)")
         return 0 if result.ok else 1
     for record in audit.records(engine, after=args.after, limit=args.limit):
-        print(json.dumps(record.to_json(), sort_keys=True) if args.json else record.line())
+        # default=str: a column an edit gave another type (SQLite keeps any) is shown, as verify names it
+        print(json.dumps(record.to_json(), sort_keys=True, default=str) if args.json else record.line())
     return 0
 
 

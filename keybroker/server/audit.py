@@ -89,7 +89,7 @@ class Record:
         fields += [f"{name}={value}" for name, value in (("peer", e.peer), ("actor", e.actor), ("session", e.session),
                    ("provider", e.provider), ("measurement", e.measurement[:16]), ("resource", e.resource),
                    ("policy", e.policy_version)) if value not in ("", None)]
-        return " ".join(fields) + f" reason={json.dumps(e.reason)}"
+        return " ".join(str(field) for field in fields) + f" reason={json.dumps(e.reason, default=str)}"
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,9 @@ def head(engine: Engine) -> tuple[int, str]:
         found = _head(db)
     if found is None:
         raise StoreError(f"the audit log has no head row: {_NO_HEAD}")
+    if found is _MALFORMED_HEAD:
+        raise StoreError("the audit log's head row holds a value of the wrong type: it was edited "
+                         "(keybroker audit verify says more)")
     return found
 
 
@@ -185,9 +188,26 @@ _NO_HEAD = "it was deleted, or this is not a keybroker database"
 
 
 def _head(db: Connection) -> tuple[int, str] | None:
-    """The head row's seq and hash; None when the row is gone (reading never puts one back)."""
+    """The head row's seq and hash; None when the row is gone (reading never puts one back),
+    _MALFORMED_HEAD when it holds a value of another type (an edit: SQLite keeps any type)."""
     row = db.execute(select(schema.audit_head.c.seq, schema.audit_head.c.hash)).first()
-    return None if row is None else (int(row.seq), str(row.hash))
+    if row is None:
+        return None
+    if type(row.seq) is not int or not isinstance(row.hash, str):
+        return _MALFORMED_HEAD
+    return row.seq, row.hash
+
+
+_MALFORMED_HEAD = (-1, "")
+
+
+def _well_typed(record: Record) -> bool:
+    """Whether every column of ``record`` holds what the log writes there."""
+    event = record.event
+    texts = [record.time, record.prev, record.hash] + [getattr(event, name) for name in _EVENT_FIELDS
+                                                       if name != "policy_version"]
+    return all(isinstance(text, str) for text in texts) and (event.policy_version is None
+                                                             or type(event.policy_version) is int)
 
 
 def verify(engine: Engine, known: tuple[int, str] | None = None) -> Verification:
@@ -219,6 +239,14 @@ def _verify(chain: Iterator[Record], head: tuple[int, str] | None, known: tuple[
         problems.append(f"the kept head 0:{known[1][:16]}... is not the empty log's (0:{schema.GENESIS[:16]}...)")
     for record in chain:
         count += 1
+        # SQLite keeps a value of any type in any column: only an edit puts one of another type there.
+        if type(record.seq) is not int:  # sorted apart from the numbers: no place in the chain
+            problem(f"a record's seq is {str(record.seq)[:40]!r}, not a number (edited)")
+            continue
+        if not _well_typed(record):
+            problem(f"record {record.seq}: a column holds a value of the wrong type (edited)")
+            expected, prev = record.seq + 1, str(record.hash)
+            continue
         if known is not None and record.seq == known[0]:
             seen_known = True
             if record.hash != known[1]:
@@ -233,7 +261,9 @@ def _verify(chain: Iterator[Record], head: tuple[int, str] | None, known: tuple[
             problem(f"record {record.seq}: its content does not match its hash (edited)")
         expected, prev = record.seq + 1, record.hash
     head_seq, head_hash = head or (0, "")
-    if head is None:  # the end of the chain cannot be checked: a problem, not a head to assume
+    if head is _MALFORMED_HEAD:
+        problems.append("the head row holds a value of the wrong type (the head was edited)")
+    elif head is None:  # the end of the chain cannot be checked: a problem, not a head to assume
         problems.append(f"the head row is missing ({_NO_HEAD}): records cut off the end cannot be told")
     elif head_seq != expected - 1:
         problems.append(f"the log ends at record {expected - 1} but the head says {head_seq} were written "

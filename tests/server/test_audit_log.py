@@ -111,3 +111,28 @@ def test_verify_of_a_log_whose_every_record_was_edited_keeps_a_bounded_list_of_p
     assert verdict.problems[-2].startswith("the log ends at record 40000 but the head says 39999")
     assert verdict.problems[-1] == f"... and {1 + 2 * 39999 - 20} more problems"  # record 1 links to GENESIS
     assert peak < 1024 * 1024, peak
+
+
+def test_verify_names_a_record_or_head_whose_column_was_given_another_type(tmp_path):
+    """SQLite keeps a value of any type in any column once the triggers are dropped: a reason made a
+    blob, a seq made text, or the head's seq made text ended `audit verify` in a traceback (and
+    `audit head` and `audit list` too) instead of naming the edited record."""
+    url = f"sqlite:///{tmp_path}/kbs.db"
+    fill(url, 5)
+    with sqlite3.connect(tmp_path / "kbs.db") as db:
+        db.execute("DROP TRIGGER audit_no_update")
+        db.execute("UPDATE audit SET reason = X'00' WHERE seq = 2")
+        db.execute("UPDATE audit SET seq = 'x' WHERE seq = 4")
+    out = keybroker("audit", "verify", "--db", url)
+    assert out.returncode == 1 and b"Traceback" not in out.stderr, out.stderr
+    assert b"record 2: a column holds a value of the wrong type (edited)" in out.stdout, out.stdout
+    assert b"record 4 missing" in out.stdout and b"a record's seq is 'x', not a number (edited)" in out.stdout
+    for listed in (keybroker("audit", "list", "--db", url), keybroker("audit", "list", "--json", "--db", url)):
+        assert listed.returncode == 0 and listed.stdout.count(b"\n") == 5, listed.stderr
+    with sqlite3.connect(tmp_path / "kbs.db") as db:
+        db.execute("UPDATE audit_head SET seq = 'x'")
+    out = keybroker("audit", "verify", "--db", url)
+    assert out.returncode == 1 and b"Traceback" not in out.stderr, out.stderr
+    assert b"the head row holds a value of the wrong type (the head was edited)" in out.stdout, out.stdout
+    head = keybroker("audit", "head", "--db", url)
+    assert head.returncode == 1 and b"head row holds a value of the wrong type" in head.stderr, head.stderr
