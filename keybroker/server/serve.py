@@ -25,6 +25,10 @@ Hostile clients meet these limits, per worker:
 - an idle keep-alive connection is closed after ``KEEP_ALIVE`` seconds;
 - a TLS handshake must end within ``REQUEST_TIMEOUT`` seconds of the connection (asyncio's
   default is 60 s, and until its handshake ends a connection is under none of these limits);
+- a close must end within ``REQUEST_TIMEOUT`` seconds of the last answer, else the connection
+  is reset: over TLS a close waits for the client's close_notify (asyncio: 30 s), and then for
+  the client to read what is left; a request that did not arrive in time is not answered, and
+  its connection is dropped without close_notify;
 - a peer is the address of the connection: X-Forwarded-For and Forwarded are not believed,
   from loopback either (uvicorn's default), where a local process or a proxy that passes the
   client's header on would choose its own rate-limit bucket and audit record;
@@ -158,9 +162,8 @@ def guarded_protocol() -> type[asyncio.Protocol]:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._whole = False
-                self._arm()
+            self._whole = False
+            self._arm()  # a close begun with the answer (Connection: close) must end by then too
 
         def send_400_response(self, msg: str) -> None:
             if self._too_deep:
@@ -202,10 +205,13 @@ def guarded_protocol() -> type[asyncio.Protocol]:
             self._deadline = None
             if self._whole and not self.transport.is_closing():
                 return  # a request is being answered
-            if self.transport.get_write_buffer_size():
-                self._shed()  # answers still unread after a close (keep-alive's too) would hold it open
-            elif not self.transport.is_closing():
-                self.transport.close()  # the request did not arrive in time: no answer is owed
+            if self.transport.get_write_buffer_size() or self.transport.is_closing():
+                # A close still under way waits on the client: to read the answers it flushes first
+                # (keep-alive's close too), or, over TLS, to confirm it (close_notify, asyncio's
+                # 30 s), and one that confirmed but reads nothing holds it open for ever.
+                self._shed()
+            else:
+                self.transport.abort()  # the request did not arrive in time: no answer (nor TLS close) is owed
 
     assert issubclass(httptools.HttpParserCallbackError, httptools.HttpParserError)
     return GuardedHttpTools

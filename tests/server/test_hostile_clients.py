@@ -270,3 +270,78 @@ def test_tls_connections_that_never_shake_hands_are_closed_in_time(kbs, tmp_path
     with socket.create_connection(("127.0.0.1", server.port)) as raw, tls.wrap_socket(raw, server_hostname="127.0.0.1"):
         pass  # a handshake that is made still is
 
+
+
+def _server_side(server_port: int, client_port: int) -> tuple[bool, int]:
+    """Whether the server still holds this connection open (established, or the client's end
+    seen), and the bytes its kernel holds unsent on it."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == server_port and int(fields[2].split(":")[1], 16) == client_port:
+            return fields[3] in ("01", "08"), int(fields[4].split(":")[0], 16)  # ESTABLISHED, CLOSE_WAIT
+    return False, 0
+
+
+def test_tls_connections_are_let_go_at_the_deadline_whatever_the_client_does(kbs, tmp_path):
+    """Over TLS a close waits for the client's close_notify (asyncio: up to 30 s), and once the client
+    sent it, for the client to read what is left: a silent client held a connection 40 s (slowloris)
+    or 35 s (idle keep-alive), and one that confirmed the close without reading its answers, for
+    ever. Each now ends within REQUEST_TIMEOUT, as over plain HTTP."""
+    ca_key, ca_cert = authority(tmp_path, "ca")
+    cert, key = server_files(tmp_path, ca_key, ca_cert)
+    server = kbs("--workers", "1", "--tls-cert", cert, "--tls-key", key, trust=False)
+    tls = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    started: dict[str, float] = {}
+    raws: dict[str, socket.socket] = {}
+
+    slow = tls.wrap_socket(socket.create_connection(("127.0.0.1", server.port)), server_hostname="127.0.0.1")
+    slow.sendall(b"GET /healthz HTTP/1.1\r\n")  # and nothing more
+    started["slow"], raws["slow"] = time.monotonic(), slow
+    idle = tls.wrap_socket(socket.create_connection(("127.0.0.1", server.port)), server_hostname="127.0.0.1")
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200")  # then silent: a keep-alive close it never confirms
+    started["idle"], raws["idle"] = time.monotonic(), idle
+
+    # Answers asked for, never read, until the server's kernel holds no more of them: the next one
+    # stays in the worker's buffer; then the client confirms a close (close_notify) it never reads.
+    unread = socket.socket()
+    unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    unread.connect(("127.0.0.1", server.port))
+    inside, outside = ssl.MemoryBIO(), ssl.MemoryBIO()
+    session = tls.wrap_bio(inside, outside, server_hostname="127.0.0.1")
+    while True:
+        try:
+            session.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            unread.sendall(outside.read())
+            inside.write(unread.recv(65536))
+    unread.sendall(outside.read())
+    me, queued = unread.getsockname()[1], 0
+    for _ in range(10000):
+        session.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        unread.sendall(outside.read())
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline and (now := _server_side(server.port, me))[1] == queued:
+            assert now[0], "the server let go of a client that reads slowly"
+            time.sleep(0.005)
+        if now[1] == queued > 0:
+            break  # the server's kernel holds no more: this answer waits in the worker
+        queued = now[1]
+    with contextlib.suppress(ssl.SSLWantReadError):
+        session.unwrap()
+    unread.sendall(outside.read())
+    started["unread"], raws["unread"] = time.monotonic(), unread
+
+    ended: dict[str, float] = {}
+    while len(ended) < 3 and time.monotonic() - min(started.values()) < REQUEST_TIMEOUT + 20:
+        for name, sock in raws.items():
+            gone = (not _server_side(server.port, sock.getsockname()[1])[0] if name == "unread"
+                    else sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 1)  # 1: established
+            if gone and name not in ended:
+                ended[name] = time.monotonic() - started[name]
+        time.sleep(0.2)
+    for sock in raws.values():
+        sock.close()
+    assert set(ended) == set(started) and all(t <= REQUEST_TIMEOUT + 2 for t in ended.values()), ended
+    assert requests.get(f"{server.url}/healthz", verify=str(tmp_path / "ca.pem"), timeout=5).ok
