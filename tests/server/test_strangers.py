@@ -174,3 +174,36 @@ def test_an_ipv6_host_cannot_rotate_through_its_network_for_fresh_tokens():
     assert limiter.take("::ffff:192.0.2.1") is None and limiter.take("192.0.2.1") is None  # one IPv4 host
     assert limiter.take("192.0.2.1") is None and limiter.take("192.0.2.1") is not None
     assert limiter.take("192.0.2.2") is None and limiter.take("?") is None  # what is no address counts as itself
+
+
+def test_a_cookie_of_backslashes_costs_no_more_than_another(kbs):
+    """Starlette unquotes every cookie with http.cookies._unquote, quadratic in backslashes before
+    Python 3.11.10: each request with a 16 KiB cookie held the worker's event loop half a second,
+    before the rate limiter was asked, so a few connections froze every worker for every guest."""
+    import socket
+
+    from keybroker.server.serve import HEAD_MAX, PIPELINE_MAX
+
+    server = kbs("--workers", "1", trust=False)
+    quoted = b'"' + b"\\\\" * ((HEAD_MAX - 200) // 2) + b'"'
+    for cookie in (b"kbs-session-id=" + quoted, b"other=" + quoted):
+        request = b"GET /kbs/v0/resource/default/key/a HTTP/1.1\r\nHost: x\r\nCookie: %s\r\n\r\n" % cookie
+        start = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(request * PIPELINE_MAX)
+            answers = b""
+            while answers.count(b"HTTP/1.1 ") < PIPELINE_MAX:
+                answers += sock.recv(65536)
+        assert answers.count(b"HTTP/1.1 401 ") == PIPELINE_MAX, answers[:300]
+        assert time.monotonic() - start < 2, time.monotonic() - start  # it was 8 s
+
+
+def test_the_session_cookie_is_read_among_others_and_quoted(tsm_sim, kbs):
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET)
+    guest = attest(root, server.url)
+    name, cookie = p.SESSION_COOKIE, guest.session
+    for header in (f'a=1; {name}="{cookie}"; b="\\\\x"', f"{name}=no; {name}={cookie}"):
+        released = requests.get(f"{server.url}/kbs/v0/resource/default/key/a", headers={"Cookie": header})
+        assert released.status_code == 200 and guest.decrypt(released) == SECRET, released.text
