@@ -16,6 +16,9 @@ reproduces (configfs-tsm.md §7), in the kernel's terms:
   cached until the next write; EINVAL for a blob read before any inblob.
 * One lock across all entries: report generation holds it exclusively, everything else
   shares it, so a slow provider stalls every entry as the kernel's tsm_rwsem does.
+* The guest driver unloaded (SIGUSR1) and loaded again (SIGUSR2), as since Linux 6.15: entries
+  stay; mkdir, ``provider``, ``privlevel_floor``, ``privlevel`` and a report not cached give
+  ENXIO; the driver cannot register again while any entry is left.
 """
 
 from __future__ import annotations
@@ -135,6 +138,22 @@ class ReportFs(mfusepy.Operations):
         self.tsm_rwsem = _RWLock()  # not "lock": that name is a FUSE operation
         self.mutex = threading.Lock()  # protects the dicts above
         self.mounted = time.time()
+        self.registered = True  # the provider's driver is loaded (tsm_report_register)
+
+    def unregister(self) -> None:
+        """tsm_report_unregister(): always succeeds; the entries stay."""
+        with self.tsm_rwsem.write():
+            self.registered = False
+
+    def register(self) -> bool:
+        """tsm_report_register(): refused (EBUSY, "configfs/tsm/report not empty") while entries remain."""
+        with self.tsm_rwsem.write(), self.mutex:
+            self.registered = self.registered or not self.entries
+            return self.registered
+
+    def _need_provider(self) -> None:
+        if not self.registered:
+            raise _err(E.ENXIO)
 
     # -- FUSE plumbing -------------------------------------------------------------------
 
@@ -203,6 +222,7 @@ class ReportFs(mfusepy.Operations):
         if kind != "report":
             raise _err(E.EPERM)  # only the report group makes items
         with self.tsm_rwsem.read(), self.mutex:
+            self._need_provider()
             if name in self.entries:
                 raise _err(E.EEXIST)
             self.entries[name] = Entry(name, self.provider.visible)
@@ -278,6 +298,7 @@ class ReportFs(mfusepy.Operations):
     def _show(self, entry: Entry, name: str) -> str:
         if name == "generation":
             return f"{entry.write_gen}\n"
+        self._need_provider()
         if name == "provider":
             return f"{self.provider.name}\n"
         if name == "privlevel_floor":
@@ -295,6 +316,7 @@ class ReportFs(mfusepy.Operations):
         if cached is not None:
             return cached
         with self.tsm_rwsem.write():
+            self._need_provider()
             cached = self._cached(entry, name)
             if cached is not None:
                 return cached
@@ -366,6 +388,7 @@ class ReportFs(mfusepy.Operations):
             if entry.dead:
                 raise _err(E.ENOENT)
             if name == "privlevel":
+                self._need_provider()
                 if value < self.provider.privlevel_floor or value > PRIVLEVEL_MAX:
                     raise _err(E.EINVAL)
                 self._advance_or_busy(entry)
@@ -433,26 +456,35 @@ def serve(mountpoint: str, provider: Provider, operations: mfusepy.Operations | 
 
     The stop signals are taken by a thread of ours (libfuse leaves signals alone that are
     not at their default): it interrupts a slow provider and detaches the mount, so the
-    emulator stops at once even while a report is being generated. ``operations`` is the whole
-    mount (``sysfs.operations``: configfs-tsm and, for a TD, its measurement registers); by default
-    configfs-tsm alone.
+    emulator stops at once even while a report is being generated. SIGUSR1 unloads the guest
+    driver, SIGUSR2 loads it again. ``operations`` is the whole mount (``sysfs.operations``:
+    configfs-tsm and, for a TD, its measurement registers); by default configfs-tsm alone.
     """
     import ctypes
     import signal
+    import sys
 
     os.makedirs(mountpoint, exist_ok=True)
+    mount: mfusepy.Operations = operations or ReportFs(provider)
+    report: ReportFs = getattr(mount, "report", mount)  # sysfs.Mount serves configfs-tsm by a ReportFs
     stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # inherited by libfuse's threads
+    driver_signals = {signal.SIGUSR1, signal.SIGUSR2}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals | driver_signals)  # inherited by libfuse's threads
 
     def on_stop() -> None:
-        signal.sigwait(stop_signals)
+        while (received := signal.sigwait(stop_signals | driver_signals)) in driver_signals:
+            if received == signal.SIGUSR1:
+                report.unregister()
+            elif not report.register():
+                print("keybroker tsm-sim: the provider cannot register while entries remain in tsm/report "
+                      "(EBUSY)", file=sys.stderr, flush=True)
         provider.interrupt()
         libc = ctypes.CDLL(None, use_errno=True)
         libc.umount2(mountpoint.encode(), 2)  # MNT_DETACH: the FUSE loop then ends
 
     threading.Thread(target=on_stop, name="stop", daemon=True).start()
     try:
-        mfusepy.FUSE(operations or ReportFs(provider), mountpoint, raw_fi=True, foreground=True,
+        mfusepy.FUSE(mount, mountpoint, raw_fi=True, foreground=True,
                      allow_other=True, default_permissions=True, fsname="configfs-tsm-sim",
                      subtype="keybroker")
     except RuntimeError as exc:

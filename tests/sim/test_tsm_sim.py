@@ -16,6 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from support.checks import check_cca, check_snp, check_tdx, snp_certs
+from support.emulator import guest_driver
 
 NONCE = bytes(range(64))
 
@@ -301,3 +302,29 @@ def test_simulated_roots_are_reused(tsm_sim, sim_state):
     table_ark = snp_certs(read(root / "e" / "auxblob"))[uuid.UUID("c0b406a4-a803-4952-9743-3fb6014cd0ae")]
     assert table_ark.public_bytes(serialization.Encoding.PEM) == ark
     assert oct((sim_state / "snp" / "vcek.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_guest_driver_unloaded_and_loaded_again(tsm_sim):
+    # Linux 6.15+: the entries stay, what needs the provider is ENXIO, a cached report is still
+    # served, and the driver cannot register again while any entry is left.
+    root = tsm_sim("sev_guest")
+    entry = root / "e"
+    os.mkdir(entry)
+    write(entry / "inblob", NONCE)
+    report = read(entry / "outblob")
+    guest_driver(root, loaded=False)
+    assert oserror(os.mkdir, root / "f") == errno.ENXIO
+    assert read(entry / "outblob") == report  # cached
+    for name in ("provider", "privlevel_floor"):
+        assert oserror(read, entry / name) == errno.ENXIO
+    assert oserror(write, entry / "privlevel", b"0") == errno.ENXIO
+    write(entry / "inblob", NONCE)  # needs no provider
+    assert generation(entry) == 2
+    assert oserror(read, entry / "outblob") == errno.ENXIO
+    guest_driver(root, loaded=True, wait=False)
+    time.sleep(0.3)
+    assert oserror(os.mkdir, root / "f") == errno.ENXIO  # refused: "e" is left
+    os.rmdir(entry)
+    guest_driver(root, loaded=True)
+    os.mkdir(entry)
+    assert read(entry / "provider") == b"sev_guest\n"

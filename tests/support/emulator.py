@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -28,6 +29,29 @@ def _unmount(mountpoint: Path) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if os.path.ismount(mountpoint):
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+#: The running emulators' processes, by the report root they serve.
+_RUNNING: dict[Path, subprocess.Popen] = {}
+
+
+def guest_driver(root: Path, loaded: bool, *, wait: bool = True) -> None:
+    """Load (SIGUSR2) or unload (SIGUSR1) the guest driver of the emulator serving ``root``; with
+    ``wait``, return once mkdir there shows it (a probe entry, removed at once)."""
+    _RUNNING[root].send_signal(signal.SIGUSR2 if loaded else signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while wait:
+        try:
+            os.mkdir(root / "driver-probe")
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            wait = loaded
+        else:
+            os.rmdir(root / "driver-probe")
+            wait = not loaded
+        assert time.monotonic() < deadline, f"the emulated driver was not {'loaded' if loaded else 'unloaded'}"
+        time.sleep(0.02)
 
 
 @contextmanager
@@ -57,8 +81,10 @@ def run_tsm_sim(mountpoint: Path, state: Path, provider: str, *faults: str, svsm
             if time.monotonic() > deadline:
                 raise RuntimeError("tsm-sim did not mount in time")
             time.sleep(0.05)
+        _RUNNING[root] = proc
         yield root
     finally:
+        _RUNNING.pop(root, None)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
