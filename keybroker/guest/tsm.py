@@ -8,7 +8,8 @@ our inblob commits, whose errors the kernel swallows at close, was lost). The en
 every path the process lives through. One killed while it holds an entry (the request-key handler
 SIGKILLs its worker at the deadline, and the host decides how long a report takes) cannot: each
 report request, before it makes its entry, removes the ``keybroker-<pid>-*`` entries whose
-process is gone.
+process is gone, also when no provider is registered: since Linux 6.15 a guest driver cannot
+register while any entry is left.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class TsmClient:
     def provider(self) -> str:
         """The registered provider's name, read from a short-lived probe entry."""
         self._ensure_configfs()
+        self._remove_abandoned()  # also when no provider is registered: its driver cannot until they are gone
         entry = self._make_entry()
         try:
             return _parse_provider(_Session(entry)._read_text("provider"))
@@ -137,7 +139,8 @@ class TsmClient:
                                    "mounted or the kernel lacks CONFIG_TSM_REPORTS", errno=E.ENOENT) from None
                 if exc.errno == E.ENXIO:
                     raise TsmError("no TSM provider is registered: load the guest driver for this "
-                                   "platform (sev-guest, tdx-guest or arm-cca-guest)", errno=E.ENXIO) from None
+                                   "platform (sev-guest, tdx-guest or arm-cca-guest); it cannot register "
+                                   f"while entries are left in {self.root}", errno=E.ENXIO) from None
                 raise _error(exc, f"create a report entry in {self.root}") from None
         raise TsmError(f"could not create a uniquely named entry in {self.root}", errno=E.EEXIST)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -16,6 +17,7 @@ from keybroker.errors import TsmError
 from keybroker.guest.tsm import ReportRequest, TsmClient
 from keybroker.wire import envelope
 from support.checks import check_snp, check_tdx
+from support.emulator import guest_driver
 
 NONCE = hashlib.sha512(b"keybroker").digest()
 
@@ -188,3 +190,20 @@ def test_entries_of_processes_that_are_gone_are_removed(tsm_sim):
         living.wait()
         for name in os.listdir(root):
             os.rmdir(root / name)
+
+
+def test_an_abandoned_entry_is_removed_while_no_provider_is_registered(tsm_sim):
+    # Since Linux 6.15 a guest driver cannot register while report entries remain, and every
+    # request begins with the provider probe, which the missing driver refuses (ENXIO): the entry a
+    # killed worker left must go there too, or the driver could not be loaded again.
+    root = tsm_sim("tdx_guest")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    os.mkdir(root / f"keybroker-{gone.pid}-0123456789ab")
+    guest_driver(root, loaded=False)
+    with pytest.raises(TsmError, match="no TSM provider is registered") as info:
+        TsmClient(root).provider()
+    assert info.value.errno == errno.ENXIO
+    assert os.listdir(root) == []
+    guest_driver(root, loaded=True)
+    assert TsmClient(root).provider() == "tdx_guest"
