@@ -7,7 +7,7 @@ Trustee's ``kbs:///repo/type/tag``::
 
 The callout string carries optional, space-separated ``name=value`` options::
 
-    privlevel=N        the guest privilege level to attest (SEV-SNP VMPL 0-3; ignored on TDX)
+    privlevel=N        the guest privilege level to attest (SEV-SNP VMPL 0-3; ignored on TDX and CCA)
 
 Anything else is refused: both strings come from whoever called request_key(2).
 """

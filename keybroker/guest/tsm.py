@@ -33,6 +33,10 @@ CONFIGFS = Path("/sys/kernel/config")
 #: enforces the 64-byte maximum at write time).
 INBLOB_SIZES = {"sev_guest": (64, 64), "tdx_guest": (64, 64), "arm_cca_guest": (32, 64)}
 
+#: Providers whose driver registers no visibility callbacks: every attribute shows, but it reads
+#: only inblob (privlevel and the service_* options are sev_guest's).
+OPTIONS_IGNORED = frozenset({"arm_cca_guest"})
+
 _TEXT_MAX = 4096
 #: The name ``_make_entry`` gives an entry (pid_max is at most 2**22: seven digits).
 _OUR_ENTRY = re.compile(r"keybroker-([1-9][0-9]{0,6})-[0-9a-f]{12}")
@@ -181,7 +185,7 @@ class _Session:
                            "interfered (generation mismatch)", retryable=True)
 
         privlevel = floor = None
-        if self._has("privlevel"):
+        if self._has("privlevel") and self.provider not in OPTIONS_IGNORED:
             floor = _parse_uint(self._read_text("privlevel_floor"), "privlevel_floor") \
                 if self._has("privlevel_floor") else 0
             privlevel = request.privlevel if request.privlevel is not None else (floor or None)
@@ -190,13 +194,13 @@ class _Session:
                     raise TsmError(f"privlevel {privlevel} is below this guest's privlevel_floor {floor}: "
                                    f"ask for a level between {floor} and 3", errno=E.EINVAL)
                 self._write_text("privlevel", str(privlevel))
-        # tdx_guest has no privilege levels: the attribute is absent and the option ignored.
+        # tdx_guest has no privilege levels: the attribute is absent and the option ignored (as on CCA).
 
         for name in ("service_provider", "service_guid", "service_manifest_version"):
             value = getattr(request, name)
             if value is None:
                 continue
-            if not self._has(name):
+            if not self._has(name) or self.provider in OPTIONS_IGNORED:
                 raise TsmError(f"{name} is not available: provider {self.provider} offers no service "
                                "attestation here (SEV-SNP under an SVSM, Linux 6.11 or later)", errno=E.ENOENT)
             self._write_text(name, str(value))

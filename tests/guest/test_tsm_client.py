@@ -207,3 +207,14 @@ def test_an_abandoned_entry_is_removed_while_no_provider_is_registered(tsm_sim):
     assert os.listdir(root) == []
     guest_driver(root, loaded=True)
     assert TsmClient(root).provider() == "tdx_guest"
+
+
+def test_cca_shows_the_sev_options_but_ignores_them(tsm_sim):
+    # arm_cca_guest registers no visibility callbacks: privlevel and the service_* attributes are
+    # there, and its driver never reads them. An option it ignores is not reported as attested.
+    root = tsm_sim("arm_cca_guest")
+    with pytest.raises(TsmError, match="service_provider is not available"):
+        TsmClient(root).get_report(ReportRequest(NONCE, service_provider="svsm"))
+    report = TsmClient(root).get_report(ReportRequest(NONCE, privlevel=1))
+    assert report.privlevel is None and report.privlevel_floor is None and report.generation == 1
+    assert os.listdir(root) == []
