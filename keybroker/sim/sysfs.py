@@ -3,7 +3,7 @@
 For ``tdx_guest`` the emulator's mount holds, besides ``tsm/report``::
 
     MOUNTPOINT/sys/class/misc/tdx_guest/measurements/   as /sys/class/misc/tdx_guest/measurements
-        rtmr0:sha384 ... rtmr3:sha384   0664  live RTMRs; writing 48 bytes extends
+        rtmr0:sha384 ... rtmr3:sha384   0644  live RTMRs; writing 48 bytes extends
         mrtd:sha384 mrconfigid mrowner mrownerconfig  0444
     MOUNTPOINT/sys/firmware/acpi/tables/CCEL            0400  the ACPI CCEL table
     MOUNTPOINT/sys/firmware/acpi/tables/data/CCEL       0400  the firmware's event log area
@@ -46,7 +46,7 @@ class MeasurementFs:
         self.registers = registers
         self.files: dict[str, tuple[int, str | bytes]] = {}  # path -> (mode, register name or content)
         for name, file, writable in REGISTERS:
-            self.files[f"{MEASUREMENTS}/{file}"] = (0o664 if writable else 0o444, name)
+            self.files[f"{MEASUREMENTS}/{file}"] = (0o644 if writable else 0o444, name)  # tsm-mr: 0444 | 0200
         self.files[f"{TABLES}/CCEL"] = (0o400, boot.table)
         self.files[f"{TABLES}/data/CCEL"] = (0o400, boot.area)
         self.dirs: dict[str, set[str]] = {}

@@ -34,7 +34,7 @@ def test_registers_files_modes_and_binary_values(tsm_sim):
                                              *(f"rtmr{i}:sha384" for i in range(4))])
     for i in range(4):
         st = os.stat(mr / f"rtmr{i}:sha384")
-        assert stat.S_IMODE(st.st_mode) == 0o664 and st.st_size == 48
+        assert stat.S_IMODE(st.st_mode) == 0o644 and st.st_size == 48
     assert stat.S_IMODE(os.stat(mr / "mrtd:sha384").st_mode) == 0o444
     rtmrs = quote_rtmrs(root)
     assert tuple(read(mr / f"rtmr{i}:sha384") for i in range(4)) == rtmrs  # 48 raw bytes, not hex
