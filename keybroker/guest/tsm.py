@@ -310,7 +310,8 @@ class _Session:
             E.EIO: f"{p} failed with an I/O error (EIO): the host rejected the request (TDX: GetQuote "
                    "failed; SEV-SNP: certificate buffer too small)",
             E.ENOTTY: f"{p} is disabled (ENOTTY): after a failed exchange the SEV guest driver wipes its "
-                      "VMPCK, so no report can be had until the guest reboots",
+                      "VMPCK, so no report can be had until the guest reboots; on Linux 6.7 to 6.14 it also "
+                      "means that no guest driver is loaded now (load it)",
             E.EFBIG: f"{name} is larger than the kernel's limit (EFBIG)",
             E.EACCES: f"permission denied to {action} {self.entry / name}: configfs-tsm needs root",
             E.EPERM: f"operation not permitted: {action} {self.entry / name}",
