@@ -34,6 +34,8 @@ CACHE_MAX = 512
 CERT_MAX = 16 * 1024
 #: Bytes of an input whose certificates are remembered (one certificate, a short chain).
 CACHED_INPUT_MAX = 16 * 1024
+#: The largest OID arc read (after the first two): 2**128 - 1, as a UUID under 2.25.
+OID_ARC_MAX = 2**128 - 1
 
 
 def load_certs(data: bytes, *, most: int | None = None) -> list[x509.Certificate]:
@@ -225,7 +227,8 @@ def der_integer(data: bytes) -> int:
 
 
 def der_oid(content: bytes) -> str:
-    """Decode the content of an OBJECT IDENTIFIER."""
+    """Decode the content of an OBJECT IDENTIFIER whose arcs after the first two are at most
+    ``OID_ARC_MAX`` (a UUID arc fits): a longer one could not even be turned into text."""
     if not content:
         raise EvidenceError("empty OID")
     arcs = [min(content[0] // 40, 2)]
@@ -233,7 +236,11 @@ def der_oid(content: bytes) -> str:
     value = 0
     for byte in content[1:]:
         value = (value << 7) | (byte & 0x7F)
+        if value > OID_ARC_MAX:
+            raise EvidenceError(f"an OID arc is larger than {OID_ARC_MAX.bit_length()} bits")
         if not byte & 0x80:
             arcs.append(value)
             value = 0
+    if content[-1] & 0x80:
+        raise EvidenceError("truncated OID")
     return ".".join(map(str, arcs))

@@ -691,3 +691,18 @@ def test_processor_ca_pck_has_no_platform_claims():
     verdict = run(tb.quote(p), trust=trusting(p))
     assert verdict.ok, verdict.reason()
     assert "tdx.platform_instance_id" not in verdict.claims
+
+
+@pytest.mark.parametrize("oid, named", [
+    (b"\x2a" + b"\xff" * 2100 + b"\x01", "larger than 128 bits"),  # an arc of 4400 digits
+    (b"\x2a\x86\x48\x86", "truncated OID"),
+])
+def test_a_pck_extension_entry_with_a_hostile_oid_is_a_format_failure(monkeypatch, oid, named):
+    """The SGX extension is read before any signature is checked: an entry's OID whose arc is too
+    large to be written in decimal (ValueError) ended verify() in a traceback, a 500 at the key server."""
+    fields = tb._platform_fields
+    entry = tb._der(0x30, tb._der(0x06, oid) + tb._der(0x04, b"x"))
+    monkeypatch.setattr(tb, "_platform_fields", lambda ca_name: entry + fields(ca_name))
+    p = tb.platform()
+    verdict = run(tb.quote(p), trust=trusting(p))
+    assert first_failure(verdict) == "format" and named in verdict.reason()
