@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from keybroker.server.policy import Policy
@@ -416,6 +416,31 @@ def test_collateral_negatives(tmp_path, change, failed, text):
         (folder / "pck_crl.der").write_bytes(forged.public_bytes(serialization.Encoding.DER))
     verdict = run(tb.quote(p), trust=trusting(p), collateral=folder, at=tb.AT)
     assert first_failure(verdict) == failed and text in verdict.failures[0].detail, verdict.reason()
+
+
+def _without_next_update(crl, key) -> bytes:
+    """``crl`` re-signed by ``key`` without its nextUpdate (optional in a CRL; cryptography cannot build one)."""
+    from keybroker.verifier.certs import der_items, der_read
+
+    _, outer, _ = der_read(crl.public_bytes(serialization.Encoding.DER))
+    (_, tbs), (alg_tag, alg), _ = der_items(outer)
+    items = der_items(tbs)
+    del items[[i for i, (tag, _) in enumerate(items) if tag in (0x17, 0x18)][1]]  # thisUpdate stays
+    tbs = tb._der(0x30, b"".join(tb._der(tag, value) for tag, value in items))
+    signature = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    return tb._der(0x30, tbs + tb._der(alg_tag, alg) + tb._der(0x03, b"\0" + signature))
+
+
+def test_a_crl_without_next_update_is_expired_collateral(tmp_path):
+    """A CRL whose issuer signed it without nextUpdate was to count as expired, but the expiry's text
+    formatted None as a date: TypeError out of verify(), a traceback and a 500 at the key server."""
+    p = tb.platform()
+    folder = tb.collateral(tmp_path / "c", p)
+    (folder / "pck_crl.der").write_bytes(_without_next_update(tb.crl(p.ca, p.ca_key), p.ca_key))
+    verdict = run(tb.quote(p), trust=trusting(p), collateral=folder, at=tb.AT)
+    assert verdict.ok and check(verdict, "crl").ok, verdict.reason()
+    assert verdict.claims["tdx.collateral_expired"] is True
+    assert "CRL of Intel SGX PCK Platform CA (no next update)" in check(verdict, "tcb_status").detail
 
 
 def test_collateral_files_are_read_by_content(tmp_path):

@@ -224,7 +224,8 @@ def _appraise_tcb(quote: Quote, chain: PckChain, info: PckInfo, context: Context
     used = [(f"TCB info {tcb_info.source}", content.next_update)]
     used += [(f"QE identity {qe_identity.source}", qe_identity.content.next_update)] if qe_identity else []
     used += [(f"CRL of {common_name(c.issuer)}", c.next_update_utc) for c in (pck_crl, root_crl) if c is not None]
-    expired = [f"{what} (next update {when:%Y-%m-%d})" for what, when in used if when is None or when < context.at]
+    expired = [f"{what} ({'no next update' if when is None else f'next update {when:%Y-%m-%d}'})"
+               for what, when in used if when is None or when < context.at]
     claims_out.update({"tdx.tcb_status": result.status, "tdx.advisory_ids": list(result.advisory_ids),
                        "tdx.tcb_date": result.date, "tdx.collateral_expired": bool(expired)})
     advisories = f"; advisories {', '.join(result.advisory_ids)}" if result.advisory_ids else ""
