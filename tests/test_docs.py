@@ -39,3 +39,40 @@ def test_relative_links_resolve(document: Path):
 def test_every_document_is_linked_from_the_readme():
     readme = (REPO / "README.md").read_text()
     assert [p.name for p in DOCUMENTS[1:] if f"docs/{p.name}" not in readme] == []
+
+
+def _check_names(folder: Path) -> set[str]:
+    """The names of the checks the verifier modules in ``folder`` record (``checks.passed("name"``,
+    ``failed``, ``skipped``, ``require(condition, "name"``, ``check_freshness(..., name="name")``)."""
+    import ast
+
+    names = set()
+    for module in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute | ast.Name):
+                continue
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+            at = {"passed": 0, "failed": 0, "skipped": 0, "require": 1}.get(called)
+            args = [*node.args, *(k.value for k in node.keywords if k.arg == "name")]
+            if at is not None and len(node.args) > at:
+                args = [node.args[at]]
+            elif called != "check_freshness":
+                continue
+            names |= {a.value for a in args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+                      and re.fullmatch(r"[a-z][a-z0-9_]*", a.value)}
+    return names
+
+
+@pytest.mark.parametrize("provider, heading", [("snp", "**AMD SEV-SNP**"), ("tdx", "**Intel TDX**"),
+                                               ("cca", "**Arm CCA**"), ("sev", "**AMD SEV / SEV-ES**")])
+def test_every_check_a_verifier_records_is_in_its_section_of_verifier_md(provider: str, heading: str):
+    """An operator reads verifier.md to learn what a PASS proves: a check the verifier records that
+    its section does not name (TDX's qe_pinned was missing) is one they cannot judge."""
+    text = (REPO / "docs" / "verifier.md").read_text()
+    starts = sorted(text.index(h) for h in ("**AMD SEV-SNP**", "**Intel TDX**", "**Arm CCA**", "**AMD SEV / SEV-ES**"))
+    start = text.index(heading)
+    section = text[start:next((s for s in starts if s > start), len(text))]
+    names = _check_names(REPO / "keybroker" / "verifier" / provider)
+    assert names, f"no checks found in keybroker/verifier/{provider}"
+    assert sorted(n for n in names if f"`{n}`" not in section) == []
+    assert sorted(n for n in _check_names(REPO / "keybroker" / "verifier") if f"`{n}`" not in text) == []
