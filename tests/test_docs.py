@@ -76,3 +76,14 @@ def test_every_check_a_verifier_records_is_in_its_section_of_verifier_md(provide
     assert names, f"no checks found in keybroker/verifier/{provider}"
     assert sorted(n for n in names if f"`{n}`" not in section) == []
     assert sorted(n for n in _check_names(REPO / "keybroker" / "verifier") if f"`{n}`" not in text) == []
+
+
+def test_no_documented_command_writes_a_secret_before_restricting_it():
+    """`head -c 32 /dev/urandom > kek && chmod 600 kek` leaves the KEK readable by any local user
+    (umask 022: 0644) until the chmod, long enough for one watching /etc/keybroker with inotify:
+    secrets are made under umask 077, in the README, the docs, the units and the errors' advice."""
+    places = [*DOCUMENTS, *sorted((REPO / "systemd").glob("*.service")), *sorted((REPO / "keybroker").rglob("*.py"))]
+    written_then_chmod = re.compile(r">\s*(\S+)\s*(?:&&|;)\s*chmod\s+[0-7]*600\b")
+    assert [f"{p.relative_to(REPO)}: {m[0]}" for p in places for m in written_then_chmod.finditer(p.read_text())] == []
+    readme = (REPO / "README.md").read_text()
+    assert "(umask 077; head -c 32 /dev/urandom > /etc/keybroker/kek)" in readme

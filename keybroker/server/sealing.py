@@ -48,7 +48,7 @@ class Kek:
             data = bytes.fromhex(data.strip().decode())
         elif len(data) != KEK_SIZE:
             raise ConfigError(f"key-encryption key {where} must be {KEK_SIZE} bytes or {2 * KEK_SIZE} hex digits, "
-                              f"not {len(data)} bytes (make one with: head -c 32 /dev/urandom > FILE)")
+                              f"not {len(data)} bytes (make one with: (umask 077; head -c 32 /dev/urandom > FILE))")
         return cls(hashlib.sha256(b"keybroker kek id\0" + data).hexdigest()[:16], data)
 
     @classmethod
@@ -137,7 +137,7 @@ def load_sealer(kek_file: Path | None, old_kek_files: Iterable[Path] = ()) -> Se
     path = secretfile.locate(kek_file, KEK_CREDENTIAL)
     if path is None:
         raise ConfigError("no key-encryption key: give --kek-file FILE (32 random bytes, e.g. "
-                          "head -c 32 /dev/urandom > FILE; chmod 600 FILE) or the systemd credential "
+                          "(umask 077; head -c 32 /dev/urandom > FILE)) or the systemd credential "
                           f"'{KEK_CREDENTIAL}' (LoadCredential={KEK_CREDENTIAL}:FILE)")
     return Sealer(Kek.load(path), [Kek.load(old) for old in old_kek_files])
 
