@@ -27,6 +27,7 @@ Unknown keys and values of the wrong type are errors that name the key and the f
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -36,7 +37,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..files import read_bounded
 from ..verifier.snp.kds import AMD_KDS
-from ..wire import decimal
+from ..wire import decimal, shown
 from .ratelimit import DEFAULT_BURST, DEFAULT_RATE
 
 CONFIG_MAX = 1024 * 1024  # bytes of a configuration file
@@ -85,7 +86,9 @@ _PATHS = {"cache_dir", "collateral", "policy", "tls_cert", "tls_key", "kek_file"
 def load(path: Path | None, flags: dict[str, Any]) -> ServerConfig:
     """The configuration of file ``path`` (if any) with ``flags`` (field name -> value, None: not given) over it."""
     values: dict[str, Any] = _read(path) if path else {}
-    values.update({name: value for name, value in flags.items() if value is not None})
+    for name, value in flags.items():
+        if value is not None:  # a number given as a flag is held to the bounds of the file's key
+            values[name] = _number(name, value, _error_for_flag(name)) if name in _NUMBERS else value
     return ServerConfig(**values)
 
 
@@ -108,12 +111,24 @@ def _error_for(path: Path, key: str) -> Callable[[str], ConfigError]:
     return lambda why: ConfigError(f"{path}: {key} {why}")
 
 
+def _error_for_flag(name: str) -> Callable[[str], ConfigError]:
+    return lambda why: ConfigError(f"--{name.replace('_', '-')} {why}")
+
+
+def _number(name: str, value: Any, error: Callable[[str], ConfigError]) -> int | float:
+    """A number of at least its least value, and finite: nan (which TOML and float() read) is no rate,
+    and no bound either (every comparison with it is false: a rate limit of nan turned the limiter off)."""
+    kind, least = _NUMBERS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
+            or (isinstance(value, float) and not math.isfinite(value)) or value < least:
+        what = "a number" if kind is float else "an integer"
+        raise error(f"must be {what} of at least {least:g}, not {shown(value)}")
+    return kind(value)
+
+
 def _convert(name: str, value: Any, base: Path, error: Callable[[str], ConfigError]) -> Any:
     if name in _NUMBERS:
-        kind, least = _NUMBERS[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < least:
-            raise error(f"must be {'a number' if kind is float else 'an integer'} of at least {least}")
-        return kind(value)
+        return _number(name, value, error)
     if name in _LISTS:
         if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
             raise error("must be a list of paths")

@@ -1,0 +1,31 @@
+"""``keybroker serve``'s numbers are held to the same bounds from its flags as from its configuration file."""
+
+from __future__ import annotations
+
+import pytest
+
+from keybroker.errors import ConfigError
+from keybroker.server import config
+
+
+@pytest.mark.parametrize("name, value", [("workers", -1), ("rate_burst", 0), ("rate_limit", -1.0),
+                                         ("rate_limit", float("nan")), ("rate_limit", float("inf"))])
+def test_a_flag_out_of_bounds_is_refused_as_the_files_key_is(name, value, tmp_path):
+    """--workers -1 started no worker at all (the supervisor said READY=1, 'serving ... with -1 worker'
+    and answered nothing), and --rate-limit nan turned the limiter off (every comparison with nan is
+    false): the file refused the first and now refuses both."""
+    with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')} must be"):
+        config.load(None, {name: value})
+    path = tmp_path / "server.toml"
+    path.write_text(f"{name.replace('_', '-')} = {str(value).lower()}\n")
+    with pytest.raises(ConfigError, match=f"{name.replace('_', '-')} must be"):
+        config.load(path, {})
+
+
+def test_numbers_in_bounds_are_taken_from_flags_over_the_file(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text("workers = 3\nrate-limit = 0\nrate-burst = 5\n")
+    assert (config.load(path, {}).workers, config.load(path, {}).rate_limit) == (3, 0.0)
+    loaded = config.load(path, {"workers": 0, "rate_limit": 2.5, "rate_burst": None})
+    assert (loaded.workers, loaded.rate_limit, loaded.rate_burst) == (0, 2.5, 5)
+
