@@ -72,6 +72,7 @@ DEFAULT_TSM_ROOT = Path("/sys/kernel/config/tsm/report")
 DEFAULT_DEADLINE = 30.0
 DEFAULT_UNLOCK_DEADLINE = 120.0
 DEVICE_MAX = 4096
+CONFIG_MAX = 1024 * 1024  # bytes of a client configuration
 DEFAULT_MR_ROOT = Path("/sys/class/misc/tdx_guest/measurements")
 DEFAULT_RUNTIME_LOG = Path("/run/keybroker/runtime-eventlog")
 DEFAULT_CCEL = Path("/sys/firmware/acpi/tables/data/CCEL")
@@ -179,13 +180,21 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 def load(path: Path | str = DEFAULT_PATH) -> ClientConfig:
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as file:
+            raw = file.read(CONFIG_MAX + 1)  # no further: --config /dev/zero is refused, not read until memory ends
+        if len(raw) > CONFIG_MAX:
+            raise ConfigError(f"{path}: larger than {CONFIG_MAX} bytes, which no client configuration is")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: configuration file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer past Python's 4300 digits: tomllib raises a plain ValueError
+        raise ConfigError(f"{path}: holds a value TOML cannot read: {str(exc)[:80]}") from None
+    except RecursionError:  # tomllib descends once per nested array or inline table
+        raise ConfigError(f"{path}: nests arrays or tables too deeply") from None
     return parse(path, data)
 
 
@@ -216,9 +225,10 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
 
     handler = _Table(path, "handler", top.get("handler", dict, {}))
     handler.only("deadline")
-    deadline = float(handler.get("deadline", (int, float), DEFAULT_DEADLINE))
-    if not 2 <= deadline <= 600:
+    deadline = handler.get("deadline", (int, float), DEFAULT_DEADLINE)
+    if not 2 <= deadline <= 600:  # compared before float(): an integer of 300 hex digits overflows a float
         raise handler.error("'handler.deadline' must be between 2 and 600 seconds")
+    deadline = float(deadline)
 
     rules = []
     for i, raw in enumerate(top.get("access", list, [])):
@@ -297,10 +307,10 @@ def _volumes(path: Path, tables: dict[str, Any]) -> tuple[Volume, ...]:
         key_type = table.get("key_type", str, "logon")
         if key_type not in KEY_TYPES:
             raise table.error(f"{table.key('key_type')!r} must be one of {', '.join(KEY_TYPES)}")
-        deadline = float(table.get("deadline", (int, float), DEFAULT_UNLOCK_DEADLINE))
+        deadline = table.get("deadline", (int, float), DEFAULT_UNLOCK_DEADLINE)
         if not 1 <= deadline <= 3600:
             raise table.error(f"{table.key('deadline')!r} must be between 1 and 3600 seconds")
-        volumes.append(Volume(name, resource, device, key_type, deadline))
+        volumes.append(Volume(name, resource, device, key_type, float(deadline)))
     devices = [volume.device for volume in volumes if volume.device]
     for device in devices:
         if devices.count(device) > 1:

@@ -97,6 +97,10 @@ def _read(path: Path) -> dict[str, Any]:
         document = tomllib.loads(read_bounded(path, CONFIG_MAX, "server configuration", ConfigError).decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"server configuration {path} is not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer past Python's 4300 digits: tomllib raises a plain ValueError
+        raise ConfigError(f"server configuration {path} holds a value TOML cannot read: {str(exc)[:80]}") from None
+    except RecursionError:  # tomllib descends once per nested array or inline table
+        raise ConfigError(f"server configuration {path} nests arrays or tables too deeply") from None
     known = {f.name.replace("_", "-"): f.name for f in fields(ServerConfig)}
     values: dict[str, Any] = {}
     for key, value in document.items():

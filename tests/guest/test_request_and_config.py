@@ -135,6 +135,14 @@ def test_no_rules_means_root_only(tmp_path):
     ("[server]\nurl = 'https://x'\n[tsm]\nservice_provider = 'tdx'\n", "must be \"svsm\""),
     ("[server]\nurl = 'https://x'\n[tsm]\nservice_guid = 'c476f1eb-0123-45a5-9641-b4e7dde5bfe3'\n",
      "needs 'tsm.service_provider'"),
+    # Values tomllib or float() cannot take ended every command that loads the file in a traceback
+    # (OverflowError, ValueError, RecursionError), and the handler's request in 'internal error'.
+    ("[server]\nurl = 'https://x'\n[handler]\ndeadline = 0x" + "f" * 300 + "\n", "between 2 and 600"),
+    ("[server]\nurl = 'https://x'\n[handler]\ndeadline = nan\n", "between 2 and 600"),
+    ("[server]\nurl = 'https://x'\n[volumes.a]\nresource = 'a/b/c'\ndeadline = 0x" + "f" * 300 + "\n",
+     "'volumes.a.deadline' must be between 1 and 3600"),
+    ("[server]\nurl = 'https://x'\n[handler]\ndeadline = " + "9" * 5000 + "\n", "holds a value TOML cannot read"),
+    ("[server]\nurl = 'https://x'\nx = " + "[" * 5000 + "]" * 5000 + "\n", "nests arrays or tables too deeply"),
 ])
 def test_config_errors_name_the_key_and_the_file(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -146,6 +154,13 @@ def test_config_errors_name_the_key_and_the_file(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="configuration file not found"):
         config.load(tmp_path / "absent.toml")
+
+
+def test_a_config_file_is_read_no_further_than_one_may_be():
+    """It was read whole: install-handler --config /dev/zero (which loads it before any other check),
+    place-key or keyfile-server with it grew until memory ran out."""
+    with pytest.raises(ConfigError, match="/dev/zero: larger than 1048576 bytes"):
+        config.load("/dev/zero")
 
 
 def test_a_sev_guest_names_its_evidence_broker_instead_of_configfs_tsm(tmp_path):

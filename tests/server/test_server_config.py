@@ -29,3 +29,14 @@ def test_numbers_in_bounds_are_taken_from_flags_over_the_file(tmp_path):
     loaded = config.load(path, {"workers": 0, "rate_limit": 2.5, "rate_burst": None})
     assert (loaded.workers, loaded.rate_limit, loaded.rate_burst) == (0, 2.5, 5)
 
+
+
+@pytest.mark.parametrize("text, message", [("workers = " + "9" * 5000, "holds a value TOML cannot read"),
+                                           ("x = " + "[" * 5000 + "]" * 5000, "nests arrays or tables too deeply")])
+def test_a_value_tomllib_cannot_read_is_a_config_error(text, message, tmp_path):
+    """tomllib raises a plain ValueError for an integer past 4300 digits and RecursionError for deep
+    nesting: serve --config ended in a traceback, where a file's problems are errors that name it."""
+    path = tmp_path / "server.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        config.load(path, {})
