@@ -87,3 +87,12 @@ def test_no_documented_command_writes_a_secret_before_restricting_it():
     assert [f"{p.relative_to(REPO)}: {m[0]}" for p in places for m in written_then_chmod.finditer(p.read_text())] == []
     readme = (REPO / "README.md").read_text()
     assert "(umask 077; head -c 32 /dev/urandom > /etc/keybroker/kek)" in readme
+
+
+def test_server_md_names_every_suffix_a_trust_roots_folder_is_read_for():
+    """A folder's file of a suffix docs/server.md did not name was read all the same, and one that is
+    not an anchor stops the server: a PEM root saved as root.cert is read as AMD's legacy SEV format."""
+    from keybroker.verifier.trust import ANCHOR_SUFFIXES
+
+    text = (REPO / "docs" / "server.md").read_text()
+    assert [s for s in ANCHOR_SUFFIXES if f"`*{s}`" not in text] == []
