@@ -105,3 +105,12 @@ def test_documented_commands_that_need_the_kek_on_a_database_give_it():
     missing = [f"{p.name}: {m[0]}" for p in DOCUMENTS for m in needs_kek.finditer(p.read_text().replace("\\\n", " "))
                if "--kek-file" not in m[0]]
     assert missing == []
+
+
+def test_policy_md_names_every_claim_that_pins_a_measurement():
+    """The claims whose pinning silences the warning about rules that release to any guest."""
+    from keybroker.server.policy import MEASUREMENT_CLAIMS
+
+    text = (REPO / "docs" / "policy.md").read_text()
+    paragraph = text[text.index("A rule that pins no measurement"):].split("\n\n")[0]
+    assert sorted(c for c in MEASUREMENT_CLAIMS if f"`{c}`" not in paragraph) == []
