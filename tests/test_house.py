@@ -21,7 +21,7 @@ LINES_MAX = 500
 #: room -> the rooms it may import besides itself
 ALLOWED = {
     "wire": {"errors"},
-    "guest": {"wire", "errors", "systemd"},
+    "guest": {"wire", "errors", "systemd", "files"},
     "verifier": {"wire", "errors"},
     "server": {"wire", "verifier", "errors", "systemd", "files"},
     "sim": {"wire", "errors"},

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DescriptionError
+from ..files import read_bounded
 from ..wire.resource import ResourcePath, check_pattern
 from ..wire.transport import server_url_problem
 from .request import DESCRIPTION_PREFIX, KEY_TYPES
@@ -180,14 +181,8 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 def load(path: Path | str = DEFAULT_PATH) -> ClientConfig:
     path = Path(path)
     try:
-        with open(path, "rb") as file:
-            raw = file.read(CONFIG_MAX + 1)  # no further: --config /dev/zero is refused, not read until memory ends
-        if len(raw) > CONFIG_MAX:
-            raise ConfigError(f"{path}: larger than {CONFIG_MAX} bytes, which no client configuration is")
-        data = tomllib.loads(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        data = tomllib.loads(read_bounded(path, CONFIG_MAX, "client configuration", ConfigError).decode("utf-8"))
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
