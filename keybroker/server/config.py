@@ -79,7 +79,9 @@ class ServerConfig:
 
 
 _LISTS = {"trust_roots", "certs", "old_kek_file"}
-_NUMBERS: dict[str, tuple[type, float]] = {"rate_limit": (float, 0), "rate_burst": (int, 1), "workers": (int, 0)}
+#: Numbers and their bounds (a burst past a float's range made the limiter fail every request).
+_NUMBERS: dict[str, tuple[type, float, float]] = {"rate_limit": (float, 0, 1e6), "rate_burst": (int, 1, 10**6),
+                                                 "workers": (int, 0, 1024)}
 _PATHS = {"cache_dir", "collateral", "policy", "tls_cert", "tls_key", "kek_file", "admin_token_file", "token_key_file"}
 
 
@@ -120,13 +122,13 @@ def _error_for_flag(name: str) -> Callable[[str], ConfigError]:
 
 
 def _number(name: str, value: Any, error: Callable[[str], ConfigError]) -> int | float:
-    """A number of at least its least value, and finite: nan (which TOML and float() read) is no rate,
-    and no bound either (every comparison with it is false: a rate limit of nan turned the limiter off)."""
-    kind, least = _NUMBERS[name]
+    """A number within its bounds, and finite: nan (which TOML and float() read) is no rate, and no
+    bound either (every comparison with it is false: a rate limit of nan turned the limiter off)."""
+    kind, least, most = _NUMBERS[name]
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
-            or (isinstance(value, float) and not math.isfinite(value)) or value < least:
+            or (isinstance(value, float) and not math.isfinite(value)) or not least <= value <= most:
         what = "a number" if kind is float else "an integer"
-        raise error(f"must be {what} of at least {least:g}, not {shown(value)}")
+        raise error(f"must be {what} from {least:g} to {most:g}, not {shown(value)}")
     return kind(value)
 
 

@@ -9,11 +9,13 @@ from keybroker.server import config
 
 
 @pytest.mark.parametrize("name, value", [("workers", -1), ("rate_burst", 0), ("rate_limit", -1.0),
-                                         ("rate_limit", float("nan")), ("rate_limit", float("inf"))])
+                                         ("rate_limit", float("nan")), ("rate_limit", float("inf")),
+                                         ("rate_burst", 10**360), ("rate_limit", 1e300), ("workers", 10**6)])
 def test_a_flag_out_of_bounds_is_refused_as_the_files_key_is(name, value, tmp_path):
     """--workers -1 started no worker at all (the supervisor said READY=1, 'serving ... with -1 worker'
     and answered nothing), and --rate-limit nan turned the limiter off (every comparison with nan is
-    false): the file refused the first and now refuses both."""
+    false): the file refused the first and now refuses both. A burst past a float's range passed both,
+    and the limiter then failed every request (OverflowError)."""
     with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')} must be"):
         config.load(None, {name: value})
     path = tmp_path / "server.toml"
