@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import DescriptionError
+from . import shown
 
 PATH_MAX = 200
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
@@ -25,7 +26,7 @@ def check_pattern(text: str) -> str:
     """``text`` if it is a resource pattern (see above; matched with ``fnmatchcase``, which then
     knows no wildcard but ``*``), else DescriptionError."""
     if len(text) > PATH_MAX or not _PATTERN.fullmatch(text):
-        raise DescriptionError(f"resource pattern {text[:80]!r} must be at most {PATH_MAX} characters of "
+        raise DescriptionError(f"resource pattern {shown(text)} must be at most {PATH_MAX} characters of "
                                "[A-Za-z0-9_.-], '/' and '*' (the only wildcard)")
     return text
 
@@ -42,12 +43,12 @@ class ResourcePath:
     @classmethod
     def parse(cls, text: str) -> ResourcePath:
         if len(text) > PATH_MAX:
-            raise DescriptionError(f"resource {text[:80]!r}... is longer than {PATH_MAX} characters")
+            raise DescriptionError(f"resource {shown(text)} is longer than {PATH_MAX} characters")
         parts = text.split("/")
         if len(parts) != 3:
-            raise DescriptionError(f"resource {text[:80]!r} must be <repo>/<type>/<tag>")
+            raise DescriptionError(f"resource {shown(text)} must be <repo>/<type>/<tag>")
         for part in parts:
             if not _SEGMENT.fullmatch(part):
-                raise DescriptionError(f"resource segment {part[:80]!r} must be characters of [A-Za-z0-9_.-], "
+                raise DescriptionError(f"resource segment {shown(part)} must be characters of [A-Za-z0-9_.-], "
                                        "not starting with '.'")
         return cls(*parts)

@@ -174,3 +174,15 @@ def test_a_sev_guest_names_its_evidence_broker_instead_of_configfs_tsm(tmp_path)
                           ('[aeb]\nguest_handle = 1\nport = 5\n', "unknown key 'aeb.port'")):
         with pytest.raises(ConfigError, match=message):
             config.load(write(tmp_path, f'[server]\nurl = "http://127.0.0.1:1"\n{text}'))
+
+
+@pytest.mark.parametrize("text", ["a/b/" + "c" * 300, "a/b/" + "!" * 100, "a/b/c" + "!" * 300, "a/" + "!" * 300 + "/c"])
+def test_a_refused_resource_is_quoted_no_longer_than_any_client_value(text):
+    """docs/server.md: errors quote at most 64 characters of a value a client sent (80 were quoted)."""
+    from keybroker.wire import QUOTE_MAX
+    from keybroker.wire.resource import ResourcePath
+
+    with pytest.raises(DescriptionError) as info:
+        ResourcePath.parse(text)
+    segment = max(text.split("/"), key=len)
+    assert text[:QUOTE_MAX + 1] not in str(info.value) and segment[:QUOTE_MAX + 1] not in str(info.value)
