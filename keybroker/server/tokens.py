@@ -17,8 +17,6 @@ and its tokens work only on itself.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import secrets
@@ -32,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from ..errors import ConfigError
+from ..wire import b64url_decode
 from ..wire.jwe import b64url, public_jwk
 from . import secretfile
 
@@ -104,10 +103,12 @@ class TokenSigner:
 
 
 def _unb64url(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except binascii.Error:
-        raise ValueError("not base64url") from None
+    """Canonical unpadded base64url only: the lenient decoder dropped what is not of the alphabet,
+    so that a token with characters added (or padding) verified as a second spelling of it."""
+    data = b64url_decode(text)
+    if data is None:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 def _thumbprint(key: ec.EllipticCurvePublicKey) -> str:

@@ -63,6 +63,17 @@ def test_tampered_foreign_expired_and_malformed_tokens_are_refused():
         assert signer.verify(junk) is None
 
 
+def test_a_token_is_read_only_in_its_one_spelling():
+    """The lenient base64 decoder dropped what is not of the alphabet: a token with characters added to a
+    part, or padded, verified as a second spelling of the one issued."""
+    signer = TokenSigner()
+    token = issue(signer)
+    header, body, signature = token.split(".")
+    assert signer.verify(token) is not None
+    for spelling in (f"{token}!!~~", f"{token}====", f"{header}.{body}=.{signature}", f"{header}!.{body}.{signature}"):
+        assert signer.verify(spelling) is None, spelling
+
+
 def test_tokens_outlive_neither_their_session_nor_their_lifetime():
     signer = TokenSigner(lifetime=60)
     token = issue(signer, expires=time.time() + 10)
