@@ -82,7 +82,7 @@ class AdminClient:
             raise ServerError(f"cannot reach the key server: {exc}", status=0, problem=None) from None
         try:
             body = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser (as parse_json says)
             body = None
         name = p.problem_name(body) if response.status_code != 200 else None
         if response.status_code == 404 and missing_ok and name == p.RESOURCE_NOT_FOUND:
