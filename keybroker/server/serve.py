@@ -161,9 +161,15 @@ def guarded_protocol() -> type[asyncio.Protocol]:
             super().on_message_complete()
 
         def on_response_complete(self) -> None:
+            # uvicorn now starts the next queued (pipelined) request, if any: one that arrived whole is
+            # being answered, and no deadline runs while it is (its answer may take longer).
+            queued = self.pipeline[-1][0] if self.pipeline and not self.transport.is_closing() else None
             super().on_response_complete()
-            self._whole = False
-            self._arm()  # a close begun with the answer (Connection: close) must end by then too
+            self._whole = queued is not None and not queued.more_body and not self.transport.is_closing()
+            if self._whole:
+                self._disarm()
+            else:
+                self._arm()  # a close begun with the answer (Connection: close) must end by then too
 
         def send_400_response(self, msg: str) -> None:
             if self._too_deep:

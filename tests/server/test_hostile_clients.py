@@ -345,3 +345,42 @@ def test_tls_connections_are_let_go_at_the_deadline_whatever_the_client_does(kbs
         sock.close()
     assert set(ended) == set(started) and all(t <= REQUEST_TIMEOUT + 2 for t in ended.values()), ended
     assert requests.get(f"{server.url}/healthz", verify=str(tmp_path / "ca.pem"), timeout=5).ok
+
+
+def test_a_pipelined_request_is_answered_however_long_its_answer_takes(monkeypatch):
+    """A request queued behind another (HTTP/1.1 pipelining, PIPELINE_MAX deep) has arrived whole
+    when uvicorn starts it: the deadline for a request to arrive does not cut its answer short. It
+    did, counted from the end of the answer before: a pipelined /attest or admin call that took
+    longer than REQUEST_TIMEOUT had its connection dropped with no answer."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from keybroker.server import serve
+
+    monkeypatch.setattr(serve, "REQUEST_TIMEOUT", 1.0)
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/slow":
+            await asyncio.sleep(2)  # past REQUEST_TIMEOUT
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=serve.guarded_protocol(), ws="none",
+                            lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    sock = config.bind_socket()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        answer = exchange(sock.getsockname()[1], b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n"
+                          b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
