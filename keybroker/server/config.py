@@ -128,7 +128,7 @@ def _number(name: str, value: Any, error: Callable[[str], ConfigError]) -> int |
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
             or (isinstance(value, float) and not math.isfinite(value)) or not least <= value <= most:
         what = "a number" if kind is float else "an integer"
-        raise error(f"must be {what} from {least:g} to {most:g}, not {shown(value)}")
+        raise error(f"must be {what} from {least:.0f} to {most:.0f}, not {shown(value)}")
     return kind(value)
 
 
