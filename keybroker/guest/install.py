@@ -44,7 +44,12 @@ def install(config: Path, conf_dir: Path = CONF_DIR, handler: Path | None = None
     ownership.check(handler, "handler")
     ownership.check_handler(config, server_ca, thorough=True)
     text = conf_text(handler, config.resolve())
-    conf_dir.mkdir(mode=0o755, parents=True, exist_ok=True)  # not the umask's 0777, where anyone could swap the drop-in
+    # The folder and any missing parent 0755, not 0777 under umask 0, where anyone could swap the drop-in.
+    old = os.umask(0o022)
+    try:
+        conf_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    finally:
+        os.umask(old)
     ownership.check(conf_dir, "request-key.d folder")  # nor a folder (or link to one) another user can write
     target = conf_dir / CONF_NAME
     # A dot-file (request-key skips them) of a fresh name: nothing planted there is followed or reused.

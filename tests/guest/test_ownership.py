@@ -195,7 +195,8 @@ def test_a_tree_checks_where_its_links_lead(planted):
 
 
 def test_install_makes_its_folder_root_s_alone_whatever_the_umask(folder):
-    conf_dir = folder / "request-key.d"
+    """Its missing parents too: made 0777 under umask 0, they were then refused by its own check."""
+    conf_dir = folder / "etc" / "request-key.d"
     old = os.umask(0)
     try:
         install.install(config_file(folder), conf_dir, HANDLER)
