@@ -20,8 +20,8 @@ Concurrent attestations (threads, and forked server workers sharing the cache) r
 stale folder without tripping over one another: in a process one refresh per folder runs at
 a time (the others wait, then read what it published); a refresh is fetched into a private
 folder and loaded from there before it is published, with renames only (as the KDS cache
-publishes its files); a cached folder that cannot be read (replaced under the reader by
-another process, or damaged) is fetched again, and a cache that cannot be written is an
+publishes its files); a cached folder that cannot be read, or was replaced while it was read
+(by another process), or is damaged, is fetched again, and a cache that cannot be written is an
 EvidenceError naming it, a verdict rather than a crash.
 """
 
@@ -101,8 +101,15 @@ def _cached(folder: Path, at: dt.datetime) -> Collateral | None:
     if not folder.is_dir():
         return None
     try:
+        before = os.stat(folder)
         cached = load_folder(folder)
+        after = os.stat(folder)
     except (OSError, EvidenceError):
+        return None
+    if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
+        # Replaced while it was read: the listing may have come from the old folder while another
+        # process deleted its files (set aside by _publish), and the files from the new one, so that
+        # collateral with documents missing loaded without an error.
         return None
     if all(when is not None and when > at for _, when in cached.next_updates()):
         return cached
