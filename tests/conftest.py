@@ -99,8 +99,11 @@ def system_lock() -> Iterator[None]:
     """Exclusive use of machine-wide state (the request-key drop-in, /dev/log) across test runs.
 
     The attestation locks a test's requests left in /run/keybroker (one per key server URL: the
-    tests' servers have a port each) are removed after it, while nothing else can hold them.
+    tests' servers have a port each) are removed after it, while nothing else can hold them, and
+    so are the attestation tokens they kept in root's user keyring (a CI run left three).
     """
+    from keybroker.guest import tokens
+
     run = Path("/run/keybroker")
     with _machine_lock():
         before = set(run.glob("attest-*.lock"))
@@ -109,6 +112,8 @@ def system_lock() -> Iterator[None]:
         finally:
             for lock in set(run.glob("attest-*.lock")) - before:
                 lock.unlink(missing_ok=True)
+            if os.geteuid() == 0:
+                tokens.forget_all()
 
 
 def _probe_upcall(folder: Path, user: str | None) -> tuple[bool, str]:
