@@ -74,17 +74,16 @@ class TsmClient:
         self.root = Path(root)
         self.attempts = attempts
         self.backoff = backoff
+        self._prepared = False
 
     def get_report(self, request: ReportRequest, *, deadline: float | None = None) -> TsmReport:
-        self._ensure_configfs()
-        self._remove_abandoned()
+        self._prepare()
         return retry(lambda: self._attempt(request), transient=lambda exc: isinstance(exc, TsmError) and exc.retryable,
                      backoff=Backoff(first=self.backoff), deadline=deadline, attempts=self.attempts)
 
     def provider(self) -> str:
         """The registered provider's name, read from a short-lived probe entry."""
-        self._ensure_configfs()
-        self._remove_abandoned()  # also when no provider is registered: its driver cannot until they are gone
+        self._prepare()
         entry = self._make_entry()
         try:
             return _parse_provider(_Session(entry)._read_text("provider"))
@@ -107,6 +106,15 @@ class TsmClient:
                 pass  # removed by someone else; the report was checked against generation
             except OSError as exc:
                 raise _error(exc, f"remove report entry {entry}") from None
+
+    def _prepare(self) -> None:
+        """Once per client (a request probes the provider, then asks for its report): configfs is
+        there, and the entries of keybroker processes that are gone are removed, also when no
+        provider is registered (its driver cannot register until they are gone)."""
+        if not self._prepared:
+            self._ensure_configfs()
+            self._remove_abandoned()
+            self._prepared = True
 
     def _remove_abandoned(self) -> None:
         """Remove the entries keybroker processes that no longer exist left behind.
