@@ -53,7 +53,6 @@ tokens, which read the key); ``deadline`` is 1 to 3600 seconds.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -61,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DescriptionError
 from ..files import read_bounded
+from ..wire import parse_toml
 from ..wire.resource import ResourcePath, check_pattern
 from ..wire.transport import server_url_problem
 from .request import DESCRIPTION_PREFIX, KEY_TYPES
@@ -180,17 +180,12 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 def load(path: Path | str = DEFAULT_PATH) -> ClientConfig:
     path = Path(path)
+    raw = read_bounded(path, CONFIG_MAX, "client configuration", ConfigError)
     try:
-        data = tomllib.loads(read_bounded(path, CONFIG_MAX, "client configuration", ConfigError).decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    except ValueError as exc:  # an integer past Python's 4300 digits: tomllib raises a plain ValueError
-        raise ConfigError(f"{path}: holds a value TOML cannot read: {str(exc)[:80]}") from None
-    except RecursionError:  # tomllib descends once per nested array or inline table
-        raise ConfigError(f"{path}: nests arrays or tables too deeply") from None
-    return parse(path, data)
+    return parse(path, parse_toml(text, f"the client configuration {path}", ConfigError))
 
 
 def parse(path: Path, data: dict[str, Any]) -> ClientConfig:

@@ -28,7 +28,6 @@ Unknown keys and values of the wrong type are errors that name the key and the f
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..files import read_bounded
 from ..verifier.snp.kds import AMD_KDS
-from ..wire import decimal, shown
+from ..wire import decimal, parse_toml, shown
 from .ratelimit import DEFAULT_BURST, DEFAULT_RATE
 
 CONFIG_MAX = 1024 * 1024  # bytes of a configuration file
@@ -95,14 +94,12 @@ def load(path: Path | None, flags: dict[str, Any]) -> ServerConfig:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    raw = read_bounded(path, CONFIG_MAX, "server configuration", ConfigError)
     try:
-        document = tomllib.loads(read_bounded(path, CONFIG_MAX, "server configuration", ConfigError).decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"server configuration {path} is not valid TOML: {exc}") from None
-    except ValueError as exc:  # an integer past Python's 4300 digits: tomllib raises a plain ValueError
-        raise ConfigError(f"server configuration {path} holds a value TOML cannot read: {str(exc)[:80]}") from None
-    except RecursionError:  # tomllib descends once per nested array or inline table
-        raise ConfigError(f"server configuration {path} nests arrays or tables too deeply") from None
+    document = parse_toml(text, f"server configuration {path}", ConfigError)
     known = {f.name.replace("_", "-"): f.name for f in fields(ServerConfig)}
     values: dict[str, Any] = {}
     for key, value in document.items():

@@ -8,6 +8,8 @@ import json
 import re
 from typing import Any
 
+from ..errors import KeybrokerError
+
 #: How much of one value a client sent an error message may quote back.
 QUOTE_MAX = 64
 
@@ -54,6 +56,21 @@ def parse_json(text: str | bytes) -> Any:
             raise ValueError("JSON string with a lone UTF-16 surrogate (\\ud800-\\udfff unpaired): not text") \
                 from None
     return value
+
+
+def parse_toml(text: str, what: str, error: type[KeybrokerError]) -> dict[str, Any]:
+    """``tomllib.loads`` for a file or body: what it cannot read is ``error`` naming ``what``, also an
+    integer past Python's 4300 digits (a plain ValueError) and nesting past its recursion."""
+    import tomllib  # here: what imports this package on a key request's path reads no TOML
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{what} is not valid TOML, or not TOML at all: {exc}") from None
+    except ValueError as exc:
+        raise error(f"{what} holds a value TOML cannot read: {str(exc)[:80]}") from None
+    except RecursionError:  # tomllib descends once per nested array or inline table
+        raise error(f"{what} nests arrays or tables too deeply") from None
 
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tomllib
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EvidenceError
-from . import shown
+from . import parse_toml, shown
 
 BODY_MAX = 256 * 1024
 #: Dots one line may hold. tomllib spends time and memory quadratic in the parts of a dotted key
@@ -95,14 +94,7 @@ def parse(body: str) -> InitData:
     if _deepest_line(body) > LINE_DOTS_MAX:
         raise EvidenceError(f"init-data has a line with more than {LINE_DOTS_MAX} dots outside strings: TOML "
                             "keys or table headers that deep are refused (they cost quadratic time to parse)")
-    try:
-        doc = tomllib.loads(body)
-    except tomllib.TOMLDecodeError as exc:
-        raise EvidenceError(f"init-data is not TOML: {exc}") from None
-    except ValueError as exc:  # an integer past Python's 4300 digits raises plain ValueError
-        raise EvidenceError(f"init-data holds a value TOML cannot read: {str(exc)[:80]}") from None
-    except RecursionError:  # tomllib descends once per nested array or inline table
-        raise EvidenceError("init-data nests arrays or tables too deeply") from None
+    doc = parse_toml(body, "init-data", EvidenceError)
     version, algorithm, data = doc.get("version"), doc.get("algorithm"), doc.get("data")
     if not isinstance(version, str):
         raise EvidenceError("init-data needs a string 'version'")
