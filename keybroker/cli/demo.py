@@ -90,10 +90,10 @@ def run() -> int:
         kek = work / "kek"
         os.close(os.open(kek, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         kek.write_bytes(os.urandom(32))
-        _step(f"starting the key server at {url} (trusting the emulator's simulated roots only; "
-              f"resources sealed under the KEK in {kek})")
+        _step(f"starting the key server at {url} (trusting the emulator's simulated roots only, so AMD's KDS "
+              f"is not asked; resources sealed under the KEK in {kek})")
         server = start(["serve", "--listen", f"127.0.0.1:{port}", "--db", db, "--kek-file", str(kek),
-                        "--trust-roots", str(SIM_STATE / "trust")], "server.log")
+                        "--trust-roots", str(SIM_STATE / "trust"), "--kds-url", ""], "server.log")
         _wait("the key server", lambda: _healthy(url), server)
 
         secret = secrets.token_bytes(32)

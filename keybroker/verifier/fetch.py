@@ -147,6 +147,11 @@ class Fetcher:
             return Answer(body, {name.lower(): value for name, value in response.headers.items()})
         raise self._fail(url, f"{service} gave no answer for {url} within {self.budget:g} s (busy or slow)")
 
+    def refuse(self, url: str, reason: str) -> EvidenceError:
+        """The error for an answer from ``url`` that came but cannot be used, remembered as a failure
+        (a service that keeps answering so is not asked on every verification)."""
+        return self._fail(url, reason)
+
     def _fail(self, url: str, reason: str) -> EvidenceError:
         self._remember(url, reason, missing=False)
         return EvidenceError(reason)

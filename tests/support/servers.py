@@ -63,6 +63,8 @@ class KeyServerProcess:
                      "--db", self.db, "--kek-file", str(self.secrets.kek),
                      "--admin-token-file", str(self.secrets.admin_token_file),
                      *(["--trust-roots", str(trust)] if trust else []), *extra]
+        if "--kds-url" not in extra and "--config" not in extra:
+            self.args += ["--kds-url", ""]  # AMD's KDS has nothing for the emulator's simulated chips
         if policy is not None and "--policy" not in extra:
             self.args += ["--policy", str(policies.write(workdir / "policy.json", policy))]
         self.log_path = workdir / f"server-{self.port}.log"

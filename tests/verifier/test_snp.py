@@ -422,6 +422,99 @@ def test_malformed_reports_are_clear_format_errors(mutate, message):
     assert verdict.failures[0].name == "format" and message in verdict.failures[0].detail
 
 
+@pytest.fixture
+def crl_kds():
+    """A loopback KDS that serves ``state["crl"]`` (bytes, or an HTTP status) at /{vcek,vlek}/v1/{product}/crl."""
+    state: dict = {"crl": 404}
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            body = state["crl"]
+            if not self.path.endswith("/crl") or isinstance(body, int):
+                self.send_response(404 if not self.path.endswith("/crl") else body)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", state, hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["vcek", "vlek"])
+def test_the_arks_crl_comes_from_kds_when_none_is_at_hand_and_is_cached_until_due(crl_kds, tmp_path, kind):
+    url, state, hits = crl_kds
+    p = sb.platform("Genoa", kind)
+    trust = TrustStore({fingerprint(p.ark): p.ark})
+    report = sb.report(p)
+    der = serialization.Encoding.DER
+
+    def attest(folder="cache", **kw):
+        return run(report, trust=trust, kds_url=url, fetcher=Fetcher(tmp_path / folder),
+                   evidence={"auxblob": _table(p, *kw.pop("extra", ()))}, **kw)
+
+    # Revoked on the CRL KDS serves: refused, and a second verifier answers from the cache.
+    state["crl"] = sb.crl(p, (p.intermediate.serial_number,)).public_bytes(der)
+    refused = attest()
+    assert refused.failures[0].name == "crl" and "is revoked" in refused.failures[0].detail, refused.reason()
+    assert hits == [f"/{kind}/v1/Genoa/crl"]
+    state["crl"] = 500
+    assert attest().failures[0].name == "crl" and len(hits) == 1
+
+    # The host's CRL, though the ARK's, does not stand in for KDS's: it may predate the revocation.
+    state["crl"] = sb.crl(p, (p.intermediate.serial_number,)).public_bytes(der)
+    older = sb.crl(p, (7,)).public_bytes(der)
+    assert attest("host", extra=[(CRL_GUID, older)]).failures[0].name == "crl" and len(hits) == 2
+    # The operator's does: KDS is not asked.
+    (tmp_path / "operator").mkdir()
+    (tmp_path / "operator" / "genoa.crl").write_bytes(older)
+    verdict = attest("operator", certs=[tmp_path / "operator"])
+    assert verdict.ok and check(verdict, "crl").ok and len(hits) == 2, verdict.reason()
+
+    # Past its next update the cached CRL is asked for again; a KDS that fails leaves it in use, said so.
+    due = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    state["crl"] = sb.crl(p, (), next_update=due).public_bytes(der)
+    stale = attest("stale")
+    assert stale.ok and f"its next update was due {due:%Y-%m-%d}" in check(stale, "crl").detail, stale.reason()
+    cached = tmp_path / "stale" / "kds" / kind / "v1" / "Genoa" / "crl"
+    os.utime(cached, (time.time() - 7200, time.time() - 7200))  # KDS served it stale two hours ago
+    state["crl"] = 503
+    asked = len(hits)
+    assert attest("stale").ok and len(hits) > asked  # asked again, failed, the stale CRL still counts
+    assert check(attest("stale"), "crl").ok
+
+    # A CRL not signed by the ARK (or no CRL) checks nothing, says why, is not kept, and is
+    # remembered as a failure: the same fetcher does not ask again at once.
+    for body in (sb.crl(p, (p.intermediate.serial_number,), signer=rsa.generate_private_key(65537, 2048))
+                 .public_bytes(der), b"not a CRL"):
+        state["crl"] = body
+        fetcher, asked = Fetcher(tmp_path / "forged"), len(hits)
+        for _ in range(2):
+            forged = run(report, trust=trust, kds_url=url, fetcher=fetcher, evidence={"auxblob": _table(p)})
+            assert forged.ok and check(forged, "crl").ok is None, forged.reason()
+        assert len(hits) == asked + 1
+        detail = check(forged, "crl").detail
+        assert "not signed by the ARK" in detail or "cannot parse CRL" in detail, detail
+        assert not (tmp_path / "forged" / "kds" / kind / "v1" / "Genoa" / "crl").exists()
+
+    # KDS has none: N/A, as without --kds-url.
+    state["crl"] = 404
+    assert check(attest("none"), "crl").ok is None and "AMD KDS" in check(attest("none"), "crl").detail
+
+
+
 # -- AMD KDS over loopback ----------------------------------------------------------------
 
 @pytest.fixture
@@ -641,6 +734,29 @@ def test_key_server_fetches_what_the_host_did_not_supply(tsm_sim, sim_state, kbs
     finally:
         kds_server.shutdown()
         kds_server.server_close()
+
+
+def test_key_server_refuses_a_guest_whose_ask_the_crl_from_kds_revokes(tsm_sim, sim_state, kbs, crl_kds, tmp_path):
+    """The host's table has no CRL and the operator keeps none: the key server asks KDS (on a thread,
+    as the event loop verifies without the network) and keeps what it got."""
+    from keybroker.errors import ReleaseRefused
+    from keybroker.guest.client import RcarClient
+    from keybroker.guest.tsm import ReportRequest, TsmClient
+    from keybroker.sim.providers import snp_crl
+    from keybroker.sim.roots import SimState
+
+    url, state, hits = crl_kds
+    sim = SimState(sim_state)
+    ident = sim.snp()
+    state["crl"] = snp_crl(ident, sim.snp_ark_key(), (ident.ask.serial_number,))
+    server = kbs("--kds-url", url, "--cache-dir", str(tmp_path / "cache"))
+    server.put("default/key/a", b"released")
+    tsm = TsmClient(tsm_sim("sev_guest"))
+    report = lambda inblob: tsm.get_report(ReportRequest(inblob))  # noqa: E731
+    for _ in range(2):
+        with pytest.raises(ReleaseRefused, match="revoked"):
+            RcarClient(server.url).fetch("default/key/a", "snp", report)
+    assert hits == ["/vcek/v1/Genoa/crl"]  # the second attestation read the cache
 
 
 def test_svsm_guests_attest_through_the_svsm(tsm_sim, kbs, tmp_path):

@@ -1,27 +1,34 @@
-"""AMD Key Distribution Service: VCEKs and the ASK/ASVK + ARK chains, cached on disk.
+"""AMD Key Distribution Service: VCEKs, the ASK/ASVK + ARK chains and the ARKs' CRLs, cached on disk.
 
-Used only when neither the host's certificate table nor the operator's folders hold the
-certificates, and only for a report whose binding already checked. Answers are cached
-under ``cache_dir/kds``; the fetcher bounds, paces and remembers failures (``..fetch``).
+Used only when neither the host's certificate table nor the operator's folders hold what is
+needed, and only for a report whose binding already checked. Answers are cached under
+``cache_dir/kds``; the fetcher bounds, paces and remembers failures (``..fetch``).
 
     {kds}/vcek/v1/{product}/{hwid}?blSPL=..&teeSPL=..&snpSPL=..&ucodeSPL=..[&fmcSPL=..]
     {kds}/vcek/v1/{product}/cert_chain        ASK + ARK (PEM)
     {kds}/vlek/v1/{product}/cert_chain        ASVK + ARK (PEM)
+    {kds}/vcek/v1/{product}/crl               the ARK's CRL of ASKs (DER); vlek/...: of ASVKs
 
-A VLEK cannot be fetched by chip: it must come from the host or the operator.
+A VLEK cannot be fetched by chip: it must come from the host or the operator. Certificates
+are kept for good (they are the same bytes for their lifetime); a CRL is asked for again
+once its next update is due, and a CRL that KDS serves past its next update is kept for
+``CRL_RECHECK`` seconds before KDS is asked again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from cryptography import x509
 
-from ..certs import load_certs
+from ...errors import EvidenceError
+from ..certs import crl_signed_by_rsa_pss_sha384, load_certs, load_crl
 from ..core import Context
 from .abi import Report
 
@@ -29,6 +36,7 @@ log = logging.getLogger("keybroker.verifier")
 
 AMD_KDS = "https://kdsintf.amd.com"
 RESPONSE_MAX = 64 * 1024
+CRL_RECHECK = 3600.0  # seconds a CRL past its next update is used before KDS is asked again
 
 
 def vcek_path(report: Report, product: str) -> str:
@@ -71,6 +79,59 @@ def _get(context: Context, path: str) -> list[x509.Certificate]:
     if cache is not None:
         _keep(cache, answer.body)
     return certs
+
+
+def fetch_crl(kind: str, product: str, ark: x509.Certificate,
+              context: Context) -> x509.CertificateRevocationList | None:
+    """The CRL ``ark`` signs for ``product``'s ``kind`` intermediates: the cached one while its next
+    update is ahead, else KDS's (None when KDS has none). What is not signed by ``ark`` is neither
+    used nor kept. When KDS cannot be asked, a cached CRL past its next update is still used (the
+    check says how old it is); without one, the EvidenceError says why."""
+    path = f"{kind}/v1/{product}/crl"
+    cache = _cache_file(context.fetcher.cache_dir, path)
+    kept = _kept_crl(cache, ark)
+    if kept is not None and cache is not None and _current(kept, cache):
+        return kept
+    assert context.kds_url is not None
+    url = f"{context.kds_url.rstrip('/')}/{path}"
+    try:
+        answer = context.fetcher.get(url, service="AMD KDS", limit=RESPONSE_MAX, missing_ok=True)
+        if answer is None:
+            return kept
+        try:
+            crl = load_crl(answer.body)
+        except EvidenceError as exc:
+            raise context.fetcher.refuse(url, f"AMD KDS: {url}: {exc}") from None
+        if not crl_signed_by_rsa_pss_sha384(crl, ark):
+            raise context.fetcher.refuse(url, f"AMD KDS: the CRL at {url} is not signed by the ARK of {product}")
+    except EvidenceError:
+        if kept is not None:
+            return kept
+        raise
+    if cache is not None:
+        _keep(cache, answer.body)
+    return crl
+
+
+def _kept_crl(cache: Path | None, ark: x509.Certificate) -> x509.CertificateRevocationList | None:
+    if cache is None:
+        return None
+    try:
+        crl = load_crl(cache.read_bytes())
+    except (OSError, EvidenceError):
+        return None
+    return crl if crl_signed_by_rsa_pss_sha384(crl, ark) else None
+
+
+def _current(crl: x509.CertificateRevocationList, cache: Path) -> bool:
+    """Whether the cached ``crl`` serves without asking KDS: its next update is ahead, or KDS
+    itself served it past that within the last ``CRL_RECHECK`` seconds."""
+    due = crl.next_update_utc
+    if due is not None and due > dt.datetime.now(dt.UTC):
+        return True
+    with contextlib.suppress(OSError):
+        return time.time() - cache.stat().st_mtime < CRL_RECHECK
+    return False
 
 
 def _keep(cache: Path, body: bytes) -> None:

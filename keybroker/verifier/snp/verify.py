@@ -9,7 +9,7 @@ chip or TCB); the binding to the nonce is checked before anything is fetched.
 
 from __future__ import annotations
 
-import datetime as dt
+import contextlib
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -49,7 +49,7 @@ from .abi import (
     vek_spl,
 )
 from .claims import claims, manifest_claims
-from .kds import fetch_chain
+from .kds import fetch_chain, fetch_crl
 
 
 @dataclass(frozen=True)
@@ -85,29 +85,38 @@ def _candidates(table: list[tuple[uuid.UUID, bytes]], context: Context) -> list[
     return certs
 
 
-def _crls(table: list[tuple[uuid.UUID, bytes]], context: Context) -> list[x509.CertificateRevocationList]:
-    """AMD's CRLs at hand: the host table's CRL entry and the ``.crl`` files of the operator's folders.
-    A host's entry that does not parse is passed over, as a host could as well leave it out; an
-    operator's file that does not parse is an error: it must not quietly turn the check off."""
+def _host_crls(table: list[tuple[uuid.UUID, bytes]]) -> list[x509.CertificateRevocationList]:
+    """The CRL entry of the host's table. One that does not parse is passed over, as a host could as
+    well leave it out (an operator's ``.crl`` file that does not parse is an error: it must not
+    quietly turn the check off)."""
     crls = []
     for guid, der in table:
         if ghcb.KINDS.get(guid) == "CRL":
-            try:
+            with contextlib.suppress(EvidenceError):
                 crls.append(load_crl(der))
-            except EvidenceError:
-                pass
-    for folder in context.certs:
-        crls.extend(load_crl_dir(folder))
     return crls
 
 
-def _check_revocation(chain: Chain, crls: list[x509.CertificateRevocationList], checks: Checks,
-                      at: dt.datetime) -> None:
-    """The ARK's CRLs must not revoke the ASK or ASVK (the certificates the ARK issues)."""
+def _check_revocation(chain: Chain, kind: str, table: list[tuple[uuid.UUID, bytes]], context: Context,
+                      checks: Checks) -> None:
+    """No CRL of the ARK may revoke the ASK or ASVK (the certificates the ARK issues). The CRLs are
+    the host's and the operator's folders'; unless the operator keeps one of the ARK's, AMD's KDS's
+    too (with ``kds_url``): the host could send an old CRL from before a revocation."""
     ark, inter = common_name(chain.ark.subject), chain.intermediate
-    signed = [crl for crl in crls if crl_signed_by_rsa_pss_sha384(crl, chain.ark)]
+    hosts = _host_crls(table)
+    operators = [crl for folder in context.certs for crl in load_crl_dir(folder)]
+    kept = [crl for crl in operators if crl_signed_by_rsa_pss_sha384(crl, chain.ark)]
+    signed = kept + [crl for crl in hosts if crl_signed_by_rsa_pss_sha384(crl, chain.ark)]
+    offered = f"{len(hosts + operators)} offered, none signed by it" if hosts or operators else \
+        "none from the host or the --certs folders"
+    product = _product_of(ark, "ARK-")
+    if context.kds_url is not None and product is not None and not kept:
+        try:
+            signed += [crl for crl in [fetch_crl(kind, product, chain.ark, context)] if crl is not None]
+            offered += ", none from AMD KDS"
+        except EvidenceError as exc:
+            offered += f"; {exc}"
     if not signed:
-        offered = f"{len(crls)} offered, none signed by it" if crls else "none from the host or the --certs folders"
         checks.skipped("crl", f"no CRL of {ark} ({offered}): revocation not checked")
         return
     named = f"{common_name(inter.subject)} (serial {inter.serial_number})"
@@ -116,8 +125,8 @@ def _check_revocation(chain: Chain, crls: list[x509.CertificateRevocationList], 
             checks.failed("crl", f"{named} is revoked: it is on the CRL {ark} issued {crl.last_update_utc:%Y-%m-%d}")
     newest = max(signed, key=lambda crl: crl.last_update_utc)
     due = newest.next_update_utc
-    checks.passed("crl", f"{named} is not on the CRL {ark} issued {newest.last_update_utc:%Y-%m-%d}"
-                         + (f" (its next update was due {due:%Y-%m-%d})" if due is not None and due < at else ""))
+    late = f" (its next update was due {due:%Y-%m-%d})" if due is not None and due < context.at else ""
+    checks.passed("crl", f"{named} is not on the CRL {ark} issued {newest.last_update_utc:%Y-%m-%d}{late}")
 
 
 def _mismatch(vek: x509.Certificate, report: Report, kind: str) -> tuple[bool, bool]:
@@ -229,7 +238,7 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     checks.require(signed_by_rsa_pss_sha384(vek, inter), "vek_signed_by_ask",
                    f"{common_name(vek.subject)} by {common_name(inter.subject)}",
                    f"{common_name(vek.subject)} is not signed by {common_name(inter.subject)}")
-    _check_revocation(chain, _crls(table, context), checks, context.at)
+    _check_revocation(chain, kind, table, context, checks)
 
     inter_cn = common_name(inter.subject)
     want_prefix = "SEV-" if kind == "vcek" else "SEV-VLEK-"
