@@ -13,8 +13,10 @@ caching service (PCCS) share the v4 paths; the issuer chains travel in HTTP head
 
 Answers are written as a collateral folder (``cache_dir/pcs/<fmspc>-<ca>/``) and read back
 with ``collateral.load_folder``, so fetched and offline collateral take one path. A cached
-folder is reused until one of its documents passes its ``nextUpdate``. Nothing fetched is
-trusted for being fetched: the signature checks under the pinned root decide.
+folder is reused until one of its documents passes its ``nextUpdate``; one that the service
+served already past it is reused for ``RECHECK`` seconds (the verdict's ``tdx.collateral_expired``
+says so), not fetched again for every attestation. Nothing fetched is trusted for being
+fetched: the signature checks under the pinned root decide.
 
 Concurrent attestations (threads, and forked server workers sharing the cache) refresh a
 stale folder without tripping over one another: in a process one refresh per folder runs at
@@ -34,6 +36,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -46,6 +49,7 @@ from ..fetch import Fetcher, WouldFetch
 from .collateral import Collateral, load_folder
 
 RESPONSE_MAX = 1024 * 1024
+RECHECK = 3600.0  # seconds collateral served past its nextUpdate is used before it is asked for again
 
 
 def fetch_collateral(context: Context, fmspc: bytes, ca: str) -> Collateral:
@@ -94,10 +98,11 @@ def _refresh_lock(folder: Path) -> threading.Lock:
 
 
 def _cached(folder: Path, at: dt.datetime) -> Collateral | None:
-    """The cached collateral if every document in it is still current at ``at``; None when it
-    is missing, stale or cannot be read. Another process may be replacing the folder while it is
-    read, and a damaged folder would otherwise fail every attestation until someone removes it:
-    either way the collateral is fetched again, and its signatures decide as always."""
+    """The cached collateral if every document in it is still current at ``at`` or it was fetched
+    less than RECHECK seconds ago; None when it is missing, stale or cannot be read. Another
+    process may be replacing the folder while it is read, and a damaged folder would otherwise
+    fail every attestation until someone removes it: either way the collateral is fetched again,
+    and its signatures decide as always."""
     if not folder.is_dir():
         return None
     try:
@@ -113,7 +118,7 @@ def _cached(folder: Path, at: dt.datetime) -> Collateral | None:
         return None
     if all(when is not None and when > at for _, when in cached.next_updates()):
         return cached
-    return None
+    return cached if time.time() - after.st_mtime < RECHECK else None  # served stale: asked again later
 
 
 def _refresh(fetcher: Fetcher, base: str, fmspc: bytes, ca: str, folder: Path) -> Collateral:
