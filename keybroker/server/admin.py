@@ -54,7 +54,7 @@ class Admin:
             raise AdminError(f"a resource is 1 to {RESOURCE_MAX} bytes, got {len(value)}")
         if lease is not None and not 1 <= lease <= LEASE_MAX:
             raise AdminError(f"lease must be 1 to {LEASE_MAX} seconds, got {lease}")
-        sealed = self._sealer("put").seal(name, value)
+        sealed = self._sealer("put").seal(name, value, lease)
         reason = f"put resource ({len(value)} bytes" + (f", lease {lease} s)" if lease else ")")
         return self.store.put_resource(name, sealed, lease, self._event(reason, name))
 
@@ -68,7 +68,7 @@ class Admin:
         stored = self.store.get_resource(name)
         if stored is None:
             return None
-        value = self._sealer("get").open(name, stored.sealed)
+        value = self._sealer("get").open(name, stored.sealed, stored.lease)
         self.store.audit(self._event("read resource value (local)", name))
         return value
 

@@ -271,7 +271,7 @@ class KeyServer:
         if stored is None:
             await self._refuse(Problem(p.RESOURCE_NOT_FOUND, f"resource {name} does not exist"), event)
         try:
-            value = self.sealer.open(name, stored.sealed)
+            value = self.sealer.open(name, stored.sealed, stored.lease)
         except SealError as exc:
             log.error("resource %s: %s", name, exc)
             await self._refuse(Problem(p.INTERNAL, f"resource {name} cannot be unsealed on this server; see its "

@@ -1,9 +1,11 @@
 """Resources at rest: AES-256-GCM under a key-encryption key (KEK).
 
 A resource value is stored sealed: a random 96-bit nonce, the ciphertext and the 128-bit
-tag, with the resource path as associated data (a sealed value moved to another path does
-not open). Each row names the id of the KEK that sealed it, so that ``rotate-kek`` can
-re-wrap what is still under an old KEK while servers that know both keep serving.
+tag, with the resource path and its lease as associated data (a sealed value moved to another
+path, or given another lease, does not open). Values sealed before the lease was bound (the
+path alone) still open; ``rewrap`` (``rotate-kek``) seals them again with their lease. Each
+row names the id of the KEK that sealed it, so that ``rotate-kek`` can re-wrap what is still
+under an old KEK while servers that know both keep serving.
 
 A KEK file holds exactly 32 random bytes (``head -c 32 /dev/urandom``) or them as 64
 hexadecimal digits (``openssl rand -hex 32``). It comes from ``--kek-file`` or the systemd
@@ -79,27 +81,34 @@ class Sealer:
         """Every KEK this sealer opens with, the current one among them."""
         return tuple(self._keks.values())
 
-    def seal(self, path: str, value: bytes) -> Sealed:
+    def seal(self, path: str, value: bytes, lease: int | None) -> Sealed:
         nonce = os.urandom(NONCE_SIZE)
-        return Sealed(self.current.id, nonce + AESGCM(self.current.key).encrypt(nonce, value, _aad(path)))
+        return Sealed(self.current.id, nonce + AESGCM(self.current.key).encrypt(nonce, value, _aad(path, lease)))
 
-    def open(self, path: str, sealed: Sealed) -> bytes:
+    def open(self, path: str, sealed: Sealed, lease: int | None) -> bytes:
+        return self._open(path, sealed, lease)[0]
+
+    def rewrap(self, path: str, sealed: Sealed, lease: int | None) -> Sealed | None:
+        """``sealed`` sealed again under the current KEK with its lease bound, or None when it already is."""
+        value, bound = self._open(path, sealed, lease)
+        if bound and sealed.kek_id == self.current.id:
+            return None
+        return self.seal(path, value, lease)
+
+    def _open(self, path: str, sealed: Sealed, lease: int | None) -> tuple[bytes, bool]:
+        """The value, and whether its lease was bound (False: sealed with the path alone, as before)."""
         kek = self._keks.get(sealed.kek_id)
         if kek is None:
             raise SealError(f"resource {path} is sealed under KEK {sealed.kek_id}, which this server does not "
                             f"have (it knows {', '.join(sorted(self._keks))}): give it with --kek-file or "
                             f"--old-kek-file")
-        try:
-            return AESGCM(kek.key).decrypt(sealed.blob[:NONCE_SIZE], sealed.blob[NONCE_SIZE:], _aad(path))
-        except (InvalidTag, ValueError):
-            raise SealError(f"resource {path} does not open under KEK {kek.id}: the row was altered") from None
-
-    def rewrap(self, path: str, sealed: Sealed) -> Sealed | None:
-        """``sealed`` re-sealed under the current KEK, or None when it already is."""
-        if sealed.kek_id == self.current.id:
-            return None
-        return self.seal(path, self.open(path, sealed))
-
+        nonce, box = sealed.blob[:NONCE_SIZE], sealed.blob[NONCE_SIZE:]
+        for aad, bound in ((_aad(path, lease), True), (_aad_unbound(path), False)):
+            try:
+                return AESGCM(kek.key).decrypt(nonce, box, aad), bound
+            except (InvalidTag, ValueError):
+                pass
+        raise SealError(f"resource {path} does not open under KEK {kek.id}: the row (its value or lease) was altered")
 
     def derived_keys(self, label: bytes) -> list[bytes]:
         """A key per KEK for the use ``label`` names (HKDF-SHA-256), the current KEK's first."""
@@ -142,5 +151,9 @@ def load_sealer(kek_file: Path | None, old_kek_files: Iterable[Path] = ()) -> Se
     return Sealer(Kek.load(path), [Kek.load(old) for old in old_kek_files])
 
 
-def _aad(path: str) -> bytes:
+def _aad(path: str, lease: int | None) -> bytes:
+    return _aad_unbound(path) + b"\0lease\0" + (b"%d" % lease if lease is not None else b"none")
+
+
+def _aad_unbound(path: str) -> bytes:
     return b"keybroker resource\0" + path.encode()

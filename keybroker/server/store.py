@@ -306,15 +306,16 @@ class Store:
                 for row in rows]
 
     def rewrap_resources(self, sealer: Sealer, event: Callable[[int], Event]) -> Record:
-        """Re-seal every resource not under ``sealer``'s current KEK, and MAC again under it every
-        policy whose MAC holds under an older one, in one transaction."""
+        """Re-seal every resource not under ``sealer``'s current KEK or sealed without its lease, and
+        MAC again under it every policy whose MAC holds under an older one, in one transaction."""
         macs = RowMac(sealer, POLICY_MAC)
 
         def work(db: Connection) -> Event:
             count = 0
-            for row in db.execute(select(resources).where(resources.c.kek_id != sealer.current.id)).all():
-                fresh = sealer.rewrap(row.path, Sealed(row.kek_id, row.sealed))
-                assert fresh is not None
+            for row in db.execute(select(resources)).all():
+                fresh = sealer.rewrap(row.path, Sealed(row.kek_id, row.sealed), row.lease)
+                if fresh is None:
+                    continue
                 db.execute(update(resources).where(resources.c.path == row.path)
                            .values(kek_id=fresh.kek_id, sealed=fresh.blob))
                 count += 1

@@ -277,8 +277,44 @@ def test_resources_are_sealed_at_rest_and_kek_rotation_keeps_serving(tsm_sim, kb
                    "WHERE path = 'default/key/a'")
     moved = guest.fetch(after.url, "default/key/a")
     assert moved.status_code == 500 and "cannot be unsealed" in moved.json()["detail"]
-    assert "the row was altered" in after.log()
+    assert "was altered" in after.log()
     assert audit_records(server.db)[-1]["reason"].startswith("resource default/key/a cannot be unsealed")
+
+
+def test_a_lease_changed_in_the_database_does_not_release_and_rotation_binds_older_values(tsm_sim, kbs):
+    """The lease is sealed with the value: someone who can write the database but has no KEK cannot
+    lengthen or remove it. A value sealed before (with its path alone) still opens, and rotate-kek
+    seals it again with its lease, under the same KEK too."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from keybroker.server.sealing import NONCE_SIZE, Kek, _aad_unbound
+
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET, "--lease", "60")
+    path = Path(server.db.removeprefix("sqlite:///"))
+    guest = attest(root, server.url)
+    released = guest.fetch(server.url, "default/key/a")
+    assert guest.decrypt(released) == SECRET and released.headers["Keybroker-Lease"] == "60"
+    for lease in ("NULL", "86400"):
+        with sqlite3.connect(path) as db:
+            db.execute(f"UPDATE resources SET lease = {lease} WHERE path = 'default/key/a'")
+        changed = guest.fetch(server.url, "default/key/a")
+        assert changed.status_code == 500 and "cannot be unsealed" in changed.json()["detail"]
+    assert "(its value or lease) was altered" in server.log()
+
+    kek = Kek.load(server.secrets.kek)  # a row as a keybroker that bound only the path sealed it
+    nonce = os.urandom(NONCE_SIZE)
+    older = nonce + AESGCM(kek.key).encrypt(nonce, SECRET, _aad_unbound("default/key/a"))
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE resources SET sealed = ?, kek_id = ?, lease = 60 WHERE path = 'default/key/a'",
+                   (older, kek.id))
+    assert guest.decrypt(guest.fetch(server.url, "default/key/a")) == SECRET
+    rotated = keybroker("rotate-kek", "--db", server.db, "--kek-file", str(server.secrets.kek))
+    assert rotated.returncode == 0 and rotated.stdout.startswith(b"re-wrapped 1 resources"), rotated
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE resources SET lease = NULL WHERE path = 'default/key/a'")
+    assert guest.fetch(server.url, "default/key/a").status_code == 500
 
 
 @pytest.mark.parametrize("content, message", [
