@@ -236,7 +236,7 @@ def parse(path: Path, data: dict[str, Any]) -> ClientConfig:
                 raise rule.error(f"{rule.key(key)!r} must be a list of numeric ids")
             ids[key] = frozenset(values)
         key_types = rule.get("key_types", list, list(KEY_TYPES))
-        if not key_types or not set(key_types) <= set(KEY_TYPES):
+        if not key_types or not all(type(kind) is str and kind in KEY_TYPES for kind in key_types):
             raise rule.error(f"{rule.key('key_types')!r} must list one or both of {', '.join(KEY_TYPES)}")
         rules.append(AccessRule(pattern, ids["uids"], ids["gids"], frozenset(key_types)))
 

@@ -143,6 +143,11 @@ def test_no_rules_means_root_only(tmp_path):
      "'volumes.a.deadline' must be between 1 and 3600"),
     ("[server]\nurl = 'https://x'\n[handler]\ndeadline = " + "9" * 5000 + "\n", "holds a value TOML cannot read"),
     ("[server]\nurl = 'https://x'\nx = " + "[" * 5000 + "]" * 5000 + "\n", "nests arrays or tables too deeply"),
+    # A key type that is no string (an array, a table: unhashable) ended the load in a TypeError.
+    ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/*'\nuids = [1]\nkey_types = [['logon']]\n",
+     "'access[0].key_types' must list one or both of user, logon"),
+    ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/*'\nuids = [1]\nkey_types = [{}]\n",
+     "'access[0].key_types' must list one or both of user, logon"),
 ])
 def test_config_errors_name_the_key_and_the_file(tmp_path, text, message):
     path = write(tmp_path, text)
