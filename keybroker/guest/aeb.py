@@ -46,8 +46,7 @@ class Broker:
             return socket.AF_UNIX, rest
         if kind == "vsock":
             cid, _, port = rest.partition(":")
-            if cid.isascii() and cid.isdigit() and port.isascii() and port.isdigit() \
-                    and int(cid) < 2**32 and int(port) < 2**32:
+            if all(part.isascii() and part.isdigit() and len(part) <= 10 and int(part) < 2**32 for part in (cid, port)):
                 return socket.AF_VSOCK, (int(cid), int(port))
         raise ConfigError(f"broker address {self.address[:120]!r} must be vsock:CID:PORT or unix:/PATH")
 

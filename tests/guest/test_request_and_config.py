@@ -176,6 +176,9 @@ def test_a_sev_guest_names_its_evidence_broker_instead_of_configfs_tsm(tmp_path)
                           ("[aeb]\n", "missing required key 'aeb.guest_handle'"),
                           ('[aeb]\nguest_handle = 0\n', "guest handle 0"),
                           ('[aeb]\nguest_handle = 1\naddress = "tcp:1.2.3.4:5"\n', "vsock:CID:PORT or unix:/PATH"),
+                          # int() refuses more than 4300 digits (ValueError): the load ended in a traceback
+                          (f'[aeb]\nguest_handle = 1\naddress = "vsock:{"9" * 5000}:1"\n', "vsock:CID:PORT or unix"),
+                          (f'[aeb]\nguest_handle = 1\naddress = "vsock:2:{"9" * 5000}"\n', "vsock:CID:PORT or unix"),
                           ('[aeb]\nguest_handle = 1\nport = 5\n', "unknown key 'aeb.port'")):
         with pytest.raises(ConfigError, match=message):
             config.load(write(tmp_path, f'[server]\nurl = "http://127.0.0.1:1"\n{text}'))
