@@ -60,6 +60,8 @@ KEYRING = "keybroker:tokens"
 LOCK_DIR = Path("/run/keybroker")
 MARGIN = 10  # seconds before a token's exp that it is no longer used
 LIFETIME_MAX = 24 * 3600  # seconds a token is kept at most, whatever exp it claims
+TEXT_MAX = 2000  # characters of a failure's message (and of each text attribute) recorded for waiters
+RECORD_MAX = 64 * 1024  # bytes of a recorded failure: characters JSON escapes take up to 6 bytes each
 _FORMAT = b"keybroker-token-1\n"
 _JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 #: One attestation lock per token among the threads of this process (the agent's), by digest.
@@ -189,9 +191,12 @@ class AttestationLock:
             self._threads.release()
 
     def record(self, exc: KeybrokerError) -> None:
-        attrs = {name: value for name, value in vars(exc).items() if isinstance(value, int | str | None)}
-        data = json.dumps({"at": time.monotonic(), "type": type(exc).__name__, "message": str(exc)[:2000],
+        attrs = {name: value[:TEXT_MAX] if isinstance(value, str) else value
+                 for name, value in vars(exc).items() if isinstance(value, int | str | None)}
+        data = json.dumps({"at": time.monotonic(), "type": type(exc).__name__, "message": str(exc)[:TEXT_MAX],
                            "attrs": attrs}).encode()
+        if len(data) > RECORD_MAX:  # what failure_since would not read whole: the waiting requests attest
+            return
         with contextlib.suppress(OSError):  # not recorded: the waiting requests attest themselves
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, data, 0)
@@ -199,7 +204,7 @@ class AttestationLock:
     def failure_since(self, since: float) -> KeybrokerError | None:
         """The failure of an attestation that ended after ``since``, as its request saw it; None if none did."""
         try:
-            record = json.loads(os.pread(self.fd, 8192, 0))
+            record = json.loads(os.pread(self.fd, RECORD_MAX, 0))
             kind = getattr(errors, record["type"])
             if record["at"] < since or not (isinstance(kind, type) and issubclass(kind, KeybrokerError)):
                 return None

@@ -324,3 +324,20 @@ def test_waiting_requests_go_on_once_the_attesting_one_has_kept_its_token(tmp_pa
         assert took == ["thread"] and os.waitstatus_to_exitcode(status) == 0
     with cache.attesting(time.monotonic() + 1):  # released once, free again
         pass
+
+
+def test_a_long_failure_is_recorded_whole_for_the_requests_that_waited(tmp_path):
+    """A refusal's message (at most 2000 characters) may take six bytes a character in JSON: the waiting
+    requests still read it whole and fail as the attesting one did, rather than each attesting again."""
+    from keybroker.errors import ReleaseRefused
+    from keybroker.guest import config
+
+    path = tmp_path / "client.toml"
+    path.write_text(f'[server]\nurl = "http://127.0.0.1:1/{tmp_path.name}"\n')
+    cache = tokens.TokenCache(config.load(path), None)
+    arrived = time.monotonic()
+    with cache.attesting(arrived + 10) as lock:
+        lock.record(ReleaseRefused("\x01\u00e9" * 5000, status=401, problem="\x01" * 5000))
+        failure = lock.failure_since(arrived)
+        assert isinstance(failure, ReleaseRefused) and str(failure).endswith("\x01\u00e9" * 1000), failure
+        assert failure.status == 401 and failure.problem == "\x01" * 2000  # text attributes are cut too
