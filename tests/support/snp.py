@@ -84,9 +84,9 @@ def platform(product: str = "Milan", kind: str = "vcek", tcb: Tcb | None = None,
 
 
 def crl(p: Platform, revoked: tuple[int, ...] = (), *, signer: rsa.RSAPrivateKey | None = None,
-        next_update: dt.datetime | None = None) -> x509.CertificateRevocationList:
+        next_update: dt.datetime | None = None, issued: dt.datetime | None = None) -> x509.CertificateRevocationList:
     """The CRL of ``p``'s ARK (as AMD's KDS serves it, RSA-PSS SHA-384), revoking the ``revoked`` serials."""
-    issued = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    issued = issued or dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
     builder = (x509.CertificateRevocationListBuilder().issuer_name(p.ark.subject).last_update(issued)
                .next_update(next_update or dt.datetime(2100, 1, 1, tzinfo=dt.UTC)))
     for serial in revoked:

@@ -514,6 +514,32 @@ def test_the_arks_crl_comes_from_kds_when_none_is_at_hand_and_is_cached_until_du
     assert check(attest("none"), "crl").ok is None and "AMD KDS" in check(attest("none"), "crl").detail
 
 
+def test_a_crl_from_kds_older_than_the_cached_one_does_not_replace_it(crl_kds, tmp_path):
+    """A MITM on KDS (or a KDS mirror) may replay a CRL the ARK signed before a revocation; once the
+    newer, revoking one is cached, the older one must not take its place when the cache is due."""
+    url, state, hits = crl_kds
+    p = sb.platform("Genoa")
+    trust = TrustStore({fingerprint(p.ark): p.ark})
+    der = serialization.Encoding.DER
+    due = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+
+    def attest():
+        return run(sb.report(p), trust=trust, kds_url=url, fetcher=Fetcher(tmp_path / "cache"),
+                   evidence={"auxblob": _table(p)})
+
+    state["crl"] = sb.crl(p, (p.intermediate.serial_number,), issued=dt.datetime(2025, 6, 1, tzinfo=dt.UTC),
+                          next_update=due).public_bytes(der)
+    assert "is revoked" in attest().failures[0].detail
+    cached = tmp_path / "cache" / "kds" / "vcek" / "v1" / "Genoa" / "crl"
+    os.utime(cached, (time.time() - 7200, time.time() - 7200))  # due: KDS is asked again
+    state["crl"] = sb.crl(p, (), issued=dt.datetime(2025, 1, 1, tzinfo=dt.UTC), next_update=due).public_bytes(der)
+    asked = len(hits)
+    for _ in range(2):  # asked once: the older answer does not leave the cache due
+        verdict = attest()
+        assert verdict.failures and "is revoked" in verdict.failures[0].detail, verdict.reason()
+    assert len(hits) == asked + 1
+
+
 
 # -- AMD KDS over loopback ----------------------------------------------------------------
 

@@ -12,7 +12,8 @@ needed, and only for a report whose binding already checked. Answers are cached 
 A VLEK cannot be fetched by chip: it must come from the host or the operator. Certificates
 are kept for good (they are the same bytes for their lifetime); a CRL is asked for again
 once its next update is due, and a CRL that KDS serves past its next update is kept for
-``CRL_RECHECK`` seconds before KDS is asked again.
+``CRL_RECHECK`` seconds before KDS is asked again; one older than the cached CRL (by its last
+update) does not replace it.
 """
 
 from __future__ import annotations
@@ -108,6 +109,13 @@ def fetch_crl(kind: str, product: str, ark: x509.Certificate,
         if kept is not None:
             return kept
         raise
+    if kept is not None and cache is not None and crl.last_update_utc < kept.last_update_utc:
+        # Older than what KDS served before: a replay (a MITM, a lagging mirror) of a CRL from
+        # before a revocation. The newer one stays, rechecked after CRL_RECHECK as if KDS had
+        # served it again.
+        with contextlib.suppress(OSError):
+            os.utime(cache)
+        return kept
     if cache is not None:
         _keep(cache, answer.body)
     return crl
