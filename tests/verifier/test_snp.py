@@ -540,6 +540,32 @@ def test_a_crl_from_kds_older_than_the_cached_one_does_not_replace_it(crl_kds, t
     assert len(hits) == asked + 1
 
 
+def test_a_cached_crl_that_is_no_regular_file_or_too_large_is_fetched_again(crl_kds, tmp_path):
+    """The cache is read on the key server's event loop (the offline pass): a FIFO put in place of
+    the cached CRL must not block it, nor a huge file fill memory; either counts as no cache."""
+    url, state, _ = crl_kds
+    p = sb.platform("Genoa")
+    trust = TrustStore({fingerprint(p.ark): p.ark})
+    state["crl"] = sb.crl(p, (p.intermediate.serial_number,)).public_bytes(serialization.Encoding.DER)
+    cached = tmp_path / "kds" / "vcek" / "v1" / "Genoa" / "crl"
+    cached.parent.mkdir(parents=True)
+    verdicts: list = []
+    for make in (os.mkfifo, lambda path: path.write_bytes(b"\0" * (2 * 1024 * 1024))):
+        make(cached)
+        verdicts.clear()
+        worker = threading.Thread(target=lambda: verdicts.append(run(
+            sb.report(p), trust=trust, kds_url=url, fetcher=Fetcher(tmp_path), evidence={"auxblob": _table(p)})),
+            daemon=True)
+        worker.start()
+        worker.join(10)
+        if worker.is_alive():  # let the blocked open go, and fail
+            os.close(os.open(cached, os.O_WRONLY | os.O_NONBLOCK))
+            worker.join(10)
+            pytest.fail("reading the cached CRL blocked")
+        assert "is revoked" in verdicts[0].failures[0].detail, verdicts[0].reason()
+        cached.unlink()
+
+
 
 # -- AMD KDS over loopback ----------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -69,8 +70,9 @@ def fetch_chain(report: Report, kind: str, context: Context) -> list[x509.Certif
 
 def _get(context: Context, path: str) -> list[x509.Certificate]:
     cache = _cache_file(context.fetcher.cache_dir, path)
-    if cache is not None and cache.is_file():
-        return load_certs(cache.read_bytes())
+    kept = _read_cache(cache)
+    if kept is not None:
+        return load_certs(kept)
     assert context.kds_url is not None
     answer = context.fetcher.get(f"{context.kds_url.rstrip('/')}/{path}", service="AMD KDS", limit=RESPONSE_MAX,
                                  missing_ok=True)
@@ -122,13 +124,38 @@ def fetch_crl(kind: str, product: str, ark: x509.Certificate,
 
 
 def _kept_crl(cache: Path | None, ark: x509.Certificate) -> x509.CertificateRevocationList | None:
+    data = _read_cache(cache)
+    if data is None:
+        return None
+    try:
+        crl = load_crl(data)
+    except EvidenceError:
+        return None
+    return crl if crl_signed_by_rsa_pss_sha384(crl, ark) else None
+
+
+def _read_cache(cache: Path | None) -> bytes | None:
+    """The bytes of the cached answer ``cache``; None when there is none that KDS could have given: a
+    missing file, or what is no regular file or is larger than an answer (the key server reads the
+    cache on its event loop: a FIFO must not block it, nor a link to a device fill its memory)."""
     if cache is None:
         return None
     try:
-        crl = load_crl(cache.read_bytes())
-    except (OSError, EvidenceError):
+        fd = os.open(cache, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return None
-    return crl if crl_signed_by_rsa_pss_sha384(crl, ark) else None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > RESPONSE_MAX:
+            return None
+        data = b""
+        while chunk := os.read(fd, RESPONSE_MAX + 1 - len(data)):
+            data += chunk
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) <= RESPONSE_MAX else None
 
 
 def _current(crl: x509.CertificateRevocationList, cache: Path) -> bool:
