@@ -424,13 +424,15 @@ def test_malformed_reports_are_clear_format_errors(mutate, message):
 
 @pytest.fixture
 def crl_kds():
-    """A loopback KDS that serves ``state["crl"]`` (bytes, or an HTTP status) at /{vcek,vlek}/v1/{product}/crl."""
-    state: dict = {"crl": 404}
+    """A loopback KDS that serves ``state["crl"]`` (bytes, or an HTTP status) at /{vcek,vlek}/v1/{product}/crl,
+    after ``state["delay"]`` seconds."""
+    state: dict = {"crl": 404, "delay": 0}
     hits: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
+            time.sleep(state["delay"])
             body = state["crl"]
             if not self.path.endswith("/crl") or isinstance(body, int):
                 self.send_response(404 if not self.path.endswith("/crl") else body)
@@ -564,6 +566,31 @@ def test_a_cached_crl_that_is_no_regular_file_or_too_large_is_fetched_again(crl_
             pytest.fail("reading the cached CRL blocked")
         assert "is revoked" in verdicts[0].failures[0].detail, verdicts[0].reason()
         cached.unlink()
+
+
+def test_attestations_that_find_the_cached_crl_due_at_once_ask_kds_once(crl_kds, tmp_path):
+    """The key server's fetcher serves every request: those that find the cached CRL due while KDS is
+    being asked for it wait for that answer rather than each asking again."""
+    url, state, hits = crl_kds
+    p = sb.platform("Genoa")
+    trust = TrustStore({fingerprint(p.ark): p.ark})
+    due = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    cached = tmp_path / "kds" / "vcek" / "v1" / "Genoa" / "crl"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(sb.crl(p, (), next_update=due).public_bytes(serialization.Encoding.DER))
+    os.utime(cached, (time.time() - 7200, time.time() - 7200))
+    state["crl"] = sb.crl(p, (p.intermediate.serial_number,)).public_bytes(serialization.Encoding.DER)
+    state["delay"] = 0.5
+    fetcher, verdicts = Fetcher(tmp_path), []
+    workers = [threading.Thread(target=lambda: verdicts.append(run(
+        sb.report(p), trust=trust, kds_url=url, fetcher=fetcher, evidence={"auxblob": _table(p)})))
+        for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert [v.failures[0].name for v in verdicts] == ["crl"] * 4
+    assert hits == ["/vcek/v1/Genoa/crl"]
 
 
 

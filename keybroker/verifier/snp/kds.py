@@ -24,6 +24,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from cryptography import x509
 from ...errors import EvidenceError
 from ..certs import crl_signed_by_rsa_pss_sha384, load_certs, load_crl
 from ..core import Context
+from ..fetch import WouldFetch
 from .abi import Report
 
 log = logging.getLogger("keybroker.verifier")
@@ -97,6 +99,21 @@ def fetch_crl(kind: str, product: str, ark: x509.Certificate,
         return kept
     assert context.kds_url is not None
     url = f"{context.kds_url.rstrip('/')}/{path}"
+    lock = _refresh_lock(url)
+    # The offline view runs on the key server's event loop: it does not wait for another refresh.
+    if not lock.acquire(blocking=context.fetcher.online):
+        raise WouldFetch(url)
+    try:
+        kept = _kept_crl(cache, ark)  # another thread may have refreshed it while this one waited
+        if kept is not None and cache is not None and _current(kept, cache):
+            return kept
+        return _ask_crl(url, cache, kept, product, ark, context)
+    finally:
+        lock.release()
+
+
+def _ask_crl(url: str, cache: Path | None, kept: x509.CertificateRevocationList | None, product: str,
+             ark: x509.Certificate, context: Context) -> x509.CertificateRevocationList | None:
     try:
         answer = context.fetcher.get(url, service="AMD KDS", limit=RESPONSE_MAX, missing_ok=True)
         if answer is None:
@@ -121,6 +138,18 @@ def fetch_crl(kind: str, product: str, ark: x509.Certificate,
     if cache is not None:
         _keep(cache, answer.body)
     return crl
+
+
+_refresh_locks: dict[str, threading.Lock] = {}
+_refresh_locks_guard = threading.Lock()
+
+
+def _refresh_lock(url: str) -> threading.Lock:
+    """The lock that serialises this process's fetches of the CRL at ``url``: without it, every
+    attestation that finds the cached CRL due asks KDS for it at the same moment. The URLs are
+    few (a kind and a pinned ARK's product), so the locks are kept."""
+    with _refresh_locks_guard:
+        return _refresh_locks.setdefault(url, threading.Lock())
 
 
 def _kept_crl(cache: Path | None, ark: x509.Certificate) -> x509.CertificateRevocationList | None:
