@@ -593,6 +593,25 @@ def test_attestations_that_find_the_cached_crl_due_at_once_ask_kds_once(crl_kds,
     assert hits == ["/vcek/v1/Genoa/crl"]
 
 
+def test_a_cached_crl_past_its_next_update_kept_in_the_future_is_asked_for_again(crl_kds, tmp_path):
+    """A CRL KDS served past its next update is used for CRL_RECHECK seconds from when it was kept;
+    kept 'in the future' (the clock was stepped back since, as after a boot with a clock ahead), it
+    must not count as just checked until the clock gets there."""
+    url, state, hits = crl_kds
+    p = sb.platform("Genoa")
+    trust = TrustStore({fingerprint(p.ark): p.ark})
+    der = serialization.Encoding.DER
+    cached = tmp_path / "kds" / "vcek" / "v1" / "Genoa" / "crl"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(sb.crl(p, (), next_update=dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).public_bytes(der))
+    ahead = time.time() + 365 * 86400
+    os.utime(cached, (ahead, ahead))
+    state["crl"] = sb.crl(p, (p.intermediate.serial_number,)).public_bytes(der)
+    verdict = run(sb.report(p), trust=trust, kds_url=url, fetcher=Fetcher(tmp_path), evidence={"auxblob": _table(p)})
+    assert verdict.failures and "is revoked" in verdict.failures[0].detail, verdict.reason()
+    assert hits == ["/vcek/v1/Genoa/crl"]
+
+
 
 # -- AMD KDS over loopback ----------------------------------------------------------------
 

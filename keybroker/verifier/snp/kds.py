@@ -194,7 +194,9 @@ def _current(crl: x509.CertificateRevocationList, cache: Path) -> bool:
     if due is not None and due > dt.datetime.now(dt.UTC):
         return True
     with contextlib.suppress(OSError):
-        return time.time() - cache.stat().st_mtime < CRL_RECHECK
+        # Kept "in the future" (the clock was stepped back since, or another host's clock runs
+        # ahead) is a recent check only within CRL_RECHECK, not until the clock gets there.
+        return abs(time.time() - cache.stat().st_mtime) < CRL_RECHECK
     return False
 
 
