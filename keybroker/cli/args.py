@@ -62,7 +62,7 @@ def add_evidence_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collateral", type=Path, metavar="DIR",
                    help="TDX collateral folder: TCB info, QE identity, CRLs, TCB signing chain")
     p.add_argument("--at", type=rfc3339, metavar="RFC3339", help="check certificate validity at this time")
-    p.add_argument("--kds-url", help="AMD KDS base URL to fetch missing VCEKs and chains from "
+    p.add_argument("--kds-url", help="AMD KDS base URL to fetch missing VCEKs and chains and the ARKs' CRLs from "
                                      "(e.g. https://kdsintf.amd.com); default: no fetching")
     p.add_argument("--pcs-url", help="Intel PCS/PCCS base URL to fetch TDX collateral from; default: no fetching")
     p.add_argument("--cache-dir", type=Path, help="cache for fetched certificates and collateral")

@@ -46,8 +46,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--certs", type=Path, action="append", metavar="DIR",
                    help="folder of vendor certificates (VCEK/VLEK, ASK, ARK) to use when evidence lacks them, "
                         "and AMD's CRLs (.crl files) to check")
-    p.add_argument("--kds-url", help=f"AMD KDS for VCEKs and chains the evidence lacks (default {DEFAULT_KDS}; "
-                                     "'' to never fetch)")
+    p.add_argument("--kds-url", help=f"AMD KDS for VCEKs and chains the evidence lacks and the ARKs' CRLs (default "
+                                     f"{DEFAULT_KDS}; '' to never fetch)")
     p.add_argument("--cache-dir", type=Path, help=f"cache for KDS certificates and PCS collateral (default "
                                                   f"{DEFAULT_CACHE})")
     p.add_argument("--pcs-url", help="Intel PCS or PCCS base URL for TDX collateral (TCB status); default: TDX "
