@@ -537,6 +537,22 @@ def test_collateral_from_a_pcs_is_cached(tmp_path, pcs):
         "root_crl.der", "tcb_info_issuer_chain.pem", "tcbinfo.json"]
 
 
+def test_stale_collateral_kept_in_the_future_is_asked_for_again(tmp_path, pcs):
+    """Collateral past its nextUpdate is reused for RECHECK seconds from when it was kept; kept 'in
+    the future' (the clock was stepped back since, as after a boot with a clock ahead), it must not
+    count as just fetched until the clock gets there (a year of TCB updates and revocations unseen)."""
+    p = tb.platform()
+    server = pcs(p)
+    raw = tb.quote(p)
+    assert run(raw, trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path), at=tb.AT).ok
+    assert len(server.requests) == 4
+    ahead = time.time() + 365 * 86400
+    os.utime(tmp_path / "pcs" / f"{p.fmspc.hex()}-platform", (ahead, ahead))
+    verdict = run(raw, trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path),
+                  at=tb.NEXT_UPDATE + dt.timedelta(1))
+    assert verdict.ok and len(server.requests) == 8
+
+
 def test_issuer_chain_headers_in_lower_case_are_found(pcs):
     """A PCCS behind an HTTP/2 gateway sends header names in lower case: tcb-info-issuer-chain."""
     p = tb.platform()

@@ -118,7 +118,9 @@ def _cached(folder: Path, at: dt.datetime) -> Collateral | None:
         return None
     if all(when is not None and when > at for _, when in cached.next_updates()):
         return cached
-    return cached if time.time() - after.st_mtime < RECHECK else None  # served stale: asked again later
+    # Served stale: asked again later. Kept "in the future" (the clock was stepped back since) is a
+    # recent fetch only within RECHECK, not until the clock gets there.
+    return cached if abs(time.time() - after.st_mtime) < RECHECK else None
 
 
 def _refresh(fetcher: Fetcher, base: str, fmspc: bytes, ca: str, folder: Path) -> Collateral:
