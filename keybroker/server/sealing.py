@@ -102,6 +102,8 @@ class Sealer:
             raise SealError(f"resource {path} is sealed under KEK {sealed.kek_id}, which this server does not "
                             f"have (it knows {', '.join(sorted(self._keks))}): give it with --kek-file or "
                             f"--old-kek-file")
+        if lease is not None and type(lease) is not int:  # SQLite keeps 60.5 or text in an INTEGER column
+            raise SealError(f"resource {path} has a lease that is no integer: the row (its value or lease) was altered")
         nonce, box = sealed.blob[:NONCE_SIZE], sealed.blob[NONCE_SIZE:]
         for aad, bound in ((_aad(path, lease), True), (_aad_unbound(path), False)):
             try:

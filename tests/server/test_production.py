@@ -317,6 +317,26 @@ def test_a_lease_changed_in_the_database_does_not_release_and_rotation_binds_old
     assert guest.fetch(server.url, "default/key/a").status_code == 500
 
 
+@pytest.mark.parametrize("lease", ["60.5", "9e999", "'x'"])
+def test_a_lease_that_is_no_integer_in_the_database_is_an_altered_row(tsm_sim, kbs, lease):
+    """SQLite keeps what is written in an INTEGER column: a lease of 60.5 was put in the associated
+    data as 60 (the value opened and was released with a lease the guest refuses), and infinity or
+    text ended the release in a traceback (no audit record of the refusal) rather than naming the row."""
+    root = tsm_sim("sev_guest")
+    server = kbs()
+    server.put("default/key/a", SECRET, "--lease", "60")
+    path = Path(server.db.removeprefix("sqlite:///"))
+    guest = attest(root, server.url)
+    with sqlite3.connect(path) as db:
+        db.execute(f"UPDATE resources SET lease = {lease} WHERE path = 'default/key/a'")
+    changed = guest.fetch(server.url, "default/key/a")
+    assert changed.status_code == 500 and "cannot be unsealed" in changed.json()["detail"], changed.text
+    assert "(its value or lease) was altered" in server.log() and "Traceback" not in server.log()
+    assert audit_records(server.db)[-1]["reason"].startswith("resource default/key/a cannot be unsealed")
+    rotated = keybroker("rotate-kek", "--db", server.db, "--kek-file", str(server.secrets.kek))
+    assert rotated.returncode != 0 and b"was altered" in rotated.stderr and b"Traceback" not in rotated.stderr
+
+
 @pytest.mark.parametrize("content, message", [
     (b"short", "must be 32 bytes or 64 hex digits, not 5 bytes"),
     (os.urandom(32), "accessible to group or others"),
