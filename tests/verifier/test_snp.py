@@ -593,6 +593,23 @@ def test_attestations_that_find_the_cached_crl_due_at_once_ask_kds_once(crl_kds,
     assert hits == ["/vcek/v1/Genoa/crl"]
 
 
+def test_an_attestation_waits_for_another_fetch_of_the_crl_no_longer_than_a_fetch(crl_kds, tmp_path):
+    """A fetch of the CRL that takes its whole budget (a cache that cannot keep what KDS answered makes
+    every attestation fetch, one at a time) holds the others no longer than a fetch would."""
+    from keybroker.verifier.snp import kds as kds_module
+
+    url, _, hits = crl_kds
+    p = sb.platform("Genoa")
+    trust = TrustStore({fingerprint(p.ark): p.ark})
+    with kds_module._refresh_lock(f"{url}/vcek/v1/Genoa/crl"):  # another thread's fetch, never ending
+        start = time.monotonic()
+        verdict = run(sb.report(p), trust=trust, kds_url=url, fetcher=Fetcher(tmp_path, budget=1),
+                      evidence={"auxblob": _table(p)})
+        assert time.monotonic() - start < 5
+    assert verdict.ok and check(verdict, "crl").ok is None and "did not end within 1 s" in check(verdict, "crl").detail
+    assert hits == []
+
+
 def test_a_cached_crl_past_its_next_update_kept_in_the_future_is_asked_for_again(crl_kds, tmp_path):
     """A CRL KDS served past its next update is used for CRL_RECHECK seconds from when it was kept;
     kept 'in the future' (the clock was stepped back since, as after a boot with a clock ahead), it

@@ -100,9 +100,16 @@ def fetch_crl(kind: str, product: str, ark: x509.Certificate,
     assert context.kds_url is not None
     url = f"{context.kds_url.rstrip('/')}/{path}"
     lock = _refresh_lock(url)
-    # The offline view runs on the key server's event loop: it does not wait for another refresh.
-    if not lock.acquire(blocking=context.fetcher.online):
-        raise WouldFetch(url)
+    # The offline view runs on the key server's event loop: it does not wait for another refresh;
+    # online, a wait is as long as a fetch may be (a queue of fetches that cannot be kept, each
+    # as long, must not hold every attestation behind it).
+    online = context.fetcher.online
+    if not (lock.acquire(timeout=context.fetcher.budget) if online else lock.acquire(blocking=False)):
+        if not online:
+            raise WouldFetch(url)
+        if kept is not None:
+            return kept
+        raise EvidenceError(f"AMD KDS: another fetch of {url} did not end within {context.fetcher.budget:g} s")
     try:
         kept = _kept_crl(cache, ark)  # another thread may have refreshed it while this one waited
         if kept is not None and cache is not None and _current(kept, cache):
