@@ -578,8 +578,10 @@ def test_askpass_agent_answers_only_live_prompts_for_mapped_devices(disk, servic
     ask_dir.mkdir()
     dead = subprocess.Popen(["true"])
     dead.wait()
+    # The askers it answers end before it may (as systemd-cryptsetup does once its volume is open).
+    askers = [subprocess.Popen(["sleep", "120"]) for _ in range(2)]
     prompts = {
-        "mapped": Prompt(ask_dir, str(disk.image)),
+        "mapped": Prompt(ask_dir, str(disk.image), PID=str(askers[0].pid)),
         "unknown": Prompt(ask_dir, "/dev/not-mapped"),
         "expired": Prompt(ask_dir, str(disk.image), NotAfter=str(time.monotonic_ns() // 1000 - 1)),
         "dead": Prompt(ask_dir, str(disk.image), PID=str(dead.pid)),
@@ -599,7 +601,7 @@ def test_askpass_agent_answers_only_live_prompts_for_mapped_devices(disk, servic
             assert prompts[name].reply() is None
         # A prompt that comes while the agent runs, from another systemd-cryptsetup (the same one asking
         # again would mean the key was refused).
-        late = Prompt(ask_dir, str(disk.image), PID=str(os.getppid()))
+        late = Prompt(ask_dir, str(disk.image), PID=str(askers[1].pid))
         prompts["late"] = late
         data, _ = wait_for("the second answer", late.reply, timeout=60)
         assert opens(disk.image, data[1:])
@@ -607,6 +609,9 @@ def test_askpass_agent_answers_only_live_prompts_for_mapped_devices(disk, servic
     finally:
         for prompt in prompts.values():
             prompt.close()
+        for asker in askers:
+            asker.kill()
+            asker.wait()
     assert agent.proc.wait(30) == 0  # the directory stayed empty: the agent leaves
     assert "no prompts left" in agent.log() and data[1:].decode() not in agent.log()
 
@@ -665,6 +670,34 @@ def test_askpass_agent_leaves_the_retries_of_a_refused_key_to_the_console(disk, 
     finally:
         first.close()
     assert f"PID {os.getpid()} asks again" in agent.log()
+
+
+def test_askpass_agent_outlives_a_try_longer_than_its_linger(disk, services, tmp_path):
+    # A try that opens no slot can take longer than the linger (a PBKDF run per key slot): an agent
+    # that left meanwhile, started again by the .path unit, would answer the retry with the same key.
+    ask_dir = tmp_path / "ask"
+    ask_dir.mkdir()
+    asker = subprocess.Popen(["sleep", "120"])
+    agent = services("askpass-agent", "--config", str(disk.config), "--ask-dir", str(ask_dir), "--linger", "0.5")
+    first = Prompt(ask_dir, str(disk.image), PID=str(asker.pid))
+    try:
+        wait_for("the first answer", first.reply, timeout=60)
+        first.close()  # the directory is empty while the asker tries the key
+        time.sleep(2.5)
+        assert agent.proc.poll() is None, agent.log()
+        retry = Prompt(ask_dir, str(disk.image), PID=str(asker.pid))
+        try:
+            wait_for("the agent's note", lambda: f"leaving {retry.path.name} to the console prompt" in agent.log())
+            assert retry.reply() is None
+        finally:
+            retry.close()
+        asker.kill()
+        asker.wait()
+        assert agent.proc.wait(30) == 0  # the asker is gone: the agent leaves
+    finally:
+        first.close()
+        asker.kill()
+        asker.wait()
 
 
 def test_askpass_agent_answers_the_real_systemd_ask_password(disk, tmp_path):

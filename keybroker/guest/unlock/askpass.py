@@ -15,8 +15,8 @@ default) when the answer opened no key slot, and the same key would use up every
 Files and sockets are hostile input: an ask file must be a regular file of at most 16 KiB
 owned by root (or this agent's user) with a well-formed ``[Ask]`` section, and its socket
 a root-owned socket named ``sck.*`` in the watched directory. The agent watches with
-inotify and exits once the directory has stayed empty for ``linger`` seconds (the
-``.path`` unit starts it again with ``DirectoryNotEmpty=``).
+inotify and exits once the directory has stayed empty for ``linger`` seconds and no asker
+it answered still runs (the ``.path`` unit starts it again with ``DirectoryNotEmpty=``).
 """
 
 from __future__ import annotations
@@ -152,18 +152,23 @@ class Ask:
         return None if not self.not_after else self.not_after / 1e6 - time.monotonic()
 
     def querier_gone(self) -> bool:
-        if not self.pid:
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return _process_gone(self.pid)
 
     def withdrawn(self) -> bool:
         return not os.path.lexists(self.path) or self.expired() or self.querier_gone()
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (0, unknown: never)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _trusted_owner(st: os.stat_result) -> bool:
@@ -219,7 +224,7 @@ class PasswordAgent:
     answered: set[tuple[str, int]] = field(default_factory=set)  # (volume, PID of the asker)
 
     def watch(self, linger: float) -> int:
-        """Answer prompts until the directory has been empty for ``linger`` seconds."""
+        """Answer prompts until the directory has been empty for ``linger`` seconds (and no answered asker runs)."""
         with INotify() as inotify:
             inotify.add_watch(self.ask_dir, flags.CLOSE_WRITE | flags.MOVED_TO | flags.DELETE | flags.MOVED_FROM
                               | flags.ONLYDIR)
@@ -231,7 +236,7 @@ class PasswordAgent:
                     empty_since = None
                 elif empty_since is None:
                     empty_since = time.monotonic()
-                elif time.monotonic() - empty_since >= linger:
+                elif time.monotonic() - empty_since >= linger and not self._answered_running():
                     self.reporter.status(f"no prompts left in {self.ask_dir}; exiting")
                     return 0
                 for event in inotify.read(timeout=500):
@@ -252,6 +257,14 @@ class PasswordAgent:
         for name in [name for name, worker in self.workers.items() if not worker.is_alive()]:
             del self.workers[name]
         return bool(entries)
+
+    def _answered_running(self) -> bool:
+        """Whether an asker this agent answered still runs: it asks again when the key opened no key
+        slot (a try can outlast ``linger``), and an agent started afresh would answer it again."""
+        for volume, pid in list(self.answered):
+            if _process_gone(pid):
+                self.answered.discard((volume, pid))
+        return any(pid for _, pid in self.answered)
 
     def _busy(self, name: str) -> bool:
         worker = self.workers.get(name)
