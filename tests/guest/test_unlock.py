@@ -789,6 +789,16 @@ def test_the_documented_enable_places_keys_for_volume_names_with_a_dash(tmp_path
     assert unescaped.stdout.strip() == volume  # %I: what place-key is given
 
 
+def test_dracut_module_installs_the_drivers_evidence_comes_through():
+    # SEV and SEV-ES guests ([aeb]) reach the evidence broker over vsock: without the vsock modules in
+    # the image, socket(AF_VSOCK) fails (EAFNOSUPPORT) and the root volume goes to the prompt.
+    script = (f"source {REPO / 'systemd/dracut/91keybroker/module-setup.sh'}\n"
+              'instmods() { printf "%s\\n" "$@"; }\ninstallkernel\n')
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    modules = set(out.stdout.split())
+    assert {"tsm", "sev-guest", "tdx-guest", "vsock", "vmw_vsock_virtio_transport"} <= modules, out
+
+
 def test_dracut_module_builds_an_initramfs_with_the_pieces(handler, tmp_path):
     if not (shutil.which("dracut") and shutil.which("lsinitrd") and shutil.which("cpio")):
         pytest.skip("needs dracut (dracut-core, dracut-network)")

@@ -40,8 +40,9 @@ cmdline() {
 
 # called by dracut
 installkernel() {
-    # configfs-tsm and the guest drivers that provide its reports
-    hostonly='' instmods tsm tsm_report sev-guest tdx-guest arm-cca-guest
+    # configfs-tsm and the guest drivers that provide its reports; vsock and its virtio transport
+    # for SEV and SEV-ES guests, whose evidence comes from the host's broker ([aeb]) over vsock
+    hostonly='' instmods tsm tsm_report sev-guest tdx-guest arm-cca-guest vsock vmw_vsock_virtio_transport
 }
 
 # called by dracut
