@@ -78,3 +78,15 @@ def test_a_released_resource_no_key_can_hold_is_refused_as_too_long_and_wiped():
         assert not value and released.value == bytearray(size)
     header, value = _outcome(lambda: ReleasedKey(bytearray(b"k" * USER_PAYLOAD_MAX), 30), "logon", "default/big/one")
     assert header == {"size": USER_PAYLOAD_MAX, "lease": 30} and len(value) == USER_PAYLOAD_MAX
+
+
+def test_what_the_handler_calls_transient_the_disk_unlock_waits_out():
+    """A failure the handler caches for the transient time (the server away, a busy provider, a stopped
+    handler) is one the unlock's retry loop retries, not a refusal that sends the volume to its prompt."""
+    from keybroker.guest.handler import TRANSIENT
+    from keybroker.guest.unlock.retry import TRANSIENT_ERRNOS
+
+    for failure in (failure for failures in CASES.values() for failure in failures):
+        outcome = classify(failure)
+        if outcome.timeout == TRANSIENT:
+            assert outcome.errno in TRANSIENT_ERRNOS, (failure, E.errorcode[outcome.errno])

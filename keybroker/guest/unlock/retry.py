@@ -1,8 +1,8 @@
 """Retry a volume's key request with back-off until the key arrives or it is time to give up.
 
 At boot the network, the key server or the guest driver may not be there yet. A transient
-failure (the handler's ECONNREFUSED, ETIMEDOUT, ENETUNREACH, EHOSTUNREACH, EBUSY, EIO, and
-ENOENT, ENXIO, ENODEV from an evidence source not loaded yet...) is retried
+failure (the handler's ECONNREFUSED, ETIMEDOUT, ENETUNREACH, EHOSTUNREACH, EBUSY, EIO,
+ECANCELED, and ENOENT, ENXIO, ENODEV from an evidence source not loaded yet...) is retried
 after a growing pause (1, 2, 4, 8, 15, 15... seconds with 10 % jitter) while the volume's
 deadline allows; each failure is reported ("waiting for key server ..., attempt 3"). A
 refusal (ENOKEY, EKEYREJECTED, EACCES...) ends the wait at once: retrying cannot help.
@@ -27,9 +27,11 @@ T = TypeVar("T")
 
 #: The network or the key server not there yet; or the evidence source: at boot the guest driver
 #: (sev-guest, tdx-guest) and configfs-tsm may load after the unlock starts (ENOENT: no tsm/report
-#: yet; ENXIO: no provider registered yet; ENODEV: no tsm-mr register yet).
+#: yet; ENXIO: no provider registered yet; ENODEV: no tsm-mr register yet); or a handler that was
+#: stopped by a signal (ECANCELED). Every failure the handler itself caches as transient is here.
 TRANSIENT_ERRNOS = frozenset({E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ENETDOWN, E.ETIMEDOUT,
-                              E.ECONNRESET, E.EBUSY, E.EIO, E.EINTR, E.ENOENT, E.ENXIO, E.ENODEV})
+                              E.ECONNRESET, E.EBUSY, E.EIO, E.EINTR, E.ENOENT, E.ENXIO, E.ENODEV,
+                              E.ECANCELED})
 #: 1, 2, 4, 8, 15, 15... seconds, each spread by 10 %.
 VOLUME_BACKOFF = Backoff(first=1.0, factor=2.0, cap=15.0, jitter=0.1)
 
