@@ -257,6 +257,10 @@ class RcarClient:
             link.conn.close()
             raise ServerUnreachable(f"key server {self.url} did not answer within {timeout:.1f} s",
                                     errno=E.ETIMEDOUT) from None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):  # it hung up: restarting, or its handshake deadline
+            link.conn.close()
+            raise ServerUnreachable(f"cannot reach the key server {self.url}: ECONNRESET (it closed the connection "
+                                    "during the TLS handshake)", errno=E.ECONNRESET) from None
         except (ssl.SSLError, ssl.CertificateError) as exc:
             link.conn.close()
             raise ServerError(f"TLS with {self.url} failed: {exc}", status=0, problem=None) from None

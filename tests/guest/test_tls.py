@@ -46,3 +46,40 @@ def test_a_ca_bundle_that_cannot_be_loaded_is_named(tmp_path):
         client = RcarClient("https://127.0.0.1:1", ca=ca, attempts=1)
         with pytest.raises(ConfigError, match=f"CA bundle {ca} "):
             client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
+
+
+def test_a_server_that_closes_during_the_handshake_is_unreachable_not_a_refusal(tmp_path):
+    """A key server that closes a connection before its handshake ends (restarting, or its handshake
+    deadline under a boot storm) is away for now (ECONNRESET: the requester's retry and the disk
+    unlock wait it out), not a TLS failure (EPROTO, which ends a volume's wait at once)."""
+    import socket
+    import threading
+
+    import pytest
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.errors import ServerUnreachable
+    from keybroker.guest.client import RcarClient
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    authority(pki, "ca")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def hang_up() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(1024)  # the ClientHello, then the connection closes
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        client = RcarClient(f"https://127.0.0.1:{listener.getsockname()[1]}", ca=pki / "ca.pem", attempts=1)
+        with pytest.raises(ServerUnreachable) as failure:
+            client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
+        assert failure.value.errno == 104 and "during the TLS handshake" in str(failure.value)
+    finally:
+        listener.close()
