@@ -46,7 +46,7 @@ from ..errors import (
     ServerError,
     ServerUnreachable,
 )
-from ..wire import envelope, jwe, parse_json, trustee
+from ..wire import envelope, jwe, parse_json, shown, trustee
 from ..wire import rcar as p
 from ..wire.envelope import TsmReport
 from .retry import Backoff, retry
@@ -266,6 +266,9 @@ class RcarClient:
             raise ServerError(f"TLS with {self.url} failed: {exc}", status=0, problem=None) from None
         except (OSError, http.client.HTTPException) as exc:
             link.conn.close()
+            if _not_http(exc):
+                raise ProtocolError(f"{method} {path}: the key server's answer is not HTTP/1.x: "
+                                    f"{type(exc).__name__} {shown(str(exc))}") from None
             code = exc.errno if isinstance(exc, OSError) and exc.errno in _UNREACHABLE else \
                 E.ECONNRESET if isinstance(exc, http.client.HTTPException | ConnectionError) else E.ECONNREFUSED
             raise ServerUnreachable(f"cannot reach the key server {self.url}: {E.errorcode.get(code, code)}",
@@ -327,6 +330,18 @@ def _primary_evidence(report: TsmReport, challenge: p.Challenge) -> Any:
 #: The problems that are the key server's judgement, not a failure.
 _REFUSALS = {p.RESOURCE_NOT_FOUND: ResourceMissing, p.ATTESTATION_DENIED: ReleaseRefused,
              p.POLICY_DENIED: ReleaseRefused}
+
+
+def _not_http(exc: Exception) -> bool:
+    """Whether http.client failed on an answer that arrived whole and is not HTTP/1.x (another protocol,
+    HTTP/2, a line over 64 KiB, more than 100 headers), not on a connection that ended before its answer did
+    (RemoteDisconnected, a status line cut short, a body cut short: IncompleteRead)."""
+    if isinstance(exc, ConnectionError) or not isinstance(exc, http.client.HTTPException):
+        return False
+    if isinstance(exc, http.client.BadStatusLine):
+        return str(exc.args[0] if exc.args else "").endswith("\n")  # a whole line that is no status line
+    return isinstance(exc, http.client.LineTooLong | http.client.UnknownProtocol) \
+        or type(exc) is http.client.HTTPException  # "got more than 100 headers"
 
 
 def _transient(exc: Exception) -> bool:

@@ -90,3 +90,55 @@ def test_what_the_handler_calls_transient_the_disk_unlock_waits_out():
         outcome = classify(failure)
         if outcome.timeout == TRANSIENT:
             assert outcome.errno in TRANSIENT_ERRNOS, (failure, E.errorcode[outcome.errno])
+
+
+def test_an_answer_that_is_not_http_is_a_protocol_error_and_a_cut_one_a_reset():
+    """A key server (or what its URL names) that answers whole but not in HTTP/1.x is the table's "malformed
+    answer" (EPROTO, not retried), not ECONNRESET "cannot reach" that the disk unlock waits out for good;
+    an answer cut short before its status line ended is still the connection reset it is."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    import pytest
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.guest.client import RcarClient
+
+    def answered(answer: bytes) -> tuple[BaseException, int]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        accepted = []
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                accepted.append(conn)
+                with conn, contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(answer)
+
+        threading.Thread(target=serve, daemon=True).start()
+        client = RcarClient(f"http://127.0.0.1:{listener.getsockname()[1]}", deadline=time.monotonic() + 10,
+                            attempts=3, backoff=0.05)
+        try:
+            with pytest.raises((ProtocolError, ServerUnreachable)) as failed:
+                client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
+        finally:
+            listener.close()
+        return failed.value, len(accepted)
+
+    for answer in (b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/2.0 200 OK\r\n\r\n",
+                   b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 101 + b"\r\n",
+                   b"HTTP/1.1 200 OK\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n"):
+        failure, connections = answered(answer)
+        assert isinstance(failure, ProtocolError), (answer[:30], failure)
+        assert classify(failure).errno == E.EPROTO and "not HTTP/1.x" in str(failure)
+        assert connections == 1  # not retried
+    for answer in (b"", b"HTTP/1.1 2"):
+        failure, connections = answered(answer)
+        assert isinstance(failure, ServerUnreachable) and failure.errno == E.ECONNRESET, (answer, failure)
+        assert connections == 3
