@@ -275,6 +275,8 @@ class RcarClient:
                                     errno=code) from None
         if len(response.content) > RESPONSE_MAX:
             raise ProtocolError(f"{method} {path}: response larger than {RESPONSE_MAX} bytes")
+        if response.status > 599:  # http.client reads any three digits: 600-999 is no HTTP status, nor a 5xx
+            raise ProtocolError(f"{method} {path}: HTTP status {response.status} is not one HTTP defines (100-599)")
         if response.status != 200:
             try:
                 problem = parse_json(response.content)

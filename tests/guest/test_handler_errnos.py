@@ -142,3 +142,34 @@ def test_an_answer_that_is_not_http_is_a_protocol_error_and_a_cut_one_a_reset():
         failure, connections = answered(answer)
         assert isinstance(failure, ServerUnreachable) and failure.errno == E.ECONNRESET, (answer, failure)
         assert connections == 3
+
+
+def test_a_status_past_599_is_a_protocol_error_not_a_server_error():
+    """http.client reads any three digits as the status: 600 to 999 are no HTTP status, so not the table's
+    "server error (HTTP 5xx)" (EIO, retried, transient) but a malformed answer."""
+    import time
+
+    import pytest
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.guest.client import RcarClient
+    from support.stub import QuietHandler, StubServer
+
+    asked = []
+
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(999)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = StubServer(Handler)
+    try:
+        client = RcarClient(server.url, deadline=time.monotonic() + 10, attempts=3, backoff=0.05)
+        with pytest.raises(ProtocolError) as failed:
+            client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
+    finally:
+        server.close()
+    assert classify(failed.value).errno == E.EPROTO and "999" in str(failed.value)
+    assert len(asked) == 1
