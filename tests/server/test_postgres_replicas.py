@@ -353,14 +353,18 @@ def test_admin_calls_on_a_stalled_database_are_given_up(postgres, database, tmp_
     admin = {"Authorization": f"Bearer {server.secrets.admin_token}"}
     try:
         put_remotely(server, "default/disk/root", SECRET)
-        with stopped(postgres):
-            for method, path in [("GET", "resources"), ("PUT", "resources/default/disk/new"), ("GET", "policies")]:
-                started = time.monotonic()
-                answer = requests.request(method, f"{server.url}/admin/v1/{path}", headers=admin, data=b"v",
-                                          timeout=ADMIN_WAIT + 10)
-                assert answer.status_code == 503, answer.text
-                assert answer.json()["type"].endswith(p.UNAVAILABLE) and answer.headers["Retry-After"] == "5"
-                assert time.monotonic() - started < ADMIN_WAIT + 5
+        def call(method: str, path: str) -> None:
+            started = time.monotonic()
+            answer = requests.request(method, f"{server.url}/admin/v1/{path}", headers=admin, data=b"v",
+                                      timeout=ADMIN_WAIT + 10)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["type"].endswith(p.UNAVAILABLE) and answer.headers["Retry-After"] == "5"
+            assert time.monotonic() - started < ADMIN_WAIT + 5
+
+        with stopped(postgres), ThreadPoolExecutor(3) as calls:  # at once: each waits ADMIN_WAIT
+            for done in [calls.submit(call, method, path) for method, path in
+                         [("GET", "resources"), ("PUT", "resources/default/disk/new"), ("GET", "policies")]]:
+                done.result()
         listing = requests.get(f"{server.url}/admin/v1/resources", headers=admin, timeout=30)
         assert listing.status_code == 200 and "default/disk/root" in listing.text
     finally:

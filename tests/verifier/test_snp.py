@@ -680,7 +680,8 @@ def test_certificates_from_kds_with_cache_and_back_off(kds, tmp_path):
     assert verdict.ok, verdict.reason()
     assert hits[0] == hits[1] and "blSPL=" in hits[0] and "ucodeSPL=" in hits[0]  # 429, then the retry
     assert "/vcek/v1/Milan/cert_chain" in hits
-    server.shutdown()  # the cache answers from now on
+    server.shutdown()  # the cache answers from now on (KDS had no CRL: refused, not left to time out)
+    server.server_close()
     again = run(raw, kds_url=url, fetcher=Fetcher(tmp_path))
     assert again.ok
     assert sorted(p.name for p in (tmp_path / "kds" / "vcek" / "v1" / "Milan").iterdir())
