@@ -106,7 +106,7 @@ class Policy:
     @classmethod
     def loads(cls, text: str | bytes) -> Policy:
         try:
-            return cls(parse_json(text))
+            return cls(parse_json(text, unique=True))
         except ValueError as exc:
             raise PolicyError(f"policy is not valid JSON: {exc}") from None
 

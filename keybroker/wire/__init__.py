@@ -37,16 +37,17 @@ def shown_names(names: list[str], count: int = 5) -> str:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def parse_json(text: str | bytes) -> Any:
+def parse_json(text: str | bytes, *, unique: bool = False) -> Any:
     """``json.loads`` for what others sent: bytes that are not UTF-8 (RFC 8259), nesting too deep
     for the parser, and a string holding a lone UTF-16 surrogate (no UTF-8 text can carry it, so
-    no hash, database or log could take it), are ValueErrors like any bad JSON."""
+    no hash, database or log could take it), are ValueErrors like any bad JSON; with ``unique``, so
+    is an object that names a member twice (json.loads keeps the last, which a reader may not)."""
     if isinstance(text, bytes):
         text = text.decode("utf-8")  # strict: json.loads alone takes UTF-16 and encoded surrogates
     else:
         text.encode("utf-8")  # a str from within the process must be text too
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_members if unique else None)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     if _SURROGATE_ESCAPE.search(text):  # paired escapes make one character; a lone one stays a surrogate
@@ -56,6 +57,15 @@ def parse_json(text: str | bytes) -> Any:
             raise ValueError("JSON string with a lone UTF-16 surrogate (\\ud800-\\udfff unpaired): not text") \
                 from None
     return value
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in members:
+            raise ValueError(f"member {shown(key)} appears twice in one object")
+        members[key] = value
+    return members
 
 
 def parse_toml(text: str, what: str, error: type[KeybrokerError]) -> dict[str, Any]:

@@ -246,3 +246,25 @@ def test_contains_requires_an_event_with_these_fields_and_names_the_one_missing(
 def test_contains_needs_a_value_or_fields(contains):
     with pytest.raises(PolicyError, match="contains must be a value or a non-empty object"):
         policy({"resources": ["*"], "require": {"claim": "x", "contains": contains}})
+
+
+@pytest.mark.parametrize("rule, twice", [
+    # reads as pinning the measurement; json.loads kept the last require, which pins only the TEE
+    ('{"resources": ["*"], "require": {"claim": "measurement", "equals": "%s"}, '
+     '"require": {"claim": "tee", "equals": "snp"}}' % ("aa" * 48), "require"),
+    ('{"resources": ["*"], "allow_debug": false, "allow_debug": true}', "allow_debug"),
+    ('{"resources": ["*"], "require": {"claim": "snp.vmpl", "claim": "tee", "equals": "snp"}}', "claim"),
+])
+def test_a_member_named_twice_is_refused(rule, twice):
+    with pytest.raises(PolicyError, match=f"member '{twice}' appears twice"):
+        Policy.loads('{"version": 1, "rules": [%s]}' % rule)
+
+
+def test_many_members_with_one_named_twice_are_refused_quickly():
+    import time
+
+    members = ", ".join(f'"m{i}": {i}' for i in range(60000))
+    started = time.monotonic()
+    with pytest.raises(PolicyError, match="member 'm0' appears twice"):
+        Policy.loads('{"version": 1, "rules": [{"resources": ["*"], "comment": {%s, "m0": 0}}]}' % members)
+    assert time.monotonic() - started < 2
