@@ -249,7 +249,9 @@ def _policy_check(args: argparse.Namespace) -> int:
 
     from ..server.policy import Policy
     from ..verifier import verify
+    from ..wire.resource import ResourcePath
 
+    resource = str(ResourcePath.parse(args.resource))  # a name the server refuses (400) is asked of no policy
     policy = Policy.loads(_read_policy(args.policy))
     _warn_unpinned(policy)
     verdict = verify(load_evidence(args.evidence), verification_context(args))
@@ -260,10 +262,10 @@ def _policy_check(args: argparse.Namespace) -> int:
         return 1
     print(f"claims: {json.dumps(verdict.claims, sort_keys=True)}" if args.claims else
           f"claims: {len(verdict.claims)} (show them with --claims)")
-    print(f"policy (sha256 {policy.digest[:16]}) for {args.resource}:")
-    for line in policy.explain(args.resource, verdict.claims):
+    print(f"policy (sha256 {policy.digest[:16]}) for {resource}:")
+    for line in policy.explain(resource, verdict.claims):
         print(line)
-    return 0 if policy.decide(args.resource, verdict.claims).allowed else 1
+    return 0 if policy.decide(resource, verdict.claims).allowed else 1
 
 
 def _add_policy(sub: argparse._SubParsersAction) -> None:
@@ -282,8 +284,9 @@ def _add_policy(sub: argparse._SubParsersAction) -> None:
     start = actions.add_parser("from-evidence", help="print a starting policy that pins the image of verified guests",
                                description="Verify each EVIDENCE (an envelope or Trustee's form) and print a policy "
                                            "that releases RESOURCES to guests running the same image: SEV-SNP "
-                                           "MEASUREMENT and HOST_DATA, TDX MRTD, MRCONFIGID and RTMR0-2, CCA RIM; "
-                                           "SNP guests at VMPL0 without a migration agent, TDX TCBs not out of date.")
+                                           "MEASUREMENT and HOST_DATA, TDX MRTD, MRCONFIGID and RTMR0-2, CCA RIM and "
+                                           "personalization value; SNP guests at VMPL0 without a migration agent, "
+                                           "TDX TCBs not out of date and TDs not migratable.")
     start.add_argument("evidence", type=Path, nargs="+", metavar="EVIDENCE", help="an evidence envelope")
     start.add_argument("--resources", required=True, action="append", metavar="PATTERN",
                        help="resources the guests may obtain ('*' matches anything, '/' included; repeatable)")

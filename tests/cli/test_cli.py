@@ -141,3 +141,13 @@ def test_a_policy_or_configuration_file_is_read_no_further_than_one_may_be(comma
     argv = [sys.executable, "-m", "keybroker", *(arg.format(tmp=tmp_path) for arg in command)]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60, preexec_fn=_memory_limited)
     assert out.returncode == 1 and "/dev/zero is larger than 1048576 bytes" in out.stderr, out.stderr[-500:]
+
+
+def test_policy_check_refuses_a_resource_name_the_server_would(tmp_path, capsys):
+    """The key server answers 400 for a name outside the grammar and asks no policy: neither does check."""
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"rules": []}')
+    status = cli.main(["policy", "check", str(policy), str(VECTORS / "snp/virtee-sev/report.bin"),
+                       "--resource", "a/b"])
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err and "a/b" in err, err
