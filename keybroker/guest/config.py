@@ -54,14 +54,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, DescriptionError
 from ..files import read_bounded
 from ..wire import parse_toml
-from ..wire.resource import ResourcePath, check_pattern
+from ..wire.resource import ResourcePath, check_pattern, pattern_matches, pattern_parts
 from ..wire.transport import server_url_problem
 from .request import DESCRIPTION_PREFIX, KEY_TYPES
 
@@ -135,7 +134,7 @@ class ClientConfig:
     def may_obtain(self, uid: int, gids: set[int] | frozenset[int], resource: str, key_type: str) -> bool:
         if uid == 0:
             return True
-        return any(fnmatchcase(resource, rule.resource) and key_type in rule.key_types
+        return any(pattern_matches(resource, pattern_parts(rule.resource)) and key_type in rule.key_types
                    and (uid in rule.uids or rule.gids & gids) for rule in self.access)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import DescriptionError, PolicyError
 from ..wire import parse_json
-from ..wire.resource import check_pattern
+from ..wire.resource import check_pattern, pattern_matches, pattern_parts
 
 VERSION = 1
 POLICY_MAX = 1024 * 1024  # bytes of a policy document, as of any body the admin API takes (rcar.BODY_MAX)
@@ -99,9 +99,8 @@ class Policy:
     def __init__(self, document: Any) -> None:
         _check_document(document)
         self.document = document
-        #: Each rule's patterns split at their wildcards, once: fnmatch compiles a regular expression
-        #: per pattern and caches 32768, so a policy with more recompiled them all on every release.
-        self._patterns = [[pattern.split("*") for pattern in rule["resources"]] for rule in document["rules"]]
+        #: Each rule's patterns split at their wildcards, once (a policy may hold tens of thousands).
+        self._patterns = [[pattern_parts(pattern) for pattern in rule["resources"]] for rule in document["rules"]]
 
     @classmethod
     def loads(cls, text: str | bytes) -> Policy:
@@ -142,7 +141,7 @@ class Policy:
             return Decision(False, NO_POLICY_REASON, None, "no_policy"), lines
         for index, rule in enumerate(self.document["rules"]):
             where = f"rule {index} ({', '.join(rule['resources'])})"
-            if not any(_matches(resource, parts) for parts in self._patterns[index]):
+            if not any(pattern_matches(resource, parts) for parts in self._patterns[index]):
                 lines.append(f"{where}: does not match {resource}")
                 continue
             lines.append(f"{where}: matches {resource}")
@@ -166,22 +165,6 @@ class Policy:
                     return Decision(False, f"{where}: {outcome.reason()}", index, "condition"), lines
             return Decision(True, f"{where}: all conditions hold", index, "allowed"), lines
         return Decision(False, f"no policy rule covers resource {resource!r}", None, "no_rule"), lines
-
-
-def _matches(name: str, parts: list[str]) -> bool:
-    """Whether ``name`` matches the pattern ``"*".join(parts)``, where ``*`` matches any run of characters."""
-    if len(parts) == 1:
-        return name == parts[0]
-    first, *middle, last = parts
-    if len(name) < len(first) + len(last) or not name.startswith(first) or not name.endswith(last):
-        return False
-    start, end = len(first), len(name) - len(last)
-    for part in middle:  # the leftmost place of each keeps the most room for the rest
-        found = name.find(part, start, end)
-        if found < 0:
-            return False
-        start = found + len(part)
-    return True
 
 
 def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:

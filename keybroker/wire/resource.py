@@ -23,12 +23,34 @@ _PATTERN = re.compile(r"[A-Za-z0-9_.*/-]+")
 
 
 def check_pattern(text: str) -> str:
-    """``text`` if it is a resource pattern (see above; matched with ``fnmatchcase``, which then
-    knows no wildcard but ``*``), else DescriptionError."""
+    """``text`` if it is a resource pattern (see above), else DescriptionError."""
     if len(text) > PATH_MAX or not _PATTERN.fullmatch(text):
         raise DescriptionError(f"resource pattern {shown(text)} must be at most {PATH_MAX} characters of "
                                "[A-Za-z0-9_.-], '/' and '*' (the only wildcard)")
     return text
+
+
+def pattern_parts(pattern: str) -> tuple[str, ...]:
+    """A checked ``pattern`` split at its wildcards, for :func:`pattern_matches` (split once where
+    many names are matched: fnmatch would compile a regular expression per pattern, and cache 32768)."""
+    return tuple(pattern.split("*"))
+
+
+def pattern_matches(name: str, parts: tuple[str, ...]) -> bool:
+    """Whether ``name`` matches the pattern of ``parts`` (:func:`pattern_parts`), where ``*`` matches
+    any run of characters; in time linear in the name and the pattern."""
+    if len(parts) == 1:
+        return name == parts[0]
+    first, *middle, last = parts
+    if len(name) < len(first) + len(last) or not name.startswith(first) or not name.endswith(last):
+        return False
+    start, end = len(first), len(name) - len(last)
+    for part in middle:  # the leftmost place of each keeps the most room for the rest
+        found = name.find(part, start, end)
+        if found < 0:
+            return False
+        start = found + len(part)
+    return True
 
 
 @dataclass(frozen=True)
