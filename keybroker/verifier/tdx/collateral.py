@@ -28,6 +28,7 @@ from typing import Any
 from cryptography import x509
 
 from ...errors import EvidenceError
+from ...wire import parse_json
 from ..certs import CERT_FILE_MAX, load_certs, load_crl
 
 FOLDER_FILES_MAX = 256
@@ -276,15 +277,9 @@ def _members(text: str) -> dict[str, tuple[int, int]]:
 
 
 def _loads(text: str) -> Any:
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(pairs)
-        if len(out) != len(pairs):
-            raise ValueError("a member appears twice")
-        return out
-
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates)
-    except (ValueError, RecursionError) as exc:
+        return parse_json(text, unique=True)
+    except ValueError as exc:
         raise EvidenceError(f"malformed collateral JSON: {exc}") from None
 
 
