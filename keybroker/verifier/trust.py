@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk
@@ -119,7 +120,7 @@ def _load_anchor(path: Path, roots: dict[str, x509.Certificate | None], cpaks: l
         else:
             for cert in load_certs(data):
                 roots[fingerprint(cert)] = cert
-    except (ValueError, KeyError, TypeError, RecursionError, EvidenceError, JWException) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError, EvidenceError, JWException, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"trust anchor {path} is not {ANCHOR_KINDS}: {exc or type(exc).__name__}") from None
 
 

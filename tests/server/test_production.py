@@ -628,6 +628,8 @@ def test_quiet_when_the_reader_of_standard_output_goes_away(tmp_path):
     ("list.json", b'[1, 2]'),
     ("garbage.pem", b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"),
     ("empty.der", b""),
+    # a public key of an algorithm the X.509 library does not know (UnsupportedAlgorithm, no ValueError)
+    ("unknown.pem", b"-----BEGIN PUBLIC KEY-----\nMBYwCQYHKgMEBQYHCgMJAAECAwQFBgcI\n-----END PUBLIC KEY-----\n"),
 ])
 def test_a_file_in_trust_roots_that_is_no_anchor_is_one_clear_line(tmp_path, name, content):
     folder = tmp_path / "trust"
