@@ -34,6 +34,9 @@ CACHE_MAX = 512
 CERT_MAX = 16 * 1024
 #: Bytes of an input whose certificates are remembered (one certificate, a short chain).
 CACHED_INPUT_MAX = 16 * 1024
+#: AMD's ARK, ASK and ASVK keys: RSA of this size, and of an exponent of at most this many bits.
+AMD_RSA_BITS = 4096
+RSA_EXPONENT_BITS_MAX = 32
 #: The largest OID arc read (after the first two): 2**128 - 1, as a UUID under 2.25.
 OID_ARC_MAX = 2**128 - 1
 
@@ -145,8 +148,13 @@ def crl_signed_by_rsa_pss_sha384(crl: x509.CertificateRevocationList, issuer: x5
 
 
 def _pss_sha384(issuer: x509.Certificate, signature: bytes, signed: bytes) -> bool:
+    """AMD's keys are RSA-4096, e = 65537 (snp.md section 4.3). A key the sender chose can cost far
+    more per verification (a 3072-bit modulus takes an exponent of up to 3071 bits: 6 ms, and a table
+    holds 64 look-alike issuers, all tried before any signature is known good): such a key verifies
+    nothing."""
     key = issuer.public_key()
-    if not isinstance(key, rsa.RSAPublicKey):
+    if (not isinstance(key, rsa.RSAPublicKey) or key.key_size > AMD_RSA_BITS
+            or key.public_numbers().e.bit_length() > RSA_EXPONENT_BITS_MAX):
         return False
     try:
         key.verify(signature, signed, padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48), hashes.SHA384())

@@ -376,6 +376,35 @@ def test_a_look_alike_intermediate_before_the_real_one_does_not_refuse_the_guest
     assert verdict.ok, verdict.reason()
 
 
+def test_an_issuer_key_costlier_than_amds_verifies_nothing():
+    """AMD's chain keys are RSA-4096 with e = 65537. A host's table may hold 64 look-alike issuers, each
+    tried against the VEK before any signature is known good: with RSA-3072 keys of 3071-bit exponents
+    that was 6 ms each, 0.4 s of a worker per attestation for random bytes. Such a key signs nothing."""
+    import math
+    import secrets
+
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    base = rsa.generate_private_key(65537, 3072).private_numbers()
+    p, q = base.p, base.q
+    lam = math.lcm(p - 1, q - 1)
+    e = next(e for e in iter(lambda: secrets.randbits(3071) | 1 << 3070 | 1, None) if math.gcd(e, lam) == 1)
+    d = pow(e, -1, lam)
+    key = rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), rsa.rsa_crt_iqmp(p, q),
+                                rsa.RSAPublicNumbers(e, p * q)).private_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "SEV-Milan")])
+
+    def cert(subject_key, serial):
+        return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(subject_key)
+                .serial_number(serial).not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW)
+                .sign(key, hashes.SHA384(), rsa_padding=padding.PSS(mgf=padding.MGF1(hashes.SHA384()),
+                                                                   salt_length=48)))
+
+    issuer, child = cert(key.public_key(), 1), cert(ec.generate_private_key(ec.SECP384R1()).public_key(), 2)
+    child.verify_directly_issued_by(issuer)  # a genuine signature
+    assert not certs.signed_by_rsa_pss_sha384(child, issuer)
+
+
 # -- reports built to the spec: products and versions beyond the samples ------------------
 
 @pytest.mark.parametrize("product, version, kind", [
