@@ -90,14 +90,18 @@ def load_cert_dir(folder: Path) -> list[x509.Certificate]:
 
 def _load_files(folder: Path, suffixes: tuple[str, ...], load: Callable[[bytes], list[T]]) -> list[T]:
     """What ``load`` makes of each file of ``folder`` named with one of ``suffixes``, the file named
-    in its failure; a file larger than CERT_FILE_MAX is refused."""
+    in its failure; a file larger than CERT_FILE_MAX is refused. The folder is read at each
+    attestation: a file gone since it was listed (the operator refreshing a CRL) or unreadable is
+    an EvidenceError naming it, not an OSError out of the verifier (a key server's 500)."""
     loaded: list[T] = []
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in suffixes and path.is_file():
-            if path.stat().st_size > CERT_FILE_MAX:
-                raise EvidenceError(f"{path} is larger than {CERT_FILE_MAX} bytes")
             try:
+                if path.stat().st_size > CERT_FILE_MAX:
+                    raise EvidenceError(f"larger than {CERT_FILE_MAX} bytes")
                 loaded.extend(load(path.read_bytes()))
+            except OSError as exc:
+                raise EvidenceError(f"{path}: {exc.strerror or exc}") from None
             except EvidenceError as exc:
                 raise EvidenceError(f"{path}: {exc}") from None
     return loaded

@@ -327,3 +327,25 @@ def test_keybroker_verify_prints_the_checks_and_claims(sim, tmp_path):
     (tmp_path / "ask_ark.cert").write_bytes(platform.ask_ark)
     refused = cli("--certs", str(tmp_path))  # guessed provider; the simulated ARK is not pinned
     assert refused.returncode == 1 and "not a pinned AMD ARK" in refused.stdout + refused.stderr
+
+
+def test_a_certs_folder_file_gone_since_it_was_listed_is_named(tmp_path, monkeypatch):
+    """The --certs folders are read at each attestation: a file removed between the listing and its
+    reading was an OSError out of the verifier (a key server's 500), not an error naming the file."""
+    import pathlib
+
+    from keybroker.verifier.sev.verify import load_ca_dir
+
+    (tmp_path / "ask_ark.cert").write_bytes(b"")
+    stat, seen = pathlib.Path.stat, []
+
+    def racing(path, **kw):
+        if path.name == "ask_ark.cert":
+            seen.append(path)
+            if len(seen) == 2:  # is_file() has stat()ed it: gone since
+                path.unlink()
+        return stat(path, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "stat", racing)
+    with pytest.raises(EvidenceError, match=r"ask_ark\.cert: No such file or directory"):
+        load_ca_dir(tmp_path)

@@ -376,6 +376,29 @@ def test_a_look_alike_intermediate_before_the_real_one_does_not_refuse_the_guest
     assert verdict.ok, verdict.reason()
 
 
+def test_a_certs_folder_file_gone_or_unreadable_is_a_refusal_naming_it(tmp_path, monkeypatch):
+    """The --certs folders are read at each attestation; an operator refreshing the ARK's CRL may
+    remove a file between the listing and its reading. That was an OSError out of the verifier:
+    a key server's 500 with a traceback, where the folder's other failures name the file."""
+    import pathlib
+
+    folder = vector("virtee-sev")
+    for name in ("ark.pem", "ask.pem", "vcek.der"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    (tmp_path / "milan.crl").write_bytes(b"")
+    read = pathlib.Path.read_bytes
+
+    def racing(path):
+        if path.name == "milan.crl":
+            path.unlink()  # gone since the folder was listed
+        return read(path)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", racing)
+    verdict = run((folder / "report.bin").read_bytes(), certs=[tmp_path])
+    assert not verdict.ok and verdict.failures[0].name == "format", verdict.reason()
+    assert f"{tmp_path / 'milan.crl'}: No such file or directory" in verdict.reason()
+
+
 def test_an_issuer_key_costlier_than_amds_verifies_nothing():
     """AMD's chain keys are RSA-4096 with e = 65537. A host's table may hold 64 look-alike issuers, each
     tried against the VEK before any signature is known good: with RSA-3072 keys of 3071-bit exponents

@@ -99,13 +99,15 @@ def load_ca_dir(folder: Path) -> list[CaCert]:
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() != CA_FILE_SUFFIX or not path.is_file():
             continue
-        size = path.stat().st_size
-        if size > CERT_FILE_MAX:
-            raise EvidenceError(f"{path} is larger than {CERT_FILE_MAX} bytes")
-        if size == PLATFORM_CERT_SIZE:
-            continue  # a CEK, PEK, OCA or PDH: the evidence carries its own
-        try:
+        try:  # read at each attestation: a file gone since it was listed, or unreadable, is named
+            size = path.stat().st_size
+            if size > CERT_FILE_MAX:
+                raise EvidenceError(f"larger than {CERT_FILE_MAX} bytes")
+            if size == PLATFORM_CERT_SIZE:
+                continue  # a CEK, PEK, OCA or PDH: the evidence carries its own
             certs.extend(parse_ca_certs(path.read_bytes()))
+        except OSError as exc:
+            raise EvidenceError(f"{path}: {exc.strerror or exc}") from None
         except EvidenceError as exc:
             raise EvidenceError(f"{path}: {exc}") from None
     return certs
