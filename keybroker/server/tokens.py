@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
@@ -65,7 +65,7 @@ class TokenSigner:
             return cls()
         try:
             key = serialization.load_pem_private_key(secretfile.read(located, "token signing key"), password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # the last: a key type it does not know
             raise ConfigError(f"token signing key {located} is not a PEM private key: {exc}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
             raise ConfigError(f"token signing key {located} must be an EC P-256 private key (ES256)")

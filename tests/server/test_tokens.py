@@ -95,3 +95,7 @@ def test_shared_key_file(tmp_path):
         TokenSigner.load(write_secret(tmp_path / "c.pem", p384))
     with pytest.raises(ConfigError, match="not a PEM private key"):
         TokenSigner.load(write_secret(tmp_path / "d.pem", b"nonsense"))
+    # a PKCS #8 key of an algorithm the X.509 library does not know (UnsupportedAlgorithm, no ValueError)
+    unknown = b"-----BEGIN PRIVATE KEY-----\nMBcCAQAwDAYKKwYBBAGCNwoDAQQEYWJjZA==\n-----END PRIVATE KEY-----\n"
+    with pytest.raises(ConfigError, match="not a PEM private key"):
+        TokenSigner.load(write_secret(tmp_path / "e.pem", unknown))
