@@ -130,12 +130,18 @@ class RowMac:
     def mac(self, columns: tuple[str, ...]) -> str:
         return _row_mac(self._keys[0], columns)
 
-    def verify(self, columns: tuple[str, ...], mac: str | None) -> bool:
-        return mac is not None and any(hmac.compare_digest(_row_mac(key, columns), mac) for key in self._keys)
+    def verify(self, columns: tuple[str, ...], mac: object) -> bool:
+        """Whether ``mac`` (as stored: anything a writer of the database put there) is the row's."""
+        return isinstance(mac, str) and any(_same(_row_mac(key, columns), mac) for key in self._keys)
 
-    def current(self, columns: tuple[str, ...], mac: str | None) -> bool:
+    def current(self, columns: tuple[str, ...], mac: object) -> bool:
         """Whether ``mac`` is the current KEK's."""
-        return mac is not None and hmac.compare_digest(_row_mac(self._keys[0], columns), mac)
+        return isinstance(mac, str) and _same(_row_mac(self._keys[0], columns), mac)
+
+
+def _same(mac: str, stored: str) -> bool:
+    """Compared as bytes: hmac.compare_digest raises TypeError for text that is not ASCII."""
+    return hmac.compare_digest(mac.encode(), stored.encode(errors="replace"))
 
 
 def _row_mac(key: bytes, columns: tuple[str, ...]) -> str:

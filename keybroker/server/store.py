@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -477,5 +478,8 @@ def _resource(db: Connection, path: str) -> StoredResource | None:
 
 def _policy_columns(row: Any) -> tuple[str, ...]:
     """What a stored policy's MAC covers: every column but the MAC, as stored; its time in whole
-    seconds, as a database may give a float back with fewer digits (PostgreSQL, extra_float_digits 0)."""
-    return (str(row["version"]), row["digest"], row["document"], str(int(row["created"])), row["actor"])
+    seconds, as a database may give a float back with fewer digits (PostgreSQL, extra_float_digits 0); each
+    as text, as SQLite keeps what a writer of the database put there (bytes, a number)."""
+    created = row["created"]
+    whole = str(int(created)) if isinstance(created, float | int) and math.isfinite(created) else str(created)
+    return str(row["version"]), str(row["digest"]), str(row["document"]), whole, str(row["actor"])

@@ -92,6 +92,7 @@ def test_a_session_that_ended_while_its_evidence_was_verified_is_not_stored(tmp_
     {"claims": '{"tee": "snp", "debug": false}'},                # claims of the writer's choosing
     {"tee_pubkey": '{"kty": "EC", "crv": "P-256", "x": "a", "y": "b"}'},  # the writer's key
     {"expires": 9999999999.0},                                   # a longer life
+    {"mac": "\u00e9" * 43}, {"mac": b"A" * 43},                       # a MAC not ASCII, or no text (SQLite keeps it)
 ])
 def test_a_session_row_changed_in_the_database_is_not_believed(tmp_path, forge):
     """Someone who can write the database but has no KEK cannot make a session attested (the
