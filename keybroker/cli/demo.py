@@ -53,11 +53,23 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _stopped(signum: int, frame: object) -> None:
+    """SIGTERM or SIGHUP (`kill`, a terminal or SSH session gone): clean up as on failure, which a
+    second one does not cut short."""
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
 def run() -> int:
     if os.geteuid() != 0:
         raise SystemExit("keybroker demo: run as root (it installs a request-key handler)")
     if not shutil.which("keyctl") or not os.path.exists("/sbin/request-key"):
         raise SystemExit("keybroker demo: install keyutils first (apt-get install keyutils)")
+    # By default these end the interpreter without unwinding: the demo's drop-in stayed in place of the
+    # operator's, and the emulator, its mount, the key server and the work folder stayed too.
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, _stopped)
     with ExitStack() as cleanup:
         work = Path(tempfile.mkdtemp(prefix="keybroker-demo-"))
         cleanup.callback(shutil.rmtree, work, ignore_errors=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,3 +30,62 @@ def test_demo(tmp_path, system_lock):
         assert "keybroker-demo" not in mounts
     finally:
         conf.unlink(missing_ok=True)
+
+
+# The demo with its programs replaced by `sleep` and its drop-in folder by a scratch one, stopped by a
+# signal once the drop-in is installed, where it would ask the kernel for the key.
+STOPPED_DEMO = """
+import os, signal, subprocess, sys, time
+from pathlib import Path
+from keybroker.cli import demo
+from keybroker.guest import install
+
+conf_dir = Path(sys.argv[1])
+install.CONF_DIR = conf_dir
+installing = install.install
+install.install = lambda config: installing(config, conf_dir)
+demo.SIM_STATE = conf_dir.parent / "sim"
+demo._wait = lambda *args, **kwargs: None
+popen = subprocess.Popen
+
+def started(args, **kwargs):
+    proc = popen(["sleep", "600"], **kwargs)
+    print(proc.pid, flush=True)
+    return proc
+
+def asked(args, **kwargs):
+    os.kill(os.getpid(), int(sys.argv[2]))
+    time.sleep(30)
+
+subprocess.Popen = started
+subprocess.run = asked
+demo.run()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_demo_stopped_by_a_signal_cleans_up(tmp_path, signum):
+    """`kill` or a closed terminal ended the demo without unwinding: the operator's drop-in stayed
+    replaced by the demo's, and the emulator, the key server and the work folder stayed behind."""
+    if os.geteuid() != 0:
+        pytest.skip("installing the drop-in checks that root owns what it runs")
+    conf_dir = tmp_path / "request-key.d"
+    conf_dir.mkdir()
+    (conf_dir / CONF_NAME).write_text("# an operator's own drop-in, which the demo must put back\n")
+    work = tmp_path / "tmp"
+    work.mkdir()
+    out = subprocess.run([sys.executable, "-c", STOPPED_DEMO, str(conf_dir), str(int(signum))],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(work)})
+    children = [int(line) for line in out.stdout.split() if line.isdigit()]
+    try:
+        assert len(children) == 2, out.stdout + out.stderr
+        assert out.returncode == 128 + signum, out.stdout + out.stderr
+        assert (conf_dir / CONF_NAME).read_text().startswith("# an operator's own drop-in")
+        assert list(work.iterdir()) == []
+        for pid in children:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
