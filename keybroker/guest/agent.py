@@ -6,8 +6,10 @@ request, ends the construction and keeps its deadline) hands the request to the 
 ``/run/keybroker/agent.sock`` and gets the outcome back; the agent loads the configuration
 (with the same ownership checks: its own code once when it starts, the configuration and its CA
 for each request), decides access, and obtains the key (under a kept token, else one
-attestation) exactly as the handler's own worker would. A configuration it cannot load it
-leaves to the handler, whose view its unit does not narrow (ProtectHome=, PrivateTmp=). When
+attestation) exactly as the handler's own worker would. A configuration it cannot load, or
+whose runtime log its view does not hold as the system does (or cannot write, to measure a
+release), it leaves to the handler, whose view its unit does not narrow (ProtectHome=,
+PrivateTmp=, ProtectSystem=). When
 no agent answers, the handler does the round itself: the agent is an accelerator, never a
 dependency.
 
@@ -47,7 +49,7 @@ from .agentsocket import (
     text,
 )
 from .handler import answer_frame, load_config, obtain_for
-from .unlock.keyfile import bind, peer_uid
+from .unlock.keyfile import bind, peer
 
 WORKERS = 16
 REQUEST_WAIT = 10.0  # seconds for a handler's request to arrive whole
@@ -56,7 +58,8 @@ REQUEST_WAIT = 10.0  # seconds for a handler's request to arrive whole
 def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
     value = bytearray()
     try:
-        if peer_uid(conn) != 0:
+        handler, handler_uid = peer(conn)
+        if handler_uid != 0:
             return  # only root's handler may ask
         _, config, key_type, description, callout, uid, gid, started = fields(
             read_frame(conn, REQUEST_MAX, time.monotonic() + REQUEST_WAIT), tag=b"request", count=8)
@@ -69,6 +72,8 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
             # Left to the handler, which loads it itself and rejects it if it must: the agent's view
             # may lack what the handler's has (its unit hides /root, /home and /tmp).
             return
+        if not _sees_the_runtime_log(cfg.measure.log.parent, writes=cfg.measure.releases, handler=handler):
+            return  # left to the handler too: the agent would read (or extend) another log than RTMR3's
         deadline = start + cfg.deadline / 2
         if not deadline > time.monotonic():
             return  # its handler has given up on the agent already
@@ -84,6 +89,21 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
         value[:] = bytes(len(value))
         conn.close()
         slots.release()
+
+
+def _sees_the_runtime_log(folder: Path, *, writes: bool, handler: int) -> bool:
+    """Whether the runtime log's ``folder`` (or the nearest folder above it that exists, where the log
+    would make it) is, in the agent's view, the one the process ``handler`` sees and, when it ``writes``
+    (measured releases), writable: the agent's unit makes the file system read-only but /run/keybroker
+    (ProtectSystem=strict) and gives it a /tmp of its own (PrivateTmp=); the handler runs outside it."""
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        mine, handlers = os.stat(folder), os.stat(f"/proc/{handler}/root{folder}")
+    except OSError:
+        return False
+    same = (mine.st_dev, mine.st_ino) == (handlers.st_dev, handlers.st_ino)
+    return same and (not writes or os.access(folder, os.W_OK))
 
 
 def _worker(accepted: queue.SimpleQueue[socket.socket], slots: threading.BoundedSemaphore) -> None:

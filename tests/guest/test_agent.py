@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from keybroker.guest import agentsocket as agent
-from support.agent import silent_agent
+from support.agent import running, silent_agent
 from support.keyctl import keyctl_session
 
 SOCKET = Path(agent.SOCKET)
@@ -29,21 +29,8 @@ SECRETS = {f"default/disk/k{i}": hashlib.sha256(b"agent key %d" % i).digest() fo
 @pytest.fixture
 def running_agent(handler) -> Iterator[subprocess.Popen]:
     """``keybroker agent`` on /run/keybroker/agent.sock (the handler's fixture holds the machine lock)."""
-    yield from _agent([sys.executable, "-m", "keybroker", "agent"])
-
-
-def _agent(command: list[str]) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while not SOCKET.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
-        time.sleep(0.05)
-    try:
+    with running([sys.executable, "-m", "keybroker", "agent"]) as proc:
         yield proc
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        SOCKET.unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -108,7 +95,7 @@ def test_a_configuration_the_agent_cannot_see_is_left_to_the_handler(setup, sysl
         pytest.skip("needs unshare (util-linux) to give the agent a view of its own")
     hidden = ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
               'mount -t tmpfs none "$1"; exec "$2" -m keybroker agent', "sh", str(tmp_path), sys.executable]
-    for _ in _agent(hidden):
+    with running(hidden):
         assert got(fetch("k0"), "k0")
     lines = [line for line in syslog if "outcome=" in line]
     assert len(lines) == 1 and "outcome=instantiated" in lines[0] and "via=worker" in lines[0], lines

@@ -176,6 +176,33 @@ def test_measured_release_through_the_kernel(td, handler, tmp_path):
     assert out.returncode == 0 and out.stdout == SECRETS["default/key/2"].decode(), out.stderr
 
 
+def test_an_agent_that_sees_another_runtime_log_leaves_the_request_to_the_handler(td, handler, syslog, tmp_path):
+    """The agent's unit gives it a /tmp of its own and a read-only file system but /run/keybroker: a
+    runtime log elsewhere is, in its view, another file (or none it may write). Measuring a release
+    there would extend RTMR3 without the system's log (or fail the request): the handler does it."""
+    import shutil
+
+    from support.agent import running
+
+    if not _installed_handler_measures():
+        pytest.skip("the installed request-key handler's keybroker predates runtime measurement (run after merge)")
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to give the agent a view of its own")
+    server, cfg = td
+    m = cfg.measure
+    m.log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handler(server.url, cfg.tsm_root, extra=f'[measure]\nreleases = true\nroot = "{m.root}"\nlog = "{m.log}"\n'
+                                            f'ccel = "{m.ccel}"\nccel_table = "{m.ccel_table}"\n')
+    private = ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+               'mount -t tmpfs none "$1"; exec "$2" -m keybroker agent', "sh", str(m.log.parent), sys.executable]
+    with running(private):
+        out = keyctl_session('keyctl request2 user keybroker:default/key/1 "" @s')
+    assert out.returncode == 0, out.stderr
+    assert m.log.read_bytes().endswith(f"keybroker release default/key/1 {server.url}".encode())
+    lines = [line for line in syslog if "outcome=" in line]
+    assert len(lines) == 1 and "via=worker" in lines[0], lines
+
+
 @pytest.mark.parametrize("provider, tee", [("sev_guest", "snp"), ("arm_cca_guest", "cca"), ("sev_aeb", "sev")])
 def test_an_event_log_beside_other_evidence_is_refused(provider, tee):
     """Only a TD's registers replay an event log: with other evidence its events would be claims nothing checked."""

@@ -1,10 +1,12 @@
-"""A stand-in for ``keybroker agent`` that takes requests and never answers them."""
+"""``keybroker agent`` run for a test, and a stand-in for it that takes requests and never answers them."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,4 +40,22 @@ def silent_agent(first_frame: tuple[str, int] | None = None) -> Iterator[list[so
         silent.close()
         for conn in held:
             conn.close()
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def running(command: list[str]) -> Iterator[subprocess.Popen]:
+    """``command`` (one that runs ``keybroker agent``), once its socket is there; stopped, and the
+    socket removed, after."""
+    path = Path(agentsocket.SOCKET)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()  # type: ignore[union-attr]
+        time.sleep(0.05)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
         path.unlink(missing_ok=True)

@@ -62,10 +62,11 @@ def volume_of_peer(address: object) -> str:
     return volume
 
 
-def peer_uid(conn: socket.socket) -> int:
-    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                         struct.calcsize("3i")))
-    return int(uid)
+def peer(conn: socket.socket) -> tuple[int, int]:
+    """The pid and uid of the process at the other end of ``conn`` (SO_PEERCRED)."""
+    pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return int(pid), int(uid)
 
 
 def _peer_gone(conn: socket.socket) -> bool:
@@ -123,7 +124,7 @@ class KeyFileServer:
             key[:] = bytes(len(key))
 
     def _volume(self, conn: socket.socket) -> Volume:
-        uid = peer_uid(conn)
+        _, uid = peer(conn)
         if uid not in (0, os.geteuid()):
             raise UnlockRefused(f"peer uid {uid} is neither root nor this server's user")
         name = volume_of_peer(conn.getpeername())
