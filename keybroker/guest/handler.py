@@ -52,6 +52,7 @@ FAILED = 10
 UNAVAILABLE = 30
 USER_PAYLOAD_MAX = 32767  # user and logon keys: 1 to 32767 bytes
 _FORBIDDEN_ERRNOS = {E.EAGAIN, 512, 513, 514, 516}  # EAGAIN reads as "not found"; ERESTART* are invalid
+_TRANSIENT_EVIDENCE_ERRNOS = {E.EBUSY, E.ETIMEDOUT, E.ECONNREFUSED, E.ECONNRESET, E.ENETUNREACH, E.EHOSTUNREACH}
 
 
 class Rejection:
@@ -93,8 +94,8 @@ def classify(exc: BaseException) -> Rejection:
         return Rejection(E.EPROTO, FAILED, reason)
     if isinstance(exc, err.TsmError):
         code = exc.errno if exc.errno and exc.errno not in _FORBIDDEN_ERRNOS else E.EIO
-        if code == E.EINTR:
-            code = E.EBUSY
+        if code == E.EINTR or (exc.transient and code not in _TRANSIENT_EVIDENCE_ERRNOS):
+            code = E.EBUSY  # "provider busy": unlock.retry waits out only these (ENOMEM, EPIPE: a refusal)
         return Rejection(code, TRANSIENT if exc.transient else UNAVAILABLE, reason)
     if isinstance(exc, err.KeyringError):
         return Rejection(exc.errno if exc.errno not in _FORBIDDEN_ERRNOS else E.EIO, FAILED, reason)

@@ -42,7 +42,12 @@ CASES = {
         ServerError("TLS with the server failed", status=0, problem=None),  # what the client raises for TLS
         ServerError("session", status=401, problem=p.UNKNOWN_SESSION)],
     "evidence unavailable, provider busy": [TsmError("busy", errno=E.EBUSY, transient=True),
-                                            TsmError("slow", errno=E.ETIMEDOUT, transient=True)],
+                                            TsmError("slow", errno=E.ETIMEDOUT, transient=True),
+                                            # configfs-tsm's ENOMEM; an evidence broker that hung up or
+                                            # a guest out of descriptors (aeb): all transient
+                                            TsmError("no memory", errno=E.ENOMEM, transient=True),
+                                            TsmError("broker gone", errno=E.EPIPE, transient=True),
+                                            TsmError("no fds", errno=E.EMFILE, transient=True)],
     "evidence unavailable, provider failed": [TsmError("gone", errno=E.ENXIO), TsmError("none", errno=E.ENODEV),
                                               TsmError("failed", errno=E.EIO)],
     "client configuration missing or invalid": [ConfigError("no file")],
