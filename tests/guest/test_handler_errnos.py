@@ -32,9 +32,9 @@ CASES = {
         ResourceMissing("absent", status=404, problem=p.RESOURCE_NOT_FOUND), DescriptionError("bad")],
     "resource larger than a key holds (32767 bytes), or empty": [ResourceUnfit("resource x is 40000 bytes")],
     "requester not allowed by `[[access]]`": [AccessDenied("no")],
-    "server unreachable, deadline passed": [ServerUnreachable("down", errno=code) for code in
-                                            (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ETIMEDOUT,
-                                                                     E.ECONNRESET)],
+    "server unreachable or hanging up (in the TLS handshake too), deadline passed": [
+        ServerUnreachable("down", errno=code)
+        for code in (E.ECONNREFUSED, E.ENETUNREACH, E.EHOSTUNREACH, E.ETIMEDOUT, E.ECONNRESET)],
     "server error (HTTP 5xx)": [ServerError("oops", status=code, problem=None) for code in (500, 502, 503)],
     "server limiting this address (HTTP 429)": [ServerError("slow down", status=429, problem=p.TOO_MANY_REQUESTS)],
     "protocol error (a malformed answer, another HTTP error, a failed TLS handshake)": [
