@@ -85,10 +85,10 @@ def load_cert_dir(folder: Path) -> list[x509.Certificate]:
     """Every certificate in the PEM/DER files of ``folder`` (not recursive)."""
     if not folder.is_dir():
         raise EvidenceError(f"certificate folder {folder} does not exist")
-    return _load_files(folder, CERT_FILE_SUFFIXES, load_certs)
+    return load_files(folder, CERT_FILE_SUFFIXES, load_certs)
 
 
-def _load_files(folder: Path, suffixes: tuple[str, ...], load: Callable[[bytes], list[T]]) -> list[T]:
+def load_files(folder: Path, suffixes: tuple[str, ...], load: Callable[[bytes], list[T]]) -> list[T]:
     """What ``load`` makes of each file of ``folder`` named with one of ``suffixes``, the file named
     in its failure; a file larger than CERT_FILE_MAX is refused. The folder is read at each
     attestation: a file gone since it was listed (the operator refreshing a CRL) or unreadable is
@@ -128,7 +128,7 @@ def load_crl(data: bytes) -> x509.CertificateRevocationList:
 
 def load_crl_dir(folder: Path) -> list[x509.CertificateRevocationList]:
     """Every CRL in the ``.crl`` files (DER or PEM, as AMD's KDS and Intel's PCS serve them) of ``folder``."""
-    return _load_files(folder, (".crl",), lambda data: [load_crl(data)])
+    return load_files(folder, (".crl",), lambda data: [load_crl(data)])
 
 
 def fingerprint(cert: x509.Certificate) -> str:

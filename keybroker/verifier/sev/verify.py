@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ...errors import EvidenceError
-from ..certs import CERT_FILE_MAX
+from ..certs import load_files
 from ..core import Checks, Context, Evidence, check_freshness
 from ..trust import TrustStore
 from .abi import (
@@ -95,22 +95,9 @@ def load_ca_dir(folder: Path) -> list[CaCert]:
     """The legacy CA certificates in the ``*.cert`` files of ``folder`` (platform certificates skipped)."""
     if not folder.is_dir():
         raise EvidenceError(f"certificate folder {folder} does not exist")
-    certs = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() != CA_FILE_SUFFIX or not path.is_file():
-            continue
-        try:  # read at each attestation: a file gone since it was listed, or unreadable, is named
-            size = path.stat().st_size
-            if size > CERT_FILE_MAX:
-                raise EvidenceError(f"larger than {CERT_FILE_MAX} bytes")
-            if size == PLATFORM_CERT_SIZE:
-                continue  # a CEK, PEK, OCA or PDH: the evidence carries its own
-            certs.extend(parse_ca_certs(path.read_bytes()))
-        except OSError as exc:
-            raise EvidenceError(f"{path}: {exc.strerror or exc}") from None
-        except EvidenceError as exc:
-            raise EvidenceError(f"{path}: {exc}") from None
-    return certs
+    # A CEK, PEK, OCA or PDH (a platform certificate's size) is skipped: the evidence carries its own.
+    return load_files(folder, (CA_FILE_SUFFIX,),
+                      lambda data: [] if len(data) == PLATFORM_CERT_SIZE else parse_ca_certs(data))
 
 
 def parse_auxblob(auxblob: bytes) -> list[CaCert]:
