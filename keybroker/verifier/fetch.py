@@ -52,6 +52,14 @@ CONCURRENCY = 4
 FAILURE_TTL = 600.0     # seconds a 404 is remembered
 ERROR_TTL = 60.0        # seconds another failure is remembered
 FAILURES_MAX = 4096     # remembered failures, oldest forgotten first
+STALE_RECHECK = 3600.0  # seconds what a service served already stale is used before it is asked again
+
+
+def kept_lately(mtime: float) -> bool:
+    """Whether an answer cached at ``mtime`` (its file's) was kept less than STALE_RECHECK seconds ago:
+    one a service served already past its next update is not asked for on every verification. Kept
+    "in the future" (the clock was stepped back since) counts only within STALE_RECHECK too."""
+    return abs(time.time() - mtime) < STALE_RECHECK
 
 
 class WouldFetch(Exception):

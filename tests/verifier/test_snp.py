@@ -663,7 +663,7 @@ def test_an_attestation_waits_for_another_fetch_of_the_crl_no_longer_than_a_fetc
 
 
 def test_a_cached_crl_past_its_next_update_kept_in_the_future_is_asked_for_again(crl_kds, tmp_path):
-    """A CRL KDS served past its next update is used for CRL_RECHECK seconds from when it was kept;
+    """A CRL KDS served past its next update is used for STALE_RECHECK seconds (fetch) from when it was kept;
     kept 'in the future' (the clock was stepped back since, as after a boot with a clock ahead), it
     must not count as just checked until the clock gets there."""
     url, state, hits = crl_kds

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from keybroker.server.policy import Policy
 from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
+from keybroker.verifier import fetch as fetch_module
 from keybroker.verifier.certs import fingerprint
 from keybroker.verifier.fetch import WouldFetch
 from keybroker.verifier.tdx import pcs as pcs_module
@@ -538,7 +539,7 @@ def test_collateral_from_a_pcs_is_cached(tmp_path, pcs):
 
 
 def test_stale_collateral_kept_in_the_future_is_asked_for_again(tmp_path, pcs):
-    """Collateral past its nextUpdate is reused for RECHECK seconds from when it was kept; kept 'in
+    """Collateral past its nextUpdate is reused for STALE_RECHECK seconds (fetch) from when it was kept; kept 'in
     the future' (the clock was stepped back since, as after a boot with a clock ahead), it must not
     count as just fetched until the clock gets there (a year of TCB updates and revocations unseen)."""
     p = tb.platform()
@@ -587,7 +588,7 @@ def test_a_stale_cache_refreshed_by_many_at_once_gives_each_a_verdict(tmp_path, 
     """Concurrent attestations that all find the cached collateral stale (threads here; forked
     workers sharing --cache-dir alike) must not trip over one another's refresh: no OSError
     from renaming onto a folder another one published, none from reading a folder being replaced."""
-    monkeypatch.setattr(pcs_module, "RECHECK", 0)  # the service serves it stale: every verdict refreshes
+    monkeypatch.setattr(fetch_module, "STALE_RECHECK", 0)  # the service serves it stale: every verdict refreshes
     p = tb.platform()
     server = pcs(p)
     raw = tb.quote(p)
@@ -618,7 +619,7 @@ def in_processes(count: int, work) -> list[int]:
 def test_a_stale_cache_shared_by_forked_workers_gives_each_a_verdict(tmp_path, pcs, monkeypatch):
     """The server's forked workers share --cache-dir but not the refresh lock: each publishes its
     refresh over the others' and reads folders the others replace, and still gets verdicts."""
-    monkeypatch.setattr(pcs_module, "RECHECK", 0)  # the service serves it stale: every verdict refreshes
+    monkeypatch.setattr(fetch_module, "STALE_RECHECK", 0)  # the service serves it stale: every verdict refreshes
     p = tb.platform()
     server = pcs(p)
     raw = tb.quote(p)

@@ -11,9 +11,9 @@ needed, and only for a report whose binding already checked. Answers are cached 
 
 A VLEK cannot be fetched by chip: it must come from the host or the operator. Certificates
 are kept for good (they are the same bytes for their lifetime); a CRL is asked for again
-once its next update is due, and a CRL that KDS serves past its next update is kept for
-``CRL_RECHECK`` seconds before KDS is asked again; one older than the cached CRL (by its last
-update) does not replace it.
+once its next update is due, and a CRL that KDS serves past its next update is kept for an
+hour (``fetch.kept_lately``) before KDS is asked again; one older than the cached CRL (by its
+last update) does not replace it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import os
 import stat
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from cryptography import x509
@@ -33,14 +32,13 @@ from cryptography import x509
 from ...errors import EvidenceError
 from ..certs import crl_signed_by_rsa_pss_sha384, load_certs, load_crl
 from ..core import Context
-from ..fetch import WouldFetch
+from ..fetch import WouldFetch, kept_lately
 from .abi import Report
 
 log = logging.getLogger("keybroker.verifier")
 
 AMD_KDS = "https://kdsintf.amd.com"
 RESPONSE_MAX = 64 * 1024
-CRL_RECHECK = 3600.0  # seconds a CRL past its next update is used before KDS is asked again
 
 
 def vcek_path(report: Report, product: str) -> str:
@@ -94,8 +92,8 @@ def fetch_crl(kind: str, product: str, ark: x509.Certificate,
     check says how old it is); without one, the EvidenceError says why."""
     path = f"{kind}/v1/{product}/crl"
     cache = _cache_file(context.fetcher.cache_dir, path)
-    kept = _kept_crl(cache, ark)
-    if kept is not None and cache is not None and _current(kept, cache):
+    kept, current = _kept_crl(cache, ark)
+    if current:
         return kept
     assert context.kds_url is not None
     url = f"{context.kds_url.rstrip('/')}/{path}"
@@ -111,8 +109,8 @@ def fetch_crl(kind: str, product: str, ark: x509.Certificate,
             return kept
         raise EvidenceError(f"AMD KDS: another fetch of {url} did not end within {context.fetcher.budget:g} s")
     try:
-        kept = _kept_crl(cache, ark)  # another thread may have refreshed it while this one waited
-        if kept is not None and cache is not None and _current(kept, cache):
+        kept, current = _kept_crl(cache, ark)  # another thread may have refreshed it while this one waited
+        if current:
             return kept
         return _ask_crl(url, cache, kept, product, ark, context)
     finally:
@@ -137,7 +135,7 @@ def _ask_crl(url: str, cache: Path | None, kept: x509.CertificateRevocationList 
         raise
     if kept is not None and cache is not None and crl.last_update_utc < kept.last_update_utc:
         # Older than what KDS served before: a replay (a MITM, a lagging mirror) of a CRL from
-        # before a revocation. The newer one stays, rechecked after CRL_RECHECK as if KDS had
+        # before a revocation. The newer one stays, rechecked an hour later as if KDS had
         # served it again.
         with contextlib.suppress(OSError):
             os.utime(cache)
@@ -159,15 +157,18 @@ def _refresh_lock(url: str) -> threading.Lock:
         return _refresh_locks.setdefault(url, threading.Lock())
 
 
-def _kept_crl(cache: Path | None, ark: x509.Certificate) -> x509.CertificateRevocationList | None:
+def _kept_crl(cache: Path | None, ark: x509.Certificate) -> tuple[x509.CertificateRevocationList | None, bool]:
+    """The cached CRL of ``ark`` (None: none, or none it signed), and whether it serves without asking KDS."""
     data = _read_cache(cache)
-    if data is None:
-        return None
+    if cache is None or data is None:
+        return None, False
     try:
         crl = load_crl(data)
     except EvidenceError:
-        return None
-    return crl if crl_signed_by_rsa_pss_sha384(crl, ark) else None
+        return None, False
+    if not crl_signed_by_rsa_pss_sha384(crl, ark):
+        return None, False
+    return crl, _current(crl, cache)
 
 
 def _read_cache(cache: Path | None) -> bytes | None:
@@ -196,14 +197,12 @@ def _read_cache(cache: Path | None) -> bytes | None:
 
 def _current(crl: x509.CertificateRevocationList, cache: Path) -> bool:
     """Whether the cached ``crl`` serves without asking KDS: its next update is ahead, or KDS
-    itself served it past that within the last ``CRL_RECHECK`` seconds."""
+    itself served it past that lately."""
     due = crl.next_update_utc
     if due is not None and due > dt.datetime.now(dt.UTC):
         return True
     with contextlib.suppress(OSError):
-        # Kept "in the future" (the clock was stepped back since, or another host's clock runs
-        # ahead) is a recent check only within CRL_RECHECK, not until the clock gets there.
-        return abs(time.time() - cache.stat().st_mtime) < CRL_RECHECK
+        return kept_lately(cache.stat().st_mtime)
     return False
 
 

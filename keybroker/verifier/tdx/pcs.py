@@ -14,7 +14,7 @@ caching service (PCCS) share the v4 paths; the issuer chains travel in HTTP head
 Answers are written as a collateral folder (``cache_dir/pcs/<fmspc>-<ca>/``) and read back
 with ``collateral.load_folder``, so fetched and offline collateral take one path. A cached
 folder is reused until one of its documents passes its ``nextUpdate``; one that the service
-served already past it is reused for ``RECHECK`` seconds (the verdict's ``tdx.collateral_expired``
+served already past it is reused for an hour (``fetch.kept_lately``; the verdict's ``tdx.collateral_expired``
 says so), not fetched again for every attestation. Nothing fetched is trusted for being
 fetched: the signature checks under the pinned root decide.
 
@@ -36,7 +36,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -45,11 +44,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from ...errors import EvidenceError
 from ..certs import load_crl
 from ..core import Context
-from ..fetch import Fetcher, WouldFetch
+from ..fetch import Fetcher, WouldFetch, kept_lately
 from .collateral import Collateral, load_folder
 
 RESPONSE_MAX = 1024 * 1024
-RECHECK = 3600.0  # seconds collateral served past its nextUpdate is used before it is asked for again
 
 
 def fetch_collateral(context: Context, fmspc: bytes, ca: str) -> Collateral:
@@ -99,7 +97,7 @@ def _refresh_lock(folder: Path) -> threading.Lock:
 
 def _cached(folder: Path, at: dt.datetime) -> Collateral | None:
     """The cached collateral if every document in it is still current at ``at`` or it was fetched
-    less than RECHECK seconds ago; None when it is missing, stale or cannot be read. Another
+    lately (``kept_lately``); None when it is missing, stale or cannot be read. Another
     process may be replacing the folder while it is read, and a damaged folder would otherwise
     fail every attestation until someone removes it: either way the collateral is fetched again,
     and its signatures decide as always."""
@@ -118,9 +116,7 @@ def _cached(folder: Path, at: dt.datetime) -> Collateral | None:
         return None
     if all(when is not None and when > at for _, when in cached.next_updates()):
         return cached
-    # Served stale: asked again later. Kept "in the future" (the clock was stepped back since) is a
-    # recent fetch only within RECHECK, not until the clock gets there.
-    return cached if abs(time.time() - after.st_mtime) < RECHECK else None
+    return cached if kept_lately(after.st_mtime) else None  # served stale: asked again later
 
 
 def _refresh(fetcher: Fetcher, base: str, fmspc: bytes, ca: str, folder: Path) -> Collateral:
