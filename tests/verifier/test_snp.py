@@ -474,6 +474,18 @@ def test_malformed_reports_are_clear_format_errors(mutate, message):
     assert verdict.failures[0].name == "format" and message in verdict.failures[0].detail
 
 
+def answer(handler: http.server.BaseHTTPRequestHandler, body: bytes | int) -> None:
+    """A loopback KDS's answer: ``body`` with 200, or the HTTP status ``body`` with nothing."""
+    if isinstance(body, int):
+        handler.send_response(body)
+        handler.end_headers()
+        return
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 @pytest.fixture
 def crl_kds():
     """A loopback KDS that serves ``state["crl"]`` (bytes, or an HTTP status) at /{vcek,vlek}/v1/{product}/crl,
@@ -485,15 +497,8 @@ def crl_kds():
         def do_GET(self):
             hits.append(self.path)
             time.sleep(state["delay"])
-            body = state["crl"]
-            if not self.path.endswith("/crl") or isinstance(body, int):
-                self.send_response(404 if not self.path.endswith("/crl") else body)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            body = state["crl"] if self.path.endswith("/crl") else 404
+            answer(self, body)
 
         def log_message(self, *args):
             pass
@@ -700,17 +705,11 @@ def kds():
                 self.end_headers()
                 return
             if self.path.startswith("/vcek/v1/Milan/") and "cert_chain" not in self.path:
-                body = (folder / "vcek.der").read_bytes()
+                answer(self, (folder / "vcek.der").read_bytes())
             elif self.path == "/vcek/v1/Milan/cert_chain":
-                body = (folder / "ask.pem").read_bytes() + (folder / "ark.pem").read_bytes()
+                answer(self, (folder / "ask.pem").read_bytes() + (folder / "ark.pem").read_bytes())
             else:
-                self.send_response(404)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+                answer(self, 404)
 
         def log_message(self, *args):
             pass
