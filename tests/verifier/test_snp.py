@@ -376,6 +376,19 @@ def test_a_look_alike_intermediate_before_the_real_one_does_not_refuse_the_guest
     assert verdict.ok, verdict.reason()
 
 
+def test_a_trusted_look_alike_ark_before_the_one_that_signs_does_not_refuse_the_guest():
+    """Two trusted roots of one name (AMD's ARK-Genoa and a --trust-roots anchor that bears the same
+    name, as the emulator's does): the one that signs the intermediate is taken, whichever comes first."""
+    p = sb.platform("Genoa")
+    other = sb.platform("Genoa")  # the same names, other keys
+    table = sb.cert_table([(GUID["vcek"], p.vek.public_bytes(serialization.Encoding.DER)),
+                           (GUID["ask"], p.intermediate.public_bytes(serialization.Encoding.DER))])
+    for arks in ([other.ark, p.ark], [p.ark, other.ark]):
+        verdict = run(sb.report(p), trust=TrustStore({fingerprint(ark): ark for ark in arks}),
+                      evidence={"auxblob": table})
+        assert verdict.ok, verdict.reason()
+
+
 def test_a_certs_folder_file_gone_or_unreadable_is_a_refusal_naming_it(tmp_path, monkeypatch):
     """The --certs folders are read at each attestation; an operator refreshing the ARK's CRL may
     remove a file between the listing and its reading. That was an OSError out of the verifier:

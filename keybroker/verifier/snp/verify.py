@@ -177,8 +177,10 @@ def find_chain(report: Report, certs: list[x509.Certificate], kind: str, trust: 
     if not intermediates:
         return f"no certificate for the VEK's issuer {common_name(vek.issuer)!r}"
     intermediate = intermediates[0]
-    # Among look-alike ARKs (the host fills auxblob), prefer a trusted one.
-    arks = sorted((c for c in certs if c.subject == intermediate.issuer), key=lambda c: not trust.is_trusted(c))
+    # Among look-alike ARKs (the host fills auxblob), prefer a trusted one, and of those the one that
+    # signs the intermediate (a --trust-roots anchor, such as the emulator's, may bear AMD's name).
+    arks = sorted((c for c in certs if c.subject == intermediate.issuer),
+                  key=lambda c: (not trust.is_trusted(c), not signed_by_rsa_pss_sha384(intermediate, c)))
     if not arks:
         return f"no ARK certificate {common_name(intermediate.issuer)!r}"
     return Chain(arks[0], intermediate, vek)
