@@ -225,7 +225,7 @@ class RcarClient:
 
             key = ec.generate_private_key(ec.SECP256R1())  # ephemeral: this round's, and its token's
             tee_pubkey = {"alg": p.KEY_ALGORITHM, **jwe.public_jwk(key.public_key())}
-            report = evidence(p.report_data(challenge.nonce, tee_pubkey))
+            report = evidence(p.report_data(challenge.nonce, tee_pubkey, hash_algorithm=challenge.hash_algorithm))
             attestation = p.Attestation(challenge.nonce, tee_pubkey, _primary_evidence(report, challenge))
             answer = self._call(link, "POST", "/attest", attestation.to_json())
             token = answer.get("token") if isinstance(answer, dict) else None

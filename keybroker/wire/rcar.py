@@ -12,10 +12,13 @@ guest-components' ``kbs_protocol``::
     GET  /kbs/v0/resource/<repo>/<type>/<tag>
                            -> JWE (flattened JSON) to the tee-pubkey
 
-REPORT_DATA binds the challenge nonce, the tee-pubkey and the device evidence: the first 48
-bytes of the 64-byte inblob are SHA-384 of the RFC 8785 canonical JSON of
-``{"additional-evidence": A, "nonce": N, "tee-pubkey": JWK}``, the rest are zero. Device
-evidence binds ``{"nonce": N, "tee-pubkey": JWK}`` the same way, unpadded.
+REPORT_DATA binds the challenge nonce, the tee-pubkey and the device evidence: the 64-byte
+inblob is a hash of the RFC 8785 canonical JSON of ``{"additional-evidence": A, "nonce": N,
+"tee-pubkey": JWK}``, zero-padded. The hash is SHA-384 unless the Challenge's ``extra-params``
+names another with ``"selected-hash-algorithm"`` (Trustee does for IBM SE, and for TDX when it
+appraises through Intel Trust Authority: SHA-512), from the ``"supported-hash-algorithms"`` the
+Request offered, as guest-components negotiates it. Device evidence binds ``{"nonce": N,
+"tee-pubkey": JWK}`` with SHA-384, unpadded.
 
 The evidence ``E`` is keybroker's Linux evidence envelope when both sides are keybroker's:
 the client asks for it with ``"keybroker-evidence": "envelope"`` in the Request's
@@ -44,6 +47,11 @@ _VERSION_ACCEPTED = re.compile(r"0\.4\.0(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?")
 #: The extra-params member by which a keybroker client and server agree on the envelope.
 EVIDENCE_PARAM = "keybroker-evidence"
 ENVELOPE = "envelope"
+#: The binding's hash: what the Request offers (kbs-types' names), what the Challenge may select.
+HASHES_PARAM = "supported-hash-algorithms"
+SELECTED_HASH_PARAM = "selected-hash-algorithm"
+HASHES = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
+DEFAULT_HASH = "sha384"
 SESSION_COOKIE = "kbs-session-id"
 #: keybroker's answer headers on a released resource: the lease in seconds (the key's expiry
 #: in the guest's keyring) and the hash of the release's audit record.
@@ -119,8 +127,10 @@ class AuthRequest:
     envelope: bool = True  # the client reads keybroker's envelope form
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "tee": self.tee,
-                "extra-params": {EVIDENCE_PARAM: ENVELOPE} if self.envelope else {}}
+        extra: dict[str, Any] = {HASHES_PARAM: list(HASHES)}
+        if self.envelope:
+            extra[EVIDENCE_PARAM] = ENVELOPE
+        return {"version": self.version, "tee": self.tee, "extra-params": extra}
 
     @classmethod
     def from_json(cls, obj: Any) -> AuthRequest:
@@ -135,6 +145,7 @@ class AuthRequest:
 class Challenge:
     nonce: str
     envelope: bool = False  # the server reads keybroker's envelope (else: Trustee's evidence forms)
+    hash_algorithm: str = DEFAULT_HASH  # the binding's hash, one of HASHES
 
     def to_json(self) -> dict[str, Any]:
         return {"nonce": self.nonce, "extra-params": {EVIDENCE_PARAM: ENVELOPE} if self.envelope else ""}
@@ -142,10 +153,14 @@ class Challenge:
     @classmethod
     def from_json(cls, obj: Any) -> Challenge:
         _object(obj, "challenge", required=("nonce",))
-        nonce = obj["nonce"]
+        nonce, extra = obj["nonce"], obj.get("extra-params")
         if not isinstance(nonce, str) or not 1 <= len(nonce) <= NONCE_MAX:
             raise ProtocolError(f"challenge nonce must be a string of 1-{NONCE_MAX} characters")
-        return cls(nonce, _asks_envelope(obj.get("extra-params")))
+        selected = extra.get(SELECTED_HASH_PARAM, DEFAULT_HASH) if isinstance(extra, dict) else DEFAULT_HASH
+        if not isinstance(selected, str) or selected.lower() not in HASHES:
+            raise ProtocolError(f"the challenge selects the hash algorithm {shown(selected)}, not one of "
+                                f"{', '.join(HASHES)} (what the request offered)")
+        return cls(nonce, _asks_envelope(extra), selected.lower())
 
 
 def _asks_envelope(extra_params: Any) -> bool:
@@ -223,11 +238,12 @@ def check_tee_pubkey(jwk: Any) -> dict[str, str]:
     return key
 
 
-def report_data(nonce: str, tee_pubkey: dict[str, str], additional_evidence: str = "") -> bytes:
-    """The 64-byte inblob that binds ``nonce``, ``tee_pubkey`` and the device evidence: SHA-384(JCS(...)) || zeros."""
+def report_data(nonce: str, tee_pubkey: dict[str, str], additional_evidence: str = "",
+                hash_algorithm: str = DEFAULT_HASH) -> bytes:
+    """The 64-byte inblob that binds ``nonce``, ``tee_pubkey`` and the device evidence: HASH(JCS(...)) || zeros."""
     material = rfc8785.dumps({"additional-evidence": additional_evidence, "nonce": nonce,
                               "tee-pubkey": tee_pubkey})
-    return hashlib.sha384(material).digest().ljust(INBLOB_SIZE, b"\0")
+    return HASHES[hash_algorithm](material).digest().ljust(INBLOB_SIZE, b"\0")
 
 
 def device_report_data(nonce: str, tee_pubkey: dict[str, str]) -> bytes:

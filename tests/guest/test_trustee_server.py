@@ -11,6 +11,8 @@ from contextlib import ExitStack
 
 import pytest
 
+from keybroker.guest.client import RcarClient
+from keybroker.guest.tsm import ReportRequest, TsmClient
 from keybroker.sim.roots import SimState
 from support.keyctl import keyctl_session
 from support.trustee_kbs import TrusteeKbs, running
@@ -35,9 +37,24 @@ def test_the_handler_obtains_a_key_from_a_trustee_kbs(tsm_sim, trustee_kbs, hand
     assert hashlib.sha256(SECRET).hexdigest() in out.stdout
     tee, member = FORMS[provider]
     auth, attest = (next(body[kind] for body in trustee_kbs.seen if kind in body) for kind in ("auth", "attest"))
-    assert auth["tee"] == tee and auth["extra-params"] == {"keybroker-evidence": "envelope"}
+    assert auth["tee"] == tee and auth["extra-params"]["keybroker-evidence"] == "envelope"
     primary = attest["tee-evidence"]["primary_evidence"]
     assert member in primary and "provider" not in primary  # Trustee's form, not keybroker's envelope
+
+
+def test_the_client_binds_with_the_hash_a_trustee_kbs_selects(tsm_sim, trustee_kbs):
+    """Trustee appraising TDX through Intel Trust Authority selects SHA-512 for REPORT_DATA from the hashes
+    the Request offers (guest-components offers them and follows the choice); the binding was SHA-384 always,
+    so such a KBS refused every key (EKEYREJECTED). In-process: the upcall runs the installed handler."""
+    root = tsm_sim("tdx_guest")
+    trustee_kbs.resources["default/disk/root"] = SECRET
+    trustee_kbs.binding_hash = "sha512"
+    tsm = TsmClient(root)
+    released = RcarClient(trustee_kbs.url, attempts=1).fetch("default/disk/root", "tdx",
+                                                             lambda inblob: tsm.get_report(ReportRequest(inblob)))
+    assert bytes(released.value) == SECRET
+    auth = next(body["auth"] for body in trustee_kbs.seen if "auth" in body)
+    assert "sha512" in auth["extra-params"]["supported-hash-algorithms"]
 
 
 def test_a_trustee_policy_denial_is_a_rejected_key(tsm_sim, trustee_kbs, handler):

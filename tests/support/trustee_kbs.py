@@ -6,8 +6,12 @@ kbs/src/jwe, deps/verifier/src/{snp,tdx,cca}, kbs-types 0.18), not from keybroke
 * ``/auth`` reads kbs-types' ``Request`` (``extra-params`` required, any value), checks the
   version against ``=0.4.0`` as semver does, answers a 32-byte base64 nonce with
   ``"extra-params": ""`` (it knows nothing of keybroker's envelope) and the session cookie;
+* with ``binding_hash`` set (Trustee appraising TDX through Intel Trust Authority: "sha512"),
+  ``/auth`` answers ``{"selected-hash-algorithm": ...}`` when the Request's ``supported-hash-algorithms``
+  offers it, and falls back to ``""`` when none is offered (kbs/src/attestation/intel_trust_authority),
+  while the appraisal requires that hash either way;
 * ``/attest`` reads ``Attestation``, hashes ``{"tee-pubkey", "nonce", "additional-evidence"}``
-  (tee-pubkey as ``TeePubKey`` writes it) with SHA-384 into the expected REPORT_DATA, reads
+  (tee-pubkey as ``TeePubKey`` writes it) with SHA-384 (or ``binding_hash``) into the expected REPORT_DATA, reads
   the primary evidence in Trustee's per-TEE form only, and verifies it as Trustee's verifiers
   do: SEV-SNP report version 3 to 5 at VMPL 0, REPORT_DATA and HOST_DATA (init-data)
   compared after zero-padding or cutting to size, TDX REPORTDATA and MRCONFIGID, CCA
@@ -79,6 +83,7 @@ class TrusteeKbs:
     trust_dir: Path
     resources: dict[str, bytes] = field(default_factory=dict)
     policy_allows: bool = True
+    binding_hash: str | None = None  # the hash the appraisal requires and the challenge selects if offered
     sessions: dict[str, Session] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)  # token -> the session it attested
     seen: list[dict[str, Any]] = field(default_factory=list)  # the /auth and /attest bodies received
@@ -95,7 +100,12 @@ class TrusteeKbs:
             raise Refusal("AttestationError", f"unknown variant `{body['tee']}`")
         session = uuid.uuid4().hex
         self.sessions[session] = Session(body["tee"], base64.b64encode(secrets.token_bytes(32)).decode())
-        return session, {"nonce": self.sessions[session].nonce, "extra-params": ""}
+        offered = body["extra-params"].get("supported-hash-algorithms") if isinstance(body["extra-params"], dict) \
+            else None
+        extra: Any = ""
+        if self.binding_hash is not None and isinstance(offered, list) and self.binding_hash in offered:
+            extra = {"selected-hash-algorithm": self.binding_hash}
+        return session, {"nonce": self.sessions[session].nonce, "extra-params": extra}
 
     def attest(self, session_id: str | None, body: Any) -> dict[str, str]:
         session = self.sessions.get(session_id or "")
@@ -111,8 +121,8 @@ class TrusteeKbs:
             raise Refusal("AttestationError", "deserialize Attestation") from None
         if nonce != session.nonce:
             raise Refusal("AttestationError", "the nonce in the handshake session is different")
-        expected = hashlib.sha384(rfc8785.dumps({"tee-pubkey": key, "nonce": nonce,
-                                                 "additional-evidence": additional})).digest()
+        expected = hashlib.new(self.binding_hash or "sha384", rfc8785.dumps(
+            {"tee-pubkey": key, "nonce": nonce, "additional-evidence": additional})).digest()
         init_digest = _init_data_digest(init_data) if init_data is not None else None
         try:
             blobs = trustee.from_json(session.tee, primary)

@@ -34,6 +34,24 @@ def test_report_data_binds_nonce_and_key():
     assert p.report_data("other", key) != data
 
 
+def test_the_binding_hash_is_negotiated_as_guest_components_negotiates_it():
+    """The Request offers sha256, sha384 and sha512; the Challenge may select one (Trustee: sha512 for IBM
+    SE, and for TDX through Intel Trust Authority), read case-insensitively; none selected is SHA-384."""
+    assert p.AuthRequest("tdx").to_json()["extra-params"]["supported-hash-algorithms"] == ["sha256", "sha384",
+                                                                                          "sha512"]
+    assert p.Challenge.from_json({"nonce": "n", "extra-params": ""}).hash_algorithm == "sha384"
+    assert p.Challenge.from_json({"nonce": "n", "extra-params": {}}).hash_algorithm == "sha384"
+    chosen = p.Challenge.from_json({"nonce": "n", "extra-params": {"selected-hash-algorithm": "SHA512"}})
+    assert chosen.hash_algorithm == "sha512"
+    key = {"alg": "ECDH-ES+A256KW", "crv": "P-256", "kty": "EC", "x": "A" * 43, "y": "B" * 43}
+    material = rfc8785.dumps({"additional-evidence": "", "nonce": "n", "tee-pubkey": key})
+    assert p.report_data("n", key, hash_algorithm="sha512") == hashlib.sha512(material).digest()
+    assert p.report_data("n", key, hash_algorithm="sha256") == hashlib.sha256(material).digest() + bytes(32)
+    for selected in ("sm3", "", 512, None, ["sha512"]):
+        with pytest.raises(ProtocolError, match="hash algorithm"):
+            p.Challenge.from_json({"nonce": "n", "extra-params": {"selected-hash-algorithm": selected}})
+
+
 def test_attestation_is_read_as_serde_reads_it():
     key = json.loads(jwk.JWK.generate(kty="EC", crv="P-256").export_public()) | {"alg": "ECDH-ES+A256KW"}
     att = p.Attestation("n", key, {"version": 1})
