@@ -751,6 +751,35 @@ def test_certificates_from_kds_with_cache_and_back_off(kds, tmp_path):
     assert sorted(p.name for p in (tmp_path / "kds" / "vcek" / "v1" / "Milan").iterdir())
 
 
+def test_a_v2_vlek_report_gets_its_own_products_chain_from_kds(tmp_path):
+    """A v2 report names no product (no CPUID) and KDS cannot serve a VLEK: the chain of every product
+    that had v2 reports is fetched, so that a Genoa VLEK is not checked against Milan's ASVK only."""
+    der = serialization.Encoding.DER
+    genoa, milan = sb.platform("Genoa", "vlek"), sb.platform("Milan", "vlek")
+    pem = serialization.Encoding.PEM
+    chains = {p.product: p.intermediate.public_bytes(pem) + p.ark.public_bytes(pem) for p in (genoa, milan)}
+    crls = {p.product: sb.crl(p).public_bytes(der) for p in (genoa, milan)}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            kind, _, product, what = self.path.strip("/").split("/")
+            answer(self, (chains if what == "cert_chain" else crls).get(product, 404) if kind == "vlek" else 404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        verdict = run(sb.report(genoa, version=2), trust=TrustStore({fingerprint(genoa.ark): genoa.ark}),
+                      kds_url=f"http://127.0.0.1:{server.server_address[1]}", fetcher=Fetcher(tmp_path),
+                      evidence={"auxblob": sb.cert_table([(GUID["vlek"], genoa.vek.public_bytes(der))])})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert verdict.ok, verdict.reason()
+
+
 def test_kds_answers_fetched_side_by_side_or_not_kept_still_verify(kds, tmp_path):
     """Threads (and workers) fetching the same certificates each keep a file of their own; a cache
     that cannot be written costs a fetch later, not the verdict."""

@@ -52,7 +52,8 @@ def vcek_path(report: Report, product: str) -> str:
 
 def fetch_chain(report: Report, kind: str, context: Context) -> list[x509.Certificate]:
     """Whatever the KDS has for this report: its VCEK (not for VLEKs) and the chain above it."""
-    # v2 reports carry no CPUID; they predate Turin, so the product is Milan or Genoa.
+    # v2 reports carry no CPUID; they predate Turin, so the product is Milan or Genoa. A VCEK found
+    # under a product names it; a VLEK, which KDS does not serve, does not: both chains then.
     products = [report.cpuid_product] if report.cpuid_product else ["Milan", "Genoa"]
     certs: list[x509.Certificate] = []
     for product in products:
@@ -63,7 +64,7 @@ def fetch_chain(report: Report, kind: str, context: Context) -> list[x509.Certif
             continue
         found += _get(context, f"{kind}/v1/{product}/cert_chain")
         certs += found
-        if found:
+        if found and kind == "vcek":
             break
     return certs
 
