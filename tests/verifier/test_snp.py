@@ -817,6 +817,7 @@ def test_a_stale_vcek_from_the_host_is_replaced_from_kds(kds, tmp_path):
     # KDS away: the verdict names what is wrong with the host's VCEK.
     verdict = run(raw, kds_url="http://127.0.0.1:9", fetcher=Fetcher(tmp_path / "other"), evidence={"auxblob": table})
     assert verdict.failures[0].name in ("tcb_matches_vek", "chip_id_matches"), verdict.reason()
+    assert "the current one could not be fetched: " in verdict.failures[0].detail  # and why not
 
 
 # -- SVSM service attestation through the emulator -------------------------------------------

@@ -217,12 +217,14 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     # A VCEK that cannot have signed the report (a host's table not refreshed after a TCB update)
     # is as good as none: KDS has the one that did. (A VLEK cannot be fetched.)
     stale = isinstance(chain, Chain) and kind == "vcek" and any(_mismatch(chain.vek, report, kind))
+    unfetched = ""  # why KDS could not replace a stale VCEK, for the check it then fails
     if (isinstance(chain, str) or stale) and context.kds_url is not None:
         try:
             certs += fetch_chain(report, kind, context)
         except EvidenceError as exc:
             if isinstance(chain, str):
                 checks.failed("certificates", f"{chain}; {exc}")
+            unfetched = f"; the current one could not be fetched: {exc}"
         chain = find_chain(report, certs, kind, context.trust)
     if isinstance(chain, str):
         checks.failed("certificates", chain)
@@ -270,13 +272,14 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     cert_tcb = {part: vek_spl(vek, part) for part in report.reported_tcb.as_dict()}
     checks.require(cert_tcb == report.reported_tcb.as_dict(), "tcb_matches_vek",
                    f"{kind.upper()} SPLs equal REPORTED_TCB {report.reported_tcb.as_dict()}",
-                   f"{kind.upper()} SPLs {cert_tcb} differ from REPORTED_TCB {report.reported_tcb.as_dict()}")
+                   f"{kind.upper()} SPLs {cert_tcb} differ from REPORTED_TCB {report.reported_tcb.as_dict()}"
+                   f"{unfetched}")
     if kind == "vcek":
         hwid = vek_hwid(vek)
         checks.require(any(report.chip_id) and hwid == report.significant_chip_id, "chip_id_matches",
                        f"hwID {report.significant_chip_id.hex()[:16]}... equals CHIP_ID",
                        f"VCEK hwID {(hwid or b'').hex()[:16]}... does not match CHIP_ID "
-                       f"{report.significant_chip_id.hex()[:16]}...")
+                       f"{report.significant_chip_id.hex()[:16]}...{unfetched}")
     else:
         checks.require(vek_hwid(vek) is None, "chip_id_matches", "VLEK: not bound to a chip",
                        "a VLEK must not carry a hwID")
