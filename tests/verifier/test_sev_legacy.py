@@ -195,6 +195,17 @@ def test_refusals(sim):
     assert "not signed by the ASK" in run(sim, cases["cek"]).failures[0].detail
 
 
+def test_an_ask_the_pinned_ark_did_not_sign_is_refused(sim):
+    """An ASK naming the pinned ARK as its issuer (and signing the CEK) whose signature is not the
+    ARK's: a forged intermediate under a genuine root vouches for nothing."""
+    platform, _ = sim
+    pinned_only = TrustStore({}, sev_arks={hashlib.sha256(platform.ark).hexdigest(): "simulated"})
+    forged = platform.ask[:-1] + bytes([platform.ask[-1] ^ 1])  # the last byte of its signature
+    assert abi.parse_ca_cert(forged).certifying_id == abi.parse_ca_cert(platform.ark).key_id
+    verdict = run(sim, auxblob=forged + platform.ark, trust=pinned_only)
+    assert not verdict.ok and verdict.failures[0].name == "ask", verdict.reason()
+
+
 def test_a_pek_from_another_owner_is_refused(sim, tmp_path):
     platform, _ = sim
     other = sevlegacy.platform(SimState(tmp_path))
