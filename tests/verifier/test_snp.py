@@ -4,6 +4,7 @@ products and versions the vectors do not cover."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import http.server
@@ -250,6 +251,47 @@ def test_chain_under_an_unpinned_lookalike_ark(tmp_path):
     assert "is not a trusted AMD root" in verdict.failures[0].detail
     trusted = run(raw, certs=[tmp_path], trust=TrustStore({fingerprint(p.ark): p.ark}))
     assert trusted.ok, trusted.reason()  # everything else about the forgery is self-consistent
+
+
+def _vlek_with_a_hwid(p: sb.Platform) -> sb.Platform:
+    """``p`` (a VLEK platform) whose VLEK, issued by the genuine ASVK, also carries a chip's hwID."""
+    builder = (x509.CertificateBuilder().subject_name(p.vek.subject).issuer_name(p.vek.issuer)
+               .public_key(p.vek_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(p.vek.not_valid_before_utc).not_valid_after(p.vek.not_valid_after_utc))
+    for ext in p.vek.extensions:
+        builder = builder.add_extension(ext.value, critical=ext.critical)
+    builder = builder.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(f"{sb.AMD_OID}.4"),
+                                                               bytes(range(1, 65))), critical=False)
+    assert p.intermediate_key is not None
+    return dataclasses.replace(p, vek=builder.sign(p.intermediate_key, hashes.SHA384(), rsa_padding=sb.PSS))
+
+
+@pytest.mark.parametrize("forgery, failed", [
+    # An ASK with the genuine ARK's name (and that ARK pinned and offered) but its own key: it
+    # signs a VCEK of the forger's choosing.
+    (lambda p: (sb.platform(p.product), p.ark), "ask_signed_by_ark"),
+    # The VCEK of this chip for an older TCB signs a report claiming a newer one.
+    (lambda p: (dataclasses.replace(p, tcb=sb.Tcb(snp=p.tcb.snp + 2)), p.ark), "tcb_matches_vek"),
+    # Another chip's VCEK (same TCB) signs a report claiming this chip.
+    (lambda p: (dataclasses.replace(p, chip_id=bytes(reversed(p.chip_id))), p.ark), "chip_id_matches"),
+    # A VCEK with no hwID to speak of, for a report with a masked CHIP_ID (MASK_CHIP_ID).
+    (lambda p: (dataclasses.replace(sb.issue_vek(p, p.tcb, chip_id=bytes(64)), chip_id=bytes(64)), p.ark),
+     "chip_id_matches"),
+    # A VLEK is bound to no chip: one carrying a hwID is not AMD's.
+    (lambda p: (_vlek_with_a_hwid(sb.platform(p.product, "vlek")), None), "chip_id_matches"),
+], ids=["foreign ASK", "older TCB's VCEK", "another chip's VCEK", "masked CHIP_ID", "VLEK with a hwID"])
+def test_a_chain_or_binding_forgery_under_a_trusted_ark_fails_the_named_check(forgery, failed):
+    """Each of these is self-consistent but for one check, which must fail (with it made always true,
+    the report verified)."""
+    genuine = sb.platform("Milan")
+    forged, ark = forgery(genuine)
+    ark = ark or forged.ark
+    table = sb.cert_table([(GUID[forged.kind], forged.vek.public_bytes(serialization.Encoding.DER)),
+                           (GUID["ask"], forged.intermediate.public_bytes(serialization.Encoding.DER)),
+                           (GUID["ark"], ark.public_bytes(serialization.Encoding.DER))])
+    verdict = run(sb.report(forged, version=3), trust=TrustStore({fingerprint(ark): ark}),
+                  evidence={"auxblob": table})
+    assert [c.name for c in verdict.failures] == [failed], verdict.reason()
 
 
 @pytest.mark.parametrize("kind", ["vcek", "vlek"])
