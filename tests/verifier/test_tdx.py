@@ -4,6 +4,7 @@ built to the spec for the versions and bodies the samples do not cover."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -191,6 +192,44 @@ def test_chain_under_a_lookalike_root():
     verdict = run(raw)
     assert first_failure(verdict) == "root_pinned" and "is not the pinned Intel SGX Root CA" in verdict.reason()
     assert run(raw, trust=trusting(p)).ok  # the forgery is otherwise self-consistent
+
+
+def _reissued(p: tb.Platform, *, pck_is_ca: bool = False, ca_key: ec.EllipticCurvePrivateKey | None = None,
+              root_key: ec.EllipticCurvePrivateKey | None = None):
+    """``p`` with its PCK CA's key ``ca_key``, re-signed by ``root_key`` (its own root's by default),
+    and its PCK a CA if ``pck_is_ca``."""
+    from cryptography import x509
+
+    def copy(cert, public_key, signer, ca):
+        builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer)
+                   .public_key(public_key).serial_number(x509.random_serial_number())
+                   .not_valid_before(cert.not_valid_before_utc).not_valid_after(cert.not_valid_after_utc)
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        for ext in cert.extensions:
+            if not isinstance(ext.value, x509.BasicConstraints):
+                builder = builder.add_extension(ext.value, critical=ext.critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ca_key or p.ca_key
+    ca = copy(p.ca, ca_key.public_key(), root_key or p.root_key, True)
+    return dataclasses.replace(p, ca=ca, ca_key=ca_key, pck=copy(p.pck, p.pck_key.public_key(), ca_key, pck_is_ca))
+
+
+@pytest.mark.parametrize("forge, problem", [
+    (lambda p: tb.platform(), "Intel SGX PCK Platform CA is not signed by Intel SGX Root CA"),
+    (lambda p: _reissued(p, pck_is_ca=True), "the PCK leaf must not be a CA"),
+    (lambda p: _reissued(p, ca_key=ec.generate_private_key(ec.SECP384R1())), "PCK keys must be EC P-256"),
+    (lambda p: _reissued(tb.platform(ca_name="Intel SGX PCK Lookalike CA"), root_key=p.root_key),
+     "'Intel SGX PCK Lookalike CA' is not one of"),
+], ids=["CA of another root key", "PCK leaf a CA", "P-384 PCK CA", "unknown PCK CA name"])
+def test_a_pck_chain_under_the_pinned_root_is_checked_link_by_link(forge, problem):
+    """The pinned root is offered and trusted; the rest of the chain is the forger's (a CA that
+    the root did not sign carries its name), or breaks one of the rules of Intel's PCK chain."""
+    p = tb.platform()
+    forged = forge(p)
+    raw = tb.quote(forged, chain=tb.pem(forged.pck, forged.ca, p.root) + b"\0")
+    verdict = run(raw, trust=trusting(p), inblob=tb.Td().report_data)
+    assert [c.name for c in verdict.failures] == ["pck_chain"] and problem in verdict.reason(), verdict.reason()
 
 
 def test_real_quote_with_a_lookalike_chain_fails():
