@@ -269,6 +269,9 @@ def test_nonce_and_report_data_binding():
     assert check(run(raw, trust=trusting(p), inblob=nonce), "nonce_binding").ok
     wrong = run(raw, trust=trusting(p), nonce=bytes(64))
     assert [c.name for c in wrong.failures] == ["nonce_binding"]
+    # The nonce the verifier expects, not the evidence's own inblob (a replay's), is what binds.
+    replayed = run(raw, trust=trusting(p), nonce=bytes(64), inblob=nonce)
+    assert [c.name for c in replayed.failures] == ["nonce_binding"]
     exact = run(raw, trust=trusting(p), report_data=nonce, inblob=bytes(64))
     assert check(exact, "report_data").ok and exact.ok
 
