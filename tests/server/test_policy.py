@@ -194,6 +194,20 @@ def test_true_is_not_1_inside_arrays_and_objects_either():
     assert hex_rule.decide("a/b/c", {"debug": False, "x": {"m": ["abcd"]}}).allowed
 
 
+def test_equals_and_contains_compare_whole_arrays_and_objects():
+    """An array equals one of the same length only, an object one of the same members only; a
+    contained object must have every member wanted (an element lacking one is no match)."""
+    rule = policy({"resources": ["*"], "require": {"claim": "x", "equals": [1, {"a": 0}]}})
+    for claim in ([1], [1, {"a": 0}, 2], [1, {}], [1, {"a": 0, "b": 1}], [{"a": 0}]):
+        assert not rule.decide("a/b/c", {"debug": False, "x": claim}).allowed, claim
+    assert rule.decide("a/b/c", {"debug": False, "x": [1, {"a": 0}]}).allowed
+    contains = policy({"resources": ["*"], "require": {"claim": "x", "contains": {"domain": "d", "content": "c"}}})
+    for elements in ([{"domain": "d"}], [{"content": "c"}, {"domain": "d"}], [{"domain": "d", "content": "C"}]):
+        assert not contains.decide("a/b/c", {"debug": False, "x": elements}).allowed, elements
+    assert contains.decide("a/b/c", {"debug": False, "x": [{"domain": "d"}, {"domain": "d", "content": "c",
+                                                                              "extra": 1}]}).allowed
+
+
 def test_not_over_an_absent_claim_does_not_pass():
     policy = Policy({"version": 1, "rules": [{"resources": ["*"], "require": {"allOf": [
         {"claim": "tee", "equals": "snp"},
