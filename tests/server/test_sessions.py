@@ -120,6 +120,17 @@ def test_a_session_row_changed_in_the_database_is_not_believed(tmp_path, forge):
         assert (asyncio.run(reader.get_session("s2")) is not None) is believed
 
 
+def test_a_row_mac_tells_where_each_column_ends():
+    """Bytes moved from one column to the next (the same text end to end) make another row: a writer
+    of the database must not turn a session's tee_pubkey into the start of its claims."""
+    rows = RowMac(Sealer(KEK), SESSION_MAC)
+    columns = ("s1", "snp", "n", "attested", "1700000000", '{"kty": "EC"}', '{"debug": false}')
+    mac = rows.mac(columns)
+    assert rows.verify(columns, mac)
+    for moved in (columns[:5] + ('{"kty": "EC"}{"debug"', ': false}'), columns[:2] + ("na", "ttested") + columns[4:]):
+        assert "".join(moved) == "".join(columns) and not rows.verify(moved, mac), moved
+
+
 def test_a_session_row_stays_good_across_a_kek_rotation(tmp_path):
     stored = Store(f"sqlite:///{tmp_path}/kbs.db", ROWS)
     asyncio.run(stored.end_attestation(attested("s1"), Event(ATTEST, ALLOW, "test", "a")))
