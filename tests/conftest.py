@@ -78,6 +78,20 @@ def kbs(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., KeyServerProc
             server.stop()
 
 
+# -- PostgreSQL, for the replica tests -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server of the module's own; yields the URL of its maintenance database."""
+    from support.postgres import Unavailable, running_postgres
+
+    try:
+        with running_postgres() as url:
+            yield url
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
 # -- the request-key handler -----------------------------------------------------------
 
 CONF = Path("/etc/request-key.d/keybroker.conf")

@@ -102,17 +102,6 @@ def test_a_forged_last_version_is_named_not_a_crash(url):
         admin(url).put_policy(PINNED.dumps())
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    from support.postgres import Unavailable, running_postgres
-
-    try:
-        with running_postgres() as found:
-            yield found
-    except Unavailable as exc:
-        pytest.skip(str(exc))
-
-
 def test_a_policy_put_by_an_actor_with_a_long_name_is_stored(postgres):
     """`serve --policy` names its file as the actor (config:PATH), `policy put --db` the login name
     ($USER): longer than the column (200 characters), PostgreSQL refused the row, and the server did

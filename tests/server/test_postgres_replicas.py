@@ -30,20 +30,10 @@ from keybroker.wire import rcar as p
 from keybroker.wire.resource import PATH_MAX
 from support.appender import appending
 from support.kbs import attest, attestation, audit_records, challenge, keybroker
-from support.postgres import Unavailable, fresh_database, running_postgres
+from support.postgres import fresh_database
 from support.servers import KeyServerProcess, ServerSecrets
 
 SECRET = b"\x02replicated disk key\xfd"
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A PostgreSQL server of our own; yields the URL of its maintenance database."""
-    try:
-        with running_postgres() as url:
-            yield url
-    except Unavailable as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture

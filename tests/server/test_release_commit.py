@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -25,7 +24,7 @@ from keybroker.verifier import TrustStore
 from keybroker.wire import jwe
 from keybroker.wire import rcar as p
 from support.policies import ANY_GUEST_DOCUMENT
-from support.postgres import Unavailable, fresh_database, running_postgres
+from support.postgres import fresh_database
 
 KEK = Kek.from_bytes(bytes(range(32)), "test")
 NEXT_KEK = Kek.from_bytes(bytes(range(1, 33)), "test")
@@ -95,15 +94,6 @@ def test_a_release_that_keeps_meeting_changes_is_given_up(tmp_path, monkeypatch)
         asyncio.run(kbs.release(PATH, cookie, None, "peer"))
     assert caught.value.name == p.UNAVAILABLE and caught.value.status == 503
     assert not [r for r in audit.records(kbs.store.engine) if r.event.event == RELEASE]
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    try:
-        with running_postgres() as url:
-            yield url
-    except Unavailable as exc:
-        pytest.skip(str(exc))
 
 
 def test_a_policy_removed_on_another_replica_applies_to_a_release_being_made(postgres, monkeypatch):
