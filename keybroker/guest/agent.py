@@ -48,6 +48,7 @@ from .agentsocket import (
     read_frame,
     text,
 )
+from .client import Links
 from .handler import answer_frame, load_config, obtain_for
 from .unlock.keyfile import bind, peer
 
@@ -55,7 +56,7 @@ WORKERS = 16
 REQUEST_WAIT = 10.0  # seconds for a handler's request to arrive whole
 
 
-def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
+def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore, links: Links) -> None:
     value = bytearray()
     try:
         handler, handler_uid = peer(conn)
@@ -79,7 +80,7 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore) -> None:
             return  # its handler has given up on the agent already
         conn.sendall(frame("deadline", round(cfg.deadline * 1000)))
         header, value = obtain_for(cfg, text(key_type), text(description), callout,
-                                   number(uid, 0, 2**32 - 1), number(gid, 0, 2**32 - 1), deadline)
+                                   number(uid, 0, 2**32 - 1), number(gid, 0, 2**32 - 1), deadline, links)
         conn.settimeout(max(0.1, deadline - time.monotonic()))
         for part in answer_frame(header, value):
             conn.sendall(part)
@@ -106,11 +107,11 @@ def _sees_the_runtime_log(folder: Path, *, writes: bool, handler: int) -> bool:
     return same and (not writes or os.access(folder, os.W_OK))
 
 
-def _worker(accepted: queue.SimpleQueue[socket.socket], slots: threading.BoundedSemaphore) -> None:
+def _worker(accepted: queue.SimpleQueue[socket.socket], slots: threading.BoundedSemaphore, links: Links) -> None:
     while True:
         conn = accepted.get()
         try:
-            _serve_one(conn, slots)
+            _serve_one(conn, slots, links)
         except Exception:  # a bug costs neither the agent a worker nor the handler its key: it does the round
             traceback.print_exc()
 
@@ -131,8 +132,9 @@ def serve(socket_path: Path = Path(SOCKET)) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     slots = threading.BoundedSemaphore(WORKERS)
     accepted: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+    links = Links()  # the key servers' connections, kept alive from one request to the next
     for _ in range(WORKERS):  # started once, not a thread per request
-        threading.Thread(target=_worker, args=(accepted, slots), name="keybroker-agent", daemon=True).start()
+        threading.Thread(target=_worker, args=(accepted, slots, links), name="keybroker-agent", daemon=True).start()
     notify("READY=1", f"STATUS=obtaining keys for the request-key handler on {socket_path}")
     try:
         while True:

@@ -22,17 +22,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ..errors import KeybrokerError, TsmError
 from ..wire import rcar as p
 from ..wire.envelope import TsmReport
-from .client import RcarClient, ReleasedKey, TokenRefused
+from .client import Links, RcarClient, ReleasedKey, TokenRefused
 from .config import ClientConfig
 from .request import KeyRequest
 from .tokens import AttestationLock, TokenCache
 from .tsm import ReportRequest, TsmClient
 
-__all__ = ["ReleasedKey", "obtain"]
+__all__ = ["Links", "ReleasedKey", "obtain"]
 
 
-def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> ReleasedKey:
-    released = _obtain(config, request, deadline=deadline)
+def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float, links: Links | None = None) -> ReleasedKey:
+    released = _obtain(config, request, deadline=deadline, links=links)
     if config.measure.releases:
         from . import measure
 
@@ -47,8 +47,8 @@ def obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> Rel
     return released
 
 
-def _obtain(config: ClientConfig, request: KeyRequest, *, deadline: float) -> ReleasedKey:
-    client = RcarClient(config.server_url, ca=config.server_ca, deadline=deadline)
+def _obtain(config: ClientConfig, request: KeyRequest, *, deadline: float, links: Links | None) -> ReleasedKey:
+    client = RcarClient(config.server_url, ca=config.server_ca, deadline=deadline, links=links)
     resource = str(request.resource)
     if not TokenCache.available():
         return _attest(config, request, client, None, deadline)

@@ -24,6 +24,7 @@ import errno as E
 import http.client
 import json
 import re
+import select
 import socket
 import ssl
 import threading
@@ -131,13 +132,15 @@ class _Http:
         try:
             try:
                 response, content = self._exchange(method, path, body, headers)
-            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.SSLEOFError,
+                    ssl.SSLZeroReturnError):
                 if not kept or self._cut_off:
                     raise
                 # The server closed the kept-alive connection while it was idle (keybroker's and
-                # Trustee's both do after 5 s; making evidence may take longer): it never read this
-                # request. Once more, on a new connection (a resent /attest that finds its nonce spent
-                # was read the first time: the round is made again, see _call).
+                # Trustee's both do after 5 s; making evidence may take longer; over TLS that may read
+                # as an EOF the protocol did not expect): it never read this request. Once more, on a
+                # new connection (a resent /attest that finds its nonce spent was read the first time:
+                # the round is made again, see _call).
                 self.conn.close()
                 resent = True
                 response, content = self._exchange(method, path, body, headers)
@@ -171,6 +174,11 @@ class _Http:
             response.read()  # nothing left: the connection stays usable
         return response, content
 
+    @property
+    def reusable(self) -> bool:
+        """Whether the connection is up and its last exchange was not cut off: it may serve another."""
+        return self.conn.sock is not None and not self._cut_off
+
     def _cut(self) -> None:
         """The exchange's time is up: shut its socket down, which ends any read blocked on it."""
         self._cut_off = True
@@ -180,14 +188,70 @@ class _Http:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+class Links:
+    """Kept-alive connections to key servers, for a process that makes round after round (the agent):
+    a key under a kept token then costs no TCP connection (nor TLS handshake) of its own.
+
+    A connection is kept only after an exchange that ended whole, without the round's session
+    cookie, and for at most ``IDLE`` seconds (keybroker's and Trustee's servers close one idle
+    for 5 s; one closed meanwhile is sent to once more on a new connection, see _Http.request).
+    It serves the same server URL and CA setting only, one exchange at a time."""
+
+    IDLE = 4.0
+    KEPT_MAX = 16  # per server: the agent's workers
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, Path | None], list[tuple[float, _Http]]] = {}
+
+    def take(self, url: str, ca: Path | None) -> _Http | None:
+        """The most recently kept connection to ``url`` (with ``ca``) not idle too long, if any."""
+        stale = []
+        try:
+            while True:
+                with self._lock:
+                    idle = self._idle.get((url, ca), [])
+                    if not idle:
+                        return None
+                    since, link = idle.pop()
+                if time.monotonic() - since < self.IDLE and not _dropped(link):
+                    return link
+                stale.append(link)
+        finally:
+            for link in stale:
+                link.conn.close()
+
+    def keep(self, url: str, ca: Path | None, link: _Http) -> None:
+        """Keep ``link`` for another exchange (closed if ``KEPT_MAX`` are kept already)."""
+        link.cookie = None  # the round's session ends with it
+        with self._lock:
+            idle = self._idle.setdefault((url, ca), [])
+            if len(idle) < self.KEPT_MAX:
+                idle.append((time.monotonic(), link))
+                return
+        link.conn.close()
+
+
+def _dropped(link: _Http) -> bool:
+    """Whether an idle connection has something to read: the server's close (or bytes it had no
+    reason to send). Either way it is not one to send a request on."""
+    sock = link.conn.sock
+    if sock is None:
+        return True
+    poll = select.poll()
+    poll.register(sock, select.POLLIN)
+    return bool(poll.poll(0))
+
+
 class RcarClient:
     def __init__(self, url: str, *, ca: Path | None = None, deadline: float | None = None,
-                 attempts: int = 3, backoff: float = 0.5) -> None:
+                 attempts: int = 3, backoff: float = 0.5, links: Links | None = None) -> None:
         self.url = url.rstrip("/")
         self.ca = ca
         self.deadline = deadline
         self.attempts = attempts
         self.backoff = backoff
+        self.links = links  # kept-alive connections to take and give back (None: one per round)
 
     def fetch(self, resource: str, tee: str, evidence: EvidenceSource,
               keep: Callable[[str, ec.EllipticCurvePrivateKey], None] | None = None) -> ReleasedKey:
@@ -237,11 +301,16 @@ class RcarClient:
 
     @contextmanager
     def _connection(self) -> Iterator[_Http]:
-        link = _Http(self.url, self.ca)
+        link = (self.links.take(self.url, self.ca) if self.links else None) or _Http(self.url, self.ca)
+        whole = False
         try:
             yield link
+            whole = link.reusable
         finally:
-            link.conn.close()
+            if whole and self.links is not None:
+                self.links.keep(self.url, self.ca, link)
+            else:
+                link.conn.close()
 
     def _call(self, link: _Http, method: str, path: str, body: Any, *, raw: bool = False,
               headers: dict[str, str] | None = None) -> Any:

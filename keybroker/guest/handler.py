@@ -41,7 +41,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .broker import ReleasedKey
+    from .broker import Links, ReleasedKey
     from .config import ClientConfig
     from .request import KeyRequest
 
@@ -232,13 +232,13 @@ def answer_frame(header: dict[str, object], value: bytearray) -> list[memoryview
 
 
 def obtain_for(cfg: ClientConfig, key_type: str, description: str, callout: bytes, uid: int, gid: int,
-               deadline: float) -> tuple[dict[str, object], bytearray]:
-    """What the agent does for a handler: access, then the key; as (header, key)."""
+               deadline: float, links: Links) -> tuple[dict[str, object], bytearray]:
+    """What the agent does for a handler: access, then the key (over its kept connections); as (header, key)."""
     def obtain() -> ReleasedKey:
         from . import broker
 
         request = _authorise(cfg, key_type, description, callout, uid, gid)
-        return broker.obtain(cfg, request, deadline=deadline)
+        return broker.obtain(cfg, request, deadline=deadline, links=links)
     return _outcome(obtain, key_type, description)
 
 

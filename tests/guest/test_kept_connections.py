@@ -1,0 +1,91 @@
+"""The agent's kept-alive connections (client.Links), against a real key server over TLS: keys under a
+kept token cost no connection (nor TLS handshake) of their own; a connection is kept only after an
+exchange that ended whole, without the round's session cookie, and never handed out idle too long or
+closed by the server."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from keybroker.errors import ResourceMissing
+from keybroker.guest.client import Links, RcarClient
+from keybroker.guest.tsm import ReportRequest, TsmClient
+from support.pki import authority, server_files
+
+SECRET = hashlib.sha256(b"kept connection").digest()
+
+
+@pytest.fixture
+def tls(tsm_sim, kbs, tmp_path):
+    """A key server over TLS holding default/disk/{a,b,c}, its CA, and the emulator's evidence."""
+    root = tsm_sim("sev_guest")
+    pki = tmp_path / "pki"
+    pki.mkdir(mode=0o755)
+    ca_key, ca_cert = authority(pki, "ca")
+    cert, key = server_files(pki, ca_key, ca_cert)
+    server = kbs("--tls-cert", cert, "--tls-key", key, "--rate-limit", "0")
+    for name in "abc":
+        server.put(f"default/disk/{name}", SECRET)
+    tsm = TsmClient(root)
+    return server, pki / "ca.pem", lambda inblob: tsm.get_report(ReportRequest(inblob))
+
+
+def attested(server, ca, evidence, links: Links | None) -> dict:
+    kept: dict = {}
+    released = RcarClient(server.url, ca=ca, links=links).fetch(
+        "default/disk/a", "snp", evidence, keep=lambda token, key: kept.update(token=token, key=key))
+    assert bytes(released.value) == SECRET
+    return kept
+
+
+def kept_port(links: Links, url: str, ca) -> int:
+    """The local port of the connection ``links`` keeps for ``url`` (kept again), which carries no cookie."""
+    link = links.take(url, ca)
+    assert link is not None and link.cookie is None
+    port = link.conn.sock.getsockname()[1]
+    links.keep(url, ca, link)
+    return port
+
+
+def test_keys_under_a_kept_token_reuse_the_rounds_connection(tls):
+    server, ca, evidence = tls
+    links = Links()
+    kept = attested(server, ca, evidence, links)
+    port = kept_port(links, server.url, ca)
+    for name in "bc":
+        client = RcarClient(server.url, ca=ca, links=links)
+        assert bytes(client.fetch_with_token(f"default/disk/{name}", kept["token"], kept["key"]).value) == SECRET
+    assert kept_port(links, server.url, ca) == port  # the three keys, one TCP connection and TLS handshake
+    assert links.take(server.url, None) is None  # another CA setting (or server) is served by none of them
+
+
+def test_an_exchange_that_did_not_end_whole_keeps_no_connection(tls):
+    server, ca, evidence = tls
+    kept = attested(server, ca, evidence, None)
+    links = Links()
+    with pytest.raises(ResourceMissing):
+        RcarClient(server.url, ca=ca, links=links).fetch_with_token("default/disk/none", kept["token"], kept["key"])
+    assert links.take(server.url, ca) is None
+
+
+def test_a_connection_idle_too_long_or_closed_by_the_server_is_not_handed_out(tls):
+    server, ca, evidence = tls
+    links = Links()
+    attested(server, ca, evidence, links)
+    link = links.take(server.url, ca)
+    assert link is not None
+    links.keep(server.url, ca, link)
+    links.IDLE = 0.0
+    assert links.take(server.url, ca) is None and link.conn.sock is None  # closed, not handed out
+    links.IDLE = Links.IDLE
+    attested(server, ca, evidence, links)
+    link = links.take(server.url, ca)
+    assert link is not None
+    links.keep(server.url, ca, link)
+    server.stop()  # it closes its connections, the kept one too
+    server.start()
+    attested(server, ca, evidence, links)  # a new connection, not an error from the closed one
+    assert link.conn.sock is None
+    assert server.requests_to("attest") == 1  # counted since the restart: one round, not one resent
