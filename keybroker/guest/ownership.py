@@ -138,10 +138,23 @@ def check_code(*, thorough: bool = False) -> None:
     folders (site-packages, the standard library) as folders, or file by file when ``thorough``
     (at install time)."""
     check(Path(sys.executable), "interpreter")
+    venv = _venv_config(Path(sys.executable))
+    if venv is not None:
+        check(venv, "interpreter configuration")
     check_tree(Path(__file__).resolve().parent.parent, "keybroker package")
     for entry in sys.path:
         if entry and os.path.isdir(entry):
             (check_tree if thorough else check)(Path(entry), "import folder")
+
+
+def _venv_config(executable: Path) -> Path | None:
+    """The pyvenv.cfg the interpreter read as it started, as Python looks for it: beside the executable
+    (the path it was started by, links not followed), else in the folder above. Its ``home`` says where
+    the standard library comes from, imported before any check runs."""
+    for folder in (executable.parent, executable.parent.parent):
+        if os.path.lexists(folder / "pyvenv.cfg"):
+            return folder / "pyvenv.cfg"
+    return None
 
 
 def check_config(config: Path, server_ca: Path | None = None) -> None:

@@ -228,3 +228,19 @@ def test_install_refuses_a_link_to_a_folder_others_can_write(folder):
     with pytest.raises(UntrustedFile, match=f"{theirs} belongs to uid 65534"):
         install.install(config_file(folder), folder / "request-key.d", HANDLER)
     assert not (theirs / "keybroker.conf").exists()
+
+
+def test_the_interpreter_s_venv_configuration_must_be_root_s_alone(folder, monkeypatch):
+    # pyvenv.cfg's home names the standard library the interpreter imports as it starts (encodings,
+    # site): whoever may rewrite it runs code as root in every handler, before any check.
+    venv = folder / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    cfg = venv / "pyvenv.cfg"
+    cfg.write_text(f"home = {os.path.dirname(os.path.realpath(sys.executable))}\n")
+    cfg.chmod(0o644)
+    monkeypatch.setattr(sys, "executable", str(venv / "bin" / "python"))
+    ownership.check_code()
+    cfg.chmod(0o666)
+    with pytest.raises(UntrustedFile, match=r"interpreter configuration .*pyvenv\.cfg is writable by group or others"):
+        ownership.check_code()
