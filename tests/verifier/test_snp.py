@@ -839,6 +839,23 @@ def test_kds_answers_fetched_side_by_side_or_not_kept_still_verify(kds, tmp_path
     assert run(raw, kds_url=url, fetcher=Fetcher(tmp_path / "unwritable")).ok
 
 
+@pytest.mark.parametrize("damage", [b"", b"-----BEGIN CERTIFICATE-----\ntruncated"], ids=["empty", "garbage"])
+def test_a_cached_certificate_that_does_not_parse_is_fetched_again(kds, tmp_path, damage):
+    """A cached VCEK or chain left empty (a crash between the write and the disk) or damaged failed every
+    attestation of that chip (cannot parse certificate) until someone removed it: it is no cache, as a
+    damaged CRL or collateral folder is, and what KDS answers takes its place."""
+    url, _, _ = kds
+    raw = (vector("oak-milan") / "report.bin").read_bytes()
+    assert run(raw, kds_url=url, fetcher=Fetcher(tmp_path)).ok
+    folder = tmp_path / "kds" / "vcek" / "v1" / "Milan"
+    for cached in folder.iterdir():
+        if cached.name != "crl":
+            cached.write_bytes(damage)
+    verdict = run(raw, kds_url=url, fetcher=Fetcher(tmp_path))
+    assert verdict.ok, verdict.reason()
+    assert all(certs.load_certs(cached.read_bytes()) for cached in folder.iterdir() if cached.name != "crl")
+
+
 def test_kds_unreachable_is_named(tmp_path):
     raw = (vector("oak-milan") / "report.bin").read_bytes()
     verdict = run(raw, kds_url="http://127.0.0.1:9", fetcher=Fetcher(tmp_path))

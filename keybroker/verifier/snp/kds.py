@@ -73,7 +73,8 @@ def _get(context: Context, path: str) -> list[x509.Certificate]:
     cache = _cache_file(context.fetcher.cache_dir, path)
     kept = _read_cache(cache)
     if kept is not None:
-        return load_certs(kept)
+        with contextlib.suppress(EvidenceError):  # damaged (left empty by a crash, say): fetched again
+            return load_certs(kept)
     assert context.kds_url is not None
     answer = context.fetcher.get(f"{context.kds_url.rstrip('/')}/{path}", service="AMD KDS", limit=RESPONSE_MAX,
                                  missing_ok=True)
