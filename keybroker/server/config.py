@@ -132,6 +132,8 @@ def _number(name: str, value: Any, error: Callable[[str], ConfigError]) -> int |
 def _convert(name: str, value: Any, base: Path, error: Callable[[str], ConfigError]) -> Any:
     if name in _NUMBERS:
         return _number(name, value, error)
+    if any(isinstance(item, str) and "\0" in item for item in (value if isinstance(value, list) else [value])):
+        raise error("must not hold a NUL character (TOML's \\u0000): no path, URL or name does")
     if name in _LISTS:
         if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
             raise error("must be a list of paths")

@@ -42,3 +42,15 @@ def test_a_value_tomllib_cannot_read_is_a_config_error(text, message, tmp_path):
     path.write_text(text + "\n")
     with pytest.raises(ConfigError, match=message):
         config.load(path, {})
+
+
+@pytest.mark.parametrize("line", ['kek-file = "kek\\u0000"', 'certs = ["certs\\u0000"]', 'db = "sqlite:///x\\u0000"',
+                                  'name = "kbs\\u0000"', 'listen = "127.0.0.1\\u0000:8080"'])
+def test_a_nul_in_a_string_is_a_config_error_naming_the_key(line, tmp_path):
+    """TOML spells U+0000 as \\u0000, which no path, URL or name holds: serve --config ended in a traceback
+    (ValueError: embedded null byte, from the first open of the path) instead of naming the key."""
+    path = tmp_path / "server.toml"
+    path.write_text(line + "\n")
+    key = line.split(" ")[0]
+    with pytest.raises(ConfigError, match=f"{path}: {key} must not hold a NUL character"):
+        config.load(path, {})
