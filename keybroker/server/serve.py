@@ -52,6 +52,7 @@ import socket
 import struct
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -255,14 +256,27 @@ def run(config: ServerConfig) -> None:
         raise ConfigError("--tls-cert and --tls-key go together")
     if not config.tls_cert and not is_loopback(host):
         raise ConfigError(f"refusing plain HTTP on {host}: give --tls-cert and --tls-key, or listen on loopback")
-    if config.tls_key:  # the TLS stack reads it unchecked: held to the rules of every other secret here first
+    if config.tls_cert and config.tls_key:  # the TLS stack reads it unchecked: held to the rules of secrets first
         secretfile.check(config.tls_key, "TLS private key", group_may_read=True)
+        _check_tls(config.tls_cert, config.tls_key)
     metrics_dir = tempfile.mkdtemp(prefix="keybroker-metrics-")  # 0700; before prometheus-client is imported
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         _supervise(config, metrics_dir)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _check_tls(cert: Path, key: Path) -> None:
+    """Refuse a TLS certificate and key that make no server (not PEM, not a pair, a key under a
+    passphrase): each worker loads them, and failed to start, again and again, after READY=1."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
+    except OSError as exc:  # ssl.SSLError among them
+        raise ConfigError(f"the TLS certificate {cert} and private key {key} do not make a "
+                          f"TLS server: {exc.strerror or exc}") from None
 
 
 def _supervise(config: ServerConfig, metrics_dir: str) -> None:

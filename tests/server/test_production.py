@@ -701,3 +701,39 @@ def test_numbers_in_queries_are_ascii_decimal(tsm_sim, kbs):
         assert answer.status_code == 400 and "lease must be a number" in answer.json()["detail"], answer.text
     answer = requests.get(f"{server.url}/admin/v1/policy?version=²", headers=auth)
     assert answer.status_code == 400 and "version must be a number" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize("damage", ["cert", "key", "pair", "passphrase"])
+def test_a_tls_certificate_and_key_that_make_no_server_are_refused_at_start(tmp_path, damage):
+    """serve checked the TLS key's mode and owner only: a certificate or key that is not PEM, a key that is
+    not the certificate's, or one under a passphrase passed, the supervisor said READY=1, and each worker
+    failed in uvicorn's load_cert_chain (a traceback) and was started again, every second, for ever."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from support.pki import authority, server_files
+
+    ca_key, ca_cert = authority(tmp_path, "ca")
+    cert, key = server_files(tmp_path, ca_key, ca_cert)
+    if damage == "cert":
+        Path(cert).write_bytes(b"-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
+    elif damage == "key":
+        Path(key).write_bytes(b"not a key\n")
+    else:
+        other = ec.generate_private_key(ec.SECP256R1())
+        encryption = (serialization.BestAvailableEncryption(b"secret") if damage == "passphrase"
+                      else serialization.NoEncryption())
+        if damage == "passphrase":
+            other = serialization.load_pem_private_key(Path(key).read_bytes(), None)
+        Path(key).write_bytes(other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  encryption))
+    kek = write_secret(tmp_path / "kek", os.urandom(32))
+    try:
+        out = subprocess.run([sys.executable, "-m", "keybroker", "serve", "--listen", f"127.0.0.1:{free_port()}",
+                              "--db", f"sqlite:///{tmp_path}/x.db", "--kek-file", str(kek), "--tls-cert", cert,
+                              "--tls-key", key, "--workers", "1"], capture_output=True, stdin=subprocess.DEVNULL,
+                             timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve started with a TLS certificate and key that make no server")
+    assert out.returncode == 1 and "Traceback" not in out.stderr.decode(), out.stderr
+    assert f"the TLS certificate {cert} and private key {key} do not make a TLS server" in out.stderr.decode()
