@@ -737,3 +737,31 @@ def test_a_tls_certificate_and_key_that_make_no_server_are_refused_at_start(tmp_
         pytest.fail("serve started with a TLS certificate and key that make no server")
     assert out.returncode == 1 and "Traceback" not in out.stderr.decode(), out.stderr
     assert f"the TLS certificate {cert} and private key {key} do not make a TLS server" in out.stderr.decode()
+
+
+@needs_root
+@pytest.mark.parametrize("loosen", ["folder 0777", "anchor 0666", "anchor owner", "folder owner", "parent 0777"])
+def test_trust_roots_someone_else_may_change_are_refused(tmp_path, loosen):
+    """--trust-roots was read whoever could write it: a folder (or a folder above it) others may write, or
+    an anchor file of another user's, let them add the root that vouches for their own 'TEE' and have
+    every key released to it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.verifier import TrustStore
+
+    parent = tmp_path / "etc"
+    folder = parent / "trust"
+    folder.mkdir(parents=True)
+    anchor = folder / "cpak.pem"
+    anchor.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert len(TrustStore.default().with_dirs([folder]).cpaks) == 1
+    what, change = loosen.split(" ")
+    changed = {"folder": folder, "anchor": anchor, "parent": parent}[what]
+    if change == "owner":
+        os.chown(changed, STRANGER, -1)
+    else:
+        changed.chmod(int(change, 8))
+    with pytest.raises(ConfigError, match=f"trust-roots folder {folder}: {changed} is owned by uid"):
+        TrustStore.default().with_dirs([folder])
