@@ -22,7 +22,7 @@ LINES_MAX = 500
 ALLOWED = {
     "wire": {"errors"},
     "guest": {"wire", "errors", "systemd", "files"},
-    "verifier": {"wire", "errors"},
+    "verifier": {"wire", "errors", "files"},
     "server": {"wire", "verifier", "errors", "systemd", "files"},
     "sim": {"wire", "errors"},
     "systemd": set(),

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from jwcrypto import jwk
 from jwcrypto.common import JWException
 
 from ..errors import ConfigError, EvidenceError
+from ..files import check_held, root_or_self
 from .certs import CERT_FILE_MAX, fingerprint, load_certs
 from .sev.abi import ARK, parse_ca_certs
 
@@ -97,13 +96,14 @@ class TrustStore:
         for folder in folders:
             if not folder.is_dir():
                 raise ConfigError(f"trust-roots folder {folder} does not exist")
-            _held_by_me(folder, folder)
+            # Whoever could add a file here would choose the roots that vouch for a TEE.
+            check_held(folder, "trust-roots folder", root_or_self())
             for path in sorted(folder.iterdir()):
                 if path.is_file() and path.suffix.lower() == SEV_ANCHOR_SUFFIX:
-                    _held_by_me(path, folder)
+                    check_held(path, "trust anchor", root_or_self())
                     _load_sev_anchor(path, sev_arks, sev_certs)
                 elif path.is_file() and path.suffix.lower() in ANCHOR_SUFFIXES:
-                    _held_by_me(path, folder)
+                    check_held(path, "trust anchor", root_or_self())
                     _load_anchor(path, roots, cpaks)
         return TrustStore(roots, tuple(cpaks), sev_arks, tuple(sev_certs))
 
@@ -111,22 +111,6 @@ class TrustStore:
         roots, cpaks = dict(self.roots), list(self.cpaks)
         _load_anchor(path, roots, cpaks)
         return TrustStore(roots, tuple(cpaks), self.sev_arks, self.sev_certs)
-
-
-def _held_by_me(path: Path, folder: Path) -> None:
-    """Refuse an anchor, or a trust-roots folder (and the folders above it), that someone else may change:
-    whoever can put a file there chooses the roots that vouch for a TEE, and gets its keys released.
-    Owned by root or this process's user, and not writable by group or others (a sticky folder above
-    it, /tmp, may be)."""
-    me = os.geteuid()
-    steps = [path] if path != folder else [folder, *Path(os.path.realpath(folder)).parents]
-    for step in steps:
-        info = os.stat(step)
-        shared = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX and step != folder
-        if info.st_uid not in (0, me) or (info.st_mode & 0o022 and not shared):
-            raise ConfigError(f"trust-roots folder {folder}: {step} is owned by uid {info.st_uid} with mode "
-                              f"{stat.S_IMODE(info.st_mode):04o}: only root or uid {me} (this process) may change "
-                              "what it trusts (chown, chmod go-w)")
 
 
 def _load_anchor(path: Path, roots: dict[str, x509.Certificate | None], cpaks: list[Cpak]) -> None:
