@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import AdminError, PolicyError, StoreError
-from ..files import read_bounded
+from ..files import check_held, read_bounded, root_or_self
 from ..wire import decimal, parse_json
 from ..wire import rcar as p
 from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
@@ -325,6 +325,19 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
     ])
 
 
+def _check_held_inputs(config: ServerConfig) -> None:
+    """Refuse a policy, --certs or --collateral folder (or a file in one) that others than root and this
+    server may change: the policy decides releases, and an older CRL or collateral put there would weaken
+    the checks. (--trust-roots: TrustStore.with_dirs; the configuration file: config.load.)"""
+    if config.policy:
+        check_held(config.policy, "policy", root_or_self())
+    for folder in (*config.certs, *([config.collateral] if config.collateral else [])):
+        if folder.is_dir():  # none yet: nothing to weaken (and every attestation that needs one is refused)
+            check_held(folder, "certificate or collateral folder", root_or_self())
+            for path in sorted(folder.iterdir()):
+                check_held(path, "certificate or collateral file", root_or_self())
+
+
 def key_server(config: ServerConfig) -> tuple[KeyServer, AdminAuth | None, RateLimiter]:
     """Load the secrets, open the database (installing ``--policy``), and say what is being served."""
     from ..verifier import Fetcher, TrustStore
@@ -334,6 +347,7 @@ def key_server(config: ServerConfig) -> tuple[KeyServer, AdminAuth | None, RateL
     tokens = TokenSigner.load(config.token_key_file)
     name = config.name or f"{socket.gethostname()}:{config.listen[1]}"
     store = Store(config.db, sealer)
+    _check_held_inputs(config)
     if config.policy:
         policy_text = read_bounded(config.policy, POLICY_MAX, "policy", PolicyError)
         Admin(store, sealer, f"config:{config.policy}", name).put_policy(policy_text)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..files import read_bounded
+from ..files import check_held, read_bounded, root_or_self
 from ..verifier.snp.kds import AMD_KDS
 from ..wire import decimal, parse_toml, shown
 from .ratelimit import DEFAULT_BURST, DEFAULT_RATE
@@ -94,6 +94,7 @@ def load(path: Path | None, flags: dict[str, Any]) -> ServerConfig:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    check_held(path, "server configuration", root_or_self())  # it names the KEK, the roots, the policy
     raw = read_bounded(path, CONFIG_MAX, "server configuration", ConfigError)
     try:
         text = raw.decode()

@@ -765,3 +765,36 @@ def test_trust_roots_someone_else_may_change_are_refused(tmp_path, loosen):
         changed.chmod(int(change, 8))
     with pytest.raises(ConfigError, match=rf"refusing trust[- ].* {changed} (belongs to uid|is writable by group)"):
         TrustStore.default().with_dirs([folder])
+
+
+@needs_root
+@pytest.mark.parametrize("loosen", ["policy 0666", "config owner", "certs 0777", "crl 0664", "collateral owner"])
+def test_what_decides_a_release_someone_else_may_change_stops_the_server(tmp_path, loosen):
+    """The server's configuration file, its --policy and the --certs and --collateral folders (and their
+    files) were read whoever could write them: another user could allow every guest, or put an older
+    CRL (one before a revocation) or older collateral where the verifier reads it."""
+    from support.policies import ANY_GUEST
+
+    certs, collateral = tmp_path / "certs", tmp_path / "collateral"
+    for folder in (certs, collateral):
+        folder.mkdir()
+    (certs / "ark.crl").write_bytes(b"a CRL")
+    policy = tmp_path / "policy.json"
+    policy.write_text(ANY_GUEST.dumps())
+    kek = write_secret(tmp_path / "kek", os.urandom(32))
+    config = tmp_path / "server.toml"
+    config.write_text(f'db = "sqlite:///{tmp_path}/x.db"\nkek-file = "{kek}"\npolicy = "{policy}"\n'
+                      f'certs = ["{certs}"]\ncollateral = "{collateral}"\n')
+    what, change = loosen.split(" ")
+    changed = {"policy": policy, "config": config, "certs": certs, "crl": certs / "ark.crl",
+               "collateral": collateral}[what]
+    if change == "owner":
+        os.chown(changed, STRANGER, -1)
+    else:
+        changed.chmod(int(change, 8))
+    out = subprocess.run([sys.executable, "-m", "keybroker", "serve", "--config", str(config), "--listen",
+                          f"127.0.0.1:{free_port()}", "--workers", "1"], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=20)  # started: the test fails (TimeoutExpired)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert re.search(rf"refusing .* {re.escape(str(changed))} (belongs to uid {STRANGER}|is writable by group or "
+                     "others)", out.stderr), out.stderr
