@@ -63,6 +63,33 @@ def test_tampered_foreign_expired_and_malformed_tokens_are_refused():
         assert signer.verify(junk) is None
 
 
+def signed(signer: TokenSigner, body: object, *, signature=None) -> str:
+    """A token of ``body`` (any JSON) under ``signer``'s own key and header: only its claims are wrong."""
+    header = issue(signer).split(".")[0]
+    signing_input = f"{header}.{b64(body)}"
+    r, s = decode_dss_signature(signer.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+    raw = (signature or (lambda r, s: r.to_bytes(32, "big") + s.to_bytes(32, "big")))(r, s)
+    return f"{signing_input}.{base64.urlsafe_b64encode(raw).rstrip(b'=').decode()}"
+
+
+def test_well_signed_tokens_with_claims_the_server_never_issues_are_refused():
+    """What a holder of the signing key (another program sharing it) signs is ours only when it says so:
+    the issuer, an integer expiry, an object of claims, a signature of two 32-byte halves, a length
+    the server issues."""
+    signer = TokenSigner()
+    good = {"iss": "keybroker", "iat": int(time.time()), "exp": int(time.time()) + 300, "sid": "0123456789abcdef",
+            "tee": "snp"}
+    assert signer.verify(signed(signer, good)) is not None
+    assert signer.verify(signed(signer, good | {"iss": "someone-else"})) is None
+    assert signer.verify(signed(signer, good | {"exp": time.time() + 300.5})) is None  # a float, not NumericDate
+    assert signer.verify(signed(signer, good | {"exp": str(int(time.time()) + 300)})) is None
+    assert signer.verify(signed(signer, [good])) is None
+    assert signer.verify(signed(signer, good | {"pad": "x" * 4096})) is None  # longer than TOKEN_MAX
+    # The same (r, s) with a zero byte before s: a second spelling of the signature.
+    padded = signed(signer, good, signature=lambda r, s: r.to_bytes(32, "big") + s.to_bytes(33, "big"))
+    assert signer.verify(padded) is None
+
+
 def test_a_token_is_read_only_in_its_one_spelling():
     """The lenient base64 decoder dropped what is not of the alphabet: a token with characters added to a
     part, or padded, verified as a second spelling of the one issued."""
