@@ -43,6 +43,17 @@ def test_an_altered_or_malformed_cookie_opens_nothing(change):
     assert cookies.open(change(cookie), "n") is None
 
 
+def test_a_cookie_cannot_move_its_nonces_digits_into_its_end():
+    """The MAC tells where the end stops and the nonce starts: else a nonce beginning with digits would
+    lend them to the end (a cookie good for centuries, under a shorter nonce its evidence is bound to)."""
+    cookies = SessionCookies(Sealer(KEK))
+    fresh, cookie = cookies.issue("snp", "42abc", 300)
+    session, tee, end, mac = cookie.split(".")
+    assert cookies.open(f"{session}.{tee}.{end}4.{mac}", "2abc") is None
+    assert cookies.open(f"{session}.{tee}.{end}42.{mac}", "abc") is None
+    assert cookies.open(cookie, "42abc") == fresh
+
+
 def test_an_expired_cookie_opens_nothing():
     cookies = SessionCookies(Sealer(KEK))
     _, cookie = cookies.issue("snp", "n", -1)
