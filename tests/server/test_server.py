@@ -273,3 +273,76 @@ def test_an_attest_answered_then_cut_is_a_new_round(tsm_sim, kbs):
     finally:
         listener.close()
     assert cut and bytes(released.value) == SECRET
+
+
+def in_process(tmp_path):
+    """A key server in this process (SQLite), with a resource and a policy that lets any attested guest have it."""
+    from keybroker.server.admin import Admin
+    from keybroker.server.kbs import KeyServer
+    from keybroker.server.metrics import Metrics
+    from keybroker.server.sealing import Kek, Sealer
+    from keybroker.server.store import Store
+    from keybroker.server.tokens import TokenSigner
+    from keybroker.verifier import TrustStore
+    from support.policies import ANY_GUEST_DOCUMENT
+
+    sealer = Sealer(Kek.from_bytes(bytes(range(32)), "test"))
+    store = Store(f"sqlite:///{tmp_path}/kbs.db", sealer)
+    server = KeyServer(store=store, sealer=sealer, trust=TrustStore.default(), tokens=TokenSigner(),
+                       metrics=Metrics(), name="test")
+    admin = Admin(store, sealer, "local:test", "test")
+    admin.put_policy(json.dumps(ANY_GUEST_DOCUMENT))
+    admin.put_resource("default/key/a", SECRET)
+    return server
+
+
+def stored(server, state):
+    """The cookie and the token of a session ``server`` stored in ``state`` (attested or failed)."""
+    import asyncio
+
+    from keybroker.server.audit import ALLOW, ATTEST, DENY, Event
+    from keybroker.server.store import Session
+    from keybroker.wire import jwe
+
+    fresh, cookie = server.cookies.issue("cca", "the-nonce", 300)
+    attested = state == "attested"
+    pubkey = jwe.public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()) if attested else None
+    session = Session(fresh.id, "cca", fresh.nonce, state, fresh.expires, pubkey,
+                      {"tee": "cca", "debug": False} if attested else None)
+    event = Event(ATTEST, ALLOW if attested else DENY, "test", "test")
+    assert asyncio.run(server.store.end_attestation(session, event)) is not None
+    return cookie, server.tokens.issue("cca", fresh.id, fresh.expires)
+
+
+def released(server, cookie=None, bearer=None):
+    """The answer's problem name, or None when ``default/key/a`` was released."""
+    import asyncio
+
+    from keybroker.server.kbs import Problem
+
+    try:
+        asyncio.run(server.release("default/key/a", cookie, bearer, "peer"))
+    except Problem as problem:
+        return problem.name
+    return None
+
+
+def test_a_session_is_released_to_only_while_its_cookie_is_good_and_it_attested(tmp_path, monkeypatch):
+    """The stored session proves the attestation; the cookie's MAC and end prove that this guest holds it
+    still: a session id with another MAC, a cookie past its end, a session whose attestation failed (its
+    cookie or a token naming it) are not attested."""
+    import time
+
+    from keybroker.server import cookies
+
+    server = in_process(tmp_path)
+    cookie, token = stored(server, "attested")
+    assert released(server, cookie) is None and released(server, bearer=token) is None
+    forged = cookie[:-1] + ("A" if cookie[-1] != "A" else "B")
+    assert released(server, forged) == p.NOT_ATTESTED
+    failed_cookie, failed_token = stored(server, "failed")
+    assert released(server, failed_cookie) == p.NOT_ATTESTED
+    assert released(server, bearer=failed_token) == p.NOT_ATTESTED
+    later = time.time() + 301
+    monkeypatch.setattr(cookies.time, "time", lambda: later)  # the row is not purged yet; the cookie has ended
+    assert released(server, cookie) == p.NOT_ATTESTED
