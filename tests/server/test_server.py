@@ -346,3 +346,15 @@ def test_a_session_is_released_to_only_while_its_cookie_is_good_and_it_attested(
     later = time.time() + 301
     monkeypatch.setattr(cookies.time, "time", lambda: later)  # the row is not purged yet; the cookie has ended
     assert released(server, cookie) == p.NOT_ATTESTED
+
+
+@pytest.mark.parametrize("provider, tee", [("tdx_guest", "snp"), ("sev_guest", "tdx"), ("sev_guest", "cca")])
+def test_an_envelope_from_another_tee_than_the_sessions_is_refused(provider, tee):
+    """The session's TEE is what its cookie names and its token says: evidence of another TEE would be
+    appraised as what it is, under a session (and token) that claims otherwise."""
+    from keybroker.errors import EvidenceError
+    from keybroker.server.kbs import _evidence
+
+    report = envelope.TsmReport(provider=provider, generation=1, inblob=bytes(64), outblob=b"x")
+    with pytest.raises(EvidenceError, match=f"from provider {provider}, not"):
+        _evidence(tee, envelope.to_json(report))
