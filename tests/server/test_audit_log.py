@@ -136,3 +136,21 @@ def test_verify_names_a_record_or_head_whose_column_was_given_another_type(tmp_p
     assert b"the head row holds a value of the wrong type (the head was edited)" in out.stdout, out.stdout
     head = keybroker("audit", "head", "--db", url)
     assert head.returncode == 1 and b"head row holds a value of the wrong type" in head.stderr, head.stderr
+
+
+def test_verify_holds_a_whole_chain_to_its_head_and_to_a_kept_head():
+    """A chain intact record by record is still broken when the head row's hash is not its last record's,
+    or when the record whose hash was kept now has another: the last record rewritten with its head, or
+    the whole chain rewritten, since."""
+    chain, prev = [], schema.GENESIS
+    for seq in (1, 2, 3):
+        stamp, event = f"2025-01-01T00:00:0{seq}.000000Z", Event(ADMIN, ALLOW, f"record {seq}", "test")
+        prev = audit.digest(seq, stamp, event, prev)
+        chain.append(audit.Record(seq, stamp, event, chain[-1].hash if chain else schema.GENESIS, prev))
+    last, second = chain[-1].hash, chain[1].hash
+    assert audit._verify(iter(chain), (3, last), (2, second)).ok
+    other = "e" * 64
+    assert audit._verify(iter(chain), (3, other), None).problems == (
+        "the head hash differs from record 3's hash (the last record or the head was edited)",)
+    rewritten = audit._verify(iter(chain), (3, last), (2, other)).problems
+    assert len(rewritten) == 1 and rewritten[0].startswith("record 2 is not the one whose hash was kept")
