@@ -98,6 +98,17 @@ def test_trust_anchor_ids_must_match_the_platform(tmp_path):
     assert first_failure(verdict) == "cpak_trusted" and "implementation-id 7f454c46" in verdict.reason()
 
 
+def test_trust_anchor_instance_ids_must_match_the_platform(tmp_path):
+    """A CPAK entry names one platform instance: the same key for another instance-id is not trusted for this one."""
+    raw, cpak = vector("trustee-example")
+    entries = json.loads(cpak.read_text())
+    assert run(raw, TrustStore.default().with_cpak_file(cpak)).ok
+    entries[0]["instance-id"] = "01" + "00" * 32
+    (tmp_path / "ta.json").write_text(json.dumps(entries))
+    verdict = run(raw, TrustStore.default().with_cpak_file(tmp_path / "ta.json"))
+    assert first_failure(verdict) == "cpak_trusted" and "instance-id 0107060504" in verdict.reason()
+
+
 def test_a_cpak_file_nested_too_deep_is_a_config_error(tmp_path):
     (tmp_path / "cpak.json").write_text("[" * 50000 + "]" * 50000)  # under the 1 MiB a trust anchor may be
     with pytest.raises(ConfigError, match=r"cpak\.json is not a root certificate"):
