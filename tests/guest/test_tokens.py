@@ -341,3 +341,81 @@ def test_a_long_failure_is_recorded_whole_for_the_requests_that_waited(tmp_path)
         failure = lock.failure_since(arrived)
         assert isinstance(failure, ReleaseRefused) and str(failure).endswith("\x01\u00e9" * 1000), failure
         assert failure.status == 401 and failure.problem == "\x01" * 2000  # text attributes are cut too
+
+
+def test_a_token_is_kept_apart_for_each_way_the_evidence_was_made(tmp_path):
+    """Another server, CA, privilege level, configfs-tsm root, SVSM service or attestation broker needs a
+    token of its own: each of them changes the kept token's name."""
+    import dataclasses
+
+    from keybroker.guest import config
+    from keybroker.guest.aeb import Broker
+
+    path = tmp_path / "client.toml"
+    path.write_text('[server]\nurl = "http://127.0.0.1:1"\n')
+    base = config.load(path)
+    others = [dataclasses.replace(base, server_url="http://127.0.0.1:2"),
+              dataclasses.replace(base, server_ca=tmp_path / "ca.pem"),
+              dataclasses.replace(base, tsm_root=tmp_path / "tsm"),
+              dataclasses.replace(base, service_provider="svsm"),
+              dataclasses.replace(base, service_provider="svsm", service_guid="c476f1eb-0123-4567-89ab-cdef01234567"),
+              dataclasses.replace(base, aeb=Broker("unix:/run/aeb.sock", 1))]
+    names = [tokens.TokenCache(base, None).description, tokens.TokenCache(base, 0).description,
+             tokens.TokenCache(base, 1).description] + [tokens.TokenCache(c, None).description for c in others]
+    assert len(set(names)) == len(names), names
+    assert tokens.TokenCache(base, 1).description == tokens.TokenCache(config.load(path), 1).description
+
+
+@in_child
+def test_a_kept_token_is_root_s_alone_and_expires(tmp_path, system_lock):
+    """What store keeps (and the keyring it keeps it in) grants group and others nothing and has a timeout;
+    a token with less than a second left is not kept (its timeout would be 0: never)."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.guest import config, keyring
+
+    if os.geteuid() != 0:
+        pytest.skip("tokens are kept in root's keyring")
+    path = tmp_path / "client.toml"
+    path.write_text('[server]\nurl = "http://127.0.0.1:1"\n')
+    cache = tokens.TokenCache(config.load(path), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+
+    def token(exp: float) -> str:
+        return "e30.%s.c2ln" % base64.urlsafe_b64encode(b'{"exp": %f}' % exp).decode().rstrip("=")
+
+    def proc_keys(serial: int) -> list[str]:
+        return next(line.split() for line in open("/proc/keys") if int(line.split()[0], 16) == serial)
+
+    tokens.forget_all()
+    try:
+        cache.store(token(time.time() + tokens.MARGIN + 0.6), key)
+        assert cache.load() is None  # not kept: with a timeout of 0 it would have been kept for good
+        cache.store(token(time.time() + 3600), key)
+        ring = keyring.search(keyring.USER_KEYRING, "keyring", tokens.KEYRING)
+        kept = keyring.search(ring, "user", cache.description)
+        for serial in (ring, kept):
+            perm = int(proc_keys(serial)[4], 16)
+            assert perm == tokens._OWNER_ONLY, hex(perm)
+        assert proc_keys(kept)[3] in ("59m", "58m"), proc_keys(kept)
+    finally:
+        tokens.forget_all()
+
+
+def test_a_failure_recorded_before_a_request_arrived_is_not_its_own(tmp_path):
+    """A waiting request fails as the attestation it waited for did, not as an older one whose record is
+    still in the lock file: that one it attests anew."""
+    from keybroker.errors import ReleaseRefused
+    from keybroker.guest import config
+
+    path = tmp_path / "client.toml"
+    path.write_text(f'[server]\nurl = "http://127.0.0.1:1/{tmp_path.name}"\n')
+    cache = tokens.TokenCache(config.load(path), None)
+    with cache.attesting(time.monotonic() + 10) as lock:
+        lock.record(ReleaseRefused("refused", status=401, problem="denied"))
+    arrived = time.monotonic()
+    with cache.attesting(arrived + 10) as lock:
+        assert lock.failure_since(arrived) is None
+        assert isinstance(lock.failure_since(arrived - 60), ReleaseRefused)
