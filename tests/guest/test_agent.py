@@ -3,6 +3,7 @@ not, and keeps its deadline whatever the agent does."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -231,3 +232,93 @@ def test_the_exchange_frames_are_strict():
                  agent.frame("deadline", 6000)[4:], b"\xff" * 64):
         with pytest.raises(ValueError):
             agent.decode_answer(body)
+
+
+def _scripted_agent(path: Path, *parts: bytes, uid: int = 0) -> int:
+    """A forked stand-in for the agent on ``path`` (listening as ``uid``) that sends ``parts`` to the first
+    request, then holds the connection for 5 s; its pid."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_r)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(path))
+            if uid:  # SO_PEERCRED says who called listen()
+                os.setgid(65534)
+                os.setuid(uid)
+            listener.listen(1)
+            os.write(ready_w, b"1")
+            conn = listener.accept()[0]
+            for part in parts:
+                conn.sendall(part)
+            time.sleep(5)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"1"
+    os.close(ready_r)
+    return pid
+
+
+def _ask(path: Path) -> tuple[object, float]:
+    start = time.monotonic()
+    answer = agent.ask(str(path), "/etc/keybroker/client.toml", "user", "keybroker:default/disk/k0", b"", 0, 0, start)
+    return answer, time.monotonic() - start
+
+
+def test_the_handler_takes_answers_from_root_s_agent_only_and_within_its_deadline(tmp_path):
+    """ask() in the handler's process: an agent not root's is not heard, whatever it answers; one that
+    announces a deadline out of range or says nothing after it is given up on within half of it."""
+    answer = agent.frame("deadline", 2000) + agent.encode_answer({"size": 3, "lease": 60}) + b"key"
+    cases = [(0, answer, ({"size": 3, "lease": 60}, bytearray(b"key")), 0.2),  # root's: heard
+             (65534, answer, None, 0.2),  # another user's socket (SO_PEERCRED): never heard
+             (0, agent.frame("deadline", 1999), None, 0.2),  # less than a configuration may set
+             (0, agent.frame("deadline", round(agent.DEADLINE_MAX * 1000) + 1), None, 0.2),  # more
+             (0, agent.frame("deadline", 2000), None, 1.2)]  # then silent: given up after 1 s (half of 2)
+    for i, (uid, sent, expected, within) in enumerate(cases):
+        path = tmp_path / f"agent{i}.sock"
+        pid = _scripted_agent(path, sent, uid=uid)
+        try:
+            got_answer, took = _ask(path)
+            assert got_answer == expected and took < within, (i, got_answer, took)
+        finally:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+
+
+def test_a_frame_longer_than_its_limit_is_refused_before_its_body(tmp_path):
+    """The length is checked before the body is awaited (or allocated): a peer cannot make the reader hold
+    gigabytes, nor wait for bytes it never sends."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        for size in (agent.ANSWER_HEADER_MAX + 1, 3):
+            theirs.sendall(size.to_bytes(4, "big"))
+            with pytest.raises(ValueError):
+                agent.read_frame(ours, agent.ANSWER_HEADER_MAX, time.monotonic() + 0.5)
+
+
+def test_a_peer_that_trickles_its_frame_is_given_up_on_at_the_deadline(tmp_path):
+    """Every byte in time is not the frame in time: the reader stops at ``until`` however often bytes come."""
+    import threading
+
+    ours, theirs = socket.socketpair()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with contextlib.suppress(OSError):
+            theirs.sendall((100).to_bytes(4, "big"))
+            while not stop.wait(0.05):
+                theirs.sendall(b"x")
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    with ours, theirs:
+        try:
+            start = time.monotonic()
+            with pytest.raises(TimeoutError):
+                agent.read_frame(ours, agent.ANSWER_HEADER_MAX, start + 1)
+            assert time.monotonic() - start < 2
+        finally:
+            stop.set()
+            sender.join()
