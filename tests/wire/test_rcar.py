@@ -235,3 +235,26 @@ def test_a_jwe_compressed_or_with_critical_extensions_is_refused_not_opened_into
     body = dict(zip(keybroker_jwe.MEMBERS, theirs.serialize(compact=True).split("."), strict=True))
     with pytest.raises(ProtocolError, match=f"protected header has {next(iter(extra))}"):
         keybroker_jwe.unwrap(body, private.get_op_key("unwrapKey"))
+
+
+def test_a_jwe_with_another_iv_size_or_an_epk_on_another_curve_is_refused(monkeypatch):
+    """A256GCM's IV is 96 bits (RFC 7518 5.3): AESGCM would open one of 16 bytes as well, so a JWE that
+    decrypts with another IV size is refused by its size; an ephemeral key on another curve than ours is
+    refused as such, not as a failed exchange."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    public = keybroker_jwe.public_jwk(private.public_key())
+    with monkeypatch.context() as patched:
+        patched.setattr(keybroker_jwe.os, "urandom", lambda n: b"\x01" * (16 if n == 12 else n))
+        long_iv = keybroker_jwe.wrap(b"k" * 32, public)
+    assert len(keybroker_jwe.unb64url(long_iv["iv"])) == 16
+    with pytest.raises(ProtocolError, match="IV or tag has the wrong size"):
+        keybroker_jwe.unwrap(long_iv, private)
+    p384 = keybroker_jwe.wrap(b"k" * 32, keybroker_jwe.public_jwk(ec.generate_private_key(ec.SECP384R1()).public_key()))
+    with pytest.raises(ProtocolError, match="another curve"):
+        keybroker_jwe.unwrap(p384, private)
+    body = keybroker_jwe.wrap(b"k" * 32, public)
+    header = json.loads(keybroker_jwe.unb64url(body["protected"]))
+    for other in ({"alg": "ECDH-ES+A128KW"}, {"enc": "A128GCM"}, {"alg": "dir"}):
+        relabelled = body | {"protected": keybroker_jwe.b64url(json.dumps(header | other).encode())}
+        with pytest.raises(ProtocolError, match="the JWE uses"):
+            keybroker_jwe.unwrap(relabelled, private)
