@@ -218,3 +218,29 @@ def test_cca_shows_the_sev_options_but_ignores_them(tsm_sim):
     report = TsmClient(root).get_report(ReportRequest(NONCE, privlevel=1))
     assert report.privlevel is None and report.privlevel_floor is None and report.generation == 1
     assert os.listdir(root) == []
+
+
+def test_a_session_checks_generation_before_and_after_its_writes_and_bounds_the_outblob(tmp_path, monkeypatch):
+    """On a plain folder standing for a report entry (no kernel behind it): an entry someone wrote before
+    this request, an inblob write the generation does not count, and an outblob past BLOB_MAX are each
+    refused, the first two as retryable, rather than a report taken whose inblob may not be ours."""
+    from keybroker.guest import tsm
+
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / "provider").write_text("sev_guest\n")
+    (entry / "inblob").write_bytes(b"")
+    (entry / "outblob").write_bytes(b"report")
+    request = ReportRequest(bytes(64))
+    for generation, problem in (("1\n", "before this request did"), ("0\n", "was not committed")):
+        (entry / "generation").write_text(generation)
+        with pytest.raises(TsmError, match=problem) as refused:
+            tsm._Session(entry).run(request)
+        assert refused.value.retryable
+    monkeypatch.setattr(tsm._Session, "_generation", lambda session: session.writes)
+    assert tsm._Session(entry).run(request).outblob == b"report"
+    with open(entry / "outblob", "wb") as out:
+        out.truncate(envelope.BLOB_MAX + 1)
+    with pytest.raises(TsmError, match="larger than") as refused:
+        tsm._Session(entry).run(request)
+    assert refused.value.errno == errno.EFBIG
