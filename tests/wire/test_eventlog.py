@@ -135,6 +135,9 @@ GOOD = eb.header() + eb.record(1, 4, bytes(4)) + el.encode_runtime_event("d", "o
     (eb.header({0x99: 4096}), "digest size 4096"),
     (eb.header() + eb.record(1, 4, b"x", {el.ALG_SHA256: bytes(32)}), "which the Spec ID event does not list"),
     (eb.header() + struct.pack("<III", 1, 4, 2) + b"\x0c\x00" + bytes(48) + b"\x0c\x00" + bytes(48), "2 digests"),
+    # two SHA-384 digests in one event (the Spec ID event lists two algorithms): which one would be replayed?
+    (eb.header({el.ALG_SHA256: 32, el.ALG_SHA384: 48}) + struct.pack("<III", 1, 4, 2) + b"\x0c\x00" + bytes(48)
+     + b"\x0c\x00" + b"\x01" * 48 + struct.pack("<I", 1) + b"x", "twice"),
     (eb.header() + struct.pack("<IIIH", 1, 4, 1, 0xC) + bytes(48) + struct.pack("<I", 0xFFFFFFFF), "claims"),
     (eb.header() + struct.pack("<IIIH", 1, 4, 1, 0xC) + bytes(48) + struct.pack("<I", 100) + b"x", "truncated"),
     (eb.header() + b"\x01\x00\x00", "truncated"),
