@@ -83,3 +83,49 @@ def test_a_server_that_closes_during_the_handshake_is_unreachable_not_a_refusal(
         assert failure.value.errno == 104 and "during the TLS handshake" in str(failure.value)
     finally:
         listener.close()
+
+
+def test_the_client_checks_the_server_s_certificate_and_name_in_process(tmp_path):
+    """RcarClient itself (the test above goes through the installed handler): a certificate of another CA,
+    or of the configured CA for another name (127.0.0.1, asked as localhost), fails the handshake."""
+    import socket
+    import ssl
+    import threading
+
+    import pytest
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.errors import ServerError
+    from keybroker.guest.client import RcarClient
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca_key, ca_cert = authority(pki, "ca")
+    authority(pki, "other")
+    cert, key = server_files(pki, ca_key, ca_cert)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    context.wrap_socket(conn, server_side=True).close()
+                except (OSError, ssl.SSLError):
+                    pass  # the client refused our certificate
+
+    threading.Thread(target=serve, daemon=True).start()
+    port = listener.getsockname()[1]
+    try:
+        for url, ca in ((f"https://127.0.0.1:{port}", pki / "other.pem"),
+                        (f"https://localhost:{port}", pki / "ca.pem")):
+            client = RcarClient(url, ca=ca, attempts=1)
+            with pytest.raises(ServerError, match=r"TLS with .* failed: .*certificate verify failed"):
+                client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
+    finally:
+        listener.close()
