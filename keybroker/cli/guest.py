@@ -9,7 +9,7 @@ from .args import hex_bytes
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from ..guest.config import MeasureConfig
+    from ..guest.config import ClientConfig, MeasureConfig
 
 
 def _evidence(args: argparse.Namespace) -> int:
@@ -75,28 +75,33 @@ def _add_install_handler(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_install_handler)
 
 
+def _client_config(path: Path) -> ClientConfig:
+    """The client configuration, held as the handler holds it when root reads it (a unit at boot, an
+    operator): one that others could change would choose which keys root serves, places or measures."""
+    from ..guest.handler import load_config
+
+    return load_config(str(path), code_checked=True)
+
+
 def _keyfile_server(args: argparse.Namespace) -> int:
-    from ..guest import config
     from ..guest.unlock import keyfile
     from ..guest.unlock.progress import Reporter
 
-    return keyfile.run(config.load(args.config), args.socket, Reporter())
+    return keyfile.run(_client_config(args.config), args.socket, Reporter())
 
 
 def _askpass_agent(args: argparse.Namespace) -> int:
-    from ..guest import config
     from ..guest.unlock import askpass
     from ..guest.unlock.progress import Reporter
 
-    return askpass.run(config.load(args.config), args.ask_dir, args.linger, Reporter())
+    return askpass.run(_client_config(args.config), args.ask_dir, args.linger, Reporter())
 
 
 def _place_key(args: argparse.Namespace) -> int:
-    from ..guest import config
     from ..guest.unlock import place
     from ..guest.unlock.progress import Reporter
 
-    place.place(config.load(args.config), args.volume, Reporter())
+    place.place(_client_config(args.config), args.volume, Reporter())
     return 0
 
 
@@ -170,7 +175,7 @@ def _measure_config(path: Path | None) -> MeasureConfig:
 
     if path is None and not config.DEFAULT_PATH.exists():
         return config.MeasureConfig()
-    return config.load(path or config.DEFAULT_PATH).measure
+    return _client_config(path or config.DEFAULT_PATH).measure
 
 
 def _measure(args: argparse.Namespace) -> int:

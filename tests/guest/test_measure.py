@@ -64,6 +64,19 @@ def test_keybroker_measure_extends_and_the_next_quote_replays(tsm_sim, tmp_path)
         {"rtmr": 3, "domain": "example.org", "operation": "image-pull", "content": "registry/app@sha256:ab"}]
 
 
+def test_root_s_commands_refuse_a_configuration_others_may_change(tmp_path):
+    """keybroker measure, place-key, keyfile-server and askpass-agent run as root (units at boot, an operator)
+    and loaded the client configuration unchecked: whoever could change it chose what root measures (and
+    where it writes), or which keys it serves and places. They now hold it as the handler does."""
+    toml = tmp_path / "client.toml"
+    toml.write_text('[server]\nurl = "http://127.0.0.1:1"\n')
+    toml.chmod(0o666)
+    for command in (["measure", "--config", str(toml), "--domain", "example.org", "--operation", "x", "--content", "y"],
+                    ["place-key", "--config", str(toml), "root"]):
+        out = subprocess.run([sys.executable, "-m", "keybroker", *command], capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and f"{toml} is writable by group or others (mode 0666)" in out.stderr, out.stderr
+
+
 def test_several_events_replay_and_a_repeated_release_is_measured_once(tsm_sim, tmp_path):
     report_root, cfg = td(tsm_sim, tmp_path)
     measure.measure(cfg, RuntimeEvent("a.example", "one", "1"))
