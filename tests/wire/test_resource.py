@@ -24,3 +24,12 @@ def test_a_name_that_overlaps_the_pattern_s_ends_is_no_match():
     assert pattern_matches("abab", pattern_parts("ab*ab")) and pattern_matches("aXa", pattern_parts("a*a"))
     assert pattern_matches("default/disk/root", pattern_parts("default/*"))
     assert not pattern_matches("other/default/disk", pattern_parts("default/*"))
+
+
+def test_the_parts_between_wildcards_may_not_share_characters_either():
+    """Each middle part is looked for after the previous one ends: a rule '*secret*secret*' grants
+    no resource that names 'secret' once, and 'x*ab*ba*y' needs 'ab' and then 'ba', not 'aba'."""
+    assert not pattern_matches("a", pattern_parts("*a*a*"))
+    assert not pattern_matches("d/secret/k", pattern_parts("*secret*secret*"))
+    assert not pattern_matches("xabay", pattern_parts("x*ab*ba*y"))
+    assert pattern_matches("xabbay", pattern_parts("x*ab*ba*y"))
