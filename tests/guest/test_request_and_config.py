@@ -80,6 +80,8 @@ def test_config_defaults_and_access(tmp_path):
     assert cfg.may_obtain(1000, frozenset({1000}), "default/disk/root", "user")
     assert not cfg.may_obtain(1001, frozenset({1001}), "default/disk/root", "user")
     assert cfg.may_obtain(1001, frozenset({100}), "shared/disk/x", "user")
+    # a rule's gids are granted to their members only: another group is not enough
+    assert not cfg.may_obtain(1001, frozenset({1001, 101}), "shared/disk/x", "user")
     assert not cfg.may_obtain(1000, frozenset({1000}), "other/disk/root", "user")
 
 
@@ -124,6 +126,12 @@ def test_no_rules_means_root_only(tmp_path):
     ("[server]\nurl = 'https://[::1'\n", "is not a URL: 'https://[::1'"),
     ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/*'\nuids = ['root']\n", "'access[0].uids' must be a list"),
     ("[server]\nurl = 'https://x'\n[[access]]\nuids = [0]\n", "missing required key 'access[0].resource'"),
+    # ids the kernel cannot give a requester, and a pattern longer than any resource it could match
+    ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/*'\nuids = [-1]\n", "'access[0].uids' must be a list"),
+    ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/*'\ngids = [4294967296]\n",
+     "'access[0].gids' must be a list of numeric ids"),
+    ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/" + "*" * 199 + "'\nuids = [1]\n",
+     "must be at most 200 characters"),
     # ? and [...] are fnmatch's wildcards too: a rule written with them granted what its text did not say.
     ("[server]\nurl = 'https://x'\n[[access]]\nresource = 'a/disk/k?'\nuids = [1]\n",
      "'access[0].resource': resource pattern 'a/disk/k?' must be"),
