@@ -178,3 +178,111 @@ def test_a_status_past_599_is_a_protocol_error_not_a_server_error():
         server.close()
     assert classify(failed.value).errno == E.EPROTO and "999" in str(failed.value)
     assert len(asked) == 1
+
+
+def test_an_errno_the_kernel_would_misread_never_reaches_it():
+    """EAGAIN reads as 'not found' and ERESTART* are invalid for keyctl_reject: from a provider, the
+    keyring, or an answer (the agent's or the worker's), such an errno becomes EIO (EBUSY when transient);
+    EINTR from a provider is a busy one."""
+    import pytest
+
+    from keybroker.errors import KeyringError
+    from keybroker.guest.handler import Failed, _from_answer
+
+    for code in (E.EAGAIN, 512, 513, 514, 516):
+        assert classify(TsmError("odd", errno=code)).errno == E.EIO
+        assert classify(TsmError("odd", errno=code, transient=True)).errno == E.EBUSY
+        assert classify(KeyringError("keyctl_setperm", code)).errno == E.EIO
+        value = bytearray(b"left")
+        with pytest.raises(Failed) as failed:
+            _from_answer({"errno": code, "timeout": 5, "reason": "r"}, value)
+        assert failed.value.rejection.errno == E.EIO and value == bytearray(4)
+    assert classify(TsmError("interrupted", errno=E.EINTR)).errno == E.EBUSY
+    assert classify(KeyringError("keyctl_setperm", E.EDQUOT)).errno == E.EDQUOT
+
+
+def test_an_answer_malformed_or_cut_short_is_refused_and_wiped():
+    import pytest
+
+    from keybroker.guest.handler import Failed, _from_answer
+
+    for header, why in (({"errno": "EACCES", "timeout": 60, "reason": "r"}, "malformed"),
+                        ({"errno": E.EACCES, "timeout": "60", "reason": "r"}, "malformed"),
+                        ({"errno": E.EACCES, "timeout": 60, "reason": None}, "malformed"),
+                        ({"size": 5, "lease": 30}, "cut short"), ({"lease": 30}, "cut short")):
+        value = bytearray(b"four")
+        with pytest.raises(Failed) as failed:
+            _from_answer(header, value)
+        assert (failed.value.rejection.errno, failed.value.rejection.timeout) == (E.EIO, 10), header
+        assert why in failed.value.rejection.reason and value == bytearray(4), header
+    assert _from_answer({"size": 4, "lease": 30}, bytearray(b"four")) == (bytearray(b"four"), 30)
+    assert _from_answer({"size": 4, "lease": "30"}, bytearray(b"four")) == (bytearray(b"four"), None)
+    with pytest.raises(Failed) as failed:
+        _from_answer({"errno": E.EKEYREJECTED, "timeout": 60, "reason": "denied"}, bytearray())
+    assert (failed.value.rejection.errno, failed.value.rejection.timeout) == (E.EKEYREJECTED, 60)
+
+
+def test_authorise_decides_for_the_requester_s_ids_and_key_type(tmp_path, monkeypatch):
+    """In process (the kernel tests run the installed handler): the key's uid, its gid and the user's
+    groups, and the key type asked for, are what the [[access]] rules are held to."""
+    import os
+    import pwd
+
+    import pytest
+
+    from keybroker.guest import config, handler
+
+    path = tmp_path / "client.toml"
+    path.write_text('[server]\nurl = "https://kbs.example"\n'
+                    '[[access]]\nresource = "secret/*"\nuids = [1000]\nkey_types = ["logon"]\n'
+                    '[[access]]\nresource = "team/*"\ngids = [300]\n')
+    cfg = config.load(path)
+    assert handler._authorise(cfg, "logon", "keybroker:secret/disk/k", b"", 1000, 1000).key_type == "logon"
+    for key_type, description, uid, gid in (("user", "keybroker:secret/disk/k", 1000, 1000),
+                                            ("logon", "keybroker:secret/disk/k", 1001, 1000),
+                                            ("user", "keybroker:team/disk/k", 4000000, 4000000)):
+        with pytest.raises(AccessDenied, match=f"requester uid {uid} gid {gid} may not obtain"):
+            handler._authorise(cfg, key_type, description, b"", uid, gid)
+    assert handler._authorise(cfg, "user", "keybroker:team/disk/k", b"", 4000000, 300)  # the key's gid
+    with pytest.raises(DescriptionError):
+        handler._authorise(cfg, "logon", "keybroker:secret/disk/k", b"privlevel=9", 0, 0)
+
+    # a user's supplementary groups come from the group database; an unknown uid has the key's gid only
+    assert handler._groups(4000000, 4000000) == frozenset({4000000})
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: type("pw", (), {"pw_name": "alice"})())
+    monkeypatch.setattr(os, "getgrouplist", lambda name, gid: [gid, 300] if name == "alice" else [gid])
+    assert handler._groups(1002, 1002) == frozenset({1002, 300})
+    assert handler._authorise(cfg, "user", "keybroker:team/disk/k", b"", 1002, 1002)
+
+
+def test_construction_keeps_the_key_to_its_possessors_leases_it_and_negative_caches_at_least_a_second(
+        monkeypatch):
+    """Permissions first (without SETATTR the requester cannot lift the lease), then the lease, then the
+    key; a rejection whose timeout an agent gave as 0 or less still caches for a second."""
+    import signal
+
+    from keybroker.guest import keyring
+    from keybroker.guest.handler import Construction, Rejection
+
+    calls: list[tuple] = []
+    for name in ("setperm", "set_timeout", "instantiate", "reject"):
+        monkeypatch.setattr(keyring, name, lambda *args, name=name: calls.append((name, *args)))
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        Construction(11).instantiate(bytearray(b"k"), 300)
+        Construction(12).instantiate(bytearray(b"k"), None)
+        for timeout in (0, -5):
+            Construction(13).reject(Rejection(E.EACCES, timeout, "no"))
+        done = Construction(14)
+        done.instantiate(bytearray(b"k"), None)
+        done.reject(Rejection(E.EIO, 10, "after"))  # ended once: no reject after an instantiate
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)
+    assert calls == [("setperm", 11, keyring.POSSESSOR_ONLY), ("set_timeout", 11, 300),
+                     ("instantiate", 11, bytearray(b"k"), 0),
+                     ("setperm", 12, keyring.POSSESSOR_ONLY), ("instantiate", 12, bytearray(b"k"), 0),
+                     ("reject", 13, 1, E.EACCES, 0), ("reject", 13, 1, E.EACCES, 0),
+                     ("setperm", 14, keyring.POSSESSOR_ONLY), ("instantiate", 14, bytearray(b"k"), 0)]
+    # possessors may view, read, search and link it; no SETATTR or WRITE, nothing for anyone else
+    assert keyring.POSSESSOR_ONLY == 0x1b000000
