@@ -286,3 +286,50 @@ def test_construction_keeps_the_key_to_its_possessors_leases_it_and_negative_cac
                      ("setperm", 14, keyring.POSSESSOR_ONLY), ("instantiate", 14, bytearray(b"k"), 0)]
     # possessors may view, read, search and link it; no SETATTR or WRITE, nothing for anyone else
     assert keyring.POSSESSOR_ONLY == 0x1b000000
+
+
+def test_the_server_s_refusals_are_refusals_once_and_an_oversized_answer_a_protocol_error():
+    """In process: a policy or attestation denial and a missing resource are the server's judgement
+    (EKEYREJECTED, ENOKEY; asked once, not retried as a server error), a 503 is retried, and an answer
+    over RESPONSE_MAX is refused however it is framed."""
+    import json
+    import time
+
+    import pytest
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.guest.client import RESPONSE_MAX, RcarClient
+    from support.stub import QuietHandler, StubServer
+
+    asked = []
+    answers = {"/deny": (401, p.problem(p.POLICY_DENIED, "no")), "/att": (401, p.problem(p.ATTESTATION_DENIED, "no")),
+               "/gone": (404, p.problem(p.RESOURCE_NOT_FOUND, "no")), "/busy": (503, {"detail": "later"}),
+               "/big": (200, {"pad": "x" * RESPONSE_MAX})}
+
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:
+            name = "/" + self.path.split("/")[-1]
+            asked.append(name)
+            status, body = answers[name]
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = StubServer(Handler)
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        for tag, kind, errno in (("deny", ReleaseRefused, E.EKEYREJECTED), ("att", ReleaseRefused, E.EKEYREJECTED),
+                                 ("gone", ResourceMissing, E.ENOKEY), ("big", ProtocolError, E.EPROTO),
+                                 ("busy", ServerError, E.EIO)):
+            asked.clear()
+            client = RcarClient(server.url, deadline=time.monotonic() + 10, attempts=2, backoff=0.05)
+            with pytest.raises(kind) as failed:
+                client.fetch_with_token(f"default/disk/{tag}", "a.b.c", key)
+            assert classify(failed.value).errno == errno, (tag, failed.value)
+            assert asked == ["/" + tag] * (2 if tag == "busy" else 1), (tag, asked)
+            if tag == "big":
+                assert "larger than" in str(failed.value)
+    finally:
+        server.close()
