@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -326,9 +328,11 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
 
 
 def _check_held_inputs(config: ServerConfig) -> None:
-    """Refuse a policy, --certs or --collateral folder (or a file in one) that others than root and this
-    server may change: the policy decides releases, and an older CRL or collateral put there would weaken
-    the checks. (--trust-roots: TrustStore.with_dirs; the configuration file: config.load.)"""
+    """Refuse a policy, --certs or --collateral folder (or a file in one), or a --cache-dir, that others than
+    root and this server may change: the policy decides releases, and an older CRL or collateral put there
+    would weaken the checks. (--trust-roots: TrustStore.with_dirs; the configuration file: config.load.)"""
+    if config.cache_dir:  # what KDS and PCS served, used again while current: an older CRL there hides a revocation
+        _check_held_place(config.cache_dir, "cache folder")
     if config.policy:
         check_held(config.policy, "policy", root_or_self())
     for folder in (*config.certs, *([config.collateral] if config.collateral else [])):
@@ -336,6 +340,15 @@ def _check_held_inputs(config: ServerConfig) -> None:
             check_held(folder, "certificate or collateral folder", root_or_self())
             for path in sorted(folder.iterdir()):
                 check_held(path, "certificate or collateral file", root_or_self())
+
+
+def _check_held_place(path: Path, what: str) -> None:
+    """``check_held`` for ``path`` or, while there is none, for the folder above it that is: whoever may
+    write there could make it, and fill it, before this server does."""
+    place = path
+    while not os.path.lexists(place) and place.parent != place:
+        place = place.parent
+    check_held(place, what if place == path else f"{what} {path} (yet to be made in)", root_or_self())
 
 
 def key_server(config: ServerConfig) -> tuple[KeyServer, AdminAuth | None, RateLimiter]:

@@ -798,3 +798,29 @@ def test_what_decides_a_release_someone_else_may_change_stops_the_server(tmp_pat
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert re.search(rf"refusing .* {re.escape(str(changed))} (belongs to uid {STRANGER}|is writable by group or "
                      "others)", out.stderr), out.stderr
+
+
+@needs_root
+@pytest.mark.parametrize("loosen", ["cache 0777", "cache owner", "above 1777", "above owner"])
+def test_a_cache_folder_someone_else_may_change_stops_the_server(tmp_path, loosen):
+    """The KDS and PCS answers kept in --cache-dir are used again while current (a CRL until its next
+    update): another user who could write there put an older CRL (one before a revocation) or older
+    collateral where the verifier reads it, and could make the folder first where it did not exist yet."""
+    from keybroker.server.app import _check_held_inputs
+    from keybroker.server.config import ServerConfig
+
+    above = tmp_path / "above"
+    cache = above / "cache"
+    cache.mkdir(parents=True, mode=0o700)
+    what, change = loosen.split(" ")
+    changed = {"cache": cache, "above": above}[what]
+    if what == "above":
+        cache.rmdir()  # none yet: the server makes it where others may have made it first
+    _check_held_inputs(ServerConfig(cache_dir=cache))  # held: accepted
+    if change == "owner":
+        os.chown(changed, STRANGER, -1)
+    else:
+        changed.chmod(int(change, 8))
+    with pytest.raises(ConfigError, match=rf"refusing cache folder {cache}.*: {changed} (belongs to uid {STRANGER}|"
+                                          "is writable by group or others)"):
+        _check_held_inputs(ServerConfig(cache_dir=cache))
