@@ -336,8 +336,9 @@ def _check_held_inputs(config: ServerConfig) -> None:
     if config.policy:
         check_held(config.policy, "policy", root_or_self())
     for folder in (*config.certs, *([config.collateral] if config.collateral else [])):
-        if folder.is_dir():  # none yet: nothing to weaken (and every attestation that needs one is refused)
-            check_held(folder, "certificate or collateral folder", root_or_self())
+        # None yet refuses every attestation that needs one, until someone makes it: who may, is held too.
+        _check_held_place(folder, "certificate or collateral folder")
+        if folder.is_dir():
             for path in sorted(folder.iterdir()):
                 check_held(path, "certificate or collateral file", root_or_self())
 

@@ -824,3 +824,22 @@ def test_a_cache_folder_someone_else_may_change_stops_the_server(tmp_path, loose
     with pytest.raises(ConfigError, match=rf"refusing cache folder {cache}.*: {changed} (belongs to uid {STRANGER}|"
                                           "is writable by group or others)"):
         _check_held_inputs(ServerConfig(cache_dir=cache))
+
+
+@needs_root
+@pytest.mark.parametrize("option", ["certs", "collateral"])
+def test_a_certificate_folder_not_made_yet_where_others_may_make_it_stops_the_server(tmp_path, option):
+    """A --certs or --collateral folder that does not exist yet was accepted wherever it was to be: another
+    user who could write the folder above made it later, with an older CRL or collateral in it."""
+    from keybroker.server.app import _check_held_inputs
+    from keybroker.server.config import ServerConfig
+
+    above = tmp_path / "shared"
+    above.mkdir()
+    folder = above / option
+    settings = {"certs": {"certs": (folder,)}, "collateral": {"collateral": folder}}[option]
+    _check_held_inputs(ServerConfig(cache_dir=tmp_path, **settings))  # held: accepted
+    above.chmod(0o1777)
+    with pytest.raises(ConfigError, match=rf"refusing certificate or collateral folder {folder}.*: {above} is "
+                                          "writable by group or others"):
+        _check_held_inputs(ServerConfig(cache_dir=tmp_path, **settings))
