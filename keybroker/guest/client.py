@@ -111,6 +111,8 @@ class _Http:
         self.conn.response_class = _StrictResponse
         self.cookie: str | None = None
         self._cut_off = False
+        self._cut_lock = threading.Lock()
+        self._under_way: object | None = None  # the exchange under way, whose watchdog may cut it
 
     def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str],
                 timeout: float) -> _Response:
@@ -123,7 +125,8 @@ class _Http:
         if self.conn.sock is not None:
             self.conn.sock.settimeout(timeout)
         # The socket's timeout bounds each read; the watchdog, the whole exchange.
-        watchdog = threading.Timer(timeout, self._cut)
+        self._under_way = exchange = object()
+        watchdog = threading.Timer(timeout, self._cut, args=(exchange,))
         watchdog.daemon = True
         self._cut_off = False
         watchdog.start()
@@ -149,7 +152,9 @@ class _Http:
                 raise TimeoutError from None
             raise
         finally:
-            watchdog.cancel()
+            watchdog.cancel()  # too late if it is running already: then _cut finds its exchange over
+            with self._cut_lock:
+                self._under_way = None
         if self._cut_off:  # what a cut connection left may look whole (an answer read to its end)
             raise TimeoutError
         for value in response.headers.get_all("Set-Cookie") or ():
@@ -179,13 +184,17 @@ class _Http:
         """Whether the connection is up and its last exchange was not cut off: it may serve another."""
         return self.conn.sock is not None and not self._cut_off
 
-    def _cut(self) -> None:
-        """The exchange's time is up: shut its socket down, which ends any read blocked on it."""
-        self._cut_off = True
-        sock = self.conn.sock
-        if sock is not None:
-            with suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+    def _cut(self, exchange: object) -> None:
+        """The time of ``exchange`` is up: shut its socket down, which ends any read blocked on it. Not once
+        it has ended: the connection may be kept by then, serving another exchange."""
+        with self._cut_lock:
+            if self._under_way is not exchange:
+                return
+            self._cut_off = True
+            sock = self.conn.sock
+            if sock is not None:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 class Links:

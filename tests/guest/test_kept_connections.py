@@ -89,3 +89,19 @@ def test_a_connection_idle_too_long_or_closed_by_the_server_is_not_handed_out(tl
     attested(server, ca, evidence, links)  # a new connection, not an error from the closed one
     assert link.conn.sock is None
     assert server.requests_to("attest") == 1  # counted since the restart: one round, not one resent
+
+
+def test_a_watchdog_that_fires_after_its_exchange_leaves_the_kept_connection_alone(tls):
+    """Timer.cancel() is too late for a watchdog already running: when an exchange ended at its timeout,
+    the watchdog's cut came after request() returned, shut the socket the link was kept with (or served
+    another exchange on) and marked that exchange cut off. A cut is now for its own exchange only."""
+    server, ca, evidence = tls
+    links = Links()
+    attested(server, ca, evidence, links)
+    link = links.take(server.url, ca)
+    assert link is not None
+    link._cut(object())  # the watchdog of an exchange that has ended: not the one under way (none)
+    assert link.reusable
+    links.keep(server.url, ca, link)
+    attested(server, ca, evidence, links)  # on that connection, whole
+    assert links.take(server.url, ca) is link
