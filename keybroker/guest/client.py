@@ -231,14 +231,23 @@ class Links:
                 link.conn.close()
 
     def keep(self, url: str, ca: Path | None, link: _Http) -> None:
-        """Keep ``link`` for another exchange (closed if ``KEPT_MAX`` are kept already)."""
+        """Keep ``link`` for another exchange (closed if ``KEPT_MAX`` are kept already), and close those
+        kept too long meanwhile, whatever their server (one the configuration no longer names, say)."""
         link.cookie = None  # the round's session ends with it
+        now, stale = time.monotonic(), []
         with self._lock:
+            for key, idle in list(self._idle.items()):
+                stale += [old for since, old in idle if now - since >= self.IDLE]
+                idle[:] = [(since, old) for since, old in idle if now - since < self.IDLE]
+                if not idle:
+                    del self._idle[key]
             idle = self._idle.setdefault((url, ca), [])
             if len(idle) < self.KEPT_MAX:
-                idle.append((time.monotonic(), link))
-                return
-        link.conn.close()
+                idle.append((now, link))
+            else:
+                stale.append(link)
+        for old in stale:
+            old.conn.close()
 
 
 def _dropped(link: _Http) -> bool:

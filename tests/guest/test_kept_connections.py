@@ -10,7 +10,7 @@ import hashlib
 import pytest
 
 from keybroker.errors import ResourceMissing
-from keybroker.guest.client import Links, RcarClient
+from keybroker.guest.client import Links, RcarClient, _Http
 from keybroker.guest.tsm import ReportRequest, TsmClient
 from support.pki import authority, server_files
 
@@ -79,6 +79,14 @@ def test_a_connection_idle_too_long_or_closed_by_the_server_is_not_handed_out(tl
     links.keep(server.url, ca, link)
     links.IDLE = 0.0
     assert links.take(server.url, ca) is None and link.conn.sock is None  # closed, not handed out
+    links.IDLE = Links.IDLE
+    attested(server, ca, evidence, links)
+    link = links.take(server.url, ca)
+    assert link is not None
+    links.keep(server.url, ca, link)
+    links.IDLE = 0.0  # kept too long: closed by the next keep, whatever its server (the URL changed, say)
+    links.keep("https://another.example", ca, _Http("https://another.example", ca))
+    assert link.conn.sock is None
     links.IDLE = Links.IDLE
     attested(server, ca, evidence, links)
     link = links.take(server.url, ca)
