@@ -258,3 +258,21 @@ def test_a_jwe_with_another_iv_size_or_an_epk_on_another_curve_is_refused(monkey
         relabelled = body | {"protected": keybroker_jwe.b64url(json.dumps(header | other).encode())}
         with pytest.raises(ProtocolError, match="the JWE uses"):
             keybroker_jwe.unwrap(relabelled, private)
+
+
+def test_records_bound_their_nonce_and_type_their_version_and_tee():
+    """A nonce is 1 to NONCE_MAX characters in the Challenge and in the Attestation's runtime-data (what a
+    server hashes into the binding and keeps per session); an AuthRequest's version and tee are strings,
+    refused as a protocol error rather than failing later in the version match."""
+    key = json.loads(jwk.JWK.generate(kty="EC", crv="P-256").export_public()) | {"alg": "ECDH-ES+A256KW"}
+    longest = "n" * p.NONCE_MAX
+    assert p.Challenge.from_json({"nonce": longest}).nonce == longest
+    assert p.Attestation.from_json(p.Attestation(longest, key, {}).to_json()).nonce == longest
+    for nonce in ("", longest + "n"):
+        with pytest.raises(ProtocolError, match="challenge nonce must be a string of 1-128"):
+            p.Challenge.from_json({"nonce": nonce, "extra-params": ""})
+        with pytest.raises(ProtocolError, match="runtime-data nonce must be a string of 1-128"):
+            p.Attestation.from_json(p.Attestation(nonce, key, {}).to_json())
+    for version, tee in ((4, "snp"), (["0.4.0"], "snp"), ("0.4.0", None), ("0.4.0", {"snp": 1})):
+        with pytest.raises(ProtocolError, match="'version' and 'tee' must be strings"):
+            p.AuthRequest.from_json({"version": version, "tee": tee, "extra-params": {}})
