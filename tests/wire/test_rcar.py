@@ -276,3 +276,20 @@ def test_records_bound_their_nonce_and_type_their_version_and_tee():
     for version, tee in ((4, "snp"), (["0.4.0"], "snp"), ("0.4.0", None), ("0.4.0", {"snp": 1})):
         with pytest.raises(ProtocolError, match="'version' and 'tee' must be strings"):
             p.AuthRequest.from_json({"version": version, "tee": tee, "extra-params": {}})
+
+
+def test_tee_pubkey_rsa_bounds_and_member_types():
+    """An RSA modulus of more than 8192 bits or an exponent of more than 8 bytes is refused (both load, and
+    a hostile guest would have the server encrypt to them); a member that is no string is a protocol error,
+    not a TypeError from the curve lookup."""
+    rsa_key = json.loads(jwk.JWK.generate(kty="RSA", size=2048).export_public()) | {"alg": "RSA-OAEP-256"}
+    assert p.check_tee_pubkey(rsa_key | {"e": keybroker_jwe.b64url((2**63 + 1).to_bytes(8, "big"))})
+    huge_n = keybroker_jwe.b64url((2**8192 + 1).to_bytes(1025, "big"))  # 8193 bits, odd
+    long_e = keybroker_jwe.b64url((2**64 + 1).to_bytes(9, "big"))
+    for broken in (rsa_key | {"n": huge_n}, rsa_key | {"e": long_e}):
+        with pytest.raises(ProtocolError, match="2048-8192 bits and a public exponent"):
+            p.check_tee_pubkey(broken)
+    key = json.loads(jwk.JWK.generate(kty="EC", crv="P-256").export_public()) | {"alg": "ECDH-ES+A256KW"}
+    for broken in (key | {"crv": ["P-256"]}, key | {"crv": {"P-256": 1}}, rsa_key | {"alg": ["RSA-OAEP-256"]}):
+        with pytest.raises(ProtocolError, match="tee-pubkey members must be strings"):
+            p.check_tee_pubkey(broken)
