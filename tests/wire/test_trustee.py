@@ -143,6 +143,18 @@ def test_a_report_with_reserved_bytes_set_has_no_faithful_json(sim_state: Path):
         trustee.snp_report_to_json(bytes(masked_v2))
 
 
+def test_a_report_of_another_size_or_version_has_no_json(sim_state: Path):
+    """Only a whole report of version 2 to 5 is written in the sev crate's form: one cut short would
+    otherwise fail in struct with no EvidenceError, and another version be turned away only by chance."""
+    raw = providers.snp_report(SimState(sim_state).snp(), report_data=bytes(64), vmpl=0)
+    for size in (len(raw) - 1, len(raw) + 1, 0x100):
+        with pytest.raises(EvidenceError, match=f"SEV-SNP report is {size} bytes, expected 1184"):
+            trustee.snp_report_to_json((raw + bytes(1))[:size])
+    for version in (1, 6):
+        with pytest.raises(EvidenceError, match=f"SEV-SNP report version {version} is not one keybroker reads"):
+            trustee.snp_report_to_json(version.to_bytes(4, "little") + raw[4:])
+
+
 def test_cert_chain_entries():
     other = uuid.uuid4()
     chain = [{"cert_type": "ASK", "data": [1, 2]}, {"cert_type": "Empty", "data": []},
@@ -154,6 +166,7 @@ def test_cert_chain_entries():
     for bad, reason in [("VCEK", "cert_chain must be null or a list"),
                         ([{"cert_type": "vcek", "data": []}], "is not ARK, ASK"),
                         ([{"cert_type": {"OTHER": "not-a-uuid"}, "data": []}], "not a UUID"),
+                        ([{"cert_type": {"OTHER": str(other), "VCEK": 1}, "data": []}], "is not ARK, ASK"),
                         ([{"cert_type": "VCEK", "data": "MII="}], r"data must be an array of bytes"),
                         ([{"cert_type": "VCEK"}], "missing 'data'")]:
         with pytest.raises(EvidenceError, match=reason):
