@@ -376,6 +376,10 @@ TOP = [6, 0, 4] + [0] * 13
     ("qe behind", "OutOfDate", ["INTEL-SA-00615"]),
     ("configuration and qe behind", "OutOfDateConfigurationNeeded", []),
     ("no level", "NotSupported", []),
+    ("no tdx level", "NotSupported", []),
+    ("module below every level", "NotSupported", []),
+    ("qe below every level", "NotSupported", []),
+    ("version 0 module's svns compared from index 0", "OutOfDate", []),
     ("relaunch", "TDRelaunchAdvised", ["INTEL-SA-01099"]),
 ])
 def test_tcb_status_matching(tmp_path, case, expected, advisories):
@@ -403,6 +407,16 @@ def test_tcb_status_matching(tmp_path, case, expected, advisories):
         qe = tb.qe_identity(levels=[tb.isv_level(8), tb.isv_level(6, "OutOfDate")])
     elif case == "no level":
         tcb = tb.tcb_info(p, levels=_levels(p, (higher, None, TOP, "UpToDate", [])))
+    elif case == "no tdx level":  # the PCK matches, TEE_TCB_SVN[2] = 4 is below the only level's
+        tcb = tb.tcb_info(p, levels=_levels(p, (None, None, [6, 0, 5] + [0] * 13, "UpToDate", [])))
+    elif case == "module below every level":  # TEE_TCB_SVN[0] = 6: the module identity knows none so old
+        tcb = tb.tcb_info(p, module_levels=[tb.isv_level(9)])
+    elif case == "qe below every level":
+        qe = tb.qe_identity(levels=[tb.isv_level(9)])
+    elif case == "version 0 module's svns compared from index 0":  # TEE_TCB_SVN[0] = 6 is below the first
+        td = tb.Td(tee_tcb_svn=bytes([6, 0, 4]) + bytes(13))
+        tcb = tb.tcb_info(p, levels=_levels(p, (None, None, [7, 0, 4] + [0] * 13, "UpToDate", []),
+                                            (None, None, TOP, "OutOfDate", [])))
     elif case == "relaunch":  # launched on module SVN 6 (out of date), now running SVN 9 (current)
         body_type = 3
         td = tb.Td(tee_tcb_svn_2=bytes([9, 1, 4]) + bytes(13))
@@ -425,6 +439,7 @@ def test_relaunch_not_advised_when_the_running_module_is_behind_too(tmp_path):
 @pytest.mark.parametrize("change, failed, text", [
     ("module identity missing", "tcb_status", "no identity TDX_01"),
     ("module signer", "tcb_status", "MRSIGNERSEAM"),
+    ("module attributes", "tcb_status", "SEAMATTRIBUTES 0000000000000000 do not match 0100000000000000"),
     ("qe signer", "qe_identity", "QE MRSIGNER"),
     ("pck revoked", "crl", "revoked by the CRL of Intel SGX PCK Platform CA: Intel SGX PCK Certificate"),
     ("tcb info tampered", "collateral_signatures", "TCB info"),
@@ -440,6 +455,9 @@ def test_collateral_negatives(tmp_path, change, failed, text):
     elif change == "module signer":
         kw["tcb"] = tb.tcb_info(p)
         kw["tcb"]["tdxModuleIdentities"][0]["mrsigner"] = "11" * 48
+    elif change == "module attributes":
+        kw["tcb"] = tb.tcb_info(p)
+        kw["tcb"]["tdxModuleIdentities"][0]["attributes"] = "0100000000000000"
     elif change == "qe signer":
         kw["qe"] = tb.qe_identity(mrsigner=bytes(32))
     elif change == "pck revoked":
