@@ -143,7 +143,7 @@ def test_an_answer_that_is_not_http_is_a_protocol_error_and_a_cut_one_a_reset():
         assert isinstance(failure, ProtocolError), (answer[:30], failure)
         assert classify(failure).errno == E.EPROTO and "not HTTP/1.x" in str(failure)
         assert connections == 1  # not retried
-    for answer in (b"", b"HTTP/1.1 2"):
+    for answer in (b"", b"HTTP/1.1 2", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}"):  # the last: IncompleteRead
         failure, connections = answered(answer)
         assert isinstance(failure, ServerUnreachable) and failure.errno == E.ECONNRESET, (answer, failure)
         assert connections == 3

@@ -47,7 +47,7 @@ def test_release_and_errors_through_the_client(tsm_sim, kbs):
         RcarClient(server.url).fetch_with_token("default/key/a", token[:-4] + "AAAA", key)
 
 
-@pytest.mark.parametrize("lease", ["0", "4294967296", "9999999999", "60s", "-1"])
+@pytest.mark.parametrize("lease", ["0", "4294967296", "9999999999", "60s", "-1", "9" * 5000])
 def test_a_lease_the_keyring_cannot_hold_is_a_protocol_error(lease):
     headers = http.client.HTTPMessage()
     headers[p.LEASE_HEADER] = lease
