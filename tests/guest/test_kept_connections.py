@@ -113,3 +113,37 @@ def test_a_watchdog_that_fires_after_its_exchange_leaves_the_kept_connection_alo
     links.keep(server.url, ca, link)
     attested(server, ca, evidence, links)  # on that connection, whole
     assert links.take(server.url, ca) is link
+
+
+def test_only_the_kbs_session_id_cookie_is_the_session_and_without_its_attributes():
+    """A server (or a proxy before it) may set other cookies too, before or after the session's: the
+    session is kbs-session-id's value alone, sent back without Path or HttpOnly."""
+    import socket
+    import threading
+
+    from keybroker.guest.client import _Http
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for _ in range(2):
+                seen.append(conn.recv(65536))
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: lb=node1; Path=/\r\n"
+                             b"Set-Cookie: kbs-session-id=abc123; Path=/kbs/v0; HttpOnly\r\n"
+                             b"Set-Cookie: tracker=zzz\r\n\r\n{}")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    link = _Http(f"http://127.0.0.1:{listener.getsockname()[1]}", None)
+    try:
+        link.request("GET", "/kbs/v0/auth", None, {}, 5)  # no body: one recv, one request
+        assert link.cookie == "abc123"
+        link.request("GET", "/kbs/v0/attest", None, {}, 5)
+    finally:
+        link.conn.close()
+        listener.close()
+    thread.join(5)
+    assert b"\r\nCookie: kbs-session-id=abc123\r\n" in seen[1]
