@@ -165,6 +165,19 @@ def test_concurrent_requests_share_one_attestation(tsm_sim, kbs, handler):
     assert took < 3 * slow, f"{took:.1f} s for six keys"
 
 
+def cache_and_key(tmp_path):
+    """A TokenCache for a configuration of its own, and a tee key (in the test's child: they go to root's keyring)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from keybroker.guest import config
+
+    if os.geteuid() != 0:
+        pytest.skip("tokens are kept in root's keyring")
+    path = tmp_path / "client.toml"
+    path.write_text('[server]\nurl = "http://127.0.0.1:1"\n')
+    return tokens.TokenCache(config.load(path), None), ec.generate_private_key(ec.SECP256R1())
+
+
 @in_child
 def test_a_token_s_claimed_expiry_is_bounded_whatever_the_server_wrote(tmp_path, system_lock):
     """The exp of a token is the server's word, unverified by the guest: NaN, infinities and
@@ -172,16 +185,9 @@ def test_a_token_s_claimed_expiry_is_bounded_whatever_the_server_wrote(tmp_path,
     token whose exp has passed is not used, whatever the key's own timeout says."""
     import base64
 
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from keybroker.guest import keyring
 
-    from keybroker.guest import config, keyring
-
-    if os.geteuid() != 0:
-        pytest.skip("tokens are kept in root's keyring")
-    path = tmp_path / "client.toml"
-    path.write_text('[server]\nurl = "http://127.0.0.1:1"\n')
-    cache = tokens.TokenCache(config.load(path), None)
-    key = ec.generate_private_key(ec.SECP256R1())
+    cache, key = cache_and_key(tmp_path)
 
     def token(exp: str) -> str:
         body = base64.urlsafe_b64encode(f'{{"exp": {exp}}}'.encode()).decode().rstrip("=")
@@ -372,16 +378,9 @@ def test_a_kept_token_is_root_s_alone_and_expires(tmp_path, system_lock):
     a token with less than a second left is not kept (its timeout would be 0: never)."""
     import base64
 
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from keybroker.guest import keyring
 
-    from keybroker.guest import config, keyring
-
-    if os.geteuid() != 0:
-        pytest.skip("tokens are kept in root's keyring")
-    path = tmp_path / "client.toml"
-    path.write_text('[server]\nurl = "http://127.0.0.1:1"\n')
-    cache = tokens.TokenCache(config.load(path), None)
-    key = ec.generate_private_key(ec.SECP256R1())
+    cache, key = cache_and_key(tmp_path)
 
     def token(exp: float) -> str:
         return "e30.%s.c2ln" % base64.urlsafe_b64encode(b'{"exp": %f}' % exp).decode().rstrip("=")
