@@ -21,6 +21,7 @@ from keybroker.guest.client import ReleasedKey
 from keybroker.guest.handler import USER_PAYLOAD_MAX, Stopped, _outcome, classify
 from keybroker.wire import rcar as p
 from support import REPO
+from support.servers import raw_server
 
 GUIDE = REPO / "docs" / "guest.md"
 
@@ -103,7 +104,6 @@ def test_an_answer_that_is_not_http_is_a_protocol_error_and_a_cut_one_a_reset():
     an answer cut short before its status line ended is still the connection reset it is."""
     import contextlib
     import socket
-    import threading
     import time
 
     import pytest
@@ -112,28 +112,19 @@ def test_an_answer_that_is_not_http_is_a_protocol_error_and_a_cut_one_a_reset():
     from keybroker.guest.client import RcarClient
 
     def answered(answer: bytes) -> tuple[BaseException, int]:
-        listener = socket.create_server(("127.0.0.1", 0))
         accepted = []
 
-        def serve() -> None:
-            while True:
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    return
-                accepted.append(conn)
-                with conn, contextlib.suppress(OSError):
-                    conn.recv(65536)
-                    conn.sendall(answer)
+        def serve(conn: socket.socket) -> None:
+            accepted.append(conn)
+            with conn, contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(answer)
 
-        threading.Thread(target=serve, daemon=True).start()
-        client = RcarClient(f"http://127.0.0.1:{listener.getsockname()[1]}", deadline=time.monotonic() + 10,
-                            attempts=3, backoff=0.05)
-        try:
+        with raw_server(serve) as port:
+            client = RcarClient(f"http://127.0.0.1:{port}", deadline=time.monotonic() + 10, attempts=3,
+                                backoff=0.05)
             with pytest.raises((ProtocolError, ServerUnreachable)) as failed:
                 client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
-        finally:
-            listener.close()
         return failed.value, len(accepted)
 
     for answer in (b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/2.0 200 OK\r\n\r\n",

@@ -6,6 +6,7 @@ import hashlib
 
 from support.keyctl import keyctl_session
 from support.pki import authority, server_files
+from support.servers import raw_server
 
 SECRET = hashlib.sha256(b"tls key").digest()
 
@@ -53,7 +54,6 @@ def test_a_server_that_closes_during_the_handshake_is_unreachable_not_a_refusal(
     deadline under a boot storm) is away for now (ECONNRESET: the requester's retry and the disk
     unlock wait it out), not a TLS failure (EPROTO, which ends a volume's wait at once)."""
     import socket
-    import threading
 
     import pytest
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -64,25 +64,16 @@ def test_a_server_that_closes_during_the_handshake_is_unreachable_not_a_refusal(
     pki = tmp_path / "pki"
     pki.mkdir()
     authority(pki, "ca")
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def hang_up() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            conn.recv(1024)  # the ClientHello, then the connection closes
-            conn.close()
+    def hang_up(conn: socket.socket) -> None:
+        conn.recv(1024)  # the ClientHello, then the connection closes
+        conn.close()
 
-    threading.Thread(target=hang_up, daemon=True).start()
-    try:
-        client = RcarClient(f"https://127.0.0.1:{listener.getsockname()[1]}", ca=pki / "ca.pem", attempts=1)
+    with raw_server(hang_up) as port:
+        client = RcarClient(f"https://127.0.0.1:{port}", ca=pki / "ca.pem", attempts=1)
         with pytest.raises(ServerUnreachable) as failure:
             client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
         assert failure.value.errno == 104 and "during the TLS handshake" in str(failure.value)
-    finally:
-        listener.close()
 
 
 def test_the_client_checks_the_server_s_certificate_and_name_in_process(tmp_path):
@@ -90,7 +81,6 @@ def test_the_client_checks_the_server_s_certificate_and_name_in_process(tmp_path
     or of the configured CA for another name (127.0.0.1, asked as localhost), fails the handshake."""
     import socket
     import ssl
-    import threading
 
     import pytest
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -105,27 +95,17 @@ def test_the_client_checks_the_server_s_certificate_and_name_in_process(tmp_path
     cert, key = server_files(pki, ca_key, ca_cert)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def serve() -> None:
-        while True:
+    def serve(conn: socket.socket) -> None:
+        with conn:
             try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    context.wrap_socket(conn, server_side=True).close()
-                except (OSError, ssl.SSLError):
-                    pass  # the client refused our certificate
+                context.wrap_socket(conn, server_side=True).close()
+            except (OSError, ssl.SSLError):
+                pass  # the client refused our certificate
 
-    threading.Thread(target=serve, daemon=True).start()
-    port = listener.getsockname()[1]
-    try:
+    with raw_server(serve) as port:
         for url, ca in ((f"https://127.0.0.1:{port}", pki / "other.pem"),
                         (f"https://localhost:{port}", pki / "ca.pem")):
             client = RcarClient(url, ca=ca, attempts=1)
             with pytest.raises(ServerError, match=r"TLS with .* failed: .*certificate verify failed"):
                 client.fetch_with_token("default/disk/root", "a.b.c", ec.generate_private_key(ec.SECP256R1()))
-    finally:
-        listener.close()

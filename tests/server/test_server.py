@@ -17,6 +17,7 @@ from keybroker.guest.client import RcarClient, TokenRefused
 from keybroker.guest.tsm import ReportRequest, TsmClient
 from keybroker.wire import envelope
 from keybroker.wire import rcar as p
+from support.servers import raw_server
 
 SECRET = b"\x00resource bytes\xff"
 
@@ -234,7 +235,6 @@ def test_an_attest_answered_then_cut_is_a_new_round(tsm_sim, kbs):
     server = kbs()
     server.put("default/key/a", SECRET)
     upstream = server.url.removeprefix("http://").split(":")
-    listener = socket.create_server(("127.0.0.1", 0))
     cut: list[bool] = []
 
     def relay(guest: socket.socket) -> None:
@@ -258,20 +258,9 @@ def test_an_attest_answered_then_cut_is_a_new_round(tsm_sim, kbs):
                     return
                 guest.sendall(answer)
 
-    def accept() -> None:
-        while True:
-            try:
-                guest, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=relay, args=(guest,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        released = RcarClient(f"http://127.0.0.1:{listener.getsockname()[1]}", backoff=0.1).fetch(
-            "default/key/a", "snp", evidence_from(root))
-    finally:
-        listener.close()
+    with raw_server(lambda guest: threading.Thread(target=relay, args=(guest,), daemon=True).start()) as port:
+        released = RcarClient(f"http://127.0.0.1:{port}", backoff=0.1).fetch("default/key/a", "snp",
+                                                                             evidence_from(root))
     assert cut and bytes(released.value) == SECRET
 
 
