@@ -62,6 +62,19 @@ def kept_lately(mtime: float) -> bool:
     return abs(time.time() - mtime) < STALE_RECHECK
 
 
+_refresh_locks: dict[str, threading.Lock] = {}
+_refresh_locks_guard = threading.Lock()
+
+
+def refresh_lock(key: str) -> threading.Lock:
+    """The lock that serialises this process's refreshes of one cached answer (``key``: its URL, or the
+    folder it is kept in): without it, every attestation that finds the answer due fetches it again at
+    the same moment. The keys are few (a kind and a pinned ARK's product; a platform type and CA named
+    by certificates already checked), so the locks are kept."""
+    with _refresh_locks_guard:
+        return _refresh_locks.setdefault(key, threading.Lock())
+
+
 class WouldFetch(Exception):
     """An offline :class:`Fetcher` was asked for something only the network has (not an
     EvidenceError: no verifier takes it for a verdict)."""

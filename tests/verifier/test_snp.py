@@ -708,12 +708,12 @@ def test_attestations_that_find_the_cached_crl_due_at_once_ask_kds_once(crl_kds,
 def test_an_attestation_waits_for_another_fetch_of_the_crl_no_longer_than_a_fetch(crl_kds, tmp_path):
     """A fetch of the CRL that takes its whole budget (a cache that cannot keep what KDS answered makes
     every attestation fetch, one at a time) holds the others no longer than a fetch would."""
-    from keybroker.verifier.snp import kds as kds_module
+    from keybroker.verifier.fetch import refresh_lock
 
     url, _, hits = crl_kds
     p = sb.platform("Genoa")
     trust = TrustStore({fingerprint(p.ark): p.ark})
-    with kds_module._refresh_lock(f"{url}/vcek/v1/Genoa/crl"):  # another thread's fetch, never ending
+    with refresh_lock(f"{url}/vcek/v1/Genoa/crl"):  # another thread's fetch, never ending
         start = time.monotonic()
         verdict = run(sb.report(p), trust=trust, kds_url=url, fetcher=Fetcher(tmp_path, budget=1),
                       evidence={"auxblob": _table(p)})

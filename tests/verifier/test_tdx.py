@@ -24,8 +24,7 @@ from keybroker.server.policy import Policy
 from keybroker.verifier import Context, Evidence, Fetcher, TrustStore, verify
 from keybroker.verifier import fetch as fetch_module
 from keybroker.verifier.certs import fingerprint
-from keybroker.verifier.fetch import WouldFetch
-from keybroker.verifier.tdx import pcs as pcs_module
+from keybroker.verifier.fetch import WouldFetch, refresh_lock
 from support import VECTORS as ALL_VECTORS
 from support import tdx as tb
 from support.pcs import PcsServer
@@ -700,7 +699,7 @@ def test_the_offline_view_does_not_wait_for_a_refresh(tmp_path, pcs):
     WouldFetch (verify on a thread too), never a wait that stalls the loop."""
     p = tb.platform()
     server = pcs(p)
-    with pcs_module._refresh_lock(tmp_path / "pcs" / f"{p.fmspc.hex()}-platform"), pytest.raises(WouldFetch):
+    with refresh_lock(str(tmp_path / "pcs" / f"{p.fmspc.hex()}-platform")), pytest.raises(WouldFetch):
         run(tb.quote(p), trust=trusting(p), pcs_url=server.url, fetcher=Fetcher(tmp_path).offline(), at=tb.AT)
     assert server.requests == []
 

@@ -24,7 +24,6 @@ import logging
 import os
 import stat
 import tempfile
-import threading
 from pathlib import Path
 
 from cryptography import x509
@@ -32,7 +31,7 @@ from cryptography import x509
 from ...errors import EvidenceError
 from ..certs import crl_signed_by_rsa_pss_sha384, load_certs, load_crl
 from ..core import Context
-from ..fetch import WouldFetch, kept_lately
+from ..fetch import WouldFetch, kept_lately, refresh_lock
 from .abi import Report
 
 log = logging.getLogger("keybroker.verifier")
@@ -99,7 +98,7 @@ def fetch_crl(kind: str, product: str, ark: x509.Certificate,
         return kept
     assert context.kds_url is not None
     url = f"{context.kds_url.rstrip('/')}/{path}"
-    lock = _refresh_lock(url)
+    lock = refresh_lock(url)
     # The offline view runs on the key server's event loop: it does not wait for another refresh;
     # online, a wait is as long as a fetch may be (a queue of fetches that cannot be kept, each
     # as long, must not hold every attestation behind it).
@@ -145,18 +144,6 @@ def _ask_crl(url: str, cache: Path | None, kept: x509.CertificateRevocationList 
     if cache is not None:
         _keep(cache, answer.body)
     return crl
-
-
-_refresh_locks: dict[str, threading.Lock] = {}
-_refresh_locks_guard = threading.Lock()
-
-
-def _refresh_lock(url: str) -> threading.Lock:
-    """The lock that serialises this process's fetches of the CRL at ``url``: without it, every
-    attestation that finds the cached CRL due asks KDS for it at the same moment. The URLs are
-    few (a kind and a pinned ARK's product), so the locks are kept."""
-    with _refresh_locks_guard:
-        return _refresh_locks.setdefault(url, threading.Lock())
 
 
 def _kept_crl(cache: Path | None, ark: x509.Certificate) -> tuple[x509.CertificateRevocationList | None, bool]:

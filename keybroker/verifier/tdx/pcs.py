@@ -35,7 +35,6 @@ import errno
 import os
 import shutil
 import tempfile
-import threading
 import urllib.parse
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from ...errors import EvidenceError
 from ..certs import load_crl
 from ..core import Context
-from ..fetch import Fetcher, WouldFetch, kept_lately
+from ..fetch import Fetcher, WouldFetch, kept_lately, refresh_lock
 from .collateral import Collateral, load_folder
 
 RESPONSE_MAX = 1024 * 1024
@@ -70,7 +69,7 @@ def _cached_or_refreshed(fetcher: Fetcher, base: str, fmspc: bytes, ca: str, fol
     cached = _cached(folder, at)
     if cached is not None:
         return cached
-    lock = _refresh_lock(folder)
+    lock = refresh_lock(str(folder))
     # The offline view runs on the key server's event loop: it must not wait for a refresh, and
     # it never publishes one (its first fetch raises WouldFetch or a remembered failure).
     if not lock.acquire(blocking=fetcher.online):
@@ -80,19 +79,6 @@ def _cached_or_refreshed(fetcher: Fetcher, base: str, fmspc: bytes, ca: str, fol
         return cached if cached is not None else _refresh(fetcher, base, fmspc, ca, folder)
     finally:
         lock.release()
-
-
-_refresh_locks: dict[Path, threading.Lock] = {}
-_refresh_locks_guard = threading.Lock()
-
-
-def _refresh_lock(folder: Path) -> threading.Lock:
-    """The lock that serialises this process's refreshes of ``folder``: without it, every
-    attestation that finds the folder stale fetches it again at the same moment. The folders
-    are few (one per platform type and CA, named by PCK certificates already checked against
-    the pinned root), so the locks are kept."""
-    with _refresh_locks_guard:
-        return _refresh_locks.setdefault(folder, threading.Lock())
 
 
 def _cached(folder: Path, at: dt.datetime) -> Collateral | None:
