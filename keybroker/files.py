@@ -19,9 +19,15 @@ from .errors import KeybrokerError, UntrustedFile
 
 
 def read_bounded(path: Path, limit: int, what: str, error: type[KeybrokerError]) -> bytes:
-    """The bytes of ``path`` (``what`` it holds, for the messages), at most ``limit`` of them; else ``error``."""
+    """The bytes of ``path`` (``what`` it holds, for the messages), at most ``limit`` of them; else ``error``.
+
+    Opened without waiting: a FIFO that nobody writes to reads as empty, where a plain open would wait
+    for a writer for ever (a server starting, a key request, with it). A pipe with a writer is read.
+    """
     try:
-        with open(path, "rb") as file:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with open(fd, "rb") as file:
+            os.set_blocking(fd, True)
             data = file.read(limit + 1)
     except OSError as exc:
         raise error(f"cannot read the {what} {path}: {exc.strerror}") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,46 @@ def test_a_config_file_is_read_no_further_than_one_may_be():
     place-key or keyfile-server with it grew until memory ran out."""
     with pytest.raises(ConfigError, match="the client configuration /dev/zero is larger than 1048576 bytes"):
         config.load("/dev/zero")
+
+
+def test_a_fifo_named_as_configuration_is_not_waited_on(tmp_path):
+    """open() of a FIFO nobody writes to waited for a writer for ever: a key request (until the
+    handler's alarm), the agent or `keybroker serve --config FIFO` hung there. It now reads as an
+    empty file, and a pipe that has a writer is still read."""
+    from keybroker.server import config as server_config
+
+    fifo = tmp_path / "client.toml"
+    os.mkfifo(fifo, 0o600)
+
+    def outcome(load) -> BaseException | None:
+        result: list[BaseException | None] = []
+
+        def attempt() -> None:
+            try:
+                load(fifo)
+                result.append(None)
+            except BaseException as exc:  # handed to the test's thread
+                result.append(exc)
+
+        thread = threading.Thread(target=attempt, daemon=True)
+        thread.start()
+        thread.join(10)
+        if thread.is_alive():  # release it, so that nothing is left behind
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(10)
+            pytest.fail("reading a configuration FIFO waited for a writer")
+        return result[0]
+
+    refused = outcome(config.load)
+    assert isinstance(refused, ConfigError) and "missing required key 'server'" in str(refused)  # empty
+    assert outcome(lambda path: server_config.load(path, {})) is None  # empty: the defaults
+    read, write = os.pipe()
+    os.write(write, b'[server]\nurl = "http://127.0.0.1:1"\n')
+    os.close(write)
+    try:
+        assert config.load(f"/proc/self/fd/{read}").server_url == "http://127.0.0.1:1"
+    finally:
+        os.close(read)
 
 
 def test_a_sev_guest_names_its_evidence_broker_instead_of_configfs_tsm(tmp_path):
