@@ -36,7 +36,7 @@ from .kbs import SESSION_LIFETIME, KeyServer, Problem
 from .metrics import CONTENT_TYPE, Metrics
 from .policy import POLICY_MAX
 from .ratelimit import RateLimiter
-from .schema import store_error
+from .schema import sqlite_file, store_error
 from .sealing import load_sealer
 from .store import PolicyInfo, PolicyVersion, Store
 from .tokens import TokenSigner
@@ -328,9 +328,13 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
 
 
 def _check_held_inputs(config: ServerConfig) -> None:
-    """Refuse a policy, --certs or --collateral folder (or a file in one), or a --cache-dir, that others than
-    root and this server may change: the policy decides releases, and an older CRL or collateral put there
-    would weaken the checks. (--trust-roots: TrustStore.with_dirs; the configuration file: config.load.)"""
+    """Refuse a SQLite database, a policy, --certs or --collateral folder (or a file in one), or a --cache-dir,
+    that others than root and this server may change: the database and the policy decide releases, and an
+    older CRL or collateral put there would weaken the checks. (--trust-roots: TrustStore.with_dirs; the
+    configuration file: config.load.)"""
+    database = sqlite_file(config.db)
+    if database is not None:  # the policy, the sealed resources, the audit log: a copy of an older one rolls them back
+        _check_held_place(database, "database")
     if config.cache_dir:  # what KDS and PCS served, used again while current: an older CRL there hides a revocation
         _check_held_place(config.cache_dir, "cache folder")
     if config.policy:
@@ -360,8 +364,8 @@ def key_server(config: ServerConfig) -> tuple[KeyServer, AdminAuth | None, RateL
     admin_auth = AdminAuth.load(config.admin_token_file)
     tokens = TokenSigner.load(config.token_key_file)
     name = config.name or f"{socket.gethostname()}:{config.listen[1]}"
-    store = Store(config.db, sealer)
     _check_held_inputs(config)
+    store = Store(config.db, sealer)
     if config.policy:
         policy_text = read_bounded(config.policy, POLICY_MAX, "policy", PolicyError)
         Admin(store, sealer, f"config:{config.policy}", name).put_policy(policy_text)

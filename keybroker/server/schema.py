@@ -235,6 +235,12 @@ class WriterLock:
             os.close(self._local.fd)  # and with it the lock
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite database URL; None for PostgreSQL."""
+    parsed = _parse(url)
+    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" else None
+
+
 def writer_lock(url: str) -> WriterLock:
     """The WriterLock for the database at ``url`` (an already checked URL)."""
     parsed = make_url(url)

@@ -827,6 +827,37 @@ def test_a_cache_folder_someone_else_may_change_stops_the_server(tmp_path, loose
 
 
 @needs_root
+@pytest.mark.parametrize("loosen", ["db 0666", "db owner", "folder 0777", "above 0777"])
+def test_a_sqlite_database_someone_else_may_change_stops_the_server(tmp_path, loosen):
+    """The SQLite file holds the policy, the sealed resources and the audit log: another user who could
+    write it, or the folder it is in (or is yet to be made in), could put back a copy from before a
+    resource was rotated or the policy tightened, or swap in an empty log. Its rows are sealed under the
+    KEK, so such a copy is one the server wrote itself, and it was believed."""
+    from keybroker.server.app import _check_held_inputs
+    from keybroker.server.config import ServerConfig
+
+    above = tmp_path / "above"
+    folder = above / "kbs"
+    folder.mkdir(parents=True, mode=0o700)
+    db = folder / "kbs.db"
+    db.touch(mode=0o600)
+    config = ServerConfig(db=f"sqlite:///{db}", cache_dir=tmp_path)
+    what, change = loosen.split(" ")
+    changed = {"db": db, "folder": folder, "above": above}[what]
+    if what == "above":
+        db.unlink()
+        folder.rmdir()  # none yet: the server makes it where others may have made it first
+    _check_held_inputs(config)  # held: accepted
+    if change == "owner":
+        os.chown(changed, STRANGER, -1)
+    else:
+        changed.chmod(int(change, 8))
+    with pytest.raises(ConfigError, match=rf"refusing database {db}.*: {changed} (belongs to uid {STRANGER}|"
+                                          "is writable by group or others)"):
+        _check_held_inputs(config)
+
+
+@needs_root
 @pytest.mark.parametrize("option", ["certs", "collateral"])
 def test_a_certificate_folder_not_made_yet_where_others_may_make_it_stops_the_server(tmp_path, option):
     """A --certs or --collateral folder that does not exist yet was accepted wherever it was to be: another
