@@ -104,6 +104,9 @@ class Sealer:
                             f"--old-kek-file")
         if lease is not None and type(lease) is not int:  # SQLite keeps 60.5 or text in an INTEGER column
             raise SealError(f"resource {path} has a lease that is no integer: the row (its value or lease) was altered")
+        if not isinstance(sealed.blob, bytes):  # and text or a number in a BLOB one
+            raise SealError(f"resource {path} has a sealed value that is no bytes: the row (its value or lease) "
+                            "was altered")
         nonce, box = sealed.blob[:NONCE_SIZE], sealed.blob[NONCE_SIZE:]
         for aad, bound in ((_aad(path, lease), True), (_aad_unbound(path), False)):
             try:

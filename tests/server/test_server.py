@@ -337,6 +337,26 @@ def test_a_session_is_released_to_only_while_its_cookie_is_good_and_it_attested(
     assert released(server, cookie) == p.NOT_ATTESTED
 
 
+@pytest.mark.parametrize("sealed", ["'text'", "12345", "1.5"])
+def test_a_sealed_value_that_is_no_bytes_in_the_database_is_an_altered_row(tmp_path, sealed):
+    """SQLite keeps text or a number in a BLOB column too: the release ended in a TypeError (500 with a
+    traceback, and no record of the refusal) and rotate-kek in one, rather than naming the altered row."""
+    import sqlite3
+
+    from keybroker.errors import SealError
+    from keybroker.server.admin import Admin
+    from keybroker.server.audit import records
+
+    server = in_process(tmp_path)
+    cookie, _ = stored(server, "attested")
+    with sqlite3.connect(tmp_path / "kbs.db") as db:
+        db.execute(f"UPDATE resources SET sealed = {sealed} WHERE path = 'default/key/a'")
+    assert released(server, cookie) == p.INTERNAL
+    assert list(records(server.store.engine))[-1].event.reason.startswith("resource default/key/a cannot be unsealed")
+    with pytest.raises(SealError, match=r"no bytes: the row .* was altered"):
+        Admin(server.store, server.sealer, "local:test", "test").rotate_kek()
+
+
 @pytest.mark.parametrize("provider, tee", [("tdx_guest", "snp"), ("sev_guest", "tdx"), ("sev_guest", "cca")])
 def test_an_envelope_from_another_tee_than_the_sessions_is_refused(provider, tee):
     """The session's TEE is what its cookie names and its token says: evidence of another TEE would be
