@@ -73,6 +73,18 @@ def test_policies_stay_believed_across_a_kek_rotation(url):
     assert Store(url, Sealer(NEXT_KEK)).active_policy().digest == PINNED.digest  # the old KEK dropped
 
 
+def test_a_kek_rotation_does_not_make_a_policy_row_written_without_the_kek_believed(url):
+    """rotate-kek MACs again the rows an old KEK's MAC holds for, not every row not under the new KEK:
+    a permissive policy someone without the KEK put in the database would be applied after it."""
+    with Store(url).engine.begin() as db:
+        db.execute(schema.policies.insert().values(version=2, digest=ANY_GUEST.digest, document=ANY_GUEST.dumps(),
+                                                   created=0.0, actor="local:root", mac="A" * 43))
+    admin(url, Sealer(NEXT_KEK, [KEK])).rotate_kek()
+    with pytest.raises(StoreError, match="release policy version 2 fails its MAC"):
+        Store(url, Sealer(NEXT_KEK)).active_policy()
+    assert Store(url, Sealer(NEXT_KEK)).get_policy(1).digest == PINNED.digest  # the operator's, MACed again
+
+
 def test_a_database_made_before_policies_carried_a_mac_applies_none_of_them(tmp_path):
     url = f"sqlite:///{tmp_path}/kbs.db"
     with Store(url).engine.begin() as db:
