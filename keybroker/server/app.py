@@ -4,7 +4,8 @@ Routes: KBS RCAR 0.4.0 (``/kbs/v0/auth``, ``/attest``, ``/resource/…``), the a
 (``/admin/v1/…``, Bearer admin token), and operations (``/metrics``, ``/healthz``,
 ``/readyz``). Bodies are bounded before they are parsed; every error is an RFC 7807
 problem whose ``type`` names it and whose ``detail`` says why (a denial names the failed
-check or policy condition). Admin calls without a valid token are refused and audited.
+check or policy condition). Admin calls without a valid token are refused, counted and logged (not
+audited: a stranger cannot grow the log).
 """
 
 from __future__ import annotations
