@@ -162,7 +162,58 @@ def test_refused_credentials_sent_together_are_each_paid_for():
     for _ in range(40):
         limiter.charge("192.0.2.1")
     waited = limiter.wait("192.0.2.1")
-    assert waited is not None and waited > 2.9  # a debt of a whole burst: 3 s before the next
+    assert waited is not None and 2.9 < waited <= 3  # a debt of a whole burst, and no more: 3 s before the next
+
+
+class Clock:
+    """time.monotonic for the limiter, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_bucket_refills_to_its_burst_and_no_further(monkeypatch):
+    from keybroker.server import ratelimit
+
+    clock = Clock()
+    monkeypatch.setattr(ratelimit, "time", clock)
+    limiter = RateLimiter(rate=1, burst=3)
+    assert limiter.take("192.0.2.1") is None
+    clock.now += 3600  # an hour quiet earns no more than a burst
+    assert [limiter.take("192.0.2.1") for _ in range(3)] == [None] * 3
+    assert limiter.take("192.0.2.1") == 1.0
+
+
+def test_a_peer_limited_again_after_it_recovered_is_logged_again(monkeypatch):
+    from keybroker.server import ratelimit
+
+    clock = Clock()
+    monkeypatch.setattr(ratelimit, "time", clock)
+    limiter = RateLimiter(rate=1, burst=1)
+    for _ in range(2):
+        assert limiter.take("192.0.2.1") is None and limiter.take("192.0.2.1") is not None
+        assert limiter.newly_limited("192.0.2.1") and not limiter.newly_limited("192.0.2.1")
+        clock.now += 1  # its token back: it is no longer limited
+
+
+def test_the_table_of_peers_is_bounded_and_forgets_the_least_recently_seen(monkeypatch):
+    """Many addresses cannot grow the table; a peer that keeps asking is not the one forgotten
+    (else a limited peer would get a fresh burst from every few addresses someone else used)."""
+    from keybroker.server import ratelimit
+
+    monkeypatch.setattr(ratelimit, "time", Clock())  # no refills: a bucket once empty stays empty
+    limiter = RateLimiter(rate=1, burst=1, peers_max=3)
+    for peer in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        assert limiter.take(peer) is None
+    assert limiter.wait("192.0.2.1") is not None  # .1, out of tokens, seen again: now the most recent
+    assert limiter.take("192.0.2.4") is None  # a fourth peer: .2, the least recently seen, is forgotten
+    assert len(limiter._buckets) == 3
+    assert limiter.wait("192.0.2.1") is not None  # still out of tokens
+    assert limiter.take("192.0.2.2") is None  # forgotten: a fresh bucket (and .3 is forgotten for it)
+    assert limiter.wait("192.0.2.4") is not None and limiter.wait("192.0.2.1") is not None
 
 
 def test_an_ipv6_host_cannot_rotate_through_its_network_for_fresh_tokens():
