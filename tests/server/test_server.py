@@ -150,6 +150,17 @@ def test_oversized_and_malformed_bodies(kbs):
     assert bad_path.status_code in (400, 401, 404)
 
 
+def test_a_chunked_body_is_bounded_as_it_arrives(kbs):
+    """No Content-Length to refuse it by: a chunked body is refused once more than the limit arrived."""
+    server = kbs(trust=False)
+    chunks = [b"x" * 65536] * (p.BODY_MAX // 65536) + [b"x"]  # BODY_MAX + 1 bytes, all sent before the answer
+    for path in ("/kbs/v0/auth", "/kbs/v0/attest"):
+        answer = requests.post(f"{server.url}{path}", data=iter(chunks), timeout=30)
+        assert answer.status_code == 413 and answer.json()["type"].endswith("PayloadTooLarge"), answer.text[:200]
+    exact = requests.post(f"{server.url}/kbs/v0/auth", data=iter(chunks[:-1]), timeout=30)  # at the limit: read
+    assert exact.status_code == 400 and "not JSON" in exact.json()["detail"], exact.text[:200]
+
+
 def test_what_no_route_serves_is_a_problem_document(kbs):
     server = kbs(trust=False)
     for method, path, status, problem in (("GET", "/kbs/v0/auth", 405, "MethodNotAllowed"),
