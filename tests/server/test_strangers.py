@@ -136,6 +136,40 @@ def test_a_credential_that_sends_what_is_refused_pays_as_a_stranger_does(tsm_sim
     assert codes[:2] == [413, 413] and codes[2:] == [429, 429], codes
 
 
+def test_a_cookie_or_a_token_sent_to_auth_does_not_make_its_nonces_free(kbs):
+    """/auth proves nothing whatever it carries: each takes a token, as a stranger's does (a forged
+    cookie or Bearer token must not turn its nonces and sessions into work no one pays for)."""
+    tight = kbs("--rate-limit", "0.01", "--rate-burst", "3", "--workers", "1", trust=False)  # one bucket per worker
+    credentials = [{"Cookie": f"{p.SESSION_COOKIE}=forged"}, {"Authorization": "Bearer forged"}] * 2 + [{}]
+    codes = [requests.post(f"{tight.url}/kbs/v0/auth", json=p.AuthRequest("snp").to_json(), headers=credential,
+                           timeout=10).status_code for credential in credentials]
+    assert codes == [200, 200, 200, 429, 429], codes
+
+
+def test_an_admin_call_without_an_admin_token_is_refused_before_its_body_is_read(kbs):
+    """A refused admin token costs no upload: the 401 comes at once, not after the body (of up to a
+    resource's or a policy's size) arrived, or after the request deadline when it never does."""
+    import socket
+
+    server = kbs(trust=False)
+    for target in (b"/admin/v1/resources/default/key/x", b"/admin/v1/policy"):
+        for authorization in (b"Authorization: Bearer " + b"w" * 64 + b"\r\n", b""):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                sock.sendall(b"PUT %s HTTP/1.1\r\nHost: x\r\n%sContent-Length: 1000\r\n\r\n{"
+                             % (target, authorization))  # and the rest never
+                answer = b""
+                while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 401 "), (target, authorization, answer[:200])
+
+
+def test_a_path_no_route_serves_is_quoted_little(kbs):
+    server = kbs(trust=False)
+    for method in ("GET", "POST", "DELETE"):
+        answer = requests.request(method, f"{server.url}/{'n' * 8000}", timeout=10)
+        assert answer.status_code == 404 and len(answer.content) < 512, (method, answer.content[:200])
+
+
 def test_a_forwarded_address_chooses_no_bucket_and_no_audit_peer(tsm_sim, kbs):
     """From loopback too (uvicorn believes X-Forwarded-For from 127.0.0.1 by default), a client
     cannot name its own address: not for the limiter, not for the audit log."""
