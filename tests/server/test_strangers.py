@@ -122,6 +122,8 @@ def test_a_guest_the_policy_refuses_does_not_use_up_its_address(tsm_sim, kbs):
         assert denied.status_code == 401 and denied.json()["type"].endswith("PolicyDenied"), denied.text
         missing = guest.fetch(server.url, f"default/key/a{n}")
         assert missing.status_code == 404, missing.text
+    for _ in range(20):  # with its token too, which is a credential as its session cookie is
+        assert guest.fetch(server.url, "default/key/a", bearer=True).status_code == 200
     released = guest.fetch(server.url, "default/key/a")
     assert released.status_code == 200 and guest.decrypt(released) == SECRET
 
