@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from keybroker.sim.roots import SimState
 from support import policies
 from support.emulator import run_tsm_sim
 from support.servers import KeyServerProcess, ServerSecrets
@@ -66,6 +67,8 @@ def kbs(tmp_path: Path, sim_state: Path) -> Iterator[Callable[..., KeyServerProc
               policy: dict | None = policies.ANY_GUEST_DOCUMENT) -> KeyServerProcess:
         workdir = tmp_path / f"kbs{len(servers)}"
         workdir.mkdir()
+        if trust:  # the folder exists whether or not an emulator ran first in this session
+            SimState(sim_state).snp()
         server = KeyServerProcess(workdir, sim_state / "trust" if trust else None, *extra, db=db, secrets=secrets,
                                   policy=policy)
         servers.append(server)
