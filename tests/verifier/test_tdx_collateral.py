@@ -151,6 +151,23 @@ def test_a_tcb_info_with_an_unsigned_member_beside_the_signed_one_is_refused(tmp
     assert failure.name == "collateral" and "expected exactly the members 'tcbInfo' and 'signature'" in failure.detail
 
 
+
+@pytest.mark.parametrize("damage, text", [
+    ("17 components", "sgxtcbcomponents has 17 components, expected 16"),
+    ("short signature", "signature is 63 bytes, expected 64"),
+])
+def test_tcb_info_sizes_are_checked_when_it_is_loaded(tmp_path, damage, text):
+    p = tb.platform()
+    tcb = tb.tcb_info(p)
+    if damage == "17 components":
+        tcb["tcbLevels"][0]["tcb"]["sgxtcbcomponents"].append({"svn": 0})
+    folder = tb.collateral(tmp_path / "c", p, tcb=tcb)
+    if damage == "short signature":
+        path = folder / "tcbinfo.json"
+        path.write_bytes(path.read_bytes()[:-4] + b'"}')  # one byte (two hex digits) fewer
+    failure = first_failure(run(tb.quote(p), p, folder))
+    assert failure.name == "collateral" and text in failure.detail, failure.detail
+
 # -- TDX 1.5 relaunch advice ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["qe behind", "running module's late microcode behind"])
