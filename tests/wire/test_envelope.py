@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 
 import pytest
@@ -45,6 +46,8 @@ def test_round_trip_keeps_every_attribute():
     (doc(outblob="AQ"), "'outblob' is not valid base64"),
     (doc(auxblob="AR=="), "'auxblob' is not canonical base64"),
     (doc(outblob=""), "'outblob' must not be empty"),
+    (doc(inblob=""), "'inblob' must not be empty"),
+    (doc(inblob=base64.b64encode(bytes(66)).decode()), "'inblob' is 66 bytes, more than the limit of 64"),
     (doc(provider="SEV guest"), "'provider' must be 1-32 characters"),
     (doc(generation=-1), "'generation' must be an integer between 0"),
     (doc(generation="1"), "'generation' must be an integer"),
@@ -74,3 +77,36 @@ def test_version_2_carries_the_event_log_and_only_then():
     with pytest.raises(EnvelopeError, match="more than the limit"):
         TsmReport(provider="tdx_guest", generation=1, inblob=bytes(64), outblob=b"q",
                   event_log=bytes(envelope.EVENT_LOG_MAX + 1))
+
+
+@pytest.mark.parametrize("name, refused, accepted", [
+    ("provider", "a" * 33, "a" * 32),
+    ("generation", 2**64, 2**64 - 1),
+    ("privlevel_floor", 4, 3),
+    ("service_provider", "a" * 65, "a" * 64),
+    ("service_manifest_version", 2**32, 2**32 - 1),
+])
+def test_each_attribute_is_bounded_where_the_kernel_bounds_it(name, refused, accepted):
+    assert getattr(envelope.loads(doc(**{name: accepted})), name) == accepted
+    with pytest.raises(EnvelopeError, match=f"'{name}' must be"):
+        envelope.loads(doc(**{name: refused}))
+
+
+@pytest.mark.parametrize("name", ["version", "provider", "generation", "inblob", "outblob"])
+def test_each_required_field_is_named_when_missing(name):
+    with pytest.raises(EnvelopeError, match=rf"missing field\(s\): {name}$"):
+        envelope.loads(doc(**{name: ...}))
+
+
+def test_a_blob_longer_than_its_bound_is_refused_by_its_text_before_it_is_decoded():
+    with pytest.raises(EnvelopeError, match="'inblob' is longer than 64 bytes"):
+        envelope.loads(doc(inblob="A" * 92))
+    log = "A" * (4 * ((envelope.EVENT_LOG_MAX + 2) // 3) + 4)  # from_json reads what a larger body carried
+    with pytest.raises(EnvelopeError, match=f"'event_log' is longer than {envelope.EVENT_LOG_MAX} bytes"):
+        envelope.from_json(envelope.to_json(REPORT) | {"version": 2, "event_log": log})
+
+
+@pytest.mark.parametrize("change", [{"inblob": "n" * 64}, {"privlevel": True}])
+def test_a_report_made_in_process_is_held_to_the_same_grammar(change):
+    with pytest.raises(EnvelopeError):
+        dataclasses.replace(REPORT, **change)
