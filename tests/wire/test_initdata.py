@@ -68,3 +68,21 @@ def test_strings_left_open_are_read_once(unclosed):
 def test_a_string_left_open_hides_no_key_before_it():
     with pytest.raises(EvidenceError, match="more than 64 dots"):
         initdata.parse("a" + ".a" * 100 + ' = "' + "x.y" * 10 + "\n")
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({"format": "json", "body": DOCUMENT}, "init-data format 'json' is not supported"),
+    ({"format": "toml"}, "init-data must be"),
+    ({"format": "toml", "body": 'algorithm = "sha384"\n[data]\n'}, "needs a string 'version'"),
+    ({"format": "toml", "body": 'version = 1\nalgorithm = "sha384"\n[data]\n'}, "needs a string 'version'"),
+    ({"format": "toml", "body": 'version = "0.1.0"\nalgorithm = "md5"\n[data]\n'}, "algorithm 'md5' is not one of"),
+    ({"format": "toml", "body": 'version = "0.1.0"\nalgorithm = "sha384"\n[data]\nx = 1\n'}, "[data] table of strings"),
+    ({"format": "toml", "body": 'version = "0.1.0"\nalgorithm = "sha384"\ndata = "x"\n'}, "[data] table of strings"),
+    ({"format": "toml", "body": 'version = "\ud800"\n'}, "not valid Unicode"),
+    ({"format": "toml", "body": DOCUMENT + "#" * initdata.BODY_MAX}, f"more than {initdata.BODY_MAX}"),
+])
+def test_each_part_of_the_grammar_is_checked_and_named(obj, message):
+    """A guest sends the init-data: each check refuses with EvidenceError, none with a traceback."""
+    with pytest.raises(EvidenceError) as info:
+        initdata.from_json(obj)
+    assert message in str(info.value)
