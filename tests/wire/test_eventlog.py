@@ -142,6 +142,11 @@ GOOD = eb.header() + eb.record(1, 4, bytes(4)) + el.encode_runtime_event("d", "o
     (eb.header() + struct.pack("<IIIH", 1, 4, 1, 0xC) + bytes(48) + struct.pack("<I", 100) + b"x", "truncated"),
     (eb.header() + b"\x01\x00\x00", "truncated"),
     (bytes(el.LOG_MAX + 1), "more than"),
+    (eb.header() + eb.record(1, 4, bytes(el.EVENT_DATA_MAX + 1)), f"claims {el.EVENT_DATA_MAX + 1} bytes"),
+    (eb.header(mr_index=2), "does not start with a Spec ID event"),  # MR index 0 (td-shim) or 1 (TDVF)
+    (eb.header()[:28] + struct.pack("<I", 28) + eb.header()[32:60], "is 28 bytes: not a Spec ID Event03"),
+    (eb.header({el.ALG_SHA256: 32, el.ALG_SHA384: 48}).replace(b"\x0b\x00\x20\x00", b"\x0c\x00\x30\x00"),
+     "digest size 48 twice"),  # one algorithm listed twice: which size would its digests have?
 ])
 def test_hostile_logs(raw, text):
     with pytest.raises(EventLogError, match=text):
