@@ -118,6 +118,7 @@ def test_serde_rules_for_the_report():
         ({"policy": 1 << 64}, r"policy must be an integer"),
         ({"measurement": [0] * 47}, r"measurement must be an array of 48 bytes"),
         ({"host_data": [256] + [0] * 31}, r"host_data must be an array of bytes"),
+        ({"host_data": [True] + [0] * 31}, r"host_data must be an array of bytes"),  # serde reads no bool as u8
         ({"chip_id": "00" * 64}, r"chip_id must be an array of 64 bytes"),
         ({"current": {"major": 1, "minor": 2}}, r"current is missing 'build'"),
         ({"reported_tcb": [1, 2, 3, 4, 5]}, r"reported_tcb must be a JSON object"),
@@ -193,7 +194,8 @@ def test_tdx_and_cca_forms():
     token = b"\xd9\x01\x8f" + bytes(100)
     assert trustee.to_json("arm_cca_guest", token) == {"token": list(token)}
     assert trustee.from_json("cca", {"token": list(token)}).outblob == token
-    for bad in ({"token": base64.b64encode(token).decode()}, {"token": [1, -1]}, {"token": [1.0]}, {"tokens": []}):
+    for bad in ({"token": base64.b64encode(token).decode()}, {"token": [1, -1]}, {"token": [1.0]}, {"token": [True]},
+                {"tokens": []}):
         with pytest.raises(EvidenceError):
             trustee.from_json("cca", bad)
     with pytest.raises(EvidenceError, match="not one keybroker reads"):
