@@ -194,3 +194,19 @@ def test_protobuf_decoding_is_strict():
                  aeb.EvidenceRequest(1, 0, bytes(5)).encode(), b"\x08\x80\x80\x80\x80\x20"):
         with pytest.raises(ProtocolError):
             aeb.EvidenceRequest.decode(data)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"\x00\x01", "field numbered 0"),
+    (b"\x08" + b"\xff" * 9 + b"\x02", "varint beyond 64 bits"),  # ten bytes, but past 2**64
+    (b"\x08" + b"\xff" * 10 + b"\x01", "truncated or overlong varint"),
+])
+def test_each_protobuf_rule_refuses_by_name(data, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        aeb.EvidenceRequest.decode(data)
+
+
+def test_a_ttrpc_header_past_the_message_bound_is_refused_before_its_body_is_read():
+    assert aeb.parse_header(aeb.header(aeb.MESSAGE_MAX, 7, aeb.RESPONSE)) == (aeb.MESSAGE_MAX, 7, aeb.RESPONSE)
+    with pytest.raises(ProtocolError, match=f"at most {aeb.MESSAGE_MAX}"):
+        aeb.parse_header(aeb.header(aeb.MESSAGE_MAX + 1, 7, aeb.RESPONSE))
