@@ -54,12 +54,13 @@ class Cca:
     lifecycle: int = 0x3000
     rim: bytes = field(default_factory=lambda: hashlib.sha256(b"rim").digest())
     measurement: bytes = field(default_factory=lambda: hashlib.sha256(b"rmm").digest())
+    personalization: bytes = bytes(64)  # what the host set at the realm's creation: its init-data digest
     collection: int = 399
     binder: bytes | None = None  # the platform challenge; default: the hash of the RAK claim
     realm_header: dict = field(default_factory=dict)  # more protected header parameters of the realm token
 
     def realm_claims(self) -> dict:
-        claims = {10: self.challenge, 44235: bytes(64), 44236: "sha-256", 44238: self.rim,
+        claims = {10: self.challenge, 44235: self.personalization, 44236: "sha-256", 44238: self.rim,
                   44239: [hashlib.sha256(b"rem%d" % i).digest() for i in range(4)],
                   44237: rak_claim(self.rak, self.rak_form), 44240: self.rak_hash}
         if self.realm_profile:

@@ -176,6 +176,27 @@ def test_debug_lifecycle_is_refused_by_policy():
     assert "debug guest" in ANY_GUEST.decide("x", verdict.claims).reason
 
 
+@pytest.mark.parametrize("lifecycle, debug", [(0x2FFF, True), (0x3000, False), (0x30FF, False), (0x3100, True)])
+def test_only_the_secured_lifecycle_range_is_not_debug(lifecycle, debug):
+    # PSA security lifecycle: 0x3000-0x30FF is secured; provisioning (0x2xxx) and 0x3100 on are not.
+    cca = cb.Cca(lifecycle=lifecycle)
+    verdict = run(cca.token(), trusting(cca.cpak))
+    assert verdict.ok and verdict.claims["debug"] is debug, verdict.reason()
+
+
+def test_init_data_must_be_the_realm_personalization_value():
+    """A realm's init-data counts only when the host set its digest as the personalization value (claim
+    44235), zero-padded to its 64 bytes; else the genuine realm is refused after it was proven."""
+    digest = hashlib.sha384(b"init-data").digest()
+    bound = cb.Cca(personalization=digest.ljust(64, b"\0"))
+    assert run(bound.token(), trusting(bound.cpak), init_data=digest).checks[-1].name == "init_data"
+    assert run(bound.token(), trusting(bound.cpak), init_data=digest).ok
+    other = cb.Cca(personalization=hashlib.sha384(b"other").digest().ljust(64, b"\0"))
+    refused = run(other.token(), trusting(other.cpak), init_data=digest)
+    assert first_failure(refused) == "init_data" and refused.proven
+    assert "not the init-data digest" in refused.reason()
+
+
 @pytest.mark.parametrize("mangle, text", [
     (lambda t: t[:-7], "not valid CBOR"),
     (lambda t: t + b"\0", "bytes after its CBOR item"),
