@@ -223,6 +223,26 @@ def test_an_unpinned_ark_is_refused(sim):
     assert missing.failures[0].name == "ark" and "no AMD ASK" in missing.failures[0].detail
 
 
+def test_the_chain_is_found_among_every_products_certificates(sim, tmp_path):
+    """With AMD's ARKs and ASKs of every product at hand (all pinned), the ASK that signs the CEK is taken,
+    then its own issuer: the ARK whose key id the ASK names, not merely the first pinned one."""
+    for gen in GENERATIONS:
+        (tmp_path / f"ask_ark_{gen}.cert").write_bytes(vector("amd-builtin", gen, "ask.cert")
+                                                       + vector("amd-builtin", gen, "ark.cert"))
+    verdict = run(sim, certs=(tmp_path,))
+    assert verdict.ok, verdict.reason()
+
+
+def test_a_pinned_ark_is_preferred_to_a_sent_one_of_the_same_key_id(sim):
+    """A guest's auxblob may hold an ARK with the genuine ARK's key id that is not pinned (here its
+    signature changed): the pinned ARK with that key id is taken first, not the one sent."""
+    platform, _ = sim
+    other = platform.ark[:-1] + bytes([platform.ark[-1] ^ 1])
+    assert abi.parse_ca_cert(other).key_id == abi.parse_ca_cert(platform.ark).key_id
+    verdict = run(sim, auxblob=platform.ask + other)
+    assert verdict.ok, verdict.reason()
+
+
 def test_a_real_amd_ark_does_not_vouch_for_the_simulated_chip(sim):
     rome = vector("amd-builtin", "rome", "ask.cert") + vector("amd-builtin", "rome", "ark.cert")
     verdict = run(sim, auxblob=rome, trust=TrustStore.default())
