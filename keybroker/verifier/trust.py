@@ -108,9 +108,15 @@ class TrustStore:
         return TrustStore(roots, tuple(cpaks), sev_arks, tuple(sev_certs))
 
     def with_cpak_file(self, path: Path) -> TrustStore:
-        roots, cpaks = dict(self.roots), list(self.cpaks)
-        _load_anchor(path, roots, cpaks)
-        return TrustStore(roots, tuple(cpaks), self.sev_arks, self.sev_certs)
+        """This store and the CCA platform key(s) of ``path``; ConfigError for a certificate, which would
+        otherwise be trusted as a root of SEV-SNP or TDX chains, not as the key of a CCA platform."""
+        certificates: dict[str, x509.Certificate | None] = {}
+        cpaks = list(self.cpaks)
+        _load_anchor(path, certificates, cpaks)
+        if certificates:
+            raise ConfigError(f"--trust-cpak {path} holds a certificate, not a CCA platform key (a PEM public "
+                              "key, a JWK or a Veraison trust-anchor list)")
+        return TrustStore(self.roots, tuple(cpaks), self.sev_arks, self.sev_certs)
 
 
 def _load_anchor(path: Path, roots: dict[str, x509.Certificate | None], cpaks: list[Cpak]) -> None:

@@ -98,6 +98,15 @@ def test_trust_anchor_ids_must_match_the_platform(tmp_path):
     assert first_failure(verdict) == "cpak_trusted" and "implementation-id 7f454c46" in verdict.reason()
 
 
+def test_a_certificate_given_as_a_cpak_is_refused_not_trusted_as_a_root():
+    """--trust-cpak FILE with a certificate in it added that certificate to the roots SEV-SNP and TDX chains
+    end in: meant as a CCA platform's key, it vouched for ARKs or Intel roots instead."""
+    certificate = VECTORS.parent / "snp" / "virtee-sev" / "ark.pem"
+    assert certificate.exists()
+    with pytest.raises(ConfigError, match=r"--trust-cpak .*ark\.pem holds a certificate, not a CCA platform key"):
+        TrustStore.default().with_cpak_file(certificate)
+
+
 def test_trust_anchor_instance_ids_must_match_the_platform(tmp_path):
     """A CPAK entry names one platform instance: the same key for another instance-id is not trusted for this one."""
     raw, cpak = vector("trustee-example")
