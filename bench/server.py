@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +44,7 @@ from keybroker.sim.roots import SimState, SnpIdentity
 from keybroker.wire import envelope, jwe
 from keybroker.wire import rcar as p
 from support.postgres import fresh_database, running_postgres
-from support.servers import KeyServerProcess, ServerSecrets
+from support.servers import KeyServerProcess, ServerSecrets, free_port
 
 RESOURCES = {"bench/disk/root": os.urandom(32), "bench/disk/data": os.urandom(32)}
 
@@ -239,10 +240,55 @@ def crypto_floor(ident: SnpIdentity, rounds: int = 300) -> float:
     return statistics.median(times)
 
 
+# -- the HTTP floor ------------------------------------------------------------------------
+
+_EMPTY_APP = """
+import sys, uvicorn
+async def app(scope, receive, send):
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"{}"})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="httptools", lifespan="off", access_log=False,
+            log_level="error")
+"""
+
+
+def http_floor(requests: int = 3000) -> float:
+    """CPU seconds uvicorn (with httptools, as the server runs it) spends on one keep-alive request to an
+    ASGI app that answers at once: what each of a release's three requests costs before any of
+    keybroker's code (Starlette, the store, the verifier) runs."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", _EMPTY_APP, str(port)])
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.connect()
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("uvicorn did not start")
+
+        def post(count: int) -> None:
+            for _ in range(count):
+                conn.request("POST", "/kbs/v0/attest", body=b'{"tee": "snp"}',
+                             headers={"Content-Type": "application/json"})
+                conn.getresponse().read()
+
+        post(200)
+        before = cpu_seconds(server.pid)
+        post(requests)
+        return (cpu_seconds(server.pid) - before) / requests
+    finally:
+        server.terminate()
+        server.wait()
+
+
 # -- modes -------------------------------------------------------------------------------
 
 def throughput(args, work: Path, sim: SimState, db: str) -> None:
-    floor = crypto_floor(sim.snp())
+    floor, request = crypto_floor(sim.snp()), http_floor()
     with servers(work, sim, db, 1, args.workers) as fleet:
         load(sim.path, fleet, min(200, args.releases), args.clients, ["bench/disk/root"])  # warm up
         run = load(sim.path, fleet, args.releases, args.clients, ["bench/disk/root"])
@@ -252,6 +298,9 @@ def throughput(args, work: Path, sim: SimState, db: str) -> None:
           f"{len(run.failures)} failures")
     print(f"server CPU per release {per * 1e3:.2f} ms; crypto floor {floor * 1e6:.0f} us; "
           f"ratio {per / floor:.1f}x the floor")
+    print(f"HTTP floor: uvicorn alone spends {request * 1e6:.0f} us of CPU on a request to an empty app, "
+          f"{3 * request * 1e3:.2f} ms on a release's three; both floors {(floor + 3 * request) * 1e3:.2f} ms, "
+          f"the rest ({(per - floor - 3 * request) * 1e3:.2f} ms) is keybroker's own code")
     _failures(run)
 
 
