@@ -9,6 +9,7 @@ removed at the end, also on failure.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -59,6 +60,22 @@ def _stopped(signum: int, frame: object) -> None:
     for stop in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, signal.SIG_IGN)
     raise SystemExit(128 + signum)
+
+
+def _forget_token(config: Path) -> None:
+    """The token the demo's key server issued, with its tee key, kept in root's user keyring for minutes
+    after that server is gone, and that server's attestation lock; the operator's tokens stay."""
+    from ..errors import KeyringError
+    from ..guest import config as client_config
+    from ..guest import keyring, tokens
+
+    cache = tokens.TokenCache(client_config.load(config), None)  # as the handler names it: no privlevel asked
+    cache.drop()
+    with contextlib.suppress(KeyringError):  # the keyring too, when the demo's token was all it held
+        ring = keyring.search(keyring.USER_KEYRING, "keyring", tokens.KEYRING)
+        if not keyring.read(ring):
+            keyring.unlink(ring, keyring.USER_KEYRING)
+    (tokens.LOCK_DIR / f"attest-{cache.digest}.lock").unlink(missing_ok=True)
 
 
 def run() -> int:
@@ -121,6 +138,7 @@ def run() -> int:
         conf = install.CONF_DIR / install.CONF_NAME
         saved = conf.read_bytes() if conf.exists() else None
         cleanup.callback(lambda: conf.write_bytes(saved) if saved is not None else conf.unlink(missing_ok=True))
+        cleanup.callback(_forget_token, config)
         install.install(config)
         _step(f"installed {conf}:")
         print(conf.read_text(), end="", flush=True)

@@ -10,7 +10,20 @@ import sys
 
 import pytest
 
+from keybroker.errors import KeyringError
+from keybroker.guest import keyring, tokens
 from keybroker.guest.install import CONF_DIR, CONF_NAME
+
+
+def _kept_tokens() -> set[int] | None:
+    """The keys in the keyring where the handler keeps attestation tokens (root's), by serial; None
+    when there is no such keyring."""
+    try:
+        ring = keyring.search(keyring.USER_KEYRING, "keyring", tokens.KEYRING)
+    except KeyringError:
+        return None
+    data = keyring.read(ring)
+    return {int.from_bytes(data[i:i + 4], sys.byteorder) for i in range(0, len(data), 4)}
 
 
 def test_demo(tmp_path, system_lock):
@@ -19,6 +32,7 @@ def test_demo(tmp_path, system_lock):
     conf = CONF_DIR / CONF_NAME
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text("# an operator's own drop-in, which the demo must put back\n")
+    kept, locks = _kept_tokens(), set(tokens.LOCK_DIR.glob("attest-*.lock"))
     try:
         out = subprocess.run([sys.executable, "-m", "keybroker", "demo"], capture_output=True, text=True,
                              timeout=300)
@@ -28,6 +42,10 @@ def test_demo(tmp_path, system_lock):
         assert conf.read_text().startswith("# an operator's own drop-in")
         mounts = open("/proc/mounts").read()
         assert "keybroker-demo" not in mounts
+        # Nor does it leave the token its server issued, and the token's tee key, in root's keyring
+        # (they outlived the demo's server by minutes), or the attestation lock of that server.
+        assert _kept_tokens() == kept
+        assert set(tokens.LOCK_DIR.glob("attest-*.lock")) == locks
     finally:
         conf.unlink(missing_ok=True)
 
