@@ -87,6 +87,8 @@ def run() -> int:
     # operator's, and the emulator, its mount, the key server and the work folder stayed too.
     for stop in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, _stopped)
+    # Under umask 0 the emulator's state folder's parent (/var/lib/keybroker) was made, and left, 0777.
+    os.umask(os.umask(0o022) | 0o022)
     with ExitStack() as cleanup:
         work = Path(tempfile.mkdtemp(prefix="keybroker-demo-"))
         cleanup.callback(shutil.rmtree, work, ignore_errors=True)

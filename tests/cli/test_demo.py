@@ -107,3 +107,43 @@ def test_demo_stopped_by_a_signal_cleans_up(tmp_path, signum):
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# The demo under umask 0, its drop-in folder and simulated roots in scratch ones, stopped by a signal
+# where it first asks the kernel for a key: the emulator has made its state folder by then.
+UMASK0_DEMO = """
+import os, signal, subprocess, sys, time
+from pathlib import Path
+from keybroker.cli import demo
+from keybroker.guest import install
+
+conf_dir = Path(sys.argv[1])
+install.CONF_DIR = conf_dir
+installing = install.install
+install.install = lambda config: installing(config, conf_dir)
+demo.SIM_STATE = Path(sys.argv[2]) / "sim"
+
+def asked(args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+subprocess.run = asked
+os.umask(0)
+demo.run()
+"""
+
+
+def test_demo_under_umask_0_leaves_no_folder_others_may_write(tmp_path):
+    """Under root's umask 0 the emulator's state folder's parent (/var/lib/keybroker) was made 0777 and
+    left behind: anyone could swap the simulated roots the next demo's key server trusts."""
+    if os.geteuid() != 0:
+        pytest.skip("installing the drop-in checks that root owns what it runs")
+    conf_dir = tmp_path / "request-key.d"
+    conf_dir.mkdir()
+    state = tmp_path / "lib" / "keybroker"
+    out = subprocess.run([sys.executable, "-c", UMASK0_DEMO, str(conf_dir), str(state)],
+                         capture_output=True, text=True, timeout=120)
+    assert (state / "sim").is_dir(), out.stdout + out.stderr
+    assert os.stat(state).st_mode & 0o022 == 0, oct(os.stat(state).st_mode)
+    # (and its key server, which refuses trust roots in such a folder, started)
+    assert out.returncode == 128 + signal.SIGTERM, out.stdout + out.stderr
