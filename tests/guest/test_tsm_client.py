@@ -244,3 +244,29 @@ def test_a_session_checks_generation_before_and_after_its_writes_and_bounds_the_
     with pytest.raises(TsmError, match="larger than") as refused:
         tsm._Session(entry).run(request)
     assert refused.value.errno == errno.EFBIG
+
+
+@pytest.mark.parametrize("code, retryable, transient", [
+    (errno.EBUSY, True, True), (errno.EINTR, True, True), (errno.ETIMEDOUT, False, True),
+    (errno.ENOMEM, False, True), (errno.EIO, False, False), (errno.ENXIO, False, False),
+    (errno.ENOTTY, False, False), (errno.EINVAL, False, False), (errno.EFBIG, False, False),
+])
+def test_each_errno_of_a_report_read_is_kept_and_says_whether_to_try_again(tmp_path, code, retryable, transient):
+    """In process: the kernel's errno stays the error's, and only a busy or interrupted provider is tried
+    again on a new entry; a throttled host or a short kernel is worth waiting for, the rest is not."""
+    from keybroker.guest import tsm
+
+    error = tsm._Session(tmp_path)._error(OSError(code, os.strerror(code)), "read", "outblob")
+    assert (error.errno, error.retryable, error.transient) == (code, retryable, transient)
+
+
+def test_an_entry_removed_by_another_process_is_retried_and_a_missing_attribute_is_not(tmp_path):
+    """In process: ENOENT on an entry someone removed is another writer's doing (a new entry may
+    succeed); on an entry still there it is an attribute this provider lacks, which no retry brings."""
+    from keybroker.guest import tsm
+
+    gone = tsm._Session(tmp_path / "removed")._error(OSError(errno.ENOENT, "gone"), "read", "generation")
+    assert gone.errno == errno.ENOENT and gone.retryable and "removed by someone else" in str(gone)
+    missing = tsm._Session(tmp_path)._error(OSError(errno.ENOENT, "gone"), "write", "service_guid")
+    assert missing.errno == errno.ENOENT and not missing.retryable and "not provided" in str(missing)
+
