@@ -270,3 +270,21 @@ def test_an_entry_removed_by_another_process_is_retried_and_a_missing_attribute_
     missing = tsm._Session(tmp_path)._error(OSError(errno.ENOENT, "gone"), "write", "service_guid")
     assert missing.errno == errno.ENOENT and not missing.retryable and "not provided" in str(missing)
 
+
+def test_an_entry_of_a_zombie_keybroker_process_is_removed(tmp_path):
+    """In process, on a plain folder: a worker killed and never reaped runs no more, though its pid
+    exists: the entry it left is removed (a live process's is not)."""
+    zombie = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{zombie.pid}/stat", "rb").read().rpartition(b")")[2][:2] != b" Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        names = [f"keybroker-{zombie.pid}-0123456789ab", f"keybroker-{os.getpid()}-0123456789ab"]
+        for name in names:
+            (tmp_path / name).mkdir()
+        TsmClient(tmp_path)._remove_abandoned()
+        assert os.listdir(tmp_path) == names[1:]
+    finally:
+        zombie.wait()
+
