@@ -288,3 +288,22 @@ def test_an_entry_of_a_zombie_keybroker_process_is_removed(tmp_path):
     finally:
         zombie.wait()
 
+
+@pytest.mark.parametrize("name, text", [
+    ("provider", "sev guest\n"), ("provider", "sev_guest\n\n"), ("provider", "Sev_guest\n"), ("provider", ""),
+    ("provider", "a" * 33 + "\n"), ("generation", "0_0\n"), ("generation", "+0\n"), ("generation", " 0\n"),
+    ("generation", "0\n\n"), ("generation", ""), ("generation", "1" * 21 + "\n"),
+])
+def test_a_provider_or_generation_outside_configfs_grammar_is_refused_by_name(tmp_path, name, text):
+    """In process, on a plain folder standing for an entry: what another process or a broken provider
+    left in ``provider`` or ``generation`` is refused as TsmError naming it, before anything is written."""
+    from keybroker.guest import tsm
+
+    (tmp_path / "provider").write_text("sev_guest\n")
+    (tmp_path / "generation").write_text("0\n")
+    (tmp_path / "inblob").write_bytes(b"")
+    (tmp_path / name).write_text(text)
+    problem = "unexpected provider name" if name == "provider" else "unexpected value .* attribute generation"
+    with pytest.raises(TsmError, match=problem):
+        tsm._Session(tmp_path).run(ReportRequest(bytes(64)))
+    assert (tmp_path / "inblob").read_bytes() == b""
