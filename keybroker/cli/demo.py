@@ -4,7 +4,10 @@ Starts the configfs-tsm emulator (simulated SEV-SNP) and a key server on loopbac
 random resource, installs the request-key drop-in, asks the kernel for the key with
 ``keyctl request2`` in a fresh session keyring, and shows the key's serial, description
 and a digest that matches the stored resource. Everything it started or installed is
-removed at the end, also on failure.
+removed at the end, also on failure, but for the emulator's simulated vendor roots (their
+private keys too) in /var/lib/keybroker/demo-sim, root's alone (0700): kept so that the next
+run does not generate RSA-4096 roots again, trusted by no server but the demo's; remove the
+folder to drop them.
 """
 
 from __future__ import annotations
