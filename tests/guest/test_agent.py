@@ -218,6 +218,19 @@ def test_agent_units_verify(tmp_path):
     assert out.returncode == 0 and not problems, out.stdout + out.stderr
 
 
+def test_no_unit_makes_the_agents_folder_before_it_with_another_mode():
+    """The agent's socket is 0600 in /run/keybroker, 0700; DirectoryMode= applies only when the socket unit
+    makes that folder. keybroker-tsm-sim.service's RuntimeDirectory=keybroker/tsm-sim had systemd make it
+    first, as the parent of its own, 0755, and it stayed so for the agent's socket and attestation locks."""
+    from support import REPO
+
+    made = [(unit.name, folder) for unit in sorted((REPO / "systemd").glob("*.service"))
+            for line in unit.read_text().splitlines() if line.startswith(("RuntimeDirectory=", "RuntimeDirectory ="))
+            for folder in line.partition("=")[2].split()]
+    assert ("keybroker-tsm-sim.service", "keybroker-tsm-sim") in made
+    assert not [(unit, folder) for unit, folder in made if folder == "keybroker" or folder.startswith("keybroker/")]
+
+
 def test_the_exchange_frames_are_strict():
     """The handler reads what the agent (or its worker) sends field by field: anything but the exact
     shape is refused, so a stray or truncated frame can never be taken for a key or a rejection."""
