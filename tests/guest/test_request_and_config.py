@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from keybroker.errors import ConfigError, DescriptionError
 from keybroker.guest import config
 from keybroker.guest.request import KeyRequest, parse_request
 from keybroker.wire.resource import ResourcePath
+from support.fifo import outcome_of_reading
 
 
 def test_valid_requests():
@@ -187,28 +187,9 @@ def test_a_fifo_named_as_configuration_is_not_waited_on(tmp_path):
     fifo = tmp_path / "client.toml"
     os.mkfifo(fifo, 0o600)
 
-    def outcome(load) -> BaseException | None:
-        result: list[BaseException | None] = []
-
-        def attempt() -> None:
-            try:
-                load(fifo)
-                result.append(None)
-            except BaseException as exc:  # handed to the test's thread
-                result.append(exc)
-
-        thread = threading.Thread(target=attempt, daemon=True)
-        thread.start()
-        thread.join(10)
-        if thread.is_alive():  # release it, so that nothing is left behind
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            thread.join(10)
-            pytest.fail("reading a configuration FIFO waited for a writer")
-        return result[0]
-
-    refused = outcome(config.load)
+    refused = outcome_of_reading(config.load, fifo)
     assert isinstance(refused, ConfigError) and "missing required key 'server'" in str(refused)  # empty
-    assert outcome(lambda path: server_config.load(path, {})) is None  # empty: the defaults
+    assert outcome_of_reading(lambda path: server_config.load(path, {}), fifo) is None  # empty: the defaults
     read, write = os.pipe()
     os.write(write, b'[server]\nurl = "http://127.0.0.1:1"\n')
     os.close(write)

@@ -373,6 +373,16 @@ def user_name(uid: int) -> str:
 
 
 STRANGER = 65534  # nobody
+
+
+def unhold(path: Path, change: str) -> None:
+    """Give ``path`` to STRANGER (``change`` "owner") or the mode ``change`` (octal)."""
+    if change == "owner":
+        os.chown(path, STRANGER, -1)
+    else:
+        path.chmod(int(change, 8))
+
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")
 
 
@@ -759,10 +769,7 @@ def test_trust_roots_someone_else_may_change_are_refused(tmp_path, loosen):
     assert len(TrustStore.default().with_dirs([folder]).cpaks) == 1
     what, change = loosen.split(" ")
     changed = {"folder": folder, "anchor": anchor, "parent": parent}[what]
-    if change == "owner":
-        os.chown(changed, STRANGER, -1)
-    else:
-        changed.chmod(int(change, 8))
+    unhold(changed, change)
     with pytest.raises(ConfigError, match=rf"refusing trust[- ].* {changed} (belongs to uid|is writable by group)"):
         TrustStore.default().with_dirs([folder])
 
@@ -788,10 +795,7 @@ def test_what_decides_a_release_someone_else_may_change_stops_the_server(tmp_pat
     what, change = loosen.split(" ")
     changed = {"policy": policy, "config": config, "certs": certs, "crl": certs / "ark.crl",
                "collateral": collateral}[what]
-    if change == "owner":
-        os.chown(changed, STRANGER, -1)
-    else:
-        changed.chmod(int(change, 8))
+    unhold(changed, change)
     out = subprocess.run([sys.executable, "-m", "keybroker", "serve", "--config", str(config), "--listen",
                           f"127.0.0.1:{free_port()}", "--workers", "1"], capture_output=True, text=True,
                          stdin=subprocess.DEVNULL, timeout=20)  # started: the test fails (TimeoutExpired)
@@ -817,10 +821,7 @@ def test_a_cache_folder_someone_else_may_change_stops_the_server(tmp_path, loose
     if what == "above":
         cache.rmdir()  # none yet: the server makes it where others may have made it first
     _check_held_inputs(ServerConfig(cache_dir=cache))  # held: accepted
-    if change == "owner":
-        os.chown(changed, STRANGER, -1)
-    else:
-        changed.chmod(int(change, 8))
+    unhold(changed, change)
     with pytest.raises(ConfigError, match=rf"refusing cache folder {cache}.*: {changed} (belongs to uid {STRANGER}|"
                                           "is writable by group or others)"):
         _check_held_inputs(ServerConfig(cache_dir=cache))
@@ -848,10 +849,7 @@ def test_a_sqlite_database_someone_else_may_change_stops_the_server(tmp_path, lo
         db.unlink()
         folder.rmdir()  # none yet: the server makes it where others may have made it first
     _check_held_inputs(config)  # held: accepted
-    if change == "owner":
-        os.chown(changed, STRANGER, -1)
-    else:
-        changed.chmod(int(change, 8))
+    unhold(changed, change)
     with pytest.raises(ConfigError, match=rf"refusing database {db}.*: {changed} (belongs to uid {STRANGER}|"
                                           "is writable by group or others)"):
         _check_held_inputs(config)
