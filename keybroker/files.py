@@ -38,6 +38,8 @@ def read_bounded(path: Path, limit: int, what: str, error: type[KeybrokerError])
 
 #: Only root holds what root runs and reads.
 ROOT = frozenset({0})
+
+
 def root_or_self() -> frozenset[int]:
     """Root and this process's user: who may hold what a service running as its own user trusts."""
     return frozenset({0, os.geteuid()})
