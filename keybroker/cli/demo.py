@@ -78,7 +78,7 @@ def _forget_token(config: Path) -> None:
         ring = keyring.search(keyring.USER_KEYRING, "keyring", tokens.KEYRING)
         if not keyring.read(ring):
             keyring.unlink(ring, keyring.USER_KEYRING)
-    (tokens.LOCK_DIR / f"attest-{cache.digest}.lock").unlink(missing_ok=True)
+    cache.lock_path.unlink(missing_ok=True)
 
 
 def run() -> int:

@@ -149,6 +149,11 @@ class TokenCache:
         with contextlib.suppress(KeyringError):
             keyring.unlink(keyring.search(ring, "user", self.description), ring)
 
+    @property
+    def lock_path(self) -> Path:
+        """The file of this token's attestation lock (see :meth:`attesting`)."""
+        return LOCK_DIR / f"attest-{self.digest}.lock"
+
     @contextlib.contextmanager
     def attesting(self, deadline: float) -> Iterator[AttestationLock]:
         """Hold this token's attestation lock (waiting for it at most until ``deadline``) until the
@@ -162,7 +167,7 @@ class TokenCache:
         lock = None
         try:
             LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
-            fd = os.open(LOCK_DIR / f"attest-{self.digest}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 if not lock_within(fd, deadline):
                     raise _not_in_time()
