@@ -62,6 +62,7 @@ def _lib() -> ctypes.CDLL:
         "keyctl_instantiate": (lng, [s, ctypes.c_void_p, n, s]),
         "keyctl_reject": (lng, [s, u, u, s]),
         "keyctl_join_session_keyring": (s, [p]),
+        "keyctl_get_keyring_ID": (s, [s, ctypes.c_int]),
     }
     for fn, (restype, argtypes) in signatures.items():
         getattr(lib, fn).restype = restype
@@ -166,6 +167,11 @@ def instantiate(key: int, payload: bytes | bytearray, keyring: int = 0) -> None:
 
 def reject(key: int, timeout: int, error: int, keyring: int = 0) -> None:
     _check("keyctl_reject", _lib().keyctl_reject(key, timeout, error, keyring))
+
+
+def serial_of(key: int) -> int:
+    """KEYCTL_GET_KEYRING_ID: the serial a special ID (``REQKEY_AUTH_KEY``, say) stands for; never creates."""
+    return _check("keyctl_get_keyring_ID", _lib().keyctl_get_keyring_ID(key, 0))
 
 
 def join_session_keyring(name: str | None = None) -> int:
