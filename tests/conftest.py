@@ -197,7 +197,7 @@ def handler(tmp_path: Path, system_lock: None) -> Iterator[Callable[..., Path]]:
         trust = f'ca = "{ca}"\n' if ca else ""
         tsm = f'[tsm]\nroot = "{tsm_root}"\n' if tsm_root else ""  # None: the evidence source is in extra
         config.write_text(f'[server]\nurl = "{server_url}"\n{trust}{tsm}[handler]\ndeadline = {deadline}\n{extra}')
-        installer.install(config, CONF.parent, Path(sys.executable).parent / "keybroker-request-key")
+        installer.install(config, CONF.parent, Path(sys.executable).parent / "keybroker-handoff")
         return config
 
     from keybroker.guest import tokens

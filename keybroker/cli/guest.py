@@ -56,10 +56,9 @@ def _add_evidence(sub: argparse._SubParsersAction) -> None:
 
 
 def _install_handler(args: argparse.Namespace) -> int:
-    from ..guest import config, install
+    from ..guest import install
 
-    cfg = config.load(args.config)  # refuse to install a handler whose configuration does not load
-    target = install.install(args.config, args.conf_dir, server_ca=cfg.server_ca)
+    target = install.install(args.config, args.conf_dir)  # refused when the configuration does not load
     print(f"installed {target}")
     return 0
 
@@ -147,9 +146,9 @@ def _agent(args: argparse.Namespace) -> int:
 def _add_agent(sub: argparse._SubParsersAction) -> None:
     from ..guest.agentsocket import SOCKET
 
-    p = sub.add_parser("agent", help="serve key requests for the request-key handler, warm (root only)",
-                       description="Keep imports, the HTTP client and the kept attestation tokens warm for the "
-                                   "request-key handler, which hands it key requests over a root-only socket "
+    p = sub.add_parser("agent", help="end key constructions for request-key, warm (root only)",
+                       description="Keep imports, the HTTP client and the kept attestation tokens warm, and end "
+                                   "the key constructions keybroker-handoff gives over a root-only socket "
                                    "(socket-activated by keybroker-agent.socket, or listening itself).")
     p.add_argument("--socket", type=Path, default=SOCKET, help=f"where to listen (default {SOCKET})")
     p.set_defaults(run=_agent)

@@ -1,25 +1,25 @@
-"""``keybroker agent``: a warm, root-only helper that obtains keys for the request-key handler.
+"""``keybroker agent``: a warm, root-only helper that ends key constructions for request-key.
 
-Each key request starts a fresh handler, which pays for an interpreter and its imports
-before any work. The agent keeps that work warm: the handler (still the one that reads the
-request, ends the construction and keeps its deadline) hands the request to the agent over
-``/run/keybroker/agent.sock`` and gets the outcome back; the agent loads the configuration
-(with the same ownership checks: its own code once when it starts, the configuration and its CA
-for each request), decides access, and obtains the key (under a kept token, else one
-attestation) exactly as the handler's own worker would. A configuration it cannot load, or
-whose runtime log its view does not hold as the system does (or cannot write, to measure a
-release), it leaves to the handler, whose view its unit does not narrow (ProtectHome=,
-PrivateTmp=, ProtectSystem=). When
-no agent answers, the handler does the round itself: the agent is an accelerator, never a
-dependency.
+Each key request that the handler serves starts an interpreter and pays for its imports
+before any work. The agent keeps that work warm: ``keybroker-handoff`` (what the drop-in runs)
+gives it the construction's authority over ``/run/keybroker/agent.sock`` (see :mod:`.agentsocket`),
+and the agent reads the request from the kernel, loads the configuration (with the same
+ownership checks: its own code once when it starts, the configuration and its CA for each
+request), decides access, obtains the key (under a kept token, else one attestation) exactly
+as the handler's worker would, and ends the construction: the key never leaves its process.
+A configuration it cannot load, or whose runtime log its view does not hold as the system does
+(or cannot write, to measure a release), it leaves to the handler, whose view its unit does not
+narrow (ProtectHome=, PrivateTmp=, ProtectSystem=). When no agent answers, the handler does
+the round itself: the agent is an accelerator, never a dependency.
 
 The socket is 0600 in a 0700 folder, and the agent answers only peers whose credentials
-(SO_PEERCRED) say uid 0. Requests are bounded in size; ``WORKERS`` threads, started once,
-serve one request each at a time: when all are busy (a provider blocking a read, a server
-stalling) a new request is closed at once and its handler does the round itself. The
-handler gives the agent half of its deadline, so that it can still do the round when the
-agent does not answer; a request whose time passed before the agent took it is dropped.
-The exchange is :mod:`.agentsocket`'s; the key's bytes are wiped after sending.
+(SO_PEERCRED) say uid 0. It reaches root's user keyring, where the handoff links a request's
+authorisation key, from its process keyring (as only root's processes can), and unlinks that
+key when its construction ends. ``WORKERS`` threads, started once, serve one construction each at a time, each with the
+authority it assumed (a thread's own credentials): when all are busy (a provider blocking a
+read, a server stalling) a new request is closed at once and the handler does the round
+itself. The agent has the share of the deadline the handoff gives it (at most half); past it
+it leaves the construction to the handler.
 
 systemd starts it on demand through ``keybroker-agent.socket``.
 """
@@ -36,60 +36,82 @@ import time
 import traceback
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..systemd import listen_fds, no_core_dumps, notify
-from .agentsocket import (
-    DEADLINE_MAX,
-    REQUEST_MAX,
-    SOCKET,
-    fields,
-    frame,
-    number,
-    read_frame,
-    text,
-)
+from ..errors import ConfigError, KeybrokerError
+from ..systemd import Journal, listen_fds, no_core_dumps, notify
+from . import keyring
+from .agentsocket import DONE, REQUEST_MAX, SOCKET, parse_request, read_line
 from .client import Links
-from .handler import answer_frame, load_config, obtain_for
+from .handler import Construction, _authorise, _from_answer, _outcome, end, load_config, log_outcome
 from .unlock.keyfile import bind, peer
 
 WORKERS = 16
-REQUEST_WAIT = 10.0  # seconds for a handler's request to arrive whole
+REQUEST_WAIT = 10.0  # seconds for a construct line to arrive whole
 
 
-def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore, links: Links) -> None:
-    value = bytearray()
+def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore, links: Links, log: Journal) -> None:
     try:
-        handler, handler_uid = peer(conn)
-        if handler_uid != 0:
-            return  # only root's handler may ask
-        _, config, key_type, description, callout, uid, gid, started = fields(
-            read_frame(conn, REQUEST_MAX, time.monotonic() + REQUEST_WAIT), tag=b"request", count=8)
-        start = float(started)
-        if not time.monotonic() - DEADLINE_MAX <= start <= time.monotonic():
-            return  # not a time this handler can have started at (nor a number)
+        handoff, handoff_uid = peer(conn)
+        if handoff_uid != 0:
+            return  # only root's handoff may ask
+        serial, share, config = parse_request(read_line(conn, REQUEST_MAX, time.monotonic() + REQUEST_WAIT))
+        start = time.monotonic()
         try:
-            cfg = load_config(text(config), code_checked=True)
-        except Exception:
-            # Left to the handler, which loads it itself and rejects it if it must: the agent's view
-            # may lack what the handler's has (its unit hides /root, /home and /tmp).
-            return
-        if not _sees_the_runtime_log(cfg.measure.log.parent, writes=cfg.measure.releases, handler=handler):
-            return  # left to the handler too: the agent would read (or extend) another log than RTMR3's
-        deadline = start + cfg.deadline / 2
-        if not deadline > time.monotonic():
-            return  # its handler has given up on the agent already
-        conn.sendall(frame("deadline", round(cfg.deadline * 1000)))
-        header, value = obtain_for(cfg, text(key_type), text(description), callout,
-                                   number(uid, 0, 2**32 - 1), number(gid, 0, 2**32 - 1), deadline, links)
-        conn.settimeout(max(0.1, deadline - time.monotonic()))
-        for part in answer_frame(header, value):
-            conn.sendall(part)
+            keyring.assume_authority(serial)  # found in root's user keyring, where the handoff linked it
+        except KeybrokerError:
+            return  # not given to us: the handler does the round
+        try:
+            _construct(conn, serial, config, share, start, handoff, links, log)
+        finally:
+            _drop_authority()
     except (OSError, ValueError):
-        pass  # a peer gone or a malformed request: nothing to answer; the handler decides on its own
+        pass  # a peer gone or a malformed request: the handoff runs the handler
     finally:
-        value[:] = bytes(len(value))
         conn.close()
         slots.release()
+
+
+def _construct(conn: socket.socket, serial: int, config: str, share: float, start: float, handoff: int,
+               links: Links, log: Journal) -> None:
+    """End the construction of ``serial`` under the authority this thread holds, as the handler would, tell
+    the handoff (then log, as the handler does, once the requester has its answer); or leave it to the
+    handler, saying nothing."""
+    from . import broker
+
+    key = keyring.describe(serial)
+    callout = keyring.read(keyring.REQKEY_AUTH_KEY)
+    try:
+        cfg = load_config(config, code_checked=True)
+    except Exception:
+        # Left to the handler, which loads it itself and rejects it if it must: the agent's view
+        # may lack what the handler's has (its unit hides /root, /home and /tmp).
+        return
+    if not _sees_the_runtime_log(cfg.measure.log.parent, writes=cfg.measure.releases, handler=handoff):
+        return  # left to the handler too: the agent would read (or extend) another log than RTMR3's
+    deadline = start + min(share, cfg.deadline / 2)
+
+    def obtain() -> broker.ReleasedKey:
+        request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
+        return broker.obtain(cfg, request, deadline=deadline, links=links)
+
+    header, value = _outcome(obtain, key.type, key.description)
+    if time.monotonic() > deadline + 0.1:
+        value[:] = bytes(len(value))
+        return  # past its share: the handoff has given up on the agent, the handler does the round
+    rejection, size = end(Construction(serial), lambda: _from_answer(header, value))
+    conn.settimeout(1.0)
+    try:
+        conn.sendall(DONE)
+    finally:
+        log_outcome(log, serial, key, rejection, size, "agent", start)
+
+
+def _drop_authority() -> None:
+    """Unlink the authorisation key this thread holds from root's user keyring and give up the authority."""
+    try:
+        keyring.unlink(keyring.serial_of(keyring.REQKEY_AUTH_KEY), keyring.USER_KEYRING)
+    except KeybrokerError:
+        pass  # already gone: the construction has ended and the kernel collected it
+    keyring.assume_authority(0)
 
 
 def _sees_the_runtime_log(folder: Path, *, writes: bool, handler: int) -> bool:
@@ -107,12 +129,13 @@ def _sees_the_runtime_log(folder: Path, *, writes: bool, handler: int) -> bool:
     return same and (not writes or os.access(folder, os.W_OK))
 
 
-def _worker(accepted: queue.SimpleQueue[socket.socket], slots: threading.BoundedSemaphore, links: Links) -> None:
+def _worker(accepted: queue.SimpleQueue[socket.socket], slots: threading.BoundedSemaphore, links: Links,
+            log: Journal) -> None:
     while True:
         conn = accepted.get()
         try:
-            _serve_one(conn, slots, links)
-        except Exception:  # a bug costs neither the agent a worker nor the handler its key: it does the round
+            _serve_one(conn, slots, links, log)
+        except Exception:  # a bug costs neither the agent a worker nor the requester its key: the handler does it
             traceback.print_exc()
 
 
@@ -129,13 +152,17 @@ def serve(socket_path: Path = Path(SOCKET)) -> int:
     if len(activated) > 1:
         raise ConfigError(f"socket activation passed {len(activated)} sockets; the agent takes one")
     listener = activated[0] if activated else bind(socket_path)
+    # Root's user keyring, where the handoff links authorisation keys, reached by every thread.
+    keyring.link(keyring.USER_KEYRING, keyring.PROCESS_KEYRING)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     slots = threading.BoundedSemaphore(WORKERS)
     accepted: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
     links = Links()  # the key servers' connections, kept alive from one request to the next
+    log = Journal("keybroker-request-key", stream=False, facility=10)  # the handler's syslog lines, as it logs them
     for _ in range(WORKERS):  # started once, not a thread per request
-        threading.Thread(target=_worker, args=(accepted, slots, links), name="keybroker-agent", daemon=True).start()
-    notify("READY=1", f"STATUS=obtaining keys for the request-key handler on {socket_path}")
+        threading.Thread(target=_worker, args=(accepted, slots, links, log), name="keybroker-agent",
+                         daemon=True).start()
+    notify("READY=1", f"STATUS=ending key constructions for request-key on {socket_path}")
     try:
         while True:
             try:

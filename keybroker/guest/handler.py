@@ -1,27 +1,25 @@
 """keybroker-request-key: the handler /sbin/request-key runs for ``keybroker:`` keys.
 
-Installed by ``request-key.d/keybroker.conf`` in exec mode with only the key serial
-(``%k``) from argv. It reads the key's type and description with KEYCTL_DESCRIBE and the
-callout from the authorisation key, checks that the requester (the key's uid/gid) may
-have the resource, attests the VM to the key server, tightens the key's permissions to
-its possessors, sets the lease the server gave as expiry, and instantiates it.
+The drop-in (``request-key.d/keybroker.conf``) runs ``keybroker-handoff``, which hands the
+construction to ``keybroker agent`` when one runs (see :mod:`.agentsocket`) and runs this
+otherwise, in exec mode with the key serial (``%k``) and ``--since`` the system's uptime when the
+handoff started (the deadline counts from there: the agent may have had up to half of it). It reads the key's
+type and description with KEYCTL_DESCRIBE and the callout from the authorisation key, checks
+that the requester (the key's uid/gid) may have the resource, attests the VM to the key server,
+tightens the key's permissions to its possessors, sets the lease the server gave as expiry, and
+instantiates it (the agent does the same in its process, through :func:`end` too).
 
 Every run ends the construction exactly once, within a hard deadline: instantiate, or
-reject with a deliberate errno and a negative-cache timeout. When ``keybroker agent`` runs,
-the handler hands it the request before reading its configuration (the agent reads it, decides
-access and announces the deadline; it keeps the imports, the HTTP client and the kept tokens
-warm) and waits for the answer until half the deadline; otherwise, or when no agent answers,
-it loads the configuration and the round runs in a forked worker (which drops the authority): a provider can
-block a read uninterruptibly, and this process, the one the kernel waits for, must be able
-to give up on time.
+reject with a deliberate errno and a negative-cache timeout. The round runs in a forked worker
+(which drops the authority): a provider can block a read uninterruptibly, and this process,
+the one the kernel waits for, must be able to give up on time.
 
-Which errno and negative-cache timeout each failure gets is :func:`classify`; the table in
-docs/guest.md states it for users (a test keeps the two in step).
+Which errno and negative-cache timeout each failure gets is :mod:`.rejection`'s.
 
 It logs one line per request to syslog (the journal, else stderr, when /dev/log is
 missing; facility authpriv), never key material. ``--debug TYPE DESC CALLOUT`` runs the same flow without
 the kernel and prints the outcome, not the secret. This module imports little at start:
-it runs once per key request, at boot too.
+it runs for key requests that no agent serves, at boot too.
 """
 
 from __future__ import annotations
@@ -33,85 +31,33 @@ import sys
 import time
 
 from ..systemd import ERROR, INFO, Journal, no_core_dumps
+from .rejection import FAILED, FORBIDDEN_ERRNOS, TRANSIENT, Rejection, Stopped, classify
 
-# What a request that the agent answers needs is imported here; the rest (configuration,
-# argument parsing, the attestation round) when a request needs it. Not even typing or
-# dataclasses: they cost the handler milliseconds on every key request.
+# The rest (configuration, argument parsing, the attestation round) is imported when a request
+# needs it. Not even typing or dataclasses: they cost the handler milliseconds on every key request.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .broker import Links, ReleasedKey
+    from .broker import ReleasedKey
     from .config import ClientConfig
+    from .keyring import KeyDescription
     from .request import KeyRequest
 
 DEFAULT_CONFIG = "/etc/keybroker/client.toml"
-TRANSIENT = 5
-DENIED = 60
-FAILED = 10
-UNAVAILABLE = 30
 USER_PAYLOAD_MAX = 32767  # user and logon keys: 1 to 32767 bytes
-_FORBIDDEN_ERRNOS = {E.EAGAIN, 512, 513, 514, 516}  # EAGAIN reads as "not found"; ERESTART* are invalid
-_TRANSIENT_EVIDENCE_ERRNOS = {E.EBUSY, E.ETIMEDOUT, E.ECONNREFUSED, E.ECONNRESET, E.ENETUNREACH, E.EHOSTUNREACH}
-
-
-class Rejection:
-    """How a construction is rejected: the errno, the negative-cache timeout, why."""
-
-    __slots__ = ("errno", "reason", "timeout")
-
-    def __init__(self, errno: int, timeout: int, reason: str) -> None:
-        self.errno, self.timeout, self.reason = errno, timeout, reason
-
-    def __repr__(self) -> str:
-        return f"Rejection({self.errno}, {self.timeout}, {self.reason!r})"
-
-
-def classify(exc: BaseException) -> Rejection:
-    """The errno and negative-cache timeout a failure deserves."""
-    from .. import errors as err
-
-    reason = str(exc) or type(exc).__name__
-    if isinstance(exc, Stopped):
-        return Rejection(E.ECANCELED, TRANSIENT, reason)
-    if isinstance(exc, (err.DescriptionError, err.ResourceMissing)):
-        return Rejection(E.ENOKEY, DENIED, reason)
-    if isinstance(exc, err.AccessDenied):
-        return Rejection(E.EACCES, DENIED, reason)
-    if isinstance(exc, err.ConfigError):
-        return Rejection(E.ENOKEY, FAILED, reason)
-    if isinstance(exc, err.ServerUnreachable):
-        return Rejection(exc.errno, TRANSIENT, reason)
-    if isinstance(exc, err.ResourceUnfit):
-        return Rejection(E.EMSGSIZE, DENIED, reason)
-    if isinstance(exc, err.ReleaseRefused):
-        return Rejection(E.EKEYREJECTED, DENIED, reason)
-    if isinstance(exc, err.ServerError) and exc.status == 429:
-        return Rejection(E.EBUSY, TRANSIENT, reason)
-    if isinstance(exc, err.ServerError):
-        return Rejection(E.EIO if exc.status >= 500 else E.EPROTO, TRANSIENT if exc.status >= 500 else FAILED, reason)
-    if isinstance(exc, err.ProtocolError):
-        return Rejection(E.EPROTO, FAILED, reason)
-    if isinstance(exc, err.TsmError):
-        code = exc.errno if exc.errno and exc.errno not in _FORBIDDEN_ERRNOS else E.EIO
-        if code == E.EINTR or (exc.transient and code not in _TRANSIENT_EVIDENCE_ERRNOS):
-            code = E.EBUSY  # "provider busy": unlock.retry waits out only these (ENOMEM, EPIPE: a refusal)
-        return Rejection(code, TRANSIENT if exc.transient else UNAVAILABLE, reason)
-    if isinstance(exc, err.KeyringError):
-        return Rejection(exc.errno if exc.errno not in _FORBIDDEN_ERRNOS else E.EIO, FAILED, reason)
-    return Rejection(E.EIO, FAILED, f"internal error: {type(exc).__name__}: {exc}")
-
-
-class Stopped(BaseException):
-    """A signal stopped the handler (SIGTERM, SIGHUP, SIGINT): the construction is rejected at once."""
 
 
 class Construction:
-    """Ends one key construction exactly once: instantiate or reject; a stopping signal rejects it."""
+    """Ends one key construction exactly once: instantiate or reject (in the handler, a stopping signal
+    rejects it: see ``stop_on_signals``)."""
 
     def __init__(self, serial: int) -> None:
         self.serial = serial
         self.done = self.ending = False
+
+    def stop_on_signals(self) -> None:
+        """SIGTERM, SIGHUP and SIGINT reject the construction (in the main thread of the handler's process)."""
         for signum, name in ((_signal.SIGTERM, "SIGTERM"), (_signal.SIGHUP, "SIGHUP"), (_signal.SIGINT, "SIGINT")):
             _signal.signal(signum, lambda *_, name=name: self._stop(name))
 
@@ -155,6 +101,38 @@ def _describe_outcome(rejection: Rejection | None, size: int | None = None) -> s
         return f"outcome=instantiated size={size}"
     return (f"outcome=rejected errno={E.errorcode.get(rejection.errno, rejection.errno)} "
             f"timeout={rejection.timeout}s reason={rejection.reason!r}")
+
+
+def end(construction: Construction, obtain: Callable[[], tuple[bytearray, int | None]]) -> tuple[Rejection | None,
+                                                                                                 int | None]:
+    """Instantiate the key ``obtain`` returns (with its lease), or reject the construction with what it raised;
+    the key is wiped after. (rejection or None, the key's size)."""
+    from ..errors import KeyringError
+
+    try:
+        value, lease = obtain()
+        try:
+            size = len(value)
+            construction.instantiate(value, lease)
+            return None, size
+        finally:
+            value[:] = bytes(len(value))
+    except BaseException as exc:
+        rejection = exc.rejection if isinstance(exc, Failed) else classify(exc)
+        try:
+            construction.reject(rejection)
+        except KeyringError as reject_error:
+            rejection = Rejection(rejection.errno, rejection.timeout,
+                                  f"{rejection.reason}; reject failed: {reject_error}")
+        return rejection, None
+
+
+def log_outcome(log: Journal, serial: int, key: KeyDescription, rejection: Rejection | None, size: int | None,
+                via: str, start: float) -> None:
+    """The request's one syslog line: never the key."""
+    log.line(INFO if rejection is None else ERROR,
+             f"serial={serial} type={key.type} description={key.description[:160]!r} requester={key.uid}:{key.gid} "
+             f"{_describe_outcome(rejection, size)} via={via} duration={time.monotonic() - start:.2f}s")
 
 
 def load_config(path: str, *, code_checked: bool = False) -> ClientConfig:
@@ -215,31 +193,15 @@ def _outcome(obtain: Callable[[], ReleasedKey], key_type: str, resource: str) ->
         return {"size": len(value), "lease": released.lease}, value
     except BaseException as exc:
         value[:] = bytes(len(value))
-        return rejection_header(exc), bytearray()
-
-
-def rejection_header(exc: BaseException) -> dict[str, object]:
-    """The answer's header for a failure (see ``answer_frame``)."""
-    rejection = classify(exc)
-    return {"errno": rejection.errno, "timeout": rejection.timeout, "reason": rejection.reason}
+        rejection = classify(exc)
+        return {"errno": rejection.errno, "timeout": rejection.timeout, "reason": rejection.reason}, bytearray()
 
 
 def answer_frame(header: dict[str, object], value: bytearray) -> list[memoryview]:
-    """The answer as sent to the handler (see :mod:`.agentsocket`): its frame, then the key."""
-    from .agentsocket import encode_answer
+    """The answer as the worker sends it to the handler (see :mod:`.answer`): its frame, then the key."""
+    from .answer import encode_answer
 
     return [memoryview(encode_answer(header)), memoryview(value)]
-
-
-def obtain_for(cfg: ClientConfig, key_type: str, description: str, callout: bytes, uid: int, gid: int,
-               deadline: float, links: Links) -> tuple[dict[str, object], bytearray]:
-    """What the agent does for a handler: access, then the key (over its kept connections); as (header, key)."""
-    def obtain() -> ReleasedKey:
-        from . import broker
-
-        request = _authorise(cfg, key_type, description, callout, uid, gid)
-        return broker.obtain(cfg, request, deadline=deadline, links=links)
-    return _outcome(obtain, key_type, description)
 
 
 def _worker(cfg: ClientConfig, request: KeyRequest, deadline: float, out: int, parent: int) -> None:
@@ -277,7 +239,7 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
     """
     import select
 
-    from .agentsocket import ANSWER_HEADER_MAX, decode_answer
+    from .answer import ANSWER_HEADER_MAX, decode_answer
     from .broker import ReleasedKey
 
     read_end, write_end = os.pipe()
@@ -323,23 +285,8 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
             pass
 
 
-def _from_agent(config_path: str, key_type: str, description: str, callout: bytes, uid: int, gid: int,
-                start: float) -> tuple[bytearray, int | None] | None:
-    """The key and its lease (or the rejection) from a running agent; None when no agent answers in time.
-
-    Imports only what talking to the agent needs: not the configuration, the HTTP client nor
-    the cryptography.
-    """
-    from . import agentsocket
-
-    answer = agentsocket.ask(agentsocket.SOCKET, config_path, key_type, description, callout, uid, gid, start)
-    if answer is None:
-        return None
-    return _from_answer(*answer)
-
-
 def _from_answer(header: dict[str, object], value: bytearray) -> tuple[bytearray, int | None]:
-    """The key and lease an answer (the worker's or the agent's, see ``answer_frame``) carries; Failed
+    """The key and lease an answer (the worker's, or the agent's own, see ``answer_frame``) carries; Failed
     with the rejection it carries, or when it is malformed or cut short."""
     def failed(why: str) -> Failed:
         value[:] = bytes(len(value))
@@ -350,14 +297,15 @@ def _from_answer(header: dict[str, object], value: bytearray) -> tuple[bytearray
         if not (isinstance(errno, int) and isinstance(timeout, int) and isinstance(reason, str)):
             raise failed("malformed")
         value[:] = bytes(len(value))
-        raise Failed(Rejection(E.EIO if errno in _FORBIDDEN_ERRNOS else errno, timeout, reason))
+        raise Failed(Rejection(E.EIO if errno in FORBIDDEN_ERRNOS else errno, timeout, reason))
     if header.get("size") != len(value):
         raise failed("cut short")
     lease = header.get("lease")
     return value, lease if isinstance(lease, int) else None
 
 
-def run_kernel(serial: int, config_path: str, log: Journal) -> int:
+def run_kernel(serial: int, config_path: str, log: Journal, since: float | None = None) -> int:
+    """End the construction of ``serial``, which keybroker-handoff started at uptime ``since`` (None: now)."""
     from ..errors import KeyringError
     from . import keyring
 
@@ -367,45 +315,33 @@ def run_kernel(serial: int, config_path: str, log: Journal) -> int:
         callout = keyring.read(keyring.REQKEY_AUTH_KEY)
     except KeyringError as exc:
         # Without the authority nothing can end the construction: the kernel negates it (ENOKEY, 60 s).
+        # (Also when the agent ended it just after its share: the authority is gone with the construction.)
         log.line(ERROR, f"serial={serial} outcome=failed reason={f'cannot read the request: {exc}'!r}")
         return 1
-    head = (f"serial={serial} type={key.type} description={key.description[:160]!r} "
-            f"requester={key.uid}:{key.gid}")
+    try:  # where the handoff linked the authority for the agent, which did not end the construction
+        keyring.unlink(keyring.serial_of(keyring.REQKEY_AUTH_KEY), keyring.USER_KEYRING)
+    except KeyringError:
+        pass  # not linked there (no agent runs)
     construction = Construction(serial)
-    rejection: Rejection | None = None
-    size = None
-    via = "handler"  # who decided: the handler itself, the agent, or the handler's worker
-    try:
-        via = "agent"
-        # First the agent, which reads the configuration warm (and decides access as below) and
-        # takes at most half the deadline: if it does not answer, the worker has the other half.
-        answer = _from_agent(config_path, key.type, key.description, callout, key.uid, key.gid, start)
-        if answer is None:  # no agent answered: do the round here
-            via = "handler"
-            cfg = load_config(config_path)
-            # Last resort: should anything below (the group database, say) block past the deadline,
-            # counted from the kernel's call, SIGALRM ends the process; the kernel then negates the
-            # key (ENOKEY, 60 s). The agent may have had half the deadline already.
-            _signal.alarm(max(1, int(start + cfg.deadline - time.monotonic()) + 2))
-            via = "worker"
-            request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
-            released = obtain_within(cfg, request, start + cfg.deadline)
-            answer = released.value, released.lease
-        value, lease = answer
-        try:
-            size = len(value)
-            construction.instantiate(value, lease)
-        finally:
-            value[:] = bytes(len(value))
-    except BaseException as exc:
-        rejection = exc.rejection if isinstance(exc, Failed) else classify(exc)
-        try:
-            construction.reject(rejection)
-        except KeyringError as reject_error:
-            rejection = Rejection(rejection.errno, rejection.timeout,
-                                  f"{rejection.reason}; reject failed: {reject_error}")
-    log.line(INFO if rejection is None else ERROR,
-             f"{head} {_describe_outcome(rejection, size)} via={via} duration={time.monotonic() - start:.2f}s")
+    construction.stop_on_signals()
+    via = "handler"  # who decided: the handler itself or its worker
+
+    def obtain() -> tuple[bytearray, int | None]:
+        nonlocal via
+        cfg = load_config(config_path)
+        # What is left of the deadline, counted from the handoff's start (the agent had half of it at most).
+        spent = 0.0 if since is None else min(max(_uptime() - since, 0.0), cfg.deadline / 2)
+        deadline = start + cfg.deadline - spent
+        # Last resort: should anything below (the group database, say) block past the deadline,
+        # SIGALRM ends the process; the kernel then negates the key (ENOKEY, 60 s).
+        _signal.alarm(max(1, int(deadline - time.monotonic()) + 2))
+        via = "worker"
+        request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
+        released = obtain_within(cfg, request, deadline)
+        return released.value, released.lease
+
+    rejection, size = end(construction, obtain)
+    log_outcome(log, serial, key, rejection, size, via, start)
     return 0 if rejection is None else 1
 
 
@@ -451,18 +387,35 @@ def _serial(text: str) -> int | None:
     return int(text) if 1 <= len(text) <= 10 and text.isascii() and text.isdigit() else None
 
 
+def _uptime(text: str | None = None) -> float:
+    """Seconds since boot: now (/proc/uptime, which the handoff reads too), or as ``text`` gives them
+    (``--since``: 1 to 10 digits, a dot and 2; ValueError otherwise)."""
+    if text is None:
+        with open("/proc/uptime", "rb") as f:
+            text = f.read(64).split()[0].decode()
+    whole, dot, part = text.partition(".")
+    if not (whole.isascii() and whole.isdigit() and len(whole) <= 10 and dot and part.isascii() and part.isdigit()
+            and len(part) == 2):
+        raise ValueError(f"expected seconds since boot (/proc/uptime), got {text[:40]!r}")
+    return float(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    # What the drop-in runs, on every key request: ``--config FILE SERIAL``, read without argparse.
-    fast = len(args) == 3 and args[0] == "--config" and not args[1].startswith("-")
-    serial = _serial(args[2]) if fast else None
+    # What keybroker-handoff runs: ``--config FILE --since UPTIME SERIAL``, read without argparse.
+    fast = len(args) == 5 and args[0] == "--config" and not args[1].startswith("-") and args[2] == "--since"
+    serial = _serial(args[4]) if fast else None
+    try:
+        since = _uptime(args[3]) if serial is not None else None
+    except ValueError:
+        serial = None
     if serial is not None:
         config_path = args[1]
     else:
-        config_path, serial = _parse(args)
+        config_path, since, serial = _parse(args)
     os.umask(0o077)
     no_core_dumps()
-    code = run_kernel(serial, config_path, Journal("keybroker-request-key", stream=False, facility=10))
+    code = run_kernel(serial, config_path, Journal("keybroker-request-key", stream=False, facility=10), since)
     # The construction is ended and logged: the kernel waits for this process to exit, so skip
     # the interpreter's tear-down (tens of milliseconds of freeing what the exit frees anyway).
     sys.stdout.flush()
@@ -470,19 +423,25 @@ def main(argv: list[str] | None = None) -> int:
     os._exit(code)
 
 
-def _parse(argv: list[str]) -> tuple[str, int]:
+def _parse(argv: list[str]) -> tuple[str, float | None, int]:
     """Every other command line: the options (``--debug`` runs and exits here)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="keybroker-request-key",
                                      description="request-key handler for keybroker: keys (exec mode, %%k)")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"client configuration (default {DEFAULT_CONFIG})")
+    parser.add_argument("--since", metavar="UPTIME",
+                        help="when keybroker-handoff started, in seconds since boot (the deadline counts from there)")
     parser.add_argument("--debug", nargs=3, metavar=("TYPE", "DESC", "CALLOUT"),
                         help="run the flow without the kernel and print the outcome")
     parser.add_argument("--requester", type=_requester, metavar="UID:GID",
                         help="with --debug: decide access as for a key requested by UID:GID (testing aid)")
     parser.add_argument("serial", nargs="?", help="the key under construction (%%k)")
     args = parser.parse_args(argv)
+    try:
+        since = None if args.since is None else _uptime(args.since)
+    except ValueError as exc:
+        parser.error(f"--since: {exc}")
     if args.requester and not args.debug:
         parser.error("--requester is only for --debug")
     if args.debug:
@@ -493,7 +452,7 @@ def _parse(argv: list[str]) -> tuple[str, int]:
     serial = _serial(args.serial or "")
     if serial is None:
         parser.error("the key serial (%k) is required")
-    return args.config, serial
+    return args.config, since, serial
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 request-key(8) reads every ``*.conf`` in /etc/request-key.d (regular files only, symlinks
 are ignored), each line ``op type description callout program args...`` without quoting;
 the best match wins. keybroker claims the ``keybroker:`` prefix for ``user`` and ``logon``
-keys, in exec mode, passing only the key serial.
+keys: ``keybroker-handoff`` hands the construction to the agent, or runs the handler beside it,
+in exec mode with only the key serial. The line carries the agent's share of the configured
+deadline (half of it): install the drop-in again when ``[handler] deadline`` changes.
 """
 
 from __future__ import annotations
@@ -20,30 +22,36 @@ CONF_DIR = Path("/etc/request-key.d")
 CONF_NAME = "keybroker.conf"
 
 
-def handler_path() -> Path:
-    """The keybroker-request-key script installed next to this Python."""
-    return Path(sys.executable).parent / "keybroker-request-key"
+def handoff_path() -> Path:
+    """The keybroker-handoff script installed next to this Python (keybroker-request-key is beside it)."""
+    return Path(sys.executable).parent / "keybroker-handoff"
 
 
-def conf_text(handler: Path, config: Path) -> str:
-    for what, path in (("handler", handler), ("config", config)):
+def conf_text(handoff: Path, config: Path, deadline: float) -> str:
+    for what, path in (("handoff", handoff), ("config", config)):
         if not path.is_absolute() or any(c.isspace() for c in str(path)) or "%" in str(path):
             raise ConfigError(f"the {what} path {str(path)!r} must be absolute, without spaces or '%' "
                               "(request-key.conf has no quoting)")
+    share = int(deadline // 2)
     lines = ["# keybroker: attested key release (keybroker install-handler). Exec mode, serial only."]
-    lines += [f"create\t{key_type}\tkeybroker:*\t*\t{handler} --config {config} %k" for key_type in ("user", "logon")]
+    lines += [f"create\t{key_type}\tkeybroker:*\t*\t{handoff} --config {config} --agent-share {share} %k"
+              for key_type in ("user", "logon")]
     return "\n".join(lines) + "\n"  # request-key 1.6.3 chops the last character of a file
 
 
-def install(config: Path, conf_dir: Path = CONF_DIR, handler: Path | None = None,
-            server_ca: Path | None = None) -> Path:
-    """Write the drop-in, after checking that what it makes root run and read is root's alone."""
-    handler = handler or handler_path()
-    if not os.access(handler, os.X_OK):
-        raise ConfigError(f"handler {handler} is missing or not executable")
-    ownership.check(handler, "handler")
-    ownership.check_handler(config, server_ca, thorough=True)
-    text = conf_text(handler, config.resolve())
+def install(config: Path, conf_dir: Path = CONF_DIR, handoff: Path | None = None) -> Path:
+    """Write the drop-in for the configuration ``config`` (which must load), after checking that what it
+    makes root run and read is root's alone."""
+    from .config import load
+
+    handoff = handoff or handoff_path()
+    for program in (handoff, handoff.parent / "keybroker-request-key"):
+        if not os.access(program, os.X_OK):
+            raise ConfigError(f"handler {program} is missing or not executable")
+        ownership.check(program, "handler")
+    cfg = load(config)
+    ownership.check_handler(config, cfg.server_ca, thorough=True)
+    text = conf_text(handoff, config.resolve(), cfg.deadline)
     # The folder and any missing parent 0755, not 0777 under umask 0, where anyone could swap the drop-in.
     old = os.umask(0o022)
     try:

@@ -1,5 +1,5 @@
-"""The agent: the handler hands it key requests when it runs, does the round itself when it does
-not, and keeps its deadline whatever the agent does."""
+"""The agent: keybroker-handoff gives it key constructions when it runs, the handler does the round
+when it does not, and the deadline holds whatever the agent does."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from keybroker.guest import agentsocket as agent
-from support.agent import running, silent_agent
+from keybroker.guest import answer
+from support.agent import authorities_in_user_keyring, running, silent_agent
 from support.keyctl import keyctl_session
 
 SOCKET = Path(agent.SOCKET)
@@ -52,30 +53,33 @@ def got(out: subprocess.CompletedProcess, name: str) -> bool:
     return hashlib.sha256(SECRETS[f"default/disk/{name}"]).hexdigest() in out.stdout
 
 
-def test_the_handler_hands_requests_to_a_running_agent(setup, running_agent, syslog):
+def test_the_handoff_gives_constructions_to_a_running_agent(setup, running_agent, syslog):
     assert got(fetch("k0"), "k0") and got(fetch("k1"), "k1")
     lines = [line for line in syslog if "outcome=instantiated" in line]
-    assert len(lines) == 2 and all("via=agent" in line for line in lines), lines
+    assert len(lines) == 2 and all("via=agent" in line and "requester=0:0" in line for line in lines), lines
     assert setup.requests_to("attest") == 1
     mode = SOCKET.stat()
     assert stat.S_IMODE(mode.st_mode) == 0o600 and mode.st_uid == 0
     assert stat.S_IMODE(SOCKET.parent.stat().st_mode) == 0o700
+    assert not authorities_in_user_keyring()  # the agent unlinked each once its construction ended
 
 
-def test_access_rules_hold_through_the_agent(tsm_sim, kbs, handler, running_agent):
-    """The agent decides access as the handler does (asked directly: this kernel does not upcall for
-    non-root requesters)."""
+def test_access_rules_hold_through_the_agent(tsm_sim, kbs, handler, running_agent, nonroot_upcall, syslog):
+    """The agent decides access from the requester the kernel names, as the handler does (whose decisions
+    for other users test_request_key covers through --debug --requester where the kernel does not upcall)."""
+    if nonroot_upcall:
+        pytest.skip(nonroot_upcall)
     root = tsm_sim("sev_guest")
     server = kbs()
     server.put("default/disk/k0", SECRETS["default/disk/k0"])
-    config = handler(server.url, root, extra='[[access]]\nresource = "shared/*"\nuids = [65534]\n')
-    header, value = agent.ask(agent.SOCKET, str(config), "user", "keybroker:default/disk/k0", b"", 65534, 65534,
-                              time.monotonic())
-    assert header["errno"] == errno.EACCES and "may not obtain default/disk/k0" in header["reason"]
-    assert not value and server.requests_to("auth") == 0
-    header, value = agent.ask(agent.SOCKET, str(config), "user", "keybroker:default/disk/k0", b"", 0, 0,
-                              time.monotonic())
-    assert header["size"] == 32 and bytes(value) == SECRETS["default/disk/k0"]
+    server.put("shared/disk/k1", SECRETS["default/disk/k1"])
+    handler(server.url, root, extra='[[access]]\nresource = "shared/*"\nuids = [65534]\n')
+    out = keyctl_session('keyctl request2 user keybroker:default/disk/k0 "" @s', user="nobody")
+    assert "Permission denied" in out.stderr and server.requests_to("auth") == 0
+    out = keyctl_session('keyctl pipe $(keyctl request2 user keybroker:shared/disk/k1 "" @s) | sha256sum',
+                         user="nobody")
+    assert hashlib.sha256(SECRETS["default/disk/k1"]).hexdigest() in out.stdout, out.stderr
+    assert all("via=agent" in line for line in syslog if "outcome=" in line)
 
 
 @pytest.mark.parametrize("agent", [True, False], ids=["agent", "handler"])
@@ -108,42 +112,51 @@ def test_without_an_agent_the_handler_does_the_round(setup, syslog):
     assert any("via=worker" in line for line in syslog if "outcome=instantiated" in line)
 
 
-@pytest.mark.parametrize("first_frame", [None, ("deadline", 6000)], ids=["silent", "silent-after-the-deadline"])
-def test_an_agent_that_never_answers_is_not_a_dependency(setup, handler, tsm_sim, syslog, first_frame):
-    """A socket that accepts and stays silent: the handler does the round itself, at once when not even
-    the agent's first frame comes (within ACK_WAIT), after half its deadline when only that frame came."""
+def test_an_agent_that_never_ends_the_construction_is_not_a_dependency(setup, handler, tsm_sim, syslog):
+    """An agent that takes the construction and never ends it: after its share (half the deadline) the
+    handler does the round, in what is left of the deadline counted from the handoff's start. Meanwhile
+    the authority waits in root's user keyring, out of reach of other users."""
     handler(setup.url, tsm_sim("sev_guest"), deadline=6)
-    with silent_agent(first_frame):
+    with silent_agent():
         start = time.monotonic()
-        out = fetch("k0")
+        requester = subprocess.Popen(["keyctl", "session", "-", "sh", "-c", 'keyctl pipe $(keyctl request2 user '
+                                      'keybroker:default/disk/k0 "" @s) | sha256sum'], stdout=subprocess.PIPE,
+                                     text=True)
+        while not (waiting := authorities_in_user_keyring()):
+            assert time.monotonic() - start < 2.5
+            time.sleep(0.05)
+        serial = waiting.pop()
+        attempt = ("import ctypes, os; k = ctypes.CDLL('libkeyutils.so.1', use_errno=True); "
+                   f"print(k.keyctl_assume_authority({serial}), k.keyctl_instantiate({serial}, b'x', 1, 0), "
+                   f"k.keyctl_reject({serial}, 1, 1, 0))")
+        theirs = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+                                 "-c", attempt], capture_output=True, text=True, timeout=30)
+        assert theirs.stdout.split() == ["-1", "-1", "-1"], theirs.stdout + theirs.stderr
+        out, _ = requester.communicate(timeout=30)
         took = time.monotonic() - start
-    if first_frame is None:
-        assert got(out, "k0") and took < 3, (took, out.stderr)
-    else:
-        assert got(out, "k0") and 3 <= took < 6, (took, out.stderr)
+    assert hashlib.sha256(SECRETS["default/disk/k0"]).hexdigest() in out and 3 <= took < 6, (took, out)
     assert any("via=worker" in line for line in syslog if "outcome=instantiated" in line)
+    assert serial not in authorities_in_user_keyring()  # the handler unlinked it
 
 
 def test_the_agent_answers_root_only(setup, running_agent):
-    """Another user cannot reach the socket; a root peer with a malformed request gets nothing."""
+    """Another user cannot reach the socket; a root peer with a malformed request, or one for a key whose
+    authority it was not given, gets nothing."""
     probe = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c",
                             f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(SOCKET)!r})"],
                            capture_output=True, text=True, timeout=30)
     assert probe.returncode != 0 and "Permission denied" in probe.stderr
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(10)
-        conn.connect(str(SOCKET))
-        conn.sendall((10**6).to_bytes(4, "big") + b"{}")
-        try:
-            assert conn.recv(100) == b""  # refused: closed without an answer
-        except ConnectionResetError:
-            pass  # closed with our bytes unread: the same refusal
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:  # its handler gave up long ago
-        conn.settimeout(10)
-        conn.connect(str(SOCKET))
-        conn.sendall(agent.frame("request", "/nonexistent", "user", "keybroker:default/disk/k0", b"", 0, 0,
-                                 time.monotonic() - agent.DEADLINE_MAX - 1))
-        assert conn.recv(100) == b""  # dropped unanswered
+    for request in (b"x" * 10**6, b"construct 123 5 /etc/keybroker/client.toml\n"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(10)
+            conn.connect(str(SOCKET))
+            with contextlib.suppress(OSError):  # closed with our bytes unread: the same refusal
+                conn.sendall(request)
+            said = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := conn.recv(100):
+                    said += chunk
+            assert said == b"", (request[:40], said)
     assert running_agent.poll() is None and got(fetch("k2"), "k2")
     assert os.path.exists(SOCKET)
 
@@ -231,88 +244,59 @@ def test_no_unit_makes_the_agents_folder_before_it_with_another_mode():
     assert not [(unit, folder) for unit, folder in made if folder == "keybroker" or folder.startswith("keybroker/")]
 
 
-def test_the_exchange_frames_are_strict():
-    """The handler reads what the agent (or its worker) sends field by field: anything but the exact
-    shape is refused, so a stray or truncated frame can never be taken for a key or a rejection."""
-    key = agent.encode_answer({"size": 32, "lease": 600})
-    assert agent.decode_answer(key[4:]) == {"size": 32, "lease": 600}
-    assert agent.decode_answer(agent.encode_answer({"size": 1, "lease": None})[4:]) == {"size": 1, "lease": None}
-    refusal = agent.encode_answer({"errno": errno.EKEYREJECTED, "timeout": 60, "reason": "x" * 5000})
-    assert agent.decode_answer(refusal[4:]) == {"errno": errno.EKEYREJECTED, "timeout": 60, "reason": "x" * 2000}
-    for body in (b"", b"\0\0\0\x03key", key[4:-1], key[4:] + b"\0", agent.frame("key", 32)[4:],
-                 agent.frame("key", 32, 0, 0)[4:], agent.frame("key", 40000, 0)[4:], agent.frame("key", -1, 0)[4:],
-                 agent.frame("key", "+3", 0)[4:], agent.frame("rejected", 0, 60, "")[4:],
-                 agent.frame("deadline", 6000)[4:], b"\xff" * 64):
+def test_the_workers_answer_frames_are_strict():
+    """The handler reads what its worker sends field by field: anything but the exact shape is refused,
+    so a stray or truncated frame can never be taken for a key or a rejection."""
+    key = answer.encode_answer({"size": 32, "lease": 600})
+    assert answer.decode_answer(key[4:]) == {"size": 32, "lease": 600}
+    assert answer.decode_answer(answer.encode_answer({"size": 1, "lease": None})[4:]) == {"size": 1, "lease": None}
+    refusal = answer.encode_answer({"errno": errno.EKEYREJECTED, "timeout": 60, "reason": "x" * 5000})
+    assert answer.decode_answer(refusal[4:]) == {"errno": errno.EKEYREJECTED, "timeout": 60, "reason": "x" * 2000}
+    for body in (b"", b"\0\0\0\x03key", key[4:-1], key[4:] + b"\0", answer.frame("key", 32)[4:],
+                 answer.frame("key", 32, 0, 0)[4:], answer.frame("key", 40000, 0)[4:], answer.frame("key", -1, 0)[4:],
+                 answer.frame("key", "+3", 0)[4:], answer.frame("rejected", 0, 60, "")[4:],
+                 answer.frame("deadline", 6000)[4:], b"\xff" * 64):
         with pytest.raises(ValueError):
-            agent.decode_answer(body)
+            answer.decode_answer(body)
 
 
-def _scripted_agent(path: Path, *parts: bytes, uid: int = 0) -> int:
-    """A forked stand-in for the agent on ``path`` (listening as ``uid``) that sends ``parts`` to the first
-    request, then holds the connection for 5 s; its pid."""
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(ready_r)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(str(path))
-            if uid:  # SO_PEERCRED says who called listen()
-                os.setgid(65534)
-                os.setuid(uid)
-            listener.listen(1)
-            os.write(ready_w, b"1")
-            conn = listener.accept()[0]
-            for part in parts:
-                conn.sendall(part)
-            time.sleep(5)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    assert os.read(ready_r, 1) == b"1"
-    os.close(ready_r)
-    return pid
+def test_construct_lines_are_strict():
+    """The agent takes a construction only from a line of the exact grammar: a serial the kernel can give,
+    a share from 0 to 300 seconds (exclusive of 0), an absolute path; nothing before, after or between."""
+    assert agent.parse_request(b"construct 123 5 /etc/keybroker/client.toml\n") == \
+        (123, 5.0, "/etc/keybroker/client.toml")
+    assert agent.parse_request(b"construct 2147483647 300 /c\n") == (2147483647, 300.0, "/c")
+    assert agent.parse_request(b"construct 1 0.5 /\xff\n") == (1, 0.5, os.fsdecode(b"/\xff"))
+    for line in (b"construct 123 5 /c", b"construct 0 5 /c\n", b"construct 2147483648 5 /c\n",
+                 b"construct 01 5 /c\n", b"construct 1 0 /c\n", b"construct 1 301 /c\n", b"construct 1 1.2345 /c\n",
+                 b"construct 1 5 c\n", b"construct 1 5 /c d\n", b"construct  1 5 /c\n", b"construct 1 5 /c\n\n",
+                 b"construct -1 5 /c\n", b" construct 1 5 /c\n", b"Construct 1 5 /c\n", b"construct 1 5\n",
+                 b"construct 1 5 /" + b"c" * 4096 + b"\n", b"construct 1 5 /c\0\n", b""):
+        with pytest.raises(ValueError):
+            agent.parse_request(line)
 
 
-def _ask(path: Path) -> tuple[object, float]:
-    start = time.monotonic()
-    answer = agent.ask(str(path), "/etc/keybroker/client.toml", "user", "keybroker:default/disk/k0", b"", 0, 0, start)
-    return answer, time.monotonic() - start
-
-
-def test_the_handler_takes_answers_from_root_s_agent_only_and_within_its_deadline(tmp_path):
-    """ask() in the handler's process: an agent not root's is not heard, whatever it answers; one that
-    announces a deadline out of range or says nothing after it is given up on within half of it."""
-    answer = agent.frame("deadline", 2000) + agent.encode_answer({"size": 3, "lease": 60}) + b"key"
-    cases = [(0, answer, ({"size": 3, "lease": 60}, bytearray(b"key")), 0.2),  # root's: heard
-             (65534, answer, None, 0.2),  # another user's socket (SO_PEERCRED): never heard
-             (0, agent.frame("deadline", 1999), None, 0.2),  # less than a configuration may set
-             (0, agent.frame("deadline", round(agent.DEADLINE_MAX * 1000) + 1), None, 0.2),  # more
-             (0, agent.frame("deadline", 2000), None, 1.2)]  # then silent: given up after 1 s (half of 2)
-    for i, (uid, sent, expected, within) in enumerate(cases):
-        path = tmp_path / f"agent{i}.sock"
-        pid = _scripted_agent(path, sent, uid=uid)
-        try:
-            got_answer, took = _ask(path)
-            assert got_answer == expected and took < within, (i, got_answer, took)
-        finally:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-
-
-def test_a_frame_longer_than_its_limit_is_refused_before_its_body(tmp_path):
-    """The length is checked before the body is awaited (or allocated): a peer cannot make the reader hold
-    gigabytes, nor wait for bytes it never sends."""
+def test_a_line_longer_than_its_limit_is_refused_before_it_ends():
+    """The length is checked as the bytes come: a peer cannot make the reader hold more than the limit, nor
+    wait for the end of a line it never sends."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        for size in (agent.ANSWER_HEADER_MAX + 1, 3):
-            theirs.sendall(size.to_bytes(4, "big"))
-            with pytest.raises(ValueError):
-                agent.read_frame(ours, agent.ANSWER_HEADER_MAX, time.monotonic() + 0.5)
+        theirs.sendall(b"x" * (agent.REQUEST_MAX + 1))
+        with pytest.raises(ValueError):
+            agent.read_line(ours, agent.REQUEST_MAX, time.monotonic() + 5)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"one\ntwo\n")
+        with pytest.raises(ValueError):
+            agent.read_line(ours, agent.REQUEST_MAX, time.monotonic() + 5)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"x" * (agent.REQUEST_MAX - 1) + b"\n")
+        assert len(agent.read_line(ours, agent.REQUEST_MAX, time.monotonic() + 5)) == agent.REQUEST_MAX
 
 
-def test_a_peer_that_trickles_its_frame_is_given_up_on_at_the_deadline(tmp_path):
-    """Every byte in time is not the frame in time: the reader stops at ``until`` however often bytes come."""
+def test_a_peer_that_trickles_its_line_is_given_up_on_at_the_deadline(tmp_path):
+    """Every byte in time is not the line in time: the reader stops at ``until`` however often bytes come."""
     import threading
 
     ours, theirs = socket.socketpair()
@@ -320,7 +304,6 @@ def test_a_peer_that_trickles_its_frame_is_given_up_on_at_the_deadline(tmp_path)
 
     def trickle() -> None:
         with contextlib.suppress(OSError):
-            theirs.sendall((100).to_bytes(4, "big"))
             while not stop.wait(0.05):
                 theirs.sendall(b"x")
 
@@ -330,8 +313,34 @@ def test_a_peer_that_trickles_its_frame_is_given_up_on_at_the_deadline(tmp_path)
         try:
             start = time.monotonic()
             with pytest.raises(TimeoutError):
-                agent.read_frame(ours, agent.ANSWER_HEADER_MAX, start + 1)
+                agent.read_line(ours, agent.REQUEST_MAX, start + 1)
             assert time.monotonic() - start < 2
         finally:
             stop.set()
             sender.join()
+
+
+def test_the_drop_in_gives_the_agent_half_the_deadline():
+    """The handoff reads the agent's share from the drop-in: half the configured deadline, in whole seconds
+    (nc -w takes no fraction), so that the handler has the other half; the shipped sample says the same."""
+    from keybroker.guest.install import conf_text
+    from support import REPO
+
+    for deadline, share in ((2, 1), (3, 1), (7.5, 3), (30, 15), (600, 300)):
+        lines = conf_text(Path("/h/keybroker-handoff"), Path("/c.toml"), deadline).splitlines()[1:]
+        line = f"keybroker:*\t*\t/h/keybroker-handoff --config /c.toml --agent-share {share} %k"
+        assert lines == [f"create\t{kind}\t{line}" for kind in ("user", "logon")]
+    shipped = [line for line in (REPO / "request-key.d" / "keybroker.conf").read_text().splitlines()
+               if line.startswith("create")]
+    assert shipped == conf_text(Path("/usr/local/bin/keybroker-handoff"), Path("/etc/keybroker/client.toml"),
+                                30).splitlines()[1:]
+
+
+def test_the_handler_takes_when_the_handoff_started_in_its_grammar_only():
+    """``--since`` is the uptime /proc/uptime gave the handoff (digits, a dot, two digits): anything else is a
+    usage error, before the handler touches the kernel."""
+    handler = Path(sys.executable).parent / "keybroker-request-key"
+    for since in ("1.5", "-1.00", "1e3", "12345678901.00", "1.00.00", "", "0x10.00"):
+        out = subprocess.run([str(handler), "--config", "/nonexistent", "--since", since, "123"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "--since: expected seconds since boot" in out.stderr, (since, out.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from keybroker.errors import UntrustedFile
 from keybroker.guest import install, ownership
 
 NOBODY = 65534
-HANDLER = Path(sys.executable).parent / "keybroker-request-key"
+HANDLER = Path(sys.executable).parent / "keybroker-handoff"
 
 
 @pytest.fixture
@@ -84,11 +85,18 @@ def test_install_refuses_a_configuration_or_handler_others_can_change(folder):
     theirs = folder / "bin"
     theirs.mkdir()
     os.chown(theirs, NOBODY, -1)
-    handler = theirs / "keybroker-request-key"
-    handler.write_text("#!/bin/sh\n")
-    handler.chmod(0o755)
+    for name in ("keybroker-handoff", "keybroker-request-key"):
+        (theirs / name).write_text("#!/bin/sh\n")
+        (theirs / name).chmod(0o755)
     with pytest.raises(UntrustedFile, match="refusing handler"):
-        install.install(config, folder / "request-key.d", handler)
+        install.install(config, folder / "request-key.d", theirs / "keybroker-handoff")
+    # The handler the handoff runs, beside it, must be root's alone too.
+    ours = folder / "ours"
+    ours.mkdir()
+    shutil.copy(HANDLER, ours)
+    (ours / "keybroker-request-key").symlink_to(theirs / "keybroker-request-key")
+    with pytest.raises(UntrustedFile, match=r"refusing handler .*keybroker-request-key"):
+        install.install(config, folder / "request-key.d", ours / "keybroker-handoff")
     assert not (folder / "request-key.d" / "keybroker.conf").exists()
     assert install.install(config, folder / "request-key.d", HANDLER).exists()  # root's alone: installed
 
@@ -111,8 +119,8 @@ def test_the_handler_refuses_a_configuration_others_can_change(tsm_sim, kbs, han
                           "@s"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "Required key not available" in out.stderr
     assert server.requests_to("auth") == 0  # refused before anything was believed
-    debug = subprocess.run([str(HANDLER), "--config", str(config), "--debug", "user", "keybroker:default/disk/root",
-                            ""], capture_output=True, text=True, timeout=60)
+    debug = subprocess.run([str(HANDLER.parent / "keybroker-request-key"), "--config", str(config), "--debug", "user",
+                            "keybroker:default/disk/root", ""], capture_output=True, text=True, timeout=60)
     assert debug.returncode == 1 and "writable by group or others (mode 0666)" in debug.stdout
 
 

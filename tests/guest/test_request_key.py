@@ -275,8 +275,9 @@ def test_entries_of_killed_workers_do_not_pile_up(tsm_sim, kbs, tmp_path, system
     assert len(left) <= 1 and all(running(pid) for pid in left.values()), left  # only the latest worker's
 
 
-def _handlers_of(config: Path) -> list[tuple[int, int]]:
-    """(pid, parent pid) of each running process of the handler installed with ``config`` (it and its worker)."""
+def _handlers_of(config: Path, program: str = "keybroker-request-key") -> list[tuple[int, int]]:
+    """(pid, parent pid) of each running process of the handler (or ``program``) installed with ``config`` (it
+    and its worker)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
@@ -284,7 +285,7 @@ def _handlers_of(config: Path) -> list[tuple[int, int]]:
             stat = (entry / "stat").read_text().rpartition(")")[2].split()
         except (OSError, ValueError):
             continue
-        if str(config).encode() in argv and any(arg.endswith(b"keybroker-request-key") for arg in argv) \
+        if str(config).encode() in argv and any(arg.endswith(program.encode()) for arg in argv) \
                 and stat[0] != "Z":
             found.append((int(entry.name), int(stat[1])))
     return found
@@ -326,17 +327,17 @@ def test_a_killed_handler_takes_its_worker_with_it(tsm_sim, kbs, handler):
 
 @pytest.mark.parametrize("agent", [False, True], ids=["worker", "agent"])
 def test_a_stopped_handler_rejects_the_key_at_once(tsm_sim, kbs, handler, syslog, agent):
-    """SIGTERM (a shutdown, an operator) ends the handler: it rejects the key (ECANCELED, 5 s) and logs
-    it, where the kernel's negation said "Required key not available" for 60 s, the word for a key that
-    does not exist, and nothing was logged; the worker does not go on."""
+    """SIGTERM (a shutdown, an operator) ends the handler, or the handoff waiting on the agent: it rejects
+    the key (ECANCELED, 5 s) and logs it, where the kernel's negation said "Required key not available"
+    for 60 s, the word for a key that does not exist, and nothing was logged; the worker does not go on."""
     import signal
 
     root = tsm_sim("sev_guest", "slow=3")
     server = kbs()
     server.put("default/disk/root", SECRET)
     config = handler(server.url, root)
-    # With the agent: a socket that takes the request and says nothing more, so the handler waits on it.
-    with silent_agent(("deadline", 10000)) if agent else contextlib.nullcontext([]) as held:
+    # With the agent: one that takes the construction and says nothing more, so the handoff waits on it.
+    with silent_agent() if agent else contextlib.nullcontext([]) as held:
         started = time.monotonic()
         requester = subprocess.Popen(["keyctl", "session", "-", "sh", "-c", 'keyctl request2 user '
                                       'keybroker:default/disk/root "" @s; grep " keybroker:default/disk/root" '
@@ -345,7 +346,7 @@ def test_a_stopped_handler_rejects_the_key_at_once(tsm_sim, kbs, handler, syslog
             while not held:
                 assert time.monotonic() - started < 10
                 time.sleep(0.02)
-            parent = next(pid for pid, _ in _handlers_of(config))
+            parent = next(pid for pid, _ in _handlers_of(config, "keybroker-handoff"))
         else:
             parent, _ = _handler_and_worker(config)
         time.sleep(0.3)
@@ -385,12 +386,15 @@ def test_the_lease_is_set_only_once_the_requester_cannot_lift_it(tsm_sim, kbs, h
     server = kbs()
     server.put("default/disk/lease", SECRET, "--lease", "600")
     config = handler(server.url, root)
-    traced = tmp_path / "traced-handler"
+    bin_dir = tmp_path / "bin"  # the handoff, and beside it the handler under strace
+    bin_dir.mkdir()
+    shutil.copy(Path(sys.executable).parent / "keybroker-handoff", bin_dir)
+    traced = bin_dir / "keybroker-request-key"
     trace = tmp_path / "keyctl.trace"
     real = Path(sys.executable).parent / "keybroker-request-key"
     traced.write_text(f'#!/bin/sh\nexec strace -qq -e trace=keyctl -o {trace} {real} "$@"\n')
     traced.chmod(0o755)
-    installer.install(config, installer.CONF_DIR, traced)  # the handler fixture puts its own drop-in back
+    installer.install(config, installer.CONF_DIR, bin_dir / "keybroker-handoff")  # the fixture puts its own back
     out = keyctl_session('keyctl request2 user keybroker:default/disk/lease "" @s')
     assert out.returncode == 0, out.stderr
     calls = [op for op in re.findall(r"keyctl\((KEYCTL_\w+)", trace.read_text())

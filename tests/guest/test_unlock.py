@@ -841,6 +841,7 @@ def test_dracut_module_builds_an_initramfs_with_the_pieces(handler, tmp_path):
     paths = {line.split()[8].split(" -> ")[0] for line in listing.splitlines() if len(line.split()) >= 9}
     site = Path(next(p for p in sys.path if p.endswith("site-packages"))).relative_to("/")
     expected = ["usr/sbin/request-key", "usr/bin/keyctl", "etc/request-key.d/keybroker.conf",
+                str((bin_dir / "keybroker-handoff").relative_to("/")),
                 str((bin_dir / "keybroker-request-key").relative_to("/")),
                 str((bin_dir / "keybroker").relative_to("/")),
                 str(cfg.relative_to("/")), str(ca.relative_to("/")),

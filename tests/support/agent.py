@@ -1,26 +1,28 @@
-"""``keybroker agent`` run for a test, and a stand-in for it that takes requests and never answers them."""
+"""``keybroker agent`` run for a test, and a stand-in for it that takes constructions and never ends them."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from keybroker.guest import agentsocket
+from keybroker.guest import agentsocket, keyring
+
+SOCKET = Path(agentsocket.SOCKET)
 
 
 @contextlib.contextmanager
-def silent_agent(first_frame: tuple[str, int] | None = None) -> Iterator[list[socket.socket]]:
-    """Listen on the agent's socket, accept every request and say nothing (but ``first_frame``, when
-    given); yields the connections it holds. Closed, and the socket removed, after."""
-    path = Path(agentsocket.SOCKET)
-    path.parent.mkdir(mode=0o700, exist_ok=True)
+def silent_agent() -> Iterator[list[socket.socket]]:
+    """Listen on the agent's socket, accept every connection and say nothing; yields the connections it
+    holds. Closed, and the socket removed, after."""
+    SOCKET.parent.mkdir(mode=0o700, exist_ok=True)
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    silent.bind(str(path))
+    silent.bind(str(SOCKET))
     silent.listen(8)
     held: list[socket.socket] = []
 
@@ -28,8 +30,6 @@ def silent_agent(first_frame: tuple[str, int] | None = None) -> Iterator[list[so
         try:
             while True:
                 held.append(silent.accept()[0])
-                if first_frame is not None:
-                    held[-1].sendall(agentsocket.frame(*first_frame))
         except OSError:
             return  # closed
 
@@ -40,17 +40,30 @@ def silent_agent(first_frame: tuple[str, int] | None = None) -> Iterator[list[so
         silent.close()
         for conn in held:
             conn.close()
-        path.unlink(missing_ok=True)
+        SOCKET.unlink(missing_ok=True)
+
+
+def authorities_in_user_keyring() -> set[int]:
+    """The serials of the keys whose construction an authorisation key in root's user keyring is for."""
+    serials = set()
+    listing = keyring.read(keyring.USER_KEYRING)
+    for at in range(0, len(listing), 4):
+        try:
+            key = keyring.describe(int.from_bytes(listing[at:at + 4], sys.byteorder))
+        except keyring.KeyringError:
+            continue  # gone meanwhile
+        if key.type == ".request_key_auth":
+            serials.add(int(key.description, 16))
+    return serials
 
 
 @contextlib.contextmanager
 def running(command: list[str]) -> Iterator[subprocess.Popen]:
-    """``command`` (one that runs ``keybroker agent``), once its socket is there; stopped, and the
-    socket removed, after."""
-    path = Path(agentsocket.SOCKET)
+    """``command`` (one that runs ``keybroker agent``), once its socket is there; stopped, and the socket
+    removed, after."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
-    while not path.exists():
+    while not SOCKET.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()  # type: ignore[union-attr]
         time.sleep(0.05)
     try:
@@ -58,4 +71,4 @@ def running(command: list[str]) -> Iterator[subprocess.Popen]:
     finally:
         proc.terminate()
         proc.wait(10)
-        path.unlink(missing_ok=True)
+        SOCKET.unlink(missing_ok=True)

@@ -5,7 +5,7 @@
 #     echo 'add_dracutmodules+=" keybroker "' > /etc/dracut.conf.d/keybroker.conf
 #     dracut -f
 # It installs keybroker (its Python and the packages the boot path imports), the client
-# configuration and its CA bundle, /sbin/request-key with keybroker's drop-in and handler,
+# configuration and its CA bundle, /sbin/request-key with keybroker's drop-in, handoff and handler,
 # and keybroker's units, enabled in the image as they are on the host. When the
 # configuration maps a volume it asks for the network (rd.neednet=1).
 #
@@ -50,18 +50,19 @@ install() {
     local bin=${keybroker_bin:-/usr/local/bin/keybroker}
     local conf=${keybroker_config:-/etc/keybroker/client.toml}
     local unitdir=${keybroker_unitdir:-/etc/systemd/system}
-    local python handler handler_conf kind value unit link wants target
+    local python handoff handler_conf kind value unit link wants target
     local -a files=() libraries=()
     local volumes=""
 
-    # The request-key drop-in names the handler and the configuration it reads.
-    read -r handler handler_conf < <(awk '$1 == "create" {
+    # The request-key drop-in names the handoff and the configuration the handler reads. No agent
+    # runs in the initramfs: the handoff runs the handler beside it.
+    read -r handoff handler_conf < <(awk '$1 == "create" {
         for (i = 6; i < NF; i++) if ($i == "--config") { print $5, $(i + 1); exit } }' "$_keybroker_dropin")
-    if [[ -z $handler || -z $handler_conf ]]; then
-        derror "keybroker: cannot read the handler and its --config from $_keybroker_dropin"
+    if [[ -z $handoff || -z $handler_conf ]]; then
+        derror "keybroker: cannot read the handoff and its --config from $_keybroker_dropin"
         return 1
     fi
-    inst_multiple keyctl request-key "$_keybroker_dropin" "$bin" "$handler"
+    inst_multiple keyctl request-key "$_keybroker_dropin" "$bin" "$handoff" "${handoff%/*}/keybroker-request-key"
     inst_multiple -o /etc/request-key.conf
 
     # Everything Python needs, as the interpreter of the keybroker command reports it.
