@@ -98,7 +98,7 @@ def main() -> None:
                 server.put(f"default/bench/{name}", os.urandom(32))
             config = work / "client.toml"
             config.write_text(f'[server]\nurl = "{server.url}"\n[tsm]\nroot = "{root}"\n')
-            installer.install(config, CONF.parent, Path(sys.executable).parent / "keybroker-request-key")
+            installer.install(config, CONF.parent, Path(sys.executable).parent / "keybroker-handoff")
             results = {mode: measure(args, names, server, tang_jwe, mode) for mode in ("handler", "agent")}
         finally:
             server.stop()
@@ -128,25 +128,6 @@ def main() -> None:
         print(f"{'clevis decrypt (tang, loopback)':50s} {ms(clevis)}  1.00x clevis")
     else:
         print("clevis/tang not installed here: no Clevis comparison (apt install clevis tang socat)")
-    start, imports = handler_floor()
-    cpus = os.cpu_count() or 1
-    print(f"# per request, before the handler does any work: {start * 1e3:.1f} ms of CPU to start an "
-          f"interpreter, {imports * 1e3:.1f} ms to import what talking to the agent needs;\n"
-          f"# {args.concurrent} at once on {cpus} CPUs: "
-          f"{args.concurrent * (start + imports) * 1e3 / cpus:.0f} ms before the last of them asks the agent")
-
-
-def handler_floor(runs: int = 40) -> tuple[float, float]:
-    """CPU seconds an interpreter has used when its first line runs, and what the handler's imports
-    add (medians of ``runs``): what every key request pays before its first line of work."""
-    def cpu(imports: str) -> float:
-        code = f"{imports}\nimport time\nprint(time.process_time())"
-        return statistics.median(float(subprocess.run([sys.executable, "-c", code], check=True, close_fds=False,
-                                                       capture_output=True, text=True).stdout)
-                                 for _ in range(runs))
-    bare = cpu("")
-    return bare, cpu("import keybroker.guest.handler, keybroker.guest.agentsocket, keybroker.guest.keyring as k\n"
-                     "k._lib()") - bare
 
 
 def measure(args, names: list[str], server: KeyServerProcess, tang_jwe, mode: str) -> dict[str, list[float]]:
