@@ -94,7 +94,7 @@ def test_demo_stopped_by_a_signal_cleans_up(tmp_path, signum):
     work.mkdir()
     out = subprocess.run([sys.executable, "-c", STOPPED_DEMO, str(conf_dir), str(int(signum))],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(work)})
-    children = [int(line) for line in out.stdout.split() if line.isdigit()]
+    children = [int(line) for line in out.stdout.splitlines() if line.isdigit()]
     try:
         assert len(children) == 2, out.stdout + out.stderr
         assert out.returncode == 128 + signum, out.stdout + out.stderr
