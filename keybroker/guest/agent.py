@@ -26,6 +26,7 @@ systemd starts it on demand through ``keybroker-agent.socket``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -39,13 +40,14 @@ from pathlib import Path
 from ..errors import ConfigError, KeybrokerError
 from ..systemd import Journal, listen_fds, no_core_dumps, notify
 from . import keyring
-from .agentsocket import DONE, REQUEST_MAX, SOCKET, parse_request, read_line
+from .agentsocket import DONE, MARGIN, REQUEST_MAX, SOCKET, parse_request, read_line
 from .client import Links
-from .handler import Construction, _authorise, _from_answer, _outcome, end, load_config, log_outcome
+from .handler import Construction, _authorise, _from_answer, _outcome, end, load_config, log_outcome, uptime
 from .unlock.keyfile import bind, peer
 
 WORKERS = 16
 REQUEST_WAIT = 10.0  # seconds for a construct line to arrive whole
+DRAIN = 30.0  # seconds a stopping agent gives the constructions it holds to end
 
 
 def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore, links: Links, log: Journal) -> None:
@@ -53,16 +55,19 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore, links: Li
         handoff, handoff_uid = peer(conn)
         if handoff_uid != 0:
             return  # only root's handoff may ask
-        serial, share, config = parse_request(read_line(conn, REQUEST_MAX, time.monotonic() + REQUEST_WAIT))
+        serial, since, share, config = parse_request(read_line(conn, REQUEST_MAX, time.monotonic() + REQUEST_WAIT))
         start = time.monotonic()
+        gives_up = start + since + share - uptime()  # when the handoff stops waiting, on our clock
         try:
             keyring.assume_authority(serial)  # found in root's user keyring, where the handoff linked it
         except KeybrokerError:
             return  # not given to us: the handler does the round
         try:
-            _construct(conn, serial, config, share, start, handoff, links, log)
+            with contextlib.suppress(KeybrokerError):  # held in this thread's credentials: out of others' reach
+                keyring.unlink(keyring.serial_of(keyring.REQKEY_AUTH_KEY), keyring.USER_KEYRING)
+            _construct(conn, serial, config, start, gives_up - MARGIN, handoff, links, log)
         finally:
-            _drop_authority()
+            keyring.assume_authority(0)
     except (OSError, ValueError):
         pass  # a peer gone or a malformed request: the handoff runs the handler
     finally:
@@ -70,15 +75,18 @@ def _serve_one(conn: socket.socket, slots: threading.BoundedSemaphore, links: Li
         slots.release()
 
 
-def _construct(conn: socket.socket, serial: int, config: str, share: float, start: float, handoff: int,
+def _construct(conn: socket.socket, serial: int, config: str, start: float, until: float, handoff: int,
                links: Links, log: Journal) -> None:
-    """End the construction of ``serial`` under the authority this thread holds, as the handler would, tell
-    the handoff (then log, as the handler does, once the requester has its answer); or leave it to the
-    handler, saying nothing."""
+    """End the construction of ``serial`` under the authority this thread holds, as the handler would, by
+    ``until`` (and never after), tell the handoff (then log, as the handler does, once the requester has its
+    answer); or leave it to the handler, saying nothing."""
     from . import broker
 
-    key = keyring.describe(serial)
-    callout = keyring.read(keyring.REQKEY_AUTH_KEY)
+    try:
+        key = keyring.describe(serial)
+        callout = keyring.read(keyring.REQKEY_AUTH_KEY)
+    except KeybrokerError:
+        return  # ended meanwhile (its requester revoked it, say): the handler reports what it finds
     try:
         cfg = load_config(config, code_checked=True)
     except Exception:
@@ -87,31 +95,22 @@ def _construct(conn: socket.socket, serial: int, config: str, share: float, star
         return
     if not _sees_the_runtime_log(cfg.measure.log.parent, writes=cfg.measure.releases, handler=handoff):
         return  # left to the handler too: the agent would read (or extend) another log than RTMR3's
-    deadline = start + min(share, cfg.deadline / 2)
+    deadline = min(until, start + cfg.deadline / 2)
 
     def obtain() -> broker.ReleasedKey:
         request = _authorise(cfg, key.type, key.description, callout, key.uid, key.gid)
         return broker.obtain(cfg, request, deadline=deadline, links=links)
 
     header, value = _outcome(obtain, key.type, key.description)
-    if time.monotonic() > deadline + 0.1:
+    if time.monotonic() >= deadline:
         value[:] = bytes(len(value))
-        return  # past its share: the handoff has given up on the agent, the handler does the round
+        return  # past its share: the handoff is about to give up on the agent, the handler does the round
     rejection, size = end(Construction(serial), lambda: _from_answer(header, value))
     conn.settimeout(1.0)
     try:
         conn.sendall(DONE)
     finally:
         log_outcome(log, serial, key, rejection, size, "agent", start)
-
-
-def _drop_authority() -> None:
-    """Unlink the authorisation key this thread holds from root's user keyring and give up the authority."""
-    try:
-        keyring.unlink(keyring.serial_of(keyring.REQKEY_AUTH_KEY), keyring.USER_KEYRING)
-    except KeybrokerError:
-        pass  # already gone: the construction has ended and the kernel collected it
-    keyring.assume_authority(0)
 
 
 def _sees_the_runtime_log(folder: Path, *, writes: bool, handler: int) -> bool:
@@ -175,6 +174,17 @@ def serve(socket_path: Path = Path(SOCKET)) -> int:
                 continue
             accepted.put(conn)
     finally:
-        listener.close()
+        listener.close()  # new handoffs run the handler at once
         if not activated:
             socket_path.unlink(missing_ok=True)
+        _drain(slots)
+
+
+def _drain(slots: threading.BoundedSemaphore) -> None:
+    """Let the constructions the workers hold end (each by its share of the deadline), for ``DRAIN`` seconds
+    at most: stopped meanwhile, a worker could leave a key it had made possessor-only uninstantiated."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    until = time.monotonic() + DRAIN
+    for _ in range(WORKERS):
+        if not slots.acquire(timeout=max(0.0, until - time.monotonic())):
+            return

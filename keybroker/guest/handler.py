@@ -67,13 +67,18 @@ class Construction:
             raise Stopped(f"the handler was stopped by {name}")
 
     def instantiate(self, payload: bytearray, lease: int | None) -> None:
+        from ..errors import KeyringError
         from . import keyring
 
         self.ending = True  # with the key in hand, a stopping signal waits for the end of this
         # Permissions that take SETATTR away first: until then the requester, who possesses the
         # key under construction, could lift a lease set before them. The lease after them: the
         # authority to instantiate the key lets this process set it still.
-        keyring.setperm(self.serial, keyring.POSSESSOR_ONLY)
+        try:
+            keyring.setperm(self.serial, keyring.POSSESSOR_ONLY)
+        except KeyringError as exc:  # made possessor-only already, by an agent stopped before it instantiated
+            if exc.errno != E.EACCES or keyring.describe(self.serial).perm != keyring.POSSESSOR_ONLY:
+                raise
         if lease:
             keyring.set_timeout(self.serial, lease)
         keyring.instantiate(self.serial, payload, 0)
@@ -329,9 +334,9 @@ def run_kernel(serial: int, config_path: str, log: Journal, since: float | None 
     def obtain() -> tuple[bytearray, int | None]:
         nonlocal via
         cfg = load_config(config_path)
-        # What is left of the deadline, counted from the handoff's start (the agent had half of it at most).
-        spent = 0.0 if since is None else min(max(_uptime() - since, 0.0), cfg.deadline / 2)
-        deadline = start + cfg.deadline - spent
+        # What is left of the deadline, counted from the handoff's start (the agent had up to half of it):
+        # none left (a drop-in that gives the agent more than the configuration's half) is ETIMEDOUT at once.
+        deadline = start + cfg.deadline - (0.0 if since is None else max(uptime() - since, 0.0))
         # Last resort: should anything below (the group database, say) block past the deadline,
         # SIGALRM ends the process; the kernel then negates the key (ENOKEY, 60 s).
         _signal.alarm(max(1, int(deadline - time.monotonic()) + 2))
@@ -387,7 +392,7 @@ def _serial(text: str) -> int | None:
     return int(text) if 1 <= len(text) <= 10 and text.isascii() and text.isdigit() else None
 
 
-def _uptime(text: str | None = None) -> float:
+def uptime(text: str | None = None) -> float:
     """Seconds since boot: now (/proc/uptime, which the handoff reads too), or as ``text`` gives them
     (``--since``: 1 to 10 digits, a dot and 2; ValueError otherwise)."""
     if text is None:
@@ -406,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     fast = len(args) == 5 and args[0] == "--config" and not args[1].startswith("-") and args[2] == "--since"
     serial = _serial(args[4]) if fast else None
     try:
-        since = _uptime(args[3]) if serial is not None else None
+        since = uptime(args[3]) if serial is not None else None
     except ValueError:
         serial = None
     if serial is not None:
@@ -439,7 +444,7 @@ def _parse(argv: list[str]) -> tuple[str, float | None, int]:
     parser.add_argument("serial", nargs="?", help="the key under construction (%%k)")
     args = parser.parse_args(argv)
     try:
-        since = None if args.since is None else _uptime(args.since)
+        since = None if args.since is None else uptime(args.since)
     except ValueError as exc:
         parser.error(f"--since: {exc}")
     if args.requester and not args.debug:

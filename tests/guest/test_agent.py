@@ -136,7 +136,154 @@ def test_an_agent_that_never_ends_the_construction_is_not_a_dependency(setup, ha
         took = time.monotonic() - start
     assert hashlib.sha256(SECRETS["default/disk/k0"]).hexdigest() in out and 3 <= took < 6, (took, out)
     assert any("via=worker" in line for line in syslog if "outcome=instantiated" in line)
-    assert serial not in authorities_in_user_keyring()  # the handler unlinked it
+
+
+@pytest.mark.parametrize("who", ["agent", "handler"])
+def test_the_authority_leaves_root_s_user_keyring_once_taken(setup, handler, tsm_sim, who, request):
+    """The handoff leaves the authority in root's user keyring only until the agent (or, when the agent does
+    not end the construction, the handler) holds it: while either works on slow evidence, it is not there."""
+    handler(setup.url, tsm_sim("sev_guest", "slow=3"), deadline=10)
+    waiting = request.getfixturevalue("running_agent") if who == "agent" else None
+    with contextlib.nullcontext() if waiting else silent_agent():
+        start = time.monotonic()
+        requester = subprocess.Popen(["keyctl", "session", "-", "keyctl", "request2", "user",
+                                      "keybroker:default/disk/k0", "", "@s"], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5 if who == "agent" else 5 + 1.5)  # the handoff gives a silent agent 5 s
+        assert requester.poll() is None  # the evidence takes 3 s: the round is under way
+        assert not authorities_in_user_keyring()
+        requester.communicate(timeout=30)
+        assert requester.returncode == 0 and time.monotonic() - start < 10
+
+
+def test_the_handler_keeps_the_deadline_of_a_drop_in_that_gives_the_agent_more(setup, handler, tsm_sim, syslog):
+    """A drop-in installed for a longer deadline (its share 3 s) than the configuration now says (2 s): once a
+    silent agent has had the 3 s, nothing is left of the deadline, and the handler rejects the key at once."""
+    config = handler(setup.url, tsm_sim("sev_guest"), deadline=6)
+    config.write_text(config.read_text().replace("deadline = 6", "deadline = 2"))
+    with silent_agent():
+        start = time.monotonic()
+        out = fetch("k0")
+        took = time.monotonic() - start
+    assert "Connection timed out" in out.stderr and took < 4, (took, out.stderr)
+    assert any("errno=ETIMEDOUT" in line for line in syslog), syslog
+
+
+def test_the_agent_decides_access_for_the_requester_the_kernel_names(tmp_path, monkeypatch):
+    """The agent reads the requester from the key under construction (where the handler sent it, once), and
+    refuses before anything leaves the VM. This kernel does not upcall for non-root requesters: the kernel's
+    answers are stood in for here, in the agent's own process (a requester that is allowed would have the agent
+    attest, which needs the kernel's keyring: the kernel tests above do that for root)."""
+    import socket as sockets
+
+    from keybroker.guest import agent as agent_process
+    from keybroker.guest import keyring as kr
+    from keybroker.systemd import Journal
+
+    config = tmp_path / "client.toml"
+    config.write_text('[server]\nurl = "http://127.0.0.1:9"\n[tsm]\nroot = "/nonexistent"\n'
+                      '[[access]]\nresource = "shared/*"\nuids = [65534]\n')
+    ended: list[tuple] = []
+    described = {41: kr.KeyDescription("user", 65534, 65534, 0, "keybroker:default/disk/k0")}
+    monkeypatch.setattr(kr, "describe", described.__getitem__)
+    monkeypatch.setattr(kr, "read", lambda key: b"")
+    monkeypatch.setattr(kr, "reject", lambda key, timeout, error, ring=0: ended.append((key, error, timeout)))
+    monkeypatch.setattr("keybroker.guest.broker.obtain", lambda *a, **k: pytest.fail("went for the key"))
+    log = Journal("keybroker-test", stream=True)
+    ours, theirs = sockets.socketpair()
+    with ours, theirs:
+        start = time.monotonic()
+        agent_process._construct(ours, 41, str(config), start, start + 5, os.getpid(), None, log)
+        assert theirs.recv(10) == agent.DONE
+    # default/*: not for uid 65534 (root, the peer, may have anything), refused before anything left the VM
+    assert ended == [(41, errno.EACCES, 60)]
+
+
+def test_the_agent_ends_no_construction_past_its_share(tmp_path, monkeypatch):
+    """The handoff gives up on the agent at the end of its share, and the handler takes over: a key the
+    agent obtains after that (a key server that stalled, then answered) is neither instantiated nor
+    rejected by the agent, nor announced, or the two would race (the kernel's stand-ins as below)."""
+    import socket as sockets
+
+    from keybroker.guest import agent as agent_process
+    from keybroker.guest import broker
+    from keybroker.guest import keyring as kr
+    from keybroker.systemd import Journal
+
+    config = tmp_path / "client.toml"
+    config.write_text('[server]\nurl = "http://127.0.0.1:9"\n[tsm]\nroot = "/nonexistent"\n')
+    ended: list[str] = []
+    monkeypatch.setattr(kr, "describe", lambda key: kr.KeyDescription("user", 0, 0, 0, "keybroker:default/disk/k0"))
+    monkeypatch.setattr(kr, "read", lambda key: b"")
+    for call in ("reject", "instantiate", "setperm", "set_timeout"):
+        monkeypatch.setattr(kr, call, lambda *args, call=call: ended.append(call))
+
+    def stalled(*args, deadline: float, **kwargs) -> broker.ReleasedKey:
+        time.sleep(max(0.0, deadline - time.monotonic()) + 0.05)
+        return broker.ReleasedKey(bytearray(b"k" * 32), None)
+
+    monkeypatch.setattr(broker, "obtain", stalled)
+    ours, theirs = sockets.socketpair()
+    with ours, theirs:
+        start = time.monotonic()
+        agent_process._construct(ours, 41, str(config), start, start + 0.3, os.getpid(), None,
+                                 Journal("keybroker-test", stream=True))
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(10)  # no "done": the handoff runs the handler
+    assert ended == []
+
+
+def test_a_key_made_possessor_only_already_is_still_instantiated(monkeypatch):
+    """An agent stopped between its setperm and its instantiate leaves the key possessor-only, without
+    SETATTR: the handler's own setperm then fails (EACCES), and the key is instantiated all the same. Any
+    other permissions the setperm could not set are an error, as before."""
+    from keybroker.errors import KeyringError
+    from keybroker.guest import keyring as kr
+    from keybroker.guest.handler import Construction
+
+    calls: list[str] = []
+
+    def refused(key: int, perm: int) -> None:
+        raise KeyringError("keyctl_setperm", errno.EACCES)
+
+    monkeypatch.setattr(kr, "setperm", refused)
+    monkeypatch.setattr(kr, "set_timeout", lambda key, seconds: calls.append("set_timeout"))
+    monkeypatch.setattr(kr, "instantiate", lambda key, payload, ring=0: calls.append("instantiate"))
+    for perm, instantiated in ((kr.POSSESSOR_ONLY, True), (kr.POSSESSOR_ONLY | 0x3F0000, False)):
+        calls.clear()
+        monkeypatch.setattr(kr, "describe", lambda key, perm=perm: kr.KeyDescription("user", 0, 0, perm, "k"))
+        if instantiated:
+            Construction(41).instantiate(bytearray(b"k"), 600)
+            assert calls == ["set_timeout", "instantiate"]
+        else:
+            with pytest.raises(KeyringError):
+                Construction(41).instantiate(bytearray(b"k"), 600)
+            assert calls == []
+
+
+def test_a_stopped_handoff_logs_the_description_on_one_line_of_its_own(setup, syslog):
+    """The description is any local user's text: the handoff's log line (the handler's repr() quotes it)
+    keeps it inside its quotes, without the quote or backslash that would let it fake another field."""
+    import signal
+
+    with silent_agent() as held:
+        requester = subprocess.Popen(["keyctl", "session", "-", "keyctl", "request2", "user",
+                                      "keybroker:x' outcome=instantiated via='agent\\", "", "@s"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        start = time.monotonic()
+        while not held:
+            assert time.monotonic() - start < 10
+            time.sleep(0.02)
+        handoffs = [int(pid) for pid in subprocess.run(["pgrep", "-f", "keybroker-handoff --config"],
+                                                       capture_output=True, text=True).stdout.split()]
+        for pid in handoffs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        _, err = requester.communicate(timeout=30)
+    assert "Operation canceled" in err, err
+    line = next(entry for entry in syslog if "via=handoff" in entry)
+    assert "description='keybroker:x? outcome=instantiated via=?agent?' requester=0:0 outcome=rejected" in line, line
+    assert line.count("'") == 4, line
 
 
 def test_the_agent_answers_root_only(setup, running_agent):
@@ -262,16 +409,20 @@ def test_the_workers_answer_frames_are_strict():
 
 def test_construct_lines_are_strict():
     """The agent takes a construction only from a line of the exact grammar: a serial the kernel can give,
-    a share from 0 to 300 seconds (exclusive of 0), an absolute path; nothing before, after or between."""
-    assert agent.parse_request(b"construct 123 5 /etc/keybroker/client.toml\n") == \
-        (123, 5.0, "/etc/keybroker/client.toml")
-    assert agent.parse_request(b"construct 2147483647 300 /c\n") == (2147483647, 300.0, "/c")
-    assert agent.parse_request(b"construct 1 0.5 /\xff\n") == (1, 0.5, os.fsdecode(b"/\xff"))
-    for line in (b"construct 123 5 /c", b"construct 0 5 /c\n", b"construct 2147483648 5 /c\n",
-                 b"construct 01 5 /c\n", b"construct 1 0 /c\n", b"construct 1 301 /c\n", b"construct 1 1.2345 /c\n",
-                 b"construct 1 5 c\n", b"construct 1 5 /c d\n", b"construct  1 5 /c\n", b"construct 1 5 /c\n\n",
-                 b"construct -1 5 /c\n", b" construct 1 5 /c\n", b"Construct 1 5 /c\n", b"construct 1 5\n",
-                 b"construct 1 5 /" + b"c" * 4096 + b"\n", b"construct 1 5 /c\0\n", b""):
+    an uptime as /proc/uptime gives it, a share from 0 to 300 seconds (exclusive of 0), an absolute path;
+    nothing before, after or between."""
+    assert agent.parse_request(b"construct 123 4567.89 5 /etc/keybroker/client.toml\n") == \
+        (123, 4567.89, 5.0, "/etc/keybroker/client.toml")
+    assert agent.parse_request(b"construct 2147483647 0.00 300 /c\n") == (2147483647, 0.0, 300.0, "/c")
+    assert agent.parse_request(b"construct 1 1.00 0.5 /\xff\n") == (1, 1.0, 0.5, os.fsdecode(b"/\xff"))
+    for line in (b"construct 123 1.00 5 /c", b"construct 0 1.00 5 /c\n", b"construct 2147483648 1.00 5 /c\n",
+                 b"construct 01 1.00 5 /c\n", b"construct 1 1.00 0 /c\n", b"construct 1 1.00 301 /c\n",
+                 b"construct 1 1.00 1.2345 /c\n", b"construct 1 1.00 5 c\n", b"construct 1 1.00 5 /c d\n",
+                 b"construct  1 1.00 5 /c\n", b"construct 1 1.00 5 /c\n\n", b"construct -1 1.00 5 /c\n",
+                 b" construct 1 1.00 5 /c\n", b"Construct 1 1.00 5 /c\n", b"construct 1 1.00 5\n",
+                 b"construct 1 5 /c\n", b"construct 1 1.0 5 /c\n", b"construct 1 1 5 /c\n",
+                 b"construct 1 12345678901.00 5 /c\n", b"construct 1 -1.00 5 /c\n",
+                 b"construct 1 1.00 5 /" + b"c" * 4096 + b"\n", b"construct 1 1.00 5 /c\0\n", b""):
         with pytest.raises(ValueError):
             agent.parse_request(line)
 

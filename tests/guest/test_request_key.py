@@ -346,7 +346,8 @@ def test_a_stopped_handler_rejects_the_key_at_once(tsm_sim, kbs, handler, syslog
             while not held:
                 assert time.monotonic() - started < 10
                 time.sleep(0.02)
-            parent = next(pid for pid, _ in _handlers_of(config, "keybroker-handoff"))
+            handoffs = _handlers_of(config, "keybroker-handoff")  # and the subshells it forked, by their parent
+            parent = next(pid for pid, ppid in handoffs if ppid not in {pid for pid, _ in handoffs})
         else:
             parent, _ = _handler_and_worker(config)
         time.sleep(0.3)
