@@ -343,7 +343,9 @@ def test_tls_connections_are_let_go_at_the_deadline_whatever_the_client_does(kbs
         time.sleep(0.2)
     for sock in raws.values():
         sock.close()
-    assert set(ended) == set(started) and all(t <= REQUEST_TIMEOUT + 2 for t in ended.values()), ended
+    # As the plain-HTTP slowloris test allows: the worker is busy with the unread client's answers, and its
+    # timers fire late by as much on a slow host (12.1 s here on 2026-12-03, against 30-40 s or never).
+    assert set(ended) == set(started) and all(t <= REQUEST_TIMEOUT + 5 for t in ended.values()), ended
     assert requests.get(f"{server.url}/healthz", verify=str(tmp_path / "ca.pem"), timeout=5).ok
 
 
