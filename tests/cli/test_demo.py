@@ -44,7 +44,8 @@ def test_demo(tmp_path, system_lock):
         assert "keybroker-demo" not in mounts
         # Nor does it leave the token its server issued, and the token's tee key, in root's keyring
         # (they outlived the demo's server by minutes), or the attestation lock of that server.
-        assert _kept_tokens() == kept
+        # (An empty tokens keyring, left by tokens that expired before the demo, may go with the demo's.)
+        assert (_kept_tokens() or set()) == (kept or set())
         assert set(tokens.LOCK_DIR.glob("attest-*.lock")) == locks
     finally:
         conf.unlink(missing_ok=True)
