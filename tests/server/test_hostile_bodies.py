@@ -243,7 +243,7 @@ def test_a_lone_surrogate_anywhere_is_a_400_that_spends_nothing(server, sim_stat
     ("AAAAA", "not a base64url P-256 coordinate"),              # a length base64 cannot have
     ("A" * 43, "not a point on P-256"),                         # 32 zero bytes
     (base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("="), "not a point on P-256"),
-])
+], ids=["short", "zero", "random"])  # ids, not the random values: pytest-xdist's workers collect alike
 def test_tee_keys_that_are_no_keys_are_refused_at_attest(server, sim_state, coordinate, named):
     def change(body):  # type: ignore[no-untyped-def]
         return replace_at(body, ("runtime-data", "tee-pubkey", "y"), coordinate)

@@ -340,7 +340,7 @@ def test_a_lease_that_is_no_integer_in_the_database_is_an_altered_row(tsm_sim, k
 @pytest.mark.parametrize("content, message", [
     (b"short", "must be 32 bytes or 64 hex digits, not 5 bytes"),
     (os.urandom(32), "accessible to group or others"),
-])
+], ids=["short", "loose"])  # ids, not the random bytes: pytest-xdist's workers collect alike
 def test_bad_kek_files_are_refused(tmp_path, content, message):
     kek = write_secret(tmp_path / "kek", content)
     if message.startswith("accessible"):
