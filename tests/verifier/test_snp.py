@@ -1028,10 +1028,11 @@ def test_key_server_refuses_a_guest_whose_ask_the_crl_from_kds_revokes(tsm_sim, 
     assert hits == ["/vcek/v1/Genoa/crl"]  # the second attestation read the cache
 
 
-def test_svsm_guests_attest_through_the_svsm(tsm_sim, kbs, tmp_path):
+def test_svsm_guests_attest_through_the_svsm(tsm_sim, kbs, tmp_path, system_lock):
     """Linux under an SVSM runs at VMPL2: its own reports are refused by the default policy
     (VMPL0 wanted); with [tsm] service_provider = "svsm" the SVSM reports at VMPL0 and binds
-    its manifest, and the key is released."""
+    its manifest, and the key is released. (The machine lock: obtain keeps its token in root's user
+    keyring, which tests on other workers read and empty.)"""
     from keybroker.errors import ServerError
     from keybroker.guest import config
     from keybroker.guest.broker import obtain
