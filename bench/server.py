@@ -249,13 +249,13 @@ async def app(scope, receive, send):
         pass
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"{}"})
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="httptools", lifespan="off", access_log=False,
-            log_level="error")
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="httptools", loop="uvloop", lifespan="off",
+            access_log=False, log_level="error")
 """
 
 
 def http_floor(requests: int = 3000) -> float:
-    """CPU seconds uvicorn (with httptools, as the server runs it) spends on one keep-alive request to an
+    """CPU seconds uvicorn (with httptools and uvloop, as the server runs it) spends on one keep-alive request to an
     ASGI app that answers at once: what each of a release's three requests costs before any of
     keybroker's code (Starlette, the store, the verifier) runs."""
     port = free_port()
