@@ -147,14 +147,14 @@ def _read_value(path: Path | None) -> bytes:
     a pipe that does not end, is refused, not read until memory runs out."""
     from ..errors import AdminError
     from ..files import read_bounded
-    from ..server.admin import RESOURCE_MAX
+    from ..wire.resource import VALUE_MAX
 
     if path is not None:
-        return read_bounded(path, RESOURCE_MAX, "resource value", AdminError)
-    value = sys.stdin.buffer.read(RESOURCE_MAX + 1)
-    if len(value) > RESOURCE_MAX:
-        raise AdminError(f"standard input holds more than {RESOURCE_MAX} bytes: a resource is 1 to "
-                         f"{RESOURCE_MAX} bytes (the kernel's limit for a key)")
+        return read_bounded(path, VALUE_MAX, "resource value", AdminError)
+    value = sys.stdin.buffer.read(VALUE_MAX + 1)
+    if len(value) > VALUE_MAX:
+        raise AdminError(f"standard input holds more than {VALUE_MAX} bytes: a resource is 1 to "
+                         f"{VALUE_MAX} bytes (the kernel's limit for a key)")
     return value
 
 

@@ -9,8 +9,9 @@ handler milliseconds on every key request that it does itself:
 
 from __future__ import annotations
 
+from ..wire.resource import VALUE_MAX
+
 ANSWER_HEADER_MAX = 16 * 1024
-KEY_MAX = 32767
 REASON_MAX = 2000  # characters of a rejection's reason
 _FIELDS_MAX = 16
 
@@ -66,4 +67,4 @@ def decode_answer(body: bytes | bytearray) -> dict[str, object]:
         _, errno, timeout, reason = fields(body, tag=b"rejected", count=4)
         return {"errno": number(errno, 1, 4095), "timeout": number(timeout, 1, 2**32 - 1), "reason": text(reason)}
     _, size, lease = fields(body, tag=b"key", count=3)
-    return {"size": number(size, 0, KEY_MAX), "lease": number(lease, 0, 2**32 - 1) or None}
+    return {"size": number(size, 0, VALUE_MAX), "lease": number(lease, 0, 2**32 - 1) or None}

@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from .request import KeyRequest
 
 DEFAULT_CONFIG = "/etc/keybroker/client.toml"
-USER_PAYLOAD_MAX = 32767  # user and logon keys: 1 to 32767 bytes
 
 
 class Construction:
@@ -186,15 +185,17 @@ def _groups(uid: int, gid: int) -> frozenset[int]:
 
 def _outcome(obtain: Callable[[], ReleasedKey], key_type: str, resource: str) -> tuple[dict[str, object], bytearray]:
     """Run ``obtain``: the answer's header and the key (to wipe after use), or a rejection's header."""
+    from ..wire.resource import VALUE_MAX
+
     value = bytearray()
     try:
         released = obtain()
         value = released.value
-        if not 1 <= len(value) <= USER_PAYLOAD_MAX:
+        if not 1 <= len(value) <= VALUE_MAX:
             from ..errors import ResourceUnfit
 
             raise ResourceUnfit(f"resource {resource} is {len(value)} bytes; {key_type} keys hold 1 to "
-                                 f"{USER_PAYLOAD_MAX}")
+                                 f"{VALUE_MAX}")
         return {"size": len(value), "lease": released.lease}, value
     except BaseException as exc:
         value[:] = bytes(len(value))
@@ -244,6 +245,7 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
     """
     import select
 
+    from ..wire.resource import VALUE_MAX
     from .answer import ANSWER_HEADER_MAX, decode_answer
     from .broker import ReleasedKey
 
@@ -257,7 +259,7 @@ def obtain_within(cfg: ClientConfig, request: KeyRequest, deadline: float) -> Re
         finally:
             os._exit(0)
     os.close(write_end)
-    buffer = bytearray(4 + ANSWER_HEADER_MAX + USER_PAYLOAD_MAX + 1)
+    buffer = bytearray(4 + ANSWER_HEADER_MAX + VALUE_MAX + 1)
     view, filled = memoryview(buffer), 0
     try:
         poller = select.poll()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdminError, ConfigError, DescriptionError
-from ..wire.resource import ResourcePath
+from ..wire.resource import VALUE_MAX, ResourcePath
 from . import secretfile
 from .audit import ADMIN, ALLOW, Event, Record
 from .policy import NONE, Policy
@@ -29,7 +29,6 @@ from .sealing import Sealer
 from .store import PolicyInfo, PolicyVersion, ResourceInfo, Store
 
 ADMIN_PREFIX = "/admin/v1"
-RESOURCE_MAX = 32767  # the kernel's limit for a user key's payload
 LEASE_MAX = 10 * 365 * 24 * 3600
 ADMIN_TOKEN_CREDENTIAL = "admin-token"
 TOKEN_MIN, TOKEN_MAX = 32, 512
@@ -50,8 +49,8 @@ class Admin:
 
     def put_resource(self, path: str, value: bytes, lease: int | None = None) -> Record:
         name = resource_name(path)
-        if not 1 <= len(value) <= RESOURCE_MAX:
-            raise AdminError(f"a resource is 1 to {RESOURCE_MAX} bytes, got {len(value)}")
+        if not 1 <= len(value) <= VALUE_MAX:
+            raise AdminError(f"a resource is 1 to {VALUE_MAX} bytes, got {len(value)}")
         if lease is not None and not 1 <= lease <= LEASE_MAX:
             raise AdminError(f"lease must be 1 to {LEASE_MAX} seconds, got {lease}")
         sealed = self._sealer("put").seal(name, value, lease)

@@ -31,7 +31,8 @@ from ..errors import AdminError, PolicyError, StoreError
 from ..files import check_held, read_bounded, root_or_self
 from ..wire import decimal, parse_json
 from ..wire import rcar as p
-from .admin import ADMIN_PREFIX, RESOURCE_MAX, Admin, AdminAuth
+from ..wire.resource import VALUE_MAX
+from .admin import ADMIN_PREFIX, Admin, AdminAuth
 from .config import ServerConfig
 from .kbs import SESSION_LIFETIME, KeyServer, Problem
 from .metrics import CONTENT_TYPE, Metrics
@@ -236,7 +237,7 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
         seconds = None if lease is None else decimal(lease, 10)
         if lease is not None and seconds is None:
             raise Problem(p.BAD_REQUEST, "lease must be a number of seconds")
-        value = await read_body(request, RESOURCE_MAX)
+        value = await read_body(request, VALUE_MAX)
         record = await kbs.store.admin(partial(admin.put_resource, request.path_params["path"], value, seconds))
         return JSONResponse({"path": record.event.resource, "size": len(value), "audit": record.hash})
 

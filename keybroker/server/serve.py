@@ -14,7 +14,7 @@ Hostile clients meet these limits, per worker:
 - a request head (target and headers) larger than ``HEAD_MAX`` bytes is refused (431); while
   a head is incomplete a connection holds at most ``HEAD_MAX`` plus one read (256 KiB);
 - malformed HTTP (bad start lines, bad chunk sizes, conflicting lengths) is refused (400);
-- a body larger than ``rcar.BODY_MAX`` (1 MiB; a resource: ``admin.RESOURCE_MAX``) is refused
+- a body larger than ``rcar.BODY_MAX`` (1 MiB; a resource: ``resource.VALUE_MAX``) is refused
   with 413 before it is read, from its Content-Length or as it arrives;
 - a request must arrive whole (head and body) within ``REQUEST_TIMEOUT`` seconds of its first
   byte (of the connection, or of the end of the previous answer), else the connection is

@@ -18,6 +18,8 @@ from ..errors import DescriptionError
 from . import shown
 
 PATH_MAX = 200
+#: Bytes of a resource's value at most: what a user or logon key holds (the kernel's limit).
+VALUE_MAX = 32767
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 _PATTERN = re.compile(r"[A-Za-z0-9_.*/-]+")
 

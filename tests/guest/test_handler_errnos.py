@@ -18,8 +18,9 @@ from keybroker.errors import (
     TsmError,
 )
 from keybroker.guest.client import ReleasedKey
-from keybroker.guest.handler import USER_PAYLOAD_MAX, Stopped, _outcome, classify
+from keybroker.guest.handler import Stopped, _outcome, classify
 from keybroker.wire import rcar as p
+from keybroker.wire.resource import VALUE_MAX
 from support import REPO
 from support.servers import raw_server
 
@@ -76,14 +77,14 @@ def test_every_row_of_the_documented_table_is_what_the_handler_does():
 
 def test_a_released_resource_no_key_can_hold_is_refused_as_too_long_and_wiped():
     """A Trustee KBS may hold resources of any size; a user or logon key holds 1 to 32767 bytes."""
-    for size in (0, USER_PAYLOAD_MAX + 1):
+    for size in (0, VALUE_MAX + 1):
         released = ReleasedKey(bytearray(b"k" * size), None)
         header, value = _outcome(lambda released=released: released, "user", "default/big/one")
         assert (header["errno"], header["timeout"]) == (E.EMSGSIZE, 60), header
         assert f"resource default/big/one is {size} bytes" in str(header["reason"])
         assert not value and released.value == bytearray(size)
-    header, value = _outcome(lambda: ReleasedKey(bytearray(b"k" * USER_PAYLOAD_MAX), 30), "logon", "default/big/one")
-    assert header == {"size": USER_PAYLOAD_MAX, "lease": 30} and len(value) == USER_PAYLOAD_MAX
+    header, value = _outcome(lambda: ReleasedKey(bytearray(b"k" * VALUE_MAX), 30), "logon", "default/big/one")
+    assert header == {"size": VALUE_MAX, "lease": 30} and len(value) == VALUE_MAX
 
 
 def test_what_the_handler_calls_transient_the_disk_unlock_waits_out():
