@@ -94,8 +94,11 @@ def _policy_json(info: PolicyInfo) -> dict[str, Any]:
     return out
 
 
-#: The routes whose unauthenticated use is limited per peer (see ratelimit).
-LIMITED = frozenset({"auth", "attest", "resource", "admin"})
+#: The routes whose use is limited per peer (see ratelimit): all but /healthz. /metrics and /readyz prove
+#: nothing and cost more than a request that finds no route (the workers' metrics summed, a database ping).
+LIMITED = frozenset({"auth", "attest", "resource", "admin", "metrics", "readyz"})
+#: Those of them where a credential (session cookie, Bearer token) is charged only once it proves nothing.
+CREDENTIALED = frozenset({"attest", "resource", "admin"})
 
 
 def session_cookie(request: Request) -> str | None:
@@ -126,7 +129,7 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
             return None
         # A credential is paid for only if it proves nothing (after the answer); until then its
         # bearer is refused only when its address has nothing left.
-        credential = route != "auth" and _has_credential(request)
+        credential = route in CREDENTIALED and _has_credential(request)
         wait = limiter.wait(_peer(request)) if credential else limiter.take(_peer(request))
         if wait is None:
             return None
@@ -168,7 +171,7 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
                 # A credential that proved nothing (a refusal: bad request, too large, not attested)
                 # costs a token too; a resource missing or denied by policy follows a proven
                 # attestation (else every guest behind an address would pay for one that asks a lot).
-                if route in LIMITED and route != "auth" and 400 <= response.status_code < 500 \
+                if route in CREDENTIALED and 400 <= response.status_code < 500 \
                         and refused_as not in (p.RESOURCE_NOT_FOUND, p.POLICY_DENIED) and _has_credential(request):
                     limiter.charge(_peer(request))
                 kbs.metrics.request(route, response.status_code, time.perf_counter() - start)

@@ -79,6 +79,31 @@ def test_the_limit_is_configurable_and_can_be_turned_off(tsm_sim, kbs):
     assert codes[:3] == [401] * 3 and 429 in codes[3:]
 
 
+def test_metrics_and_readiness_are_limited_whatever_credential_comes_with_them(kbs):
+    """/metrics sums every worker's metrics and /readyz pings the database: asked for again and again, they
+    cost more than any refusal. They prove nothing, so a cookie or a token sent along does not make them
+    free (as it defers the charge of a release until the credential proved nothing). /healthz, a
+    liveness probe's, is not limited. (An address each: a bucket each.)"""
+    server = kbs("--rate-limit", "0.1", "--rate-burst", "3")
+    for source, path, headers in (("127.0.0.2", "/metrics", {}),
+                                  ("127.0.0.3", "/readyz", {"Cookie": f"{p.SESSION_COOKIE}=x.snp.1.y"}),
+                                  ("127.0.0.4", "/metrics", {"Authorization": "Bearer " + "t" * 40})):
+        conn = stranger(server, source)
+        codes = []
+        for _ in range(5):
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            codes.append(response.status)
+        assert codes == [200] * 3 + [429] * 2, (path, headers, codes)
+    conn = stranger(server, "127.0.0.2")
+    for _ in range(10):
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+
+
 def test_an_answer_and_a_log_line_quote_little_of_what_a_client_sent(tsm_sim, kbs):
     root = tsm_sim("sev_guest")
     server = kbs()
