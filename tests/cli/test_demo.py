@@ -13,6 +13,7 @@ import pytest
 from keybroker.errors import KeyringError
 from keybroker.guest import keyring, tokens
 from keybroker.guest.install import CONF_DIR, CONF_NAME
+from support.keyctl import serials
 
 
 def _kept_tokens() -> set[int] | None:
@@ -22,8 +23,7 @@ def _kept_tokens() -> set[int] | None:
         ring = keyring.search(keyring.USER_KEYRING, "keyring", tokens.KEYRING)
     except KeyringError:
         return None
-    data = keyring.read(ring)
-    return {int.from_bytes(data[i:i + 4], sys.byteorder) for i in range(0, len(data), 4)}
+    return set(serials(ring))
 
 
 def test_demo(tmp_path, system_lock):

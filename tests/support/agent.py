@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from keybroker.guest import agentsocket, keyring
+from support.keyctl import serials
 
 SOCKET = Path(agentsocket.SOCKET)
 
@@ -45,16 +45,15 @@ def silent_agent() -> Iterator[list[socket.socket]]:
 
 def authorities_in_user_keyring() -> set[int]:
     """The serials of the keys whose construction an authorisation key in root's user keyring is for."""
-    serials = set()
-    listing = keyring.read(keyring.USER_KEYRING)
-    for at in range(0, len(listing), 4):
+    authorities = set()
+    for serial in serials(keyring.USER_KEYRING):
         try:
-            key = keyring.describe(int.from_bytes(listing[at:at + 4], sys.byteorder))
+            key = keyring.describe(serial)
         except keyring.KeyringError:
             continue  # gone meanwhile
         if key.type == ".request_key_auth":
-            serials.add(int(key.description, 16))
-    return serials
+            authorities.add(int(key.description, 16))
+    return authorities
 
 
 @contextlib.contextmanager

@@ -13,6 +13,16 @@ def keyctl_session(script: str, *, user: str | None = None, timeout: float = 90)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+def serials(ring: int) -> list[int]:
+    """The serials of the keys linked in keyring ``ring``, in its order (what reading a keyring gives)."""
+    import sys
+
+    from keybroker.guest import keyring
+
+    listing = keyring.read(ring)
+    return [int.from_bytes(listing[at:at + 4], sys.byteorder) for at in range(0, len(listing), 4)]
+
+
 def forget_in_user_keyring(key_type: str, description: str) -> None:
     """Unlink the keys of that type and description from root's user keyring, which outlives a test.
 
