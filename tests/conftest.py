@@ -95,6 +95,29 @@ def postgres() -> Iterator[str]:
         pytest.skip(str(exc))
 
 
+@pytest.fixture(autouse=True)
+def _no_process_keyring() -> Iterator[None]:
+    """pytest's process must not get a process (or thread) keyring: a request_key from it would then pass
+    over a negative key in its session keyring, and the tests of the negative cache would see new upcalls.
+    A test that gives it one fails, named (broker.obtain makes one: run it in support.child.in_child)."""
+    had = _own_keyrings()
+    yield
+    if _own_keyrings() - had:
+        pytest.fail("this test gave pytest's process a process or thread keyring (run what made it in "
+                    "support.child.in_child)")
+
+
+def _own_keyrings() -> set[int]:
+    from keybroker.errors import KeyringError
+    from keybroker.guest import keyring
+
+    found = set()
+    for special in (-1, keyring.PROCESS_KEYRING):  # -1: KEY_SPEC_THREAD_KEYRING
+        with contextlib.suppress(KeyringError):
+            found.add(keyring.serial_of(special))
+    return found
+
+
 # -- the request-key handler -----------------------------------------------------------
 
 CONF = Path("/etc/request-key.d/keybroker.conf")

@@ -22,6 +22,7 @@ from keybroker.guest.client import RcarClient
 from keybroker.guest.request import parse_request
 from keybroker.guest.tsm import ReportRequest, TsmClient
 from keybroker.wire.eventlog import RuntimeEvent
+from support.child import in_child
 from support.keyctl import keyctl_session
 
 SECRETS = {f"default/key/{n}": f"secret {n}".encode() for n in range(1, 5)}
@@ -75,7 +76,7 @@ def obtain(cfg: config.ClientConfig, name: str) -> bytes:
     request = parse_request("user", f"keybroker:{name}", b"")
     import time
 
-    return bytes(broker.obtain(cfg, request, deadline=time.monotonic() + 30).value)
+    return in_child(lambda: bytes(broker.obtain(cfg, request, deadline=time.monotonic() + 30).value))
 
 
 def refused(cfg: config.ClientConfig, name: str) -> str:
