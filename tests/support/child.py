@@ -1,10 +1,11 @@
 """Run a guest call in a forked child, so that what it does to its process's keyrings stays there.
 
 ``broker.obtain`` keeps attestation tokens in root's user keyring, which it reaches by linking it
-into its process keyring, made on demand. pytest's process must have none: a request_key from a
-process with a process keyring passes over a negative key in its session keyring (the kernel
-answers from the first keyring it searches), so a test of the negative cache would see a new
-upcall (see docs/guest.md). conftest checks after every test that pytest's process has none.
+into its process keyring, made on demand. pytest's process must have none: for a request_key from
+a process with a process keyring, the kernel takes "no key" found there over the error of a
+negative key found in its session keyring, and upcalls again, so a test of the negative cache
+would see a new construction (see docs/guest.md). conftest checks after every test that pytest's
+process has none.
 """
 
 from __future__ import annotations
