@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from keybroker.guest import install as installer
+from keybroker.guest import tokens
 from keybroker.guest.agentsocket import SOCKET as AGENT_SOCKET
 from keybroker.sim.roots import SimState
 from support.emulator import run_tsm_sim
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=8)
     args = parser.parse_args()
     saved = CONF.read_bytes() if CONF.exists() else None
+    locks = set(tokens.LOCK_DIR.glob("attest-*.lock"))
     with tempfile.TemporaryDirectory(prefix="keybroker-bench-") as tmp, \
             run_tsm_sim(Path(tmp) / "tsm", Path(tmp) / "sim", "sev_guest") as root, tang() as tang_jwe:
         work = Path(tmp)
@@ -103,6 +105,8 @@ def main() -> None:
         finally:
             server.stop()
             forget()
+            for lock in set(tokens.LOCK_DIR.glob("attest-*.lock")) - locks:  # its server's: none will use it again
+                lock.unlink(missing_ok=True)
             if saved is None:
                 CONF.unlink(missing_ok=True)
             else:
