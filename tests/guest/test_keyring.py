@@ -12,6 +12,7 @@ import pytest
 
 from keybroker.errors import KeyringError
 from keybroker.guest import keyring
+from support.keyctl import proc_keys
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +49,7 @@ def test_unlink_setperm_timeout():
     keyring.unlink(key, ring)
     assert keyctl("rlist", str(ring)) == ""
     keyring.set_timeout(key, 100)
-    assert " 1m " in next(line for line in open("/proc/keys") if line.startswith(f"{key:08x} "))
+    assert proc_keys(key)[3] == "1m"
     keyring.setperm(key, keyring.POSSESSOR_ONLY)
     assert keyring.describe(key).perm == keyring.POSSESSOR_ONLY
     with pytest.raises(KeyringError) as info:  # possessor-only takes SETATTR away: the timeout stays

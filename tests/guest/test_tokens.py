@@ -14,7 +14,7 @@ import traceback
 import pytest
 
 from keybroker.guest import tokens
-from support.keyctl import keyctl_session
+from support.keyctl import keyctl_session, proc_keys
 
 SECRETS = {f"default/disk/k{i}": hashlib.sha256(b"key %d" % i).digest() for i in range(8)}
 
@@ -196,7 +196,7 @@ def test_a_token_s_claimed_expiry_is_bounded_whatever_the_server_wrote(tmp_path,
     def expiry() -> str:
         serial = keyring.search(keyring.search(keyring.USER_KEYRING, "keyring", tokens.KEYRING), "user",
                                 cache.description)
-        return next(line.split()[3] for line in open("/proc/keys") if int(line.split()[0], 16) == serial)
+        return proc_keys(serial)[3]
 
     tokens.forget_all()
     try:
@@ -384,9 +384,6 @@ def test_a_kept_token_is_root_s_alone_and_expires(tmp_path, system_lock):
 
     def token(exp: float) -> str:
         return "e30.%s.c2ln" % base64.urlsafe_b64encode(b'{"exp": %f}' % exp).decode().rstrip("=")
-
-    def proc_keys(serial: int) -> list[str]:
-        return next(line.split() for line in open("/proc/keys") if int(line.split()[0], 16) == serial)
 
     tokens.forget_all()
     try:

@@ -23,6 +23,11 @@ def serials(ring: int) -> list[int]:
     return [int.from_bytes(listing[at:at + 4], sys.byteorder) for at in range(0, len(listing), 4)]
 
 
+def proc_keys(serial: int) -> list[str]:
+    """The fields of ``serial``'s line in /proc/keys (the fourth is its timeout left: "4s", "1m", "perm")."""
+    return next(line.split() for line in open("/proc/keys") if int(line.split()[0], 16) == serial)
+
+
 def forget_in_user_keyring(key_type: str, description: str) -> None:
     """Unlink the keys of that type and description from root's user keyring, which outlives a test.
 
