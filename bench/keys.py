@@ -30,10 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from keybroker.guest import install as installer
-from keybroker.guest import tokens
 from keybroker.guest.agentsocket import SOCKET as AGENT_SOCKET
 from keybroker.sim.roots import SimState
 from support.emulator import run_tsm_sim
+from support.keyctl import new_attestation_locks_removed
 from support.servers import KeyServerProcess
 
 CONF = Path("/etc/request-key.d/keybroker.conf")
@@ -87,8 +87,7 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=8)
     args = parser.parse_args()
     saved = CONF.read_bytes() if CONF.exists() else None
-    locks = set(tokens.LOCK_DIR.glob("attest-*.lock"))
-    with tempfile.TemporaryDirectory(prefix="keybroker-bench-") as tmp, \
+    with new_attestation_locks_removed(), tempfile.TemporaryDirectory(prefix="keybroker-bench-") as tmp, \
             run_tsm_sim(Path(tmp) / "tsm", Path(tmp) / "sim", "sev_guest") as root, tang() as tang_jwe:
         work = Path(tmp)
         SimState(work / "sim").snp()
@@ -105,8 +104,6 @@ def main() -> None:
         finally:
             server.stop()
             forget()
-            for lock in set(tokens.LOCK_DIR.glob("attest-*.lock")) - locks:  # its server's: none will use it again
-                lock.unlink(missing_ok=True)
             if saved is None:
                 CONF.unlink(missing_ok=True)
             else:

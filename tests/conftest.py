@@ -19,6 +19,7 @@ import pytest
 from keybroker.sim.roots import SimState
 from support import policies
 from support.emulator import run_tsm_sim
+from support.keyctl import new_attestation_locks_removed
 from support.servers import KeyServerProcess, ServerSecrets
 
 
@@ -144,14 +145,10 @@ def system_lock() -> Iterator[None]:
     """
     from keybroker.guest import tokens
 
-    run = Path("/run/keybroker")
-    with _machine_lock():
-        before = set(run.glob("attest-*.lock"))
+    with _machine_lock(), new_attestation_locks_removed():
         try:
             yield
         finally:
-            for lock in set(run.glob("attest-*.lock")) - before:
-                lock.unlink(missing_ok=True)
             if os.geteuid() == 0:
                 tokens.forget_all()
 

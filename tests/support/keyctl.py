@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from collections.abc import Iterator
 
 
 def keyctl_session(script: str, *, user: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
@@ -21,6 +23,20 @@ def serials(ring: int) -> list[int]:
 
     listing = keyring.read(ring)
     return [int.from_bytes(listing[at:at + 4], sys.byteorder) for at in range(0, len(listing), 4)]
+
+
+@contextlib.contextmanager
+def new_attestation_locks_removed() -> Iterator[None]:
+    """Remove, on the way out, the attestation locks made in /run/keybroker meanwhile: one per key server URL,
+    and a test's or a benchmark's server has a port of its own, which no request names again."""
+    from keybroker.guest import tokens
+
+    before = set(tokens.LOCK_DIR.glob("attest-*.lock"))
+    try:
+        yield
+    finally:
+        for lock in set(tokens.LOCK_DIR.glob("attest-*.lock")) - before:
+            lock.unlink(missing_ok=True)
 
 
 def proc_keys(serial: int) -> list[str]:
