@@ -94,11 +94,11 @@ def _policy_json(info: PolicyInfo) -> dict[str, Any]:
     return out
 
 
+#: The routes where a credential (session cookie, Bearer token) is charged only once it proves nothing.
+CREDENTIALED = frozenset({"attest", "resource", "admin"})
 #: The routes whose use is limited per peer (see ratelimit): all but /healthz. /metrics and /readyz prove
 #: nothing and cost more than a request that finds no route (the workers' metrics summed, a database ping).
-LIMITED = frozenset({"auth", "attest", "resource", "admin", "metrics", "readyz"})
-#: Those of them where a credential (session cookie, Bearer token) is charged only once it proves nothing.
-CREDENTIALED = frozenset({"attest", "resource", "admin"})
+LIMITED = CREDENTIALED | {"auth", "metrics", "readyz"}
 
 
 def session_cookie(request: Request) -> str | None:
