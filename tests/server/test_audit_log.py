@@ -6,6 +6,11 @@ from __future__ import annotations
 import sqlite3
 import time
 
+import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from keybroker.server import audit, schema
 from keybroker.server.audit import ADMIN, ALLOW, Event
 from support.appender import appending
@@ -154,3 +159,25 @@ def test_verify_holds_a_whole_chain_to_its_head_and_to_a_kept_head():
         "the head hash differs from record 3's hash (the last record or the head was edited)",)
     rewritten = audit._verify(iter(chain), (3, last), (2, other)).problems
     assert len(rewritten) == 1 and rewritten[0].startswith("record 2 is not the one whose hash was kept")
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(st.builds(Event, *(st.text() for _ in range(4)), **{name: st.text() for name in (
+    "peer", "actor", "session", "provider", "measurement", "resource")},
+    policy_version=st.none() | st.integers(0, 2**31 - 1)),
+    st.integers(1, 2**53 - 1), st.text(), st.text())
+def test_a_record_is_hashed_over_its_rfc_8785_form(event, seq, time, prev):
+    """The hash is over RFC 8785's bytes, as rfc8785 writes them: logs written before the
+    standard library's encoder took over verify, and others can recompute every hash."""
+    content = {"seq": seq, "time": time, **event.as_dict(), "prev": prev}
+    assert audit.canonical(content) == rfc8785.dumps(content)
+
+
+def test_a_record_with_an_integer_beyond_i_json_hashes_to_no_record():
+    """Only an edit puts such a number in a record; verify names the record rather than failing."""
+    event = Event(ADMIN, ALLOW, "x", "test", policy_version=2**60)
+    with pytest.raises(rfc8785.IntegerDomainError):
+        rfc8785.dumps(event.as_dict())
+    assert audit.canonical(event.as_dict()) == b'{"actor":"","decision":"allow","event":"admin","measurement":"",' \
+        b'"peer":"","policy_version":1152921504606846976,"provider":"","reason":"x","resource":"","server":"test",' \
+        b'"session":""}'
