@@ -67,9 +67,8 @@ def public_key(jwk: dict[str, Any]) -> ec.EllipticCurvePublicKey:
     x, y = (unb64url(jwk.get(c, "")) for c in ("x", "y"))
     if len(x) != curve[1] or len(y) != curve[1]:
         raise ProtocolError(f"the key's coordinates are not {curve[1]} bytes")
-    try:
-        return ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"),
-                                             curve[0]).public_key()
+    try:  # SEC 1's uncompressed point: each coordinate below the field's prime, the point on the curve
+        return ec.EllipticCurvePublicKey.from_encoded_point(curve[0], b"\x04" + x + y)
     except ValueError:
         raise ProtocolError(f"not a point on {jwk['crv']}") from None
 

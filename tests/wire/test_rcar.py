@@ -116,6 +116,17 @@ def test_tee_pubkey_base64url_is_read_as_kbs_types_reads_it():
             p.check_tee_pubkey(broken)
 
 
+def test_a_tee_key_coordinate_at_or_above_the_field_prime_is_refused():
+    """A coordinate plus the prime names the same point (a second spelling of the key); SEC 1 allows
+    coordinates below the prime only. P-521's 66 bytes leave room for x + p."""
+    numbers = ec.generate_private_key(ec.SECP521R1()).public_key().public_numbers()
+    key = keybroker_jwe.public_jwk(numbers.public_key()) | {"alg": "ECDH-ES+A256KW"}
+    assert p.check_tee_pubkey(key)["x"] == key["x"]
+    for x in (numbers.x + 2**521 - 1, 2**521 - 1):
+        with pytest.raises(ProtocolError, match="not a point on P-521"):
+            p.check_tee_pubkey(key | {"x": keybroker_jwe.b64url(x.to_bytes(66, "big"))})
+
+
 def test_jwe_members_are_read_as_kbs_types_reads_them():
     """guest-components reads a JWE's members with URL_SAFE_NO_PAD: padding, the standard alphabet or
     set unused bits are refused, by keybroker's guest as well."""
