@@ -31,6 +31,7 @@ connection reads nothing back. A stored session never changes, so a cached one i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -186,23 +187,47 @@ class Store:
         self._cached = SessionCache()
         self._next_purge = 0.0
         self._on_loop = self.engine.dialect.name == "sqlite"  # reads of a local file: see _read
+        self._reader: tuple[int, Connection] | None = None  # (pid, connection) of the reads on the loop
         self._pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}  # name -> (pid, pool): workers are forked
 
     def close_connections(self) -> None:
         """Close the pooled connections (before a fork: no connection may cross it)."""
         self._commits.close()
+        self._drop_reader()
         self.engine.dispose()
+
+    def _drop_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None and reader[0] == os.getpid():
+            with contextlib.suppress(Exception):
+                reader[1].close()
 
     async def _read(self, read: Callable[[Connection], T]) -> T:
         """``read`` on a connection: in place with SQLite; on a thread with a database server, so
         that one that stops answering stalls this request (StoreError after READ_WAIT), not the
         event loop and every request on it."""
+        if self._on_loop:
+            return self._read_here(read)
+
         def run() -> T:
             with self.engine.connect() as db:
                 return read(db)
-        if self._on_loop:
-            return run()
         return await self._bounded(run, "read", READERS, READ_WAIT)
+
+    def _read_here(self, read: Callable[[Connection], T]) -> T:
+        """``read`` on this process's connection for reads on its event loop (taking one from the
+        pool for every read cost more than the read). Each read ends its transaction, so that the
+        next one sees what was committed meanwhile; a connection whose read failed is not kept."""
+        if self._reader is None or self._reader[0] != os.getpid():
+            self._reader = os.getpid(), self.engine.connect()
+        db = self._reader[1]
+        try:
+            result = read(db)
+            db.rollback()
+            return result
+        except Exception:
+            self._drop_reader()
+            raise
 
     async def admin(self, call: Callable[[], T]) -> T:
         """``call``, an admin operation of this store (blocking), on a thread, given up after
@@ -291,9 +316,8 @@ class Store:
         chain's lock either is no longer what the database holds (a newer policy, the resource put
         again, deleted or re-wrapped meanwhile): then None, nothing recorded, nothing to release."""
         def work(db: Connection) -> Event | None:
-            newest = db.execute(_NEWEST_POLICY).first() or NO_POLICY
-            row = db.execute(_RESOURCE, {"path": stored.path}).first()
-            if ((newest.version, newest.digest) != (decided.version, decided.digest) or row is None
+            row = db.execute(_FOR_RELEASE, {"path": stored.path}).first()  # no row: no policy
+            if (row is None or (row.version, row.digest) != (decided.version, decided.digest) or row.path is None
                     or (row.kek_id, bytes(row.sealed)) != (stored.sealed.kek_id, stored.sealed.blob)):
                 return None
             return event
