@@ -117,7 +117,10 @@ def _administrator(args: argparse.Namespace, *, values: bool = False) -> Any:
 def _resource(args: argparse.Namespace) -> int:
     if args.action == "list":
         for info in _administrator(args).list_resources():
-            print(f"{info.path}\t{info.size} bytes" + (f"\tlease {info.lease} s" if info.lease else ""))
+            if info.altered:
+                print(f"{info.path}\tALTERED: a column holds what keybroker never writes there (edited)")
+            else:
+                print(f"{info.path}\t{info.size} bytes" + (f"\tlease {info.lease} s" if info.lease else ""))
     elif args.action == "put":
         value = _read_value(args.file)
         _administrator(args, values=True).put_resource(args.path, value, args.lease)

@@ -55,8 +55,9 @@ class AdminClient:
 
     def list_resources(self) -> list[ResourceInfo]:
         return self._call("GET", "/resources", read=lambda body: [
-            ResourceInfo(_of(r, "path", str), _of(r, "size", int), _of(r, "lease", int, None), _of(r, "kek", str),
-                         _of(r, "updated", int, float)) for r in _of(body, "resources", list)])
+            ResourceInfo(_of(r, "path", str), _of(r, "size", int, None), _of(r, "lease", int, None),
+                         _of(r, "kek", str, None), _of(r, "updated", int, float, None), _of(r, "altered", bool))
+            for r in _of(body, "resources", list)])
 
     def put_policy(self, text: str | bytes) -> tuple[int, bool]:
         return self._call("PUT", "/policy", data=text.encode() if isinstance(text, str) else text, read=_version)

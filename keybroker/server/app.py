@@ -231,7 +231,7 @@ def create_app(kbs: KeyServer, admin_auth: AdminAuth | None, limiter: RateLimite
         admin = await administrator(request)
         listing = await kbs.store.admin(admin.list_resources)
         return JSONResponse({"resources": [{"path": r.path, "size": r.size, "lease": r.lease, "kek": r.kek_id,
-                                            "updated": r.updated} for r in listing]})
+                                            "updated": r.updated, "altered": r.altered} for r in listing]})
 
     @guarded("admin")
     async def put_resource(request: Request) -> Response:

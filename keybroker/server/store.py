@@ -67,11 +67,15 @@ class StoredResource:
 
 @dataclass(frozen=True)
 class ResourceInfo:
+    """A resource as listed. A row with a column of another type than keybroker writes (SQLite keeps
+    any value in any column: only an edit puts one there) is ``altered``, that column None."""
+
     path: str
-    size: int
+    size: int | None
     lease: int | None
-    kek_id: str
-    updated: float
+    kek_id: str | None
+    updated: float | None
+    altered: bool = False
 
 
 @dataclass(frozen=True)
@@ -318,7 +322,7 @@ class Store:
         def work(db: Connection) -> Event | None:
             row = db.execute(_FOR_RELEASE, {"path": stored.path}).first()  # no row: no policy
             if (row is None or (row.version, row.digest) != (decided.version, decided.digest) or row.path is None
-                    or (row.kek_id, bytes(row.sealed)) != (stored.sealed.kek_id, stored.sealed.blob)):
+                    or (row.kek_id, row.sealed) != (stored.sealed.kek_id, stored.sealed.blob)):
                 return None
             return event
         return await self.committed(work)
@@ -327,8 +331,7 @@ class Store:
         """Every resource's path, size and lease; the values stay in the database."""
         with self.engine.connect() as db:
             rows = db.execute(select(resources).order_by(resources.c.path)).all()
-        return [ResourceInfo(row.path, Sealed(row.kek_id, row.sealed).size, row.lease, row.kek_id, row.updated)
-                for row in rows]
+        return [_resource_info(row) for row in rows]
 
     def rewrap_resources(self, sealer: Sealer, event: Callable[[int], Event]) -> Record:
         """Re-seal every resource not under ``sealer``'s current KEK or sealed without its lease, and
@@ -498,6 +501,17 @@ def _session_columns(row: Any) -> tuple[str, ...]:
 def _resource(db: Connection, path: str) -> StoredResource | None:
     row = db.execute(_RESOURCE, {"path": path}).first()
     return None if row is None else StoredResource(row.path, Sealed(row.kek_id, row.sealed), row.lease)
+
+
+def _resource_info(row: Any) -> ResourceInfo:
+    def typed(value: Any, *kinds: type) -> Any:
+        return value if type(value) in kinds else None
+    blob = typed(row.sealed, bytes)
+    info = ResourceInfo(str(row.path), None if blob is None else Sealed(row.kek_id, blob).size,
+                        typed(row.lease, int), typed(row.kek_id, str), typed(row.updated, float, int))
+    altered = (type(row.path) is not str or blob is None or info.kek_id is None or info.updated is None
+               or (row.lease is not None and info.lease is None))
+    return replace(info, altered=True) if altered else info
 
 
 def _policy_columns(row: Any) -> tuple[str, ...]:

@@ -335,6 +335,11 @@ def test_a_lease_that_is_no_integer_in_the_database_is_an_altered_row(tsm_sim, k
     assert audit_records(server.db)[-1]["reason"].startswith("resource default/key/a cannot be unsealed")
     rotated = keybroker("rotate-kek", "--db", server.db, "--kek-file", str(server.secrets.kek))
     assert rotated.returncode != 0 and b"was altered" in rotated.stderr and b"Traceback" not in rotated.stderr
+    # Listed as altered, by the admin API (the float or text made it a 500) and locally.
+    remote = ("--server", server.url, "--admin-token-file", str(server.secrets.admin_token_file))
+    for where in (remote, ("--db", server.db)):
+        listed = keybroker("resource", "list", *where)
+        assert listed.returncode == 0 and listed.stdout.startswith(b"default/key/a\tALTERED"), listed
 
 
 @pytest.mark.parametrize("content, message", [

@@ -364,8 +364,10 @@ def test_a_sealed_value_that_is_no_bytes_in_the_database_is_an_altered_row(tmp_p
         db.execute(f"UPDATE resources SET sealed = {sealed} WHERE path = 'default/key/a'")
     assert released(server, cookie) == p.INTERNAL
     assert list(records(server.store.engine))[-1].event.reason.startswith("resource default/key/a cannot be unsealed")
+    administrator = Admin(server.store, server.sealer, "local:test", "test")
     with pytest.raises(SealError, match=r"no bytes: the row .* was altered"):
-        Admin(server.store, server.sealer, "local:test", "test").rotate_kek()
+        administrator.rotate_kek()
+    assert [(r.path, r.size, r.altered) for r in administrator.list_resources()] == [("default/key/a", None, True)]
 
 
 @pytest.mark.parametrize("provider, tee", [("tdx_guest", "snp"), ("sev_guest", "tdx"), ("sev_guest", "cca")])
