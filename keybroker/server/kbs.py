@@ -43,7 +43,8 @@ from .audit import ALLOW, ATTEST, DENY, RELEASE, Event
 from .cookies import SessionCookies
 from .metrics import Metrics
 from .sealing import Sealer
-from .store import Session, Store
+from .sessions import Session
+from .store import Store
 from .tokens import TokenSigner
 
 log = logging.getLogger("keybroker.server")

@@ -36,9 +36,7 @@ import json
 import logging
 import math
 import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -54,6 +52,7 @@ from .groupcommit import GroupCommit, Work
 from .policy import NONE, Policy
 from .schema import open_engine, policies, resources, sessions
 from .sealing import RowMac, Sealed, Sealer
+from .sessions import Session, SessionCache
 
 log = logging.getLogger("keybroker.server")
 
@@ -93,17 +92,6 @@ class PolicyVersion(PolicyInfo):
     policy: Policy
 
 
-@dataclass(frozen=True)
-class Session:
-    id: str
-    tee: str
-    nonce: str
-    state: str
-    expires: float
-    tee_pubkey: dict[str, str] | None
-    claims: dict[str, Any] | None
-
-
 #: Version 0: no policy has been set, nothing is released.
 NO_POLICY = PolicyVersion(0, NONE.digest, 0.0, "none", NONE)
 
@@ -139,36 +127,6 @@ READERS = 4
 ADMIN_WAIT = 10.0
 ADMINS = 2
 T = TypeVar("T")
-
-class SessionCache:
-    """The sessions this process stored lately, by id: at most ``size``, and at most ``budget``
-    characters of their claims and keys as stored (JSON), the oldest forgotten first. A session's
-    claims may be megabytes (a TDX event log's events): a count alone would let a guest that
-    attests again and again with long event logs fill the worker's memory."""
-
-    def __init__(self, size: int = 4096, budget: int = 32 * 1024 * 1024) -> None:
-        self.size, self.budget = size, budget
-        self._sessions: OrderedDict[str, tuple[Session, int]] = OrderedDict()
-        self._cost = 0
-        self._lock = threading.Lock()
-
-    def put(self, session: Session, cost: int = 0) -> None:
-        """Remember ``session``, ``cost`` characters long as stored (one larger than the budget is not kept)."""
-        with self._lock:
-            _, old = self._sessions.pop(session.id, (None, 0))
-            self._cost -= old
-            if cost > self.budget:
-                return
-            self._sessions[session.id] = session, cost
-            self._cost += cost
-            while len(self._sessions) > self.size or self._cost > self.budget:
-                self._cost -= self._sessions.popitem(last=False)[1][1]
-
-    def get(self, session_id: str) -> Session | None:
-        with self._lock:
-            found = self._sessions.get(session_id)
-            return None if found is None else found[0]
-
 
 #: What the MACs of the rows that decide a release are derived for (see sealing.RowMac).
 SESSION_MAC = b"keybroker stored session v1"

@@ -18,7 +18,8 @@ from keybroker.server.audit import ALLOW, ATTEST, DENY, RELEASE, Event
 from keybroker.server.kbs import KeyServer, Problem
 from keybroker.server.metrics import Metrics
 from keybroker.server.sealing import Kek, Sealer
-from keybroker.server.store import Session, Store
+from keybroker.server.sessions import Session
+from keybroker.server.store import Store
 from keybroker.server.tokens import TokenSigner
 from keybroker.verifier import TrustStore
 from keybroker.wire import jwe

@@ -301,7 +301,7 @@ def stored(server, state):
     import asyncio
 
     from keybroker.server.audit import ALLOW, ATTEST, DENY, Event
-    from keybroker.server.store import Session
+    from keybroker.server.sessions import Session
     from keybroker.wire import jwe
 
     fresh, cookie = server.cookies.issue("cca", "the-nonce", 300)

@@ -12,7 +12,8 @@ import pytest
 from keybroker.server.audit import ALLOW, ATTEST, Event
 from keybroker.server.cookies import SessionCookies
 from keybroker.server.sealing import Kek, RowMac, Sealer
-from keybroker.server.store import SESSION_MAC, Session, SessionCache, Store
+from keybroker.server.sessions import Session, SessionCache
+from keybroker.server.store import SESSION_MAC, Store
 
 KEK = Kek.from_bytes(bytes(range(32)), "test")
 NEXT_KEK = Kek.from_bytes(bytes(range(1, 33)), "test")
