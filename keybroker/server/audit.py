@@ -30,6 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..errors import StoreError
 from . import schema
+from .prepared import Prepared
 
 ATTEST, RELEASE, ADMIN = "attest", "release", "admin"
 ALLOW, DENY = "allow", "deny"
@@ -120,15 +121,19 @@ def canonical(content: dict[str, str | int | None]) -> bytes:
 
 # The statements of every append, built once (building one costs more than running it).
 _HEAD = schema.audit_head
-_LOCK_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq).returning(_HEAD.c.seq, _HEAD.c.hash)
-_MOVE_HEAD = update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("head_seq"), hash=bindparam("head_hash"))
-_INSERT = insert(schema.audit)
+_LOCK_HEAD = Prepared(update(_HEAD).where(_HEAD.c.id == 1).values(seq=_HEAD.c.seq).returning(_HEAD.c.seq, _HEAD.c.hash))
+_MOVE_HEAD = Prepared(update(_HEAD).where(_HEAD.c.id == 1).values(seq=bindparam("head_seq"),
+                                                                  hash=bindparam("head_hash")))
+_INSERT = Prepared(insert(schema.audit))
 
 
 def lock_head(db: Connection) -> tuple[int, str]:
     """Take the chain's write lock (until commit): the last record's seq and hash."""
-    seq, prev = db.execute(_LOCK_HEAD).one()
-    return seq, prev
+    rows = _LOCK_HEAD.rows(db)
+    if len(rows) != 1 or type(rows[0].seq) is not int or type(rows[0].hash) is not str:
+        raise StoreError(f"the audit log's head row is {'altered' if rows else 'missing'}: nothing can be "
+                         "appended to the chain (keybroker audit verify says more)")
+    return rows[0].seq, rows[0].hash
 
 
 def append(db: Connection, seq: int, prev: str, events: list[Event]) -> list[Record]:
@@ -143,9 +148,9 @@ def append(db: Connection, seq: int, prev: str, events: list[Event]) -> list[Rec
         record = Record(seq, time, event, prev, digest(seq, time, event, prev))
         out.append(record)
         prev = record.hash
-    db.execute(_INSERT, [{"seq": r.seq, "time": r.time, "prev": r.prev, "hash": r.hash, **r.event.as_dict()}
-                         for r in out])
-    db.execute(_MOVE_HEAD, {"head_seq": seq, "head_hash": prev})
+    _INSERT.many(db, [{"seq": r.seq, "time": r.time, "prev": r.prev, "hash": r.hash, **r.event.as_dict()}
+                      for r in out])
+    _MOVE_HEAD.rows(db, {"head_seq": seq, "head_hash": prev})
     return out
 
 

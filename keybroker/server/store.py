@@ -50,6 +50,7 @@ from . import schema
 from .audit import Event, Record
 from .groupcommit import GroupCommit, Work
 from .policy import NONE, Policy
+from .prepared import Prepared
 from .schema import open_engine, policies, resources, sessions
 from .sealing import RowMac, Sealed, Sealer
 from .sessions import Session, SessionCache
@@ -106,12 +107,12 @@ _NEWEST_POLICY = select(policies.c.version, policies.c.digest).order_by(policies
 _POLICY = select(policies).where(policies.c.version == bindparam("wanted"))
 _NEWEST = _NEWEST_POLICY.subquery()
 #: A release's one read: the newest policy's version and digest, and the resource if there is one.
-_FOR_RELEASE = (select(_NEWEST.c.version, _NEWEST.c.digest, resources.c.path, resources.c.kek_id,
-                       resources.c.sealed, resources.c.lease)
-                .select_from(_NEWEST.outerjoin(resources, resources.c.path == bindparam("path"))))
+_FOR_RELEASE = Prepared(select(_NEWEST.c.version, _NEWEST.c.digest, resources.c.path, resources.c.kek_id,
+                                resources.c.sealed, resources.c.lease)
+                         .select_from(_NEWEST.outerjoin(resources, resources.c.path == bindparam("path"))))
 _SESSION = select(sessions).where(sessions.c.id == bindparam("session_id"))
-_SESSION_EXISTS = select(sessions.c.id).where(sessions.c.id == bindparam("session_id"))
-_NEW_SESSION = insert(sessions)
+_SESSION_EXISTS = Prepared(select(sessions.c.id).where(sessions.c.id == bindparam("session_id")))
+_NEW_SESSION = Prepared(insert(sessions))
 _PURGE_SESSIONS = delete(sessions).where(sessions.c.expires < bindparam("now"))
 
 #: Seconds a protocol step waits for a read from a database server before it gives up.
@@ -266,7 +267,7 @@ class Store:
     async def for_release(self, path: str) -> tuple[PolicyVersion, StoredResource | None]:
         """The active policy and the resource ``path`` (None when there is none), read together."""
         def read(db: Connection) -> tuple[PolicyVersion, StoredResource | None]:
-            row = db.execute(_FOR_RELEASE, {"path": path}).first()
+            row = _FOR_RELEASE.first(db, {"path": path})
             if row is None:  # no policy stored: nothing is released
                 return NO_POLICY, _resource(db, path)
             stored = None if row.path is None else StoredResource(row.path, Sealed(row.kek_id, row.sealed), row.lease)
@@ -278,7 +279,7 @@ class Store:
         chain's lock either is no longer what the database holds (a newer policy, the resource put
         again, deleted or re-wrapped meanwhile): then None, nothing recorded, nothing to release."""
         def work(db: Connection) -> Event | None:
-            row = db.execute(_FOR_RELEASE, {"path": stored.path}).first()  # no row: no policy
+            row = _FOR_RELEASE.first(db, {"path": stored.path})  # no row: no policy
             if (row is None or (row.version, row.digest) != (decided.version, decided.digest) or row.path is None
                     or (row.kek_id, row.sealed) != (stored.sealed.kek_id, stored.sealed.blob)):
                 return None
@@ -409,12 +410,12 @@ class Store:
                 db.execute(_PURGE_SESSIONS, {"now": now - PURGE_MARGIN})
             if session.expires <= now:
                 return None  # ended while its evidence was verified: its cookie opens no more, nothing to spend
-            if db.execute(_SESSION_EXISTS, {"session_id": session.id}).first() is not None:
+            if _SESSION_EXISTS.first(db, {"session_id": session.id}) is not None:
                 return None  # read under the chain's lock: no other writer can insert it meanwhile
             row = {"id": session.id, "tee": session.tee, "nonce": session.nonce, "state": session.state,
                    "expires": float(session.expires),
                    "claims": claims, "tee_pubkey": tee_pubkey}
-            db.execute(_NEW_SESSION, row | {"mac": rows.mac(_session_columns(row))})
+            _NEW_SESSION.rows(db, row | {"mac": rows.mac(_session_columns(row))})
             return event
         record = await self.committed(work)
         if record is not None:
