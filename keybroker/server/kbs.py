@@ -235,7 +235,7 @@ class KeyServer:
             raise Problem(p.ATTESTATION_DENIED, f"evidence did not verify: {verdict.reason()}", f"evidence_{failed}",
                           proven=verdict.proven)
         try:
-            device_claims = appraise_devices(devices, p.device_report_data(attestation.nonce, attestation.tee_pubkey))
+            device_claims = appraise_devices(devices, attestation.nonce, attestation.tee_pubkey)
         except EvidenceError as exc:
             raise Problem(p.ATTESTATION_DENIED, f"device evidence: {exc}", "device_evidence", proven=True) from None
         return verdict.claims | device_claims | (init_data.claims() if init_data else {})

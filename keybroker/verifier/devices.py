@@ -22,16 +22,18 @@ import binascii
 from typing import Any
 
 from ..errors import EvidenceError
+from ..wire.rcar import device_report_data
 
 SVN_MAX = 64
 
 
-def appraise(devices: dict[str, Any], binding: bytes) -> dict[str, Any]:
-    """The claims of the device evidence ``devices``; EvidenceError when one we can check is not bound."""
+def appraise(devices: dict[str, Any], nonce: str, tee_pubkey: dict[str, str]) -> dict[str, Any]:
+    """The claims of the device evidence ``devices`` of the session of ``nonce`` and ``tee_pubkey``;
+    EvidenceError when one we can check is not bound to them."""
     claims: dict[str, Any] = {"devices": sorted(devices)}
     for name, evidence in devices.items():
         if name == "sampledevice":
-            claims |= _sample_device(evidence, binding)
+            claims |= _sample_device(evidence, device_report_data(nonce, tee_pubkey))
         else:
             claims[f"device.{name}.verified"] = False
     return claims
