@@ -131,7 +131,9 @@ def load_crl_dir(folder: Path) -> list[x509.CertificateRevocationList]:
     return load_files(folder, (".crl",), lambda data: [load_crl(data)])
 
 
+@functools.lru_cache(maxsize=CACHE_MAX)
 def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's DER, in hex; remembered, as a chain search asks it of every root."""
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
