@@ -186,7 +186,7 @@ class Store:
         db = self._reader[1]
         try:
             result = read(db)
-            db.rollback()
+            db.rollback()  # ends a read made by Core; pysqlite (legacy transaction control) opens none for a SELECT
             return result
         except Exception:
             self._drop_reader()

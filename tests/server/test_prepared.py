@@ -67,3 +67,12 @@ def test_an_append_after_the_head_row_was_edited_is_a_store_error(engine, edit):
     with engine.begin() as db, pytest.raises(StoreError, match=f"head row is {edit}"):
         seq, prev = audit.lock_head(db)
         audit.append(db, seq, prev, [Event(ADMIN, ALLOW, "x", "test")])
+
+
+def test_a_connection_its_driver_closed_is_a_drivers_error(engine):
+    """Even the cursor's making: a raw error there became a 500 with a traceback."""
+    db = engine.connect()
+    db.connection.dbapi_connection.close()
+    with pytest.raises(DBAPIError, match="closed"):
+        HEAD.first(db)
+    db.invalidate()
