@@ -462,15 +462,19 @@ def _resource(db: Connection, path: str) -> StoredResource | None:
     return None if row is None else StoredResource(row.path, Sealed(row.kek_id, row.sealed), row.lease)
 
 
+#: What keybroker writes in each column a listing shows.
+_RESOURCE_KINDS: dict[str, tuple[type, ...]] = {"path": (str,), "sealed": (bytes,), "lease": (int, type(None)),
+                                                "kek_id": (str,), "updated": (float, int)}
+
+
 def _resource_info(row: Any) -> ResourceInfo:
-    def typed(value: Any, *kinds: type) -> Any:
-        return value if type(value) in kinds else None
-    blob = typed(row.sealed, bytes)
-    info = ResourceInfo(str(row.path), None if blob is None else Sealed(row.kek_id, blob).size,
-                        typed(row.lease, int), typed(row.kek_id, str), typed(row.updated, float, int))
-    altered = (type(row.path) is not str or blob is None or info.kek_id is None or info.updated is None
-               or (row.lease is not None and info.lease is None))
-    return replace(info, altered=True) if altered else info
+    def kept(name: str) -> Any:
+        value = getattr(row, name)
+        return value if type(value) in _RESOURCE_KINDS[name] else None
+    blob = kept("sealed")
+    altered = any(type(getattr(row, name)) not in kinds for name, kinds in _RESOURCE_KINDS.items())
+    return ResourceInfo(str(row.path), None if blob is None else Sealed(row.kek_id, blob).size, kept("lease"),
+                        kept("kek_id"), kept("updated"), altered)
 
 
 def _policy_columns(row: Any) -> tuple[str, ...]:
