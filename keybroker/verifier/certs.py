@@ -1,8 +1,9 @@
 """X.509 and DER helpers shared by the vendor verifiers.
 
-Parsed certificates and verified certificate signatures are remembered (by the
-certificate's bytes, at most ``CACHE_MAX`` of each, least recently used first out): a key
-server sees the same few chains again and again, and both are pure functions of those bytes.
+Parsed certificates are remembered by the input's bytes, and what is worked out of them
+(fingerprints, verified signatures) by the certificate objects those parses return
+(see ``remembered``), at most ``CACHE_MAX`` of each, least recently used first out: a key
+server sees the same few chains again and again, and all are pure functions of those bytes.
 What is remembered is bounded in bytes too, as evidence is hostile: a certificate is at most
 ``CERT_MAX`` bytes, and only inputs of at most ``CACHED_INPUT_MAX`` are remembered.
 """
@@ -16,7 +17,7 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -27,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from ..errors import EvidenceError
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 CERT_FILE_SUFFIXES = (".pem", ".crt", ".cer", ".der")
 CERT_FILE_MAX = 1024 * 1024
 CACHE_MAX = 512
@@ -39,6 +41,35 @@ AMD_RSA_BITS = 4096
 RSA_EXPONENT_BITS_MAX = 32
 #: The largest OID arc read (after the first two): 2**128 - 1, as a UUID under 2.25.
 OID_ARC_MAX = 2**128 - 1
+
+
+class _Same:
+    """A cache key that is its object by identity. It holds the object, so that the id stays that
+    object's for as long as the key is remembered."""
+
+    __slots__ = ("item",)
+
+    def __init__(self, item: object) -> None:
+        self.item = item
+
+    def __hash__(self) -> int:
+        return id(self.item)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.item is self.item
+
+
+def remembered(function: F) -> F:
+    """``function`` of certificates (or CRLs), remembered per argument objects, at most CACHE_MAX
+    calls. By identity, not by value: pyca hashes and compares a certificate by re-encoding it
+    (15 us a lookup, as much as most of what is remembered), while ``load_certs`` hands out the
+    same objects for the same bytes. Another object of the same bytes is a miss, never a wrong hit."""
+    cached = functools.lru_cache(maxsize=CACHE_MAX)(lambda *keys: function(*(key.item for key in keys)))
+
+    @functools.wraps(function)
+    def call(*items: object) -> Any:
+        return cached(*map(_Same, items))
+    return call  # type: ignore[return-value]
 
 
 def load_certs(data: bytes, *, most: int | None = None) -> list[x509.Certificate]:
@@ -131,7 +162,7 @@ def load_crl_dir(folder: Path) -> list[x509.CertificateRevocationList]:
     return load_files(folder, (".crl",), lambda data: [load_crl(data)])
 
 
-@functools.lru_cache(maxsize=CACHE_MAX)
+@remembered
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of the certificate's DER, in hex; remembered, as a chain search asks it of every root."""
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
@@ -142,7 +173,7 @@ def common_name(name: x509.Name) -> str:
     return str(attrs[0].value) if attrs else ""
 
 
-@functools.lru_cache(maxsize=CACHE_MAX)
+@remembered
 def signed_by_rsa_pss_sha384(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     """AMD's certificate signatures: RSASSA-PSS, SHA-384, MGF1-SHA-384, salt 48, issuer name matches."""
     return child.issuer == issuer.subject and _pss_sha384(issuer, child.signature, child.tbs_certificate_bytes)
@@ -169,7 +200,7 @@ def _pss_sha384(issuer: x509.Certificate, signature: bytes, signed: bytes) -> bo
         return False
 
 
-@functools.lru_cache(maxsize=CACHE_MAX)
+@remembered
 def signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     """Issuer name matches and the signature verifies under the issuer's key (ECDSA/RSA)."""
     try:

@@ -155,6 +155,25 @@ def test_a_table_of_overlapping_or_bundled_entries_is_refused_before_it_is_parse
         (GUID["vcek"], GUID["ask"], GUID["ark"]), ders, strict=True)))}).ok
 
 
+def test_what_is_remembered_per_certificate_object_is_never_another_ones():
+    """Remembered by identity: a certificate freed and another parsed in its place (Python reuses the
+    address, and so the id) must not be answered with the first one's fingerprint or signature."""
+    def self_signed(cn: str) -> bytes:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(1).not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW)
+                .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+
+    ders = [self_signed("one"), self_signed("two")]
+    other = x509.load_der_x509_certificate(self_signed("three"))
+    for n in range(2 * certs.CACHE_MAX + 10):  # past the bound too: what is forgotten is worked out again
+        cert = x509.load_der_x509_certificate(ders[n % 2])
+        assert certs.fingerprint(cert) == hashlib.sha256(ders[n % 2]).hexdigest()
+        assert certs.signed_by(cert, cert) and not certs.signed_by(cert, other)
+        del cert
+
+
 def test_what_is_remembered_of_certificates_is_bounded_in_bytes():
     def certificate(extension: bytes = b"") -> bytes:
         key = ec.generate_private_key(ec.SECP256R1())
