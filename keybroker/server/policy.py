@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,13 +70,18 @@ class Decision:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One condition evaluated: whether it holds, and for a claim what was compared."""
+    """One condition evaluated: whether it holds, and for a claim what was compared. The words are
+    made only when read (a denial's reason, an explanation): a release that is allowed reads none."""
 
     holds: bool
     kind: str  # claim, allOf, anyOf, not
-    text: str = ""
+    words: Callable[[], str] = str
     parts: tuple[Evaluation, ...] = ()
     absent: str | None = None  # a comparison's claim that the guest lacks, or has as what it cannot compare
+
+    @property
+    def text(self) -> str:
+        return self.words()
 
     def reason(self) -> str:
         """The sentence that names what failed (for an outcome that does not hold)."""
@@ -120,11 +126,11 @@ class Policy:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def decide(self, resource: str, claims: dict[str, Any]) -> Decision:
-        return self._judge(resource, claims)[0]
+        return self._judge(resource, claims, explain=False)[0]
 
     def explain(self, resource: str, claims: dict[str, Any]) -> list[str]:
         """The rules consulted for ``resource``, each condition PASS or FAIL, and the decision."""
-        decision, lines = self._judge(resource, claims)
+        decision, lines = self._judge(resource, claims, explain=True)
         return [*lines, f"=> {'ALLOW' if decision.allowed else 'DENY'}: {decision.reason}"]
 
     def unpinned(self) -> list[str]:
@@ -135,7 +141,8 @@ class Policy:
                 for index, rule in enumerate(self.document["rules"])
                 if not ("require" in rule and _pins(rule["require"], MEASUREMENT_CLAIMS))]
 
-    def _judge(self, resource: str, claims: dict[str, Any]) -> tuple[Decision, list[str]]:
+    def _judge(self, resource: str, claims: dict[str, Any], *, explain: bool) -> tuple[Decision, list[str]]:
+        """The decision and the lines that say how it was reached (each condition's with ``explain``)."""
         lines: list[str] = []
         if not self.document["rules"]:
             return Decision(False, NO_POLICY_REASON, None, "no_policy"), lines
@@ -160,7 +167,8 @@ class Policy:
                 lines.append("  PASS claim unbound is true (the rule sets allow_unbound)")
             if "require" in rule:
                 outcome = _evaluate(rule["require"], claims)
-                lines += outcome.lines()
+                if explain:
+                    lines += outcome.lines()
                 if not outcome.holds:
                     return Decision(False, f"{where}: {outcome.reason()}", index, "condition"), lines
             return Decision(True, f"{where}: all conditions hold", index, "allowed"), lines
@@ -176,46 +184,48 @@ def _evaluate(cond: Any, claims: dict[str, Any]) -> Evaluation:
         inner = _evaluate(cond["not"], claims)
         missing = _absent(inner)
         if missing:  # "not X" says nothing about a guest that lacks what X compares: it must not pass
-            return Evaluation(False, "not", f"claim {missing} is absent or not of a kind {json.dumps(cond['not'])} "
-                                            "compares, so it cannot be refuted", (inner,))
-        return Evaluation(not inner.holds, "not", json.dumps(cond["not"]), (inner,))
+            return Evaluation(False, "not", lambda: f"claim {missing} is absent or not of a kind "
+                                                    f"{json.dumps(cond['not'])} compares, so it cannot be refuted",
+                              (inner,))
+        return Evaluation(not inner.holds, "not", lambda: json.dumps(cond["not"]), (inner,))
     name = cond["claim"]
     present = name in claims and claims[name] is not None
     if "exists" in cond:
-        return Evaluation(present == cond["exists"], "claim", f"claim {name} is {'present' if present else 'absent'}")
+        return Evaluation(present == cond["exists"], "claim",
+                          lambda: f"claim {name} is {'present' if present else 'absent'}")
     if not present:
-        wanted = f", so it has no element {_wanted(cond['contains'])}" if "contains" in cond else ""
-        return Evaluation(False, "claim", f"claim {name} is absent{wanted}", absent=name)
+        return Evaluation(False, "claim", lambda: f"claim {name} is absent" + (
+            f", so it has no element {_wanted(cond['contains'])}" if "contains" in cond else ""), absent=name)
     value = claims[name]
     if "equals" in cond:
         want = cond["equals"]
         if _same(value, want):
-            return Evaluation(True, "claim", f"claim {name} is {_show(value)}, equals {_show(want)}")
-        return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not {_show(want)}")
+            return Evaluation(True, "claim", lambda: f"claim {name} is {_show(value)}, equals {_show(want)}")
+        return Evaluation(False, "claim", lambda: f"claim {name} is {_show(value)}, not {_show(want)}")
     if "contains" in cond:
         return _contains(name, value, cond["contains"])
     if "in" in cond:
         if any(_same(value, v) for v in cond["in"]):
-            return Evaluation(True, "claim", f"claim {name} is {_show(value)}, one of {_show(cond['in'])}")
-        return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not one of {_show(cond['in'])}")
+            return Evaluation(True, "claim", lambda: f"claim {name} is {_show(value)}, one of {_show(cond['in'])}")
+        return Evaluation(False, "claim", lambda: f"claim {name} is {_show(value)}, not one of {_show(cond['in'])}")
     bound_name = "atLeast" if "atLeast" in cond else "atMost"
     bound = cond[bound_name]
     got, want = _comparable(value), _comparable(bound)
     if got is None or type(got) is not type(want):
-        return Evaluation(False, "claim",
-                          f"claim {name} is {_show(value)}, which cannot be compared with {_show(bound)}", absent=name)
+        return Evaluation(False, "claim", lambda: f"claim {name} is {_show(value)}, which cannot be compared with "
+                                                  f"{_show(bound)}", absent=name)
     if got >= want if bound_name == "atLeast" else got <= want:  # type: ignore[operator]
-        return Evaluation(True, "claim", f"claim {name} is {_show(value)}, "
-                                      f"{'at least' if bound_name == 'atLeast' else 'at most'} {_show(bound)}")
-    return Evaluation(False, "claim", f"claim {name} is {_show(value)}, "
-                                   f"{'below' if bound_name == 'atLeast' else 'above'} {_show(bound)}")
+        return Evaluation(True, "claim", lambda: f"claim {name} is {_show(value)}, "
+                                              f"{'at least' if bound_name == 'atLeast' else 'at most'} {_show(bound)}")
+    return Evaluation(False, "claim", lambda: f"claim {name} is {_show(value)}, "
+                                           f"{'below' if bound_name == 'atLeast' else 'above'} {_show(bound)}")
 
 
 def _contains(name: str, value: Any, want: Any) -> Evaluation:
     """A list claim has an element that is ``want`` or, for an object, has each of its fields equal."""
     if not isinstance(value, list):
-        return Evaluation(False, "claim", f"claim {name} is {_show(value)}, not a list that could contain "
-                                          f"{_whole(want)}", absent=name)
+        return Evaluation(False, "claim", lambda: f"claim {name} is {_show(value)}, not a list that could contain "
+                                                  f"{_whole(want)}", absent=name)
 
     def matches(element: Any) -> bool:
         if isinstance(want, dict):
@@ -223,8 +233,8 @@ def _contains(name: str, value: Any, want: Any) -> Evaluation:
         return _same(element, want)
 
     if any(matches(element) for element in value):
-        return Evaluation(True, "claim", f"claim {name} contains {_whole(want)}")
-    return Evaluation(False, "claim", f"claim {name} ({len(value)} elements) has no element {_wanted(want)}")
+        return Evaluation(True, "claim", lambda: f"claim {name} contains {_whole(want)}")
+    return Evaluation(False, "claim", lambda: f"claim {name} ({len(value)} elements) has no element {_wanted(want)}")
 
 
 def _wanted(want: Any) -> str:
