@@ -56,19 +56,21 @@ class _Same:
         return id(self.item)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Same) and other.item is self.item
+        return type(other) is _Same and other.item is self.item
 
 
 def remembered(function: F) -> F:
-    """``function`` of certificates (or CRLs), remembered per argument objects, at most CACHE_MAX
+    """``function`` of certificates (and text), remembered per argument objects, at most CACHE_MAX
     calls. By identity, not by value: pyca hashes and compares a certificate by re-encoding it
     (15 us a lookup, as much as most of what is remembered), while ``load_certs`` hands out the
-    same objects for the same bytes. Another object of the same bytes is a miss, never a wrong hit."""
-    cached = functools.lru_cache(maxsize=CACHE_MAX)(lambda *keys: function(*(key.item for key in keys)))
+    same objects for the same bytes. Another object of the same bytes is a miss, never a wrong hit.
+    Text is its own key, by value."""
+    cached = functools.lru_cache(maxsize=CACHE_MAX)(
+        lambda *keys: function(*(key.item if type(key) is _Same else key for key in keys)))
 
     @functools.wraps(function)
     def call(*items: object) -> Any:
-        return cached(*map(_Same, items))
+        return cached(*(item if isinstance(item, str) else _Same(item) for item in items))
     return call  # type: ignore[return-value]
 
 
@@ -171,6 +173,24 @@ def fingerprint(cert: x509.Certificate) -> str:
 def common_name(name: x509.Name) -> str:
     attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else ""
+
+
+@remembered
+def subject_cn(cert: x509.Certificate) -> str:
+    """The common name of ``cert``'s subject ("" when it has none)."""
+    return common_name(cert.subject)
+
+
+@remembered
+def issuer_cn(cert: x509.Certificate) -> str:
+    """The common name of ``cert``'s issuer ("" when it has none)."""
+    return common_name(cert.issuer)
+
+
+@remembered
+def names_issuer(child: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """``child``'s issuer name is ``issuer``'s subject (the names only: nothing is verified)."""
+    return child.issuer == issuer.subject
 
 
 @remembered

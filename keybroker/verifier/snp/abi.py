@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from ...errors import EvidenceError
-from ..certs import der_integer, der_read, extension
+from ..certs import der_integer, der_read, extension, remembered
 
 REPORT_SIZE = 0x4A0
 SIGNED_SIZE = 0x2A0
@@ -182,11 +182,13 @@ AMD_OID = "1.3.6.1.4.1.3704.1"
 SPL_OIDS = {"bootloader": "3.1", "tee": "3.2", "snp": "3.3", "microcode": "3.8", "fmc": "3.9"}
 
 
+@remembered
 def vek_spl(cert: x509.Certificate, name: str) -> int | None:
     raw = extension(cert, f"{AMD_OID}.{SPL_OIDS[name]}")
     return None if raw is None else der_integer(raw)
 
 
+@remembered
 def vek_hwid(cert: x509.Certificate) -> bytes | None:
     """The hwID extension: raw bytes as AMD issues it; a DER OCTET STRING is accepted too."""
     raw = extension(cert, f"{AMD_OID}.4")
@@ -197,6 +199,7 @@ def vek_hwid(cert: x509.Certificate) -> bytes | None:
     return raw
 
 
+@remembered
 def vek_product_name(cert: x509.Certificate) -> str | None:
     raw = extension(cert, f"{AMD_OID}.2")
     if raw is None:

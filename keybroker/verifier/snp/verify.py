@@ -24,15 +24,17 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from ...errors import EvidenceError
 from ...wire import ghcb
 from ..certs import (
-    common_name,
     crl_signed_by_rsa_pss_sha384,
     fingerprint,
     is_ec_key,
+    issuer_cn,
     load_cert_dir,
     load_certs,
     load_crl,
     load_crl_dir,
+    names_issuer,
     signed_by_rsa_pss_sha384,
+    subject_cn,
     valid_at,
     validity,
 )
@@ -102,7 +104,7 @@ def _check_revocation(chain: Chain, kind: str, table: list[tuple[uuid.UUID, byte
     """No CRL of the ARK may revoke the ASK or ASVK (the certificates the ARK issues). The CRLs are
     the host's and the operator's folders'; unless the operator keeps one of the ARK's, AMD's KDS's
     too (with ``kds_url``): the host could send an old CRL from before a revocation."""
-    ark, inter = common_name(chain.ark.subject), chain.intermediate
+    ark, inter = subject_cn(chain.ark), chain.intermediate
     hosts = _host_crls(table)
     operators = [crl for folder in context.certs for crl in load_crl_dir(folder)]
     kept = [crl for crl in operators if crl_signed_by_rsa_pss_sha384(crl, chain.ark)]
@@ -119,7 +121,7 @@ def _check_revocation(chain: Chain, kind: str, table: list[tuple[uuid.UUID, byte
     if not signed:
         checks.skipped("crl", f"no CRL of {ark} ({offered}): revocation not checked")
         return
-    named = f"{common_name(inter.subject)} (serial {inter.serial_number})"
+    named = f"{subject_cn(inter)} (serial {inter.serial_number})"
     for crl in signed:
         if crl.get_revoked_certificate_by_serial_number(inter.serial_number) is not None:
             checks.failed("crl", f"{named} is revoked: it is on the CRL {ark} issued {crl.last_update_utc:%Y-%m-%d}")
@@ -160,7 +162,7 @@ def find_chain(report: Report, certs: list[x509.Certificate], kind: str, trust: 
     # Prefer the VEK of this chip and this TCB, all of it (a folder may hold many, and a firmware
     # update raises the SNP SPL and leaves the microcode's), then the one that signed the report
     # (VLEKs of a CSP's regions share a TCB).
-    veks = [c for c in certs if common_name(c.subject) == vek_cn]
+    veks = [c for c in certs if subject_cn(c) == vek_cn]
     if len(veks) > 1:
         veks.sort(key=lambda c: (*_mismatch(c, report, kind), not _signs(c, report)))
     if not veks:
@@ -170,19 +172,19 @@ def find_chain(report: Report, certs: list[x509.Certificate], kind: str, trust: 
     # The VEK's own issuer, the one that signs it first (a host's table or a folder may hold a
     # look-alike, or an ASK AMD reissued); failing that, any AMD intermediate offered, so that
     # the signature check can say which certificate does not sign the VEK.
-    intermediates = sorted((c for c in certs if c.subject == vek.issuer),
+    intermediates = sorted((c for c in certs if names_issuer(vek, c)),
                            key=lambda c: not signed_by_rsa_pss_sha384(vek, c)) or \
-        [c for c in certs if _product_of(common_name(c.subject), "SEV-") or
-         _product_of(common_name(c.subject), "SEV-VLEK-")]
+        [c for c in certs if _product_of(subject_cn(c), "SEV-") or
+         _product_of(subject_cn(c), "SEV-VLEK-")]
     if not intermediates:
-        return f"no certificate for the VEK's issuer {common_name(vek.issuer)!r}"
+        return f"no certificate for the VEK's issuer {issuer_cn(vek)!r}"
     intermediate = intermediates[0]
     # Among look-alike ARKs (the host fills auxblob), prefer a trusted one, and of those the one that
     # signs the intermediate (a --trust-roots anchor, such as the emulator's, may bear AMD's name).
-    arks = sorted((c for c in certs if c.subject == intermediate.issuer),
+    arks = sorted((c for c in certs if names_issuer(intermediate, c)),
                   key=lambda c: (not trust.is_trusted(c), not signed_by_rsa_pss_sha384(intermediate, c)))
     if not arks:
-        return f"no ARK certificate {common_name(intermediate.issuer)!r}"
+        return f"no ARK certificate {issuer_cn(intermediate)!r}"
     return Chain(arks[0], intermediate, vek)
 
 
@@ -232,26 +234,26 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     ark, inter, vek = chain.ark, chain.intermediate, chain.vek
     ark_fp = fingerprint(ark)
     checks.require(ark_fp in context.trust.roots, "ark_pinned",
-                   f"sha256 {ark_fp[:16]}... of {common_name(ark.subject)} is a trusted root",
-                   f"ARK {common_name(ark.subject)!r} (sha256 {ark_fp}) is not a trusted AMD root")
+                   f"sha256 {ark_fp[:16]}... of {subject_cn(ark)} is a trusted root",
+                   f"ARK {subject_cn(ark)!r} (sha256 {ark_fp}) is not a trusted AMD root")
     checks.require(signed_by_rsa_pss_sha384(ark, ark), "ark_self_signed",
                    "RSA-PSS SHA-384 salt 48", "the ARK's self-signature does not verify")
     checks.require(signed_by_rsa_pss_sha384(inter, ark), "ask_signed_by_ark",
-                   f"{common_name(inter.subject)} by {common_name(ark.subject)} (RSA-PSS SHA-384 salt 48)",
-                   f"{common_name(inter.subject)} is not signed by {common_name(ark.subject)}")
+                   f"{subject_cn(inter)} by {subject_cn(ark)} (RSA-PSS SHA-384 salt 48)",
+                   f"{subject_cn(inter)} is not signed by {subject_cn(ark)}")
     checks.require(signed_by_rsa_pss_sha384(vek, inter), "vek_signed_by_ask",
-                   f"{common_name(vek.subject)} by {common_name(inter.subject)}",
-                   f"{common_name(vek.subject)} is not signed by {common_name(inter.subject)}")
+                   f"{subject_cn(vek)} by {subject_cn(inter)}",
+                   f"{subject_cn(vek)} is not signed by {subject_cn(inter)}")
     _check_revocation(chain, kind, table, context, checks)
 
-    inter_cn = common_name(inter.subject)
+    inter_cn = subject_cn(inter)
     want_prefix = "SEV-" if kind == "vcek" else "SEV-VLEK-"
     product = _product_of(inter_cn, want_prefix)
     checks.require(product is not None, "signer_consistent",
                    f"SIGNING_KEY={report.signing_key} ({kind.upper()}), intermediate {inter_cn}",
                    f"SIGNING_KEY={report.signing_key} ({kind.upper()}) needs an intermediate {want_prefix}<product>, "
                    f"got {inter_cn!r}")
-    ark_product = _product_of(common_name(ark.subject), "ARK-")
+    ark_product = _product_of(subject_cn(ark), "ARK-")
     name = vek_product_name(vek)
     vek_product = name.split("-")[0] if name else None
     cpuid_product = report.cpuid_product
@@ -265,7 +267,7 @@ def verify(evidence: Evidence, context: Context, checks: Checks, claims_out: dic
     claims_out["snp.product"] = product
 
     checks.require(is_ec_key(vek, ec.SECP384R1), "vek_key", "EC P-384", "the VEK key is not EC P-384")
-    expired = [f"{common_name(c.subject)} ({validity(c)})" for c in (ark, inter, vek) if not valid_at(c, context.at)]
+    expired = [f"{subject_cn(c)} ({validity(c)})" for c in (ark, inter, vek) if not valid_at(c, context.at)]
     checks.require(not expired, "certificates_valid", f"at {context.at:%Y-%m-%dT%H:%M:%SZ}",
                    f"not valid at {context.at:%Y-%m-%dT%H:%M:%SZ}: {', '.join(expired)}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..certs import common_name
+from ..certs import subject_cn
 from .abi import Quote
 from .pck import PckChain, PckInfo
 
@@ -47,7 +47,7 @@ def claims(quote: Quote) -> dict[str, Any]:
 
 def pck_claims(info: PckInfo, chain: PckChain) -> dict[str, Any]:
     c: dict[str, Any] = {"tdx.fmspc": info.fmspc.hex(), "tdx.pce_id": info.pce_id.hex(), "tdx.pcesvn": info.pcesvn,
-                         "tdx.pck_ca": chain.ca_kind or common_name(chain.ca.subject)}
+                         "tdx.pck_ca": chain.ca_kind or subject_cn(chain.ca)}
     if info.platform_instance_id is not None:
         c["tdx.platform_instance_id"] = info.platform_instance_id.hex()
     for name, on in (info.configuration or {}).items():

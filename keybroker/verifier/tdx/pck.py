@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from ...errors import EvidenceError
-from ..certs import common_name, der_integer, der_items, der_oid, der_read, extension
+from ..certs import der_integer, der_items, der_oid, der_read, extension, issuer_cn, subject_cn
 
 SGX_OID = "1.2.840.113741.1.13.1"
 PCK_LEAF_CN = "SGX PCK Certificate"
@@ -132,14 +132,14 @@ class PckChain:
     @property
     def ca_kind(self) -> str | None:
         """``platform`` or ``processor``: which PCK CRL applies (None for an unknown CA name)."""
-        return PCK_CA_NAMES.get(common_name(self.ca.subject))
+        return PCK_CA_NAMES.get(subject_cn(self.ca))
 
 
 def pck_chain(offered: list[x509.Certificate], anchors: list[x509.Certificate],
               is_trusted: Callable[[x509.Certificate], bool]) -> PckChain:
     """Pick leaf, CA and root by their names: the quote's own certificates first for the leaf
     and CA; for the root, a trusted one among the quote's, the operator's and the anchors."""
-    leaves = [c for c in offered if PCK_LEAF_CN in common_name(c.subject)]
+    leaves = [c for c in offered if PCK_LEAF_CN in subject_cn(c)]
     if not leaves:
         raise EvidenceError("the quote's certification data has no PCK leaf certificate "
                             f"(CN containing {PCK_LEAF_CN!r})")
@@ -147,7 +147,7 @@ def pck_chain(offered: list[x509.Certificate], anchors: list[x509.Certificate],
     cas = [c for c in offered if c.subject == leaf.issuer and c is not leaf]
     if not cas:
         raise EvidenceError(f"the quote's certification data has no certificate for the PCK's issuer "
-                            f"{common_name(leaf.issuer)!r}")
+                            f"{issuer_cn(leaf)!r}")
     ca = cas[0]
     roots = sorted((c for c in offered + anchors if c.subject == ca.issuer), key=lambda c: not is_trusted(c))
     return PckChain(leaf, ca, roots[0] if roots else None)

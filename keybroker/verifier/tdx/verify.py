@@ -21,7 +21,17 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ...errors import EventLogError, EvidenceError
 from ...wire.eventlog import parse_event_log
-from ..certs import common_name, fingerprint, is_ec_key, load_cert_dir, signed_by, valid_at, validity
+from ..certs import (
+    common_name,
+    fingerprint,
+    is_ec_key,
+    issuer_cn,
+    load_cert_dir,
+    signed_by,
+    subject_cn,
+    valid_at,
+    validity,
+)
 from ..core import Checks, Context, Evidence, check_freshness, check_init_data
 from ..trust import INTEL_TD_QE_ISVPRODID, INTEL_TD_QE_MRSIGNER
 from . import tcb
@@ -125,29 +135,29 @@ def _qe_problem(quote: Quote) -> str | None:
 def _check_chain(chain: PckChain, context: Context, checks: Checks) -> None:
     leaf, ca, root = chain.leaf, chain.ca, chain.root
     if root is None:
-        checks.failed("root_pinned", f"no root certificate for {common_name(ca.issuer)!r}: neither the quote, "
+        checks.failed("root_pinned", f"no root certificate for {issuer_cn(ca)!r}: neither the quote, "
                                      "the --certs folders nor the trust anchors hold it")
     assert root is not None
     fp = fingerprint(root)
     checks.require(context.trust.is_trusted(root), "root_pinned",
-                   f"sha256 {fp[:16]}... of {common_name(root.subject)} is a trusted root",
-                   f"root {common_name(root.subject)!r} (sha256 {fp}) is not the pinned Intel SGX Root CA "
+                   f"sha256 {fp[:16]}... of {subject_cn(root)} is a trusted root",
+                   f"root {subject_cn(root)!r} (sha256 {fp}) is not the pinned Intel SGX Root CA "
                    "or a --trust-roots anchor")
     problems = []
     if chain.ca_kind is None:
-        problems.append(f"the PCK issuer {common_name(ca.subject)!r} is not one of {', '.join(PCK_CA_NAMES)}")
+        problems.append(f"the PCK issuer {subject_cn(ca)!r} is not one of {', '.join(PCK_CA_NAMES)}")
     if _is_ca(leaf) or not _is_ca(ca):
         problems.append("the PCK leaf must not be a CA and its issuer must be one")
     if not all(is_ec_key(c, ec.SECP256R1) for c in (leaf, ca)):
         problems.append("PCK keys must be EC P-256")
     for child, issuer in ((leaf, ca), (ca, root), (root, root)):
         if not signed_by(child, issuer):
-            problems.append(f"{common_name(child.subject)} is not signed by {common_name(issuer.subject)}")
-    expired = [f"{common_name(c.subject)} ({validity(c)})" for c in (leaf, ca, root) if not valid_at(c, context.at)]
+            problems.append(f"{subject_cn(child)} is not signed by {subject_cn(issuer)}")
+    expired = [f"{subject_cn(c)} ({validity(c)})" for c in (leaf, ca, root) if not valid_at(c, context.at)]
     if expired:
         problems.append(f"not valid at {context.at:%Y-%m-%dT%H:%M:%SZ}: {', '.join(expired)}")
     checks.require(not problems, "pck_chain",
-                   f"{common_name(leaf.subject)} -> {common_name(ca.subject)} -> {common_name(root.subject)}, "
+                   f"{subject_cn(leaf)} -> {subject_cn(ca)} -> {subject_cn(root)}, "
                    f"valid at {context.at:%Y-%m-%dT%H:%M:%SZ}", "; ".join(problems))
 
 
@@ -193,9 +203,9 @@ def _appraise_tcb(quote: Quote, chain: PckChain, info: PckInfo, context: Context
     bad = [f"{what} ({doc.source})" for what, doc in (("TCB info", tcb_info), ("QE identity", qe_identity))
            if doc is not None and not _raw_ecdsa_p256(key, doc.signature, doc.body)]  # type: ignore[arg-type]
     checks.require(not bad, "collateral_signatures",
-                   f"TCB info{' and QE identity' if qe_identity else ''} signed by {common_name(signer.subject)} "
-                   f"under {common_name(root.subject)}",
-                   f"signature does not verify under {common_name(signer.subject)}: {', '.join(bad)}")
+                   f"TCB info{' and QE identity' if qe_identity else ''} signed by {subject_cn(signer)} "
+                   f"under {subject_cn(root)}",
+                   f"signature does not verify under {subject_cn(signer)}: {', '.join(bad)}")
 
     _check_crls(chain, signer, pck_crl, root_crl, checks)
 
@@ -235,13 +245,13 @@ def _appraise_tcb(quote: Quote, chain: PckChain, info: PckInfo, context: Context
 
 def _tcb_signer(collateral: Collateral, root: x509.Certificate, context: Context) -> x509.Certificate | str:
     """The "Intel SGX TCB Signing" certificate, issued by the quote's (pinned) root."""
-    signers = [c for c in collateral.certs if common_name(c.subject) == TCB_SIGNING_CN]
+    signers = [c for c in collateral.certs if subject_cn(c) == TCB_SIGNING_CN]
     if not signers:
         return f"no {TCB_SIGNING_CN!r} certificate in {collateral.source} (the TCB info issuer chain)"
     issued = [c for c in signers if signed_by(c, root)]
     if not issued:
         return (f"{TCB_SIGNING_CN!r} in {collateral.source} is not issued by the quote's root "
-                f"{common_name(root.subject)} (sha256 {fingerprint(root)[:16]}...)")
+                f"{subject_cn(root)} (sha256 {fingerprint(root)[:16]}...)")
     current = [c for c in issued if valid_at(c, context.at) and is_ec_key(c, ec.SECP256R1)]
     if not current:
         return f"{TCB_SIGNING_CN!r} is not valid at {context.at:%Y-%m-%dT%H:%M:%SZ} ({validity(issued[0])})"
@@ -259,11 +269,11 @@ def _check_crls(chain: PckChain, signer: x509.Certificate, pck_crl: x509.Certifi
     for crl, issuer, subjects in ((pck_crl, chain.ca, (chain.leaf,)), (root_crl, root, (chain.ca, signer))):
         if crl is None:
             continue
-        name = f"CRL of {common_name(issuer.subject)}"
+        name = f"CRL of {subject_cn(issuer)}"
         if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
             problems.append(f"the {name} is not signed by it")
             continue
-        revoked = [common_name(c.subject) for c in subjects
+        revoked = [subject_cn(c) for c in subjects
                    if crl.get_revoked_certificate_by_serial_number(c.serial_number) is not None]
         if revoked:
             problems.append(f"revoked by the {name}: {', '.join(revoked)}")
