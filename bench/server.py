@@ -246,14 +246,14 @@ def _floor_sampler(sim_dir: str, stop, out) -> None:
     within minutes, and the server's CPU is counted over the same minutes, on the same busy cores."""
     ident = SimState(sim_dir).snp()
     while not stop.is_set():
-        out.put(crypto_floor(ident, rounds=15, clock=time.thread_time))
+        out.put((time.time(), crypto_floor(ident, rounds=15, clock=time.thread_time)))
         stop.wait(1.0)
 
 
 @contextlib.contextmanager
-def floor_alongside(sim_dir: Path) -> Iterator[list[float]]:
-    """Samples of the crypto floor taken while the block runs (in the list once it has ended)."""
-    samples: list[float] = []
+def floor_alongside(sim_dir: Path) -> Iterator[list[tuple[float, float]]]:
+    """Samples of the crypto floor, (when, seconds), taken while the block runs (in the list once it has ended)."""
+    samples: list[tuple[float, float]] = []
     stop, out = multiprocessing.Event(), multiprocessing.Queue()
     sampler = multiprocessing.Process(target=_floor_sampler, args=(str(sim_dir), stop, out))
     sampler.start()
@@ -320,14 +320,15 @@ def throughput(args, work: Path, sim: SimState, db: str) -> None:
         with floor_alongside(sim.path) as samples:
             run = load(sim.path, fleet, args.releases, args.clients, ["bench/disk/root"])
     after = crypto_floor(sim.snp())
-    floor = statistics.mean(samples) if samples else (before + after) / 2  # as the server's CPU: over the run
+    floors = [floor for _, floor in samples]
+    floor = statistics.mean(floors) if floors else (before + after) / 2  # as the server's CPU: over the run
     per = run.cpu / max(run.releases, 1)
     print(f"{run.releases} releases by {args.clients} clients in {run.seconds:.1f} s: {run.rate:.0f} releases/s, "
           f"p50 {run.percentile(0.5) * 1e3:.1f} ms, p99 {run.percentile(0.99) * 1e3:.1f} ms, "
           f"{len(run.failures)} failures")
     print(f"server CPU per release {per * 1e3:.2f} ms; crypto floor {floor * 1e6:.0f} us in CPU time alongside the "
-          f"run (mean of {len(samples)} samples, {min(samples, default=0) * 1e6:.0f}-"
-          f"{max(samples, default=0) * 1e6:.0f}; idle, before the run {before * 1e6:.0f}, after {after * 1e6:.0f}); "
+          f"run (mean of {len(floors)} samples, {min(floors, default=0) * 1e6:.0f}-"
+          f"{max(floors, default=0) * 1e6:.0f}; idle, before the run {before * 1e6:.0f}, after {after * 1e6:.0f}); "
           f"ratio {per / floor:.1f}x the floor")
     print(f"HTTP floor: uvicorn alone spends {request * 1e6:.0f} us of CPU on a request to an empty app, "
           f"{3 * request * 1e3:.2f} ms on a release's three; both floors {(floor + 3 * request) * 1e3:.2f} ms, "
@@ -336,23 +337,30 @@ def throughput(args, work: Path, sim: SimState, db: str) -> None:
 
 
 def drift(args, work: Path, sim: SimState, db: str) -> None:
+    """Throughput and server CPU per window of a tenth of the releases, each window's CPU also over the
+    crypto floor sampled in it: a server that slows as its tables grow has a ratio that climbs, a host
+    that slows down has not."""
     window = args.releases // 10
     ticks: list[tuple[int, float, float]] = []
-    with servers(work, sim, db, 1, args.workers) as fleet:
+    with servers(work, sim, db, 1, args.workers) as fleet, floor_alongside(sim.path) as samples:
         run = load(sim.path, fleet, args.releases, args.clients, ["bench/disk/root"],
                    on_tick=lambda done, cpu: ticks.append((done, time.time(), cpu)))
-    rates = []
+    rates, ratios = [], []
     for n in range(1, 11):
         lo = next(t for t in ticks if t[0] >= (n - 1) * window) if n > 1 else ticks[0]
         hi = next((t for t in ticks if t[0] >= n * window), ticks[-1])
         if hi[0] <= lo[0]:
             continue
-        rate = (hi[0] - lo[0]) / (hi[1] - lo[1])
+        rate, per = (hi[0] - lo[0]) / (hi[1] - lo[1]), (hi[2] - lo[2]) / (hi[0] - lo[0])
+        floors = [floor for at, floor in samples if lo[1] <= at <= hi[1]]
+        floor = statistics.mean(floors) if floors else float("nan")
         rates.append(rate)
+        ratios.append(per / floor)
         print(f"window {n:2d} (releases {lo[0]:6d}-{hi[0]:6d}): {rate:6.0f} releases/s, "
-              f"server CPU {(hi[2] - lo[2]) / (hi[0] - lo[0]) * 1e3:.2f} ms/release")
+              f"server CPU {per * 1e3:.2f} ms/release, crypto floor {floor * 1e6:.0f} us, {per / floor:.1f}x")
     print(f"{run.releases} releases, {len(run.failures)} failures; last window / first window: "
-          f"{rates[-1] / rates[0]:.2f}")
+          f"{rates[-1] / rates[0]:.2f} in releases/s, {ratios[-1] / ratios[0]:.2f} in CPU over the floor "
+          "(above 1: the server costs more)")
     _failures(run)
 
 
