@@ -34,6 +34,9 @@ CERT_FILE_MAX = 1024 * 1024
 CACHE_MAX = 512
 #: Bytes of one certificate (DER) at most: AMD's and Intel's are under 2 KiB.
 CERT_MAX = 16 * 1024
+#: Extensions of one certificate at most: AMD's VCEK has 11, Intel's PCK certificates fewer. Each is
+#: kept parsed (see ``_parse``), so that the certificates remembered are bounded in memory too.
+EXTENSIONS_MAX = 32
 #: Bytes of an input whose certificates are remembered (one certificate, a short chain).
 CACHED_INPUT_MAX = 16 * 1024
 #: AMD's ARK, ASK and ASVK keys: RSA of this size, and of an exponent of at most this many bits.
@@ -59,18 +62,24 @@ class _Same:
         return type(other) is _Same and other.item is self.item
 
 
-def remembered(function: F) -> F:
-    """``function`` of certificates (and text), remembered per argument objects, at most CACHE_MAX
-    calls. By identity, not by value: pyca hashes and compares a certificate by re-encoding it
-    (15 us a lookup, as much as most of what is remembered), while ``load_certs`` hands out the
-    same objects for the same bytes. Another object of the same bytes is a miss, never a wrong hit.
-    Text is its own key, by value."""
-    cached = functools.lru_cache(maxsize=CACHE_MAX)(
-        lambda *keys: function(*(key.item if type(key) is _Same else key for key in keys)))
+@functools.lru_cache(maxsize=CACHE_MAX)
+def _remembered(function: Callable[..., Any], *keys: object) -> Any:
+    return function(*(key.item if type(key) is _Same else key for key in keys))
 
+
+def remembered(function: F) -> F:
+    """``function`` of certificates (and text), remembered per argument objects: by identity, not
+    by value, as pyca hashes and compares a certificate by re-encoding it (15 us a lookup, as
+    much as most of what is remembered), while ``load_certs`` hands out the same objects for the
+    same bytes (a small input's, while it is remembered). Another object of the same bytes is a
+    miss, never a wrong hit. Text is its own key, by value. All such functions share one bound
+    of CACHE_MAX calls, least recently used forgotten first, and so of certificates held."""
     @functools.wraps(function)
     def call(*items: object) -> Any:
-        return cached(*(item if isinstance(item, str) else _Same(item) for item in items))
+        for item in items:
+            if not isinstance(item, str | x509.Certificate):
+                raise TypeError(f"{function.__name__} remembers certificates and text, not {type(item).__name__}")
+        return _remembered(function, *(item if isinstance(item, str) else _Same(item) for item in items))
     return call  # type: ignore[return-value]
 
 
@@ -103,6 +112,8 @@ def _parse(data: bytes) -> tuple[x509.Certificate, ...]:
             for cert in certs:
                 if len(cert.public_bytes(serialization.Encoding.DER)) > CERT_MAX:
                     raise ValueError(f"a certificate of more than {CERT_MAX} bytes")
+                if len(cert.extensions) > EXTENSIONS_MAX:
+                    raise ValueError(f"a certificate of more than {EXTENSIONS_MAX} extensions")
                 _ = (cert.extensions, cert.public_key(), cert.subject, cert.issuer, cert.serial_number,
                      cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature_hash_algorithm,
                      cert.signature_algorithm_parameters, cert.tbs_certificate_bytes)

@@ -155,23 +155,52 @@ def test_a_table_of_overlapping_or_bundled_entries_is_refused_before_it_is_parse
         (GUID["vcek"], GUID["ask"], GUID["ark"]), ders, strict=True)))}).ok
 
 
+def _self_signed(cn: str, extensions: int = 0) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(1).not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW))
+    for n in range(extensions):
+        builder = builder.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(f"1.2.3.{n}"), b""),
+                                        critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
 def test_what_is_remembered_per_certificate_object_is_never_another_ones():
     """Remembered by identity: a certificate freed and another parsed in its place (Python reuses the
     address, and so the id) must not be answered with the first one's fingerprint or signature."""
-    def self_signed(cn: str) -> bytes:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(1).not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW)
-                .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
-
-    ders = [self_signed("one"), self_signed("two")]
-    other = x509.load_der_x509_certificate(self_signed("three"))
+    ders = [_self_signed("one"), _self_signed("two")]
+    other = x509.load_der_x509_certificate(_self_signed("three"))
     for n in range(2 * certs.CACHE_MAX + 10):  # past the bound too: what is forgotten is worked out again
         cert = x509.load_der_x509_certificate(ders[n % 2])
         assert certs.fingerprint(cert) == hashlib.sha256(ders[n % 2]).hexdigest()
         assert certs.signed_by(cert, cert) and not certs.signed_by(cert, other)
+        assert certs.subject_cn(cert) == ["one", "two"][n % 2] and certs.names_issuer(cert, cert)
         del cert
+    # Every remembering function shares the one bound, and with it the certificates held.
+    assert certs._remembered.cache_info().currsize <= certs.CACHE_MAX
+
+
+def test_what_is_remembered_is_worked_out_once_per_object_and_text():
+    calls = []
+
+    @certs.remembered
+    def seen(cert: x509.Certificate, label: str) -> str:
+        calls.append(label)
+        return label
+
+    cert = x509.load_der_x509_certificate(_self_signed("one"))
+    again = x509.load_der_x509_certificate(cert.public_bytes(serialization.Encoding.DER))
+    assert seen(cert, "snp") == seen(cert, "".join(["s", "np"])) == "snp"  # equal text: one call
+    assert seen(again, "snp") == "snp" and calls == ["snp", "snp"]  # the same bytes in another object: a miss
+    with pytest.raises(TypeError, match="remembers certificates and text, not bytes"):
+        certs.fingerprint(cert.public_bytes(serialization.Encoding.DER))  # type: ignore[arg-type]
+
+
+def test_a_certificate_with_too_many_extensions_is_refused_when_parsed():
+    assert len(certs.load_certs(_self_signed("fine", certs.EXTENSIONS_MAX))) == 1
+    with pytest.raises(EvidenceError, match="more than 32 extensions"):
+        certs.load_certs(_self_signed("many", certs.EXTENSIONS_MAX + 1))
 
 
 def test_what_is_remembered_of_certificates_is_bounded_in_bytes():
