@@ -380,3 +380,32 @@ def test_an_envelope_from_another_tee_than_the_sessions_is_refused(provider, tee
     report = envelope.TsmReport(provider=provider, generation=1, inblob=bytes(64), outblob=b"x")
     with pytest.raises(EvidenceError, match=f"from provider {provider}, not"):
         _evidence(tee, envelope.to_json(report))
+
+
+def test_a_test_server_whose_port_was_taken_starts_on_another_not_mistaking_the_taker_for_itself(tmp_path):
+    """Tests run in parallel: between free_port() and its bind, another test's server may take the
+    port. What answers there then is not this server (a test once read another's log that way)."""
+    import http.server
+    import threading
+
+    from support.servers import KeyServerProcess
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    taker = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=taker.serve_forever, daemon=True).start()
+    server = KeyServerProcess(tmp_path, None, "--workers", "1")
+    server._use_port(taker.server_address[1], https=False)
+    try:
+        server.start()
+        assert server.port != taker.server_address[1] and server.proc is not None and server.proc.poll() is None
+        assert f"serving on 127.0.0.1:{server.port} " in server.log()
+    finally:
+        server.stop()
+        taker.shutdown()

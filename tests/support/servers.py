@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from support import policies
@@ -80,11 +80,9 @@ class KeyServerProcess:
     def __init__(self, workdir: Path, trust: Path | None, *extra: str, db: str | None = None,
                  secrets: ServerSecrets | None = None, policy: dict | None = policies.ANY_GUEST_DOCUMENT) -> None:
         self.workdir = workdir
-        self.port = free_port()
-        self.url = f"{'https' if '--tls-cert' in extra else 'http'}://127.0.0.1:{self.port}"
         self.db = db or f"sqlite:///{workdir / 'kbs.db'}"
         self.secrets = secrets or ServerSecrets(workdir / "secrets")
-        self.args = [sys.executable, "-m", "keybroker", "serve", "--listen", f"127.0.0.1:{self.port}",
+        self.args = [sys.executable, "-m", "keybroker", "serve", "--listen", "",
                      "--db", self.db, "--kek-file", str(self.secrets.kek),
                      "--admin-token-file", str(self.secrets.admin_token_file),
                      *(["--trust-roots", str(trust)] if trust else []), *extra]
@@ -92,8 +90,14 @@ class KeyServerProcess:
             self.args += ["--kds-url", ""]  # AMD's KDS has nothing for the emulator's simulated chips
         if policy is not None and "--policy" not in extra:
             self.args += ["--policy", str(policies.write(workdir / "policy.json", policy))]
-        self.log_path = workdir / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
+        self._use_port(free_port(), https="--tls-cert" in extra)
+
+    def _use_port(self, port: int, *, https: bool) -> None:
+        self.port = port
+        self.url = f"{'https' if https else 'http'}://127.0.0.1:{port}"
+        self.args[self.args.index("--listen") + 1] = f"127.0.0.1:{port}"
+        self.log_path = self.workdir / f"server-{port}.log"
 
     def get(self, path: str) -> bytes:
         """GET ``path`` from the server (over TLS without checking its certificate: this is the test's own)."""
@@ -104,18 +108,33 @@ class KeyServerProcess:
         return urllib.request.urlopen(f"{self.url}{path}", timeout=10, context=context).read()
 
     def start(self) -> KeyServerProcess:
+        """Start the server and wait until it serves. A first start whose port another process took
+        between free_port() and the bind (tests run in parallel) starts again on another port; a
+        restart keeps its port, which its clients know."""
+        for attempt in range(5 if self.proc is None else 1):
+            if attempt:
+                self._use_port(free_port(), https=self.url.startswith("https"))
+            if self._serving():
+                return self
+            if "Address already in use" not in self.log():
+                break
+        raise RuntimeError(f"key server did not start: {self.log()}")
+
+    def _serving(self) -> bool:
+        """Whether this process came to serve on its port: not merely that something answers there."""
+        logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.get("/healthz")
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"key server did not start: {self.log()}") from None
-                time.sleep(0.05)
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if f"serving on 127.0.0.1:{self.port} ".encode() in self.log_path.read_bytes()[logged:]:
+                with suppress(OSError):
+                    self.get("/healthz")
+                    return True
+            time.sleep(0.05)
+        self.stop()
+        return False
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
