@@ -1,9 +1,10 @@
 """X.509 and DER helpers shared by the vendor verifiers.
 
-Parsed certificates are remembered by the input's bytes, and what is worked out of them
-(fingerprints, verified signatures) by the certificate objects those parses return
-(see ``remembered``), at most ``CACHE_MAX`` of each, least recently used first out: a key
-server sees the same few chains again and again, and all are pure functions of those bytes.
+Parsed certificates are remembered by the input's bytes (at most ``CACHE_MAX`` inputs), and
+what is worked out of them (fingerprints, names, verified signatures, a VEK's extensions) by
+the certificate objects those parses return (see ``remembered``: at most ``CACHE_MAX`` results
+in all), least recently used first out: a key server sees the same few chains again and again,
+and all are pure functions of those bytes.
 What is remembered is bounded in bytes too, as evidence is hostile: a certificate is at most
 ``CERT_MAX`` bytes, and only inputs of at most ``CACHED_INPUT_MAX`` are remembered.
 """
@@ -207,7 +208,7 @@ def names_issuer(child: x509.Certificate, issuer: x509.Certificate) -> bool:
 @remembered
 def signed_by_rsa_pss_sha384(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     """AMD's certificate signatures: RSASSA-PSS, SHA-384, MGF1-SHA-384, salt 48, issuer name matches."""
-    return child.issuer == issuer.subject and _pss_sha384(issuer, child.signature, child.tbs_certificate_bytes)
+    return names_issuer(child, issuer) and _pss_sha384(issuer, child.signature, child.tbs_certificate_bytes)
 
 
 def crl_signed_by_rsa_pss_sha384(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:

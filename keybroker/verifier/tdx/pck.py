@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from ...errors import EvidenceError
-from ..certs import der_integer, der_items, der_oid, der_read, extension, issuer_cn, subject_cn
+from ..certs import der_integer, der_items, der_oid, der_read, extension, issuer_cn, names_issuer, subject_cn
 
 SGX_OID = "1.2.840.113741.1.13.1"
 PCK_LEAF_CN = "SGX PCK Certificate"
@@ -144,10 +144,10 @@ def pck_chain(offered: list[x509.Certificate], anchors: list[x509.Certificate],
         raise EvidenceError("the quote's certification data has no PCK leaf certificate "
                             f"(CN containing {PCK_LEAF_CN!r})")
     leaf = leaves[0]
-    cas = [c for c in offered if c.subject == leaf.issuer and c is not leaf]
+    cas = [c for c in offered if names_issuer(leaf, c) and c is not leaf]
     if not cas:
         raise EvidenceError(f"the quote's certification data has no certificate for the PCK's issuer "
                             f"{issuer_cn(leaf)!r}")
     ca = cas[0]
-    roots = sorted((c for c in offered + anchors if c.subject == ca.issuer), key=lambda c: not is_trusted(c))
+    roots = sorted((c for c in offered + anchors if names_issuer(ca, c)), key=lambda c: not is_trusted(c))
     return PckChain(leaf, ca, roots[0] if roots else None)
