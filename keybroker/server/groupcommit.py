@@ -76,13 +76,13 @@ class GroupCommit:
             try:
                 db = self._run(db, batch, waiting)
             except Exception as exc:  # a bug, not a database failure (those fail their pieces): nobody waits forever
-                _discard(db)
+                discard(db)
                 db = None
                 for _, done in batch:
                     _settle(done, error=exc)
             last_commit = time.monotonic()
             if any(work is None for work, _ in batch):  # close(): the connection goes back to the pool
-                _discard(db)
+                discard(db)
                 db = None
                 for work, done in batch:
                     if work is None:
@@ -108,7 +108,7 @@ class GroupCommit:
             db = db if db is not None else self.engine.connect()
             results = self._commit(db, batch, waiting)
         except Exception:
-            _discard(db)
+            discard(db)
             db = None
             for work, done in batch:
                 if work is None:
@@ -117,7 +117,7 @@ class GroupCommit:
                     db = db if db is not None else self.engine.connect()
                     _settle(done, self._commit(db, [(work, done)])[0])
                 except Exception as exc:
-                    _discard(db)
+                    discard(db)
                     db = None
                     _settle(done, error=exc)
             return db
@@ -163,7 +163,7 @@ def _settle(done: Future[Record | None], result: Record | None = None, *, error:
             done.set_exception(error)
 
 
-def _discard(db: Connection | None) -> None:
+def discard(db: Connection | None) -> None:
     """Give a connection back to the pool (which tests or replaces one whose transaction failed)."""
     if db is not None:
         with contextlib.suppress(Exception):

@@ -31,11 +31,11 @@ connection reads nothing back. A stored session never changes, so a cached one i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +48,7 @@ from sqlalchemy.engine import Connection
 from ..errors import ConfigError, StoreError
 from . import schema
 from .audit import Event, Record
-from .groupcommit import GroupCommit, Work
+from .groupcommit import GroupCommit, Work, discard
 from .policy import NONE, Policy
 from .prepared import Prepared
 from .schema import open_engine, policies, resources, sessions
@@ -152,6 +152,7 @@ class Store:
         self._on_loop = self.engine.dialect.name == "sqlite"  # reads of a local file: see _read
         self._reader: tuple[int, Connection] | None = None  # (pid, connection) of the reads on the loop
         self._pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}  # name -> (pid, pool): workers are forked
+        self._readers = threading.local()  # each reader thread's connection (a database server's)
 
     def close_connections(self) -> None:
         """Close the pooled connections (before a fork: no connection may cross it)."""
@@ -162,20 +163,32 @@ class Store:
     def _drop_reader(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None and reader[0] == os.getpid():
-            with contextlib.suppress(Exception):
-                reader[1].close()
+            discard(reader[1])
 
     async def _read(self, read: Callable[[Connection], T]) -> T:
-        """``read`` on a connection: in place with SQLite; on a thread with a database server, so
-        that one that stops answering stalls this request (StoreError after READ_WAIT), not the
-        event loop and every request on it."""
+        """``read`` in place with SQLite; on a thread with a database server, so that one that stops
+        answering stalls this request (StoreError after READ_WAIT), not the loop and all it serves."""
         if self._on_loop:
             return self._read_here(read)
+        return await self._bounded(lambda: self._read_kept(read), "read", READERS, READ_WAIT)
 
-        def run() -> T:
-            with self.engine.connect() as db:
-                return read(db)
-        return await self._bounded(run, "read", READERS, READ_WAIT)
+    def _read_kept(self, read: Callable[[Connection], T]) -> T:
+        """``read`` on the thread's own connection, in autocommit: what READ COMMITTED shows, without BEGIN,
+        ROLLBACK and the pool's ping (four round trips for one). A connection whose read failed is not
+        kept; a read on a kept one the server dropped (a restart) is made again on a new one."""
+        kept, self._readers.db = getattr(self._readers, "db", None), None
+        while True:
+            db = kept or self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                result = read(db)
+            except Exception as exc:
+                discard(db)
+                if kept is None or not getattr(exc, "connection_invalidated", False):
+                    raise
+                kept = None
+                continue
+            self._readers.db = db
+            return result
 
     def _read_here(self, read: Callable[[Connection], T]) -> T:
         """``read`` on this process's connection for reads on its event loop (taking one from the
@@ -413,8 +426,7 @@ class Store:
             if _SESSION_EXISTS.first(db, {"session_id": session.id}) is not None:
                 return None  # read under the chain's lock: no other writer can insert it meanwhile
             row = {"id": session.id, "tee": session.tee, "nonce": session.nonce, "state": session.state,
-                   "expires": float(session.expires),
-                   "claims": claims, "tee_pubkey": tee_pubkey}
+                   "expires": float(session.expires), "claims": claims, "tee_pubkey": tee_pubkey}
             _NEW_SESSION.rows(db, row | {"mac": rows.mac(_session_columns(row))})
             return event
         record = await self.committed(work)

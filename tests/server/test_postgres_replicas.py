@@ -208,6 +208,32 @@ def test_an_audit_write_outlives_its_writers_connection(database):
     assert audit.verify(store.engine).ok
 
 
+def test_a_read_keeps_its_threads_connection_outside_a_transaction_until_the_database_drops_it(database):
+    """Reads run on threads, each on a connection of its own kept between reads, in autocommit: no
+    transaction stays open on it. A read on one the database dropped is made again on a new one."""
+    import asyncio
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from keybroker.server.store import Store
+
+    store = Store(database)
+    url = make_url(database).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as watcher:
+        def readers() -> list[tuple[int, str]]:
+            return watcher.execute("SELECT pid, state FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND pid <> pg_backend_pid() ORDER BY pid").fetchall()
+        for _ in range(3):
+            asyncio.run(store.ping())
+        (backend, state), = readers()  # one connection, kept, and no transaction left open on it
+        assert state == "idle"
+        assert watcher.execute("SELECT pg_terminate_backend(%s)", (backend,)).fetchone() == (True,)
+        asyncio.run(store.ping())  # not a StoreError: made again on a new connection
+        assert [pid for pid, _ in readers()] not in ([], [backend])
+    store.close_connections()
+
+
 def test_verify_while_appends_go_on_reports_an_intact_log(database):
     """Verify reads the head and the records in one snapshot: appends meanwhile are no alarm."""
     from keybroker.server import audit, schema
