@@ -11,9 +11,13 @@ generator's own work (signing reports, decrypting) is not counted against it.
     python bench/server.py --drift              # throughput per window over 20,000 releases
     python bench/server.py --storm              # 10,000 guests x 2 keys against 2 replicas on PostgreSQL
     python bench/server.py --hostile            # hostile clients while legitimate releases continue
+    python bench/server.py --against REV        # the same load on REV's server and this tree's, in turn
 
 Run it as root on an idle machine (PostgreSQL is started as the postgres user). It prints
-figures and ratios; it asserts nothing about speed.
+figures and ratios; it asserts nothing about speed. This host's speed moves within minutes (the
+crypto floor by 2x within a run, 4x between days): figures from different runs compare through
+their floors, or, better, through ``--against``, which runs both servers under the same load in
+the same minutes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import itertools
 import json
 import multiprocessing
 import os
@@ -29,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +153,8 @@ def rss_bytes(pid: int) -> int:
 
 
 @contextlib.contextmanager
-def servers(work: Path, sim: SimState, db: str, count: int, workers: int | None) -> Iterator[list[KeyServerProcess]]:
+def servers(work: Path, sim: SimState, db: str, count: int, workers: int | None,
+            source: Path | None = None) -> Iterator[list[KeyServerProcess]]:
     secrets = ServerSecrets(work / "secrets")
     extra = ["--rate-limit", "0", "--kds-url", "", "--token-key-file", str(secrets.token_key)]
     if workers:
@@ -158,7 +164,7 @@ def servers(work: Path, sim: SimState, db: str, count: int, workers: int | None)
         for n in range(count):
             (work / f"kbs{n}").mkdir()
             server = KeyServerProcess(work / f"kbs{n}", sim.trust_dir, *extra, "--name", f"bench-{n}", db=db,
-                                      secrets=secrets)
+                                      secrets=secrets, source=source)
             started.append(server.start())
         for path, value in RESOURCES.items():
             started[0].put(path, value)
@@ -313,9 +319,10 @@ def http_floor(requests: int = 3000) -> float:
 
 # -- modes -------------------------------------------------------------------------------
 
-def throughput(args, work: Path, sim: SimState, db: str) -> None:
+def throughput(args, work: Path, sim: SimState, db: str, source: Path | None = None) -> tuple[float, float]:
+    """Prints the run's figures; returns the server's CPU seconds per release and the crypto floor."""
     before, request = crypto_floor(sim.snp()), http_floor()
-    with servers(work, sim, db, 1, args.workers) as fleet:
+    with servers(work, sim, db, 1, args.workers, source) as fleet:
         load(sim.path, fleet, min(200, args.releases), args.clients, ["bench/disk/root"])  # warm up
         with floor_alongside(sim.path) as samples:
             run = load(sim.path, fleet, args.releases, args.clients, ["bench/disk/root"])
@@ -334,6 +341,32 @@ def throughput(args, work: Path, sim: SimState, db: str) -> None:
           f"{3 * request * 1e3:.2f} ms on a release's three; both floors {(floor + 3 * request) * 1e3:.2f} ms, "
           f"the rest ({(per - floor - 3 * request) * 1e3:.2f} ms) is keybroker's own code")
     _failures(run)
+    return per, floor
+
+
+def against(args, work: Path, sim: SimState, new_db: Callable[[], str]) -> None:
+    """The same load on the server of revision ``args.against`` and on this tree's, in turn, ``args.rounds``
+    times, each on a database of its own: how much server CPU per release this tree saves, measured
+    in the same minutes on the same host."""
+    repo = Path(__file__).resolve().parent.parent
+    source = work / "against"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", args.against, "keybroker"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    costs: dict[str, list[tuple[float, float]]] = {args.against: [], "this tree": []}
+    for n in range(args.rounds):
+        for side, (label, tree) in enumerate(((args.against, source), ("this tree", None))):
+            print(f"## round {n + 1}, the server of {label}")
+            (work / f"run-{n}-{side}").mkdir()
+            costs[label].append(throughput(args, work / f"run-{n}-{side}", sim, new_db(), tree))
+    ratios = [new[0] / old[0] for old, new in zip(costs[args.against], costs["this tree"], strict=True)]
+    for label, runs in costs.items():
+        print(f"{label}: server CPU per release {', '.join(f'{per * 1e3:.2f}' for per, _ in runs)} ms "
+              f"({', '.join(f'{per / floor:.1f}' for per, floor in runs)}x the crypto floor)")
+    print(f"this tree's server CPU per release over {args.against}'s, round by round: "
+          f"{', '.join(f'{ratio:.2f}' for ratio in ratios)}; mean {statistics.mean(ratios):.2f} "
+          f"({1 / statistics.mean(ratios):.2f}x less)")
 
 
 def drift(args, work: Path, sim: SimState, db: str) -> None:
@@ -390,6 +423,9 @@ def main() -> None:
     mode.add_argument("--drift", action="store_true", help="throughput per window over 20,000 releases")
     mode.add_argument("--storm", action="store_true", help="10,000 guests x 2 keys against 2 replicas (PostgreSQL)")
     mode.add_argument("--hostile", action="store_true", help="hostile clients during legitimate releases")
+    mode.add_argument("--against", metavar="REV", help="the same load on the server of git revision REV and on "
+                                                      "this tree's, in turn")
+    parser.add_argument("--rounds", type=int, default=3, help="--against: runs of each server")
     args = parser.parse_args()
     args.releases = args.releases or (20_000 if args.drift else 2_000)
     if args.storm:
@@ -401,10 +437,15 @@ def main() -> None:
         sim.snp()
         with contextlib.ExitStack() as stack:
             if args.db == "postgresql":
-                db = stack.enter_context(fresh_database(stack.enter_context(running_postgres(400))))
+                postgres = stack.enter_context(running_postgres(400))
+                databases = (stack.enter_context(fresh_database(postgres)) for _ in itertools.count())
             else:
-                db = f"sqlite:///{work / 'kbs.db'}"
+                databases = (f"sqlite:///{work / f'kbs-{n}.db'}" for n in itertools.count())
             print(f"# keybroker key server, {args.db}, {os.cpu_count()} CPUs")
+            if args.against:
+                against(args, work, sim, lambda: next(databases))
+                return
+            db = next(databases)
             if args.hostile:
                 from hostile import hostile  # bench/hostile.py
 

@@ -78,8 +78,11 @@ class KeyServerProcess:
     """
 
     def __init__(self, workdir: Path, trust: Path | None, *extra: str, db: str | None = None,
-                 secrets: ServerSecrets | None = None, policy: dict | None = policies.ANY_GUEST_DOCUMENT) -> None:
+                 secrets: ServerSecrets | None = None, policy: dict | None = policies.ANY_GUEST_DOCUMENT,
+                 source: Path | None = None) -> None:
         self.workdir = workdir
+        # The keybroker the processes run: this checkout's, or another's (a benchmark's baseline).
+        self._source = {"cwd": source, "env": os.environ | {"PYTHONPATH": str(source)}} if source else {}
         self.db = db or f"sqlite:///{workdir / 'kbs.db'}"
         self.secrets = secrets or ServerSecrets(workdir / "secrets")
         self.args = [sys.executable, "-m", "keybroker", "serve", "--listen", "",
@@ -124,11 +127,13 @@ class KeyServerProcess:
         """Whether this process came to serve on its port: not merely that something answers there."""
         logged = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, **self._source)
         log.close()
+        # keybroker's line, or uvicorn's (which a revision older than that line printed too)
+        bound = (f"serving on 127.0.0.1:{self.port} ".encode(), f"running on {self.url} ".encode())
         deadline = time.monotonic() + 30
         while self.proc.poll() is None and time.monotonic() < deadline:
-            if f"serving on 127.0.0.1:{self.port} ".encode() in self.log_path.read_bytes()[logged:]:
+            if any(line in self.log_path.read_bytes()[logged:] for line in bound):
                 with suppress(OSError):
                     self.get("/healthz")
                     return True
@@ -183,4 +188,5 @@ class KeyServerProcess:
 
     def put(self, path: str, value: bytes, *extra: str) -> None:
         subprocess.run([sys.executable, "-m", "keybroker", "resource", "put", path, "--db", self.db,
-                        "--kek-file", str(self.secrets.kek), *extra], input=value, check=True, timeout=30)
+                        "--kek-file", str(self.secrets.kek), *extra], input=value, check=True, timeout=30,
+                       **self._source)
