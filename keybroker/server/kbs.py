@@ -44,7 +44,7 @@ from .cookies import SessionCookies
 from .metrics import Metrics
 from .sealing import Sealer
 from .sessions import Session
-from .store import Store
+from .store import PolicyVersion, Store, StoredResource
 from .tokens import TokenSigner
 
 log = logging.getLogger("keybroker.server")
@@ -63,6 +63,9 @@ REFUSALS_TRACKED = 65536
 #: Times a release is decided again when the policy or the resource changed before its record
 #: was committed (each change committed meanwhile makes one more try).
 RELEASE_TRIES = 3
+#: Resources whose last release a worker remembers the read of (the policy version and the sealed
+#: value it was decided on), to decide the next one on without reading them again.
+RELEASES_REMEMBERED = 256
 
 
 DETAIL_MAX = 1024  # characters of a problem's detail: what an answer or a log line says at most
@@ -140,6 +143,7 @@ class KeyServer:
     collateral: Path | None = None
     cookies: SessionCookies = field(init=False)
     _refusals: dict[str, tuple[float, int]] = field(init=False, default_factory=dict)  # (forget at, count)
+    _released: dict[str, tuple[PolicyVersion, StoredResource]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cookies = SessionCookies(self.sealer)
@@ -249,22 +253,28 @@ class KeyServer:
         except DescriptionError as exc:
             raise self._count(Problem(p.BAD_REQUEST, str(exc))) from None
         tee_pubkey, claims, session = await self._authenticate(cookie, bearer)
-        for _ in range(RELEASE_TRIES):
-            answer = await self._release(name, tee_pubkey, claims, session, peer)
+        for attempt in range(RELEASE_TRIES):
+            answer = await self._release(name, tee_pubkey, claims, session, peer, fresh=attempt > 0)
             if answer is not None:
                 return answer
         raise self._count(Problem(p.UNAVAILABLE, f"the release policy or resource {name} changed while it was "
                                                  f"being released, {RELEASE_TRIES} times; try again"))
 
     async def _release(self, name: str, tee_pubkey: dict[str, str], claims: dict[str, Any], session: str,
-                       peer: str) -> ResourceAnswer | None:
+                       peer: str, *, fresh: bool) -> ResourceAnswer | None:
         """Release ``name`` under the active policy; None when that policy or the resource changed
-        before the release was recorded (what a newer version or a deletion refuses is never sent)."""
+        before the release was recorded (what a newer version or a deletion refuses is never sent).
+        Unless ``fresh``, it is decided on what the last release of ``name`` here was, if any: a
+        release is recorded only if what it was decided on is still the newest (Store.released),
+        and a refusal is decided again on a fresh read (None)."""
         event = Event(RELEASE, DENY, "", self.name, peer=peer, resource=name)
-        active, stored = await self.store.for_release(name)
+        remembered = None if fresh else self._released.get(name)
+        active, stored = remembered or await self.store.for_release(name)
         event = replace(event, session=session, provider=str(claims.get("tee", "")),
                         measurement=str(claims.get("measurement", "")), policy_version=active.version)
         decision = active.policy.decide(name, claims)
+        if not decision.allowed and remembered:
+            return None
         if not decision.allowed:
             await self._refuse(Problem(p.POLICY_DENIED, f"release of {name} denied by policy version "
                                                         f"{active.version}: {decision.reason}",
@@ -279,8 +289,12 @@ class KeyServer:
                                                    "log", "unseal"), event)
         wrapped = jwe.wrap(value, tee_pubkey)
         record = await self.store.released(active, stored, replace(event, decision=ALLOW, reason=decision.reason))
+        self._released.pop(name, None)
         if record is None:
             return None
+        if len(self._released) >= RELEASES_REMEMBERED:
+            del self._released[next(iter(self._released))]  # the one released longest ago
+        self._released[name] = active, stored
         self.metrics.release(event.provider)
         log.info("resource peer=%s session=%s path=%s result=released audit=%d", peer, session, name, record.seq)
         return ResourceAnswer(wrapped, stored.lease, record.hash)

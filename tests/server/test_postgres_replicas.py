@@ -273,11 +273,13 @@ def test_a_stalled_database_stalls_requests_not_the_worker(tsm_sim, postgres, da
     server = KeyServerProcess(tmp_path, sim_state / "trust", "--workers", "1", db=database).start()
     try:
         put_remotely(server, "default/disk/root", SECRET)
+        put_remotely(server, "default/disk/data", SECRET)
         guest = attest(root, server.url)
         assert guest.decrypt(guest.fetch(server.url, "default/disk/root")) == SECRET
         with stopped(postgres), ThreadPoolExecutor(1) as pool:
             started = time.monotonic()
-            pending = pool.submit(guest.fetch, server.url, "default/disk/root")
+            # A resource the worker has not released yet: it reads the policy and the resource first.
+            pending = pool.submit(guest.fetch, server.url, "default/disk/data")
             time.sleep(0.5)  # the release is waiting for its read
             # The one worker's event loop still answers what needs no database, at once.
             auth = requests.post(f"{server.url}/kbs/v0/auth", json=p.AuthRequest("snp").to_json(), timeout=2)
@@ -289,7 +291,7 @@ def test_a_stalled_database_stalls_requests_not_the_worker(tsm_sim, postgres, da
             assert release.json()["type"].endswith(p.UNAVAILABLE) and release.headers["Retry-After"] == "5"
             assert READ_WAIT <= time.monotonic() - started < READ_WAIT + 5
         # Answering again, the database serves the next release; the refused one left no record.
-        assert guest.decrypt(guest.fetch(server.url, "default/disk/root")) == SECRET
+        assert guest.decrypt(guest.fetch(server.url, "default/disk/data")) == SECRET
         releases = [r for r in audit_records(database) if r["event"] == "release"]
         assert [r["decision"] for r in releases] == ["allow", "allow"]
         assert "the database did not answer within 5 s" in server.log_path.read_text()

@@ -69,6 +69,37 @@ def test_a_policy_from_evidence_releases_to_that_image_only(tsm_sim, sim_state, 
         refused.json()["detail"]
 
 
+def test_each_release_is_decided_on_the_newest_policy_whatever_the_worker_released_before(tsm_sim, sim_state, kbs,
+                                                                                         tmp_path):
+    """A worker decides a resource's release on what it decided the last one on (no read); it records
+    one only if that is still the newest policy and value, and decides a refusal again on a fresh
+    read. One worker, so that every release meets what it remembered: a policy that admits another
+    image releases to it at once, and one that no longer admits it refuses it at once."""
+    root = tsm_sim("sev_guest")
+    evidence = tmp_path / "evidence.json"
+    evidence.write_bytes(keybroker("evidence", "--tsm-root", str(root), "--nonce", "11" * 64).stdout)
+    pinned = tmp_path / "pinned.json"
+    pinned.write_bytes(keybroker("policy", "from-evidence", str(evidence), "--resources", "default/*",
+                                 "--trust-roots", str(sim_state / "trust")).stdout)
+    server = kbs("--workers", "1", policy=json.loads(pinned.read_text()))
+    server.put("default/key/a", SECRET)
+    remote = ("--server", server.url, "--admin-token-file", str(server.secrets.admin_token_file))
+    guest = attest(root, server.url)
+    stranger = attest(tsm_sim("sev_guest", state=other_image(sim_state, tmp_path)), server.url)
+
+    assert guest.decrypt(guest.fetch(server.url, "default/key/a")) == SECRET  # remembered: version 1
+    assert stranger.fetch(server.url, "default/key/a").status_code == 401
+    anyone = tmp_path / "anyone.json"
+    anyone.write_text(ANY_GUEST.dumps())
+    assert keybroker("policy", "put", str(anyone), *remote).stdout == b"policy version 2 is active\n"
+    released = stranger.fetch(server.url, "default/key/a")  # not refused under version 1
+    assert released.status_code == 200 and stranger.decrypt(released) == SECRET, released.text
+    assert keybroker("policy", "put", str(pinned), *remote).stdout == b"policy version 3 is active\n"
+    refused = stranger.fetch(server.url, "default/key/a")  # not released under version 2
+    assert refused.status_code == 401 and "policy version 3" in refused.json()["detail"]
+    assert guest.decrypt(guest.fetch(server.url, "default/key/a")) == SECRET
+
+
 def test_from_evidence_refuses_what_does_not_verify_and_debug_guests(tsm_sim, sim_state, tmp_path):
     root = tsm_sim("sev_guest")
     evidence = tmp_path / "evidence.json"
