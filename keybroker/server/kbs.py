@@ -63,8 +63,8 @@ REFUSALS_TRACKED = 65536
 #: Times a release is decided again when the policy or the resource changed before its record
 #: was committed (each change committed meanwhile makes one more try).
 RELEASE_TRIES = 3
-#: Resources whose last release a worker remembers the read of (the policy version and the sealed
-#: value it was decided on), to decide the next one on without reading them again.
+#: Resources whose last release a worker remembers the read of (the sealed value it was decided on,
+#: under the newest policy version it released under), to decide the next one on without reading.
 RELEASES_REMEMBERED = 256
 
 
@@ -143,7 +143,8 @@ class KeyServer:
     collateral: Path | None = None
     cookies: SessionCookies = field(init=False)
     _refusals: dict[str, tuple[float, int]] = field(init=False, default_factory=dict)  # (forget at, count)
-    _released: dict[str, tuple[PolicyVersion, StoredResource]] = field(init=False, default_factory=dict)
+    _released: dict[str, StoredResource] = field(init=False, default_factory=dict)  # released under:
+    _released_under: PolicyVersion | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.cookies = SessionCookies(self.sealer)
@@ -253,22 +254,22 @@ class KeyServer:
         except DescriptionError as exc:
             raise self._count(Problem(p.BAD_REQUEST, str(exc))) from None
         tee_pubkey, claims, session = await self._authenticate(cookie, bearer)
-        for attempt in range(RELEASE_TRIES):
-            answer = await self._release(name, tee_pubkey, claims, session, peer, fresh=attempt > 0)
+        stored = self._released.get(name)
+        remembered = (self._released_under, stored) if self._released_under and stored else None
+        for attempt in range(RELEASE_TRIES + (remembered is not None)):  # a remembered read is no try
+            answer = await self._release(name, tee_pubkey, claims, session, peer, remembered if attempt == 0 else None)
             if answer is not None:
                 return answer
         raise self._count(Problem(p.UNAVAILABLE, f"the release policy or resource {name} changed while it was "
                                                  f"being released, {RELEASE_TRIES} times; try again"))
 
     async def _release(self, name: str, tee_pubkey: dict[str, str], claims: dict[str, Any], session: str,
-                       peer: str, *, fresh: bool) -> ResourceAnswer | None:
+                       peer: str, remembered: tuple[PolicyVersion, StoredResource] | None) -> ResourceAnswer | None:
         """Release ``name`` under the active policy; None when that policy or the resource changed
         before the release was recorded (what a newer version or a deletion refuses is never sent).
-        Unless ``fresh``, it is decided on what the last release of ``name`` here was, if any: a
-        release is recorded only if what it was decided on is still the newest (Store.released),
-        and a refusal is decided again on a fresh read (None)."""
+        Decided on what the last release of ``name`` was, if ``remembered``: a release is recorded
+        only if that is still the newest (Store.released), a refusal is decided again (None)."""
         event = Event(RELEASE, DENY, "", self.name, peer=peer, resource=name)
-        remembered = None if fresh else self._released.get(name)
         active, stored = remembered or await self.store.for_release(name)
         event = replace(event, session=session, provider=str(claims.get("tee", "")),
                         measurement=str(claims.get("measurement", "")), policy_version=active.version)
@@ -292,12 +293,21 @@ class KeyServer:
         self._released.pop(name, None)
         if record is None:
             return None
-        if len(self._released) >= RELEASES_REMEMBERED:
-            del self._released[next(iter(self._released))]  # the one released longest ago
-        self._released[name] = active, stored
+        self._remember(name, active, stored)
         self.metrics.release(event.provider)
         log.info("resource peer=%s session=%s path=%s result=released audit=%d", peer, session, name, record.seq)
         return ResourceAnswer(wrapped, stored.lease, record.hash)
+
+    def _remember(self, name: str, active: PolicyVersion, stored: StoredResource) -> None:
+        """Remember what the release of ``name`` just recorded was decided on: under one policy
+        version, the newest here (a release is recorded only under the active one)."""
+        under = self._released_under
+        if under is None or (under.version, under.digest) != (active.version, active.digest):
+            self._released.clear()
+            self._released_under = active
+        if len(self._released) >= RELEASES_REMEMBERED:
+            del self._released[next(iter(self._released))]  # the one released longest ago
+        self._released[name] = stored
 
     async def _authenticate(self, cookie: str | None,
                             bearer: str | None) -> tuple[dict[str, str], dict[str, Any], str]:

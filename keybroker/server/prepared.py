@@ -83,4 +83,5 @@ def _cursor(db: Connection, sql: str, values: Any) -> Iterator[Any]:
         finally:
             cursor.close()
     except error as exc:
-        raise DBAPIError.instance(sql, values, exc, error) from None
+        gone = db.dialect.is_disconnect(exc, db.connection.dbapi_connection, None)
+        raise DBAPIError.instance(sql, values, exc, error, connection_invalidated=gone) from None

@@ -294,7 +294,7 @@ class Store:
         def work(db: Connection) -> Event | None:
             row = _FOR_RELEASE.first(db, {"path": stored.path})  # no row: no policy
             if (row is None or (row.version, row.digest) != (decided.version, decided.digest) or row.path is None
-                    or (row.kek_id, row.sealed) != (stored.sealed.kek_id, stored.sealed.blob)):
+                    or (row.kek_id, row.sealed, row.lease) != (stored.sealed.kek_id, stored.sealed.blob, stored.lease)):
                 return None
             return event
         return await self.committed(work)

@@ -98,6 +98,8 @@ def test_each_release_is_decided_on_the_newest_policy_whatever_the_worker_releas
     refused = stranger.fetch(server.url, "default/key/a")  # not released under version 2
     assert refused.status_code == 401 and "policy version 3" in refused.json()["detail"]
     assert guest.decrypt(guest.fetch(server.url, "default/key/a")) == SECRET
+    server.put("default/key/a", b"put again")  # not the value remembered
+    assert guest.decrypt(guest.fetch(server.url, "default/key/a")) == b"put again"
 
 
 def test_from_evidence_refuses_what_does_not_verify_and_debug_guests(tsm_sim, sim_state, tmp_path):
