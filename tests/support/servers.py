@@ -129,11 +129,10 @@ class KeyServerProcess:
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, **self._source)
         log.close()
-        # keybroker's line, or uvicorn's (which a revision older than that line printed too)
-        bound = (f"serving on 127.0.0.1:{self.port} ".encode(), f"running on {self.url} ".encode())
+        bound = f"running on {self.url} ".encode()  # uvicorn's line once it has bound the port (every revision's)
         deadline = time.monotonic() + 30
         while self.proc.poll() is None and time.monotonic() < deadline:
-            if any(line in self.log_path.read_bytes()[logged:] for line in bound):
+            if bound in self.log_path.read_bytes()[logged:]:
                 with suppress(OSError):
                     self.get("/healthz")
                     return True
